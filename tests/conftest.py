@@ -1,0 +1,60 @@
+"""Shared fixtures. Tests run on CPU with tiny random models; `slow` tests load the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or skip: the project must not need it at run time."""
+    path = SHARED / "data"
+    if not path.is_dir():
+        pytest.skip("../shared/data is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """Build the tiny random Llama once per session (into the user cache)."""
+    from alignment.models import builtin_path
+
+    builtin_path("tiny-llama")
+    return "tiny-llama"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run_align(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the `align` CLI in a subprocess (as users do)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "alignment.cli", *args], cwd=cwd or REPO, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def sft_rows() -> list[dict]:
+    """40 arithmetic dialogues: easy for a tiny model to start learning."""
+    rows = []
+    for i in range(40):
+        a, b = (i * 7) % 50 + 1, (i * 13) % 50 + 1
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
+    return rows
