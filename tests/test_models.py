@@ -1,0 +1,115 @@
+"""Model resolver: built-ins, cache atomicity under concurrent first use, folders, adapters, dtypes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment import models
+from alignment.generation import generate, left_pad
+
+
+def test_tiny_llama_has_chat_template_with_generation_markers(tiny_model):
+    tok = models.load_tokenizer(tiny_model)
+    assert "{% generation %}" in tok.chat_template
+    assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = enc["input_ids"], enc["assistant_masks"]
+    assistant = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert assistant == "Hello.<|im_end|>"  # the answer and its end-of-turn token, nothing of the user turn
+
+
+def test_tiny_llama_is_a_2_layer_llama(tiny_model):
+    m = models.load_causal_lm(tiny_model)
+    assert m.config.model_type == "llama" and m.config.num_hidden_layers == 2
+    assert m.dtype == torch.float32 and m.device.type == "cpu"
+
+
+def test_concurrent_first_use_builds_one_intact_checkpoint(tmp_path):
+    """Two processes build tiny-llama into an empty cache at the same moment; both load it."""
+    start = time.time() + 8  # both processes are importing by then and start together
+    script = textwrap.dedent(f"""
+        import time, os
+        from alignment import models
+        while time.time() < {start}: time.sleep(0.01)
+        p = models.builtin_path("tiny-llama")
+        m = models.load_causal_lm("tiny-llama")
+        print(p, sum(x.numel() for x in m.parameters()))
+    """)
+    env = {"ALIGN_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    lines = {o[0].strip() for o in outs}
+    assert len(lines) == 1  # same folder, same parameter count
+    entries = sorted(x.name for x in tmp_path.iterdir())
+    assert entries == ["tiny-llama-v1"]  # no temp folders left behind
+    assert (tmp_path / "tiny-llama-v1" / "model.safetensors").is_file()
+
+
+def test_resolve_stage_output_and_adapter_chain(tmp_path, tiny_model):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    base = models.load_causal_lm(tiny_model)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.05)  # a non-zero adapter so merging changes the weights
+    stage = tmp_path / "sft"
+    peft_model.save_pretrained(stage / "model")
+    cfg = json.loads((stage / "model" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "tiny-llama"
+    (stage / "model" / "adapter_config.json").write_text(json.dumps(cfg))
+    r = models.resolve(str(stage))
+    assert r.adapters == [str(stage / "model")] and r.path == str(models.builtin_path("tiny-llama"))
+    merged = models.load_causal_lm(str(stage))
+    q_base = base.get_base_model().model.layers[0].self_attn.q_proj.weight if hasattr(base, "get_base_model") else None
+    fresh = models.load_causal_lm(tiny_model)
+    assert not torch.allclose(merged.model.layers[0].self_attn.q_proj.weight, fresh.model.layers[0].self_attn.q_proj.weight)
+    assert torch.allclose(merged.model.layers[0].self_attn.k_proj.weight, fresh.model.layers[0].self_attn.k_proj.weight)
+    del q_base
+
+
+def test_resolve_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a built-in"):
+        models.resolve("./no/such/folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        models.resolve(str(tmp_path / "empty"))
+    assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct").path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_hub_id_fails_clearly_offline():
+    with pytest.raises(RuntimeError, match="Hub is unreachable"):
+        models.load_tokenizer("someone/definitely-not-a-model-xyz")
+
+
+def test_dtype_selection():
+    assert models.select_dtype("auto", "cpu") == torch.float32
+    assert models.select_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_batched_generation_matches_one_by_one(tiny_model):
+    """Length-sorted, left-padded batches give the same greedy output as unbatched generation."""
+    tok, model = models.load_tokenizer(tiny_model), models.load_causal_lm(tiny_model)
+    prompts = [[{"role": "user", "content": t}] for t in ["Hi", "What is the capital of France, please?", "2+2?"]]
+    batched = generate(model, tok, prompts, max_new_tokens=8, batch_size=3)
+    single = [generate(model, tok, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    assert [g.response_ids for g in batched] == [g.response_ids for g in single]
+    assert all(len(g.response_ids) <= 8 for g in batched)
