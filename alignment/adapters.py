@@ -1,0 +1,109 @@
+"""Parameter-efficient fine-tuning: LoRA, QLoRA and prompt tuning (peft), and adapter merging.
+
+``align merge --adapter runs/<run>/sft --out runs/<run>/sft-merged`` folds a LoRA adapter into
+its base model and writes a full checkpoint that any stage (or transformers) loads directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from alignment.config import check, option
+
+log = logging.getLogger(__name__)
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class AdapterConfig:
+    """What is trained: all weights, a LoRA adapter, QLoRA, or soft prompts."""
+
+    method: Literal["full", "lora", "qlora", "prompt_tuning"] = option("lora", "full fine-tuning, LoRA, QLoRA (4-bit base; needs a CUDA GPU and bitsandbytes) or prompt tuning (peft soft prompts)")
+    r: int = option(16, "LoRA rank")
+    alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
+    dropout: float = option(0.05, "LoRA dropout")
+    target_modules: list[str] = option(factory=lambda: list(ALL_LINEAR), doc="modules that get LoRA adapters (Llama names; all linear layers by default)")
+    num_virtual_tokens: int = option(16, "prompt tuning: number of soft-prompt tokens")
+    prompt_init_text: str | None = option("You are a helpful, honest and harmless assistant.", "prompt tuning: initialise soft prompts from this text's embeddings (null = random)")
+
+    def __post_init__(self) -> None:
+        check(self.r > 0, "r", f"must be > 0, got {self.r}")
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(bool(self.target_modules), "target_modules", "must name at least one module")
+        check(self.num_virtual_tokens > 0, "num_virtual_tokens", f"must be > 0, got {self.num_virtual_tokens}")
+
+
+def peft_config(cfg: AdapterConfig, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None) -> Any:
+    """A peft config for ``cfg`` (None for full fine-tuning)."""
+    if cfg.method == "full":
+        return None
+    import peft
+
+    if cfg.method in ("lora", "qlora"):
+        return peft.LoraConfig(
+            task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        )
+    init_text = cfg.prompt_init_text if tokenizer_path else None
+    return peft.PromptTuningConfig(
+        task_type=task_type,
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prompt_tuning_init=peft.PromptTuningInit.TEXT if init_text else peft.PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=init_text,
+        tokenizer_name_or_path=tokenizer_path if init_text else None,
+    )
+
+
+def quantization_config(cfg: AdapterConfig) -> Any:
+    """4-bit NF4 config for QLoRA; a clear error where it cannot run."""
+    if cfg.method != "qlora":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("adapter.method=qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use adapter.method=lora on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("adapter.method=qlora needs bitsandbytes: pip install 'align-rlhf[qlora]'") from exc
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+    )
+
+
+def set_adapter_base(adapter_dir: Path, base_name: str) -> None:
+    """Record the model *name* (e.g. ``smollm2-135m``) as the adapter's base, not a cache path,
+    so the adapter resolves on any machine."""
+    import json
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data["base_model_name_or_path"] = base_name
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def merge(adapter: str, out: str | Path, *, dtype: str = "auto") -> Path:
+    """Merge a LoRA adapter (folder or stage output) into its base; write a full checkpoint."""
+    from alignment.models import load_causal_lm, load_tokenizer, resolve
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it")
+    resolved = resolve(adapter)
+    if not resolved.adapter:
+        raise ValueError(f"{adapter} holds no adapter (no adapter_config.json) - nothing to merge")
+    model = load_causal_lm(adapter, dtype=dtype, device="cpu", merge_adapter=True)
+    tok = load_tokenizer(adapter)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    log.info("merged %s into %s", resolved.adapter, out)
+    return out

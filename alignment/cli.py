@@ -1,0 +1,92 @@
+"""The ``align`` command line.
+
+    align <stage> [--config FILE] [--resume] [key=value ...]     run a training stage
+    align <stage> --help                                          its config fields and their docs
+    align <command> ...                                           tools (merge, models, ...)
+
+Stages are modules exposing ``Config`` (a dataclass) and ``main(cfg, resume=...)``; commands are
+modules exposing ``cli(argv) -> int``. Modules are imported only when their command runs, so
+``align --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+# name -> (module, kind, one-line help). kind: "stage" (typed config) or "command" (own argparse).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "sft": ("alignment.sft", "stage", "supervised fine-tuning: full, LoRA, prompt tuning or QLoRA, assistant-only loss"),
+    "demo": ("alignment.demo", "command", "the main job: fine-tune the embedded SmolLM2 and show answers before and after"),
+    "merge": ("alignment.commands", "command", "merge a LoRA adapter into its base model (a full checkpoint)"),
+    "models": ("alignment.commands", "command", "build/list the built-in models (smollm2-135m, tiny-llama) in the cache"),
+    "generate": ("alignment.commands", "command", "generate answers from a model for prompts (a file or --prompt)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: align <command> [options]", "", "stages (align <stage> --config FILE [--resume] [key=value ...]):"]
+    lines += [f"  {n:<{width}}  {h}" for n, (_, kind, h) in COMMANDS.items() if kind == "stage"]
+    lines += ["", "commands (align <command> --help):"]
+    lines += [f"  {n:<{width}}  {h}" for n, (_, kind, h) in COMMANDS.items() if kind == "command"]
+    lines += ["", "Run `align <stage> --help` for every config field of a stage."]
+    return "\n".join(lines)
+
+
+def run_stage(name: str, module_name: str, help_text: str, argv: Sequence[str]) -> int:
+    from alignment.config import ConfigError, format_help, load_config
+
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"align {name}", description=f"{help_text}\n\n{(module.__doc__ or '').strip()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=format_help(module.Config),
+    )
+    parser.add_argument("--config", help="YAML config file (fields below); key=value overrides follow")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.max_steps=5")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(module.Config, args.config, args.overrides, stage=name)
+    except ConfigError as exc:
+        print(f"align {name}: config error: {exc}", file=sys.stderr)
+        return 2
+    module.main(cfg, resume=args.resume)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"align: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, kind, help_text = COMMANDS[name]
+    from alignment.config import ConfigError
+    from alignment.runs import OutputExistsError
+    from data.errors import DataError
+
+    try:
+        if kind == "stage":
+            return run_stage(name, module_name, help_text, rest)
+        module = importlib.import_module(module_name)
+        return int(module.cli(name, rest) or 0)
+    except (ConfigError, DataError, OutputExistsError, FileNotFoundError, FileExistsError) as exc:
+        print(f"align {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
