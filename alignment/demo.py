@@ -27,6 +27,9 @@ PROFILES = {
 def _show(title: str, prompts: list, answers: list[str]) -> None:
     print(f"\n=== {title} ===")
     for conv, answer in zip(prompts, answers):
+        for m in conv[:-1]:  # earlier turns of a multi-turn prompt, shortened
+            text = m["content"] if len(m["content"]) < 100 else m["content"][:97] + "..."
+            print(f"\n  [{m['role']}] {text}")
         print(f"\n> {conv[-1]['content']}\n{answer}")
 
 
