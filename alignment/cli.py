@@ -81,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.path.exists("/proc/driver/nvidia"):
+        # DeepSpeed probes for an accelerator at import (transformers imports it when installed) and
+        # prints a warning to stdout when it finds none; say "cpu" up front on GPU-less machines.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
