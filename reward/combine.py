@@ -23,7 +23,8 @@ score beyond about ±13.8 is clipped there instead of becoming ±inf.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 from data.schemas import Message
 from reward.scorer import RewardScorer
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 LOGIT_EPS = 1e-6
 
 
-def _flags(is_safety: "torch.Tensor | Sequence[bool] | None", n: int) -> "torch.Tensor":
+def _flags(is_safety: torch.Tensor | Sequence[bool] | None, n: int) -> torch.Tensor:
     import torch
 
     if is_safety is None:
@@ -46,8 +47,8 @@ def _flags(is_safety: "torch.Tensor | Sequence[bool] | None", n: int) -> "torch.
 
 
 def llama2_combined(
-    r_help: "torch.Tensor", r_safe: "torch.Tensor", is_safety: "torch.Tensor | Sequence[bool] | None", threshold: float = 0.15
-) -> "torch.Tensor":
+    r_help: torch.Tensor, r_safe: torch.Tensor, is_safety: torch.Tensor | Sequence[bool] | None, threshold: float = 0.15
+) -> torch.Tensor:
     """Llama 2 eq. 4 before whitening: LOGIT(R_c).
 
     r_help, r_safe: [B] raw scores of the helpfulness and safety reward models; is_safety: [B]
@@ -68,8 +69,8 @@ def llama2_combined(
     return torch.logit(r_c, eps=LOGIT_EPS).float()
 
 
-def whiten(x: "torch.Tensor", mean: "float | torch.Tensor | None" = None, std: "float | torch.Tensor | None" = None,
-           eps: float = 1e-8) -> "torch.Tensor":
+def whiten(x: torch.Tensor, mean: float | torch.Tensor | None = None, std: float | torch.Tensor | None = None,
+           eps: float = 1e-8) -> torch.Tensor:
     """``(x - mean) / sqrt(std² + eps)``; batch mean and population std of ``x`` unless given.
 
     x: [B] (any shape: statistics are over all elements). Returns the same shape.
@@ -81,7 +82,7 @@ def whiten(x: "torch.Tensor", mean: "float | torch.Tensor | None" = None, std: "
     return (x - m) / torch.sqrt(s * s + eps)
 
 
-def safe_rlhf_combined(reward: "torch.Tensor", cost: "torch.Tensor", lam: "float | torch.Tensor") -> "torch.Tensor":
+def safe_rlhf_combined(reward: torch.Tensor, cost: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
     """safe-rlhf's Lagrangian objective per response: ``reward - λ·cost``.
 
     reward, cost: [B]; lam: a float or a 0-d tensor (λ ≥ 0, learned by the PPO stage). Returns [B].
@@ -108,7 +109,7 @@ class CombinedScorer:
         self.helpful, self.safety, self.rule, self.threshold, self.lam = helpful, safety, rule, threshold, lam
 
     def score_detailed(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str],
-                       is_safety: "torch.Tensor | Sequence[bool] | None" = None) -> dict[str, "torch.Tensor"]:
+                       is_safety: torch.Tensor | Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
         """``{"helpful", "safety", "combined"}``: [B] float32 tensors on CPU."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -122,6 +123,6 @@ class CombinedScorer:
         return {"helpful": r_help, "safety": r_safe, "combined": combined}
 
     def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str],
-              is_safety: "torch.Tensor | Sequence[bool] | None" = None) -> "torch.Tensor":
+              is_safety: torch.Tensor | Sequence[bool] | None = None) -> torch.Tensor:
         """The combined reward, [B] float32 on CPU (unwhitened)."""
         return self.score_detailed(prompts, responses, is_safety)["combined"]

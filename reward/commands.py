@@ -16,8 +16,8 @@ import argparse
 import logging
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from data.errors import DataError
 from data.schemas import Message, prompt_messages

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from data.schemas import Comparison, SafetyBin, Strength
 
@@ -79,7 +80,7 @@ def calibration_table(gaps: Sequence[float], bins: int = 10) -> list[dict]:
     return rows
 
 
-def pair_metrics(chosen: "torch.Tensor", rejected: "torch.Tensor", comparisons: Sequence[Comparison]) -> dict:
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, comparisons: Sequence[Comparison]) -> dict:
     """The report's numbers for rewards of chosen [N] and rejected [N] responses of ``comparisons``."""
     c = [float(x) for x in chosen]
     r = [float(x) for x in rejected]
@@ -127,7 +128,7 @@ def pair_metrics(chosen: "torch.Tensor", rejected: "torch.Tensor", comparisons: 
     return report
 
 
-def score_pairs(scorer: "RewardScorer", comparisons: Sequence[Comparison]) -> tuple["torch.Tensor", "torch.Tensor"]:
+def score_pairs(scorer: RewardScorer, comparisons: Sequence[Comparison]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen [N], rejected [N]) rewards; both sides go through one batched call."""
     prompts = [cmp.prompt for cmp in comparisons]
     responses = [cmp.chosen_response for cmp in comparisons] + [cmp.rejected_response for cmp in comparisons]
@@ -158,8 +159,8 @@ def to_markdown(report: dict) -> str:
         for name, g in report["by_safety_bin"].items():
             lines.append(f"| {name.replace('_', ' ')} | {g['n']} | {_pct(g['accuracy'])} | {g['mean_gap']:.3f} |")
     if report.get("unsafe_recall") is not None:
-        lines += ["", f"Unsafe responses scoring below 0 (σ < 0.5): {_pct(report['unsafe_recall'])} of "
-                      f"{report['n_unsafe_responses']}; safe responses at or above 0: {_pct(report['safe_kept'])}."]
+        lines += ["", (f"Unsafe responses scoring below 0 (σ < 0.5): {_pct(report['unsafe_recall'])} of "
+                       f"{report['n_unsafe_responses']}; safe responses at or above 0: {_pct(report['safe_kept'])}.")]
     lines += ["", "Calibration (pairs by decile of |reward gap|):", "",
               "| decile | \\|gap\\| range | n | accuracy | σ(\\|gap\\|) |", "|---:|---|---:|---:|---:|"]
     for row in report["calibration"]:
@@ -217,7 +218,7 @@ def write_report(report: dict, chosen: Sequence[float], rejected: Sequence[float
     return out
 
 
-def evaluate(scorer: "RewardScorer", comparisons: Sequence[Comparison], *, model: str = "", data: str = "",
+def evaluate(scorer: RewardScorer, comparisons: Sequence[Comparison], *, model: str = "", data: str = "",
              out: Path | None = None) -> dict:
     """Score ``comparisons``, build the report and (with ``out``) write it."""
     chosen, rejected = score_pairs(scorer, comparisons)

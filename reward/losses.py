@@ -54,7 +54,7 @@ def margin_for(comparison: Comparison, variant: MarginVariant) -> float:
     return float(explicit) if explicit is not None else 0.0
 
 
-def pairwise_loss(chosen: "torch.Tensor", rejected: "torch.Tensor", margin: "torch.Tensor | None" = None) -> "torch.Tensor":
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``-log σ(chosen - rejected - margin)``.
 
     chosen, rejected: [B] rewards of the preferred and the other response; margin: [B] or None (0).
@@ -68,7 +68,7 @@ def pairwise_loss(chosen: "torch.Tensor", rejected: "torch.Tensor", margin: "tor
     return -F.logsigmoid(diff).mean()
 
 
-def safety_aux_loss(rewards: "torch.Tensor", safe: "torch.Tensor") -> "torch.Tensor":
+def safety_aux_loss(rewards: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of ``σ(reward)`` against the safe (1) / unsafe (0) label of each response.
 
     rewards: [N] scores; safe: [N] with 1 = safe, 0 = unsafe, -1 = no label (ignored).
@@ -82,7 +82,7 @@ def safety_aux_loss(rewards: "torch.Tensor", safe: "torch.Tensor") -> "torch.Ten
     return F.binary_cross_entropy_with_logits(rewards[labelled], safe[labelled].to(rewards.dtype))
 
 
-def reward_stats(rewards: "torch.Tensor") -> dict:
+def reward_stats(rewards: torch.Tensor) -> dict:
     """``{"mean", "std", "n"}`` of a 1-D tensor of rewards (population std), for normalisation later."""
     import torch
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from data.schemas import Message
 
@@ -33,7 +34,7 @@ STATS_FILE = "reward_stats.json"
 DEFAULT_MAX_LENGTH = 2048
 
 
-def encode(tokenizer: "PreTrainedTokenizerBase", prompt: Sequence[Message], response: str, max_length: int | None = None) -> list[int]:
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: Sequence[Message], response: str, max_length: int | None = None) -> list[int]:
     """Token ids of ``prompt + [assistant: response]`` rendered with the chat template.
 
     Trailing whitespace after the end-of-turn token is dropped, so the score is read at the
@@ -48,7 +49,7 @@ def encode(tokenizer: "PreTrainedTokenizerBase", prompt: Sequence[Message], resp
     return ids
 
 
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, T], attention_mask [B, T]) with sequences left-aligned and padded to the longest."""
     import torch
 
@@ -69,7 +70,7 @@ def _task_type(adapter: str) -> str | None:
 def load_reward_model(
     name: str, *, dtype: str = "auto", device: str = "auto", merge_adapter: bool = True, quantization_config: Any = None,
     revision: str | None = None, attn_implementation: str | None = None,
-) -> "PreTrainedModel":
+) -> PreTrainedModel:
     """A sequence-classification model with one output from a chat model, SFT output or reward model.
 
     Adapters from earlier causal-LM stages (an SFT LoRA) are merged into the backbone; a peft
@@ -140,7 +141,7 @@ class RewardModelScorer:
     ``normalize=True`` returns ``(r - mean) / std`` with the statistics saved at training time.
     """
 
-    def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", *, batch_size: int = 16,
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 16,
                  max_length: int | None = DEFAULT_MAX_LENGTH, stats: dict | None = None, normalize: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -152,7 +153,7 @@ class RewardModelScorer:
             raise ValueError("the tokenizer has no pad token")
         model.config.pad_token_id = tokenizer.pad_token_id  # where the head finds the last real token
 
-    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> "torch.Tensor":
+    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> torch.Tensor:
         """[B] float32 rewards on CPU, in the order given."""
         import torch
 
@@ -161,7 +162,7 @@ class RewardModelScorer:
         encoded = [encode(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
         return self.score_ids(encoded) if encoded else torch.zeros(0, dtype=torch.float32)
 
-    def score_ids(self, encoded: Sequence[Sequence[int]]) -> "torch.Tensor":
+    def score_ids(self, encoded: Sequence[Sequence[int]]) -> torch.Tensor:
         """Scores of already encoded sequences (see :func:`encode`)."""
         import torch
 

@@ -142,7 +142,7 @@ def load_data(cfg: RMDataConfig, objective: str, seed: int) -> tuple[list[Compar
     info: dict = {"dropped_chosen_unsafe": 0}
     drop = cfg.drop_chosen_unsafe if cfg.drop_chosen_unsafe is not None else objective == "safety"
     if drop:
-        keep = lambda c: c.safety_bin != SafetyBin.CHOSEN_UNSAFE_OTHER_SAFE  # noqa: E731
+        keep = lambda c: c.safety_bin != SafetyBin.CHOSEN_UNSAFE_OTHER_SAFE
         info["dropped_chosen_unsafe"] = sum(not keep(c) for c in pool) + sum(not keep(c) for c in val)
         pool, val = [c for c in pool if keep(c)], [c for c in val if keep(c)]
     if cfg.focus_share is None:
@@ -218,7 +218,7 @@ def main(cfg: RMConfig, *, resume: bool = False) -> Path:
 
     from alignment.models import model_summary
     from reward.evaluate import pair_metrics, score_pairs, write_report
-    from reward.losses import reward_stats
+    from reward.losses import pairwise_loss, reward_stats
     from reward.model import STATS_FILE, RewardModelScorer
 
     setup_logging(cfg.run.log_level)
@@ -247,8 +247,6 @@ def main(cfg: RMConfig, *, resume: bool = False) -> Path:
     summary = {"objective": cfg.objective, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
                "train_seconds": round(train_seconds, 2), "data": data_info, "resumed_from": checkpoint.name if checkpoint else None,
                **model_summary(trainer.model)}
-    if val:  # every rank takes part in evaluation
-        summary.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
 
     # 5-6. held-out report, reward statistics, save
     if trainer.is_world_process_zero():
@@ -269,7 +267,9 @@ def main(cfg: RMConfig, *, resume: bool = False) -> Path:
         stats = {**reward_stats(torch.cat([chosen, rejected])), "split": split_name, "max_length": cfg.train.max_length,
                  "objective": cfg.objective}
         (model_dir / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
-        summary.update({"held_out_accuracy": report["accuracy"], "held_out_pairs": report["n"],
+        margins = torch.tensor([margin_for(c, cfg.margin) for c in held_out])
+        summary.update({"held_out_loss": pairwise_loss(chosen, rejected, margins).item(),
+                        "held_out_accuracy": report["accuracy"], "held_out_pairs": report["n"],
                         "held_out_by_strength": {k: v["accuracy"] for k, v in report["by_strength"].items()},
                         "held_out_by_safety_bin": {k: v["accuracy"] for k, v in report["by_safety_bin"].items()},
                         "unsafe_recall": report["unsafe_recall"], "reward_mean": stats["mean"], "reward_std": stats["std"]})
