@@ -86,6 +86,7 @@ class RMConfig:
     adapter: AdapterConfig = option(factory=AdapterConfig, doc="full fine-tuning or LoRA (QLoRA on a GPU); the scalar head is always trained in full")
     margin: MarginVariant = option("small", "Llama 2 margin from the strength rating: none, small (1, 2/3, 1/3, 0) or large (3, 2, 1, 0)")
     safety_aux_weight: float = option(0.0, "weight of the safety auxiliary loss (binary safe/unsafe cross-entropy on each response's score); 0 = off")
+    group_by_length: bool = option(True, "batch pairs of similar length together (on the bundled data: 1.48x -> 1.20x the real tokens)")
     eval_batch_size: int = option(16, "pairs per batch when scoring the validation split after training")
 
     def __post_init__(self) -> None:
@@ -161,18 +162,17 @@ def _safe_label(value: bool | None) -> float:
 
 
 def to_dataset(comparisons: list[Comparison], tokenizer, margin: MarginVariant, max_length: int):
-    """A tokenized ``datasets.Dataset``: chosen_ids, rejected_ids, margin, chosen_safe, rejected_safe."""
+    """A tokenized ``datasets.Dataset``: chosen_ids, rejected_ids, margin, chosen_safe, rejected_safe, length."""
     import datasets
 
     from reward.model import encode
 
-    rows = [{
-        "chosen_ids": encode(tokenizer, c.prompt, c.chosen_response, max_length),
-        "rejected_ids": encode(tokenizer, c.prompt, c.rejected_response, max_length),
-        "margin": margin_for(c, margin),
-        "chosen_safe": _safe_label(c.chosen_safe),
-        "rejected_safe": _safe_label(c.rejected_safe),
-    } for c in comparisons]
+    rows = []
+    for c in comparisons:
+        chosen, rejected = encode(tokenizer, c.prompt, c.chosen_response, max_length), encode(tokenizer, c.prompt, c.rejected_response, max_length)
+        rows.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": margin_for(c, margin),
+                     "chosen_safe": _safe_label(c.chosen_safe), "rejected_safe": _safe_label(c.rejected_safe),
+                     "length": max(len(chosen), len(rejected))})  # a pair pads to its longer side
     return datasets.Dataset.from_list(rows)
 
 
@@ -197,7 +197,8 @@ def build_trainer(cfg: RMConfig, out: Path, train: list[Comparison], val: list[C
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
-    args = RewardConfig(**trainer_kwargs(cfg.train, cfg.run, out, has_eval=bool(val)), max_length=cfg.train.max_length)
+    args = RewardConfig(**trainer_kwargs(cfg.train, cfg.run, out, has_eval=bool(val)), max_length=cfg.train.max_length,
+                        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random", length_column_name="length")
     return LlamaRewardTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=to_dataset(train, tokenizer, cfg.margin, cfg.train.max_length),
