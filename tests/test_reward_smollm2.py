@@ -20,8 +20,8 @@ def test_smollm2_lora_reward_model_round_trip(tmp_path, monkeypatch):
     from conftest import REPO
 
     cfg = load_config(RMConfig, REPO / "configs/rm_helpful.yaml", [
-        f"run.root={tmp_path / 'runs'}", "run.wandb=disabled", "data.sources=[{path: 'bundled:comparisons', limit: 16}]",
-        "data.val_fraction=0.25", "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1", "train.max_length=256",
+        f"run.root={tmp_path / 'runs'}", "run.wandb=disabled", "data.sources=[{path: 'bundled:comparisons', limit: 12}]",
+        "data.val_fraction=0.25", "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1", "train.max_length=192",
     ], stage="rm")
     out = main(cfg)
     assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
