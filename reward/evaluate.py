@@ -13,7 +13,10 @@ the higher reward (a tie counts as wrong). The report holds:
   (the measure of Llama 2's Table 29);
 - ``calibration``: pairs split into deciles of |r_a - r_b| (how sure the model is), each with its
   accuracy and the accuracy σ(|gap|) would predict if the scores were calibrated probabilities;
-- ``reward``: mean and std of all scores.
+- ``reward``: mean and std of all scores;
+- ``longer_wins``: the accuracy of the baseline "the longer response (in characters) is the chosen
+  one", overall and per rating: preference data often favours longer answers, and a reward model
+  is only as good as the margin by which it beats this.
 
 Written as ``rm_eval.json``, ``rm_eval.md`` and ``rewards.png`` (chosen vs rejected reward
 distributions, and accuracy per rating). The metric functions are pure (tensors in, dicts out).
@@ -48,11 +51,12 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _group(right: list[bool], gaps: list[float]) -> dict:
+def _group(right: list[bool], gaps: list[float], longer: list[bool]) -> dict:
     n = len(right)
     k = sum(right)
     lo, hi = wilson_interval(k, n)
-    return {"n": n, "accuracy": k / n if n else None, "mean_gap": sum(gaps) / n if n else None, "ci95": [lo, hi]}
+    return {"n": n, "accuracy": k / n if n else None, "mean_gap": sum(gaps) / n if n else None, "ci95": [lo, hi],
+            "longer_wins": sum(longer) / n if n else None}
 
 
 def calibration_table(gaps: Sequence[float], bins: int = 10) -> list[dict]:
@@ -88,27 +92,28 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, comparisons: Sequ
         raise ValueError(f"need one chosen and one rejected reward per comparison, got {len(c)}, {len(r)}, {len(comparisons)}")
     gaps = [a - b for a, b in zip(c, r)]
     right = [g > 0 for g in gaps]
-    report: dict[str, Any] = {**_group(right, gaps)}
+    longer = [len(cmp.chosen_response) > len(cmp.rejected_response) for cmp in comparisons]  # the length baseline
+    report: dict[str, Any] = {**_group(right, gaps, longer)}
 
     by_strength = {}
     for s in Strength:
         idx = [i for i, cmp in enumerate(comparisons) if cmp.strength == s]
         if idx:
-            by_strength[s.value] = _group([right[i] for i in idx], [gaps[i] for i in idx])
+            by_strength[s.value] = _group([right[i] for i in idx], [gaps[i] for i in idx], [longer[i] for i in idx])
     report["by_strength"] = by_strength
 
     by_bin = {}
     for b in SAFETY_BINS:
         idx = [i for i, cmp in enumerate(comparisons) if cmp.safety_bin == b]
         if idx:
-            g = _group([right[i] for i in idx], [gaps[i] for i in idx])
+            g = _group([right[i] for i in idx], [gaps[i] for i in idx], [longer[i] for i in idx])
             by_bin[b.value] = {"n": g["n"], "accuracy": g["accuracy"], "mean_gap": g["mean_gap"]}
     report["by_safety_bin"] = by_bin
 
     by_category = {}
     for cat in sorted({cmp.category for cmp in comparisons if cmp.category}):
         idx = [i for i, cmp in enumerate(comparisons) if cmp.category == cat]
-        by_category[cat] = _group([right[i] for i in idx], [gaps[i] for i in idx])
+        by_category[cat] = _group([right[i] for i in idx], [gaps[i] for i in idx], [longer[i] for i in idx])
     report["by_category"] = by_category
 
     # every response with a safety label: (reward, safe?)
@@ -147,13 +152,14 @@ def to_markdown(report: dict) -> str:
     lines = [
         f"# Reward model accuracy: {report.get('model', '')}", "",
         f"Data: {report.get('data', '')} ({report['n']} comparisons)", "",
-        "| | n | accuracy | 95% CI | mean gap |", "|---|---:|---:|---:|---:|",
-        f"| **all** | {report['n']} | {_pct(report['accuracy'])} | {_pct(lo)}–{_pct(hi)} | {report['mean_gap']:.3f} |",
+        "| | n | accuracy | 95% CI | mean gap | longer wins |", "|---|---:|---:|---:|---:|---:|",
+        f"| **all** | {report['n']} | {_pct(report['accuracy'])} | {_pct(lo)}–{_pct(hi)} | {report['mean_gap']:.3f} | {_pct(report['longer_wins'])} |",
     ]
-    for name, g in report["by_strength"].items():
-        lines.append(f"| {Strength(name).label} | {g['n']} | {_pct(g['accuracy'])} | {_pct(g['ci95'][0])}–{_pct(g['ci95'][1])} | {g['mean_gap']:.3f} |")
-    for name, g in report.get("by_category", {}).items():
-        lines.append(f"| category: {name} | {g['n']} | {_pct(g['accuracy'])} | {_pct(g['ci95'][0])}–{_pct(g['ci95'][1])} | {g['mean_gap']:.3f} |")
+    rows = [(Strength(name).label, g) for name, g in report["by_strength"].items()]
+    rows += [(f"category: {name}", g) for name, g in report.get("by_category", {}).items()]
+    for label, g in rows:
+        lines.append(f"| {label} | {g['n']} | {_pct(g['accuracy'])} | {_pct(g['ci95'][0])}–{_pct(g['ci95'][1])} | {g['mean_gap']:.3f} | "
+                     f"{_pct(g['longer_wins'])} |")
     if report["by_safety_bin"]:
         lines += ["", "| safety bin | n | accuracy | mean gap |", "|---|---:|---:|---:|"]
         for name, g in report["by_safety_bin"].items():

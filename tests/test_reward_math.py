@@ -155,7 +155,8 @@ def test_pair_metrics_by_hand():
     rejected = torch.tensor([-1.0, 0.0, 0.5, -1.0])  # gaps 3, 1, -0.5, 0 (a tie is wrong)
     m = pair_metrics(chosen, rejected, comparisons)
     assert m["n"] == 4 and m["accuracy"] == 0.5 and m["mean_gap"] == pytest.approx(0.875)
-    assert m["by_strength"]["significantly_better"] == {"n": 2, "accuracy": 1.0, "mean_gap": 2.0, "ci95": list(wilson_interval(2, 2))}
+    assert m["by_strength"]["significantly_better"] == {"n": 2, "accuracy": 1.0, "mean_gap": 2.0, "ci95": list(wilson_interval(2, 2)),
+                                                        "longer_wins": 0.0}
     assert m["by_strength"]["negligibly_better"]["accuracy"] == 0.0
     assert m["by_strength"]["negligibly_better"]["mean_gap"] == pytest.approx(-0.25)
     assert list(m["by_strength"]) == ["significantly_better", "negligibly_better"]  # strongest first, empty buckets left out
@@ -170,6 +171,7 @@ def test_pair_metrics_by_hand():
     assert m["reward"]["mean"] == pytest.approx(0.0625)
     assert [(r["decile"], r["n"], r["accuracy"]) for r in m["calibration"]] == [(1, 1, 0.0), (2, 1, 0.0), (3, 1, 1.0), (4, 1, 1.0)]
     assert [r["expected_accuracy"] for r in m["calibration"]] == pytest.approx([0.5, 0.622459, 0.731059, 0.952574], abs=1e-6)
+    assert m["longer_wins"] == 0.25  # "second answer" is the longer text: the baseline is right only in row 3, which chose B
     md = to_markdown({**m, "model": "rm", "data": "d"})
     assert "| **all** | 4 | 50.0% |" in md and "| Significantly better | 2 | 100.0% |" in md
 
