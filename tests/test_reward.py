@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_align, write_jsonl
 from safetensors.torch import load_file
 
 from alignment.config import ConfigError, load_config
@@ -23,8 +24,6 @@ from reward.combine import llama2_combined
 from reward.model import RewardModelScorer, encode, load_reward_model
 from reward.rm import RMConfig, RMDataConfig, focus_mix, load_data, main, to_dataset
 from reward.scorer import RewardScorer
-
-from conftest import REPO, run_align, write_jsonl
 
 CONTRACT_KEYS = {"n", "accuracy", "mean_gap", "by_strength", "by_safety_bin", "calibration", "model", "data"}
 
@@ -306,7 +305,7 @@ def test_score_command_writes_helpful_safety_and_combined(trained):
     res = run_align("score", "--helpful", str(trained["full"]), "--safety", str(trained["lora"]), "--data", str(data), "--out", str(out))
     assert res.returncode == 0, res.stderr
     scored = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [s["response"] if "response" in s else None for s in scored][:2] == [r["response"] for r in rows[:2]]
+    assert [s.get("response") for s in scored[:2]] == [r["response"] for r in rows[:2]]
     helpful = torch.tensor([s["helpful"] for s in scored])
     safety = torch.tensor([s["safety"] for s in scored])
     expected = llama2_combined(helpful, safety, [False, True, True])
@@ -364,7 +363,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     assert cut.keys() == whole.keys()
     for k in cut:
         assert torch.allclose(cut[k], whole[k], atol=1e-5), k
-    loss = lambda o: {m["step"]: m["loss"] for m in read_metrics(o) if "loss" in m}  # noqa: E731
+    loss = lambda o: {m["step"]: m["loss"] for m in read_metrics(o) if "loss" in m}
     assert loss(out) == pytest.approx(loss(whole_out), rel=1e-4)
     assert json.loads((out / "model" / "reward_stats.json").read_text())["mean"] == pytest.approx(
         json.loads((whole_out / "model" / "reward_stats.json").read_text())["mean"], abs=1e-5)
@@ -379,7 +378,8 @@ def test_real_hh_rlhf_parse_and_a_tiny_rm_on_it(shared_data, tmp_path, tiny_mode
     import gzip
 
     path = shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
-    raw = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8").read().splitlines()[:40]]
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        raw = [json.loads(line) for line in fh.read().splitlines()[:40]]
     cmps = load_comparisons(DataSource(path=str(path), limit=40))
     assert len(cmps) == 40
     for row, c in zip(raw, cmps):  # the first 40 rows hold no degenerate pair, so rows and records line up

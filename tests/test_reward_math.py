@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -181,7 +182,7 @@ def test_calibration_deciles_split_evenly():
     rows = calibration_table(gaps)
     assert [r["n"] for r in rows] == [2, 3, 2, 3, 2, 3, 2, 3, 2, 3]
     assert rows[0]["gap_low"] == pytest.approx(0.1) and rows[-1]["gap_high"] == pytest.approx(2.5)
-    assert all(a["gap_high"] <= b["gap_low"] for a, b in zip(rows, rows[1:]))
+    assert all(a["gap_high"] <= b["gap_low"] for a, b in itertools.pairwise(rows))
     assert sum(r["n"] for r in rows) == 25
 
 

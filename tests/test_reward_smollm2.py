@@ -12,12 +12,12 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_lora_reward_model_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from conftest import REPO
+
     from alignment.config import load_config
     from reward import load_scorer
     from reward.model import encode
     from reward.rm import RMConfig, load_data, main
-
-    from conftest import REPO
 
     cfg = load_config(RMConfig, REPO / "configs/rm_helpful.yaml", [
         f"run.root={tmp_path / 'runs'}", "run.wandb=disabled", "data.sources=[{path: 'bundled:comparisons', limit: 12}]",
