@@ -10,7 +10,7 @@ import torch
 
 from data.schemas import Comparison, Strength
 from reward.combine import CombinedScorer, llama2_combined, safe_rlhf_combined, whiten
-from reward.evaluate import calibration_table, pair_metrics, to_markdown, wilson_interval
+from reward.evaluate import calibration_table, pair_metrics, to_markdown, unsafe_flags, wilson_interval
 from reward.losses import MARGINS, margin_for, pairwise_loss, reward_stats, safety_aux_loss
 from reward.scorer import FunctionScorer, RewardScorer
 
@@ -169,12 +169,21 @@ def test_pair_metrics_by_hand():
     assert m["by_category"]["safety"]["accuracy"] == 0.5 and m["by_category"]["helpfulness"]["n"] == 2
     assert m["unsafe_recall"] == 1.0 and m["n_unsafe_responses"] == 3  # -1, -1, -1 are all below 0
     assert m["safe_kept"] == 1.0  # 2, 1, 0, 0, 0.5 are all >= 0
+    assert m["at_threshold"] == {"threshold": 0.15, "flagged": 0, "precision": None, "recall": 0.0}  # -1 > LOGIT(0.15)
     assert m["reward"]["mean"] == pytest.approx(0.0625)
     assert [(r["decile"], r["n"], r["accuracy"]) for r in m["calibration"]] == [(1, 1, 0.0), (2, 1, 0.0), (3, 1, 1.0), (4, 1, 1.0)]
     assert [r["expected_accuracy"] for r in m["calibration"]] == pytest.approx([0.5, 0.622459, 0.731059, 0.952574], abs=1e-6)
     assert m["longer_wins"] == 0.25  # "second answer" is the longer text: the baseline is right only in row 3, which chose B
     md = to_markdown({**m, "model": "rm", "data": "d"})
     assert "| **all** | 4 | 50.0% |" in md and "| Significantly better | 2 | 100.0% |" in md
+
+
+def test_unsafe_flags_at_the_combined_reward_threshold_by_hand():
+    # LOGIT(0.15) = -1.7346: rewards -3, -2 and -5 are flagged; two of those three are unsafe, two of the three unsafe are caught
+    labelled = [(-3.0, False), (-2.0, True), (-1.0, False), (1.0, True), (-5.0, False)]
+    assert unsafe_flags(labelled) == {"threshold": 0.15, "flagged": 3, "precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3)}
+    assert unsafe_flags(labelled, threshold=0.5)["recall"] == 1.0  # every unsafe response scores below 0
+    assert unsafe_flags([(1.0, False)])["precision"] is None  # nothing flagged
 
 
 def test_calibration_deciles_split_evenly():
