@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Literal
 
 from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
-from alignment.config import check, option, save_config
+from alignment.config import ConfigError, check, option, save_config
 from alignment.models import ModelConfig
 from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, prepare_output, setup_logging
 from alignment.training import TrainConfig, metrics_callback, trainer_kwargs
@@ -114,8 +114,8 @@ def focus_mix(records: list[Comparison], objective: str, share: float, seed: int
     focus = [c for c in records if c.category == objective]
     rest = [c for c in records if c.category != objective]
     if not focus:
-        raise ValueError(f"no {objective} comparisons in data.sources (set `category: {objective}` on a source, "
-                         "or data.focus_share=null to use the sources as they are)")
+        raise ConfigError("data.sources", f"no {objective} comparisons to focus on (set `category: {objective}` on a source, "
+                          "or data.focus_share=null to use the sources as they are)")
     want_rest = round(len(focus) * (1 - share) / share)
     if want_rest > len(rest):
         if share < 1:
@@ -152,7 +152,7 @@ def load_data(cfg: RMDataConfig, objective: str, seed: int) -> tuple[list[Compar
         train, counts = focus_mix(pool, objective, cfg.focus_share, seed)
         info.update(counts)
     if not train:
-        raise ValueError("no training comparisons left after the validation split; lower data.val_fraction")
+        raise ConfigError("data.val_fraction", "no training comparisons left after the validation split; lower it")
     info.update(train=len(train), validation=len(val))
     return train, val, info
 

@@ -199,7 +199,7 @@ def test_focus_mix_llama2_shares():
     assert info == {"focus": 100, "rest": 70, "rest_available": 70} and len(set(map(id, mixed))) == 170  # nothing repeated
     mixed, info = focus_mix(helpful_only + _cmps(300, "safety", "s"), "helpfulness", 0.5, seed=0)
     assert info["focus"] == 100 and info["rest"] == 100
-    with pytest.raises(ValueError, match="no safety comparisons"):
+    with pytest.raises(ConfigError, match="no safety comparisons"):
         focus_mix(helpful_only, "safety", 0.9, seed=0)
 
 
