@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "merge": ("alignment.commands", "command", "merge a LoRA adapter into its base model (a full checkpoint)"),
     "models": ("alignment.commands", "command", "build/list the built-in models (smollm2-135m, tiny-llama) in the cache"),
     "generate": ("alignment.commands", "command", "generate answers from a model for prompts (a file or --prompt)"),
+    "rm": ("reward.rm", "stage", "reward model (helpfulness or safety): Llama 2 margin loss, data mixes, safety auxiliary loss"),
+    "rm-eval": ("reward.commands", "command", "reward-model accuracy report: overall, per strength, per safety bin, calibration"),
+    "score": ("reward.commands", "command", "score responses with the helpfulness/safety reward models and the combined reward"),
 }
 
 
