@@ -169,7 +169,7 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def start_stage(cfg: Any, stage: str, *, resume: bool) -> Path:
+def start_stage(cfg: Any, stage: str, *, resume: bool, folder: str | None = None) -> Path:
     """Common stage start: process group, logging, output folder (resume rules), resolved config.
 
     Under a multi-process launch every rank checks the folder before any rank writes to it, then
@@ -179,7 +179,7 @@ def start_stage(cfg: Any, stage: str, *, resume: bool) -> Path:
 
     distributed.init()
     setup_logging(cfg.run.log_level if distributed.is_main() else "warning")
-    out = cfg.run.stage_dir(stage)
+    out = cfg.run.stage_dir(folder or stage)
     error = None
     try:
         prepare_output(out, resume=resume) if distributed.is_main() else _check_output(out, resume=resume)

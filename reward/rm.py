@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Literal
 
 from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
-from alignment.config import ConfigError, check, option, save_config
+from alignment.config import ConfigError, check, option
 from alignment.models import ModelConfig
-from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, prepare_output, setup_logging
+from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, setup_logging, start_stage
 from alignment.training import TrainConfig, metrics_callback, trainer_kwargs
 from data.loaders import DataSource
 from data.schemas import Comparison, SafetyBin
@@ -217,6 +217,7 @@ def build_trainer(cfg: RMConfig, out: Path, train: list[Comparison], val: list[C
 def main(cfg: RMConfig, *, resume: bool = False) -> Path:
     import torch
 
+    from alignment import distributed
     from alignment.models import model_summary
     from reward.evaluate import pair_metrics, score_pairs, write_report
     from reward.losses import pairwise_loss, reward_stats
@@ -228,8 +229,7 @@ def main(cfg: RMConfig, *, resume: bool = False) -> Path:
     # 1-2. data: a bad file fails here, before the output folder is touched
     train, val, data_info = load_data(cfg.data, cfg.objective, cfg.run.seed)
     log.info("%s RM data: %s", cfg.objective, data_info)
-    out = prepare_output(cfg.run.stage_dir(FOLDERS[cfg.objective]), resume=resume)
-    save_config(cfg, out / "config.yaml", stage=STAGE)
+    out = start_stage(cfg, STAGE, resume=resume, folder=FOLDERS[cfg.objective])
     checkpoint = last_checkpoint(out) if resume else None
 
     # 3. model and trainer
@@ -249,19 +249,21 @@ def main(cfg: RMConfig, *, resume: bool = False) -> Path:
                "train_seconds": round(train_seconds, 2), "data": data_info, "resumed_from": checkpoint.name if checkpoint else None,
                **model_summary(trainer.model)}
 
-    # 5-6. held-out report, reward statistics, save
+    # 5-6. held-out report, reward statistics, save. Every rank scores and saves (ZeRO-3 gathers
+    # its shards collectively); only the main rank writes the report.
+    summary["rank_fingerprints"] = distributed.fingerprints(trainer.model_wrapped)  # collective; None for one process
+    held_out, split_name = (val, "validation") if val else (train[:512], "train")
+    scorer = RewardModelScorer(trainer.model, tokenizer, batch_size=cfg.eval_batch_size, max_length=cfg.train.max_length)
+    chosen, rejected = score_pairs(scorer, held_out)
+    model_dir = out / "model"
+    trainer.save_model(str(model_dir))
     if trainer.is_world_process_zero():
-        held_out, split_name = (val, "validation") if val else (train[:512], "train")
         if not val:
             log.warning("no validation split (data.val_fraction=0): reward statistics come from %d training pairs", len(held_out))
-        scorer = RewardModelScorer(trainer.model, tokenizer, batch_size=cfg.eval_batch_size, max_length=cfg.train.max_length)
-        chosen, rejected = score_pairs(scorer, held_out)
-        model_dir = out / "model"
         report = {**pair_metrics(chosen, rejected, held_out), "model": str(model_dir),
                   "data": f"{split_name} split of {', '.join(s.path for s in cfg.data.sources)}"}
         if val:
             write_report(report, chosen.tolist(), rejected.tolist(), out / "eval")
-        trainer.save_model(str(model_dir))
         tokenizer.save_pretrained(model_dir)
         if cfg.adapter.method != "full":
             set_adapter_base(model_dir, cfg.model.name)

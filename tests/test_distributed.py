@@ -101,3 +101,37 @@ def test_cpu_config_with_several_processes_is_rewritten():
         Path(tmp).unlink()
     finally:
         cpu_cfg.unlink()
+
+
+# --------------------------------------------------------------------------- reward model
+
+
+@pytest.fixture(scope="module")
+def rm_data(tmp_path_factory) -> Path:
+    from test_reward import pair_rows
+
+    return write_jsonl(tmp_path_factory.mktemp("rmdata") / "pairs.jsonl", pair_rows(48))
+
+
+def _rm_args(data: Path, root: Path) -> list[str]:
+    return ["--config", str(REPO / "configs/rm_helpful.yaml"), "model.name=tiny-llama", "adapter.method=full",
+            "run.wandb=disabled", f"data.sources=[{{path: {data}}}]", "data.val_fraction=0.25", "train.max_steps=5",
+            "train.grad_accum=1", "train.lr=1e-3", "train.warmup_ratio=0", f"run.root={root}"]
+
+
+@pytest.mark.parametrize("layout", ["ddp", "zero3"])
+def test_reward_model_matches_single_process(layout, tmp_path, rm_data, tiny_model):
+    single = tmp_path / "single"
+    res = run_align("rm", *_rm_args(rm_data, single), "train.batch_size=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_align("rm", *_rm_args(rm_data, tmp_path / "multi"), "train.batch_size=2",
+                    "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = single / "default" / "rm_helpful", tmp_path / "multi" / "default" / "rm_helpful"
+    summary = json.loads((two / "summary.json").read_text())
+    fp = summary["rank_fingerprints"]
+    assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)
+    _assert_same(_weights(two), _weights(one))
+    ref = json.loads((one / "summary.json").read_text())
+    assert summary["held_out_accuracy"] == ref["held_out_accuracy"]
+    assert summary["reward_mean"] == pytest.approx(ref["reward_mean"], abs=1e-4)
