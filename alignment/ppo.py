@@ -295,8 +295,9 @@ def prompt_batch(prompts: Sequence, iteration: int, batch_size: int, seed: int, 
     return out
 
 
-def build_scorer(cfg: PPORewardConfig, device: str) -> tuple[Any, Any]:
-    """(scorer, helpfulness reward model or None). The scorer implements reward.scorer.RewardScorer."""
+def build_scorer(cfg: PPORewardConfig, device: str) -> tuple[Any, dict[str, Any]]:
+    """(scorer, {"rm_helpful": model, "rm_safety": model} for the reward models loaded). The scorer
+    implements reward.scorer.RewardScorer; with both models it is Llama 2's combined reward."""
     from reward.scorer import FunctionScorer
 
     if cfg.function is not None:
@@ -305,18 +306,20 @@ def build_scorer(cfg: PPORewardConfig, device: str) -> tuple[Any, Any]:
             fn = getattr(importlib.import_module(module_name), fn_name)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"reward.function={cfg.function!r}: cannot import it ({exc})") from exc
-        return FunctionScorer(partial(fn, **cfg.function_kwargs)), None
+        return FunctionScorer(partial(fn, **cfg.function_kwargs)), {}
+    from reward.combine import CombinedScorer
+
     import reward
 
     helpful = reward.load_scorer(cfg.helpful, device=device, batch_size=cfg.batch_size)
     if cfg.safety is None:
-        return helpful, helpful.model
+        return helpful, {"rm_helpful": helpful.model}
     safety = reward.load_scorer(cfg.safety, device=device, batch_size=cfg.batch_size)
-    combined = reward.combine.CombinedScorer(helpful, safety, rule=cfg.rule, threshold=cfg.safety_threshold, lam=cfg.cost_weight)
-    return combined, helpful.model
+    combined = CombinedScorer(helpful, safety, rule=cfg.rule, threshold=cfg.safety_threshold, lam=cfg.cost_weight)
+    return combined, {"rm_helpful": helpful.model, "rm_safety": safety.model}
 
 
-def build_models(cfg: PPOConfig, device: str, helpful_rm: Any) -> tuple[Any, Any, Any]:
+def build_models(cfg: PPOConfig, device: str, helpful_rm: Any | None) -> tuple[Any, Any, Any]:
     """(policy, reference or None, critic). With LoRA the reference is the policy with its adapter
     disabled (None here); the critic shares frozen weights with the helpfulness RM or the base."""
     import copy
@@ -630,6 +633,7 @@ class Context:
     scheduler: Any
     kl_ctl: Any
     running_reward: Any
+    weights_mib: dict[str, float]  # memory each model's weights add (see weight_memory)
 
     def reduce(self, t: Any) -> Any:
         """Sum a tensor over all processes (the identity with one process)."""
@@ -648,18 +652,39 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     train, val = load_prompts(cfg.data, tokenizer, cfg.run.seed)
     val = val[: cfg.eval.max_prompts]
-    scorer, helpful_rm = build_scorer(cfg.reward, device)
-    policy, reference, critic = build_models(cfg, device, helpful_rm)
+    scorer, reward_models = build_scorer(cfg.reward, device)
+    policy, reference, critic = build_models(cfg, device, reward_models.get("rm_helpful"))
     log.info("policy: %s; critic: %s", model_summary(policy), model_summary(critic))
+    memory = weight_memory({"policy": policy, "reference": reference, **reward_models, "critic": critic})
+    log.info("weights in memory (MiB each model adds; shared tensors counted once): %s", memory)
     steps = cfg.ppo.iterations * cfg.ppo.epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
     optimizer, scheduler = build_optimizer(cfg, policy, critic, steps)
     # the scheduler is not prepared: accelerate would step it once per process
     policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.kl_target
               else FixedKLController(cfg.ppo.kl_coef))
-    ctx = Context(cfg, accelerator, tokenizer, policy, reference, critic, scorer, optimizer, scheduler, kl_ctl, RunningMoments())
+    ctx = Context(cfg, accelerator, tokenizer, policy, reference, critic, scorer, optimizer, scheduler, kl_ctl, RunningMoments(), memory)
     set_seed(cfg.run.seed + accelerator.process_index)  # each process samples its own responses
     return ctx, train, val
+
+
+def weight_memory(models: dict[str, Any]) -> dict[str, float]:
+    """MiB of parameters and buffers each model adds, in order, counting a tensor shared with an
+    earlier model (the reference = policy base, the critic's backbone = the helpfulness RM) once."""
+    seen: set[int] = set()
+    out = {}
+    for name, model in models.items():
+        if model is None:
+            continue
+        total = 0
+        for t in [*model.parameters(), *model.buffers()]:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        out[name] = round(total / 2**20, 2)
+    out["total"] = round(sum(out.values()), 2)
+    return out
 
 
 def save_checkpoint(ctx: Context, out: Path, iteration: int, loop: dict) -> None:
@@ -758,12 +783,13 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
 
     from alignment.runs import setup_logging
 
-    acc = Accelerator(cpu=cfg.model.device == "cpu")
+    # cpu=True also on machines without a GPU: only then does accelerate join a CPU process group (gloo)
+    acc = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
     if acc.is_main_process:
         out = start_stage(cfg, STAGE, resume=resume)
     acc.wait_for_everyone()
     if not acc.is_main_process:
-        setup_logging(cfg.run.log_level)
+        setup_logging("warning")  # the main process reports; the others only warn
         out = cfg.run.stage_dir(STAGE)
     checkpoint = last_checkpoint(out) if resume else None
 
@@ -856,6 +882,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
             "eval_reward_baseline": loop["baseline"], "eval_reward_best": loop["best"],
             "seconds_per_iteration": sum(times) / len(times) if times else None,
             "resumed_from": checkpoint.name if checkpoint else None, **peak_memory_gb(),
+            **{f"weights_mib/{k}": v for k, v in ctx.weights_mib.items()},
             "model": "best" if cfg.eval.keep_best and (out / "best").is_dir() else "last",
         }
         logger.summary(summary)

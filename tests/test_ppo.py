@@ -101,6 +101,9 @@ def test_outputs_from_an_sft_adapter_load_as_a_stage_output(tmp_path, tiny_model
     assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft_out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["model"] == "last" and summary["eval_reward_baseline"] is not None
+    # memory each model adds: the reference (adapter off) adds nothing, the critic only its LoRA and head
+    assert "weights_mib/reference" not in summary
+    assert 0 < summary["weights_mib/critic"] < 0.3 * summary["weights_mib/policy"]
 
     loaded = load_causal_lm(str(out), device="cpu")  # smollm-style name: the chain tiny-llama -> sft -> ppo
     by_hand = PeftModel.from_pretrained(load_causal_lm(str(sft_out), device="cpu"), str(out / "model"))
@@ -166,6 +169,25 @@ def test_kill_and_resume_reproduces_the_uninterrupted_curve(tmp_path, tiny_model
             assert cut[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
     samples = lambda run: [json.loads(x)["iteration"] for x in (runs / run / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert samples("cut") == samples("whole")
+
+
+@pytest.mark.distributed
+def test_two_processes_under_torchrun(tmp_path, tiny_model):
+    """The same stage under DDP (2 CPU processes, gloo): each samples its own prompts, statistics are
+    global, both RNG streams are checkpointed."""
+    runs = tmp_path / "runs"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "alignment.cli",
+                          "ppo", "--config", str(REPO / "configs/ppo.yaml"), *TINY, f"run.root={runs}", "run.log_level=info",
+                          "ppo.iterations=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=2", "ppo.micro_batch_size=1",
+                          "eval.every=1", "eval.max_prompts=6", "eval.save_every=2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stderr
+    out = runs / "default" / "ppo"
+    assert {p.name for p in (out / "checkpoints" / "checkpoint-2").iterdir()} == {"state.pt", "rng-0.pt", "rng-1.pt"}
+    rows = read_metrics(out)
+    assert [m["step"] for m in rows] == [0, 1, 2]  # one process logs
+    assert rows[1]["tokens/generated"] > 0 and (out / "model" / "adapter_model.safetensors").is_file()
 
 
 def test_config_errors_name_the_key():
