@@ -180,7 +180,7 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
                           "ppo", "--config", str(REPO / "configs/ppo.yaml"), *TINY, f"run.root={runs}", "run.log_level=info",
                           "ppo.iterations=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=2", "ppo.micro_batch_size=1",
                           "eval.every=1", "eval.max_prompts=6", "eval.save_every=2"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es)" in res.stderr
     out = runs / "default" / "ppo"
