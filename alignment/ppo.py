@@ -62,6 +62,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from alignment import distributed
 from alignment.adapters import AdapterConfig, set_adapter_base
 from alignment.config import check, option
 from alignment.models import ModelConfig
@@ -781,16 +782,9 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
     import torch
     from accelerate import Accelerator
 
-    from alignment.runs import setup_logging
-
-    # cpu=True also on machines without a GPU: only then does accelerate join a CPU process group (gloo)
+    out = start_stage(cfg, STAGE, resume=resume)  # process group (if launched on several), logging, output folder
+    # cpu=True also on machines without a GPU: only then does accelerate wrap models in DDP over gloo
     acc = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
-    if acc.is_main_process:
-        out = start_stage(cfg, STAGE, resume=resume)
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        setup_logging("warning")  # the main process reports; the others only warn
-        out = cfg.run.stage_dir(STAGE)
     checkpoint = last_checkpoint(out) if resume else None
 
     ctx, train_prompts, val_prompts = setup(cfg, acc)
@@ -870,6 +864,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
             break
 
     # save: the best policy by held-out reward (early stopping), or the last one
+    fingerprints = distributed.fingerprints(acc.unwrap_model(ctx.policy))  # collective: replicas in sync give equal numbers
     if acc.is_main_process:
         model_dir = out / "model"
         if cfg.eval.keep_best and (out / "best").is_dir():
@@ -884,6 +879,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
             "resumed_from": checkpoint.name if checkpoint else None, **peak_memory_gb(),
             **{f"weights_mib/{k}": v for k, v in ctx.weights_mib.items()},
             "model": "best" if cfg.eval.keep_best and (out / "best").is_dir() else "last",
+            "rank_fingerprints": fingerprints,
         }
         logger.summary(summary)
         log.info("PPO done: %s (held-out reward %s -> best %s at iteration %s)", out, loop["baseline"], loop["best"], loop["best_iteration"])

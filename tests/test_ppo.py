@@ -188,6 +188,8 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
     rows = read_metrics(out)
     assert [m["step"] for m in rows] == [0, 1, 2]  # one process logs
     assert rows[1]["tokens/generated"] > 0 and (out / "model" / "adapter_model.safetensors").is_file()
+    fingerprints = json.loads((out / "summary.json").read_text())["rank_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]  # DDP kept the two policies identical
 
 
 def test_config_errors_name_the_key():
