@@ -16,8 +16,9 @@ Each iteration runs three plain steps over a :class:`~alignment.rl.rollout.Rollo
    sequence score on the last token; beta fixed or adapted towards a target KL (Ziegler et al.);
    GAE with gamma and lambda; advantages whitened over the global batch.
 3. **Update.** ``ppo.epochs`` passes over the rollout in shuffled minibatches, one optimiser step
-   per minibatch (micro-batches accumulate gradients): clipped surrogate policy loss + vf_coef *
-   clipped value loss (- entropy_coef * entropy).
+   per minibatch (micro-batches accumulate gradients): clipped surrogate policy loss
+   (- entropy_coef * entropy) for the actor, vf_coef * clipped value loss for the critic (two
+   backward passes: actor and critic share no trainable weights, and only one graph is alive).
 
 Every ``eval.every`` iterations the policy answers held-out prompts greedily and their mean
 combined reward is logged; the run stops early when it has not improved for ``eval.patience``
@@ -557,14 +558,15 @@ def ppo_update(ctx: Context, rollout: Any) -> dict[str, float]:
                     sync.enter_context(acc.no_sync(ctx.policy))
                     sync.enter_context(acc.no_sync(ctx.critic))
                 with sync:
+                    # actor and critic are separate models: two backward passes, so only one graph is alive at a time
                     logprobs, entropy = policy_logprobs(ctx.policy, mb.input_ids, mb.attention_mask, R, cfg.sampling.temperature,
                                                         with_entropy=True, entropy_grad=cfg.ppo.entropy_coef > 0)
                     pg_loss, pg_stats = clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.ppo.clip)
+                    mean_entropy = masked_mean(entropy, mb.response_mask)
+                    acc.backward((pg_loss - cfg.ppo.entropy_coef * mean_entropy) * weight)
                     values = critic_values(ctx.critic, mb.input_ids, mb.attention_mask, R)
                     vf_loss, vf_stats = clipped_value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.critic.value_clip)
-                    mean_entropy = masked_mean(entropy, mb.response_mask)
-                    loss = pg_loss + cfg.critic.vf_coef * vf_loss - cfg.ppo.entropy_coef * mean_entropy
-                    acc.backward(loss * weight)
+                    acc.backward(cfg.critic.vf_coef * vf_loss * weight)
                 w = float(weight)
                 for k, v in {"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(), "policy/clipfrac": pg_stats["clipfrac"],
                              "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio": pg_stats["ratio"],
