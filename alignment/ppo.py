@@ -309,9 +309,8 @@ def build_scorer(cfg: PPORewardConfig, device: str) -> tuple[Any, dict[str, Any]
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"reward.function={cfg.function!r}: cannot import it ({exc})") from exc
         return FunctionScorer(partial(fn, **cfg.function_kwargs)), {}
-    from reward.combine import CombinedScorer
-
     import reward
+    from reward.combine import CombinedScorer
 
     helpful = reward.load_scorer(cfg.helpful, device=device, batch_size=cfg.batch_size)
     if cfg.safety is None:
@@ -321,16 +320,17 @@ def build_scorer(cfg: PPORewardConfig, device: str) -> tuple[Any, dict[str, Any]
     return combined, {"rm_helpful": helpful.model, "rm_safety": safety.model}
 
 
-def build_models(cfg: PPOConfig, device: str, helpful_rm: Any | None) -> tuple[Any, Any, Any]:
+def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any]) -> tuple[Any, Any, Any]:
     """(policy, reference or None, critic). With LoRA the reference is the policy with its adapter
-    disabled (None here); the critic shares frozen weights with the helpfulness RM or the base."""
+    disabled (None here); the critic shares frozen weights with the helpfulness RM or the base;
+    reward-model tensors identical to the frozen base (embeddings, norms) are tied to it."""
     import copy
 
     from peft import get_peft_model
 
     from alignment.adapters import peft_config
     from alignment.models import load_causal_lm
-    from alignment.rl.critic import critic_from_causal_lm, critic_from_reward_model
+    from alignment.rl.critic import critic_from_causal_lm, critic_from_reward_model, tie_identical_weights
 
     base = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision,
                           attn_implementation=cfg.model.attn_implementation)
@@ -345,8 +345,14 @@ def build_models(cfg: PPOConfig, device: str, helpful_rm: Any | None) -> tuple[A
         for p in reference.parameters():
             p.requires_grad_(False)
         critic_source = reference
+    for name, rm in reward_models.items():
+        for p in rm.parameters():
+            p.requires_grad_(False)
+        freed = tie_identical_weights(rm.base_model, critic_source.base_model)
+        if freed:
+            log.info("%s shares %.1f MiB of identical frozen weights with the policy's base", name, freed / 2**20)
     if cfg.critic.init == "reward_model":
-        critic = critic_from_reward_model(helpful_rm, lora=critic_lora)
+        critic = critic_from_reward_model(reward_models["rm_helpful"], lora=critic_lora)
     else:
         critic = critic_from_causal_lm(critic_source, lora=critic_lora)
     policy = get_peft_model(base, peft_config(cfg.adapter, "CAUSAL_LM")) if cfg.adapter.method == "lora" else base
@@ -656,7 +662,7 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
     train, val = load_prompts(cfg.data, tokenizer, cfg.run.seed)
     val = val[: cfg.eval.max_prompts]
     scorer, reward_models = build_scorer(cfg.reward, device)
-    policy, reference, critic = build_models(cfg, device, reward_models.get("rm_helpful"))
+    policy, reference, critic = build_models(cfg, device, reward_models)
     log.info("policy: %s; critic: %s", model_summary(policy), model_summary(critic))
     memory = weight_memory({"policy": policy, "reference": reference, **reward_models, "critic": critic})
     log.info("weights in memory (MiB each model adds; shared tensors counted once): %s", memory)

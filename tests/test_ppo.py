@@ -116,6 +116,44 @@ def test_outputs_from_an_sft_adapter_load_as_a_stage_output(tmp_path, tiny_model
         main(cfg)
 
 
+@pytest.fixture(scope="module")
+def tiny_reward_models(tmp_path_factory, tiny_model) -> dict[str, Path]:
+    """A helpfulness and a safety RM on the tiny model (`align rm`, LoRA, 2 steps each)."""
+    rm = pytest.importorskip("reward.rm", reason="the reward-model stage (issue 3) is not merged yet")
+    root = tmp_path_factory.mktemp("rms")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    for objective in ("helpful", "safety"):
+        cfg = load_config(rm.RMConfig, REPO / f"configs/rm_{objective}.yaml", [
+            "model.name=tiny-llama", f"run.root={root}", "run.wandb=disabled", "train.max_steps=2"], stage="rm")
+        out[objective] = rm.main(cfg)
+    torch.set_num_threads(threads)
+    return out
+
+
+def test_ppo_with_the_two_reward_models(tmp_path, tiny_reward_models):
+    """The real reward path: Llama 2's piecewise combination of the two RMs, each RM logged, the
+    critic initialised from the helpfulness RM (its values start at that RM's score) and sharing its
+    weights, RM tensors equal to the policy's base tied to it."""
+    from reward.combine import llama2_combined
+
+    out = main(make_cfg(tmp_path, f"reward.helpful={tiny_reward_models['helpful']}", f"reward.safety={tiny_reward_models['safety']}",
+                        "reward.function=null", "reward.function_kwargs={}", "critic.init=reward_model", "ppo.iterations=2",
+                        "eval.every=1", "eval.samples_every=1", "eval.num_samples=16"))
+    rows = [m for m in read_metrics(out) if "reward/combined" in m]
+    assert {"reward/helpful", "reward/safety", "reward/combined", "eval/reward_helpful", "eval/reward_safety"} <= set(rows[0])
+    assert rows[0]["value/mean"] == pytest.approx(rows[0]["reward/helpful"], abs=0.05)  # critic = helpfulness RM at first
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["category"] for s in samples} == {"helpfulness", "safety"}
+    helpful, safety = torch.tensor([s["reward_helpful"] for s in samples]), torch.tensor([s["reward_safety"] for s in samples])
+    expected = llama2_combined(helpful, safety, [s["category"] == "safety" for s in samples], 0.15)
+    assert torch.allclose(torch.tensor([s["reward_combined"] for s in samples]), expected, atol=1e-3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights_mib/critic"] < 0.3 * summary["weights_mib/policy"]  # the critic adds only LoRA + head
+    assert summary["weights_mib/rm_helpful"] < summary["weights_mib/policy"]  # embeddings tied to the policy's base
+
+
 def test_full_fine_tuning_uses_a_frozen_reference_copy(tmp_path, tiny_model):
     out = main(make_cfg(tmp_path, "adapter.method=full", "ppo.iterations=2", "eval.every=0", "optim.lr=1e-3"))
     rows = [m for m in read_metrics(out) if "kl/ref" in m]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignment.rl.checkpoint import load_trainable_state, trainable_state
-from alignment.rl.critic import critic_from_causal_lm, critic_from_reward_model, shared_copy
+from alignment.rl.critic import critic_from_causal_lm, critic_from_reward_model, shared_copy, tie_identical_weights
 
 
 @pytest.fixture
@@ -96,3 +96,25 @@ def test_trainable_state_round_trip(tiny_rm):
         assert torch.equal(a(IDS, MASK, POS), b(IDS, MASK, POS))
     with pytest.raises(ValueError, match="missing"):
         load_trainable_state(b, {k: v for k, v in list(state.items())[1:]})
+
+
+def test_tie_identical_weights_keeps_one_copy_of_equal_frozen_tensors(tiny_model, tiny_rm):
+    """An RM over the same base (here: a fresh head on tiny-llama, one layer changed) shares every
+    tensor that is still equal to the base's; changed ones keep their own copy; scores do not move."""
+    from alignment.models import load_causal_lm
+
+    base = load_causal_lm(tiny_model, device="cpu")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        tiny_rm.model.layers[1].mlp.up_proj.weight.add_(0.1)  # as if LoRA-merged there
+        before = tiny_rm(input_ids=IDS, attention_mask=MASK).logits
+    freed = tie_identical_weights(tiny_rm.base_model, base.base_model)
+    assert tiny_rm.model.embed_tokens.weight is base.model.embed_tokens.weight
+    assert tiny_rm.model.layers[0].mlp.up_proj.weight is base.model.layers[0].mlp.up_proj.weight
+    assert tiny_rm.model.layers[1].mlp.up_proj.weight is not base.model.layers[1].mlp.up_proj.weight
+    changed = tiny_rm.model.layers[1].mlp.up_proj.weight
+    total = sum(p.numel() * 4 for p in base.base_model.parameters())
+    assert freed == total - changed.numel() * 4
+    with torch.no_grad():
+        assert torch.equal(tiny_rm(input_ids=IDS, attention_mask=MASK).logits, before)

@@ -26,6 +26,28 @@ def shared_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def tie_identical_weights(target: nn.Module, source: nn.Module) -> int:
+    """Make ``target`` use ``source``'s parameter wherever the two hold the same tensor under the
+    same name (same shape, dtype, device and values); returns the bytes freed.
+
+    A reward model trained with LoRA over the policy's base still carries copies of the base's
+    embeddings and norms after merging; tying them keeps one copy. Both sides must stay frozen."""
+    import torch
+
+    source_params = dict(source.named_parameters())
+    freed = 0
+    for name, param in list(target.named_parameters()):
+        other = source_params.get(name)
+        if other is None or other is param or other.shape != param.shape or other.dtype != param.dtype or other.device != param.device:
+            continue
+        if param.requires_grad or other.requires_grad or not torch.equal(param, other):
+            continue
+        owner = target.get_submodule(name.rsplit(".", 1)[0]) if "." in name else target
+        setattr(owner, name.rsplit(".", 1)[-1], other)
+        freed += param.numel() * param.element_size()
+    return freed
+
+
 def _value_model_class():
     from torch import nn
 
