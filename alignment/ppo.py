@@ -1,7 +1,7 @@
 """Proximal policy optimisation (PPO) against the combined helpfulness/safety reward, on Accelerate.
 
     align ppo --config configs/ppo.yaml [key=value ...] [--resume]
-    accelerate launch -m alignment.cli ppo --config configs/ppo.yaml     # several processes (DDP)
+    align ppo --config configs/ppo.yaml --launch configs/accelerate/ddp.yaml    # several processes (DDP)
 
 Each iteration runs three plain steps over a :class:`~alignment.rl.rollout.Rollout`:
 
@@ -28,7 +28,9 @@ Memory: with LoRA (the default) the reference policy is the policy's own base wi
 switched off, and the critic is a weight-sharing copy of the helpfulness reward model's backbone
 (OpenRLHF initialises the critic from the reward model) with a second LoRA adapter and a trainable
 value head. Frozen weights exist once: one policy base, one helpfulness RM (scorer + critic), one
-safety RM. See benchmarks/ppo_memory.py for the measured peak against SFT-LoRA.
+safety RM, and reward-model tensors that equal the policy base's (the embeddings and norms of RMs
+trained with LoRA from the same base) are tied to it. Actor and critic run their backward passes
+one after the other. benchmarks/ppo_memory.py measures the peak against SFT-LoRA.
 
 Where this departs from the papers and the usual implementations:
 - Llama 2 trains all weights with lr 1e-6 and batch 512; the default here is LoRA (lr 1e-5) with
