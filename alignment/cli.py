@@ -20,6 +20,8 @@ from typing import Sequence
 # name -> (module, kind, one-line help). kind: "stage" (typed config) or "command" (own argparse).
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("alignment.sft", "stage", "supervised fine-tuning: full, LoRA, prompt tuning or QLoRA, assistant-only loss"),
+    "dpo": ("alignment.dpo", "stage", "direct preference optimisation on comparisons (TRL DPOTrainer), optional Llama 2 strength margin"),
+    "rs": ("alignment.rs", "stage", "rejection sampling: best-of-K by reward, pool of all rounds' best, SFT on the pool"),
     "demo": ("alignment.demo", "command", "the main job: fine-tune the embedded SmolLM2 and show answers before and after"),
     "merge": ("alignment.commands", "command", "merge a LoRA adapter into its base model (a full checkpoint)"),
     "models": ("alignment.commands", "command", "build/list the built-in models (smollm2-135m, tiny-llama) in the cache"),
