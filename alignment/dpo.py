@@ -44,9 +44,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
 from alignment.config import check, option
@@ -140,12 +141,12 @@ def pair_margin(strength: str | None, record_margin: float | None, mode: str) ->
     return MARGIN_TABLES[mode].get(strength or "", 0.0)
 
 
-def implicit_rewards(logps: "torch.Tensor", ref_logps: "torch.Tensor", beta: float) -> "torch.Tensor":
+def implicit_rewards(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
     """r = beta * (log pi(y|x) - log pi_ref(y|x)). logps, ref_logps: [N] summed response log-probs -> [N]."""
     return beta * (logps - ref_logps)
 
 
-def preference_metrics(r_chosen: "torch.Tensor", r_rejected: "torch.Tensor") -> dict:
+def preference_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict:
     """Mean margin, accuracy (ties count 1/2) and mean rewards of [N] chosen / rejected implicit rewards."""
     gap = r_chosen - r_rejected
     wins = (gap > 0).float() + 0.5 * (gap == 0).float()
@@ -157,7 +158,7 @@ def preference_metrics(r_chosen: "torch.Tensor", r_rejected: "torch.Tensor") -> 
 # setup
 
 
-def load_data(cfg: DPODataConfig, seed: int) -> tuple[list["Comparison"], list["Comparison"]]:
+def load_data(cfg: DPODataConfig, seed: int) -> tuple[list[Comparison], list[Comparison]]:
     """(1) (train, held-out) comparisons from the configured mixture."""
     from data.loaders import load_comparisons
     from data.mixing import mix, split
@@ -176,7 +177,7 @@ def load_data(cfg: DPODataConfig, seed: int) -> tuple[list["Comparison"], list["
     return train, val
 
 
-def to_rows(pairs: Sequence["Comparison"], margin_mode: str) -> list[dict]:
+def to_rows(pairs: Sequence[Comparison], margin_mode: str) -> list[dict]:
     """TRL's conversational preference rows, plus the pair's strength and margin."""
     return [{
         "prompt": c.prompt,

@@ -40,9 +40,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from alignment.adapters import AdapterConfig
 from alignment.config import ConfigError, check, option
@@ -436,7 +437,7 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
         tokenizer.save_pretrained(model_dir)
         if cfg.adapter.method != "full":
             set_adapter_base(model_dir, cfg.model.name)
-        brief = lambda ev: {k: v for k, v in ev.items() if k != "responses"}  # noqa: E731
+        brief = lambda ev: {k: v for k, v in ev.items() if k != "responses"}
         logger.summary({
             "round": cfg.pool.round, "prompts_train": len(train_prompts), "prompts_eval": len(eval_prompts),
             "num_samples": cfg.sampling.num_samples, "temperature": cfg.sampling.temperature, **sampling,
