@@ -49,11 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from alignment import distributed
 from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
 from alignment.config import check, option
 from alignment.models import ModelConfig
 from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
-from alignment.training import TrainConfig, metrics_callback, trainer_kwargs
+from alignment.training import TrainConfig, mean_logged_loss, metrics_callback, trainer_kwargs
 from data.loaders import DataSource
 
 if TYPE_CHECKING:
@@ -190,7 +191,6 @@ def to_rows(pairs: Sequence[Comparison], margin_mode: str) -> list[dict]:
 
 def build_trainer(cfg: DPOConfig, out: Path, train: list, val: list, logger: MetricsLogger | None = None):
     """(2) model, tokenizer and the TRL DPOTrainer; margins applied to the training pairs."""
-    import datasets
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
@@ -224,17 +224,29 @@ def build_trainer(cfg: DPOConfig, out: Path, train: list, val: list, logger: Met
     )
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_cfg,
-        train_dataset=datasets.Dataset.from_list(to_rows(train, cfg.dpo.margin)),
-        eval_dataset=datasets.Dataset.from_list(to_rows(val, "none")),
+        train_dataset=_on_disk(to_rows(train, cfg.dpo.margin), out / "datasets" / "train"),
+        eval_dataset=_on_disk(to_rows(val, "none"), out / "datasets" / "eval"),
         callbacks=[metrics_callback(logger)] if logger else None,
     )
     if cfg.dpo.margin != "none":
         # The margin enters through the reference (see the module docstring): log pi_ref(y_c) += m / beta.
         beta = cfg.dpo.beta
-        trainer.train_dataset = trainer.train_dataset.map(
-            lambda ex: {"ref_chosen_logps": ex["ref_chosen_logps"] + ex["margin"] / beta}, load_from_cache_file=False,
-            desc="Applying per-pair margins")
+        with trainer.accelerator.main_process_first():  # the main rank writes the cache, the others read it
+            trainer.train_dataset = trainer.train_dataset.map(
+                lambda ex: {"ref_chosen_logps": ex["ref_chosen_logps"] + ex["margin"] / beta}, desc="Applying per-pair margins")
     return trainer
+
+
+def _on_disk(rows: list[dict], folder: Path):
+    """The pairs as an on-disk dataset. TRL caches tokenised pairs and precomputed reference log-probs
+    next to a dataset's files: every rank of a multi-process run must find them (an in-memory
+    dataset would cache into a per-process temporary folder), and a resumed run reuses them."""
+    import datasets
+
+    if distributed.is_main() and not (folder / "state.json").is_file():
+        datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    distributed.barrier()
+    return datasets.load_from_disk(str(folder))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +309,8 @@ def main(cfg: DPOConfig, *, resume: bool = False) -> Path:
 
     out = start_stage(cfg, STAGE, resume=resume)
     checkpoint = last_checkpoint(out) if resume else None
+    before_file = out / "eval_before.json"
+    have_before = before_file.is_file()  # checked before any rank could write it
     torch.manual_seed(cfg.run.seed)
 
     # 1. data
@@ -304,16 +318,16 @@ def main(cfg: DPOConfig, *, resume: bool = False) -> Path:
     log.info("DPO data: %d train / %d held-out pairs", len(train), len(val))
 
     # 2. model, tokenizer, trainer
-    logger = MetricsLogger(out, run=cfg.run, stage=STAGE, config=cfg,
+    logger = MetricsLogger(out, run=cfg.run, stage=STAGE, config=cfg, enabled=distributed.is_main(),
                            resume_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None)
     t0 = time.time()
     trainer = build_trainer(cfg, out, train, val, logger)
     setup_seconds = time.time() - t0
     log.info("trainable parameters: %s; reference: %s", model_summary(trainer.model), _reference_kind(cfg))
 
-    # 3. held-out implicit rewards before training (kept on disk, so a resumed run reports the same)
-    before_file = out / "eval_before.json"
-    if before_file.is_file():
+    # 3. held-out implicit rewards before training (kept on disk, so a resumed run reports the same);
+    #    every rank evaluates (a collective under ZeRO-3), the main one writes
+    if have_before:
         before = json.loads(before_file.read_text())
     else:
         before = evaluate_pairs(trainer, cfg.dpo.beta)
@@ -325,29 +339,30 @@ def main(cfg: DPOConfig, *, resume: bool = False) -> Path:
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - t0
 
     # 5. held-out implicit rewards after training
     after = evaluate_pairs(trainer, cfg.dpo.beta)
     log.info("held-out after: margin %.4f, accuracy %.3f", after["margin"], after["accuracy"])
 
-    # 6. save
+    # 6. save (every rank calls save_model: under ZeRO-3 it gathers the shards; only rank 0 writes)
+    fingerprints = distributed.fingerprints(trainer.model_wrapped)  # collective; None for one process
+    model_dir = out / "model"
+    trainer.save_model(str(model_dir))
     if trainer.is_world_process_zero():
-        model_dir = out / "model"
-        trainer.save_model(str(model_dir))
         trainer.processing_class.save_pretrained(model_dir)
         if cfg.adapter.method != "full":
             set_adapter_base(model_dir, cfg.model.name)
         (out / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2) + "\n")
         logger.summary({
-            "train_loss": result.training_loss, "global_step": trainer.state.global_step,
+            "train_loss": mean_logged_loss(trainer.state.log_history), "global_step": trainer.state.global_step,
             "setup_seconds": round(setup_seconds, 2), "train_seconds": round(train_seconds, 2),
             "train_pairs": len(train), "val_pairs": len(val), "reference": _reference_kind(cfg),
             "resumed_from": checkpoint.name if checkpoint else None,
             "val_margin_before": before["margin"], "val_margin_after": after["margin"],
             "val_accuracy_before": before["accuracy"], "val_accuracy_after": after["accuracy"],
-            **model_summary(trainer.model),
+            **model_summary(trainer.model), "rank_fingerprints": fingerprints,
         })
         log.info("DPO done: %s", out)
     logger.close()

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from alignment import distributed
 from alignment.adapters import AdapterConfig
 from alignment.config import ConfigError, check, option
 from alignment.models import ModelConfig
@@ -356,8 +357,11 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
     from alignment.adapters import set_adapter_base
     from alignment.models import load_causal_lm, load_tokenizer, model_summary
     from alignment.sft import SFTConfig, build_trainer
+    from alignment.training import mean_logged_loss
     from data.loaders import load_sft, write_jsonl
 
+    if distributed.is_distributed():
+        raise RuntimeError("align rs samples, scores and appends to its sample log from one process; run it without --launch")
     out = start_stage(cfg, STAGE, resume=resume)
     torch.manual_seed(cfg.run.seed)
 
@@ -420,7 +424,7 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     timings["sft_seconds"] = round(time.time() - t0, 2)
 
     # 6. evaluate after, save
@@ -441,7 +445,7 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
         logger.summary({
             "round": cfg.pool.round, "prompts_train": len(train_prompts), "prompts_eval": len(eval_prompts),
             "num_samples": cfg.sampling.num_samples, "temperature": cfg.sampling.temperature, **sampling,
-            "pool_by_round": _count_by_round(pool_path), "sft_train_loss": result.training_loss,
+            "pool_by_round": _count_by_round(pool_path), "sft_train_loss": mean_logged_loss(trainer.state.log_history),
             "sft_global_step": trainer.state.global_step, "resumed_from": checkpoint.name if checkpoint else None,
             "reward_before": before["mean_reward"], "reward_after": after["mean_reward"],
             **{f"eval_before_{k}": v for k, v in brief(before).items()}, **{f"eval_after_{k}": v for k, v in brief(after).items()},
