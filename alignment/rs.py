@@ -34,6 +34,7 @@ mid-sentence. Llama 2 fine-tunes from the previous round's checkpoint; here the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -95,10 +96,11 @@ class RewardConfig:
 
     helpful: str | None = option("runs/default/rm_helpful", "helpfulness reward model (an `align rm` output folder); null with `function`")
     safety: str | None = option("runs/default/rm_safety", "safety reward model; with `helpful` gives the combined reward (null = helpfulness only)")
-    function: str | None = option(None, "rule-based reward instead of the models: 'module:function', fn(prompt_messages, response) -> float")
-    rule: Literal["llama2", "safe_rlhf"] = option("llama2", "how helpfulness and safety combine: llama2 (eq. 4, safety score on safety prompts or unsafe responses) or safe_rlhf (reward - lam * cost)")
-    threshold: float = option(0.15, "llama2 rule: use the safety score when sigmoid(safety) is below this")
-    lam: float = option(1.0, "safe_rlhf rule: weight of the cost")
+    function: str | None = option(None, "instead of reward models: a rule-based reward 'module:function', fn(prompt_messages, response, **function_kwargs) -> float")
+    function_kwargs: dict[str, Any] = option(factory=dict, doc="keyword arguments for reward.function")
+    rule: Literal["llama2", "safe_rlhf"] = option("llama2", "how helpfulness and safety combine: llama2 (eq. 4, safety score on safety prompts or unsafe responses) or safe_rlhf (reward - cost_weight * cost)")
+    safety_threshold: float = option(0.15, "llama2 rule: use the safety score when sigmoid(safety) is below this, even on helpfulness prompts")
+    cost_weight: float = option(1.0, "safe_rlhf rule: lambda in reward - lambda * cost")
     batch_size: int = option(16, "reward-model batch size")
     device: str = option("auto", "device of the reward models")
 
@@ -107,7 +109,7 @@ class RewardConfig:
               "set either `function` (a rule-based reward) or `helpful` (a reward model), not both or neither")
         check(not (self.function and self.safety), "safety", "a rule-based `function` reward takes no safety model; set safety: null")
         check(self.function is None or ":" in self.function, "function", f"must look like 'module:function', got {self.function!r}")
-        check(0 < self.threshold < 1, "threshold", f"must be in (0, 1), got {self.threshold}")
+        check(0 < self.safety_threshold < 1, "safety_threshold", f"must be in (0, 1), got {self.safety_threshold}")
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
 
 
@@ -174,6 +176,20 @@ def best_of(rewards: Sequence[float], eligible: Sequence[bool]) -> int | None:
     return best
 
 
+def expected_best_of(rewards: Sequence[float], k: int) -> float:
+    """E[max of k samples drawn without replacement] from K >= k observed rewards (unbiased).
+
+    With r_(1) <= ... <= r_(K) sorted, the i-th smallest is the maximum of a k-subset in
+    C(i-1, k-1) of the C(K, k) subsets: E = sum_i r_(i) * C(i-1, k-1) / C(K, k). k = 1 is the mean.
+    """
+    from math import comb
+
+    r = sorted(rewards)
+    if not 1 <= k <= len(r):
+        raise ValueError(f"k must be in [1, {len(r)}], got {k}")
+    return sum(x * comb(i, k - 1) for i, x in enumerate(r)) / comb(len(r), k)
+
+
 def merge_pools(earlier: Sequence[Sequence[dict]], new: Sequence[dict]) -> list[dict]:
     """The new pool: every earlier round's records (in round order), then this round's."""
     out = [row for pool in earlier for row in pool]
@@ -201,7 +217,7 @@ def build_scorer(cfg: RewardConfig) -> Any:
             fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ConfigError("reward.function", f"cannot import {cfg.function!r}: {exc}") from None
-        return FunctionScorer(fn)
+        return FunctionScorer(functools.partial(fn, **cfg.function_kwargs))
     for key in ("helpful", "safety"):
         path = getattr(cfg, key)
         if path is not None and not Path(path).exists():
@@ -216,7 +232,7 @@ def build_scorer(cfg: RewardConfig) -> Any:
     from reward.combine import CombinedScorer
 
     safety = load_scorer(cfg.safety, device=cfg.device, batch_size=cfg.batch_size)
-    return CombinedScorer(helpful, safety, rule=cfg.rule, threshold=cfg.threshold, lam=cfg.lam)
+    return CombinedScorer(helpful, safety, rule=cfg.rule, threshold=cfg.safety_threshold, lam=cfg.cost_weight)
 
 
 def score(scorer: Any, prompts: Sequence[Sequence[Message]], responses: Sequence[str], is_safety: Sequence[bool]) -> dict[str, list[float]]:

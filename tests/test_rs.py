@@ -118,6 +118,8 @@ def test_config_checks():
         load_config(RSConfig, None, ["reward.function=m:f"])  # the reward models are still set
     with pytest.raises(ConfigError, match="reward.function: must look like 'module:function'"):
         load_config(RSConfig, None, ["reward.function=share_e", "reward.helpful=null", "reward.safety=null"])
+    cfg = load_config(RSConfig, None, ["reward.function=m:f", "reward.helpful=null", "reward.safety=null", "reward.function_kwargs={target: 3}"])
+    assert cfg.reward.function_kwargs == {"target": 3}
     with pytest.raises(ConfigError, match="sampling.temperature"):
         load_config(RSConfig, None, ["sampling.temperature=0"])
     with pytest.raises(ConfigError, match="eval.samples: several responses per prompt need temperature > 0"):
@@ -233,3 +235,30 @@ def test_cli_lists_and_documents_rs():
     assert res.returncode == 0 and " rs " in res.stdout and " dpo " in res.stdout
     res = run_align("rs", "--help")
     assert res.returncode == 0 and "sampling.num_samples" in res.stdout and "pool.previous" in res.stdout
+
+
+def test_expected_best_of_by_hand():
+    from alignment.rs import expected_best_of
+
+    r = [3.0, 1.0, 2.0]  # sorted 1, 2, 3
+    assert expected_best_of(r, 1) == pytest.approx(2.0)  # the mean
+    assert expected_best_of(r, 2) == pytest.approx((2 + 3 + 3) / 3)  # pairs {1,2} {1,3} {2,3}
+    assert expected_best_of(r, 3) == 3.0
+    with pytest.raises(ValueError, match="k must be in"):
+        expected_best_of(r, 4)
+
+
+def length_per(prompt, response, *, unit: float = 1.0) -> float:
+    return len(response) / unit
+
+
+def test_rule_based_reward_takes_its_keyword_arguments(monkeypatch):
+    from alignment.rs import RewardConfig, build_scorer
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    scorer = build_scorer(RewardConfig(helpful=None, safety=None, function="test_rs:length_per", function_kwargs={"unit": 2.0}))
+    assert scorer.score([[{"role": "user", "content": "q"}]] * 2, ["abcd", "ab"]).tolist() == [2.0, 1.0]
+    with pytest.raises(ConfigError, match="reward.function: cannot import 'test_rs:nope'"):
+        build_scorer(RewardConfig(helpful=None, safety=None, function="test_rs:nope"))
+    with pytest.raises(ConfigError, match="reward.helpful: no reward model at /nonexistent"):
+        build_scorer(RewardConfig(helpful="/nonexistent", safety=None))
