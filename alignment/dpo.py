@@ -121,7 +121,7 @@ class DPOConfig:
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig, doc="policy to optimise (and, frozen, the reference)")
     data: DPODataConfig = option(factory=DPODataConfig, doc="preference pairs")
-    train: TrainConfig = option(factory=lambda: TrainConfig(lr=5e-6), doc="optimisation (batch_size counts pairs)")
+    train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-4), doc="optimisation (batch_size counts pairs; lr 1e-4 suits LoRA, use ~5e-7 to 5e-6 for full fine-tuning)")
     adapter: AdapterConfig = option(factory=AdapterConfig, doc="full fine-tuning, LoRA (reference = adapter disabled), QLoRA or prompt tuning")
     dpo: DPOLossConfig = option(factory=DPOLossConfig, doc="loss type, beta, margin")
 

@@ -254,3 +254,16 @@ def test_cli_lists_and_documents_dpo():
     assert res.returncode == 0 and "dpo.beta" in res.stdout and "dpo.margin" in res.stdout and "ODPO" in res.stdout
     res = run_align("dpo", "--config", "configs/dpo.yaml", "dpo.bta=0.2")
     assert res.returncode == 2 and "did you mean 'dpo.beta'" in res.stderr
+
+
+@pytest.mark.slow
+def test_dpo_runs_on_smollm2_with_the_bundled_comparisons(tmp_path):
+    """The real model and data, a few steps: the stage runs end to end (numbers: README, benchmarks)."""
+    cfg = load_config(DPOConfig, REPO / "configs/dpo.yaml", [
+        f"run.root={tmp_path}", "run.wandb=disabled", "data.sources=[{path: 'bundled:comparisons', limit: 24}]",
+        "data.val_fraction=0.25", "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1", "train.max_length=256",
+        "dpo.margin=small"], stage="dpo")
+    out = main(cfg)
+    result = json.loads((out / "eval.json").read_text())
+    assert result["before"]["accuracy"] == 0.5 and result["after"]["n"] == result["before"]["n"] > 0
+    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"

@@ -262,3 +262,18 @@ def test_rule_based_reward_takes_its_keyword_arguments(monkeypatch):
         build_scorer(RewardConfig(helpful=None, safety=None, function="test_rs:nope"))
     with pytest.raises(ConfigError, match="reward.helpful: no reward model at /nonexistent"):
         build_scorer(RewardConfig(helpful="/nonexistent", safety=None))
+
+
+@pytest.mark.slow
+def test_rs_runs_on_smollm2_with_the_bundled_prompts(tmp_path, monkeypatch):
+    """The real model and prompts, tiny sizes, a rule-based reward (the reward-model run is in the README)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    cfg = load_config(RSConfig, REPO / "configs/rs.yaml", [
+        f"run.root={tmp_path}", "run.wandb=disabled", "reward.function=test_rs:share_e", "reward.helpful=null",
+        "reward.safety=null", "prompts.sources=[{path: 'bundled:prompts', limit: 8}]", "prompts.val_fraction=0.25",
+        "sampling.num_samples=2", "sampling.max_new_tokens=24", "sampling.require_eos=false", "eval.max_new_tokens=16",
+        "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1"], stage="rs")
+    out = main(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pool_size"] == summary["prompts_train"] and summary["sft_global_step"] == 1
+    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
