@@ -1,0 +1,481 @@
+"""Rejection-sampling fine-tuning (Llama 2, section 3.2.3): best-of-K by reward, then SFT on the best.
+
+    align rs --config configs/rs.yaml [key=value ...] [--resume]
+
+One round:
+  1. Prompts: mix the sources; hold out a share (by a hash of the prompt) to measure the result.
+  2. Evaluate the policy before: responses to the held-out prompts (``eval`` decoding), scored.
+  3. Sample K responses per training prompt at temperature T, batched (several prompts x K samples
+     per ``generate`` call, KV cache), score each with the reward and keep the best. The reward is
+     the combined helpfulness/safety score (Llama 2 eq. 4, ``reward.combine.CombinedScorer``) with
+     each prompt's safety flag, a single reward model, or a rule-based function. Each prompt's
+     samples and rewards are appended to ``samples.jsonl`` as soon as its batch is scored; a killed
+     run resumed with ``--resume`` skips every prompt already there.
+  4. Pool: this round's best samples plus the pools of ALL earlier rounds (``pool.previous``), each
+     record tagged with its round, written to ``pool.jsonl`` (readable as SFT data). Llama 2 first
+     fine-tuned on the last round's samples only and saw regressions (e.g. forgetting how to
+     rhyme); keeping the best samples of every earlier round fixed them (METHOD.md).
+  5. Fine-tune on the pool with the SFT stage's trainer (``alignment.sft.build_trainer``:
+     assistant-only loss, LoRA or full, checkpoints and ``--resume``).
+  6. Evaluate again with the same prompts, decoding and seed; ``summary.json`` holds both.
+
+Outputs (``runs/<run>/rs/``): ``samples.jsonl`` (every sample with its reward), ``pool.jsonl``,
+``eval_before.json`` / ``eval_after.json`` (responses and rewards), ``model/`` (the fine-tuned
+policy: ``model.name=runs/<run>/rs`` samples the next round), ``checkpoints/``, ``metrics.jsonl``
+(SFT curve), ``summary.json``.
+
+Departures from the paper: Llama 2 samples with its latest RLHF model and K up to 100 at T 1.2-1.3
+(best for large K); on a 135M model on CPU the default K and T are the ones measured in
+``benchmarks/rs_temperature.py`` (README). Samples that never emit the end-of-turn token are not
+eligible (``sampling.require_eos``): SFT on a truncated answer would teach the model to stop
+mid-sentence. Llama 2 fine-tunes from the previous round's checkpoint; here the policy named by
+``model.name`` is both sampled and fine-tuned (point it at the last round's output).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from alignment import distributed
+from alignment.adapters import AdapterConfig
+from alignment.config import ConfigError, check, option
+from alignment.models import ModelConfig
+from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
+from alignment.training import TrainConfig
+from data.loaders import DataSource
+from data.schemas import Message, PromptRecord
+
+log = logging.getLogger(__name__)
+STAGE = "rs"
+
+
+@dataclass
+class RSPromptsConfig:
+    """Prompts to sample for, and the held-out share that measures the result."""
+
+    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")], doc="prompt datasets to mix (prompt files, or the prompt side of dialogue/preference data); see data.loaders.DataSource")
+    val_fraction: float = option(0.1, "share of prompts held out for the before/after evaluation (chosen by a hash of the prompt)")
+
+    def __post_init__(self) -> None:
+        check(bool(self.sources), "sources", "needs at least one data source")
+        check(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1): the held-out prompts measure the result, got {self.val_fraction}")
+
+
+@dataclass
+class SamplingConfig:
+    """Best-of-K sampling."""
+
+    num_samples: int = option(4, "K: responses sampled per prompt; the best one (by reward) is kept")
+    temperature: float = option(1.0, "sampling temperature (Llama 2: 1.2-1.3 best for K of 10-100; see benchmarks/rs_temperature.py for a 135M model)")
+    top_p: float = option(1.0, "nucleus sampling threshold (1 = off)")
+    max_new_tokens: int = option(256, "length limit of each sampled response")
+    batch_size: int = option(16, "sequences per generate call: batch_size // K prompts with their K samples each (at least one prompt)")
+    require_eos: bool = option(True, "only responses that end with the end-of-turn token (and are not empty) can be kept")
+
+    def __post_init__(self) -> None:
+        check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        check(self.temperature > 0, "temperature", f"must be > 0 (best-of-K needs different samples), got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class RewardConfig:
+    """The reward that ranks the samples."""
+
+    helpful: str | None = option("runs/default/rm_helpful", "helpfulness reward model (an `align rm` output folder); null with `function`")
+    safety: str | None = option("runs/default/rm_safety", "safety reward model; with `helpful` gives the combined reward (null = helpfulness only)")
+    function: str | None = option(None, "instead of reward models: a rule-based reward 'module:function', fn(prompt_messages, response, **function_kwargs) -> float")
+    function_kwargs: dict[str, Any] = option(factory=dict, doc="keyword arguments for reward.function")
+    rule: Literal["llama2", "safe_rlhf"] = option("llama2", "how helpfulness and safety combine: llama2 (eq. 4, safety score on safety prompts or unsafe responses) or safe_rlhf (reward - cost_weight * cost)")
+    safety_threshold: float = option(0.15, "llama2 rule: use the safety score when sigmoid(safety) is below this, even on helpfulness prompts")
+    cost_weight: float = option(1.0, "safe_rlhf rule: lambda in reward - lambda * cost")
+    batch_size: int = option(16, "reward-model batch size")
+    device: str = option("auto", "device of the reward models")
+
+    def __post_init__(self) -> None:
+        check(bool(self.function) != bool(self.helpful), "function",
+              "set either `function` (a rule-based reward) or `helpful` (a reward model), not both or neither")
+        check(not (self.function and self.safety), "safety", "a rule-based `function` reward takes no safety model; set safety: null")
+        check(self.function is None or ":" in self.function, "function", f"must look like 'module:function', got {self.function!r}")
+        check(0 < self.safety_threshold < 1, "safety_threshold", f"must be in (0, 1), got {self.safety_threshold}")
+        check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class PoolConfig:
+    """The pool of best samples kept across rounds."""
+
+    round: int = option(1, "this round's number; its pool records are tagged with it")
+    previous: list[str] = option(factory=list, doc="pool.jsonl files of ALL earlier rounds; their records are kept in this round's pool")
+
+    def __post_init__(self) -> None:
+        check(self.round >= 1, "round", f"must be >= 1, got {self.round}")
+
+
+@dataclass
+class RSEvalConfig:
+    """The before/after evaluation on held-out prompts."""
+
+    temperature: float = option(0.0, "decoding temperature (0 = greedy)")
+    samples: int = option(1, "responses per held-out prompt (more than 1 needs temperature > 0)")
+    max_new_tokens: int = option(256, "length limit of the evaluated responses")
+    batch_size: int = option(16, "generation batch size")
+
+    def __post_init__(self) -> None:
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
+        check(self.samples == 1 or self.temperature > 0, "samples", "several responses per prompt need temperature > 0 (greedy gives one)")
+        check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+
+
+@dataclass
+class RSConfig:
+    """Rejection-sampling fine-tuning."""
+
+    run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
+    model: ModelConfig = option(factory=ModelConfig, doc="the policy: sampled, then fine-tuned on the pool")
+    prompts: RSPromptsConfig = option(factory=RSPromptsConfig, doc="prompts")
+    sampling: SamplingConfig = option(factory=SamplingConfig, doc="best-of-K sampling")
+    reward: RewardConfig = option(factory=RewardConfig, doc="the reward that ranks samples")
+    pool: PoolConfig = option(factory=PoolConfig, doc="round number and earlier rounds' pools")
+    train: TrainConfig = option(factory=lambda: TrainConfig(lr=2e-4), doc="SFT on the pool: optimisation")
+    adapter: AdapterConfig = option(factory=AdapterConfig, doc="SFT on the pool: full fine-tuning, LoRA, QLoRA or prompt tuning")
+    eval: RSEvalConfig = option(factory=RSEvalConfig, doc="before/after evaluation on held-out prompts")
+
+
+Config = RSConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# pure pieces
+
+
+def prompt_key(messages: Sequence[Message]) -> str:
+    """Stable identity of a prompt conversation (its content, not its id: ids collide across sources)."""
+    return hashlib.sha1(json.dumps(list(messages), sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def best_of(rewards: Sequence[float], eligible: Sequence[bool]) -> int | None:
+    """Index of the highest reward among eligible samples (first one on ties), None if none is eligible."""
+    best = None
+    for i, (r, ok) in enumerate(zip(rewards, eligible)):
+        if ok and (best is None or r > rewards[best]):
+            best = i
+    return best
+
+
+def expected_best_of(rewards: Sequence[float], k: int) -> float:
+    """E[max of k samples drawn without replacement] from K >= k observed rewards (unbiased).
+
+    With r_(1) <= ... <= r_(K) sorted, the i-th smallest is the maximum of a k-subset in
+    C(i-1, k-1) of the C(K, k) subsets: E = sum_i r_(i) * C(i-1, k-1) / C(K, k). k = 1 is the mean.
+    """
+    from math import comb
+
+    r = sorted(rewards)
+    if not 1 <= k <= len(r):
+        raise ValueError(f"k must be in [1, {len(r)}], got {k}")
+    return sum(x * comb(i, k - 1) for i, x in enumerate(r)) / comb(len(r), k)
+
+
+def merge_pools(earlier: Sequence[Sequence[dict]], new: Sequence[dict]) -> list[dict]:
+    """The new pool: every earlier round's records (in round order), then this round's."""
+    out = [row for pool in earlier for row in pool]
+    return out + list(new)
+
+
+def pool_record(prompt: PromptRecord, response: str, reward: float, round_: int, *, temperature: float, model: str) -> dict:
+    """A pool row: an SFT dialogue (``messages``) tagged with its round and reward."""
+    return {"messages": [*prompt.messages, {"role": "assistant", "content": response}], "prompt_key": prompt_key(prompt.messages),
+            "id": prompt.id, "category": prompt.category, "round": round_, "reward": reward, "temperature": temperature,
+            "model": model, "source": "rejection-sampling"}
+
+
+# ---------------------------------------------------------------------------------------------
+# reward
+
+
+def build_scorer(cfg: RewardConfig) -> Any:
+    """The configured reward: a rule-based function, one reward model, or the combined helpfulness/safety reward."""
+    from reward.scorer import FunctionScorer
+
+    if cfg.function:
+        module_name, _, attr = cfg.function.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError("reward.function", f"cannot import {cfg.function!r}: {exc}") from None
+        return FunctionScorer(functools.partial(fn, **cfg.function_kwargs))
+    for key in ("helpful", "safety"):
+        path = getattr(cfg, key)
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"reward.{key}", f"no reward model at {path}; train one with `align rm` (or set reward.function)")
+    try:
+        from reward import load_scorer
+    except ImportError as exc:
+        raise RuntimeError(f"reward models need the reward package's load_scorer ({exc}); use reward.function for a rule-based reward") from exc
+    helpful = load_scorer(cfg.helpful, device=cfg.device, batch_size=cfg.batch_size)
+    if cfg.safety is None:
+        return helpful
+    from reward.combine import CombinedScorer
+
+    safety = load_scorer(cfg.safety, device=cfg.device, batch_size=cfg.batch_size)
+    return CombinedScorer(helpful, safety, rule=cfg.rule, threshold=cfg.safety_threshold, lam=cfg.cost_weight)
+
+
+def score(scorer: Any, prompts: Sequence[Sequence[Message]], responses: Sequence[str], is_safety: Sequence[bool]) -> dict[str, list[float]]:
+    """{"reward": [B]} plus "helpful" and "safety" [B] when the scorer combines two reward models."""
+    if hasattr(scorer, "score_detailed"):
+        detail = scorer.score_detailed(prompts, responses, is_safety=list(is_safety))
+        return {"reward": detail["combined"].tolist(), "helpful": detail["helpful"].tolist(), "safety": detail["safety"].tolist()}
+    return {"reward": scorer.score(prompts, responses).tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+
+def load_prompts(cfg: RSPromptsConfig, seed: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """(1) (training, held-out) prompts, each prompt once."""
+    from data.loaders import load_prompts as load
+    from data.mixing import mix, split
+
+    seen: set[str] = set()
+    prompts = []
+    for p in mix([(load(src), src.weight) for src in cfg.sources], seed=seed):
+        if prompt_key(p.messages) not in seen:  # duplicates would be sampled twice and skew the pool
+            seen.add(prompt_key(p.messages))
+            prompts.append(p)
+    train, val, _ = split(prompts, val_fraction=cfg.val_fraction, seed=seed)
+    if not train or not val:
+        raise ValueError(f"{len(prompts)} prompts give {len(train)} for sampling and {len(val)} held out; add prompts or change prompts.val_fraction")
+    return train, val
+
+
+def evaluate(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[PromptRecord], cfg: RSEvalConfig, seed: int) -> dict:
+    """(2, 6) Mean reward of the policy's responses to held-out prompts (same decoding and seed before and after)."""
+    from alignment.generation import generate
+
+    convs = [p.messages for p in prompts for _ in range(cfg.samples)]
+    gens = generate(model, tokenizer, convs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                    batch_size=cfg.batch_size, seed=seed)
+    texts = [g.text for g in gens]
+    scores = score(scorer, convs, texts, [p.is_safety for p in prompts for _ in range(cfg.samples)])
+    n = len(texts)
+    result: dict[str, Any] = {f"mean_{k}": sum(v) / n for k, v in scores.items()}
+    result.update(n=n, finished=sum(g.finished for g in gens) / n, mean_tokens=sum(len(g.response_ids) for g in gens) / n)
+    result["responses"] = [{"prompt": c, "response": t, **{k: v[i] for k, v in scores.items()}} for i, (c, t) in enumerate(zip(convs, texts))]
+    return result
+
+
+class SampleLog:
+    """``samples.jsonl``: one line per prompt, appended and flushed as soon as the prompt is scored.
+
+    Opening it drops a last line left half-written by a killed run; ``done`` holds the prompt keys
+    already there, which a resumed run skips.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict] = []
+        if path.is_file():
+            raw = path.read_bytes()
+            lines = raw.split(b"\n")
+            complete, tail = lines[:-1], lines[-1]  # bytes after the last newline never finished
+            for lineno, line in enumerate(complete, 1):
+                if line.strip():
+                    try:
+                        self.records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg}); the sample log is damaged") from None
+            if tail:
+                log.warning("%s: dropping a half-written last line (%d bytes) from a killed run", path, len(tail))
+                with path.open("r+b") as fh:
+                    fh.truncate(len(raw) - len(tail))
+        self.done = {r["key"] for r in self.records}
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.records.append(record)
+        self.done.add(record["key"])
+
+
+def sample_round(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[PromptRecord], cfg: SamplingConfig,
+                 samples: SampleLog, seed: int) -> dict:
+    """(3) K samples per pending prompt, scored; each prompt's record appended when its batch is done."""
+    from alignment.generation import generate
+
+    k = cfg.num_samples
+    pending = [p for p in prompts if prompt_key(p.messages) not in samples.done]
+    if len(pending) < len(prompts):
+        log.info("sampling: %d of %d prompts already done, %d to go", len(prompts) - len(pending), len(prompts), len(pending))
+    per_call = max(1, cfg.batch_size // k)
+    t0, new_tokens = time.time(), 0
+    for start in range(0, len(pending), per_call):
+        chunk = pending[start:start + per_call]
+        convs = [p.messages for p in chunk for _ in range(k)]
+        # a seed per chunk (from its first prompt), so a resumed run samples its chunks as a fresh one would
+        chunk_seed = int(prompt_key(chunk[0].messages), 16) % (2**31) ^ seed
+        gens = generate(model, tokenizer, convs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, batch_size=cfg.batch_size, seed=chunk_seed)
+        scores = score(scorer, convs, [g.text for g in gens], [p.is_safety for p in chunk for _ in range(k)])
+        new_tokens += sum(len(g.response_ids) for g in gens)
+        for j, p in enumerate(chunk):
+            rows = range(j * k, (j + 1) * k)
+            sampled = [{"response": gens[i].text, "finished": gens[i].finished, "tokens": len(gens[i].response_ids),
+                        **{name: vals[i] for name, vals in scores.items()}} for i in rows]
+            eligible = [bool(s["response"].strip()) and (s["finished"] or not cfg.require_eos) for s in sampled]
+            samples.append({"key": prompt_key(p.messages), "id": p.id, "prompt": p.messages, "category": p.category,
+                            "samples": sampled, "best": best_of([s["reward"] for s in sampled], eligible)})
+        log.info("sampled %d / %d prompts (%.1f new tokens/s)", start + len(chunk), len(pending), new_tokens / max(time.time() - t0, 1e-9))
+    seconds = time.time() - t0
+    return {"prompts_sampled": len(pending), "prompts_already_done": len(prompts) - len(pending),
+            "sampling_seconds": round(seconds, 2), "sampling_tokens_per_second": round(new_tokens / seconds, 2) if seconds > 0 else None}
+
+
+def read_pool(path: str) -> list[dict]:
+    """An earlier round's pool file; every row must be a dialogue tagged with its round."""
+    from data.errors import DataError
+    from data.loaders import read_rows
+
+    rows = []
+    for lineno, row in read_rows(path):
+        if not isinstance(row.get("messages"), list) or not isinstance(row.get("round"), int):
+            raise DataError("a pool row needs `messages` (a dialogue) and `round` (an integer)", path=path, line=lineno)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def main(cfg: RSConfig, *, resume: bool = False) -> Path:
+    import gc
+
+    import torch
+
+    from alignment.adapters import set_adapter_base
+    from alignment.models import load_causal_lm, load_tokenizer, model_summary
+    from alignment.sft import SFTConfig, build_trainer
+    from alignment.training import mean_logged_loss
+    from data.loaders import load_sft, write_jsonl
+
+    if distributed.is_distributed():
+        raise RuntimeError("align rs samples, scores and appends to its sample log from one process; run it without --launch")
+    out = start_stage(cfg, STAGE, resume=resume)
+    torch.manual_seed(cfg.run.seed)
+
+    # 1. prompts, earlier pools (read first: a bad file stops the run before any work)
+    train_prompts, eval_prompts = load_prompts(cfg.prompts, cfg.run.seed)
+    earlier = [read_pool(p) for p in cfg.pool.previous]
+    log.info("RS round %d: %d prompts to sample, %d held out; %d earlier pool records", cfg.pool.round, len(train_prompts),
+             len(eval_prompts), sum(map(len, earlier)))
+    scorer = build_scorer(cfg.reward)
+    pool_path = out / "pool.jsonl"
+    timings: dict[str, float] = {}
+
+    # 2-3. evaluate, then sample (skipped when a resumed run already wrote its pool)
+    before_path = out / "eval_before.json"
+    sampling: dict = {}
+    if not pool_path.is_file() or not before_path.is_file():
+        model = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision,
+                               attn_implementation=cfg.model.attn_implementation)
+        tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
+        if not before_path.is_file():
+            t0 = time.time()
+            before = evaluate(model, tokenizer, scorer, eval_prompts, cfg.eval, cfg.run.seed)
+            timings["eval_before_seconds"] = round(time.time() - t0, 2)
+            before_path.write_text(json.dumps(before, indent=2, ensure_ascii=False) + "\n")
+        samples = SampleLog(out / "samples.jsonl")
+        sampling = sample_round(model, tokenizer, scorer, train_prompts, cfg.sampling, samples, cfg.run.seed)
+        del model
+        gc.collect()
+    before = json.loads(before_path.read_text())
+    log.info("held-out reward before: %.4f", before["mean_reward"])
+
+    # 4. the pool: all earlier rounds + this round's best
+    samples = SampleLog(out / "samples.jsonl")
+    keys = {prompt_key(p.messages) for p in train_prompts}
+    this_round = [r for r in samples.records if r["key"] in keys]
+    new = [pool_record(PromptRecord(r["prompt"], r["category"], r["id"]), r["samples"][r["best"]]["response"],
+                       r["samples"][r["best"]]["reward"], cfg.pool.round, temperature=cfg.sampling.temperature, model=cfg.model.name)
+           for r in this_round if r["best"] is not None]
+    if not pool_path.is_file():
+        write_jsonl(pool_path, merge_pools(earlier, new))
+    pool = load_sft(str(pool_path))
+    all_rewards = [s["reward"] for r in this_round for s in r["samples"]]
+    sampling.update(
+        mean_sample_reward=sum(all_rewards) / max(len(all_rewards), 1),
+        mean_best_reward=sum(row["reward"] for row in new) / max(len(new), 1),
+        prompts_without_eligible_sample=sum(r["best"] is None for r in this_round),
+        pool_new=len(new), pool_size=len(pool),
+    )
+    if not pool:
+        raise ValueError(f"{pool_path} is empty: no sample was eligible (see sampling.require_eos)")
+    log.info("pool: %d records (%d new, mean best reward %.4f vs mean sample reward %.4f)", len(pool), len(new),
+             sampling["mean_best_reward"], sampling["mean_sample_reward"])
+
+    # 5. SFT on the pool, with the SFT stage's trainer
+    checkpoint = last_checkpoint(out) if resume else None
+    logger = MetricsLogger(out, run=cfg.run, stage=STAGE, config=cfg,
+                           resume_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None)
+    sft_cfg = SFTConfig(run=cfg.run, model=cfg.model, train=cfg.train, adapter=cfg.adapter, assistant_only_loss=True)
+    trainer = build_trainer(sft_cfg, out, pool, [], logger)
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    timings["sft_seconds"] = round(time.time() - t0, 2)
+
+    # 6. evaluate after, save
+    tokenizer = trainer.processing_class
+    t0 = time.time()
+    after = evaluate(trainer.model, tokenizer, scorer, eval_prompts, cfg.eval, cfg.run.seed)
+    timings["eval_after_seconds"] = round(time.time() - t0, 2)
+    log.info("held-out reward: %.4f before -> %.4f after", before["mean_reward"], after["mean_reward"])
+    if trainer.is_world_process_zero():
+        (out / "eval_after.json").write_text(json.dumps(after, indent=2, ensure_ascii=False) + "\n")
+        model_dir = out / "model"
+        trainer.save_model(str(model_dir))
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(model_dir)
+        if cfg.adapter.method != "full":
+            set_adapter_base(model_dir, cfg.model.name)
+        brief = lambda ev: {k: v for k, v in ev.items() if k != "responses"}
+        logger.summary({
+            "round": cfg.pool.round, "prompts_train": len(train_prompts), "prompts_eval": len(eval_prompts),
+            "num_samples": cfg.sampling.num_samples, "temperature": cfg.sampling.temperature, **sampling,
+            "pool_by_round": _count_by_round(pool_path), "sft_train_loss": mean_logged_loss(trainer.state.log_history),
+            "sft_global_step": trainer.state.global_step, "resumed_from": checkpoint.name if checkpoint else None,
+            "reward_before": before["mean_reward"], "reward_after": after["mean_reward"],
+            **{f"eval_before_{k}": v for k, v in brief(before).items()}, **{f"eval_after_{k}": v for k, v in brief(after).items()},
+            **timings, **model_summary(trainer.model),
+        })
+        log.info("RS done: %s", out)
+    logger.close()
+    return out
+
+
+def _count_by_round(pool_path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in pool_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = str(json.loads(line)["round"])
+            counts[r] = counts.get(r, 0) + 1
+    return counts
