@@ -52,7 +52,6 @@ streams of every process, iteration).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import random
@@ -61,7 +60,6 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +69,7 @@ from alignment.config import check, option
 from alignment.models import ModelConfig
 from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
 from data.loaders import DataSource
+from reward.config import RewardConfig, build_scorer
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
@@ -95,32 +94,17 @@ class PPODataConfig:
 
 
 @dataclass
-class PPORewardConfig:
-    """The reward: the two reward models combined, or a rule-based function."""
+class PPORewardConfig(RewardConfig):
+    """The reward (reward.config.RewardConfig) and how PPO normalises it."""
 
-    helpful: str | None = option("runs/default/rm_helpful", "helpfulness reward model (an `align rm` output folder); null = none")
-    safety: str | None = option("runs/default/rm_safety", "safety reward model (an `align rm` output folder); null = use the helpfulness RM alone")
-    rule: Literal["llama2", "safe_rlhf"] = option("llama2", "combination: llama2 (eq. 4, piecewise on the safety score) or safe_rlhf (reward - lam * cost)")
-    safety_threshold: float = option(0.15, "llama2 rule: use the safety score when sigmoid(safety) is below this, even on helpfulness prompts")
-    cost_weight: float = option(1.0, "safe_rlhf rule: lambda in reward - lambda * cost")
-    function: str | None = option(None, "instead of reward models: a rule-based reward `module:function` taking (prompt_messages, response, **kwargs) -> float, e.g. alignment.rl.rule_rewards:target_length")
-    function_kwargs: dict[str, Any] = option(factory=dict, doc="keyword arguments for reward.function")
     normalize: Literal["batch", "running", "none"] = option("batch", "normalise the combined score: batch = whiten over each iteration's global batch (Llama 2), running = running mean/std, none")
     clip: float = option(5.0, "clip normalised scores to [-clip, clip]; 0 = no clipping")
     missing_eos_penalty: float = option(1.0, "subtracted from the (normalised) score of responses that hit max_new_tokens without EOS")
-    batch_size: int = option(16, "reward-model scoring batch size")
 
     def __post_init__(self) -> None:
-        if self.function is not None:
-            check(":" in self.function, "function", f"must look like module:function, got {self.function!r}")
-            check(self.helpful is None and self.safety is None, "function",
-                  "a reward function replaces the reward models: also set reward.helpful=null and reward.safety=null")
-        else:
-            check(self.helpful is not None, "helpful", "needs a helpfulness reward model (or set reward.function)")
-        check(0 < self.safety_threshold < 1, "safety_threshold", f"must be in (0, 1), got {self.safety_threshold}")
+        super().__post_init__()
         check(self.clip >= 0, "clip", f"must be >= 0, got {self.clip}")
         check(self.missing_eos_penalty >= 0, "missing_eos_penalty", f"must be >= 0, got {self.missing_eos_penalty}")
-        check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
 
 
 @dataclass
@@ -297,29 +281,6 @@ def prompt_batch(prompts: Sequence, iteration: int, batch_size: int, seed: int, 
             random.Random(seed * 1000003 + epoch).shuffle(orders[epoch])
         out.append(prompts[orders[epoch][k % n]])
     return out
-
-
-def build_scorer(cfg: PPORewardConfig, device: str) -> tuple[Any, dict[str, Any]]:
-    """(scorer, {"rm_helpful": model, "rm_safety": model} for the reward models loaded). The scorer
-    implements reward.scorer.RewardScorer; with both models it is Llama 2's combined reward."""
-    from reward.scorer import FunctionScorer
-
-    if cfg.function is not None:
-        module_name, fn_name = cfg.function.split(":", 1)
-        try:
-            fn = getattr(importlib.import_module(module_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"reward.function={cfg.function!r}: cannot import it ({exc})") from exc
-        return FunctionScorer(partial(fn, **cfg.function_kwargs)), {}
-    import reward
-    from reward.combine import CombinedScorer
-
-    helpful = reward.load_scorer(cfg.helpful, device=device, batch_size=cfg.batch_size)
-    if cfg.safety is None:
-        return helpful, {"rm_helpful": helpful.model}
-    safety = reward.load_scorer(cfg.safety, device=device, batch_size=cfg.batch_size)
-    combined = CombinedScorer(helpful, safety, rule=cfg.rule, threshold=cfg.safety_threshold, lam=cfg.cost_weight)
-    return combined, {"rm_helpful": helpful.model, "rm_safety": safety.model}
 
 
 def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any]) -> tuple[Any, Any, Any]:

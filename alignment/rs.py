@@ -34,9 +34,7 @@ mid-sentence. Llama 2 fine-tunes from the previous round's checkpoint; here the 
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -44,16 +42,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from alignment import distributed
 from alignment.adapters import AdapterConfig
-from alignment.config import ConfigError, check, option
+from alignment.config import check, option
 from alignment.models import ModelConfig
 from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
 from alignment.training import TrainConfig
 from data.loaders import DataSource
 from data.schemas import Message, PromptRecord
+from reward.config import RewardConfig, build_scorer
 
 log = logging.getLogger(__name__)
 STAGE = "rs"
@@ -87,29 +86,6 @@ class SamplingConfig:
         check(self.temperature > 0, "temperature", f"must be > 0 (best-of-K needs different samples), got {self.temperature}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
-        check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
-
-
-@dataclass
-class RewardConfig:
-    """The reward that ranks the samples."""
-
-    helpful: str | None = option("runs/default/rm_helpful", "helpfulness reward model (an `align rm` output folder); null with `function`")
-    safety: str | None = option("runs/default/rm_safety", "safety reward model; with `helpful` gives the combined reward (null = helpfulness only)")
-    function: str | None = option(None, "instead of reward models: a rule-based reward 'module:function', fn(prompt_messages, response, **function_kwargs) -> float")
-    function_kwargs: dict[str, Any] = option(factory=dict, doc="keyword arguments for reward.function")
-    rule: Literal["llama2", "safe_rlhf"] = option("llama2", "how helpfulness and safety combine: llama2 (eq. 4, safety score on safety prompts or unsafe responses) or safe_rlhf (reward - cost_weight * cost)")
-    safety_threshold: float = option(0.15, "llama2 rule: use the safety score when sigmoid(safety) is below this, even on helpfulness prompts")
-    cost_weight: float = option(1.0, "safe_rlhf rule: lambda in reward - lambda * cost")
-    batch_size: int = option(16, "reward-model batch size")
-    device: str = option("auto", "device of the reward models")
-
-    def __post_init__(self) -> None:
-        check(bool(self.function) != bool(self.helpful), "function",
-              "set either `function` (a rule-based reward) or `helpful` (a reward model), not both or neither")
-        check(not (self.function and self.safety), "safety", "a rule-based `function` reward takes no safety model; set safety: null")
-        check(self.function is None or ":" in self.function, "function", f"must look like 'module:function', got {self.function!r}")
-        check(0 < self.safety_threshold < 1, "safety_threshold", f"must be in (0, 1), got {self.safety_threshold}")
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
 
 
@@ -205,34 +181,6 @@ def pool_record(prompt: PromptRecord, response: str, reward: float, round_: int,
 
 # ---------------------------------------------------------------------------------------------
 # reward
-
-
-def build_scorer(cfg: RewardConfig) -> Any:
-    """The configured reward: a rule-based function, one reward model, or the combined helpfulness/safety reward."""
-    from reward.scorer import FunctionScorer
-
-    if cfg.function:
-        module_name, _, attr = cfg.function.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError("reward.function", f"cannot import {cfg.function!r}: {exc}") from None
-        return FunctionScorer(functools.partial(fn, **cfg.function_kwargs))
-    for key in ("helpful", "safety"):
-        path = getattr(cfg, key)
-        if path is not None and not Path(path).exists():
-            raise ConfigError(f"reward.{key}", f"no reward model at {path}; train one with `align rm` (or set reward.function)")
-    try:
-        from reward import load_scorer
-    except ImportError as exc:
-        raise RuntimeError(f"reward models need the reward package's load_scorer ({exc}); use reward.function for a rule-based reward") from exc
-    helpful = load_scorer(cfg.helpful, device=cfg.device, batch_size=cfg.batch_size)
-    if cfg.safety is None:
-        return helpful
-    from reward.combine import CombinedScorer
-
-    safety = load_scorer(cfg.safety, device=cfg.device, batch_size=cfg.batch_size)
-    return CombinedScorer(helpful, safety, rule=cfg.rule, threshold=cfg.safety_threshold, lam=cfg.cost_weight)
 
 
 def score(scorer: Any, prompts: Sequence[Sequence[Message]], responses: Sequence[str], is_safety: Sequence[bool]) -> dict[str, list[float]]:
@@ -386,7 +334,7 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
     earlier = [read_pool(p) for p in cfg.pool.previous]
     log.info("RS round %d: %d prompts to sample, %d held out; %d earlier pool records", cfg.pool.round, len(train_prompts),
              len(eval_prompts), sum(map(len, earlier)))
-    scorer = build_scorer(cfg.reward)
+    scorer, _ = build_scorer(cfg.reward, cfg.model.device)
     pool_path = out / "pool.jsonl"
     timings: dict[str, float] = {}
 

@@ -250,5 +250,5 @@ def test_cli_help_lists_the_fields():
 
 
 def test_unknown_reward_function_is_a_clear_error(tmp_path, tiny_model):
-    with pytest.raises(ValueError, match="reward.function='alignment.rl.rule_rewards:nope'"):
+    with pytest.raises(ConfigError, match="reward.function: cannot import .alignment.rl.rule_rewards:nope."):
         main(make_cfg(tmp_path, "reward.function=alignment.rl.rule_rewards:nope", "ppo.iterations=1"))

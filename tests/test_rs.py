@@ -114,9 +114,9 @@ def test_sample_log_drops_a_half_written_line_and_rejects_damage(tmp_path):
 
 
 def test_config_checks():
-    with pytest.raises(ConfigError, match="reward.function: set either"):
+    with pytest.raises(ConfigError, match="reward.function: a reward function replaces the reward models"):
         load_config(RSConfig, None, ["reward.function=m:f"])  # the reward models are still set
-    with pytest.raises(ConfigError, match="reward.function: must look like 'module:function'"):
+    with pytest.raises(ConfigError, match="reward.function: must look like module:function"):
         load_config(RSConfig, None, ["reward.function=share_e", "reward.helpful=null", "reward.safety=null"])
     cfg = load_config(RSConfig, None, ["reward.function=m:f", "reward.helpful=null", "reward.safety=null", "reward.function_kwargs={target: 3}"])
     assert cfg.reward.function_kwargs == {"target": 3}
@@ -253,10 +253,10 @@ def length_per(prompt, response, *, unit: float = 1.0) -> float:
 
 
 def test_rule_based_reward_takes_its_keyword_arguments(monkeypatch):
-    from alignment.rs import RewardConfig, build_scorer
+    from reward.config import RewardConfig, build_scorer
 
     monkeypatch.syspath_prepend(str(TESTS))
-    scorer = build_scorer(RewardConfig(helpful=None, safety=None, function="test_rs:length_per", function_kwargs={"unit": 2.0}))
+    scorer, _ = build_scorer(RewardConfig(helpful=None, safety=None, function="test_rs:length_per", function_kwargs={"unit": 2.0}))
     assert scorer.score([[{"role": "user", "content": "q"}]] * 2, ["abcd", "ab"]).tolist() == [2.0, 1.0]
     with pytest.raises(ConfigError, match="reward.function: cannot import 'test_rs:nope'"):
         build_scorer(RewardConfig(helpful=None, safety=None, function="test_rs:nope"))
