@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "merge": ("alignment.commands", "command", "merge a LoRA adapter into its base model (a full checkpoint)"),
     "models": ("alignment.commands", "command", "build/list the built-in models (smollm2-135m, tiny-llama) in the cache"),
     "generate": ("alignment.commands", "command", "generate answers from a model for prompts (a file or --prompt)"),
+    "annotate": ("alignment.annotate", "command", "preference annotation: users, sample/queue pairs, web app, stats, export"),
 }
 
 
