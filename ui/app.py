@@ -144,10 +144,10 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         return name
 
     def progress_md(name: str) -> str:
-        p = store.progress(name, round=round)
+        p = store.progress(name, round=round, max_age=2.0)  # the round's total may lag by 2 s; the user's own counts are exact
         scope = f"round {round}" if round is not None else "all rounds"
         return (f"**{name}** · done today: **{p.done_today}** · remaining in {scope}: **{p.missing}** labels "
-                f"({p.available} tasks open to you)")
+                f"({p.available} {'task' if p.available == 1 else 'tasks'} open to you)")
 
     def task_outputs(name: str, task: LeasedTask | None, status: str) -> tuple:
         return (render_conversation(task), render_response(task, "left"), render_response(task, "right"),
@@ -202,16 +202,26 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
             raise gr.Error("Nothing to undo.")
         return task_outputs(name, task, f"Undid your last label (task {task.uid}); label it again.")
 
+    def picked(selected: str | None) -> int | None:
+        if round is not None:
+            return round
+        if selected in (None, "", "all"):
+            return None
+        try:
+            return int(selected)
+        except ValueError:
+            raise gr.Error(f"Unknown round {selected!r}.") from None
+
     def on_admin_stats(selected: str | None, request: gr.Request) -> tuple:
         admin_of(request)
         rounds = store.rounds()
-        r = round if round is not None else (int(selected) if selected not in (None, "", "all") else None)
+        r = picked(selected)
         choices = ["all"] + [str(x) for x in rounds]
         return stats_markdown(store.stats(r)), gr.Dropdown(choices=choices, value="all" if r is None else str(r))
 
     def on_export(selected: str | None, policy: str, request: gr.Request) -> tuple:
         name = admin_of(request)
-        r = round if round is not None else (int(selected) if selected not in (None, "", "all") else None)
+        r = picked(selected)
         if r is None:
             raise gr.Error("Pick a round to export.")
         res = call(store.export, r, out_dir=export_dir, policy=policy, by=name)
@@ -249,7 +259,7 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                 gr.HTML(f"<div class='keys'>{KEYS_HELP}</div>", js_on_load=None)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 with gr.Row():
-                    round_pick = gr.Dropdown(["all"], value="all", label="Round", elem_id="admin-round")
+                    round_pick = gr.Dropdown(["all"], value="all", label="Round", elem_id="admin-round", allow_custom_value=True)
                     refresh = gr.Button("Refresh", elem_id="admin-refresh")
                 stats_md = gr.Markdown(elem_id="admin-stats")
                 with gr.Row():

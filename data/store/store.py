@@ -18,6 +18,7 @@ import hashlib
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -217,6 +218,7 @@ class AnnotationStore:
         else:
             self.engine = create_engine(self.url, echo=echo, pool_size=10, max_overflow=40, pool_pre_ping=True)
         self._write_engine = self.engine.execution_options(immediate=True)
+        self._counts_cache: dict[int | None, tuple[float, tuple[int, int]]] = {}  # see progress(max_age=)
         try:
             with self._tx() as s:
                 self.schema_version = migrate(s.connection(), self.clock(), self._safe_url())
@@ -620,34 +622,58 @@ class AnnotationStore:
                 q = q.where(Task.round == round)
             return int(s.scalar(q) or 0)
 
-    def progress(self, user: str, *, round: int | None = None) -> Progress:
+    def progress(self, user: str, *, round: int | None = None, max_age: float = 0.0) -> Progress:
+        """``user``'s counts, exact, and the round's (labels missing, open tasks), which may be up to
+        ``max_age`` seconds old: a page refreshing them after every submit of 50 annotators need
+        not scan the round each time."""
         now = self.clock()
         midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
         with self._tx(write=False) as s:
             u = self._user(s, user)
             mine = select(func.count(Label.id)).where(Label.user_id == u.id)
             mine_round = mine if round is None else mine.where(Label.round == round)
-            mine_done = exists().where(Assignment.task_id == Task.id, Assignment.user_id == u.id,
-                                       Assignment.status.in_(("submitted", "skipped")))
-            avail = select(func.count(Task.id)).where(Task.labels_done < Task.labels_needed, ~mine_done)
+            # open tasks this user has labelled or skipped: one index range over their own assignments
+            closed_q = select(func.count(Assignment.id)).join(Task, Task.id == Assignment.task_id).where(
+                Assignment.user_id == u.id, Assignment.status.in_(("submitted", "skipped")), Task.labels_done < Task.labels_needed)
             if round is not None:
-                avail = avail.where(Task.round == round)
-            return Progress(int(s.scalar(mine.where(Label.created_at >= midnight)) or 0), int(s.scalar(mine_round) or 0),
-                            self.missing_labels(round), int(s.scalar(avail) or 0))
+                closed_q = closed_q.where(Task.round == round)
+            today, in_round, closed = (int(s.scalar(q) or 0) for q in (mine.where(Label.created_at >= midnight), mine_round, closed_q))
+            missing, open_tasks = self._round_counts(s, round, max_age)
+        return Progress(today, in_round, missing, max(0, open_tasks - closed))
+
+    def _round_counts(self, s: Session, round: int | None, max_age: float) -> tuple[int, int]:
+        """(labels missing, open tasks) of a round (None: all), cached for ``max_age`` seconds."""
+        at = time.monotonic()
+        hit = self._counts_cache.get(round)
+        if hit is not None and at - hit[0] <= max_age:
+            return hit[1]
+        q = select(func.coalesce(func.sum(Task.labels_needed - Task.labels_done), 0), func.count()).where(
+            Task.labels_done < Task.labels_needed)
+        if round is not None:
+            q = q.where(Task.round == round)
+        missing, open_tasks = s.execute(q).one()
+        self._counts_cache[round] = (at, (int(missing), int(open_tasks)))
+        return int(missing), int(open_tasks)
 
     # -- export -----------------------------------------------------------------------------------
 
-    def label_records(self, round: int | None = None) -> list[LabelRecord]:
-        """Every label (of a round), joined with its task and annotator, ordered by task then label."""
+    def label_records(self, round: int | None = None, *, texts: bool = True) -> list[LabelRecord]:
+        """Every label (of a round), joined with its task and annotator, ordered by task then label.
+        ``texts=False`` leaves out the prompt and responses (statistics do not need them)."""
+        text_cols = (Task.prompt, Task.response_a, Task.response_b, Task.meta) if texts else ()
         with self._tx(write=False) as s:
-            q = (select(Label, Task, User).join(Task, Task.id == Label.task_id).join(User, User.id == Label.user_id)
-                 .order_by(Task.round, Task.seq, Label.id))
+            q = (select(Label, Task.id, Task.uid, Task.round, Task.source_a, Task.source_b, Task.category, Task.labels_needed,
+                        Task.labels_done, User.name, User.kind, *text_cols)
+                 .join(Task, Task.id == Label.task_id).join(User, User.id == Label.user_id).order_by(Task.round, Task.seq, Label.id))
             if round is not None:
                 q = q.where(Label.round == round)
-            return [LabelRecord(lab.id, t.id, t.uid, t.round, t.prompt, t.response_a, t.response_b, t.source_a, t.source_b,
-                                t.category, t.labels_needed, t.labels_done, u.name, u.kind, lab.chosen, lab.strength, lab.safe_a,
-                                lab.safe_b, lab.both_bad, lab.comment, lab.swapped, lab.seconds, lab.created_at, t.meta or {})
-                    for lab, t, u in s.execute(q)]
+            out = []
+            for lab, tid, uid, rnd, src_a, src_b, cat, needed, done, name, kind, *rest in s.execute(q):
+                prompt, a, b, meta = rest if texts else ([], "", "", {})
+                out.append(LabelRecord(lab.id, tid, uid, rnd, prompt, a, b, src_a, src_b, cat, needed, done, name, kind, lab.chosen,
+                                       lab.strength, lab.safe_a, lab.safe_b, lab.both_bad, lab.comment, lab.swapped, lab.seconds,
+                                       lab.created_at, meta or {}))
+            return out
 
     def comparisons(self, round: int, *, policy: Policy = "majority", complete_only: bool = False,
                     drop_both_bad: bool = False) -> ExportPlan:
@@ -712,7 +738,7 @@ class AnnotationStore:
     def stats(self, round: int | None = None) -> dict:
         """Progress, per-annotator counts and speed, strength and safety-bin distributions, position
         bias, and agreement on overlapping tasks (JSON-ready)."""
-        records = self.label_records(round)
+        records = self.label_records(round, texts=False)
         now = self.clock()
         with self._tx(write=False) as s:
             tq = select(func.count(Task.id), func.coalesce(func.sum(Task.labels_needed), 0), func.coalesce(func.sum(Task.labels_done), 0))

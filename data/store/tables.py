@@ -104,7 +104,12 @@ class User(Base):
 
 class Task(Base):
     __tablename__ = "tasks"
-    __table_args__ = (UniqueConstraint("round", "uid", name="uq_tasks_round_uid"), Index("ix_tasks_round_seq", "round", "seq"))
+    __table_args__ = (
+        UniqueConstraint("round", "uid", name="uq_tasks_round_uid"),
+        Index("ix_tasks_round_seq", "round", "seq"),
+        # covers the progress counts (labels still missing, open tasks) without reading the task texts
+        Index("ix_tasks_round_counts", "round", "labels_done", "labels_needed"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     round: Mapped[int] = mapped_column(Integer)
     uid: Mapped[str] = mapped_column(String(200))
