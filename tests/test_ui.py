@@ -261,6 +261,9 @@ def test_api_through_gradio_client_checks_user_and_role(app):
     assert res[12].startswith("Saved label #") and res[3] != token
     [rec] = [r for r in store.label_records() if r.annotator == "bob"]
     assert rec.task_uid == task.uid and rec.chosen == task.true_choice("right") and rec.both_bad and rec.comment == "via API"
+    retry = bob.predict(token, "A", "better", "safe", "safe", False, "", api_name="/submit")  # e.g. a second tab
+    assert retry[12] == f"Already saved as label #{rec.label_id} (submitted twice)." and retry[3] == res[3]
+    assert len([r for r in store.label_records() if r.annotator == "bob"]) == 1
     with pytest.raises(Exception, match="Admins only"):
         bob.predict("all", api_name="/admin_stats")
     with pytest.raises(Exception, match="Admins only"):

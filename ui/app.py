@@ -183,7 +183,8 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                               bool(both_bad), comment or None)
         result = call(store.submit, token, name, judgement)  # committed (fsynced) before the page moves on
         nxt = call(store.next_task, name, round=round)
-        return task_outputs(name, nxt, f"Saved label #{result.label_id}.")
+        done = f"Saved label #{result.label_id}." if not result.duplicate else f"Already saved as label #{result.label_id} (submitted twice)."
+        return task_outputs(name, nxt, done)
 
     def on_skip(token: str, reason: str | None, request: gr.Request) -> tuple:
         name = user_of(request)
