@@ -99,6 +99,27 @@ def test_schema_version_recorded_and_reopen_keeps_data(db_url):
     s.close()
 
 
+def test_concurrent_first_opens_migrate_once(db_url):
+    stores, errors = [], []
+
+    def open_store() -> None:
+        try:
+            stores.append(AnnotationStore(db_url))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not errors, errors
+    with stores[0].engine.connect() as c:
+        assert c.execute(text("select count(*) from schema_version")).scalar() == 1
+    for st in stores:
+        st.close()
+
+
 def test_newer_schema_is_refused_untouched(db_url):
     s = AnnotationStore(db_url)
     with s.engine.begin() as c:

@@ -44,6 +44,7 @@ from sqlalchemy import (
     UniqueConstraint,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -216,7 +217,10 @@ def current_version(conn: Connection) -> int | None:
 
 
 def migrate(conn: Connection, now: dt.datetime, url: str) -> int:
-    """Bring the schema up to :data:`SCHEMA_VERSION` (inside the caller's transaction)."""
+    """Bring the schema up to :data:`SCHEMA_VERSION` (inside the caller's transaction). Concurrent
+    openers wait for each other: SQLite's write lock (BEGIN IMMEDIATE), a PostgreSQL advisory lock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(7351862)"))  # any fixed number: "align schema"
     version = current_version(conn)
     if version is None:
         raise SchemaError(f"{url}: holds annotation tables but no schema_version table; not an align database "
