@@ -2,18 +2,24 @@
 
     flock /tmp/align-heavy.lock .venv/bin/python benchmarks/annotation_load.py --annotators 50 --duration 60
 
-Two phases, each on a fresh SQLite database served by ``align annotate serve``:
+Phases, each on a fresh SQLite database served by ``align annotate serve``:
 
-1. ``steady``: N annotators (threads spread over a few client processes, each logged in with its
-   own account) load a task, submit a label, and go on, for ``--duration`` seconds;
-2. ``kill``: the same, but the server is killed with SIGKILL half-way and restarted on the same
-   database and port; clients log in again and carry on (an in-flight submit is not acknowledged).
+- ``steady``: N annotators (threads spread over a few client processes, each logged in with its
+  own account) load a task, submit a label, and go on at once, for ``--duration`` seconds: the
+  server's saturated throughput;
+- ``kill``: the same, but the server is killed with SIGKILL half-way and restarted on the same
+  database and port; clients log in again and carry on (an in-flight submit is not acknowledged);
+- ``paced``: like ``steady`` with ``--think-s`` seconds between submissions (a person reads two
+  answers before clicking): latency when the server is not saturated;
+- ``store``: the same calls the page makes (task_for, submit, next_task, progress) made directly on
+  the store from N threads, without Gradio or HTTP: what the database layer alone sustains.
 
-After each phase the database is checked: every acknowledged submission (the page said "Saved
-label #id") is stored exactly once, for the right user and lease; no task has more labels than it
-needs; and no single-label task was ever leased to two annotators (from the ``events`` audit
-log). Reported: acknowledged submissions per second and the p50/p95 latency of a submit (which
-includes fetching the next task). The server, the clients and the database share the machine.
+After each served phase the database is checked: every acknowledged submission (the page said
+"Saved label #id") is stored exactly once, for the right user and lease; no task has more labels
+than it needs; and no single-label task was ever leased to two annotators (from the ``events``
+audit log). Reported: acknowledged submissions per second, the p50/p95 latency of a submit (which
+includes fetching the next task), and the server's CPU seconds per submission. The server, the
+clients and the database share the machine.
 """
 
 from __future__ import annotations
@@ -45,6 +51,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(db: str, port: int, log: Path, synchronous: str, concurrency: int) -> subprocess.Popen:
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "a") as fh:
@@ -71,7 +83,7 @@ def start_server(db: str, port: int, log: Path, synchronous: str, concurrency: i
 # clients
 
 
-def annotator(url: str, name: str, ready: Any, go: Any, stop: Any, out: list, errors: list) -> None:
+def annotator(url: str, name: str, ready: Any, go: Any, stop: Any, out: list, errors: list, think: float) -> None:
     """One simulated annotator: log in, wait for the start, label until told to stop; log in
     again after a server death (a restarted server has forgotten every session)."""
     from gradio_client import Client
@@ -90,6 +102,10 @@ def annotator(url: str, name: str, ready: Any, go: Any, stop: Any, out: list, er
                     first = False
             if not token:
                 return  # nothing left for this annotator
+            if think:
+                stop.wait(rng.uniform(0.5 * think, 1.5 * think))
+                if stop.is_set():
+                    break
             args = (rng.choice("AB"), rng.choice(["significantly_better", "better", "slightly_better", "negligibly_better"]),
                     rng.choice(["safe", "unsafe"]), rng.choice(["safe", "unsafe"]), False, "")
             t0 = time.perf_counter()
@@ -109,10 +125,10 @@ def annotator(url: str, name: str, ready: Any, go: Any, stop: Any, out: list, er
         ready.release()
 
 
-def client_process(url: str, names: list[str], ready: Any, go: Any, stop: Any, result_path: str) -> None:
+def client_process(url: str, names: list[str], ready: Any, go: Any, stop: Any, result_path: str, think: float) -> None:
     out: list = []
     errors: list = []
-    threads = [threading.Thread(target=annotator, args=(url, n, ready, go, stop, out, errors), daemon=True) for n in names]
+    threads = [threading.Thread(target=annotator, args=(url, n, ready, go, stop, out, errors, think), daemon=True) for n in names]
     for t in threads:
         t.start()
     for t in threads:
@@ -197,7 +213,8 @@ def phase(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     ready, go, stop = mp.Semaphore(0), mp.Event(), mp.Event()
     groups = [names[i::args.client_processes] for i in range(args.client_processes)]
     results = [str(workdir / f"{name}-clients-{i}.json") for i in range(len(groups))]
-    procs = [mp.Process(target=client_process, args=(url, g, ready, go, stop, r)) for g, r in zip(groups, results)]
+    think = args.think_s if name == "paced" else 0.0
+    procs = [mp.Process(target=client_process, args=(url, g, ready, go, stop, r, think)) for g, r in zip(groups, results)]
     for p in procs:
         p.start()
     t_login = time.time()
@@ -207,19 +224,23 @@ def phase(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     login_s = time.time() - t_login
     start = time.time()
     go.set()
+    cpu0, server_cpu = cpu_seconds(server.pid), 0.0
     kills = []
     if name == "kill":
         time.sleep(args.duration / 2)
+        server_cpu += cpu_seconds(server.pid) - cpu0
         server.send_signal(signal.SIGKILL)
         server.wait()
         killed_at = time.time()
         server = start_server(db, port, log, args.sqlite_synchronous, args.concurrency)
         kills.append({"killed_at_s": round(killed_at - start, 1), "back_after_s": round(time.time() - killed_at, 1)})
+        cpu0 = cpu_seconds(server.pid)
         time.sleep(args.duration / 2)
     else:
         time.sleep(args.duration)
     stop.set()
     end = time.time()
+    server_cpu += cpu_seconds(server.pid) - cpu0
     for p in procs:
         p.join(timeout=180)
     server.send_signal(signal.SIGTERM)
@@ -233,7 +254,9 @@ def phase(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         acks += d["acks"]
         errors += d["errors"]
     timed = [a for a in acks if a["at"] <= end]  # a submit finishing after the stop is checked, not timed
-    report = {"phase": name, "login_all_s": round(login_s, 1), **summarize(timed, start, end), "client_errors": len(errors),
+    report = {"phase": name, "think_s": think, "login_all_s": round(login_s, 1), **summarize(timed, start, end),
+              "server_cpu_s": round(server_cpu, 1), "server_cpu_ms_per_submission": round(1000 * server_cpu / max(1, len(timed)), 1),
+              "client_errors": len(errors),
               "error_examples": sorted({e["error"] for e in errors})[:5], "kills": kills, "check": verify(db, acks)}
     if kills:
         # throughput while the server was up, and the latency outside the outage
@@ -245,6 +268,52 @@ def phase(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     return report
 
 
+def store_phase(args: argparse.Namespace, workdir: Path) -> dict:
+    """The page's store calls from N threads in this process, no HTTP: the database layer's ceiling."""
+    from data.store import AnnotationStore, Judgement
+
+    db = f"sqlite:///{workdir}/store.db"
+    store = AnnotationStore(db, sqlite_synchronous=args.sqlite_synchronous)
+    names = [f"annotator{i:02d}" for i in range(args.annotators)]
+    for n in names:
+        store.add_user(n, kind="simulated")
+    store.queue(1, [{"id": f"t{i}", "prompt": f"Question number {i}: how should I do this?", "response_a": f"Answer A to {i}. " * 20,
+                     "response_b": f"Answer B to {i}. " * 15} for i in range(args.tasks)], overlap=args.overlap, overlap_labels=3)
+    acks: list[dict] = []
+    stop = threading.Event()
+    barrier = threading.Barrier(len(names) + 1)
+
+    def work(name: str) -> None:
+        rng = random.Random(name)
+        task = store.next_task(name)
+        barrier.wait()
+        while task is not None and not stop.is_set():
+            t0 = time.perf_counter()
+            t = store.task_for(task.token, name)
+            res = store.submit(t.token, name, Judgement(t.true_choice(rng.choice(["left", "right"])), "better", True, True))
+            task = store.next_task(name)
+            store.progress(name, max_age=2.0)
+            acks.append({"user": name, "token": t.token, "label_id": res.label_id, "latency": time.perf_counter() - t0,
+                         "at": time.time()})
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.time()
+    cpu0 = time.process_time()
+    time.sleep(args.duration / 2)
+    stop.set()
+    end = time.time()
+    cpu = time.process_time() - cpu0
+    for t in threads:
+        t.join()
+    store.close()
+    timed = [a for a in acks if a["at"] <= end]
+    return {"phase": "store", **summarize(timed, start, end), "process_cpu_ms_per_submission": round(1000 * cpu / max(1, len(timed)), 1),
+            "check": verify(db, acks)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotators", type=int, default=50)
@@ -254,17 +323,18 @@ def main() -> int:
     p.add_argument("--client-processes", type=int, default=5)
     p.add_argument("--concurrency", type=int, default=16, help="server: requests handled at once")
     p.add_argument("--sqlite-synchronous", choices=["FULL", "NORMAL"], default="FULL")
-    p.add_argument("--phases", default="steady,kill")
+    p.add_argument("--phases", default="steady,kill,paced,store", help="comma-separated: steady, kill, paced, store")
+    p.add_argument("--think-s", type=float, default=10.0, help="paced phase: mean seconds between an annotator's submissions")
     p.add_argument("--out", help="write the report (JSON) here")
     args = p.parse_args()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     reports = []
     with tempfile.TemporaryDirectory(prefix="align-load-") as tmp:
         for name in args.phases.split(","):
-            rep = phase(name, args, Path(tmp))
+            rep = store_phase(args, Path(tmp)) if name == "store" else phase(name, args, Path(tmp))
             print(json.dumps(rep, indent=2), flush=True)
             reports.append(rep)
-    meta = {"annotators": args.annotators, "duration_s": args.duration, "sqlite_synchronous": args.sqlite_synchronous,
+    meta = {"annotators": args.annotators, "duration_s": args.duration, "tasks": args.tasks, "sqlite_synchronous": args.sqlite_synchronous,
             "concurrency": args.concurrency, "cpus": os.cpu_count(), "note": "server, clients and database share the machine"}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
