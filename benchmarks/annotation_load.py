@@ -1,6 +1,8 @@
 """Load test of the annotation app: simulated annotators submitting through ``gradio_client``.
 
-    flock /tmp/align-heavy.lock .venv/bin/python benchmarks/annotation_load.py --annotators 50 --duration 60
+    flock /tmp/align-heavy.lock .venv/bin/python -m benchmarks.annotation_load --annotators 50 --duration 60
+
+Results go to benchmarks/results/annotation_load.json (or ``--out``) with the machine's description.
 
 Phases, each on a fresh SQLite database served by ``align annotate serve``:
 
@@ -325,9 +327,12 @@ def main() -> int:
     p.add_argument("--sqlite-synchronous", choices=["FULL", "NORMAL"], default="FULL")
     p.add_argument("--phases", default="steady,kill,paced,store", help="comma-separated: steady, kill, paced, store")
     p.add_argument("--think-s", type=float, default=10.0, help="paced phase: mean seconds between an annotator's submissions")
-    p.add_argument("--out", help="write the report (JSON) here")
+    p.add_argument("--out", help="write the report (JSON) here instead of benchmarks/results/annotation_load.json")
     args = p.parse_args()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from benchmarks.common import machine, save
+
+    host = machine()  # before the run: its load average is the other jobs'
     reports = []
     with tempfile.TemporaryDirectory(prefix="align-load-") as tmp:
         for name in args.phases.split(","):
@@ -335,10 +340,13 @@ def main() -> int:
             print(json.dumps(rep, indent=2), flush=True)
             reports.append(rep)
     meta = {"annotators": args.annotators, "duration_s": args.duration, "tasks": args.tasks, "sqlite_synchronous": args.sqlite_synchronous,
-            "concurrency": args.concurrency, "cpus": os.cpu_count(), "note": "server, clients and database share the machine"}
+            "concurrency": args.concurrency, "machine": host, "note": "server, clients and database share the machine"}
+    report = {"config": meta, "phases": reports}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"config": meta, "phases": reports}, indent=2))
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    else:
+        print(save("annotation_load", report))
     return 0 if all(r["check"]["ok"] for r in reports) else 1
 
 
