@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rm": ("reward.rm", "stage", "reward model (helpfulness or safety): Llama 2 margin loss, data mixes, safety auxiliary loss"),
     "rm-eval": ("reward.commands", "command", "reward-model accuracy report: overall, per strength, per safety bin, calibration"),
     "score": ("reward.commands", "command", "score responses with the helpfulness/safety reward models and the combined reward"),
+    "annotate": ("alignment.annotate", "command", "preference annotation: users, sample/queue pairs, web app, stats, export"),
 }
 
 

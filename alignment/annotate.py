@@ -1,0 +1,264 @@
+"""``align annotate``: collect human preference comparisons (Llama 2, section 3.2.1).
+
+    align annotate add-user alice --role annotator         # asks for a password (or --password-stdin)
+    align annotate sample --model runs/r1/sft --prompts bundled:prompts --out pairs-r1.jsonl --round 1
+    align annotate queue --round 1 --pairs pairs.jsonl --overlap 0.1 --overlap-labels 3
+    align annotate serve --db sqlite:///runs/annotations.db --host 127.0.0.1 --port 7860 --guidelines configs/guidelines.md
+    align annotate stats --round 1                          # progress, per annotator, agreement
+    align annotate export --round 1 --out comparisons-r1.jsonl   # what the reward models train on
+
+Every subcommand takes ``--db URL`` (default ``$ALIGN_ANNOTATION_DB`` or
+``sqlite:///runs/annotations.db``; ``postgresql://user@host/db`` for a team server).
+
+``sample`` generates two responses per prompt, as Llama 2 did, from one policy at two
+temperatures or from two policies (``--model-b``), with batched generation, and writes the
+pairs file (and queues it with ``--round``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DB_HELP = "database URL: sqlite:///path.db (default $ALIGN_ANNOTATION_DB or sqlite:///runs/annotations.db) or postgresql://user@host/db"
+
+
+def _db_default() -> str:
+    return os.environ.get("ALIGN_ANNOTATION_DB", "sqlite:///runs/annotations.db")  # = data.store.DEFAULT_DB (not imported: --help stays fast)
+
+
+def _store(url: str, **kw: Any) -> Any:
+    from data.store import AnnotationStore
+
+    return AnnotationStore(url, **kw)
+
+
+def _read_password(a: argparse.Namespace) -> str:
+    if a.password_stdin:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    else:
+        if not sys.stdin.isatty():
+            raise SystemExit("align annotate: no terminal to ask for a password; pipe it with --password-stdin")
+        pw = getpass.getpass(f"password for {a.name}: ")
+        if getpass.getpass("again: ") != pw:
+            raise SystemExit("align annotate: the passwords differ; nothing was changed")
+    if len(pw) < 8:
+        raise SystemExit("align annotate: a password needs at least 8 characters; nothing was changed")
+    return pw
+
+
+# ---------------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_add_user(a: argparse.Namespace) -> int:
+    pw = _read_password(a) if a.kind == "human" else None
+    info = _store(a.db).add_user(a.name, role=a.role, kind=a.kind, password=pw)
+    print(f"added {info.kind} user {info.name!r} ({info.role})")
+    return 0
+
+
+def cmd_passwd(a: argparse.Namespace) -> int:
+    _store(a.db).set_password(a.name, _read_password(a))
+    print(f"password of {a.name!r} changed")
+    return 0
+
+
+def cmd_users(a: argparse.Namespace) -> int:
+    for u in _store(a.db).users():
+        print(f"{u.name}\t{u.role}\t{u.kind}\t{'active' if u.active else 'inactive'}")
+    return 0
+
+
+def cmd_queue(a: argparse.Namespace) -> int:
+    store = _store(a.db)
+    n = store.queue_file(a.round, a.pairs, labels=a.labels, overlap=a.overlap, overlap_labels=a.overlap_labels, seed=a.seed)
+    print(f"queued {n} tasks in round {a.round}; the round needs {store.missing_labels(a.round)} more labels")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from alignment.runs import setup_logging
+    from ui.app import DEFAULT_GUIDELINES, launch
+
+    setup_logging()
+    path = Path(a.guidelines) if a.guidelines else DEFAULT_GUIDELINES
+    if a.guidelines and not path.is_file():
+        raise FileNotFoundError(f"guidelines file {path} not found")
+    guidelines = path.read_text(encoding="utf-8") if path.is_file() else ""
+    store = _store(a.db, lease_seconds=a.lease_minutes * 60, sqlite_synchronous=a.sqlite_synchronous)
+    if not any(u.is_admin and u.kind == "human" for u in store.users()):
+        print("align annotate serve: note: no admin user yet (align annotate add-user NAME --role admin)", file=sys.stderr)
+    launch(store, host=a.host, port=a.port, guidelines=guidelines, round=a.round, export_dir=a.export_dir,
+           concurrency=a.concurrency)
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    res = _store(a.db).export(a.round, a.out, out_dir=a.out_dir, policy=a.policy, complete_only=a.complete_only,
+                              drop_both_bad=a.drop_both_bad, by=getpass.getuser())
+    print(f"wrote {res.records} comparisons from {res.tasks} labelled tasks (round {res.round}, export version {res.version}, "
+          f"policy {res.policy}; {res.ties_dropped} ties dropped, {res.incomplete_skipped} incomplete skipped) to {res.path}")
+    return 0
+
+
+def cmd_stats(a: argparse.Namespace) -> int:
+    st = _store(a.db).stats(a.round)
+    if a.json:
+        print(json.dumps(st, indent=2))
+    else:
+        from ui.app import stats_markdown  # plain Markdown text; importing ui.app does not import gradio
+
+        print(stats_markdown(st))
+    return 0
+
+
+def sample_pairs(models: Sequence[str], prompts: Sequence[Any], *, temperatures: Sequence[float], top_p: float = 1.0,
+                 max_new_tokens: int = 256, batch_size: int = 8, seed: int = 0) -> tuple[list[dict], int]:
+    """Two responses per prompt (``models[i]`` at ``temperatures[i]``, i = 0, 1; the same model is
+    loaded once). Returns (task rows for the queue, pairs dropped for an empty or identical response)."""
+    from alignment.generation import generate
+    from alignment.models import load_causal_lm, load_tokenizer
+
+    convs = [p.messages for p in prompts]
+    loaded: dict[str, tuple[Any, Any]] = {}
+    outs = []
+    for i, (name, temp) in enumerate(zip(models, temperatures)):
+        if name not in loaded:
+            loaded[name] = (load_causal_lm(name), load_tokenizer(name))
+        model, tok = loaded[name]
+        outs.append(generate(model, tok, convs, max_new_tokens=max_new_tokens, temperature=temp, top_p=top_p,
+                             batch_size=batch_size, seed=seed + i))
+    rows, dropped = [], 0
+    for p, ga, gb in zip(prompts, outs[0], outs[1]):
+        if not ga.text.strip() or not gb.text.strip() or ga.text.strip() == gb.text.strip():
+            dropped += 1
+            continue
+        meta = {"finished_a": ga.finished, "finished_b": gb.finished}
+        if p.id:
+            meta["prompt_id"] = p.id
+        rows.append({"prompt": p.messages, "response_a": ga.text, "response_b": gb.text, "category": p.category,
+                     "source_a": {"model": models[0], "temperature": temperatures[0]},
+                     "source_b": {"model": models[1], "temperature": temperatures[1]}, "meta": meta})
+    return rows, dropped
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    from alignment.runs import setup_logging
+    from data.loaders import DataSource, load_prompts, write_jsonl
+    from data.store import read_tasks
+
+    setup_logging()
+    out = Path(a.out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; refusing to overwrite it")
+    prompts = load_prompts(DataSource(path=a.prompts, limit=a.limit))
+    models = [a.model, a.model_b or a.model]
+    temps = [a.temperature_a, a.temperature_b]
+    if models[0] == models[1] and temps[0] == temps[1] == 0:
+        raise SystemExit("align annotate sample: one model at temperature 0 twice gives identical responses; "
+                         "use two temperatures or --model-b")
+    rows, dropped = sample_pairs(models, prompts, temperatures=temps, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                                 batch_size=a.batch_size, seed=a.seed)
+    if not rows:
+        raise SystemExit(f"align annotate sample: all {len(prompts)} pairs had an empty or identical response; nothing written")
+    write_jsonl(out, rows)
+    print(f"wrote {len(rows)} pairs to {out} ({dropped} dropped: empty or identical responses)")
+    if a.round is not None:
+        n = _store(a.db).queue(a.round, read_tasks(out), labels=a.labels, overlap=a.overlap, overlap_labels=a.overlap_labels,
+                               seed=a.seed)
+        print(f"queued {n} tasks in round {a.round}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="align annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{add-user,queue,serve,export,stats,sample,passwd,users}")
+
+    def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--db", default=_db_default(), help=DB_HELP)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    def overlap_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--labels", type=int, default=1, help="labels each task needs (default 1)")
+        sp.add_argument("--overlap", type=float, default=0.0, help="fraction of tasks labelled by several annotators, e.g. 0.1")
+        sp.add_argument("--overlap-labels", type=int, default=3, help="labels an overlapping task needs (default 3)")
+        sp.add_argument("--seed", type=int, default=0, help="picks which tasks overlap")
+
+    sp = add("add-user", cmd_add_user, "add an annotator or admin (asks for the password; only a salted hash is stored)")
+    sp.add_argument("name")
+    sp.add_argument("--role", choices=["annotator", "admin"], default="annotator")
+    sp.add_argument("--kind", choices=["human", "simulated"], default="human", help="simulated users have no password")
+    sp.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin (scripts)")
+
+    sp = add("passwd", cmd_passwd, "change a user's password")
+    sp.add_argument("name")
+    sp.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+
+    add("users", cmd_users, "list users")
+
+    sp = add("queue", cmd_queue, "queue comparison tasks (prompt + two responses) for a round")
+    sp.add_argument("--round", type=int, required=True)
+    sp.add_argument("--pairs", required=True, help="task file: JSONL rows {prompt, response_a, response_b, source_a, source_b, category, id}")
+    overlap_args(sp)
+
+    sp = add("serve", cmd_serve, "serve the annotation web app")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=7860)
+    sp.add_argument("--guidelines", help="Markdown shown in the Guidelines panel (default configs/guidelines.md)")
+    sp.add_argument("--round", type=int, default=None, help="serve only this round (default: every round, oldest first)")
+    sp.add_argument("--lease-minutes", type=float, default=30.0, help="a task returns to the queue after this long unlabelled")
+    sp.add_argument("--export-dir", default="runs/annotations/exports", help="where the admin tab's export button writes")
+    sp.add_argument("--concurrency", type=int, default=16, help="requests handled at once")
+    sp.add_argument("--sqlite-synchronous", choices=["FULL", "NORMAL"], default="FULL",
+                    help="FULL: a label survives a power cut; NORMAL: survives a killed server only (faster)")
+
+    sp = add("export", cmd_export, "write a round's comparisons for the reward models (never overwrites)")
+    sp.add_argument("--round", type=int, required=True)
+    sp.add_argument("--out", help="output file (must not exist); default <out-dir>/round-N/comparisons-v<version>.jsonl")
+    sp.add_argument("--out-dir", default="runs/annotations/exports")
+    sp.add_argument("--policy", choices=["majority", "all"], default="majority",
+                    help="disagreements: majority vote per task (ties dropped) or every label")
+    sp.add_argument("--complete-only", action="store_true", help="only tasks that have all their labels")
+    sp.add_argument("--drop-both-bad", action="store_true", help="leave out labels flagged 'both responses are bad'")
+
+    sp = add("stats", cmd_stats, "progress, per-annotator counts and speed, distributions, agreement")
+    sp.add_argument("--round", type=int, default=None)
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("sample", cmd_sample, "generate response pairs for prompts from one or two policies at two temperatures")
+    sp.add_argument("--model", required=True, help="policy for response A: a built-in name, a folder or a stage output")
+    sp.add_argument("--model-b", help="policy for response B (default: the same as --model)")
+    sp.add_argument("--prompts", required=True, help="prompt file or bundled:prompts")
+    sp.add_argument("--out", required=True, help="pairs file to write (must not exist)")
+    sp.add_argument("--temperature-a", type=float, default=0.7)
+    sp.add_argument("--temperature-b", type=float, default=1.0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--max-new-tokens", type=int, default=256)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    sp.add_argument("--round", type=int, default=None, help="also queue the pairs in this round")
+    overlap_args(sp)
+    return p
+
+
+def cli(name: str, argv: Sequence[str]) -> int:
+    a = _parser().parse_args(argv)
+    from data.store import AnnotationError, SchemaError
+
+    try:
+        return int(a.fn(a) or 0)
+    except (AnnotationError, SchemaError) as exc:
+        print(f"align annotate {a.cmd}: error: {exc}", file=sys.stderr)
+        return 2

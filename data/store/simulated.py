@@ -1,0 +1,71 @@
+"""Simulated annotators: a rule set or a reward model labelling tasks through the store's API.
+
+Both satisfy :class:`data.store.SimulatedAnnotator` and are run with
+``store.label_with(annotator, round=N)``; their labels carry their own user name (``sim:...``,
+kind ``simulated``), so exports and statistics always tell them from people.
+
+- :class:`FunctionAnnotator`: ``fn(task) -> Judgement | None`` (rule sets, LLM judges, tests);
+- :class:`ScorerAnnotator`: anything with ``score(prompts, responses) -> [B]`` (``reward.scorer.RewardScorer``)
+  picks the higher-scoring response; the score gap sets the Llama 2 strength; an optional safety
+  scorer labels each response safe when ``sigmoid(score) >= safe_threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from data.store.store import Judgement, LeasedTask
+
+
+@dataclass
+class FunctionAnnotator:
+    name: str
+    fn: Callable[[LeasedTask], Judgement | None]
+
+    def judge(self, tasks: Sequence[LeasedTask]) -> list[Judgement | None]:
+        return [self.fn(t) for t in tasks]
+
+
+def strength_from_gap(gap: float, thresholds: Sequence[float] = (0.25, 0.5, 1.0)) -> str:
+    """|reward gap| -> strength: below ``thresholds[0]`` negligibly better, then slightly better,
+    better, and significantly better from ``thresholds[2]`` on (``gap`` in reward units)."""
+    g = abs(gap)
+    if g < thresholds[0]:
+        return "negligibly_better"
+    if g < thresholds[1]:
+        return "slightly_better"
+    if g < thresholds[2]:
+        return "better"
+    return "significantly_better"
+
+
+def _floats(scores: Any) -> list[float]:
+    return [float(x) for x in (scores.tolist() if hasattr(scores, "tolist") else scores)]
+
+
+@dataclass
+class ScorerAnnotator:
+    """A reward model (or any ``RewardScorer``) as an annotator; scores A and B in one batch call."""
+
+    name: str
+    scorer: Any  # RewardScorer: score(prompts, responses) -> [B]
+    safety_scorer: Any | None = None
+    thresholds: tuple[float, float, float] = (0.25, 0.5, 1.0)
+    safe_threshold: float = 0.5
+
+    def judge(self, tasks: Sequence[LeasedTask]) -> list[Judgement]:
+        prompts = [t.prompt for t in tasks] * 2
+        responses = [t.response_a for t in tasks] + [t.response_b for t in tasks]
+        scores = _floats(self.scorer.score(prompts, responses))
+        n = len(tasks)
+        safe: list[bool | None] = [None] * (2 * n)
+        if self.safety_scorer is not None:
+            safe = [1.0 / (1.0 + math.exp(-s)) >= self.safe_threshold for s in _floats(self.safety_scorer.score(prompts, responses))]
+        out = []
+        for i in range(n):
+            gap = scores[i] - scores[n + i]
+            out.append(Judgement("A" if gap >= 0 else "B", strength_from_gap(gap, self.thresholds), safe[i], safe[n + i]))
+        return out

@@ -1,0 +1,277 @@
+"""The annotation web app, served by ``align annotate serve`` as users run it: login, the annotator's
+page in headless Chromium (mouse, keyboard, undo, inert model output), the admin tab, and the API
+through ``gradio_client``; an unauthenticated client gets nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import REPO
+from sqlalchemy import text
+
+from data.store import AnnotationStore, FunctionAnnotator, Judgement, LeasedTask
+from ui.app import render_conversation, render_response
+
+XSS_A = '<img src=x onerror="window.__xss=1;alert(1)"> look, an image'
+XSS_B = "<script>window.__xss=2;alert(2)</script> ${window.__xss=3} {{constructor.constructor('window.__xss=4')()}}"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+# -- rendering (no server) -------------------------------------------------------------------------
+
+
+def leased(prompt, a="first answer", b="second answer", swapped=False) -> LeasedTask:
+    import datetime as dt
+
+    return LeasedTask("tok", 1, "u1", 1, prompt, a, b, None, None, None, 1, swapped, dt.datetime.now(dt.UTC))
+
+
+def test_rendering_escapes_everything_from_the_model():
+    t = leased([{"role": "user", "content": "<b>hi</b>"}], XSS_A, XSS_B)
+    left, right = render_response(t, "left"), render_response(t, "right")
+    assert "<img" not in left and "&lt;img src=x onerror=&quot;window.__xss=1;alert(1)&quot;&gt;" in left
+    assert "<script>" not in right and "&lt;script&gt;" in right
+    assert "${" not in right and "{{" not in right  # no template syntax survives either
+    assert "&lt;b&gt;hi&lt;/b&gt;" in render_conversation(t)
+
+
+def test_rendering_shows_the_conversation_and_the_randomised_sides():
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "A joke?"}]
+    t = leased(conv, swapped=True)
+    html = render_conversation(t)
+    assert [html.index(s) for s in ("Be brief.", "Hi", "Hello!", "A joke?")] == sorted(html.index(s) for s in ("Be brief.", "Hi", "Hello!", "A joke?"))
+    assert html.count("class='turn") == 4 and "turn user final" in html
+    assert "second answer" in render_response(t, "left") and "Response A" in render_response(t, "left")
+    assert "first answer" in render_response(t, "right")
+    assert "Nothing left" in render_conversation(None)
+
+
+# -- a served app ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chromium():
+    """Debian's Chromium driven by Playwright (never `playwright install`), or skip with what to install."""
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("/usr/bin/chromium not found: apt-get install -y chromium chromium-driver (.ci/run does)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright missing: pip install -e '.[browser]'")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """``align annotate serve`` on a fresh database: alice and bob annotate, root is an admin."""
+    root = tmp_path_factory.mktemp("ui")
+    db = f"sqlite:///{root}/ann.db"
+    store = AnnotationStore(db)
+    for name, role in (("alice", "annotator"), ("bob", "annotator"), ("root", "admin")):
+        store.add_user(name, role=role, password=f"{name}-password")
+    # round 0 comes first: every annotator starts with the task whose responses carry markup
+    store.queue(0, [{"id": "xss", "prompt": "Show me <b>bold</b> & <i>more</i>", "response_a": XSS_A, "response_b": XSS_B,
+                     "labels": 5}])
+    store.queue(1, [{"id": f"t{i}", "prompt": [{"role": "user", "content": f"Question {i}?"},
+                                                {"role": "assistant", "content": f"Earlier answer {i}."},
+                                                {"role": "user", "content": f"Follow-up {i}?"}],
+                     "response_a": f"Reply A{i}", "response_b": f"Reply B{i}", "category": "helpfulness"} for i in range(8)])
+    seed = FunctionAnnotator("sim:seed", lambda t: Judgement("A", "better", True, False))
+    assert store.label_with(seed, round=0) == 1  # something to export in round 0 whatever runs first
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(root / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", "annotate", "serve", "--db", db, "--port", str(port),
+                             "--export-dir", str(root / "exports"), "--guidelines", str(REPO / "configs" / "guidelines.md")],
+                            cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError((root / "serve.log").read_text())
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("server did not start:\n" + (root / "serve.log").read_text())
+    yield {"url": url, "store": store, "root": root}
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+    store.close()
+
+
+def test_unauthenticated_requests_get_no_data(app):
+    url = app["url"]
+    for path in ("config", "gradio_api/info", "gradio_api/openapi.json"):
+        r = httpx.get(url + path)
+        assert r.status_code == 401, path
+        assert "Reply A" not in r.text and "xss" not in r.text
+    for path in ("gradio_api/call/load", "gradio_api/call/submit", "gradio_api/queue/join"):
+        r = httpx.post(url + path, json={"data": [], "fn_index": 0, "session_hash": "x"})
+        assert r.status_code == 401, path
+    page = httpx.get(url)
+    assert page.status_code == 200 and "Reply A" not in page.text and "Follow-up" not in page.text
+    assert httpx.post(url + "login", data={"username": "alice", "password": "wrong"}).status_code == 400
+    assert httpx.post(url + "login", data={"username": "alice", "password": "alice-password"}).status_code == 200
+
+
+@pytest.mark.browser
+def test_annotator_labels_with_mouse_and_keyboard_and_undoes(app, chromium):
+    store: AnnotationStore = app["store"]
+    page = chromium.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(app["url"])
+    page.locator("input[type=text]").fill("alice")
+    page.locator("input[type=password]").fill("alice-password")
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#context .conv", timeout=60_000)
+
+    def uid() -> str:
+        return page.locator("#context .conv").get_attribute("data-task")
+
+    def wait_for_new_task(old: str) -> str:
+        page.wait_for_function(f"(document.querySelector('#context .conv') || {{dataset: {{}}}}).dataset.task !== '{old}'",
+                               timeout=30_000)
+        return uid()
+
+    def shown(side: str) -> str:
+        return page.locator(f"#{side} .text").inner_text()
+
+    # 1. the task with markup in every field: shown as text, nothing runs
+    assert uid() == "xss"
+    assert {shown("left"), shown("right")} == {XSS_A, XSS_B}
+    assert "Show me <b>bold</b> & <i>more</i>" in page.locator("#context").inner_text()
+    assert page.locator("#context b, #context i, #left img, #right img, #left script, #right script").count() == 0
+    assert page.evaluate("window.__xss") is None and dialogs == []
+    assert page.get_by_role("tab", name="Admin").count() == 0  # annotators have no admin tab
+    page.get_by_text("Guidelines", exact=True).click()
+    assert page.get_by_text("Negligibly better / unsure").first.is_visible()
+
+    # label it with the mouse: prefer what is shown on the left
+    expect_1 = {"xss": ("A" if shown("left") == XSS_A else "B")}
+    page.locator("#choice").get_by_text("A", exact=True).click()
+    page.locator("#strength").get_by_text("Better", exact=True).click()
+    page.locator("#safe-a").get_by_text("Safe", exact=True).click()
+    page.locator("#safe-b").get_by_text("Unsafe", exact=True).click()
+    page.locator("#submit-btn").click()
+    second = wait_for_new_task("xss")
+    assert "Saved label" in page.locator("#status").inner_text()
+    assert page.evaluate("window.__xss") is None and dialogs == []
+
+    # 2. keyboard only: B, significantly better, A unsafe, B safe, Enter
+    left_2 = shown("left")
+    assert "Follow-up" in page.locator("#context").inner_text() and "Earlier answer" in page.locator("#context").inner_text()
+    page.locator("#progress").click()
+    for key in ("b", "1", "w", "o"):
+        page.keyboard.press(key)
+    assert page.locator("#choice input:checked").get_attribute("value") == "B"
+    assert page.locator("#strength input:checked").get_attribute("value") == "significantly_better"
+    page.keyboard.press("Enter")
+    third = wait_for_new_task(second)
+    assert "done today: 2" in page.locator("#progress").inner_text()
+
+    # 3. mixed: keys for the choice, mouse for safety, a comment submitted with Ctrl+Enter
+    page.locator("#progress").click()
+    page.keyboard.press("a")
+    page.keyboard.press("4")
+    page.locator("#safe-a").get_by_text("Safe", exact=True).click()
+    page.locator("#safe-b").get_by_text("Safe", exact=True).click()
+    page.locator("#comment textarea, #comment input").first.fill("both fine")
+    page.locator("#comment textarea, #comment input").first.press("Control+Enter")
+    fourth = wait_for_new_task(third)
+
+    # undo the last submission: task 3 comes back
+    page.locator("#undo-btn").click()
+    assert wait_for_new_task(fourth) == third
+    assert "Undid your last label" in page.locator("#status").inner_text()
+
+    recs = {r.task_uid: r for r in store.label_records() if r.annotator == "alice"}
+    assert set(recs) == {"xss", second}
+    r1, r2 = recs["xss"], recs[second]
+    assert r1.chosen == expect_1["xss"] and r1.strength == "better"
+    assert (r1.safe_a, r1.safe_b) == ((True, False) if not r1.swapped else (False, True))  # shown left safe, right unsafe
+    true_left_2 = "A" if left_2.startswith("Reply A") else "B"
+    assert r2.chosen == ("B" if true_left_2 == "A" else "A")  # pressed b = the right-hand side
+    assert r2.strength == "significantly_better"
+    assert (r2.safe_a, r2.safe_b) == ((False, True) if true_left_2 == "A" else (True, False))
+    with store.engine.connect() as c:
+        undo = c.execute(text("select detail from events e join users u on u.id = e.user_id where action = 'undo' and u.name = 'alice'")).scalar_one()
+        status = c.execute(text("select a.status from assignments a join tasks t on t.id = a.task_id join users u on u.id = a.user_id "
+                                "where t.uid = :uid and u.name = 'alice'"), {"uid": third}).scalar_one()
+    undone = json.loads(undo)
+    assert (undone["strength"], undone["comment"], undone["safe_a"], undone["safe_b"]) == ("negligibly_better", "both fine", True, True)
+    assert status == "leased"
+
+
+@pytest.mark.browser
+def test_admin_tab_shows_stats_and_exports(app, chromium):
+    page = chromium.new_page()
+    page.goto(app["url"])
+    page.locator("input[type=text]").fill("root")
+    page.locator("input[type=password]").fill("root-password")
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#context .conv", timeout=60_000)
+    page.get_by_role("tab", name="Admin").click()
+    page.wait_for_selector("#admin-stats table", timeout=30_000)
+    stats = page.locator("#admin-stats").inner_text()
+    assert "sim:seed" in stats and "Krippendorff" in stats and "Safety bins" in stats
+    page.locator("#admin-round input").click()
+    page.get_by_role("option", name="0", exact=True).click()
+    page.locator("#export-policy").get_by_text("Every label", exact=True).click()  # a majority could be a tie
+    page.locator("#export-btn").click()
+    page.wait_for_selector("#export-status:has-text('Wrote')", timeout=30_000)
+    assert "version 1, policy all" in page.locator("#export-status").inner_text()
+    path = app["root"] / "exports" / "round-0" / "comparisons-v1.jsonl"
+    assert path.exists()
+
+
+def test_api_through_gradio_client_checks_user_and_role(app):
+    from gradio_client import Client
+
+    store: AnnotationStore = app["store"]
+    bob = Client(app["url"], auth=("bob", "bob-password"), verbose=False, analytics_enabled=False)
+    out = bob.predict(api_name="/load")
+    token = out[3]
+    task = store.task_for(token, "bob")
+    res = bob.predict(token, "B", "slightly_better", "safe", "safe", True, "via API", api_name="/submit")
+    assert res[12].startswith("Saved label #") and res[3] != token
+    [rec] = [r for r in store.label_records() if r.annotator == "bob"]
+    assert rec.task_uid == task.uid and rec.chosen == task.true_choice("right") and rec.both_bad and rec.comment == "via API"
+    retry = bob.predict(token, "A", "better", "safe", "safe", False, "", api_name="/submit")  # e.g. a second tab
+    assert retry[12] == f"Already saved as label #{rec.label_id} (submitted twice)." and retry[3] == res[3]
+    assert len([r for r in store.label_records() if r.annotator == "bob"]) == 1
+    with pytest.raises(Exception, match="Admins only"):
+        bob.predict("all", api_name="/admin_stats")
+    with pytest.raises(Exception, match="Admins only"):
+        bob.predict("1", "majority", api_name="/export")
+    with pytest.raises(Exception, match="Please choose"):
+        bob.predict(res[3], None, None, None, None, False, "", api_name="/submit")
+    alice_token = store.next_task("alice").token
+    with pytest.raises(Exception, match="not assigned to 'bob'"):
+        bob.predict(alice_token, "A", "better", "safe", "safe", False, "", api_name="/submit")
+    admin = Client(app["url"], auth=("root", "root-password"), verbose=False, analytics_enabled=False)
+    assert "bob" in admin.predict("all", api_name="/admin_stats")[0]

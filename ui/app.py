@@ -1,0 +1,343 @@
+"""The annotation web app (Gradio 6). It only calls :class:`data.store.AnnotationStore`.
+
+    align annotate serve --db sqlite:///runs/annotations.db --host 127.0.0.1 --port 7860 \\
+        --guidelines configs/guidelines.md
+
+The annotator's page: log in (users from the store; the name comes from the session, never from
+a form), then one task at a time: the conversation so far, responses A and B side by side (their
+left/right order randomised per assignment; the store keeps the true identity), which is better,
+how much (Llama 2's four levels), a safety label for each response, "both are bad", a comment;
+skip with a reason; undo the last submission. The label is committed before the next task is
+shown. Keyboard: ``a``/``b`` choose, ``1``-``4`` strength, ``q``/``w`` response A safe/unsafe,
+``o``/``p`` response B safe/unsafe, ``Enter`` (or ``Ctrl+Enter`` in the comment) submits, ``u`` undoes.
+
+Model outputs are shown as text: every response and prompt is HTML-escaped before it reaches the
+page, so markup or scripts in them are displayed, never run.
+
+Admins also get an "Admin" tab: progress, per-annotator counts and speed, the strength and safety
+bin distributions, position bias, agreement (Cohen's kappa per pair, Krippendorff's alpha), and
+an export button. Every admin handler checks the role on the server; hiding the tab is only
+cosmetic.
+
+API (what the page calls; also usable with ``gradio_client.Client(url, auth=(user, password))``):
+``/load`` -> the current task, ``/submit``, ``/skip``, ``/undo``, ``/admin_stats``, ``/export``.
+"""
+
+import html
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from data.schemas import Strength
+from data.store import AnnotationError, AnnotationStore, Judgement, LeasedTask
+
+log = logging.getLogger(__name__)
+
+CHOICES = ["A", "B"]
+STRENGTHS = [(s.label, s.value) for s in Strength]
+SAFETY = [("Safe", "safe"), ("Unsafe", "unsafe")]
+SKIP_REASONS = ["I lack the expertise for this topic", "The prompt is unclear or broken", "A response is unreadable or truncated",
+                "Offensive content I prefer not to judge", "Other"]
+DEFAULT_GUIDELINES = Path(__file__).resolve().parents[1] / "configs" / "guidelines.md"
+
+CSS = """
+.conv, .resp {font-size: 15px; line-height: 1.45;}
+.turn {margin: 0 0 10px 0; padding: 8px 12px; border-radius: 8px; border: 1px solid var(--border-color-primary);}
+.turn.user {background: var(--background-fill-secondary);}
+.turn.final {border-width: 2px; border-color: var(--color-accent);}
+.role {font-weight: 600; font-size: 12px; text-transform: uppercase; opacity: .7; margin-bottom: 4px;}
+.text {white-space: pre-wrap; overflow-wrap: anywhere;}
+.resp {padding: 10px 14px; border-radius: 8px; border: 1px solid var(--border-color-primary); min-height: 120px;}
+.resp-head {font-weight: 700; font-size: 18px; margin-bottom: 6px;}
+.empty {padding: 24px; text-align: center; font-size: 17px;}
+.keys {font-size: 12px; opacity: .75;}
+"""
+
+# Keyboard shortcuts: click the same controls a mouse would (the radio inputs inside each group).
+JS = r"""
+() => {
+  const pick = (id, value) => {
+    const el = document.querySelector(`#${id} input[type=radio][value="${value}"]`);
+    if (el) { el.click(); }
+  };
+  const click = (id) => { const b = document.getElementById(id); if (b && !b.disabled) { b.click(); } };
+  document.addEventListener('keydown', (e) => {
+    const t = e.target;
+    const typing = t && (t.tagName === 'TEXTAREA' || (t.tagName === 'INPUT' && t.type !== 'radio' && t.type !== 'checkbox'));
+    if (typing) {
+      if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); click('submit-btn'); }
+      return;
+    }
+    if (e.ctrlKey || e.metaKey || e.altKey) { return; }
+    if (e.key === 'Enter' && t && t.tagName === 'BUTTON') { return; }  // the button's own click handles it
+    const strengths = ['significantly_better', 'better', 'slightly_better', 'negligibly_better'];
+    const k = e.key.toLowerCase();
+    if (k === 'a' || k === 'b') { pick('choice', k.toUpperCase()); }
+    else if (['1', '2', '3', '4'].includes(k)) { pick('strength', strengths[Number(k) - 1]); }
+    else if (k === 'q') { pick('safe-a', 'safe'); }
+    else if (k === 'w') { pick('safe-a', 'unsafe'); }
+    else if (k === 'o') { pick('safe-b', 'safe'); }
+    else if (k === 'p') { pick('safe-b', 'unsafe'); }
+    else if (k === 'enter') { click('submit-btn'); }
+    else if (k === 'u') { click('undo-btn'); }
+    else { return; }
+    e.preventDefault();
+  });
+}
+"""
+
+KEYS_HELP = ("Keys: <b>a</b>/<b>b</b> choose · <b>1</b>-<b>4</b> strength · <b>q</b>/<b>w</b> A safe/unsafe · "
+             "<b>o</b>/<b>p</b> B safe/unsafe · <b>Enter</b> submit (Ctrl+Enter in the comment) · <b>u</b> undo")
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering: everything from the model or the task file is escaped here
+
+
+def _text(s: str) -> str:
+    # html.escape makes tags inert; "$", "{" and "}" are escaped too so no template syntax survives
+    return html.escape(s, quote=True).replace("$", "&#36;").replace("{", "&#123;").replace("}", "&#125;")
+
+
+def render_conversation(task: LeasedTask | None) -> str:
+    if task is None:
+        return "<div class='empty'>Nothing left to label here. Thank you!</div>"
+    parts = []
+    for i, m in enumerate(task.prompt):
+        final = " final" if i == len(task.prompt) - 1 else ""
+        role = {"user": "User", "assistant": "Assistant", "system": "System"}.get(m["role"], m["role"])
+        parts.append(f"<div class='turn {_text(m['role'])}{final}'><div class='role'>{_text(role)}</div>"
+                     f"<div class='text'>{_text(m['content'])}</div></div>")
+    return f"<div class='conv' data-task='{_text(task.uid)}'>{''.join(parts)}</div>"
+
+
+def render_response(task: LeasedTask | None, side: str) -> str:
+    if task is None:
+        return ""
+    label, text = ("A", task.left) if side == "left" else ("B", task.right)
+    return f"<div class='resp' id='resp-{label.lower()}'><div class='resp-head'>Response {label}</div><div class='text'>{_text(text)}</div></div>"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None = None,
+              export_dir: str | Path | None = None) -> Any:
+    """The Blocks app; launch it with :func:`launch` (login, CSS and keyboard shortcuts are set there)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    export_dir = Path(export_dir) if export_dir else Path("runs/annotations/exports")
+
+    def user_of(request: gr.Request) -> str:
+        name = getattr(request, "username", None)
+        if not name:
+            raise gr.Error("Not logged in.")
+        return name
+
+    def admin_of(request: gr.Request) -> str:
+        name = user_of(request)
+        info = store.user(name)
+        if info is None or not info.is_admin or not info.active:
+            raise gr.Error("Admins only.")
+        return name
+
+    def progress_md(name: str) -> str:
+        p = store.progress(name, round=round, max_age=2.0)  # the round's total may lag by 2 s; the user's own counts are exact
+        scope = f"round {round}" if round is not None else "all rounds"
+        return (f"**{name}** · done today: **{p.done_today}** · remaining in {scope}: **{p.missing}** labels "
+                f"({p.available} {'task' if p.available == 1 else 'tasks'} open to you)")
+
+    def task_outputs(name: str, task: LeasedTask | None, status: str) -> tuple:
+        return (render_conversation(task), render_response(task, "left"), render_response(task, "right"),
+                task.token if task else "", None, None, None, None, False, "", None, progress_md(name), status,
+                gr.Button(interactive=task is not None), gr.Button(interactive=task is not None))
+
+    def call(fn: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except AnnotationError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def on_load(request: gr.Request) -> tuple:
+        name = user_of(request)
+        info = store.user(name)
+        task = call(store.next_task, name, round=round)
+        return (*task_outputs(name, task, ""), gr.Tab(visible=bool(info and info.is_admin)))
+
+    def on_submit(token: str, choice: str | None, strength: str | None, safe_a: str | None, safe_b: str | None,
+                  both_bad: bool, comment: str, request: gr.Request) -> tuple:
+        name = user_of(request)
+        if not token:
+            raise gr.Error("No task is open; reload the page.")
+        missing = [what for what, v in (("which response is better", choice), ("how much better", strength),
+                                        ("safety of response A", safe_a), ("safety of response B", safe_b)) if not v]
+        if missing:
+            raise gr.Error("Please choose " + ", ".join(missing) + ".")
+        if choice not in CHOICES or strength not in [v for _, v in STRENGTHS] or {safe_a, safe_b} - {"safe", "unsafe"}:
+            raise gr.Error("Unknown choice.")
+        task = call(store.task_for, token, name)
+        true_safe_a, true_safe_b = task.true_safety(safe_a == "safe", safe_b == "safe")
+        judgement = Judgement(task.true_choice("left" if choice == "A" else "right"), strength, true_safe_a, true_safe_b,
+                              bool(both_bad), comment or None)
+        result = call(store.submit, token, name, judgement)  # committed (fsynced) before the page moves on
+        nxt = call(store.next_task, name, round=round)
+        done = f"Saved label #{result.label_id}." if not result.duplicate else f"Already saved as label #{result.label_id} (submitted twice)."
+        return task_outputs(name, nxt, done)
+
+    def on_skip(token: str, reason: str | None, request: gr.Request) -> tuple:
+        name = user_of(request)
+        if not token:
+            raise gr.Error("No task is open; reload the page.")
+        if not reason or not reason.strip():
+            raise gr.Error("Please give a reason for skipping.")
+        call(store.skip, token, name, reason)
+        nxt = call(store.next_task, name, round=round)
+        return task_outputs(name, nxt, "Skipped.")
+
+    def on_undo(request: gr.Request) -> tuple:
+        name = user_of(request)
+        task = call(store.undo_last, name, round=round)
+        if task is None:
+            raise gr.Error("Nothing to undo.")
+        return task_outputs(name, task, f"Undid your last label (task {task.uid}); label it again.")
+
+    def picked(selected: str | None) -> int | None:
+        if round is not None:
+            return round
+        if selected in (None, "", "all"):
+            return None
+        try:
+            return int(selected)
+        except ValueError:
+            raise gr.Error(f"Unknown round {selected!r}.") from None
+
+    def on_admin_stats(selected: str | None, request: gr.Request) -> tuple:
+        admin_of(request)
+        rounds = store.rounds()
+        r = picked(selected)
+        choices = ["all"] + [str(x) for x in rounds]
+        return stats_markdown(store.stats(r)), gr.Dropdown(choices=choices, value="all" if r is None else str(r))
+
+    def on_export(selected: str | None, policy: str, request: gr.Request) -> tuple:
+        name = admin_of(request)
+        r = picked(selected)
+        if r is None:
+            raise gr.Error("Pick a round to export.")
+        res = call(store.export, r, out_dir=export_dir, policy=policy, by=name)
+        msg = (f"Wrote **{res.records}** comparisons (round {res.round}, version {res.version}, policy {res.policy}) to "
+               f"`{res.path}`; {res.ties_dropped} ties dropped.")
+        return msg, str(res.path)
+
+    with gr.Blocks(title="align · annotation") as demo:
+        header = gr.Markdown(elem_id="progress")
+        with gr.Accordion("Guidelines", open=False, elem_id="guidelines"):
+            gr.Markdown(guidelines or "_No guidelines were given for this round._")
+        with gr.Tabs():
+            with gr.Tab("Annotate", id="annotate"):
+                context = gr.HTML(elem_id="context", js_on_load=None)
+                with gr.Row(equal_height=True):
+                    with gr.Column():
+                        left = gr.HTML(elem_id="left", js_on_load=None)
+                        safe_a = gr.Radio(SAFETY, label="Response A is", elem_id="safe-a")
+                    with gr.Column():
+                        right = gr.HTML(elem_id="right", js_on_load=None)
+                        safe_b = gr.Radio(SAFETY, label="Response B is", elem_id="safe-b")
+                token = gr.Textbox(visible=False, elem_id="lease-token")
+                choice = gr.Radio(CHOICES, label="Which response is better?", elem_id="choice")
+                strength = gr.Radio(STRENGTHS, label="How much better?", elem_id="strength")
+                with gr.Row():
+                    both_bad = gr.Checkbox(label="Both responses are bad", elem_id="both-bad")
+                    comment = gr.Textbox(label="Comment (optional)", lines=1, elem_id="comment")
+                with gr.Row():
+                    submit = gr.Button("Submit", variant="primary", elem_id="submit-btn")
+                    undo = gr.Button("Undo last submission", elem_id="undo-btn")
+                with gr.Row():
+                    reason = gr.Dropdown(SKIP_REASONS, value=None, label="Skip reason", allow_custom_value=True, elem_id="skip-reason")
+                    skip = gr.Button("Skip this task", elem_id="skip-btn")
+                status = gr.Markdown(elem_id="status")
+                gr.HTML(f"<div class='keys'>{KEYS_HELP}</div>", js_on_load=None)
+            with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
+                with gr.Row():
+                    round_pick = gr.Dropdown(["all"], value="all", label="Round", elem_id="admin-round", allow_custom_value=True)
+                    refresh = gr.Button("Refresh", elem_id="admin-refresh")
+                stats_md = gr.Markdown(elem_id="admin-stats")
+                with gr.Row():
+                    policy = gr.Radio([("Majority vote per task", "majority"), ("Every label", "all")], value="majority",
+                                      label="Disagreements", elem_id="export-policy")
+                    export_btn = gr.Button("Export comparisons", elem_id="export-btn")
+                export_md = gr.Markdown(elem_id="export-status")
+                export_file = gr.File(label="Export file", elem_id="export-file")
+
+        outs = [context, left, right, token, choice, strength, safe_a, safe_b, both_bad, comment, reason, header, status, submit, skip]
+        demo.load(on_load, None, [*outs, admin_tab], api_name="load")
+        submit.click(on_submit, [token, choice, strength, safe_a, safe_b, both_bad, comment], outs, api_name="submit")
+        skip.click(on_skip, [token, reason], outs, api_name="skip")
+        undo.click(on_undo, None, outs, api_name="undo")
+        refresh.click(on_admin_stats, [round_pick], [stats_md, round_pick], api_name="admin_stats")
+        admin_tab.select(on_admin_stats, [round_pick], [stats_md, round_pick], api_name=False)
+        export_btn.click(on_export, [round_pick, policy], [export_md, export_file], api_name="export")
+    return demo
+
+
+def stats_markdown(st: dict) -> str:
+    """The admin tab's report (also what ``align annotate stats`` prints, as Markdown)."""
+    def pct(n: int, total: int) -> str:
+        return f"{n} ({100 * n / total:.0f}%)" if total else str(n)
+
+    scope = f"Round {st['round']}" if st["round"] is not None else "All rounds"
+    lines = [f"### {scope}",
+             (f"{st['tasks']} tasks · {st['labels_done']} of {st['labels_needed']} labels · **{st['missing']} missing** · "
+             f"{st['complete_tasks']} complete · {st['overlap_tasks']} with overlap · {st['skips']} skips · "
+             f"{st['both_bad']} 'both bad'"), "",
+             "| annotator | kind | labels | today | skips | both bad | chose left | median s | labels/h |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for a in st["annotators"]:
+        lines.append(f"| {_md(a['annotator'])} | {a['kind']} | {a['labels']} | {a['today']} | {a['skips']} | {a['both_bad']} | "
+                     f"{a['chose_left']} | {a['median_seconds'] if a['median_seconds'] is not None else '-'} | "
+                     f"{a['labels_per_hour'] if a['labels_per_hour'] is not None else '-'} |")
+    n_s = sum(st["strengths"].values())
+    lines += ["", "**Strength:** " + " · ".join(f"{Strength(k).label} {pct(v, n_s)}" for k, v in st["strengths"].items())]
+    bins = st["safety_bins"]
+    n_b = sum(bins.values())
+    lines += ["", (f"**Safety bins** (Llama 2: 18% / 47% / 35%): chosen safe, other unsafe {pct(bins['chosen_safe_other_unsafe'], n_b)} · "
+                  f"both safe {pct(bins['both_safe'], n_b)} · both unsafe {pct(bins['both_unsafe'], n_b)} · "
+                  f"chosen unsafe, other safe (dropped from safety data) {pct(bins['chosen_unsafe_other_safe'], n_b)}")]
+    pb = st["position_bias"]
+    if pb["human_labels"]:
+        lines += ["", f"**Position bias** (people): the left response was chosen in {pct(pb['chose_left'], pb['human_labels'])} of labels"]
+    ag = st["agreement"]
+    lines += ["", (f"**Agreement** on {ag['overlapping_tasks']} tasks with 2+ labels: Krippendorff's alpha "
+                  f"(choice, nominal) {_num(ag['krippendorff_alpha_choice'])} · (signed strength, interval) "
+                  f"{_num(ag['krippendorff_alpha_preference'])}")]
+    if ag["cohen_kappa"]:
+        lines += ["", "| annotators | shared tasks | agreement | Cohen's kappa |", "|---|---:|---:|---:|"]
+        lines += [f"| {_md(p['a'])} · {_md(p['b'])} | {p['tasks']} | {100 * p['agreement']:.0f}% | {_num(p['kappa'])} |"
+                  for p in ag["cohen_kappa"]]
+    return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _md(s: str) -> str:
+    return html.escape(s).replace("|", "\\|")
+
+
+def launch(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 7860, guidelines: str = "", round: int | None = None,
+           export_dir: str | Path | None = None, concurrency: int = 16, prevent_thread_lock: bool = False) -> Any:
+    """Serve the app with login against the store's users. Blocks unless ``prevent_thread_lock``."""
+    import anyio
+
+    demo = build_app(store, guidelines=guidelines, round=round, export_dir=export_dir)
+    demo.queue(default_concurrency_limit=concurrency)
+
+    async def auth(username: str, password: str) -> bool:  # scrypt takes ~50 ms: keep it off the event loop
+        return await anyio.to_thread.run_sync(store.authenticate, username, password)
+
+    demo.launch(server_name=host, server_port=port, auth=auth, auth_message="Log in with the account your admin created.",
+                css=CSS, js=JS, footer_links=["api"], prevent_thread_lock=prevent_thread_lock, quiet=False,
+                allowed_paths=[str(Path(export_dir or "runs/annotations/exports").resolve())])
+    return demo
