@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "merge": ("alignment.commands", "command", "merge a LoRA adapter into its base model (a full checkpoint)"),
     "models": ("alignment.commands", "command", "build/list the built-in models (smollm2-135m, tiny-llama) in the cache"),
     "generate": ("alignment.commands", "command", "generate answers from a model for prompts (a file or --prompt)"),
+    "eval": ("alignment.evals.cli", "command", "evaluations: truthfulqa, toxigen, winrate, metrics, train-classifier"),
+    "report": ("alignment.evals.cli", "command", "Markdown + HTML report with plots across a run's rounds (align report --run runs/<project>)"),
 }
 
 
