@@ -32,7 +32,8 @@ def winrate_result(round_no: int, help_wr: float, safe_wr: float, seed: int) -> 
         return {"n": n, "win_rate": wr, "wins": wr - 0.05, "ties": 0.1, "losses": 1 - wr - 0.05, "ci_low": wr - 0.12, "ci_high": wr + 0.11}
 
     return header("winrate", f"runs/demo/round-{round_no}/policy", baseline="runs/demo/round-0/sft", prompts="held_out.jsonl",
-                  judge={"kind": "rm", "scorer": "CombinedScorer", "tie_margin": 0.0}, n=40,
+                  judge={"kind": "rm", "scorer": "CombinedScorer", "rm": f"runs/demo/round-{round_no}/rm_helpful",
+                         "safety_rm": f"runs/demo/round-{round_no}/rm_safety", "tie_margin": 0.0}, n=40,
                   metrics=block((help_wr + safe_wr) / 2, 40), by_category={"helpfulness": block(help_wr, 20), "safety": block(safe_wr, 20)},
                   by_axis={"helpfulness": block(help_wr, 40), "harmlessness": block(safe_wr, 40)},
                   scores={"policy": policy, "baseline": baseline}, timing={"seconds": 1.0})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from eval_helpers import make_two_round_run, run_cli, truthfulqa_result
 
 from alignment.evals import report
-from eval_helpers import make_two_round_run, run_cli, truthfulqa_result
 
 
 def _png(path) -> bool:

@@ -99,6 +99,16 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _judge_name(judge: dict) -> str:
+    if judge.get("kind") == "llm":
+        return f"LLM judge {judge.get('model')}"
+    if judge.get("safety_rm") or judge.get("scorer") == "CombinedScorer":
+        return "combined reward (helpfulness + safety RMs)"
+    if judge.get("rm"):
+        return "reward model"
+    return f"rule-based reward ({judge['reward_fn']})" if judge.get("reward_fn") else "rule-based reward"
+
+
 def plot_rewards(rounds: Sequence[Round], path: Path) -> Path | None:
     data = []
     for r in rounds:
@@ -123,9 +133,10 @@ def plot_rewards(rounds: Sequence[Round], path: Path) -> Path | None:
               bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     ax.set_xlabel("round")
     judge = data[-1][1].get("judge", {})
-    ax.set_ylabel("reward score (reward-model output, logits)")
-    ax.set_title(f"Reward of responses to held-out prompts per round\n(judge: {judge.get('scorer') or judge.get('kind')}, "
-                 f"n={data[-1][1]['n']} prompts per round)")
+    ax.set_ylabel("reward-model score (logit)" if judge.get("rm") or judge.get("scorer") == "CombinedScorer"
+                  else "reward (the rule-based scorer's units)")
+    ax.set_title(f"Reward of responses to held-out prompts per round\njudge: {_judge_name(judge)}; "
+                 f"n={data[-1][1]['n']} prompts per round", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -197,18 +208,19 @@ def plot_winrate(rounds: Sequence[Round], path: Path) -> Path | None:
     if not pts:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig, ax = plt.subplots(figsize=(6.2, 6))
     baseline = pts[-1][1].get("baseline")
     judge = pts[-1][1].get("judge", {})
     two_d = all(_axes_of(res) for _, res in pts)
     if two_d:
         xlabel = ylabel = ""
-        for r, res in pts:
+        for k, (r, res) in enumerate(pts):
             hx, hy, xlabel, ylabel = _axes_of(res)  # type: ignore[misc]
             x, y = 100 * hx["win_rate"], 100 * hy["win_rate"]
             ax.errorbar(x, y, xerr=[[x - 100 * hx["ci_low"]], [100 * hx["ci_high"] - x]],
                         yerr=[[y - 100 * hy["ci_low"]], [100 * hy["ci_high"] - y]], fmt="o", capsize=3, color="tab:blue")
-            ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+            # alternate label sides so rounds that land on the same spot stay readable
+            ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(6, 6 - 16 * (k % 2)), fontsize=9)
         xs = [100 * _axes_of(res)[0]["win_rate"] for _, res in pts]  # type: ignore[index]
         ys = [100 * _axes_of(res)[1]["win_rate"] for _, res in pts]  # type: ignore[index]
         ax.plot(xs, ys, "-", color="tab:blue", alpha=0.4)
@@ -219,7 +231,7 @@ def plot_winrate(rounds: Sequence[Round], path: Path) -> Path | None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"Win rate vs {_short(baseline)} across rounds (Llama 2 Fig. 11 style)\n"
-                     f"judge: {judge.get('kind')}, bars: 95% bootstrap CI, ties count half", fontsize=10)
+                     f"judge: {_judge_name(judge)}\nbars: 95% bootstrap CI; ties count half", fontsize=9.5)
     else:
         x = [r.number for r, _ in pts]
         y = [100 * res["metrics"]["win_rate"] for _, res in pts]
@@ -233,7 +245,7 @@ def plot_winrate(rounds: Sequence[Round], path: Path) -> Path | None:
         ax.set_xlabel("round")
         ax.set_ylabel("win rate (%), ties count half")
         ax.legend()
-        ax.set_title(f"Win rate vs {_short(baseline)} across rounds (judge: {judge.get('kind')})", fontsize=10)
+        ax.set_title(f"Win rate vs {_short(baseline)} across rounds\n(judge: {_judge_name(judge)})", fontsize=10)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
