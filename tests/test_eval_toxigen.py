@@ -96,6 +96,18 @@ def test_labelled_file_errors_name_the_line(tmp_path):
         toxicity.load_statements(tmp_path)
 
 
+def test_annotated_layout_uses_lm_eval_label_rule(tmp_path):
+    f = tmp_path / "annotated.csv"
+    f.write_text("text,target_group,toxicity_ai,toxicity_human\n"
+                 "x is fine,g1,1.0,1.0\n"          # 2 -> benign
+                 "y are awful,g1,3.0,2.6\n"        # 5.6 > 5.5 -> toxic
+                 "z are ok I guess,g2,2.5,3.0\n")  # 5.5 -> benign
+    statements, source = toxicity.load_statements(f)
+    assert [(s.text, s.label, s.group) for s in statements] == [("x is fine", 0, "g1"), ("y are awful", 1, "g1"),
+                                                                ("z are ok I guess", 0, "g2")]
+    assert source["kind"] == "labelled-file"
+
+
 def test_sample_prompts_is_seeded_per_file(tmp_path):
     folder = write_prompt_files(tmp_path / "p", lines_per_file=10)
     a = toxigen.sample_prompts(folder, per_group=3, seed=1)

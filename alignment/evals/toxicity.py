@@ -18,8 +18,10 @@ lists of machine-generated statements about 16 groups; a statement's label is th
 from, i.e. the intent it was generated with (hateful or benign), not a human judgement of each
 statement. The command splits every prompt into its statements, deduplicates them (668 distinct
 statements in the published files), and drops any statement found under both labels. A labelled
-file (``text``, ``label`` 0/1 or toxic/benign, optional ``group``) works too, e.g. ToxiGen's
-human-annotated set.
+file (``text`` and ``label`` 0/1 or toxic/benign, optional ``group``) works too, and so does
+ToxiGen's human-annotated set (``hub:toxigen/toxigen-data``, gated on the Hub, or its CSV: ``text``,
+``target_group``, 1-5 ``toxicity_human`` / ``toxicity_ai`` ratings, toxic when their sum > 5.5 as in
+lm-eval's toxigen task).
 
 Honest held-out numbers. Statements about one group are close paraphrases of each other, so a
 random split would leak. The card reports leave-one-group-out cross-validation: for each group,
@@ -177,38 +179,54 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def load_statements(data: str | Path) -> tuple[list[Statement], dict]:
-    """Labelled statements from a ToxiGen prompts folder or a labelled file; plus a description."""
-    from data.errors import DataError
+def _row_label(row: dict) -> int | None:
+    """0/1 from ``label`` (0/1, toxic/benign) or, for ToxiGen's annotated set, from its two 1-5 toxicity
+    ratings the way lm-eval's toxigen task does: toxic when toxicity_ai + toxicity_human > 5.5."""
+    if "label" in row:
+        v = str(row["label"]).strip().lower()
+        return 1 if v in ("1", "toxic", "hate", "true") else 0 if v in ("0", "benign", "neutral", "false", "non-toxic") else None
+    if "toxicity_human" in row:
+        try:
+            return int(float(row["toxicity_human"]) + float(row.get("toxicity_ai", row["toxicity_human"])) > 5.5)
+        except (TypeError, ValueError):
+            return None
+    return None
 
-    data = Path(data)
+
+def load_statements(data: str | Path) -> tuple[list[Statement], dict]:
+    """Labelled statements from a ToxiGen prompts folder, a labelled file, or ``hub:toxigen/toxigen-data``
+    (its human-annotated config); plus a description of the source."""
+    from data.errors import DataError
+    from data.loaders import source_rows
+
     raw: list[Statement] = []
-    if data.is_dir():
-        files = sorted(p for p in data.iterdir() if _FILE.match(p.name))
+    if str(data).startswith("hub:"):
+        where, rows = source_rows(str(data), split="train", subset="annotated")
+        source: dict[str, Any] = {"kind": "hub", "path": str(data), "config": "annotated"}
+    elif Path(data).is_dir():
+        folder = Path(data)
+        files = sorted(p for p in folder.iterdir() if _FILE.match(p.name))
         if not files:
-            raise DataError("no ToxiGen prompt files (hate_<group>_1k.txt / neutral_<group>_1k.txt) in this folder", path=data)
+            raise DataError("no ToxiGen prompt files (hate_<group>_1k.txt / neutral_<group>_1k.txt) in this folder", path=folder)
         for f in files:
             m = _FILE.match(f.name)
             assert m is not None
             label, group = int(m.group(1) == "hate"), m.group(2)
             for line in f.read_text(encoding="utf-8").splitlines():
                 raw += [Statement(s, label, group) for s in split_prompt(line)]
-        source = {"kind": "toxigen-prompts", "folder": str(data), "files": [f.name for f in files]}
+        where, rows = str(folder), iter(())
+        source = {"kind": "toxigen-prompts", "folder": str(folder), "files": [f.name for f in files]}
     else:
-        from data.loaders import read_rows
-
-        for lineno, row in read_rows(data):
-            text, label = row.get("text"), row.get("label")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError("needs a non-empty 'text'", path=data, line=lineno, key="text")
-            if str(label).strip().lower() in ("1", "toxic", "hate", "true"):
-                y = 1
-            elif str(label).strip().lower() in ("0", "benign", "neutral", "false", "non-toxic"):
-                y = 0
-            else:
-                raise DataError(f"label must be 0/1 (or toxic/benign), got {label!r}", path=data, line=lineno, key="label")
-            raw.append(Statement(text.strip(), y, str(row.get("group") or "all")))
+        where, rows = source_rows(str(data))
         source = {"kind": "labelled-file", "path": str(data)}
+    for lineno, row in rows:
+        text, y = row.get("text"), _row_label(row)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError("needs a non-empty 'text'", path=where, line=lineno, key="text")
+        if y is None:
+            raise DataError(f"needs 'label' 0/1 (or toxic/benign) or 1-5 'toxicity_human' ratings, got {row.get('label')!r}",
+                            path=where, line=lineno, key="label")
+        raw.append(Statement(text.strip(), y, str(row.get("group") or row.get("target_group") or "all")))
     seen: dict[str, Statement] = {}
     conflicts: set[str] = set()
     for s in raw:
@@ -218,7 +236,7 @@ def load_statements(data: str | Path) -> tuple[list[Statement], dict]:
         seen.setdefault(k, s)
     statements = [s for k, s in seen.items() if k not in conflicts]
     if not statements or len({s.label for s in statements}) < 2:
-        raise DataError("training needs statements of both labels", path=data)
+        raise DataError("training needs statements of both labels", path=str(data))
     digest = hashlib.sha256("\n".join(sorted(f"{s.label}\t{_norm(s.text)}" for s in statements)).encode()).hexdigest()
     source.update(statements_read=len(raw), distinct=len(statements), dropped_conflicting=len(conflicts), sha256=digest)
     return statements, source
@@ -410,7 +428,8 @@ def load_classifier(spec: str | None = None) -> ToxicityClassifier:
 
 def cli(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="align eval train-classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="ToxiGen prompts folder (hate_*/neutral_* files) or a file of text,label[,group] rows")
+    p.add_argument("--data", required=True, help="ToxiGen prompts folder (hate_*/neutral_* files), a file of text,label[,group] rows, "
+                                                 "ToxiGen's annotated CSV, or hub:toxigen/toxigen-data")
     p.add_argument("--out", required=True, help="folder for head.json, card.json, README.md")
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the logistic head (1e-3 had the best leave-one-group-out AUC of 1e-4 ... 1e-1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing head in --out")
