@@ -48,12 +48,18 @@ log = logging.getLogger(__name__)
 # text overlap
 
 
-def rouge(prediction: str, references: str | Sequence[str]) -> dict[str, float]:
-    """ROUGE-1/2/L F-measures in [0, 1] (rouge-score, no stemming), max over references."""
+def _rouge_scorer(types: Sequence[str], use_stemmer: bool = False) -> Any:
     from rouge_score import rouge_scorer
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." per scorer
+    return rouge_scorer.RougeScorer(list(types), use_stemmer=use_stemmer)
+
+
+def rouge(prediction: str, references: str | Sequence[str]) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures in [0, 1] (rouge-score, no stemming), max over references."""
+
     refs = [references] if isinstance(references, str) else list(references)
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    scorer = _rouge_scorer(["rouge1", "rouge2", "rougeL"])
     best = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     if not prediction.strip():
         return best
@@ -95,12 +101,10 @@ def bleu_t5(reference: str, prediction: str) -> float:
 
 def rouge_t5(reference: str, prediction: str) -> dict[str, float]:
     """ROUGE-1/2/Lsum F-measures in [0, 100] as lm-eval's TruthfulQA generation task computes them."""
-    from rouge_score import rouge_scorer
-
     def prepare(summary: str) -> str:  # newlines between sentences, for rougeLsum
         return summary.replace(" . ", ".\n")
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"])
+    scorer = _rouge_scorer(["rouge1", "rouge2", "rougeLsum"])
     scores = scorer.score(prepare(reference), prepare(prediction))
     return {"rouge1": scores["rouge1"].fmeasure * 100, "rouge2": scores["rouge2"].fmeasure * 100,
             "rougeL": scores["rougeLsum"].fmeasure * 100}
