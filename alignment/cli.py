@@ -49,6 +49,9 @@ def run_stage(name: str, module_name: str, help_text: str, argv: Sequence[str]) 
     )
     parser.add_argument("--config", help="YAML config file (fields below); key=value overrides follow")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
+    parser.add_argument("--launch", metavar="ACCELERATE_CONFIG",
+                        help="run on several processes with this accelerate config (configs/accelerate/*.yaml)")
+    parser.add_argument("--nproc", type=int, help="with --launch: override the config's num_processes")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.max_steps=5")
     args = parser.parse_args(argv)
     try:
@@ -56,6 +59,22 @@ def run_stage(name: str, module_name: str, help_text: str, argv: Sequence[str]) 
     except ConfigError as exc:
         print(f"align {name}: config error: {exc}", file=sys.stderr)
         return 2
+    if args.launch:  # validated above; now re-run the same command on every process
+        from alignment import launch
+
+        rest, skip = [], False
+        for arg in argv:  # the same command minus --launch/--nproc (both `--x v` and `--x=v`)
+            if skip:
+                skip = False
+            elif arg in ("--launch", "--nproc"):
+                skip = True
+            elif not arg.startswith(("--launch=", "--nproc=")):
+                rest.append(arg)
+        try:
+            return launch.run(args.launch, [name, *rest], nproc=args.nproc)
+        except launch.LaunchError as exc:
+            print(f"align {name}: {exc}", file=sys.stderr)
+            return 2
     module.main(cfg, resume=args.resume)
     return 0
 
@@ -64,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.path.exists("/proc/driver/nvidia"):
+        # DeepSpeed probes for an accelerator at import (transformers imports it when installed) and
+        # prints a warning to stdout when it finds none; say "cpu" up front on GPU-less machines.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

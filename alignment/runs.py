@@ -170,8 +170,34 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 def start_stage(cfg: Any, stage: str, *, resume: bool) -> Path:
-    """Common stage start: logging, output folder (resume rules), resolved config saved."""
-    setup_logging(cfg.run.log_level)
-    out = prepare_output(cfg.run.stage_dir(stage), resume=resume)
-    save_config(cfg, out / "config.yaml", stage=stage)
+    """Common stage start: process group, logging, output folder (resume rules), resolved config.
+
+    Under a multi-process launch every rank checks the folder before any rank writes to it, then
+    only the main rank writes the config; the others wait for it.
+    """
+    from alignment import distributed
+
+    distributed.init()
+    setup_logging(cfg.run.log_level if distributed.is_main() else "warning")
+    out = cfg.run.stage_dir(stage)
+    error = None
+    try:
+        prepare_output(out, resume=resume) if distributed.is_main() else _check_output(out, resume=resume)
+    except OutputExistsError as exc:
+        error = exc
+    distributed.barrier()
+    if error is not None:
+        raise error
+    if distributed.is_main():
+        save_config(cfg, out / "config.yaml", stage=stage)
+    distributed.barrier()
     return out
+
+
+def _check_output(out: Path, *, resume: bool) -> None:
+    """The checks of :func:`prepare_output` without creating anything (non-main ranks)."""
+    has_run = (out / "config.yaml").is_file()
+    if has_run and not resume:
+        raise OutputExistsError(f"{out} already holds a run; pass --resume to continue it")
+    if resume and not has_run:
+        raise OutputExistsError(f"--resume: {out} holds no run to resume")

@@ -27,11 +27,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignment import distributed
 from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
 from alignment.config import check, option
 from alignment.models import ModelConfig
 from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
-from alignment.training import TrainConfig, metrics_callback, trainer_kwargs
+from alignment.training import TrainConfig, mean_logged_loss, metrics_callback, trainer_kwargs
 from data.loaders import DataSource
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def main(cfg: SFTConfig, *, resume: bool = False) -> Path:
     log.info("SFT data: %d train / %d validation dialogues", len(train), len(val))
 
     # 2. model, tokenizer, trainer
-    logger = MetricsLogger(out, run=cfg.run, stage=STAGE, config=cfg,
+    logger = MetricsLogger(out, run=cfg.run, stage=STAGE, config=cfg, enabled=distributed.is_main(),
                            resume_step=_checkpoint_step(checkpoint) if checkpoint else None)
     trainer = build_trainer(cfg, out, train, val, logger)
     tokenizer = trainer.processing_class
@@ -140,22 +141,23 @@ def main(cfg: SFTConfig, *, resume: bool = False) -> Path:
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - t0
 
     # 4. evaluate
-    summary = {"train_loss": result.training_loss, "global_step": trainer.state.global_step,
+    summary = {"train_loss": mean_logged_loss(trainer.state.log_history), "global_step": trainer.state.global_step,
                "train_seconds": round(train_seconds, 2), "train_examples": len(train), "val_examples": len(val),
                "resumed_from": checkpoint.name if checkpoint else None, **model_summary(trainer.model)}
     if val:  # every rank takes part in evaluation
         metrics = trainer.evaluate()
         summary["eval_loss"] = metrics["eval_loss"]
         summary["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    summary["rank_fingerprints"] = distributed.fingerprints(trainer.model_wrapped)  # collective; None for one process
 
-    # 5. save
+    # 5. save (every rank calls save_model: under ZeRO-3 it gathers the shards; only rank 0 writes)
+    model_dir = out / "model"
+    trainer.save_model(str(model_dir))
     if trainer.is_world_process_zero():
-        model_dir = out / "model"
-        trainer.save_model(str(model_dir))
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(model_dir)
         if cfg.adapter.method != "full":

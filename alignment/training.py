@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from alignment import distributed
 from alignment.config import check, option
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ def trainer_kwargs(train: TrainConfig, run: "RunConfig", out: Path, *, has_eval:
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         **precision_flags(train.precision),
+        **distributed.trainer_state_kwargs(),
     )
     if grad_ckpt:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
@@ -139,3 +141,20 @@ def metrics_callback(logger: "MetricsLogger") -> "TrainerCallback":
             logger.log(row, state.global_step)
 
     return MetricsCallback()
+
+
+def mean_logged_loss(log_history: list[dict], key: str = "loss") -> float | None:
+    """Average training loss over the whole run from the trainer's log history.
+
+    Each logged value is the mean over its logging window (gathered across processes), so the
+    window-length-weighted mean is the run's mean loss. (transformers' own final ``train_loss`` is
+    rank 0's local value, scaled by the number of processes under DDP; this one is not.)
+    """
+    total, steps, last = 0.0, 0, 0
+    for row in log_history:
+        if key in row and "step" in row:
+            width = row["step"] - last
+            total += row[key] * width
+            steps += width
+            last = row["step"]
+    return total / steps if steps else None

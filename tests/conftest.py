@@ -14,6 +14,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not os.path.exists("/proc/driver/nvidia"):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as the CLI does: keeps DeepSpeed's probe off stdout
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -48,7 +48,7 @@ def test_concurrent_first_use_builds_one_intact_checkpoint(tmp_path):
                               cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    lines = {o[0].strip() for o in outs}
+    lines = {o[0].strip().splitlines()[-1] for o in outs}
     assert len(lines) == 1  # same folder, same parameter count
     entries = sorted(x.name for x in tmp_path.iterdir())
     assert entries == ["tiny-llama-v1"]  # no temp folders left behind

@@ -1,0 +1,101 @@
+"""Process-group plumbing shared by every stage, so parallelism comes from launch configs only.
+
+A stage never branches on how it was launched. It calls :func:`init` first; under a multi-process
+launch (``torchrun``, ``accelerate launch``, ``align ... --launch CONFIG``) that creates the
+Accelerate process state with the backend the hardware needs (``gloo`` on CPU, ``nccl`` on GPUs)
+*before* any trainer exists. Creating it first is what makes DeepSpeed work on CPU (see
+ENVIRONMENT.md: otherwise the trainer's own state disagrees with DeepSpeed's and batch-size
+assertions fail); trainers then reuse it (``accelerator_config={"use_configured_state": True}``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def uses_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+_STATE: Any = None
+
+
+def init() -> Any:
+    """Create the process state once (None for a single process)."""
+    global _STATE
+    if _STATE is not None or not is_distributed():
+        return _STATE
+    import torch
+    from accelerate import PartialState
+
+    if torch.cuda.is_available():
+        _STATE = PartialState(backend="nccl")
+    elif uses_deepspeed():
+        # DeepSpeed on CPU: accelerate's DeepSpeed path runs only with cpu=False; gloo carries it.
+        _STATE = PartialState(backend="gloo")
+    else:
+        # Plain data parallel on CPU: only cpu=True makes accelerate use MULTI_CPU and wrap models
+        # in DDP. (With cpu=False and no GPU it reports DistributedType.NO although the process group
+        # exists, and every rank silently trains its own copy.)
+        _STATE = PartialState(cpu=True, backend="gloo")
+    if _STATE.num_processes > 1 and str(_STATE.distributed_type) == "DistributedType.NO":
+        raise RuntimeError("multi-process launch, but accelerate set up no distributed training (DistributedType.NO)")
+    return _STATE
+
+
+def barrier() -> None:
+    if is_distributed():
+        init().wait_for_everyone()
+
+
+def trainer_state_kwargs() -> dict[str, Any]:
+    """Extra TrainingArguments so a TRL/transformers trainer reuses the state created by :func:`init`."""
+    if _STATE is None:
+        return {}
+    return {"accelerator_config": {"use_configured_state": True}}
+
+
+def fingerprints(model: Any) -> list[float] | None:
+    """A float64 checksum of the model's weights from every rank (None for one process).
+
+    Replicas in sync give identical numbers. Under ZeRO-3 the parameters are partitioned, so they
+    are gathered first. This is a collective call: every rank must make it.
+    """
+    if not is_distributed():
+        return None
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters()]
+    ctx: Any = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with ctx, torch.no_grad():
+        total = 0.0
+        for i, p in enumerate(params):
+            d = p.detach().double()
+            total += float(d.sum()) + 0.5 * float((d * d).sum()) * (1 + i % 7)
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, total)
+    return [float(x) for x in gathered]
