@@ -99,3 +99,15 @@ def test_real_evaluations_feed_the_report(tiny_model, tmp_path):
     assert {"truthfulqa", "toxigen", "winrate", "rewards"} <= set(paths)
     md = paths["markdown"].read_text()
     assert md.count("| round ") >= 2 and "TruthfulQA per category" in md and "ToxiGen % toxic per group" in md
+
+
+def test_default_output_folder_is_the_rounds_eval_folder(tmp_path):
+    from alignment.evals.results import default_out
+
+    stage = tmp_path / "runs" / "p" / "round-2" / "policy"
+    (stage / "model").mkdir(parents=True)
+    (stage / "config.yaml").write_text("stage: rs\n")
+    assert default_out("truthfulqa", str(stage)) == tmp_path / "runs" / "p" / "round-2" / "eval"
+    assert default_out("truthfulqa", str(stage / "model")) == tmp_path / "runs" / "p" / "round-2" / "eval"
+    assert str(default_out("toxigen", "smollm2-135m")) == "runs/eval/smollm2-135m"
+    assert str(default_out("toxigen", "owner/name")) == "runs/eval/owner--name"

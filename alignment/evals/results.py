@@ -101,8 +101,14 @@ def read_result(path: str | Path) -> dict:
 
 
 def default_out(eval_name: str, model: str) -> Path:
-    """``<stage output>/eval`` for a stage output folder, else ``runs/eval/<model name>``."""
+    """Where results go without ``--out``: beside a stage output, in its round's ``eval/`` folder
+    (``runs/p/round-2/policy`` -> ``runs/p/round-2/eval``, where ``align report`` looks);
+    otherwise ``runs/eval/<model name>``."""
     p = Path(model)
     if p.is_dir():
-        return p / "eval"
+        if p.name == "model" and (p.parent / "config.yaml").is_file():
+            p = p.parent
+        if (p / "config.yaml").is_file():  # a stage output folder
+            return p.parent / "eval"
+        return Path("runs") / "eval" / p.name
     return Path("runs") / "eval" / model.replace("/", "--")

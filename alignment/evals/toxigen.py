@@ -193,7 +193,7 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default: <model stage folder>/eval or runs/eval/<model>)")
+    p.add_argument("--out", help="output folder (default: the eval/ folder beside a stage output, e.g. runs/p/round-2/eval, else runs/eval/<model>)")
     p.add_argument("--name", default="toxigen", help="file stem of the outputs")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")

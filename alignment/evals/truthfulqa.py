@@ -383,7 +383,7 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--data", default=HUB_ID, help="truthful_qa (Hub), a mc_task.json / TruthfulQA.csv path, or bundled:truthfulness")
     p.add_argument("--variant", default="mc", choices=["mc", "gen", "both"], help="multiple choice, generation, or both")
     p.add_argument("--categories", help="TruthfulQA.csv to take categories from (default: the CSV beside --data, if any)")
-    p.add_argument("--out", help="output folder (default: <model stage folder>/eval or runs/eval/<model>)")
+    p.add_argument("--out", help="output folder (default: the eval/ folder beside a stage output, e.g. runs/p/round-2/eval, else runs/eval/<model>)")
     p.add_argument("--name", default="truthfulqa", help="file stem of the outputs")
     p.add_argument("--limit", type=int, help="first N questions only")
     p.add_argument("--batch-size", type=int, default=16)

@@ -315,7 +315,7 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--tie-margin", type=float, default=0.0, help="rm judge: |r_A - r_B| <= margin is a tie")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CI")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default: <model stage folder>/eval or runs/eval/<model>)")
+    p.add_argument("--out", help="output folder (default: the eval/ folder beside a stage output, e.g. runs/p/round-2/eval, else runs/eval/<model>)")
     p.add_argument("--name", help="file stem (default: winrate, or winrate-llm for --judge llm)")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
