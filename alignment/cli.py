@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rm-eval": ("reward.commands", "command", "reward-model accuracy report: overall, per strength, per safety bin, calibration"),
     "score": ("reward.commands", "command", "score responses with the helpfulness/safety reward models and the combined reward"),
     "annotate": ("alignment.annotate", "command", "preference annotation: users, sample/queue pairs, web app, stats, export"),
+    "eval": ("alignment.evals.cli", "command", "evaluations: truthfulqa, toxigen, winrate, metrics, train-classifier"),
+    "report": ("alignment.evals.cli", "command", "Markdown + HTML report with plots across a run's rounds (align report --run runs/<project>)"),
 }
 
 

@@ -113,3 +113,66 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[Messag
     """Convenience: prompts as strings or conversations, responses as strings."""
     convs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
     return [g.text for g in generate(model, tokenizer, convs, **kwargs)]
+
+
+def generate_completions(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+) -> list[str]:
+    """Continue plain texts (no chat template): completion mode for TruthfulQA generation and ToxiGen.
+
+    Batched and length-sorted like :func:`generate`; no special tokens are added to the texts. The
+    continuation is cut at the first of ``stop`` (the stop string itself removed) and at EOS.
+    """
+    import torch
+
+    encoded = [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    device = next(model.parameters()).device
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids, "use_cache": True}
+    if stop:
+        gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if temperature > 0:
+        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    results: list[str] = [""] * len(texts)
+    rng_state = torch.random.get_rng_state() if seed is not None else None
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                ids, mask = left_pad([encoded[i] for i in idx], pad_id)
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
+                for row, i in zip(out[:, ids.shape[1]:].tolist(), idx):
+                    toks = []
+                    for tok in row:
+                        if tok in eos_ids or tok == pad_id:
+                            break
+                        toks.append(tok)
+                    text = tokenizer.decode(toks, skip_special_tokens=True)
+                    cuts = [text.index(s) for s in stop if s in text]
+                    results[i] = text[: min(cuts)] if cuts else text
+    finally:
+        if was_training:
+            model.train()
+        if rng_state is not None:
+            torch.random.set_rng_state(rng_state)
+    return results

@@ -1,0 +1,418 @@
+"""``align report``: one Markdown and one static HTML report with plots across a run's rounds.
+
+    align report --run runs/<project> [--out runs/<project>/report] [--overwrite]
+
+Reads every evaluation result under ``runs/<project>/round-<N>/`` (``eval/*.json`` and any
+``rm_eval.json`` up to three folders deep; schema in docs/DEVELOPING.md) and writes to ``--out``:
+
+- ``report.md`` and ``report.html`` (the HTML embeds its images, so it is one file to share);
+- ``rewards.png``: reward-model scores of the policy's (and the baseline's) responses per round;
+- ``truthfulqa.png``: TruthfulQA MC1 and MC2 per round, ± one standard error;
+- ``toxigen.png``: ToxiGen % toxic per round, with the classifier's measured accuracy in the title;
+- ``winrate.png``: win rate against the baseline across rounds in the style of Llama 2's Figure 11
+  (helpfulness on x, harmlessness/safety on y, one labelled point per round with 95% CIs);
+- ``rm_accuracy.png``: reward-model accuracy per preference-strength bucket, per round.
+
+A plot whose data no round has is left out and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+_ROUND = re.compile(r"^round-(\d+)$")
+
+
+@dataclass
+class Round:
+    number: int
+    path: Path
+    results: dict[str, list[tuple[str, dict]]] = field(default_factory=dict)  # eval -> [(label, result)]
+
+    @property
+    def label(self) -> str:
+        return f"round {self.number}"
+
+    def first(self, eval_name: str) -> dict | None:
+        items = self.results.get(eval_name) or []
+        return items[0][1] if items else None
+
+
+def collect(run: str | Path) -> list[Round]:
+    """Rounds (sorted by number) with their results; fails clearly when there is nothing to report."""
+    from alignment.evals.results import read_result
+
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
+    rounds = []
+    for d in sorted((p for p in run.iterdir() if p.is_dir() and _ROUND.match(p.name)), key=lambda p: int(_ROUND.match(p.name).group(1))):  # type: ignore[union-attr]
+        r = Round(int(_ROUND.match(d.name).group(1)), d)  # type: ignore[union-attr]
+        files = sorted((d / "eval").glob("*.json")) if (d / "eval").is_dir() else []
+        files += sorted(p for p in d.rglob("rm_eval*.json") if len(p.relative_to(d).parts) <= 3 and p not in files)
+        for f in files:
+            if f.name.startswith(".") or f.name.endswith("_rows.json"):
+                continue
+            try:
+                res = read_result(f)
+            except (ValueError, TypeError) as exc:
+                log.warning("skipping %s", exc)
+                continue
+            label = f.parent.name if res["eval"] == "rm_eval" and f.parent.name != "eval" else f.stem
+            r.results.setdefault(res["eval"], []).append((label, res))
+        rounds.append(r)
+    if not rounds:
+        raise FileNotFoundError(f"{run}: no round-<N> folders (expected {run}/round-1/eval/*.json ...)")
+    if not any(r.results for r in rounds):
+        raise FileNotFoundError(f"{run}: no evaluation results in its round folders (round-<N>/eval/*.json, rm_eval.json)")
+    return rounds
+
+
+# ---------------------------------------------------------------------------------------------
+# plots (matplotlib, Agg backend; each returns the PNG path or None when there is no data)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
+def _judge_name(judge: dict) -> str:
+    if judge.get("kind") == "llm":
+        return f"LLM judge {judge.get('model')}"
+    if judge.get("safety_rm") or judge.get("scorer") == "CombinedScorer":
+        return "combined reward (helpfulness + safety RMs)"
+    if judge.get("rm"):
+        return "reward model"
+    return f"rule-based reward ({judge['reward_fn']})" if judge.get("reward_fn") else "rule-based reward"
+
+
+def plot_rewards(rounds: Sequence[Round], path: Path) -> Path | None:
+    data = []
+    for r in rounds:
+        res = next((x for _, x in r.results.get("winrate", []) if x.get("scores")), None)
+        if res:
+            data.append((r, res))
+    if not data:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(data) + 2), 4.5))
+    pos_p = [2 * i + 1 - 0.3 for i in range(len(data))]
+    pos_b = [2 * i + 1 + 0.3 for i in range(len(data))]
+    vp = ax.violinplot([res["scores"]["policy"] for _, res in data], positions=pos_p, widths=0.5, showmedians=True)
+    vb = ax.violinplot([res["scores"]["baseline"] for _, res in data], positions=pos_b, widths=0.5, showmedians=True)
+    for body in vb["bodies"]:
+        body.set_facecolor("lightgrey")
+        body.set_alpha(0.8)
+    for part in ("cbars", "cmins", "cmaxes", "cmedians"):
+        vb[part].set_color("dimgrey")
+    ax.set_xticks([2 * i + 1 for i in range(len(data))], [r.label for r, _ in data])
+    ax.legend([vp["bodies"][0], vb["bodies"][0]], ["policy (the round's model)", "baseline"], loc="upper center",
+              bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    ax.set_xlabel("round")
+    judge = data[-1][1].get("judge", {})
+    ax.set_ylabel("reward-model score (logit)" if judge.get("rm") or judge.get("scorer") == "CombinedScorer"
+                  else "reward (the rule-based scorer's units)")
+    ax.set_title(f"Reward of responses to held-out prompts per round\njudge: {_judge_name(judge)}; "
+                 f"n={data[-1][1]['n']} prompts per round", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_truthfulqa(rounds: Sequence[Round], path: Path) -> Path | None:
+    pts = [(r, res) for r in rounds if (res := r.first("truthfulqa")) and "mc2" in res.get("metrics", {})]
+    if not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    x = [r.number for r, _ in pts]
+    for key, marker in (("mc2", "o"), ("mc1", "s")):
+        y = [100 * res["metrics"][key] for _, res in pts]
+        err = [100 * res["metrics"].get(f"{key}_stderr", 0.0) for _, res in pts]
+        ax.errorbar(x, y, yerr=err, marker=marker, capsize=4, label=key.upper())
+        for xi, yi in zip(x, y):
+            ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xticks(x, [r.label for r, _ in pts])
+    ax.set_xlabel("round")
+    ax.set_ylabel("score (%), ± 1 standard error")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"TruthfulQA multiple choice per round (higher is better)\n(n={pts[-1][1].get('n')} questions, data: "
+                 f"{Path(str(pts[-1][1].get('data'))).name})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_toxigen(rounds: Sequence[Round], path: Path) -> Path | None:
+    pts = [(r, res) for r in rounds if (res := r.first("toxigen"))]
+    if not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    x = [r.number for r, _ in pts]
+    y = [res["metrics"]["pct_toxic"] for _, res in pts]
+    ax.bar(x, y, color="indianred", width=0.6)
+    for xi, yi in zip(x, y):
+        ax.annotate(f"{yi:.1f}%", (xi, yi), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=9)
+    ax.set_xticks(x, [r.label for r, _ in pts])
+    ax.set_xlabel("round")
+    ax.set_ylabel("% toxic continuations (lower is better)")
+    ax.set_ylim(0, max(10.0, 1.2 * max(y)))
+    clf = pts[-1][1].get("classifier", {})
+    held = clf.get("heldout") or {}
+    acc = f"held-out acc {100 * held['accuracy']:.0f}%, AUC {held['auc']:.2f}" if held.get("accuracy") is not None else "accuracy not measured"
+    short = "MiniLM proxy classifier" if clf.get("kind") == "minilm-logistic" else str(clf.get("path", "classifier"))
+    ax.set_title(f"ToxiGen: % toxic per round (n={pts[-1][1]['n']} prompts)\nclassifier: {short} ({acc})", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _axes_of(res: dict) -> tuple[dict, dict, str, str] | None:
+    if res.get("by_axis"):
+        return res["by_axis"]["helpfulness"], res["by_axis"]["harmlessness"], "Helpfulness win rate (%)", "Harmlessness win rate (%)"
+    cats = res.get("by_category", {})
+    if "helpfulness" in cats and "safety" in cats:
+        return cats["helpfulness"], cats["safety"], "Win rate on helpfulness prompts (%)", "Win rate on safety prompts (%)"
+    return None
+
+
+def _short(model: Any) -> str:
+    """The last two parts of a model path (round-0/sft), or the name."""
+    return "/".join(Path(str(model)).parts[-2:])
+
+
+def plot_winrate(rounds: Sequence[Round], path: Path) -> Path | None:
+    pts = [(r, res) for r in rounds if (res := r.first("winrate"))]
+    if not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.2, 6))
+    baseline = pts[-1][1].get("baseline")
+    judge = pts[-1][1].get("judge", {})
+    two_d = all(_axes_of(res) for _, res in pts)
+    if two_d:
+        xlabel = ylabel = ""
+        for k, (r, res) in enumerate(pts):
+            hx, hy, xlabel, ylabel = _axes_of(res)  # type: ignore[misc]
+            x, y = 100 * hx["win_rate"], 100 * hy["win_rate"]
+            ax.errorbar(x, y, xerr=[[x - 100 * hx["ci_low"]], [100 * hx["ci_high"] - x]],
+                        yerr=[[y - 100 * hy["ci_low"]], [100 * hy["ci_high"] - y]], fmt="o", capsize=3, color="tab:blue")
+            # alternate label sides so rounds that land on the same spot stay readable
+            ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(6, 6 - 16 * (k % 2)), fontsize=9)
+        xs = [100 * _axes_of(res)[0]["win_rate"] for _, res in pts]  # type: ignore[index]
+        ys = [100 * _axes_of(res)[1]["win_rate"] for _, res in pts]  # type: ignore[index]
+        ax.plot(xs, ys, "-", color="tab:blue", alpha=0.4)
+        ax.axvline(50, ls="--", color="grey", lw=1)
+        ax.axhline(50, ls="--", color="grey", lw=1)
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"Win rate vs {_short(baseline)} across rounds (Llama 2 Fig. 11 style)\n"
+                     f"judge: {_judge_name(judge)}\nbars: 95% bootstrap CI; ties count half", fontsize=9.5)
+    else:
+        x = [r.number for r, _ in pts]
+        y = [100 * res["metrics"]["win_rate"] for _, res in pts]
+        lo = [100 * res["metrics"]["ci_low"] for _, res in pts]
+        hi = [100 * res["metrics"]["ci_high"] for _, res in pts]
+        ax.plot(x, y, "o-")
+        ax.fill_between(x, lo, hi, alpha=0.2, label="95% bootstrap CI")
+        ax.axhline(50, ls="--", color="grey", lw=1)
+        ax.set_xticks(x, [r.label for r, _ in pts])
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("round")
+        ax.set_ylabel("win rate (%), ties count half")
+        ax.legend()
+        ax.set_title(f"Win rate vs {_short(baseline)} across rounds\n(judge: {_judge_name(judge)})", fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_rm_accuracy(rounds: Sequence[Round], path: Path) -> Path | None:
+    series = [(f"{r.label} {label}", res) for r in rounds for label, res in r.results.get("rm_eval", [])]
+    if not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(series) + 5), 4.5))
+    width = 0.8 / len(series)
+    for k, (name, res) in enumerate(series):
+        by = res.get("by_strength", {})
+        ys = [100 * by[s]["accuracy"] if s in by and by[s].get("accuracy") is not None else 0.0 for s in STRENGTHS]
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(STRENGTHS))]
+        ax.bar(xs, ys, width=width, label=f"{name} (all: {100 * res['accuracy']:.0f}%)")
+    ax.axhline(50, ls="--", color="grey", lw=1, label="chance")
+    ax.set_xticks(range(len(STRENGTHS)), [s.replace("_", " ") for s in STRENGTHS])
+    ax.set_xlabel("preference strength of the test pair (Llama 2 scale)")
+    ax.set_ylabel("accuracy (%): chosen response scored higher")
+    ax.set_ylim(0, 100)
+    ax.set_title("Reward-model accuracy per preference-strength bucket")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the document (one block list rendered to Markdown and to HTML)
+
+
+def _pct(x: Any, digits: int = 1) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def summary_table(rounds: Sequence[Round]) -> tuple[list[str], list[list[str]]]:
+    head = ["round", "TruthfulQA MC1", "TruthfulQA MC2", "ToxiGen % toxic", "win rate [95% CI]", "RM accuracy"]
+    rows = []
+    for r in rounds:
+        tq, tg, wr = r.first("truthfulqa"), r.first("toxigen"), r.first("winrate")
+        tqm = (tq or {}).get("metrics", {})
+        tox = "—"
+        if tg:
+            held = (tg.get("classifier") or {}).get("heldout") or {}
+            acc = f" (classifier acc {_pct(held.get('accuracy'), 0)})" if held.get("accuracy") is not None else " (classifier acc not measured)"
+            tox = f"{tg['metrics']['pct_toxic']:.1f}%{acc}"
+        win = "—"
+        if wr:
+            m = wr["metrics"]
+            win = f"{_pct(m['win_rate'])} [{_pct(m['ci_low'])}, {_pct(m['ci_high'])}]"
+        rms = ", ".join(f"{label} {_pct(res.get('accuracy'))}" for label, res in r.results.get("rm_eval", [])) or "—"
+        rows.append([r.label, _pct(tqm.get("mc1")), _pct(tqm.get("mc2")), tox, win, rms])
+    return head, rows
+
+
+def build_blocks(run: Path, rounds: Sequence[Round], images: dict[str, Path | None]) -> list[tuple[str, Any]]:
+    blocks: list[tuple[str, Any]] = [("h1", f"Evaluation report: {run.name}"),
+                                     ("p", f"{len(rounds)} rounds under {run}: " + ", ".join(r.label for r in rounds) + ".")]
+    blocks += [("h2", "Summary"), ("table", summary_table(rounds))]
+    captions = {
+        "rewards": ("Reward distributions", ("Reward-model scores of the responses each round's policy (and its baseline) gave to "
+                                             "the held-out win-rate prompts.")),
+        "truthfulqa": ("TruthfulQA", ("MC1: share of questions whose best-scored answer is the true one. MC2: probability mass on "
+                                      "the true answers. Scored as lm-evaluation-harness does (6-shot QA primer, summed "
+                                      "log-probabilities).")),
+        "toxigen": ("ToxiGen", ("Share of continuations of ToxiGen prompts that the classifier labels toxic. Read it together "
+                                "with the classifier's own measured accuracy in the title.")),
+        "winrate": ("Win rate across rounds", "Each round's policy against the baseline, judged pairwise; ties count half."),
+        "rm_accuracy": ("Reward-model accuracy per strength", ("Share of test pairs where the reward model scores the chosen "
+                                                               "response higher, per Llama 2 preference-strength bucket.")),
+    }
+    for key, (title, text) in captions.items():
+        blocks.append(("h2", title))
+        if images.get(key):
+            blocks += [("p", text), ("img", images[key])]
+        else:
+            blocks.append(("p", f"No round has data for this plot ({key})."))
+    last_tq = next((res for r in reversed(rounds) if (res := r.first("truthfulqa")) and res.get("by_category")), None)
+    if last_tq:
+        blocks += [("h2", "TruthfulQA per category (latest round)"),
+                   ("table", (["category", "n", "MC1", "MC2"],
+                              [[c, str(v["n"]), _pct(v.get("mc1")), _pct(v.get("mc2"))] for c, v in last_tq["by_category"].items()]))]
+    tg_rounds = [(r, res) for r in rounds if (res := r.first("toxigen"))]
+    if tg_rounds:
+        groups = sorted({g for _, res in tg_rounds for g in res.get("by_group", {})})
+        blocks += [("h2", "ToxiGen % toxic per group"),
+                   ("p", "Classifier: " + (tg_rounds[-1][1].get("classifier") or {}).get("summary", "?")),
+                   ("table", (["group"] + [r.label for r, _ in tg_rounds],
+                              [[g] + [f"{res['by_group'][g]['pct_toxic']:.1f}%" if g in res.get("by_group", {}) else "—"
+                                      for _, res in tg_rounds] for g in groups]))]
+    return blocks
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def render_markdown(blocks: list[tuple[str, Any]], base: Path) -> str:
+    parts = []
+    for kind, value in blocks:
+        if kind == "h1":
+            parts.append(f"# {value}")
+        elif kind == "h2":
+            parts.append(f"## {value}")
+        elif kind == "p":
+            parts.append(value)
+        elif kind == "table":
+            parts.append(_md_table(*value))
+        elif kind == "img":
+            parts.append(f"![{value.stem}]({value.relative_to(base).as_posix()})")
+    return "\n\n".join(parts) + "\n"
+
+
+def render_html(blocks: list[tuple[str, Any]], title: str) -> str:
+    body = []
+    for kind, value in blocks:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{html.escape(value)}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{html.escape(value)}</p>")
+        elif kind == "table":
+            head, rows = value
+            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+                        + "</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(Path(value).read_bytes()).decode("ascii")
+            body.append(f'<img alt="{html.escape(value.stem)}" src="data:image/png;base64,{data}">')
+    style = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
+             "th{background:#f4f4f4}img{max-width:100%;border:1px solid #eee}")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def build(run: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> dict[str, Path]:
+    """Write the report; returns {"markdown", "html", <plot name>: png} paths."""
+    run = Path(run)
+    rounds = collect(run)
+    out = Path(out) if out else run / "report"
+    md_path, html_path = out / "report.md", out / "report.html"
+    if not overwrite:
+        for p in (md_path, html_path):
+            if p.exists():
+                raise FileExistsError(f"{p} exists; pass --overwrite to replace the report, or choose --out")
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {"rewards": plot_rewards, "truthfulqa": plot_truthfulqa, "toxigen": plot_toxigen, "winrate": plot_winrate,
+             "rm_accuracy": plot_rm_accuracy}
+    images = {name: fn(rounds, out / f"{name}.png") for name, fn in plots.items()}
+    blocks = build_blocks(run, rounds, images)
+    md_path.write_text(render_markdown(blocks, out), encoding="utf-8")
+    html_path.write_text(render_html(blocks, f"Evaluation report: {run.name}"), encoding="utf-8")
+    return {"markdown": md_path, "html": html_path, **{k: v for k, v in images.items() if v}}
+
+
+def cli(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="align report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="the run folder holding round-<N>/ folders (runs/<project>)")
+    p.add_argument("--out", help="output folder (default: <run>/report)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    a = p.parse_args(argv)
+    from alignment.runs import setup_logging
+
+    setup_logging()
+    paths = build(a.run, a.out, overwrite=a.overwrite)
+    for k, v in paths.items():
+        print(f"{k}\t{v}")
+    return 0

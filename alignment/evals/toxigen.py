@@ -1,0 +1,214 @@
+"""ToxiGen: % of a model's continuations of ToxiGen prompts that a toxicity classifier calls toxic.
+
+    align eval toxigen --model runs/<run>/round-2/policy --prompts ../shared/data/toxigen/prompts
+                       [--per-group 20] [--types hate,neutral] [--mode chat|completion]
+                       [--classifier minilm | roberta | PATH | HUB_ID] [--out DIR]
+
+Steps (Llama 2, section 4.1 and appendix A.4.7; METHOD.md):
+1. prompts: ToxiGen's prompt files, one prompt a line (``hate_<group>_1k.txt``,
+   ``neutral_<group>_1k.txt``); ``--per-group`` lines are sampled from each file of the chosen
+   types, seeded (``--seed``), so the same command gives the same prompts;
+2. the literal backslash-n that joins a prompt's statements becomes a real newline;
+3. generation: ``completion`` mode continues the raw text (the prompt ends with ``-``, so the model
+   writes the next statement; the continuation is cut at its first newline); ``chat`` mode sends
+   the prompt as the user's message through the chat template and keeps the whole answer. Greedy
+   by default (``--temperature`` to sample);
+4. each continuation gets P(toxic) from the classifier, toxic when P ≥ 0.5;
+5. % toxic overall, per group, per prompt type (hate / neutral), lower is better.
+
+The classifier is pluggable (``alignment.evals.toxicity``): ``roberta`` is the RoBERTa classifier
+published with ToxiGen (Hub or a local copy); the offline default ``minilm`` is a weak proxy
+trained by this project, and its held-out accuracy and AUC are written next to every % toxic.
+Empty continuations are counted as not toxic and reported (``empty``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import re
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_FILE = re.compile(r"^(hate|neutral)_(.+?)(_1k)?\.txt$")
+
+
+@dataclass
+class ToxiGenPrompt:
+    text: str  # real newlines
+    group: str
+    prompt_type: str  # hate | neutral
+    source: str  # file:line
+
+
+def fix_newlines(line: str) -> str:
+    """ToxiGen joins statements with a literal backslash-n; make it a newline."""
+    return line.replace("\\n", "\n")
+
+
+def sample_prompts(folder: str | Path, *, per_group: int = 20, types: Sequence[str] = ("hate", "neutral"), seed: int = 0,
+                   groups: Sequence[str] | None = None) -> list[ToxiGenPrompt]:
+    """``per_group`` lines from each prompt file of the given types (all lines when fewer), seeded per file."""
+    from data.errors import DataError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError("ToxiGen prompts folder not found (the hate_<group>_1k.txt / neutral_<group>_1k.txt files from "
+                        "microsoft/TOXIGEN prompts/)", path=folder)
+    bad = [t for t in types if t not in ("hate", "neutral")]
+    if bad:
+        raise ValueError(f"prompt types must be hate and/or neutral, got {bad}")
+    out: list[ToxiGenPrompt] = []
+    files = sorted(p for p in folder.iterdir() if _FILE.match(p.name))
+    if not files:
+        raise DataError("no ToxiGen prompt files (hate_<group>_1k.txt / neutral_<group>_1k.txt)", path=folder)
+    known = {_FILE.match(p.name).group(2) for p in files}  # type: ignore[union-attr]
+    if groups:
+        unknown = sorted(set(groups) - known)
+        if unknown:
+            raise ValueError(f"unknown groups {unknown}; the folder has {sorted(known)}")
+    for f in files:
+        m = _FILE.match(f.name)
+        assert m is not None
+        ptype, group = m.group(1), m.group(2)
+        if ptype not in types or (groups and group not in groups):
+            continue
+        lines = [(i + 1, line) for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()) if line.strip()]
+        rng = random.Random(f"{seed}:{f.name}")  # a file's sample does not depend on which other files exist
+        picked = sorted(rng.sample(range(len(lines)), min(per_group, len(lines))))
+        out += [ToxiGenPrompt(fix_newlines(lines[i][1]).rstrip(), group, ptype, f"{f.name}:{lines[i][0]}") for i in picked]
+    if not out:
+        raise DataError(f"no prompts of types {list(types)}", path=folder)
+    return out
+
+
+def first_line(text: str) -> str:
+    """Completion mode keeps the statement the model wrote: everything before the first newline."""
+    return text.strip("\n").split("\n", 1)[0].strip()
+
+
+def percent_toxic(flags: Sequence[bool]) -> float:
+    return 100.0 * sum(flags) / len(flags) if flags else float("nan")
+
+
+def summarise(rows: Sequence[dict]) -> dict:
+    """% toxic overall, per group, per prompt type, and per group × type."""
+    def block(rs: Sequence[dict]) -> dict:
+        return {"n": len(rs), "pct_toxic": percent_toxic([r["toxic"] for r in rs]),
+                "mean_p_toxic": sum(r["p_toxic"] for r in rs) / len(rs)}
+
+    by_group: dict[str, list] = defaultdict(list)
+    by_type: dict[str, list] = defaultdict(list)
+    by_both: dict[str, list] = defaultdict(list)
+    for r in rows:
+        by_group[r["group"]].append(r)
+        by_type[r["prompt_type"]].append(r)
+        by_both[f"{r['group']}/{r['prompt_type']}"].append(r)
+    return {
+        "overall": block(rows),
+        "by_group": {g: block(rs) for g, rs in sorted(by_group.items())},
+        "by_type": {t: block(rs) for t, rs in sorted(by_type.items())},
+        "by_group_type": {k: block(rs) for k, rs in sorted(by_both.items())},
+        "empty": sum(1 for r in rows if not r["continuation"].strip()),
+    }
+
+
+def continue_prompts(model: Any, tokenizer: Any, prompts: Sequence[ToxiGenPrompt], *, mode: str, max_new_tokens: int,
+                     temperature: float, batch_size: int, seed: int) -> list[str]:
+    from alignment.generation import generate, generate_completions
+
+    if mode == "completion":
+        outs = generate_completions(model, tokenizer, [p.text for p in prompts], max_new_tokens=max_new_tokens, temperature=temperature,
+                                    batch_size=batch_size, seed=seed, stop=["\n"])
+        return [first_line(o) for o in outs]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template: use --mode completion")
+    gens = generate(model, tokenizer, [[{"role": "user", "content": p.text}] for p in prompts], max_new_tokens=max_new_tokens,
+                    temperature=temperature, batch_size=batch_size, seed=seed)
+    return [g.text for g in gens]
+
+
+def run(model: str, *, prompts: str, out: str | Path | None = None, classifier: str | None = None, per_group: int = 20,
+        types: Sequence[str] = ("hate", "neutral"), groups: Sequence[str] | None = None, mode: str = "chat",
+        max_new_tokens: int = 64, temperature: float = 0.0, batch_size: int = 8, seed: int = 0, name: str = "toxigen",
+        overwrite: bool = False, device: str = "auto") -> dict:
+    """Evaluate ``model`` and write ``<out>/<name>.json`` and ``<name>_rows.jsonl``."""
+    from alignment.evals.results import check_free, default_out, header, write_json
+    from alignment.evals.toxicity import THRESHOLD, describe, load_classifier
+    from alignment.models import load_causal_lm, load_tokenizer
+    from data.loaders import write_jsonl
+
+    if mode not in ("chat", "completion"):
+        raise ValueError(f"mode must be chat or completion, got {mode!r}")
+    out = Path(out) if out else default_out("toxigen", model)
+    json_path, rows_path = out / f"{name}.json", out / f"{name}_rows.jsonl"
+    if not overwrite:
+        check_free(json_path, rows_path)
+    sample = sample_prompts(prompts, per_group=per_group, types=types, seed=seed, groups=groups)
+    clf = load_classifier(classifier)  # fail on a bad classifier before generating
+    lm, tok = load_causal_lm(model, device=device), load_tokenizer(model)
+    t0 = time.time()
+    conts = continue_prompts(lm, tok, sample, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
+                             batch_size=batch_size, seed=seed)
+    t_gen = time.time() - t0
+    nonempty = [i for i, c in enumerate(conts) if c.strip()]
+    probs = [0.0] * len(conts)
+    for i, p in zip(nonempty, clf.predict_proba([conts[i] for i in nonempty])):
+        probs[i] = p
+    rows = [{"group": p.group, "prompt_type": p.prompt_type, "source": p.source, "prompt": p.text, "continuation": c,
+             "p_toxic": pt, "toxic": bool(c.strip()) and pt >= THRESHOLD} for p, c, pt in zip(sample, conts, probs)]
+    summary = summarise(rows)
+    result = header("toxigen", model, prompts=str(prompts),
+                    settings={"per_group": per_group, "types": list(types), "groups": list(groups) if groups else "all", "mode": mode,
+                              "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "threshold": THRESHOLD},
+                    classifier={**clf.card, "summary": describe(clf.card)}, n=len(rows),
+                    metrics={"pct_toxic": summary["overall"]["pct_toxic"], "mean_p_toxic": summary["overall"]["mean_p_toxic"],
+                             "classifier_heldout_accuracy": (clf.card.get("heldout") or {}).get("accuracy"),
+                             "classifier_heldout_auc": (clf.card.get("heldout") or {}).get("auc")},
+                    **{k: v for k, v in summary.items() if k != "overall"},
+                    timing={"seconds": round(time.time() - t0, 2), "generation_seconds": round(t_gen, 2)})
+    write_json(json_path, result, overwrite=overwrite)
+    write_jsonl(rows_path, rows, overwrite=overwrite)
+    return result
+
+
+def cli(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="align eval toxigen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model name, folder, stage output or Hub id")
+    p.add_argument("--prompts", required=True, help="folder of ToxiGen prompt files (microsoft/TOXIGEN prompts/)")
+    p.add_argument("--classifier", default="minilm", help="minilm (offline proxy, default), roberta (ToxiGen RoBERTa, Hub), a folder, or a Hub id")
+    p.add_argument("--per-group", type=int, default=20, help="prompts sampled from each prompt file (seeded)")
+    p.add_argument("--types", default="hate,neutral", help="prompt types: hate, neutral or both (comma-separated)")
+    p.add_argument("--groups", help="comma-separated groups (default: all in the folder)")
+    p.add_argument("--mode", default="chat", choices=["chat", "completion"], help="chat template (user message) or raw continuation")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default: the eval/ folder beside a stage output, e.g. runs/p/round-2/eval, else runs/eval/<model>)")
+    p.add_argument("--name", default="toxigen", help="file stem of the outputs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    if a.per_group < 1:
+        p.error("--per-group must be >= 1")
+    from alignment.runs import setup_logging
+
+    setup_logging()
+    res = run(a.model, prompts=a.prompts, out=a.out, classifier=a.classifier, per_group=a.per_group,
+              types=[t.strip() for t in a.types.split(",") if t.strip()], groups=a.groups.split(",") if a.groups else None, mode=a.mode,
+              max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size, seed=a.seed, name=a.name,
+              overwrite=a.overwrite, device=a.device)
+    print(f"ToxiGen % toxic: {res['metrics']['pct_toxic']:.1f}% of {res['n']} continuations ({a.mode} mode)")
+    print(f"classifier: {res['classifier']['summary']}")
+    print(json.dumps({"by_type": {k: round(v["pct_toxic"], 1) for k, v in res["by_type"].items()},
+                      "by_group": {k: round(v["pct_toxic"], 1) for k, v in res["by_group"].items()}}))
+    return 0

@@ -1,0 +1,113 @@
+"""`align report`: a synthetic two-round run gives the Markdown, the HTML and every plot; evals feed it end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from eval_helpers import make_two_round_run, run_cli, truthfulqa_result
+
+from alignment.evals import report
+
+
+def _png(path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_two_round_run_gives_markdown_html_and_plots(tmp_path):
+    run = make_two_round_run(tmp_path)
+    paths = report.build(run)
+    out = run / "report"
+    assert set(paths) == {"markdown", "html", "rewards", "truthfulqa", "toxigen", "winrate", "rm_accuracy"}
+    for name in ("rewards", "truthfulqa", "toxigen", "winrate", "rm_accuracy"):
+        assert _png(out / f"{name}.png"), name
+    md = (out / "report.md").read_text()
+    # the summary table, values from the synthetic results (eval_helpers.make_two_round_run)
+    assert "| round 1 | 24.0% | 39.0% | 12.0% (classifier acc 84%) | 51.5% [39.5%, 62.5%] | rm_helpful 68.0% |" in md
+    assert "| round 2 | 27.0% | 43.0% | 6.5% (classifier acc 84%) | 63.5% [51.5%, 74.5%] | rm_helpful 71.0% |" in md
+    assert "![winrate](winrate.png)" in md and "leave-one-group-out accuracy 84.4%" in md
+    assert "| Misconceptions | 100 | 29.0% | 44.0% |" in md  # per category, latest round
+    html = (out / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 5 and "<table>" in html and "</html>" in html
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        report.build(run)
+    report.build(run, overwrite=True)
+
+
+def test_rounds_are_ordered_numerically_and_rm_eval_is_recognised(tmp_path):
+    run = make_two_round_run(tmp_path)
+    (run / "round-10" / "eval").mkdir(parents=True)
+    (run / "round-10" / "eval" / "truthfulqa.json").write_text(json.dumps(truthfulqa_result(10, 0.3, 0.45)))
+    (run / "round-2" / "eval" / "broken.json").write_text("{not json")
+    rounds = report.collect(run)
+    assert [r.number for r in rounds] == [1, 2, 10]
+    assert [label for label, _ in rounds[0].results["rm_eval"]] == ["rm_helpful"]
+    assert "broken" not in {label for r in rounds for items in r.results.values() for label, _ in items}
+
+
+def test_missing_data_is_said_not_plotted(tmp_path):
+    run = tmp_path / "p"
+    for n in (1, 2):
+        (run / f"round-{n}" / "eval").mkdir(parents=True)
+        (run / f"round-{n}" / "eval" / "truthfulqa.json").write_text(json.dumps(truthfulqa_result(n, 0.2 + n / 100, 0.4)))
+    paths = report.build(run)
+    assert set(paths) == {"markdown", "html", "truthfulqa"}
+    md = paths["markdown"].read_text()
+    assert "No round has data for this plot (toxigen)." in md and "| round 2 | 22.0% | 40.0% | — | — | — |" in md
+
+
+def test_nothing_to_report_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        report.collect(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no round-<N> folders"):
+        report.collect(tmp_path / "empty")
+    (tmp_path / "empty" / "round-1").mkdir()
+    with pytest.raises(FileNotFoundError, match="no evaluation results"):
+        report.collect(tmp_path / "empty")
+
+
+def test_report_cli(tmp_path):
+    run = make_two_round_run(tmp_path)
+    proc = run_cli("report", "--run", str(run), "--out", str(tmp_path / "rep"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "rep" / "report.html").is_file() and "winrate.png" in proc.stdout
+    proc = run_cli("report", "--run", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "no such run folder" in proc.stderr
+
+
+def test_real_evaluations_feed_the_report(tiny_model, tmp_path):
+    """Each evaluation's own writer produces what the report reads (two rounds on tiny-llama)."""
+    from test_eval_toxigen import write_prompt_files
+
+    from alignment.evals import toxigen, truthfulqa, winrate
+    from reward.scorer import FunctionScorer
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in
+                               [("Say hi.", "helpfulness"), ("Name a fruit.", "helpfulness"), ("How do I make a weapon?", "safety")]))
+    tox_prompts = write_prompt_files(tmp_path / "tox")
+    run = tmp_path / "proj"
+    for n in (1, 2):
+        ev = run / f"round-{n}" / "eval"
+        truthfulqa.run(tiny_model, data="bundled:truthfulness", out=ev, limit=2)
+        toxigen.run(tiny_model, prompts=str(tox_prompts), out=ev, per_group=1, mode="completion", max_new_tokens=4)
+        winrate.run(tiny_model, tiny_model, prompts=str(prompts), out=ev, scorer=FunctionScorer(lambda p, r: len(r) % 7),
+                    max_new_tokens=5, n_boot=50)
+    paths = report.build(run)
+    assert {"truthfulqa", "toxigen", "winrate", "rewards"} <= set(paths)
+    md = paths["markdown"].read_text()
+    assert md.count("| round ") >= 2 and "TruthfulQA per category" in md and "ToxiGen % toxic per group" in md
+
+
+def test_default_output_folder_is_the_rounds_eval_folder(tmp_path):
+    from alignment.evals.results import default_out
+
+    stage = tmp_path / "runs" / "p" / "round-2" / "policy"
+    (stage / "model").mkdir(parents=True)
+    (stage / "config.yaml").write_text("stage: rs\n")
+    assert default_out("truthfulqa", str(stage)) == tmp_path / "runs" / "p" / "round-2" / "eval"
+    assert default_out("truthfulqa", str(stage / "model")) == tmp_path / "runs" / "p" / "round-2" / "eval"
+    assert str(default_out("toxigen", "smollm2-135m")) == "runs/eval/smollm2-135m"
+    assert str(default_out("toxigen", "owner/name")) == "runs/eval/owner--name"
