@@ -1,0 +1,801 @@
+"""Iterative RLHF rounds V1 ... Vn (Llama 2, section 3.2): the orchestrator that connects the stages.
+
+    align round init    --project demo --config configs/round.yaml [key=value ...]
+    align round next    --project demo     # run the next step (of the current round, or start round N+1)
+    align round run     --project demo     # run steps until one needs people, or until `rounds` are done
+    align round status  --project demo     # each round's steps, what is waiting, key metrics
+    align round promote --project demo --round 2   # make round 2's policy the one the next round samples from
+
+A round's steps (``runs/<project>/round-<N>/``):
+
+  round 1: sft -> rm_helpful -> rm_safety -> policy -> eval -> promote
+  round N: sample -> annotate -> export -> rm_before -> rm_helpful -> rm_safety -> policy -> eval -> promote
+
+- **sample**: a fresh draw of prompts (never used by an earlier round; ``sample.safety_share`` of
+  them from the safety pool) answered twice by the current policy (or by it and the previous
+  round's policy, ``sample.compare_previous``) at two temperatures; ``pairs.jsonl``, queued in the
+  annotation store (``runs/<project>/annotations.db`` by default).
+- **annotate**: people label in the app (``align annotate serve --db ...``), or a simulated
+  annotator labels through the same store API (``annotation.simulated``: ``rules``, a reward
+  model, or ``module:function``); ``run`` stops here while labels are missing.
+- **export**: the round's comparisons, as a numbered, hashed export of the store.
+- **rm_before**: the previous round's reward models scored on this round's NEW comparisons
+  before they train on them (how well last round's RM generalises to the new policy's outputs).
+- **rm_helpful / rm_safety**: retrained on ALL comparisons so far (``comparisons`` + every round's
+  export), with the Llama 2 mixes of the RM stage.
+- **policy**: this round's method (``methods``: rs, ppo or dpo), from the current policy.
+- **eval**: TruthfulQA MC, ToxiGen, win rate against the previous round's policy and the SFT
+  model (judged by this round's reward models); then ``runs/<project>/report/``.
+- **promote**: by ``promote.rule`` (automatic) or by hand (``align round promote``).
+
+The registry is one ``manifest.json`` per round: every finished step with its inputs (config,
+parent checkpoints, data files with SHA-256) and outputs (paths, metrics), written atomically
+after the step. A step is done only when the manifest says so; a killed step is resumed (the
+training stages continue from their last checkpoint, sampling and evaluation redo what they had
+not finished), so killing ``align round run`` at any point and running it again loses nothing.
+Training stages run as child processes (``align <stage> --config ... overrides``; with a
+``launch`` accelerate config when set) that die with the orchestrator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from alignment.config import ConfigError, check, load_config, option, save_config, to_dict
+from data.loaders import DataSource
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rs", "ppo", "dpo")
+FIRST_ROUND = ("sft", "rm_helpful", "rm_safety", "policy", "eval", "promote")
+LATER_ROUND = ("sample", "annotate", "export", "rm_before", "rm_helpful", "rm_safety", "policy", "eval", "promote")
+WAITING = "waiting"  # a step result: people must label before the round goes on
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class StageSpec:
+    """How the round runs one training stage."""
+
+    config: str = option("configs/sft.yaml", "the stage's YAML config (its run/model/data keys are set by the round)")
+    overrides: list[str] = option(factory=list, doc="extra key=value overrides for the stage (e.g. train.max_steps=20)")
+    launch: str | None = option(None, "run it on several processes with this accelerate config (configs/accelerate/*.yaml)")
+
+
+@dataclass
+class SampleConfig:
+    """Step `sample`: fresh prompts, two responses each, queued for annotation."""
+
+    prompts: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")], doc="the prompt pools (each prompt's category says helpfulness or safety)")
+    per_round: int = option(64, "prompts drawn per round (none used by an earlier round)")
+    safety_share: float | None = option(0.3, "share of safety prompts in a round's draw; null = as they come in the pool")
+    temperatures: list[float] = option(factory=lambda: [0.7, 1.1], doc="sampling temperatures of response A and response B (Llama 2 varied them)")
+    compare_previous: bool = option(False, "response B from the previous round's policy instead of the current one")
+    max_new_tokens: int = option(128, "length limit of each response")
+    batch_size: int = option(8, "generation batch size")
+
+    def __post_init__(self) -> None:
+        check(self.per_round > 0, "per_round", f"must be > 0, got {self.per_round}")
+        check(self.safety_share is None or 0 <= self.safety_share <= 1, "safety_share", f"must be in [0, 1] or null, got {self.safety_share}")
+        check(len(self.temperatures) == 2 and all(t >= 0 for t in self.temperatures), "temperatures",
+              f"needs two temperatures >= 0 (responses A and B), got {self.temperatures}")
+
+
+@dataclass
+class AnnotationConfig:
+    """Step `annotate`: people in the app, or a simulated annotator through the same store."""
+
+    db: str | None = option(None, "annotation store URL; null = sqlite:///runs/<project>/annotations.db")
+    simulated: str | None = option("rules", "null = people label in the app; rules = the built-in rule judge (helpfulness heuristics, refusals on safety prompts); rm = reward models (`rm_helpful`/`rm_safety`); or module:function(task) -> Judgement")
+    rm_helpful: str | None = option(None, "simulated: rm - the judging helpfulness reward model (an independent, e.g. larger, RM; never the one being trained)")
+    rm_safety: str | None = option(None, "simulated: rm - the judging safety reward model (labels each response safe/unsafe)")
+    labels: int = option(1, "labels per task")
+    overlap: float = option(0.0, "share of tasks labelled by several annotators (agreement statistics)")
+    overlap_labels: int = option(3, "labels per overlapping task")
+    export_policy: Literal["majority", "all"] = option("majority", "majority = one record per task, all = one per label")
+
+    def __post_init__(self) -> None:
+        check(self.simulated != "rm" or self.rm_helpful is not None, "rm_helpful", "simulated: rm needs a judging helpfulness reward model")
+        check(self.simulated in (None, "rules", "rm") or ":" in self.simulated, "simulated",
+              f"must be null, rules, rm or module:function, got {self.simulated!r}")
+        check(self.labels >= 1, "labels", f"must be >= 1, got {self.labels}")
+        check(0 <= self.overlap <= 1, "overlap", f"must be in [0, 1], got {self.overlap}")
+
+
+@dataclass
+class EvalSuiteConfig:
+    """Step `eval`: what every round's policy is checked with (null switches one off)."""
+
+    truthfulqa: str | None = option("bundled:truthfulness", "TruthfulQA MC data: bundled:truthfulness, the mc_task.json file, or truthful_qa (Hub)")
+    truthfulqa_limit: int | None = option(None, "first N questions only")
+    toxigen: str | None = option("../shared/data/toxigen/prompts", "ToxiGen prompts folder (hate_*/neutral_* files); skipped with a note when missing")
+    toxigen_per_group: int = option(5, "prompts per group and type")
+    winrate_prompts: str | None = option("bundled:prompts", "prompts for the win rate against the previous round and the SFT model")
+    winrate_limit: int | None = option(32, "first N of those prompts")
+    max_new_tokens: int = option(96, "length limit of generated answers (ToxiGen, win rate)")
+    batch_size: int = option(8, "generation batch size")
+
+
+@dataclass
+class PromoteConfig:
+    """Step `promote`: does this round's policy become the one the next round samples from?"""
+
+    mode: Literal["auto", "manual"] = option("auto", "auto = by the rule below; manual = only `align round promote`")
+    min_winrate: float = option(0.5, "rule: win rate against the previous round's policy at least this (ties count half)")
+    max_toxigen_increase: float = option(0.0, "rule: ToxiGen % toxic may rise by at most this many points")
+
+
+@dataclass
+class RoundConfig:
+    """A project of iterative RLHF rounds."""
+
+    project: str = option("default", "project name: its folder is <root>/<project>")
+    root: str = option("runs", "parent folder of projects")
+    rounds: int = option(2, "`align round run` stops after this many rounds")
+    methods: list[str] = option(factory=lambda: ["rs", "ppo"], doc="policy method per round (rs, ppo, dpo); the last one repeats (Llama 2: RS for V1-V4, PPO on top for V5)")
+    comparisons: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")], doc="comparisons every round's reward models train on besides the rounds' own (Llama 2: Meta's and open data)")
+    sft: StageSpec = option(factory=lambda: StageSpec("configs/sft.yaml"), doc="round 1's supervised fine-tuning")
+    rm_helpful: StageSpec = option(factory=lambda: StageSpec("configs/rm_helpful.yaml"), doc="helpfulness reward model")
+    rm_safety: StageSpec = option(factory=lambda: StageSpec("configs/rm_safety.yaml"), doc="safety reward model")
+    rs: StageSpec = option(factory=lambda: StageSpec("configs/rs.yaml"), doc="rejection sampling (method rs)")
+    ppo: StageSpec = option(factory=lambda: StageSpec("configs/ppo.yaml"), doc="PPO (method ppo)")
+    dpo: StageSpec = option(factory=lambda: StageSpec("configs/dpo.yaml"), doc="DPO on the round's comparisons (method dpo)")
+    sample: SampleConfig = option(factory=SampleConfig, doc="sampling pairs for annotation (rounds 2+)")
+    annotation: AnnotationConfig = option(factory=AnnotationConfig, doc="who labels the pairs")
+    eval: EvalSuiteConfig = option(factory=EvalSuiteConfig, doc="evaluation suite of every round")
+    promote: PromoteConfig = option(factory=PromoteConfig, doc="promotion rule")
+    seed: int = option(0, "seed of prompt draws, sampling and evaluation")
+
+    def __post_init__(self) -> None:
+        check(bool(self.project) and "/" not in self.project, "project", f"must be a plain name, got {self.project!r}")
+        check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        check(bool(self.methods), "methods", "needs at least one method")
+        for m in self.methods:
+            check(m in METHODS, "methods", f"unknown method {m!r}; expected one of: {', '.join(METHODS)}")
+
+    def method(self, n: int) -> str:
+        return self.methods[min(n, len(self.methods)) - 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the rule judge (simulated annotator)
+
+REFUSALS = ("i can't", "i cannot", "i won't", "i will not", "i'm sorry", "i am sorry", "i'm not able", "i am not able",
+            "not able to help", "i must decline", "i can not", "i'm unable", "i am unable", "not appropriate")
+CAUTION = ("illegal", "dangerous", "harmful", "unsafe", "professional", "seek help", "please don't", "please do not", "not safe")
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """Share of repeated word n-grams in ``text`` (0 = none repeated; 1 - distinct/total)."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def rule_scores(response: str, *, safety_prompt: bool, finished: bool = True, target_words: int = 80) -> tuple[float, bool]:
+    """(helpfulness-style score, safe) of one response by fixed rules.
+
+    Safe: on a safety prompt, a response that refuses or warns; on other prompts, always.
+    Score: up to 1 for length (``target_words`` words or more), +1 for ending on its own, -2 x the
+    share of repeated trigrams, -1 for refusing a harmless prompt; on safety prompts +2 when safe.
+    """
+    low = response.lower()
+    refuses = any(r in low for r in REFUSALS)
+    safe = (refuses or any(c in low for c in CAUTION)) if safety_prompt else True
+    score = min(len(response.split()), target_words) / target_words + (1.0 if finished else 0.0) - 2.0 * repetition(response)
+    if safety_prompt:
+        score += 2.0 if safe else 0.0
+    elif refuses:
+        score -= 1.0
+    return score, safe
+
+
+def rule_judgement(task: Any) -> Any:
+    """A Judgement for a leased task by :func:`rule_scores` (``annotation.simulated: rules``)."""
+    from data.store import Judgement
+    from data.store.simulated import strength_from_gap
+
+    safety_prompt = task.category == "safety"
+    meta = task.meta or {}
+    sa, safe_a = rule_scores(task.response_a, safety_prompt=safety_prompt, finished=bool(meta.get("finished_a", True)))
+    sb, safe_b = rule_scores(task.response_b, safety_prompt=safety_prompt, finished=bool(meta.get("finished_b", True)))
+    return Judgement("A" if sa >= sb else "B", strength_from_gap(sa - sb), safe_a, safe_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry: one manifest per round
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256(path: str | Path) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class Project:
+    """``runs/<project>/``: ``round.yaml`` (the resolved config), ``round-<N>/manifest.json``, the store."""
+
+    def __init__(self, root: str | Path, name: str):
+        self.dir = Path(root) / name
+        self.config_path = self.dir / "round.yaml"
+        if not self.config_path.is_file():
+            raise FileNotFoundError(f"{self.dir}: no project here (create it with `align round init --project {name}`)")
+        self.cfg: RoundConfig = load_config(RoundConfig, self.config_path, [], stage="round")
+
+    @staticmethod
+    def init(cfg: RoundConfig) -> Project:
+        d = Path(cfg.root) / cfg.project
+        if (d / "round.yaml").exists():
+            raise FileExistsError(f"{d} already holds a project; `align round run --project {cfg.project}` continues it")
+        d.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, d / "round.yaml", stage="round")
+        return Project(cfg.root, cfg.project)
+
+    # -- paths and manifests
+    def round_dir(self, n: int) -> Path:
+        return self.dir / f"round-{n}"
+
+    def manifest_path(self, n: int) -> Path:
+        return self.round_dir(n) / "manifest.json"
+
+    def manifest(self, n: int) -> dict:
+        p = self.manifest_path(n)
+        if p.is_file():
+            return json.loads(p.read_text())
+        return {"round": n, "method": self.cfg.method(n), "created_at": now(), "config_sha256": sha256(self.config_path), "steps": {}}
+
+    def save_manifest(self, n: int, m: dict) -> None:
+        self.round_dir(n).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.manifest_path(n), m)
+
+    def rounds(self) -> list[int]:
+        return sorted(int(p.name.split("-")[1]) for p in self.dir.glob("round-*") if (p / "manifest.json").is_file())
+
+    @staticmethod
+    def steps(n: int) -> tuple[str, ...]:
+        return FIRST_ROUND if n == 1 else LATER_ROUND
+
+    def pending(self, n: int) -> list[str]:
+        done = self.manifest(n)["steps"]
+        return [s for s in self.steps(n) if done.get(s, {}).get("status") != "done"]
+
+    def db_url(self) -> str:
+        return self.cfg.annotation.db or f"sqlite:///{self.dir / 'annotations.db'}"
+
+    # -- models of earlier rounds
+    def sft_model(self) -> str:
+        return str(self.round_dir(1) / "sft")
+
+    def policy_of(self, n: int) -> str:
+        return str(self.round_dir(n) / "policy")
+
+    def current_policy(self, before: int | None = None) -> str:
+        """The latest promoted policy of a round before ``before`` (all rounds when None), else the SFT model."""
+        for n in sorted(self.rounds(), reverse=True):
+            if before is not None and n >= before:
+                continue
+            promote = self.manifest(n)["steps"].get("promote", {})
+            if promote.get("outputs", {}).get("promoted"):
+                return self.policy_of(n)
+        return self.sft_model()
+
+    def comparison_files(self, upto: int) -> list[str]:
+        """Exports of rounds 2..upto (what the reward models of round ``upto`` add to ``comparisons``)."""
+        files = []
+        for n in range(2, upto + 1):
+            exp = self.manifest(n)["steps"].get("export", {})
+            if exp.get("status") == "done":
+                files.append(exp["outputs"]["path"])
+        return files
+
+
+# ---------------------------------------------------------------------------------------------
+# running a training stage as a child process
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_stage(stage: str, spec: StageSpec, out: Path, overrides: Sequence[str]) -> dict:
+    """``align <stage>`` into ``out`` (resumed when a killed run left it), as a child process that
+    dies with this one. Returns the stage's summary.json."""
+    if (out / "summary.json").is_file() and (out / "model").is_dir():
+        log.info("%s: already finished in %s", stage, out)
+        return json.loads((out / "summary.json").read_text())
+    cmd = [sys.executable, "-m", "alignment.cli", stage, "--config", spec.config, f"run.output_dir={out}", *overrides, *spec.overrides]
+    if (out / "config.yaml").is_file():
+        cmd.append("--resume")
+    if spec.launch:
+        cmd += ["--launch", spec.launch]
+    log.info("running: %s", " ".join(cmd[2:]))
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    proc = subprocess.run(cmd, env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    if proc.returncode != 0:
+        raise StageFailed(f"`align {stage}` failed (exit {proc.returncode}); its output is above, its folder is {out}. "
+                           "Fix the cause and run `align round run` again: it resumes from there.")
+    return json.loads((out / "summary.json").read_text())
+
+
+def _sources(paths: Sequence[DataSource | str]) -> str:
+    items = []
+    for p in paths:
+        d = to_dict(p) if isinstance(p, DataSource) else {"path": p}
+        items.append("{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in d.items() if v is not None) + "}")
+    return "[" + ", ".join(items) + "]"
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+# ---------------------------------------------------------------------------------------------
+# steps: each returns {"inputs": ..., "outputs": ...} or WAITING
+
+
+class Steps:
+    def __init__(self, project: Project, n: int):
+        self.p, self.n, self.cfg = project, n, project.cfg
+        self.dir = project.round_dir(n)
+
+    def store(self) -> Any:
+        from data.store import AnnotationStore
+
+        return AnnotationStore(self.p.db_url())
+
+    # -- round 1
+    def sft(self) -> dict:
+        out = self.dir / "sft"
+        summary = run_stage("sft", self.cfg.sft, out, [])
+        return {"inputs": {"config": self.cfg.sft.config}, "outputs": {"path": str(out), "metrics": _scalars(summary)}}
+
+    # -- rounds 2+
+    def sample(self) -> dict:
+        from alignment.annotate import sample_pairs
+        from data.loaders import load_prompts, write_jsonl
+
+        pairs = self.dir / "pairs.jsonl"
+        policy = self.p.current_policy(before=self.n)
+        models = [policy, self.p.policy_of(self.n - 1) if self.cfg.sample.compare_previous else policy]
+        if not pairs.is_file():
+            pool = []
+            for src in self.cfg.sample.prompts:
+                pool.extend(load_prompts(src))
+            used = set()
+            for k in range(2, self.n):
+                for line in (self.p.round_dir(k) / "pairs.jsonl").read_text().splitlines():
+                    used.add(json.dumps(json.loads(line)["prompt"], sort_keys=True))
+            chosen = draw_prompts(pool, used, self.cfg.sample.per_round, self.cfg.sample.safety_share, seed=self.cfg.seed + self.n)
+            if not chosen:
+                raise RuntimeError(f"round {self.n}: no unused prompts left in sample.prompts; add prompt sources")
+            rows, dropped = sample_pairs(models, chosen, temperatures=self.cfg.sample.temperatures, max_new_tokens=self.cfg.sample.max_new_tokens,
+                                         batch_size=self.cfg.sample.batch_size, seed=self.cfg.seed + 1000 * self.n)
+            for r in rows:
+                r.setdefault("meta", {})["round"] = self.n
+            tmp = pairs.with_name(".pairs.jsonl.tmp")
+            tmp.unlink(missing_ok=True)
+            write_jsonl(tmp, rows)
+            os.replace(tmp, pairs)
+            log.info("round %d: %d pairs from %d prompts (%d dropped: empty or identical responses)", self.n, len(rows), len(chosen), dropped)
+        store = self.store()
+        if self.n not in store.rounds():
+            a = self.cfg.annotation
+            store.queue_file(self.n, pairs, labels=a.labels, overlap=a.overlap, overlap_labels=a.overlap_labels, seed=self.cfg.seed)
+        n_pairs = sum(1 for _ in open(pairs))
+        return {"inputs": {"policy": models[0], "policy_b": models[1], "temperatures": self.cfg.sample.temperatures},
+                "outputs": {"path": str(pairs), "sha256": sha256(pairs), "pairs": n_pairs, "db": self.p.db_url()}}
+
+    def annotate(self) -> dict | str:
+        store = self.store()
+        a = self.cfg.annotation
+        labelled = 0
+        if a.simulated is not None:
+            annotator = self._annotator()
+            labelled = store.label_with(annotator, round=self.n)
+            log.info("round %d: %s stored %d labels", self.n, annotator.name, labelled)
+        missing = store.missing_labels(self.n)
+        if missing:
+            log.info("round %d: %d labels missing; annotators label in `align annotate serve --db %s`", self.n, missing, self.p.db_url())
+            return WAITING
+        stats = store.stats(round=self.n)
+        return {"inputs": {"annotator": a.simulated or "people", "db": self.p.db_url()},
+                "outputs": {"tasks": stats["tasks"], "labels": stats["labels_done"], "skips": stats["skips"], "both_bad": stats["both_bad"],
+                            "annotators": stats["annotators"]}}
+
+    def _annotator(self) -> Any:
+        from data.store import FunctionAnnotator, ScorerAnnotator
+
+        a = self.cfg.annotation
+        if a.simulated == "rules":
+            return FunctionAnnotator("sim:rules", rule_judgement)
+        if a.simulated == "rm":
+            from reward.model import load_scorer
+
+            safety = load_scorer(a.rm_safety) if a.rm_safety else None
+            return ScorerAnnotator("sim:rm", load_scorer(a.rm_helpful), safety_scorer=safety)
+        import importlib
+
+        module, fn = a.simulated.split(":", 1)  # type: ignore[union-attr]
+        return FunctionAnnotator(f"sim:{fn}", getattr(importlib.import_module(module), fn))
+
+    def export(self) -> dict:
+        store = self.store()
+        res = store.export(self.n, out_dir=self.dir / "exports", policy=self.cfg.annotation.export_policy, by="align round")
+        path = Path(res.path)
+        return {"inputs": {"db": self.p.db_url(), "policy": self.cfg.annotation.export_policy},
+                "outputs": {"path": str(path), "sha256": sha256(path), "records": res.records, "version": res.version}}
+
+    def rm_before(self) -> dict:
+        """Last round's reward models on this round's new comparisons, before training on them."""
+        from data.loaders import load_comparisons
+        from reward.evaluate import evaluate
+        from reward.model import load_scorer
+
+        data = self.p.manifest(self.n)["steps"]["export"]["outputs"]["path"]
+        comparisons = load_comparisons(DataSource(data))
+        outputs = {}
+        for name in ("rm_helpful", "rm_safety"):
+            model = self.p.round_dir(self.n - 1) / name
+            out = self.dir / "rm_before" / name
+            report = evaluate(load_scorer(str(model)), comparisons, model=str(model), data=f"round {self.n} comparisons (new)", out=out)
+            outputs[name] = {"accuracy": report["accuracy"], "n": report["n"], "report": str(out / "rm_eval.json")}
+        return {"inputs": {"comparisons": data, "sha256": sha256(data)}, "outputs": outputs}
+
+    def _rm(self, name: str) -> dict:
+        out = self.dir / name
+        files = self.p.comparison_files(self.n)
+        sources = [*self.cfg.comparisons, *(DataSource(f) for f in files)]
+        spec = getattr(self.cfg, name)
+        summary = run_stage("rm", spec, out, [f"data.sources={_sources(sources)}", f"run.seed={self.cfg.seed}"])
+        return {"inputs": {"config": spec.config, "comparisons": [to_dict(s) for s in self.cfg.comparisons] + [{"path": f, "sha256": sha256(f)} for f in files]},
+                "outputs": {"path": str(out), "metrics": _scalars(summary)}}
+
+    def rm_helpful(self) -> dict:
+        return self._rm("rm_helpful")
+
+    def rm_safety(self) -> dict:
+        return self._rm("rm_safety")
+
+    def policy(self) -> dict:
+        method = self.cfg.method(self.n)
+        start = self.p.current_policy(before=self.n) if self.n > 1 else self.p.sft_model()
+        out = self.dir / "policy"
+        spec: StageSpec = getattr(self.cfg, method)
+        rms = [f"reward.helpful={self.dir / 'rm_helpful'}", f"reward.safety={self.dir / 'rm_safety'}"]
+        overrides = [f"model.name={start}", f"run.seed={self.cfg.seed}"]
+        inputs: dict[str, Any] = {"method": method, "config": spec.config, "start": start}
+        if method == "rs":
+            pools = [str(self.p.round_dir(k) / "policy" / "pool.jsonl") for k in range(1, self.n)
+                     if (self.p.round_dir(k) / "policy" / "pool.jsonl").is_file()]
+            overrides += rms + [f"pool.round={self.n}", f"pool.previous={json.dumps(pools)}"]
+            inputs["previous_pools"] = pools
+        elif method == "ppo":
+            overrides += rms
+        else:  # dpo: this round's new comparisons (round 1: the base comparisons)
+            files = self.p.comparison_files(self.n)[-1:] if self.n > 1 else []
+            sources = [DataSource(f) for f in files] or list(self.cfg.comparisons)
+            overrides.append(f"data.sources={_sources(sources)}")
+            inputs["comparisons"] = [to_dict(s) for s in sources]
+        summary = run_stage(method, spec, out, overrides)
+        return {"inputs": inputs, "outputs": {"path": str(out), "metrics": _scalars(summary)}}
+
+    def eval(self) -> dict:
+        from alignment.evals import report, toxigen, truthfulqa, winrate
+
+        e, out, policy = self.cfg.eval, self.dir / "eval", self.p.policy_of(self.n)
+        outputs: dict[str, Any] = {}
+        if e.truthfulqa:
+            res = truthfulqa.run(policy, data=e.truthfulqa, out=out, limit=e.truthfulqa_limit, overwrite=True)
+            outputs["truthfulqa"] = {k: res["metrics"].get(k) for k in ("mc1", "mc2")}
+        if e.toxigen and Path(e.toxigen).exists():
+            res = toxigen.run(policy, prompts=e.toxigen, out=out, per_group=e.toxigen_per_group, max_new_tokens=e.max_new_tokens,
+                              batch_size=e.batch_size, seed=self.cfg.seed, overwrite=True)
+            outputs["toxigen"] = {"pct_toxic": res["metrics"]["pct_toxic"], "classifier": res.get("classifier", {}).get("summary")}
+        elif e.toxigen:
+            outputs["toxigen"] = {"skipped": f"{e.toxigen} not found"}
+            log.warning("round %d: ToxiGen skipped: %s not found", self.n, e.toxigen)
+        if e.winrate_prompts:
+            baselines = {"previous": self.p.current_policy(before=self.n) if self.n > 1 else self.p.sft_model(), "sft": self.p.sft_model()}
+            for label, base in baselines.items():
+                if label == "sft" and base == baselines["previous"]:
+                    continue
+                res = winrate.run(policy, base, prompts=e.winrate_prompts, judge="rm", out=out, rm=str(self.dir / "rm_helpful"),
+                                  safety_rm=str(self.dir / "rm_safety"), limit=e.winrate_limit, max_new_tokens=e.max_new_tokens,
+                                  batch_size=e.batch_size, seed=self.cfg.seed, name=f"winrate-vs-{label}", overwrite=True)
+                outputs[f"winrate_vs_{label}"] = {"win_rate": res["metrics"]["win_rate"], "baseline": base}
+        try:
+            paths = report.build(self.p.dir, overwrite=True)
+            outputs["report"] = str(paths["markdown"])
+        except FileNotFoundError as exc:
+            log.warning("report: %s", exc)
+        return {"inputs": {"policy": policy, "suite": to_dict(e)}, "outputs": outputs}
+
+    def promote(self) -> dict:
+        cfg = self.cfg.promote
+        evals = self.p.manifest(self.n)["steps"]["eval"]["outputs"]
+        if cfg.mode == "manual":
+            return {"inputs": {"mode": "manual"}, "outputs": {"promoted": False, "reason": "manual mode: `align round promote`"}}
+        promoted, reasons = True, []
+        wr = (evals.get("winrate_vs_previous") or {}).get("win_rate")
+        if wr is not None:
+            ok = wr >= cfg.min_winrate
+            promoted &= ok
+            reasons.append(f"win rate vs previous {100 * wr:.1f}% {'>=' if ok else '<'} {100 * cfg.min_winrate:.0f}%")
+        tox = (evals.get("toxigen") or {}).get("pct_toxic")
+        prev = self._previous_toxigen()
+        if tox is not None and prev is not None:
+            ok = tox <= prev + cfg.max_toxigen_increase
+            promoted &= ok
+            reasons.append(f"ToxiGen {tox:.1f}% vs {prev:.1f}% before ({'ok' if ok else 'worse'})")
+        return {"inputs": {"mode": "auto", "rule": to_dict(cfg)}, "outputs": {"promoted": promoted, "reason": "; ".join(reasons) or "no evaluations to check"}}
+
+    def _previous_toxigen(self) -> float | None:
+        for k in range(self.n - 1, 0, -1):
+            m = self.p.manifest(k)["steps"]
+            if m.get("promote", {}).get("outputs", {}).get("promoted"):
+                return (m.get("eval", {}).get("outputs", {}).get("toxigen") or {}).get("pct_toxic")
+        return None
+
+
+def draw_prompts(pool: Sequence[Any], used: set[str], k: int, safety_share: float | None, *, seed: int) -> list[Any]:
+    """``k`` prompts not in ``used`` (keys: the prompt's messages as sorted JSON), distinct, seeded;
+    ``safety_share`` of them from safety prompts when the pool has enough."""
+    seen, fresh = set(used), []
+    for p in pool:
+        key = json.dumps(p.messages, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            fresh.append(p)
+    rng = random.Random(seed)
+    rng.shuffle(fresh)
+    if safety_share is None:
+        return fresh[:k]
+    safety = [p for p in fresh if p.category == "safety"]
+    other = [p for p in fresh if p.category != "safety"]
+    n_safe = min(len(safety), round(k * safety_share))
+    picked = safety[:n_safe] + other[:k - n_safe]
+    if len(picked) < k:  # one pool ran short: fill from the other
+        picked += (safety[n_safe:] + other[k - n_safe:])[:k - len(picked)]
+    rng.shuffle(picked)
+    return picked
+
+
+# ---------------------------------------------------------------------------------------------
+# driving
+
+
+def current_round(p: Project) -> int:
+    """The round to work on: the last one with pending steps, or the next one."""
+    rounds = p.rounds()
+    if not rounds:
+        return 1
+    last = rounds[-1]
+    return last if p.pending(last) else last + 1
+
+
+def next_step(p: Project, *, start_new: bool = True) -> tuple[int, str] | None:
+    n = current_round(p)
+    if n not in p.rounds() and not start_new:
+        return None
+    return n, p.pending(n)[0]
+
+
+def run_step(p: Project, n: int, step: str) -> str:
+    """Run one step and record it. Returns "done" or WAITING."""
+    m = p.manifest(n)
+    p.save_manifest(n, m)  # the round exists from its first step on
+    started = time.time()
+    log.info("round %d: step %s", n, step)
+    result = getattr(Steps(p, n), step)()
+    if result == WAITING:
+        m = p.manifest(n)
+        m["steps"][step] = {"status": WAITING, "checked_at": now()}
+        p.save_manifest(n, m)
+        return WAITING
+    m = p.manifest(n)
+    m["steps"][step] = {"status": "done", "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
+                        "finished_at": now(), "seconds": round(time.time() - started, 1), **result}
+    if step == "promote":
+        m["promoted"] = result["outputs"]["promoted"]
+        m["policy"] = p.policy_of(n)
+    p.save_manifest(n, m)
+    return "done"
+
+
+def run(p: Project, *, max_steps: int | None = None, stop: Callable[[int, str], bool] | None = None) -> str:
+    """Run steps until one waits for people, ``rounds`` rounds are done, or ``max_steps`` ran."""
+    steps = 0
+    while max_steps is None or steps < max_steps:
+        n = current_round(p)
+        if n > p.cfg.rounds:
+            return "done"
+        step = p.pending(n)[0]
+        if stop is not None and stop(n, step):
+            return "stopped"
+        if run_step(p, n, step) == WAITING:
+            return WAITING
+        steps += 1
+    return "stopped"
+
+
+def promote(p: Project, n: int) -> dict:
+    """Promote round ``n``'s policy by hand (the next round samples from it)."""
+    m = p.manifest(n)
+    if m["steps"].get("policy", {}).get("status") != "done":
+        raise ValueError(f"round {n} has no finished policy to promote (steps pending: {', '.join(p.pending(n)) or 'none'})")
+    for k in p.rounds():  # a later round's promotion would hide it
+        if k > n and p.manifest(k)["steps"].get("promote", {}).get("outputs", {}).get("promoted"):
+            raise ValueError(f"round {k} (later) is promoted; promoting round {n} would not change the current policy")
+    m["steps"]["promote"] = {"status": "done", "finished_at": now(), "inputs": {"mode": "manual"},
+                             "outputs": {"promoted": True, "reason": "promoted by hand"}}
+    m["promoted"], m["policy"] = True, p.policy_of(n)
+    p.save_manifest(n, m)
+    return m
+
+
+def status(p: Project) -> dict:
+    """Where each round stands (JSON-ready)."""
+    out: dict[str, Any] = {"project": str(p.dir), "current_policy": p.current_policy(), "rounds": []}
+    missing = None
+    for n in p.rounds():
+        m = p.manifest(n)
+        steps = m["steps"]
+        row = {"round": n, "method": m.get("method"), "done": [s for s in p.steps(n) if steps.get(s, {}).get("status") == "done"],
+               "pending": p.pending(n), "promoted": m.get("promoted")}
+        metrics: dict[str, Any] = {}
+        for rm in ("rm_helpful", "rm_safety"):
+            acc = steps.get(rm, {}).get("outputs", {}).get("metrics", {}).get("held_out_accuracy")
+            if acc is not None:
+                metrics[f"{rm}_accuracy"] = acc
+            before = steps.get("rm_before", {}).get("outputs", {}).get(rm, {}).get("accuracy")
+            if before is not None:
+                metrics[f"{rm}_accuracy_on_new_before_training"] = before
+        pol = steps.get("policy", {}).get("outputs", {}).get("metrics", {})
+        for k in ("reward_before", "reward_after", "eval_reward_baseline", "eval_reward_best"):
+            if pol.get(k) is not None:
+                metrics[f"policy_{k}"] = pol[k]
+        ev = steps.get("eval", {}).get("outputs", {})
+        if ev.get("truthfulqa"):
+            metrics.update({f"truthfulqa_{k}": v for k, v in ev["truthfulqa"].items()})
+        if (ev.get("toxigen") or {}).get("pct_toxic") is not None:
+            metrics["toxigen_pct_toxic"] = ev["toxigen"]["pct_toxic"]
+        for k, v in ev.items():
+            if k.startswith("winrate_vs_"):
+                metrics[k] = v["win_rate"]
+        row["metrics"] = metrics
+        if "annotate" in row["pending"] and steps.get("sample", {}).get("status") == "done":
+            if missing is None:
+                from data.store import AnnotationStore
+
+                store = AnnotationStore(p.db_url())
+            row["labels_missing"] = missing = store.missing_labels(n)
+        out["rounds"].append(row)
+    nxt = next_step(p)
+    out["next"] = None if nxt[0] > p.cfg.rounds else {"round": nxt[0], "step": nxt[1]}
+    return out
+
+
+def format_status(s: dict) -> str:
+    lines = [f"project {s['project']}; current policy: {s['current_policy']}"]
+    for r in s["rounds"]:
+        state = "complete" if not r["pending"] else f"next: {r['pending'][0]}"
+        promoted = {True: ", promoted", False: ", not promoted"}.get(r["promoted"], "")
+        lines.append(f"round {r['round']} ({r['method']}): {len(r['done'])}/{len(r['done']) + len(r['pending'])} steps, {state}{promoted}")
+        if r.get("labels_missing"):
+            lines.append(f"  waiting for people: {r['labels_missing']} labels missing (align annotate serve --db ...; then align round run)")
+        for k, v in r["metrics"].items():
+            lines.append(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    lines.append(f"next: round {s['next']['round']} step {s['next']['step']}" if s["next"] else "all configured rounds are done")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def cli(name: str, argv: Sequence[str]) -> int:
+    from alignment.runs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="align round", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    def add(cmd: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(cmd, help=help)
+        sp.add_argument("--project", required=True, help="project name (folder <root>/<project>)")
+        sp.add_argument("--root", default="runs", help="parent folder of projects (default: runs)")
+        return sp
+
+    sp = add("init", "create a project from a round config")
+    sp.add_argument("--config", help="round config YAML (configs/round.yaml); key=value overrides follow")
+    sp.add_argument("overrides", nargs="*", metavar="key=value")
+    add("next", "run the next step")
+    sp = add("run", "run steps until one needs people or all rounds are done")
+    sp.add_argument("--rounds", type=int, help="run up to this many rounds (default: the config's `rounds`)")
+    sp = add("status", "where each round stands")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp = add("promote", "make a round's policy the current one")
+    sp.add_argument("--round", type=int, required=True)
+    a = parser.parse_args(argv)
+    setup_logging()
+
+    if a.cmd == "init":
+        try:
+            cfg = load_config(RoundConfig, a.config, [*a.overrides, f"project={a.project}", f"root={a.root}"], stage="round")
+        except ConfigError as exc:
+            print(f"align round init: config error: {exc}", file=sys.stderr)
+            return 2
+        p = Project.init(cfg)
+        print(f"project {p.dir} created; run it with: align round run --project {a.project}" + (f" --root {a.root}" if a.root != "runs" else ""))
+        return 0
+    p = Project(a.root, a.project)
+    if a.cmd == "status":
+        s = status(p)
+        print(json.dumps(s, indent=2) if a.json else format_status(s))
+        return 0
+    if a.cmd == "promote":
+        try:
+            promote(p, a.round)
+        except ValueError as exc:
+            print(f"align round promote: {exc}", file=sys.stderr)
+            return 2
+        print(f"round {a.round}'s policy is now the current policy: {p.policy_of(a.round)}")
+        return 0
+    try:
+        if a.cmd == "next":
+            n = current_round(p)
+            step = p.pending(n)[0]
+            print(f"round {n}: {step} {run_step(p, n, step)}")
+            return 0
+        if a.rounds:
+            p.cfg.rounds = a.rounds
+        result = run(p)
+    except StageFailed as exc:
+        print(f"align round {a.cmd}: {exc}", file=sys.stderr)
+        return 1
+    print(format_status(status(p)))
+    if result == WAITING:
+        print("waiting for annotations: label in the app, then run `align round run` again")
+    elif result == "done":
+        print(f"report: {p.dir / 'report' / 'report.md'} (and report.html)")
+    return 0
