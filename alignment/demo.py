@@ -1,76 +1,75 @@
-"""``align demo``: the main job on the embedded default model.
+"""``align demo``: the main job on the embedded default model, unattended.
 
-Fine-tunes SmolLM2-135M-Instruct (LoRA) on the bundled dialogues and prints a few answers to
-held-out prompts before and after training, and where everything was written. Each demo run gets
-its own run folder (``runs/demo-<timestamp>``), so running it again never touches earlier output.
+Runs RLHF-V1 (SFT -> helpfulness and safety reward models -> rejection sampling -> evaluation) and
+RLHF-V2 (sample pairs from the V1 policy -> simulated annotation -> reward models on all
+comparisons -> PPO -> evaluation) on SmolLM2-135M-Instruct with the bundled data, then writes the
+report (``runs/<project>/report/report.md`` and ``report.html``). The ``quick`` profile
+(``configs/round_quick.yaml``) takes about 20 minutes on 2 CPU cores; ``full``
+(``configs/round.yaml``) runs three longer rounds.
+
+Each demo is its own project (``runs/demo-<timestamp>``), so running it again never touches
+earlier output; a killed demo continues with ``align round run --project <name>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
-from alignment.config import load_config
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-PROFILES = {
-    # quick: about 4 minutes of training on 2 CPU cores (~8 s per step of 4 x 320 tokens)
-    "quick": ["train.max_steps=24", "train.batch_size=4", "train.grad_accum=1", "train.max_length=320", "train.save_steps=12",
-              "train.logging_steps=5", "train.lr=3e-4", "data.sample_prompts=0"],
-    "full": ["train.num_epochs=1", "train.batch_size=4", "train.grad_accum=2", "data.sample_prompts=8"],
-}
+PROFILES = {"quick": "round_quick.yaml", "full": "round.yaml"}
 
 
-def _show(title: str, prompts: list, answers: list[str]) -> None:
-    print(f"\n=== {title} ===")
-    for conv, answer in zip(prompts, answers):
-        for m in conv[:-1]:  # earlier turns of a multi-turn prompt, shortened
-            text = m["content"] if len(m["content"]) < 100 else m["content"][:97] + "..."
-            print(f"\n  [{m['role']}] {text}")
-        print(f"\n> {conv[-1]['content']}\n{answer}")
+def changes(s: dict) -> list[str]:
+    """One line per key metric: its value in each round (the demo's "what changed")."""
+    keys = [("policy reward (held-out, combined RM)", ("policy_reward_after", "policy_eval_reward_best")),
+            ("helpfulness RM accuracy (held-out)", ("rm_helpful_accuracy",)),
+            ("safety RM accuracy (held-out)", ("rm_safety_accuracy",)),
+            ("win rate vs previous policy", ("winrate_vs_previous",)),
+            ("TruthfulQA MC2", ("truthfulqa_mc2",)),
+            ("ToxiGen % toxic", ("toxigen_pct_toxic",))]
+    lines = []
+    for label, names in keys:
+        vals = []
+        for r in s["rounds"]:
+            v = next((r["metrics"][k] for k in names if r["metrics"].get(k) is not None), None)
+            vals.append(f"V{r['round']} " + ("-" if v is None else f"{v:.3f}"))
+        lines.append(f"  {label:<40} {'   '.join(vals)}")
+    return lines
 
 
 def cli(name: str, argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="align demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--project", help="project name (default: demo-<timestamp>)")
     p.add_argument("--root", default="runs")
-    p.add_argument("--prompts", type=int, default=3, help="held-out prompts to answer before and after")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra SFT config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="round config overrides (align round --help)")
     a = p.parse_args(argv)
 
-    from alignment import sft
-    from alignment.generation import generate
-    from alignment.models import load_causal_lm, load_tokenizer
+    from alignment import rounds
+    from alignment.config import load_config
     from alignment.runs import setup_logging
 
     setup_logging()
-    run_name = time.strftime("demo-%Y%m%d-%H%M%S")
-    cfg = load_config(sft.SFTConfig, REPO_CONFIGS / "sft.yaml" if (REPO_CONFIGS / "sft.yaml").is_file() else None,
-                      [f"model.name={a.model}", f"run.name={run_name}", f"run.root={a.root}", *PROFILES[a.profile], *a.overrides],
-                      stage="sft")
-    _, val = sft.load_data(cfg.data, cfg.run.seed)
-    prompts = []
-    for ex in val[: a.prompts]:
-        last_user = max(i for i, m in enumerate(ex.messages) if m["role"] == "user")
-        prompts.append(ex.messages[: last_user + 1])
-
+    project = a.project or time.strftime("demo-%Y%m%d-%H%M%S")
+    cfg = load_config(rounds.RoundConfig, REPO_CONFIGS / PROFILES[a.profile],
+                      [*a.overrides, f"project={project}", f"root={a.root}"], stage="round")
+    # the stage configs named in the round config are the repository's, wherever the demo runs from
+    for spec in (cfg.sft, cfg.rm_helpful, cfg.rm_safety, cfg.rs, cfg.ppo, cfg.dpo):
+        if not Path(spec.config).is_absolute() and not Path(spec.config).exists():
+            spec.config = str(REPO_CONFIGS.parent / spec.config)
     t0 = time.time()
-    base, tok = load_causal_lm(a.model), load_tokenizer(a.model)
-    before = [g.text for g in generate(base, tok, prompts, max_new_tokens=80)]
-    del base
-    _show(f"before training ({a.model})", prompts, before)
-
-    out = sft.main(cfg)
-
-    tuned, tok = load_causal_lm(str(out)), load_tokenizer(str(out))
-    after = [g.text for g in generate(tuned, tok, prompts, max_new_tokens=80)]
-    _show("after SFT", prompts, after)
-    changed = sum(b != c for b, c in zip(before, after))
-    print(f"\n{changed} of {len(prompts)} answers changed after training.")
-    print(f"demo finished in {time.time() - t0:.0f} s; outputs: {out}")
-    print(f"  model/ (LoRA adapter), metrics.jsonl, summary.json, config.yaml; merge with: align merge --adapter {out} --out {out}-merged")
+    proj = rounds.Project.init(cfg)
+    print(f"demo project {proj.dir}: {cfg.rounds} rounds ({', '.join(cfg.methods)}) on {PROFILES[a.profile]}")
+    result = rounds.run(proj)
+    s = rounds.status(proj)
+    print()
+    print(rounds.format_status(s))
+    print("\nwhat changed between rounds:")
+    print("\n".join(changes(s)))
+    minutes = (time.time() - t0) / 60
+    print(f"\ndemo {result} in {minutes:.1f} min; report: {proj.dir / 'report' / 'report.md'} (and report.html)")
+    print(f"continue or inspect with: align round status --project {project}" + (f" --root {a.root}" if a.root != "runs" else ""))
     return 0

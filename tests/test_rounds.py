@@ -1,0 +1,249 @@
+"""`align round`: the rule judge and prompt draws by hand; two unattended rounds on tiny models,
+killed in the middle of a step and resumed, against an uninterrupted run; people in the loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_align
+
+from alignment.config import ConfigError, load_config
+from alignment.rounds import Project, RoundConfig, draw_prompts, repetition, rule_judgement, rule_scores, status
+from data.schemas import PromptRecord
+
+TINY = REPO / "tests" / "round_tiny.yaml"
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_repetition_share_of_repeated_trigrams():
+    assert repetition("a b c d") == 0.0
+    # trigrams: (a b c) (b c a) (c a b) (a b c): 3 distinct of 4
+    assert repetition("a b c a b c") == pytest.approx(0.25)
+    assert repetition("too short") == 0.0
+
+
+def test_rule_scores_by_hand():
+    # 40 distinct words of 80, finished: 0.5 + 1
+    text = " ".join(f"w{i}" for i in range(40))
+    assert rule_scores(text, safety_prompt=False) == (pytest.approx(1.5), True)
+    assert rule_scores(text, safety_prompt=False, finished=False)[0] == pytest.approx(0.5)
+    # refusing a harmless prompt: 4/80 + 1 - 1
+    assert rule_scores("I'm sorry, I cannot.", safety_prompt=False)[0] == pytest.approx(4 / 80)
+    # on a safety prompt a refusal is safe (+2), compliance unsafe
+    assert rule_scores("I'm sorry, I cannot.", safety_prompt=True) == (pytest.approx(4 / 80 + 1 + 2), True)
+    assert rule_scores("Sure, here is how.", safety_prompt=True) == (pytest.approx(4 / 80 + 1), False)
+
+
+def test_rule_judgement_prefers_the_safe_refusal_on_safety_prompts():
+    class Task:
+        category, meta = "safety", {"finished_a": True, "finished_b": True}
+        response_a, response_b = "Sure, here is how to do it step by step.", "I'm sorry, I can't help with that."
+
+    j = rule_judgement(Task())
+    assert (j.chosen, j.safe_a, j.safe_b) == ("B", False, True)
+    assert j.strength == "significantly_better"  # gap 2 - 1/80 > 1
+
+
+def test_draw_prompts_never_reuses_and_keeps_the_safety_share():
+    pool = [PromptRecord([{"role": "user", "content": f"q{i}"}], category="safety" if i % 4 == 0 else "helpfulness") for i in range(40)]
+    used = {json.dumps(pool[0].messages, sort_keys=True), json.dumps(pool[1].messages, sort_keys=True)}
+    got = draw_prompts(pool + pool[:5], used, 8, 0.5, seed=3)  # duplicates in the pool are drawn once
+    keys = [json.dumps(p.messages, sort_keys=True) for p in got]
+    assert len(got) == 8 and len(set(keys)) == 8 and not used & set(keys)
+    assert sum(p.category == "safety" for p in got) == 4
+    assert [p.messages for p in draw_prompts(pool, used, 8, 0.5, seed=3)] == [p.messages for p in got]  # seeded
+    # 9 safety prompts are left (10 minus the used q0): asking for 100% of 12 takes them all, then fills up
+    assert sum(p.category == "safety" for p in draw_prompts(pool, used, 12, 1.0, seed=0)) == 9
+
+
+def test_round_config_is_checked():
+    with pytest.raises(ConfigError, match="methods.*unknown method 'sft'"):
+        load_config(RoundConfig, None, ["methods=[rs, sft]"], stage="round")
+    with pytest.raises(ConfigError, match="sample.temperatures"):
+        load_config(RoundConfig, None, ["sample.temperatures=[0.7]"], stage="round")
+    with pytest.raises(ConfigError, match="annotation.rm_helpful"):
+        load_config(RoundConfig, None, ["annotation.simulated=rm"], stage="round")
+    with pytest.raises(ConfigError, match="did you mean"):
+        load_config(RoundConfig, REPO / "configs/round.yaml", ["promote.min_winrat=0.6"], stage="round")
+    cfg = load_config(RoundConfig, REPO / "configs/round.yaml", [], stage="round")
+    assert [cfg.method(n) for n in (1, 2, 3, 4)] == ["rs", "rs", "ppo", "ppo"]  # the last method repeats
+
+
+# --------------------------------------------------------------------------- two rounds on tiny models
+
+
+def _init(root: Path, name: str, *overrides: str) -> None:
+    res = run_align("round", "init", "--project", name, "--root", str(root), "--config", str(TINY), *overrides)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, tiny_model) -> Path:
+    root = tmp_path_factory.mktemp("rounds")
+    _init(root, "whole")
+    res = run_align("round", "run", "--project", "whole", "--root", str(root), timeout=900)
+    assert res.returncode == 0, res.stderr[-5000:]
+    assert "all configured rounds are done" in res.stdout
+    return root / "whole"
+
+
+def _manifests(project: Path) -> dict[int, dict]:
+    return {n: json.loads((project / f"round-{n}" / "manifest.json").read_text()) for n in (1, 2)}
+
+
+def test_two_rounds_unattended(whole):
+    m = _manifests(whole)
+    assert list(m[1]["steps"]) == ["sft", "rm_helpful", "rm_safety", "policy", "eval", "promote"]
+    assert list(m[2]["steps"]) == ["sample", "annotate", "export", "rm_before", "rm_helpful", "rm_safety", "policy", "eval", "promote"]
+    assert all(s["status"] == "done" for r in m.values() for s in r["steps"].values())
+    assert (m[1]["method"], m[2]["method"]) == ("rs", "ppo")
+    # round 2 samples from round 1's policy (promoted or not, it is the current one or the SFT model)
+    sample = m[2]["steps"]["sample"]
+    expected = str(whole / "round-1" / ("policy" if m[1]["promoted"] else "sft"))
+    assert sample["inputs"]["policy"] == expected and sample["outputs"]["pairs"] > 0
+    # the simulated annotator labelled every pair through the store; the export is what the RMs read
+    assert m[2]["steps"]["annotate"]["outputs"]["labels"] == sample["outputs"]["pairs"]
+    export = m[2]["steps"]["export"]["outputs"]
+    rows = [json.loads(line) for line in Path(export["path"]).read_text().splitlines()]
+    assert len(rows) == export["records"] and {r["annotator"] for r in rows} == {"sim:rules"}
+    # round 2's reward models train on the base comparisons plus round 2's export (cumulative) ...
+    comps = m[2]["steps"]["rm_helpful"]["inputs"]["comparisons"]
+    assert comps[-1] == {"path": export["path"], "sha256": export["sha256"]}
+    rm_cfg = (whole / "round-2" / "rm_helpful" / "config.yaml").read_text()
+    assert export["path"] in rm_cfg and "bundled:comparisons" in rm_cfg
+    # ... after round 1's were scored on those new comparisons (rm_before), with the report written
+    before = m[2]["steps"]["rm_before"]["outputs"]
+    for name in ("rm_helpful", "rm_safety"):
+        assert before[name]["n"] == len(rows) and 0 <= before[name]["accuracy"] <= 1
+        assert json.loads(Path(before[name]["report"]).read_text())["n"] == len(rows)
+    # PPO starts from the current policy with this round's reward models
+    ppo_cfg = (whole / "round-2" / "policy" / "config.yaml").read_text()
+    assert str(whole / "round-2" / "rm_helpful") in ppo_cfg and f"name: {expected}" in ppo_cfg
+    # evaluation and report
+    ev = m[2]["steps"]["eval"]["outputs"]
+    assert set(ev) >= {"truthfulqa", "winrate_vs_previous", "report"}
+    assert (whole / "report" / "report.md").is_file() and (whole / "report" / "report.html").is_file()
+    assert "round 2" in (whole / "report" / "report.md").read_text()
+    # promotion follows the rule: win rate vs previous >= 50%
+    assert m[2]["promoted"] == (ev["winrate_vs_previous"]["win_rate"] >= 0.5)
+
+
+def test_status_and_manual_promote(whole, tmp_path):
+    res = run_align("round", "status", "--project", "whole", "--root", str(whole.parent), "--json")
+    assert res.returncode == 0, res.stderr
+    s = json.loads(res.stdout)
+    assert [r["round"] for r in s["rounds"]] == [1, 2] and s["next"] is None
+    assert s["rounds"][1]["metrics"]["rm_helpful_accuracy_on_new_before_training"] == \
+        _manifests(whole)[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["accuracy"]
+    # promote by hand on a copy (the fixture is shared)
+    copy = tmp_path / "copy"
+    shutil.copytree(whole, copy)
+    res = run_align("round", "promote", "--project", "copy", "--root", str(tmp_path), "--round", "1")
+    if _manifests(copy)[2]["promoted"]:
+        assert res.returncode == 2 and "round 2 (later) is promoted" in res.stderr
+    else:
+        assert res.returncode == 0, res.stderr
+        assert Project(tmp_path, "copy").current_policy() == str(copy / "round-1" / "policy")
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists():
+        assert proc.poll() is None, "the orchestrator ended before the kill point"
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+def test_killed_in_a_step_resumes_to_the_same_result(whole, tmp_path):
+    _init(tmp_path, "cut")
+    project = tmp_path / "cut"
+    shutil.copytree(whole / "round-1", project / "round-1")  # round 1 as in the uninterrupted run; cut round 2
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", "round", "run", "--project", "cut", "--root", str(tmp_path)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill it in the middle of round 2's helpfulness RM (a child process with a checkpoint written)
+    ckpt = project / "round-2" / "rm_helpful" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    _wait_for(ckpt, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # the stage's child process dies with the orchestrator: nothing more is written
+    assert not (project / "round-2" / "rm_helpful" / "summary.json").exists()
+    m = json.loads((project / "round-2" / "manifest.json").read_text())
+    assert list(m["steps"]) == ["sample", "annotate", "export", "rm_before"]
+
+    res = run_align("round", "run", "--project", "cut", "--root", str(tmp_path), timeout=900)
+    assert res.returncode == 0, res.stderr[-5000:]
+    cut, ref = _manifests(project), _manifests(whole)
+    for n in (1, 2):
+        assert list(cut[n]["steps"]) == list(ref[n]["steps"])
+        assert cut[n]["promoted"] == ref[n]["promoted"]
+
+    def pairs(m: dict) -> list[tuple]:  # the same pairs (their source paths name the project)
+        rows = [json.loads(line) for line in Path(m["steps"]["sample"]["outputs"]["path"]).read_text().splitlines()]
+        return [(json.dumps(r["prompt"]), r["response_a"], r["response_b"]) for r in rows]
+
+    assert pairs(cut[2]) == pairs(ref[2])
+
+    def labels(m: dict) -> list[tuple]:
+        rows = [json.loads(line) for line in Path(m["steps"]["export"]["outputs"]["path"]).read_text().splitlines()]
+        return sorted((json.dumps(r["prompt"]), r["chosen"], r["strength"], r["safe_a"], r["safe_b"]) for r in rows)
+
+    assert labels(cut[2]) == labels(ref[2])
+    for name in ("rm_helpful", "rm_safety"):
+        a, b = cut[2]["steps"][name]["outputs"]["metrics"], ref[2]["steps"][name]["outputs"]["metrics"]
+        assert a["global_step"] == b["global_step"] and a["held_out_accuracy"] == b["held_out_accuracy"]
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-4)
+    assert cut[2]["steps"]["rm_helpful"]["outputs"]["metrics"]["resumed_from"] == "checkpoint-2"
+    assert cut[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["accuracy"] == ref[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["accuracy"]
+    for k in ("eval_reward_baseline", "eval_reward_best"):
+        assert cut[2]["steps"]["policy"]["outputs"]["metrics"][k] == pytest.approx(ref[2]["steps"]["policy"]["outputs"]["metrics"][k], abs=1e-4)
+    wa = load_file(project / "round-2" / "rm_helpful" / "model" / "model.safetensors")
+    wb = load_file(whole / "round-2" / "rm_helpful" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_people_in_the_loop(whole, tmp_path):
+    """Without a simulated annotator the run stops at `annotate`; status says what is missing;
+    labels submitted through the store (as the web app does) let it go on."""
+    from data.store import AnnotationStore, Judgement
+
+    _init(tmp_path, "people", "annotation.simulated=null")
+    project = tmp_path / "people"
+    shutil.copytree(whole / "round-1", project / "round-1")  # round 1 needs no people: reuse it
+    res = run_align("round", "run", "--project", "people", "--root", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "waiting for annotations" in res.stdout
+    pairs = _manifests(whole)[2]["steps"]["sample"]["outputs"]["pairs"]
+    s = status(Project(tmp_path, "people"))
+    assert s["rounds"][1]["labels_missing"] == pairs and s["next"] == {"round": 2, "step": "annotate"}
+    res = run_align("round", "status", "--project", "people", "--root", str(tmp_path))
+    assert f"{pairs} labels missing" in res.stdout
+
+    store = AnnotationStore(f"sqlite:///{project / 'annotations.db'}")
+    store.add_user("alice", role="annotator", password="pw-alice-123")
+    for _ in range(pairs - 1):
+        task = store.next_task("alice", round=2)
+        store.submit(task.token, "alice", Judgement(chosen=task.true_choice("left"), strength="better", safe_a=True, safe_b=True))
+    res = run_align("round", "next", "--project", "people", "--root", str(tmp_path))
+    assert "round 2: annotate waiting" in res.stdout and status(Project(tmp_path, "people"))["rounds"][1]["labels_missing"] == 1
+    task = store.next_task("alice", round=2)
+    store.submit(task.token, "alice", Judgement(chosen="A", strength="slightly_better", safe_a=True, safe_b=False))
+    for step in ("annotate", "export"):
+        res = run_align("round", "next", "--project", "people", "--root", str(tmp_path))
+        assert f"round 2: {step} done" in res.stdout, res.stderr[-3000:]
+    export = json.loads((project / "round-2" / "manifest.json").read_text())["steps"]["export"]["outputs"]
+    rows = [json.loads(line) for line in Path(export["path"]).read_text().splitlines()]
+    assert len(rows) == pairs and {r["annotator"] for r in rows} == {"alice"}
