@@ -224,7 +224,7 @@ def rule_judgement(task: Any) -> Any:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def sha256(path: str | Path) -> str | None:
@@ -351,7 +351,7 @@ def run_stage(stage: str, spec: StageSpec, out: Path, overrides: Sequence[str]) 
         cmd += ["--launch", spec.launch]
     log.info("running: %s", " ".join(cmd[2:]))
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    proc = subprocess.run(cmd, env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    proc = subprocess.run(cmd, env=env, check=False, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     if proc.returncode != 0:
         raise StageFailed(f"`align {stage}` failed (exit {proc.returncode}); its output is above, its folder is {out}. "
                            "Fix the cause and run `align round run` again: it resumes from there.")
@@ -422,7 +422,7 @@ class Steps:
         if self.n not in store.rounds():
             a = self.cfg.annotation
             store.queue_file(self.n, pairs, labels=a.labels, overlap=a.overlap, overlap_labels=a.overlap_labels, seed=self.cfg.seed)
-        n_pairs = sum(1 for _ in open(pairs))
+        n_pairs = len(pairs.read_text().splitlines())
         return {"inputs": {"policy": models[0], "policy_b": models[1], "temperatures": self.cfg.sample.temperatures},
                 "outputs": {"path": str(pairs), "sha256": sha256(pairs), "pairs": n_pairs, "db": self.p.db_url()}}
 
@@ -634,7 +634,7 @@ def run_step(p: Project, n: int, step: str) -> str:
         p.save_manifest(n, m)
         return WAITING
     m = p.manifest(n)
-    m["steps"][step] = {"status": "done", "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
+    m["steps"][step] = {"status": "done", "started_at": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"),
                         "finished_at": now(), "seconds": round(time.time() - started, 1), **result}
     if step == "promote":
         m["promoted"] = result["outputs"]["promoted"]

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, run_align
+from safetensors.torch import load_file
 
 from alignment.config import ConfigError, load_config
 from alignment.rounds import Project, RoundConfig, draw_prompts, repetition, rule_judgement, rule_scores, status
