@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dpo": ("alignment.dpo", "stage", "direct preference optimisation on comparisons (TRL DPOTrainer), optional Llama 2 strength margin"),
     "rs": ("alignment.rs", "stage", "rejection sampling: best-of-K by reward, pool of all rounds' best, SFT on the pool"),
     "round": ("alignment.rounds", "command", "iterative RLHF rounds V1..Vn: init, next, run, status, promote"),
-    "demo": ("alignment.demo", "command", "the main job: fine-tune the embedded SmolLM2 and show answers before and after"),
+    "demo": ("alignment.demo", "command", "the main job: RLHF-V1 and V2 on the embedded SmolLM2, unattended (simulated annotator), then the report"),
     "merge": ("alignment.commands", "command", "merge a LoRA adapter into its base model (a full checkpoint)"),
     "models": ("alignment.commands", "command", "build/list the built-in models (smollm2-135m, tiny-llama) in the cache"),
     "generate": ("alignment.commands", "command", "generate answers from a model for prompts (a file or --prompt)"),
