@@ -32,7 +32,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
-WORDS = "the river bends past the old mill where children count stones and the baker sings about bread while clouds drift".split(" ")
+WORDS = ["the", "river", "bends", "past", "the", "old", "mill", "where", "children", "count", "stones", "and", "the", "baker", "sings", "about", "bread", "while", "clouds", "drift"]
 
 
 def long_text(i: int, n_words: int = 220) -> str:
