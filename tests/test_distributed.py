@@ -122,15 +122,20 @@ def _rm_args(data: Path, root: Path) -> list[str]:
             "train.grad_accum=1", "train.lr=1e-3", "train.warmup_ratio=0", f"run.root={root}"]
 
 
+@pytest.fixture(scope="module")
+def rm_single(tmp_path_factory, rm_data, tiny_model) -> Path:
+    root = tmp_path_factory.mktemp("rmsingle")
+    res = run_align("rm", *_rm_args(rm_data, root), "train.batch_size=4", env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root / "default" / "rm_helpful"
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_reward_model_matches_single_process(layout, tmp_path, rm_data, tiny_model):
-    single = tmp_path / "single"
-    res = run_align("rm", *_rm_args(rm_data, single), "train.batch_size=4")
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_reward_model_matches_single_process(layout, tmp_path, rm_data, rm_single):
     res = run_align("rm", *_rm_args(rm_data, tmp_path / "multi"), "train.batch_size=2",
-                    "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"))
+                    "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
-    one, two = single / "default" / "rm_helpful", tmp_path / "multi" / "default" / "rm_helpful"
+    one, two = rm_single, tmp_path / "multi" / "default" / "rm_helpful"
     summary = json.loads((two / "summary.json").read_text())
     fp = summary["rank_fingerprints"]
     assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)
