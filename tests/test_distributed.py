@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, run_align, write_jsonl
+from safetensors.torch import load_file
 
 from alignment.runs import read_metrics
 
