@@ -2,6 +2,7 @@
 
     flock /tmp/align-heavy.lock .venv/bin/python -m benchmarks            # every part, one table
     flock /tmp/align-heavy.lock .venv/bin/python -m benchmarks overhead   # one part (extra flags go to it)
+    .venv/bin/python -m benchmarks report                                 # the table from the saved results
 
 Parts: overhead (our SFT/RM/DPO step vs a hand-written PyTorch loop), mfu (tokens/s vs measured
 matmul FLOP/s), ppo (PPO iteration split, rollout generation vs model.generate, memory vs SFT-LoRA),
@@ -91,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import machine, save, table
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:  # the table from the last results of every part, without measuring
+        import json
+
+        from benchmarks.common import RESULTS
+
+        rows = []
+        for name in PARTS:
+            path = RESULTS / f"{name}.json"
+            if path.is_file():
+                rows += summary_rows(name, json.loads(path.read_text()))
+        print(table(rows, ["part", "measurement", "value", "goal"]))
+        return 0
     names = [argv.pop(0)] if argv and argv[0] in PARTS else list(PARTS)
     if argv and len(names) > 1:
         print(f"flags ({' '.join(argv)}) need one part: python -m benchmarks <{'|'.join(PARTS)}> [flags]", file=sys.stderr)

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", default="sft,rm,dpo")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
     p.add_argument("--batch", type=int, default=4, help="examples (SFT) or pairs (RM, DPO) per step")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
