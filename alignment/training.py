@@ -122,6 +122,8 @@ def trainer_kwargs(train: TrainConfig, run: "RunConfig", out: Path, *, has_eval:
     )
     if grad_ckpt:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+    if kwargs["bf16"] and not on_gpu():
+        kwargs["use_cpu"] = True  # bf16 autocast on CPU: transformers refuses it unless told it runs on the CPU
     return kwargs
 
 
