@@ -73,6 +73,12 @@ from reward.config import RewardConfig, build_scorer
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
+# launch layouts this stage cannot run under, with the reason (checked by `align ppo --launch` before
+# any process starts, and again in main() for a direct `accelerate launch`)
+UNSUPPORTED_LAUNCH = {
+    "DEEPSPEED": "PPO trains two models (policy and critic) with one optimizer, which accelerate's DeepSpeed "
+                 "integration cannot prepare; use configs/accelerate/ddp.yaml",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +421,7 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
 
     from alignment.generation import generate
     from alignment.rl.rollout import Rollout, build_sequences
+    from alignment.rl.stats import masked_moments
 
     cfg, acc = ctx.cfg, ctx.accelerator
     policy = acc.unwrap_model(ctx.policy)
@@ -429,6 +436,7 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
     raw = score_responses(ctx.scorer, prompts, texts)
     finished = torch.tensor([g.finished for g in gens])
     scores = normalize_scores(raw["combined"], finished, cfg.reward, ctx.running_reward, ctx.reduce)
+    _, raw_var, _ = masked_moments(raw["combined"], torch.ones_like(raw["combined"]), ctx.reduce)  # global, like the whitening
     times["time/score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -460,6 +468,7 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
     lengths = mask.sum(1)
     metrics = {f"reward/{k}": v.mean().item() for k, v in raw.items()}
     metrics.update({
+        "reward/combined_std": raw_var.sqrt().item(),  # of the global batch
         "reward/normalized": scores.mean().item(),
         "policy/entropy": (torch.cat(entropy) * mask).sum().item() / mask.sum().item(),
         "response/length": lengths.mean().item(),
@@ -753,6 +762,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
     import torch
     from accelerate import Accelerator
 
+    if distributed.uses_deepspeed():
+        raise RuntimeError(f"align ppo under DeepSpeed: {UNSUPPORTED_LAUNCH['DEEPSPEED']}")
     out = start_stage(cfg, STAGE, resume=resume)  # process group (if launched on several), logging, output folder
     # cpu=True also on machines without a GPU: only then does accelerate wrap models in DDP over gloo
     acc = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())

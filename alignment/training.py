@@ -78,7 +78,7 @@ def precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def trainer_kwargs(train: TrainConfig, run: "RunConfig", out: Path, *, has_eval: bool) -> dict[str, Any]:
+def trainer_kwargs(train: TrainConfig, run: RunConfig, out: Path, *, has_eval: bool) -> dict[str, Any]:
     """``TrainingArguments`` fields for a TRL config class (SFTConfig, RewardConfig, DPOConfig)."""
     scheduler = train.lr_scheduler
     scheduler_kwargs: dict[str, Any] = {}
@@ -122,10 +122,12 @@ def trainer_kwargs(train: TrainConfig, run: "RunConfig", out: Path, *, has_eval:
     )
     if grad_ckpt:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+    if kwargs["bf16"] and not on_gpu():
+        kwargs["use_cpu"] = True  # bf16 autocast on CPU: transformers refuses it unless told it runs on the CPU
     return kwargs
 
 
-def metrics_callback(logger: "MetricsLogger") -> "TrainerCallback":
+def metrics_callback(logger: MetricsLogger) -> TrainerCallback:
     """A TrainerCallback that forwards the trainer's logs to our MetricsLogger (main process only)."""
     import math
 

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_align, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import REPO, run_align, write_jsonl
+from alignment.runs import read_metrics
 
 pytestmark = pytest.mark.distributed
 
 LAYOUTS = ["ddp", "zero2", "zero3"]  # zero3_offload and fsdp also run; see benchmarks/
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the two ranks share two cores
 
 
 def _weights(stage_dir: Path) -> dict[str, torch.Tensor]:
@@ -119,15 +121,20 @@ def _rm_args(data: Path, root: Path) -> list[str]:
             "train.grad_accum=1", "train.lr=1e-3", "train.warmup_ratio=0", f"run.root={root}"]
 
 
-@pytest.mark.parametrize("layout", ["ddp", "zero3"])
-def test_reward_model_matches_single_process(layout, tmp_path, rm_data, tiny_model):
-    single = tmp_path / "single"
-    res = run_align("rm", *_rm_args(rm_data, single), "train.batch_size=4")
+@pytest.fixture(scope="module")
+def rm_single(tmp_path_factory, rm_data, tiny_model) -> Path:
+    root = tmp_path_factory.mktemp("rmsingle")
+    res = run_align("rm", *_rm_args(rm_data, root), "train.batch_size=4", env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
+    return root / "default" / "rm_helpful"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reward_model_matches_single_process(layout, tmp_path, rm_data, rm_single):
     res = run_align("rm", *_rm_args(rm_data, tmp_path / "multi"), "train.batch_size=2",
-                    "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"))
+                    "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
-    one, two = single / "default" / "rm_helpful", tmp_path / "multi" / "default" / "rm_helpful"
+    one, two = rm_single, tmp_path / "multi" / "default" / "rm_helpful"
     summary = json.loads((two / "summary.json").read_text())
     fp = summary["rank_fingerprints"]
     assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)
@@ -135,3 +142,87 @@ def test_reward_model_matches_single_process(layout, tmp_path, rm_data, tiny_mod
     ref = json.loads((one / "summary.json").read_text())
     assert summary["held_out_accuracy"] == ref["held_out_accuracy"]
     assert summary["reward_mean"] == pytest.approx(ref["reward_mean"], abs=1e-4)
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+def _dpo_args(data: Path, root: Path) -> list[str]:
+    return ["--config", str(REPO / "configs/dpo.yaml"), "model.name=tiny-llama", "adapter.method=full", "run.wandb=disabled",
+            f"data.sources=[{{path: {data}}}]", "data.val_fraction=0.25", "train.max_steps=4", "train.grad_accum=1",
+            "train.lr=1e-3", "train.warmup_ratio=0", f"run.root={root}"]
+
+
+@pytest.fixture(scope="module")
+def dpo_data(tmp_path_factory) -> Path:
+    from test_dpo import marker_pairs
+
+    return write_jsonl(tmp_path_factory.mktemp("dpodata") / "pairs.jsonl", marker_pairs(32))
+
+
+@pytest.fixture(scope="module")
+def dpo_single(tmp_path_factory, dpo_data, tiny_model) -> Path:
+    root = tmp_path_factory.mktemp("dposingle")
+    res = run_align("dpo", *_dpo_args(dpo_data, root), "train.batch_size=4", env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root / "default" / "dpo"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dpo_matches_single_process(layout, tmp_path, dpo_data, dpo_single):
+    res = run_align("dpo", *_dpo_args(dpo_data, tmp_path), "train.batch_size=2",
+                    "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"), env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "default" / "dpo"
+    fp = json.loads((out / "summary.json").read_text())["rank_fingerprints"]
+    assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)
+    _assert_same(_weights(out), _weights(dpo_single))
+    after = [json.loads((d / "eval.json").read_text())["after"] for d in (dpo_single, out)]
+    assert after[0]["margin"] == pytest.approx(after[1]["margin"], abs=1e-4) and after[0]["n"] == after[1]["n"]
+
+
+# --------------------------------------------------------------------------- PPO
+# Sampling has to give the same responses under both layouts for the weights to be comparable: a
+# nucleus of 1e-6 keeps only the most likely token (greedy samples), while PPO's log-probs stay
+# those of the full temperature-1 distribution. The reward depends on the prompt, so the two ranks'
+# batches have different reward means and spreads: per-rank whitening of rewards or advantages
+# would give different updates from the single process's global whitening.
+
+PPO = ["--config", str(REPO / "configs/ppo.yaml"), "model.name=tiny-llama", "run.wandb=disabled", "run.log_level=warning",
+       "reward.helpful=null", "reward.safety=null", "critic.init=policy", "reward.function=dist_rewards:prompt_length",
+       "reward.missing_eos_penalty=0", "ppo.iterations=2", "ppo.micro_batch_size=2", "ppo.epochs=1",
+       "sampling.max_new_tokens=8", "sampling.top_p=1e-6", "optim.lr=1e-2", "critic.lr=3e-3",
+       "eval.every=0", "eval.max_prompts=4", "eval.keep_best=false"]
+PPO_ENV = {**ONE_THREAD, "PYTHONPATH": str(REPO / "tests")}
+
+
+def _ppo(root: Path, per_rank_batch: int, *launch: str) -> Path:
+    """One minibatch per iteration (minibatch = rollout batch), so the shuffling order cannot matter."""
+    b = per_rank_batch
+    res = run_align("ppo", *PPO, f"ppo.rollout_batch_size={b}", f"ppo.minibatch_size={b}", f"run.root={root}", *launch, env=PPO_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root / "default" / "ppo"
+
+
+def test_ppo_ddp_matches_single_process_with_global_statistics(tmp_path, tiny_model):
+    single = _ppo(tmp_path / "single", 8)
+    ddp = _ppo(tmp_path / "ddp", 4, "--launch", str(REPO / "configs/accelerate/ddp.yaml"))
+    fp = json.loads((ddp / "summary.json").read_text())["rank_fingerprints"]
+    assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)
+    _assert_same(_weights(ddp), _weights(single))
+    one, two = read_metrics(single), read_metrics(ddp)
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2]
+    for a, b in zip(one, two):
+        # the global batch: 8 prompts either way, rewards that differ between the ranks' halves
+        assert a["tokens/generated"] == b["tokens/generated"] == 64
+        assert a["reward/combined_std"] > 0.05
+        for key in ("reward/combined", "reward/combined_std", "kl/ref", "value/loss", "policy/loss", "value/explained_variance"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("layout", ["zero2", "zero3"])
+def test_ppo_under_deepspeed_is_a_clear_error(layout, tmp_path):
+    res = run_align("ppo", *PPO, f"run.root={tmp_path}", "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"))
+    assert res.returncode == 2
+    assert "ppo cannot run under DEEPSPEED" in res.stderr and "configs/accelerate/ddp.yaml" in res.stderr
+    assert not (tmp_path / "default").exists()  # refused before any process started

@@ -155,3 +155,25 @@ def test_cli_help_lists_stages_and_fields():
     assert res.returncode == 0 and "sft" in res.stdout
     res = run_align("sft", "--help")
     assert res.returncode == 0 and "train.max_steps" in res.stdout and "assistant_only_loss" in res.stdout
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_plain_loss_equals_trl_loss(tmp_path, tiny_model, sft_rows, method):
+    """The default loss (token_metrics=false: cross-entropy from the logits) is TRL's loss (computed
+    through its chunked LM head with the entropy/accuracy metrics), with and without num_items_in_batch."""
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    from alignment.sft import load_data
+
+    losses = {}
+    for metrics in (False, True):
+        cfg = make_cfg(tmp_path, data, f"adapter.method={method}", f"token_metrics={str(metrics).lower()}")
+        train, val = load_data(cfg.data, 0)
+        torch.manual_seed(0)  # the same adapter initialisation on both sides
+        trainer = build_trainer(cfg, tmp_path / str(metrics), train, val)
+        assert type(trainer).__name__ == ("SFTTrainer" if metrics else "PlainLossSFTTrainer")
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+        trainer.model.eval()
+        with torch.no_grad():
+            losses[metrics] = [float(trainer.compute_loss(trainer.model, dict(batch))),
+                               float(trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(50)))]
+    assert losses[False] == pytest.approx(losses[True], rel=1e-5)

@@ -1,0 +1,133 @@
+"""The scale-and-speed benchmark suite on SmolLM2-135M (fp32, CPU unless a GPU is present).
+
+    flock /tmp/align-heavy.lock .venv/bin/python -m benchmarks            # every part, one table
+    flock /tmp/align-heavy.lock .venv/bin/python -m benchmarks overhead   # one part (extra flags go to it)
+    .venv/bin/python -m benchmarks report                                 # the table from the saved results
+
+Parts: overhead (our SFT/RM/DPO step vs a hand-written PyTorch loop), mfu (tokens/s vs measured
+matmul FLOP/s), ppo (PPO iteration split, rollout generation vs model.generate, memory vs SFT-LoRA),
+defaults (fp32 vs bf16 autocast, activation checkpointing), scaling (SFT on 1 vs 2 processes).
+Each part writes benchmarks/results/<part>.json with the machine, library versions, the command and
+the numbers; the summary table at the end is what README's "Scale and speed" section shows.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def _overhead(argv: list[str]) -> dict:
+    from benchmarks import overhead
+
+    return overhead.main(argv)
+
+
+def _mfu(argv: list[str]) -> dict:
+    import argparse
+
+    from benchmarks.hardware import mfu
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks mfu")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    a = p.parse_args(argv)
+    out = mfu(a.steps, a.batch, a.seq_len)
+    from benchmarks.common import table
+
+    print(table([[r["loop"], r["tokens_per_s"], r["achieved_gflops"], r["mfu"]] for r in out["rows"]],
+                ["full fine-tune (SFT)", "tokens/s", "GFLOP/s", "MFU"]))
+    print(f"fp32 matmul: {out['matmul_fp32_gflops'][0]:.0f} / {out['matmul_fp32_gflops'][1]:.0f} GFLOP/s (before / after)")
+    return {"args": vars(a), **out}
+
+
+def _ppo(argv: list[str]) -> dict:
+    from benchmarks import ppo_speed
+
+    return ppo_speed.main(argv)
+
+
+def _defaults(argv: list[str]) -> dict:
+    from benchmarks import defaults
+
+    return defaults.main(argv)
+
+
+def _scaling(argv: list[str]) -> dict:
+    from benchmarks import scaling
+
+    return scaling.main(argv)
+
+
+PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo, "defaults": _defaults, "scaling": _scaling}
+
+
+def summary_rows(name: str, r: dict) -> list[list[Any]]:
+    """The suite's one table: (part, measurement, value, goal/note)."""
+    if name == "overhead":
+        return [["overhead", f"{x['stage']} {x['adapter']} step, ours / hand loop", x["ratio"], "<= 1.10"] for x in r["rows"]]
+    if name == "mfu":
+        return [["mfu", f"SFT full, {x['loop']}: tokens/s, MFU", f"{x['tokens_per_s']:.0f}, {100 * x['mfu']:.0f}%", "vs fp32 matmul"]
+                for x in r["rows"]]
+    if name == "ppo":
+        med = r["iteration"]["median"]
+        rows = [["ppo", f"{k.split('/')[1]} share of iteration", med[k] / med["time/iteration"], ""]
+                for k in ("time/generate", "time/score", "time/ref_and_values", "time/update")]
+        rows.append(["ppo", "rollout generation tokens/s, ours / model.generate",
+                     r["generation"]["ours_tokens_per_s"] / r["generation"]["plain_tokens_per_s"], ">= 1"])
+        if r.get("memory"):
+            rows.append(["ppo", "peak RSS, PPO / SFT-LoRA", r["memory"]["ratio"], "<= 2"])
+        return rows
+    if name == "defaults":
+        return [["defaults", f"SFT-LoRA step, {x['setting']} / default", x["vs_default"], ""] for x in r["rows"][1:]]
+    if name == "scaling":
+        return [["scaling", "SFT tokens/s, 2 processes / 1", r["speedup"], "2 cores"]]
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import machine, save, table
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:  # the table from the last results of every part, without measuring
+        import json
+
+        from benchmarks.common import RESULTS
+
+        rows = []
+        for name in PARTS:
+            path = RESULTS / f"{name}.json"
+            if path.is_file():
+                rows += summary_rows(name, json.loads(path.read_text()))
+        print(table(rows, ["part", "measurement", "value", "goal"]))
+        return 0
+    names = [argv.pop(0)] if argv and argv[0] in PARTS else list(PARTS)
+    if argv and len(names) > 1:
+        print(f"flags ({' '.join(argv)}) need one part: python -m benchmarks <{'|'.join(PARTS)}> [flags]", file=sys.stderr)
+        return 2
+    rows = []
+    for name in names:
+        print(f"\n== {name}", flush=True)
+        t = time.time()
+        result = PARTS[name](argv)
+        result.pop("cfg", None)
+        for row in result.get("rows", []):
+            row.pop("batch", None)
+            row.pop("cfg", None)
+        for part in ("sft_full",):
+            if part in result:
+                result[part] = {k: v for k, v in result[part].items() if k not in ("batch", "cfg")}
+        data = {"part": name, "command": "python -m benchmarks " + " ".join([name, *argv]), "machine": machine(),
+                "seconds": round(time.time() - t, 1), **result}
+        print(f"wrote {save(name, data)}")
+        rows += summary_rows(name, data)
+    print()
+    print(table(rows, ["part", "measurement", "value", "goal"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

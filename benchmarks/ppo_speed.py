@@ -1,0 +1,128 @@
+"""One PPO iteration on SmolLM2-135M (fp32, CPU): where the time goes, our rollout generation against
+plain batched ``model.generate``, and PPO's peak memory against SFT-LoRA.
+
+    flock /tmp/align-heavy.lock .venv/bin/python -m benchmarks ppo [--iterations 3 --batch 8 --new-tokens 64]
+
+1. ``align ppo`` (LoRA policy, critic from the policy's base, the rule reward
+   ``target_length``: no reward models are trained in a fresh checkout) for ``--iterations``
+   iterations of ``--batch`` prompts (one minibatch, one micro-batch); the per-phase times are the
+   stage's own ``time/*`` metrics (generate, score, ref_and_values = pi_old + critic + reference
+   forward passes, advantages, update), median over iterations after the first.
+2. Sampling the same prompts with the same seed, max_new_tokens and temperature from the same LoRA
+   model: ``alignment.generation.generate`` (what PPO calls) against a hand-written
+   ``model.generate`` on the left-padded batch; tokens/s counts response tokens up to EOS.
+3. Peak RSS of PPO against SFT-LoRA in fresh processes (benchmarks/ppo_memory.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m"
+PHASES = ["time/generate", "time/score", "time/ref_and_values", "time/advantages", "time/update"]
+
+
+def ppo_iterations(iterations: int, batch: int, new_tokens: int) -> dict:
+    from alignment.config import load_config
+    from alignment.ppo import PPOConfig, main
+    from alignment.runs import read_metrics
+
+    with tempfile.TemporaryDirectory() as root:
+        cfg = load_config(PPOConfig, REPO / "configs/ppo.yaml", [
+            f"model.name={MODEL}", f"run.root={root}", "run.wandb=disabled", "run.log_level=warning",
+            "reward.helpful=null", "reward.safety=null", "critic.init=policy",
+            "reward.function=alignment.rl.rule_rewards:target_length", "reward.function_kwargs={target: 30}",
+            f"ppo.iterations={iterations}", f"ppo.rollout_batch_size={batch}", f"ppo.minibatch_size={batch}",
+            f"ppo.micro_batch_size={batch}", f"sampling.max_new_tokens={new_tokens}", f"sampling.batch_size={batch}",
+            "eval.every=0", "eval.max_prompts=2", "eval.max_new_tokens=8", "eval.samples_every=0"], stage="ppo")
+        out = main(cfg)
+        rows = [m for m in read_metrics(out) if "time/iteration" in m]
+    timed = rows[1:] or rows
+    med = {k: statistics.median(m[k] for m in timed) for k in [*PHASES, "time/iteration", "tokens/generated", "perf/gen_tokens_per_s"]}
+    return {"iterations": len(rows), "median": med, "all": [{k: m[k] for k in [*PHASES, "time/iteration", "tokens/generated"]} for m in rows]}
+
+
+def generation(batch: int, new_tokens: int, repeats: int = 2) -> dict:
+    import torch
+    from peft import get_peft_model
+
+    from alignment.adapters import AdapterConfig, peft_config
+    from alignment.generation import encode_prompts, generate, left_pad
+    from alignment.models import load_causal_lm, load_tokenizer
+    from data.loaders import DataSource, load_prompts
+
+    tok = load_tokenizer(MODEL)
+    model = get_peft_model(load_causal_lm(MODEL, dtype="float32", device="cpu"), peft_config(AdapterConfig(dropout=0.0), "CAUSAL_LM"))
+    model.eval()
+    prompts = [p.messages for p in load_prompts(DataSource("bundled:prompts"))[:batch]]
+
+    def ours() -> int:
+        torch.manual_seed(0)
+        gens = generate(model, tok, prompts, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, batch_size=batch)
+        return sum(len(g.response_ids) for g in gens)
+
+    def plain() -> int:
+        torch.manual_seed(0)
+        ids, mask = left_pad(encode_prompts(tok, prompts), tok.pad_token_id)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                 max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
+        n = 0
+        for row in out[:, ids.shape[1]:].tolist():
+            n += next((i + 1 for i, t in enumerate(row) if t == tok.eos_token_id), len(row))
+        return n
+
+    result = {}
+    for name, fn in (("ours", ours), ("plain", plain), ("ours_again", ours), ("plain_again", plain)):
+        t = time.perf_counter()
+        n = fn()
+        result[name] = {"tokens": n, "seconds": time.perf_counter() - t}
+    best = {k: min((result[k], result[k + "_again"]), key=lambda r: r["seconds"]) for k in ("ours", "plain")}
+    return {"runs": result, "ours_tokens_per_s": best["ours"]["tokens"] / best["ours"]["seconds"],
+            "plain_tokens_per_s": best["plain"]["tokens"] / best["plain"]["seconds"],
+            "same_tokens": best["ours"]["tokens"] == best["plain"]["tokens"]}
+
+
+def memory(batch: int, new_tokens: int, seq_len: int, steps: int = 2) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "mem.json"
+        subprocess.run([sys.executable, str(REPO / "benchmarks/ppo_memory.py"), f"--model={MODEL}", f"--batch={batch}",
+                        f"--seq-len={seq_len}", f"--new-tokens={new_tokens}", f"--steps={steps}", f"--out={out}"],
+                       cwd=REPO, check=True, capture_output=True, text=True)
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from benchmarks.common import table
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=192, help="SFT-LoRA sequence length for the memory comparison")
+    p.add_argument("--skip-memory", action="store_true")
+    a = p.parse_args(argv)
+    it = ppo_iterations(a.iterations, a.batch, a.new_tokens)
+    med = it["median"]
+    total = med["time/iteration"]
+    print(table([[k.split("/")[1], med[k], med[k] / total] for k in PHASES] + [["iteration", total, 1.0]], ["phase", "seconds", "share"]))
+    gen = generation(a.batch, a.new_tokens)
+    print(table([["ours (alignment.generation.generate)", gen["ours_tokens_per_s"]], ["plain model.generate", gen["plain_tokens_per_s"]]],
+                ["rollout generation", "tokens/s"]))
+    mem = None if a.skip_memory else memory(a.batch, a.new_tokens, a.seq_len)
+    if mem:
+        print(table([["SFT-LoRA", mem["sft_lora"]["peak_rss_gib"]], ["PPO", mem["ppo"]["peak_rss_gib"]], ["ratio", mem["ratio"]]],
+                    ["peak RSS", "GiB"]))
+    return {"args": vars(a), "iteration": it, "generation": gen, "memory": mem}
+
+
+if __name__ == "__main__":
+    main()
