@@ -174,6 +174,9 @@ class RoundConfig:
         return self.methods[min(n, len(self.methods)) - 1]
 
 
+Config = RoundConfig  # what `align <command>` config checks look for
+
+
 # ---------------------------------------------------------------------------------------------
 # the rule judge (simulated annotator)
 

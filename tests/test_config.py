@@ -131,7 +131,10 @@ def test_every_yaml_under_configs_loads():
             continue  # accelerate's own format, checked by the distributed tests
         assert isinstance(data, dict) and "stage" in data, f"{path} must declare `stage:`"
         module, kind, _ = COMMANDS[data["stage"]]
-        assert kind == "stage"
-        load_config(importlib.import_module(module).Config, path, stage=data["stage"])
+        cfg = load_config(importlib.import_module(module).Config, path, stage=data["stage"])
+        if kind == "command":  # a round config: the stage configs it names exist and declare their stage
+            assert data["stage"] == "round"
+            for spec in (cfg.sft, cfg.rm_helpful, cfg.rm_safety, cfg.rs, cfg.ppo, cfg.dpo):
+                assert (REPO / spec.config).is_file(), f"{path}: {spec.config} not found"
         checked += 1
     assert checked >= 1
