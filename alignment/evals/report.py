@@ -69,7 +69,11 @@ def collect(run: str | Path) -> list[Round]:
             except (ValueError, TypeError) as exc:
                 log.warning("skipping %s", exc)
                 continue
-            label = f.parent.name if res["eval"] == "rm_eval" and f.parent.name != "eval" else f.stem
+            label = f.stem
+            if res["eval"] == "rm_eval":  # name it by its model: rm_before/rm_helpful/, rm_helpful/eval/
+                owner = f.parent.parent if f.parent.name == "eval" and f.parent.parent != d else f.parent
+                label = f"{owner.parent.name}/{owner.name}" if owner.parent.name == "rm_before" else owner.name
+                label = label if owner != d else f.stem
             r.results.setdefault(res["eval"], []).append((label, res))
         rounds.append(r)
     if not rounds:
