@@ -680,7 +680,6 @@ def promote(p: Project, n: int) -> dict:
 def status(p: Project) -> dict:
     """Where each round stands (JSON-ready)."""
     out: dict[str, Any] = {"project": str(p.dir), "current_policy": p.current_policy(), "rounds": []}
-    missing = None
     for n in p.rounds():
         m = p.manifest(n)
         steps = m["steps"]
@@ -708,11 +707,9 @@ def status(p: Project) -> dict:
                 metrics[k] = v["win_rate"]
         row["metrics"] = metrics
         if "annotate" in row["pending"] and steps.get("sample", {}).get("status") == "done":
-            if missing is None:
-                from data.store import AnnotationStore
+            from data.store import AnnotationStore
 
-                store = AnnotationStore(p.db_url())
-            row["labels_missing"] = missing = store.missing_labels(n)
+            row["labels_missing"] = AnnotationStore(p.db_url()).missing_labels(n)
         out["rounds"].append(row)
     nxt = next_step(p)
     out["next"] = None if nxt[0] > p.cfg.rounds else {"round": nxt[0], "step": nxt[1]}
