@@ -80,7 +80,7 @@ def run_stage(name: str, module_name: str, help_text: str, argv: Sequence[str]) 
             elif not arg.startswith(("--launch=", "--nproc=")):
                 rest.append(arg)
         try:
-            return launch.run(args.launch, [name, *rest], nproc=args.nproc, unsupported=getattr(module, "UNSUPPORTED_LAUNCH", None))
+            return launch.run(args.launch, [name, *rest], nproc=args.nproc)
         except launch.LaunchError as exc:
             print(f"align {name}: {exc}", file=sys.stderr)
             return 2

@@ -10,7 +10,9 @@ assertions fail); trainers then reuse it (``accelerator_config={"use_configured_
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -58,6 +60,27 @@ def init() -> Any:
     if _STATE.num_processes > 1 and str(_STATE.distributed_type) == "DistributedType.NO":
         raise RuntimeError("multi-process launch, but accelerate set up no distributed training (DistributedType.NO)")
     return _STATE
+
+
+@contextlib.contextmanager
+def whole_weights() -> Iterator[None]:
+    """Load models whole on every process, also under a DeepSpeed launch.
+
+    Once accelerate has set DeepSpeed up, transformers loads every model under ZeRO-3's
+    ``zero.Init``, partitioned across processes: right for what an engine trains, wrong for models
+    run outside one (frozen reward models, a critic copied from a loaded model). Inside this
+    context they load whole; the engine partitions what it is given when it is created."""
+    if not uses_deepspeed():
+        yield
+        return
+    from accelerate.state import AcceleratorState
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()
 
 
 def barrier() -> None:

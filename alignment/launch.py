@@ -79,14 +79,10 @@ def launch_command(config: str | Path, argv: Sequence[str], nproc: int | None = 
     return cmd, env, tmp
 
 
-def run(config: str | Path, argv: Sequence[str], nproc: int | None = None, unsupported: dict[str, str] | None = None) -> int:
-    """Run ``align <argv>`` under ``config``; ``unsupported`` maps distributed types the stage cannot
-    run under to the reason (a LaunchError before any process starts)."""
+def run(config: str | Path, argv: Sequence[str], nproc: int | None = None) -> int:
+    """Run ``align <argv>`` under ``config``."""
     if os.environ.get("ALIGN_LAUNCHED"):
         raise LaunchError("--launch inside a launched process: remove --launch (the stage is already distributed)")
-    kind = str(_load(Path(config)).get("distributed_type", "NO"))
-    if unsupported and kind in unsupported:
-        raise LaunchError(f"--launch: {config}: {argv[0]} cannot run under {kind}: {unsupported[kind]}")
     cmd, env, tmp = launch_command(config, argv, nproc)
     print("launching: " + " ".join(cmd[2:] if cmd[1] == "-m" else cmd), file=sys.stderr)
     try:

@@ -2,6 +2,10 @@
 
     align ppo --config configs/ppo.yaml [key=value ...] [--resume]
     align ppo --config configs/ppo.yaml --launch configs/accelerate/ddp.yaml    # several processes (DDP)
+    align ppo --config configs/ppo.yaml --launch configs/accelerate/zero3.yaml  # DeepSpeed ZeRO-2/3
+
+How the policy and the critic are wrapped, stepped and checkpointed under each launch is in
+:mod:`alignment.rl.actor_critic` (two DDP models, or one DeepSpeed engine holding both).
 
 Each iteration runs three plain steps over a :class:`~alignment.rl.rollout.Rollout`:
 
@@ -46,12 +50,12 @@ Where this departs from the papers and the usual implementations:
 Outputs in ``runs/<run.name>/ppo/``: ``model/`` (the policy adapter; ``model.name=runs/<run>/ppo``
 loads it), ``metrics.jsonl``, ``samples.jsonl``, ``summary.json``, ``checkpoints/`` for
 ``--resume`` (trainable weights, optimiser, scheduler, KL controller, reward statistics, RNG
-streams of every process, iteration).
+streams of every process, iteration; under DeepSpeed the weights and optimiser are DeepSpeed's
+per-process checkpoint in ``deepspeed/``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -73,12 +77,6 @@ from reward.config import RewardConfig, build_scorer
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
-# launch layouts this stage cannot run under, with the reason (checked by `align ppo --launch` before
-# any process starts, and again in main() for a direct `accelerate launch`)
-UNSUPPORTED_LAUNCH = {
-    "DEEPSPEED": "PPO trains two models (policy and critic) with one optimizer, which accelerate's DeepSpeed "
-                 "integration cannot prepare; use configs/accelerate/ddp.yaml",
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +191,7 @@ class OptimConfig:
     adam_beta1: float = option(0.9, "AdamW beta1 (Llama 2: 0.9)")
     adam_beta2: float = option(0.95, "AdamW beta2 (Llama 2: 0.95)")
     adam_epsilon: float = option(1e-5, "AdamW epsilon (Llama 2: 1e-5)")
-    max_grad_norm: float = option(1.0, "clip each model's gradient norm to this (0 = off)")
+    max_grad_norm: float = option(1.0, "clip each model's gradient norm to this (under DeepSpeed: both models' norm together); 0 = off")
     lr_scheduler: Literal["constant", "linear", "cosine"] = option("constant", "schedule after warm-up (Llama 2: constant)")
     warmup_steps: int = option(0, "optimiser steps of linear warm-up")
     gradient_checkpointing: bool | None = option(None, "recompute activations in backward; null = on for GPUs, off on CPU")
@@ -289,10 +287,12 @@ def prompt_batch(prompts: Sequence, iteration: int, batch_size: int, seed: int, 
     return out
 
 
-def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any]) -> tuple[Any, Any, Any]:
+def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any], *, share: bool = True) -> tuple[Any, Any, Any]:
     """(policy, reference or None, critic). With LoRA the reference is the policy with its adapter
     disabled (None here); the critic shares frozen weights with the helpfulness RM or the base;
-    reward-model tensors identical to the frozen base (embeddings, norms) are tied to it."""
+    reward-model tensors identical to the frozen base (embeddings, norms) are tied to it. With
+    ``share=False`` (ZeRO-3, which partitions what it trains) nothing is shared: the critic's
+    backbone is its own copy."""
     import copy
 
     from peft import get_peft_model
@@ -317,13 +317,13 @@ def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any]) -> 
     for name, rm in reward_models.items():
         for p in rm.parameters():
             p.requires_grad_(False)
-        freed = tie_identical_weights(rm.base_model, critic_source.base_model)
+        freed = tie_identical_weights(rm.base_model, critic_source.base_model) if share else 0
         if freed:
             log.info("%s shares %.1f MiB of identical frozen weights with the policy's base", name, freed / 2**20)
     if cfg.critic.init == "reward_model":
-        critic = critic_from_reward_model(reward_models["rm_helpful"], lora=critic_lora)
+        critic = critic_from_reward_model(reward_models["rm_helpful"], lora=critic_lora, share=share)
     else:
-        critic = critic_from_causal_lm(critic_source, lora=critic_lora)
+        critic = critic_from_causal_lm(critic_source, lora=critic_lora, share=share)
     policy = get_peft_model(base, peft_config(cfg.adapter, "CAUSAL_LM")) if cfg.adapter.method == "lora" else base
     grad_ckpt = cfg.optim.gradient_checkpointing if cfg.optim.gradient_checkpointing is not None else device.startswith("cuda")
     if grad_ckpt:
@@ -344,43 +344,6 @@ def build_optimizer(cfg: PPOConfig, policy: Any, critic: Any, total_steps: int) 
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.optim.lr_scheduler]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=total_steps)
     return optimizer, scheduler
-
-
-# ---------------------------------------------------------------------------------------------
-# forward passes
-
-
-def policy_logprobs(model: Any, input_ids: Any, attention_mask: Any, response_width: int, temperature: float,
-                    *, with_entropy: bool = False, entropy_grad: bool = False) -> tuple[Any, Any]:
-    """log pi(y_t | x, y_<t) of the R response tokens [B, R] (and their entropy [B, R], with a
-    gradient when ``entropy_grad``) under the temperature-scaled distribution. Only the last R + 1
-    positions are projected onto the vocabulary."""
-    from alignment.rl.distributions import entropy_from_logits, logprobs_from_logits
-    from alignment.rl.rollout import position_ids
-
-    R = response_width
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                logits_to_keep=R + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature
-    logprobs = logprobs_from_logits(logits, input_ids[:, -R:])
-    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
-    return logprobs, entropy
-
-
-def critic_values(critic: Any, input_ids: Any, attention_mask: Any, response_width: int) -> Any:
-    """V(x, y_<t) before each of the R response tokens: [B, R]."""
-    from alignment.rl.rollout import position_ids
-
-    values = critic(input_ids, attention_mask, position_ids(attention_mask))
-    return values[:, -response_width - 1:-1]
-
-
-def reference_context(policy: Any, reference: Any) -> Any:
-    """(model, context) that computes reference log-probs: the policy with its LoRA adapter off,
-    or the frozen copy for full fine-tuning."""
-    if reference is not None:
-        return reference, contextlib.nullcontext()
-    return policy, policy.disable_adapter()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,12 +386,12 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
     from alignment.rl.rollout import Rollout, build_sequences
     from alignment.rl.stats import masked_moments
 
-    cfg, acc = ctx.cfg, ctx.accelerator
-    policy = acc.unwrap_model(ctx.policy)
+    cfg, acc, models = ctx.cfg, ctx.accelerator, ctx.models
     times = {}
     t0 = time.perf_counter()
-    gens = generate(policy, ctx.tokenizer, [p.messages for p in prompts], max_new_tokens=cfg.sampling.max_new_tokens,
-                    temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, batch_size=cfg.sampling.batch_size)
+    with models.generating() as policy:
+        gens = generate(policy, ctx.tokenizer, [p.messages for p in prompts], max_new_tokens=cfg.sampling.max_new_tokens,
+                        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, batch_size=cfg.sampling.batch_size)
     times["time/generate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -444,33 +407,34 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
     responses = [g.response_ids or [ctx.tokenizer.pad_token_id] for g in gens]
     input_ids, attention_mask, response_mask = build_sequences([g.prompt_ids for g in gens], responses, ctx.tokenizer.pad_token_id)
     input_ids, attention_mask, response_mask = (t.to(acc.device) for t in (input_ids, attention_mask, response_mask))
-    R = response_mask.shape[1]
-    logprobs, ref_logprobs, values, entropy = [], [], [], []
-    ref_model, ref_ctx = reference_context(policy, ctx.reference)
-    policy.eval()
-    ctx.critic.eval()
+    B, R = response_mask.shape
+    # the no-grad passes run over micro-batches of similar length, each cut to its own width
+    # (Rollout.select drops the columns that are padding in all its rows)
+    frame = Rollout(input_ids, attention_mask, response_mask, *(torch.zeros(B, R, device=acc.device) for _ in range(3)),
+                    torch.zeros(B, device=acc.device))
+    logprobs, ref_logprobs, values, entropy = (torch.zeros(B, R, device=acc.device) for _ in range(4))
+    by_length = sorted(range(B), key=lambda i: int(attention_mask[i].sum()))
+    models.train(False)
     with torch.no_grad():
-        for s in range(0, len(gens), cfg.ppo.micro_batch_size):
-            ids, mask = input_ids[s:s + cfg.ppo.micro_batch_size], attention_mask[s:s + cfg.ppo.micro_batch_size]
-            lp, ent = policy_logprobs(policy, ids, mask, R, cfg.sampling.temperature, with_entropy=True)
-            logprobs.append(lp)
-            entropy.append(ent)
-            values.append(critic_values(acc.unwrap_model(ctx.critic), ids, mask, R))
-        with ref_ctx:
-            for s in range(0, len(gens), cfg.ppo.micro_batch_size):
-                ids, mask = input_ids[s:s + cfg.ppo.micro_batch_size], attention_mask[s:s + cfg.ppo.micro_batch_size]
-                ref_logprobs.append(policy_logprobs(ref_model, ids, mask, R, cfg.sampling.temperature)[0])
+        for s in range(0, B, cfg.ppo.micro_batch_size):
+            rows = by_length[s:s + cfg.ppo.micro_batch_size]
+            mb = frame.select(rows)
+            width = mb.response_mask.shape[1]
+            lp, ent = models.logprobs(mb.input_ids, mb.attention_mask, width, cfg.sampling.temperature, with_entropy=True)
+            logprobs[rows, :width], entropy[rows, :width] = lp, ent
+            values[rows, :width] = models.values(mb.input_ids, mb.attention_mask, width)
+            ref_logprobs[rows, :width] = models.logprobs(mb.input_ids, mb.attention_mask, width, cfg.sampling.temperature,
+                                                         reference=True)[0]
     times["time/ref_and_values"] = time.perf_counter() - t0
 
-    rollout = Rollout(input_ids, attention_mask, response_mask, torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values),
-                      scores.to(acc.device))
+    rollout = Rollout(input_ids, attention_mask, response_mask, logprobs, ref_logprobs, values, scores.to(acc.device))
     mask = response_mask.float()
     lengths = mask.sum(1)
     metrics = {f"reward/{k}": v.mean().item() for k, v in raw.items()}
     metrics.update({
         "reward/combined_std": raw_var.sqrt().item(),  # of the global batch
         "reward/normalized": scores.mean().item(),
-        "policy/entropy": (torch.cat(entropy) * mask).sum().item() / mask.sum().item(),
+        "policy/entropy": (entropy * mask).sum().item() / mask.sum().item(),
         "response/length": lengths.mean().item(),
         "response/eos_fraction": finished.float().mean().item(),
         "tokens/generated": lengths.sum().item(),
@@ -516,9 +480,8 @@ def ppo_update(ctx: Context, rollout: Any) -> dict[str, float]:
     from alignment.rl.losses import clipped_policy_loss, clipped_value_loss
     from alignment.rl.stats import explained_variance, masked_mean
 
-    cfg, acc = ctx.cfg, ctx.accelerator
-    ctx.policy.train()
-    ctx.critic.train()
+    cfg, models = ctx.cfg, ctx.models
+    models.train()
     sums: dict[str, float] = {}
     n_steps = 0
     for _ in range(cfg.ppo.epochs):
@@ -531,33 +494,24 @@ def ppo_update(ctx: Context, rollout: Any) -> dict[str, float]:
                 mb = rollout.select(rows)
                 R = mb.response_mask.shape[1]
                 weight = mb.response_mask.sum() / n_tokens  # token-level mean over the whole minibatch
-                sync = contextlib.ExitStack()
-                if i < len(micro_rows) - 1:  # gradients are all-reduced once per minibatch, not per micro-batch
-                    sync.enter_context(acc.no_sync(ctx.policy))
-                    sync.enter_context(acc.no_sync(ctx.critic))
-                with sync:
-                    # actor and critic are separate models: two backward passes, so only one graph is alive at a time
-                    logprobs, entropy = policy_logprobs(ctx.policy, mb.input_ids, mb.attention_mask, R, cfg.sampling.temperature,
+                with models.micro_step(last=i == len(micro_rows) - 1):  # gradients are reduced once per minibatch
+                    # actor and critic share no trainable weights: two backward passes, so only one graph is alive at a time
+                    logprobs, entropy = models.logprobs(mb.input_ids, mb.attention_mask, R, cfg.sampling.temperature,
                                                         with_entropy=True, entropy_grad=cfg.ppo.entropy_coef > 0)
                     pg_loss, pg_stats = clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.ppo.clip)
                     mean_entropy = masked_mean(entropy, mb.response_mask)
-                    acc.backward((pg_loss - cfg.ppo.entropy_coef * mean_entropy) * weight)
-                    values = critic_values(ctx.critic, mb.input_ids, mb.attention_mask, R)
+                    models.backward((pg_loss - cfg.ppo.entropy_coef * mean_entropy) * weight)
+                    values = models.values(mb.input_ids, mb.attention_mask, R)
                     vf_loss, vf_stats = clipped_value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.critic.value_clip)
-                    acc.backward(cfg.critic.vf_coef * vf_loss * weight)
+                    models.backward(cfg.critic.vf_coef * vf_loss * weight)
                 w = float(weight)
                 for k, v in {"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(), "policy/clipfrac": pg_stats["clipfrac"],
                              "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio": pg_stats["ratio"],
                              "value/clipfrac": vf_stats["clipfrac"]}.items():
                     sums[k] = sums.get(k, 0.0) + v.item() * w
-            if cfg.optim.max_grad_norm > 0:
-                sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + float(
-                    acc.clip_grad_norm_(ctx.policy.parameters(), cfg.optim.max_grad_norm))
-                sums["value/grad_norm"] = sums.get("value/grad_norm", 0.0) + float(
-                    acc.clip_grad_norm_(ctx.critic.parameters(), cfg.optim.max_grad_norm))
-            ctx.optimizer.step()
+            for k, v in models.step(cfg.optim.max_grad_norm).items():  # clip, update, zero the gradients
+                sums[k] = sums.get(k, 0.0) + v
             ctx.scheduler.step()
-            ctx.optimizer.zero_grad(set_to_none=True)
             n_steps += 1
     metrics = {k: v / n_steps for k, v in sums.items()}
     metrics["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns, rollout.response_mask, ctx.reduce))
@@ -578,9 +532,10 @@ def evaluate(ctx: Context, prompts: Sequence) -> tuple[dict[str, float], list[di
 
     cfg, acc = ctx.cfg, ctx.accelerator
     shard = list(prompts[acc.process_index::acc.num_processes])
-    gens = generate(acc.unwrap_model(ctx.policy), ctx.tokenizer, [p.messages for p in shard],
-                    max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0,
-                    batch_size=cfg.sampling.batch_size)
+    with ctx.models.generating() as policy:
+        gens = generate(policy, ctx.tokenizer, [p.messages for p in shard],
+                        max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0,
+                        batch_size=cfg.sampling.batch_size)
     raw = score_responses(ctx.scorer, shard, [g.text for g in gens]) if shard else {}
     rows = [{"prompt": p.messages, "category": p.category, "response": g.text, "finished": g.finished,
              "length": len(g.response_ids), **{f"reward_{k}": float(v[i]) for k, v in raw.items()}}
@@ -606,11 +561,8 @@ class Context:
     cfg: PPOConfig
     accelerator: Any
     tokenizer: Any
-    policy: Any  # the trained policy (a peft model with LoRA), prepared by accelerate
-    reference: Any  # None with LoRA (adapter off), else the frozen copy
-    critic: Any  # ValueModel, prepared by accelerate
+    models: Any  # policy, reference and critic as the launch needs them (alignment.rl.actor_critic)
     scorer: Any  # RewardScorer
-    optimizer: Any
     scheduler: Any
     kl_ctl: Any
     running_reward: Any
@@ -625,6 +577,7 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
     from accelerate.utils import set_seed
 
     from alignment.models import load_tokenizer, model_summary
+    from alignment.rl.actor_critic import prepare_models
     from alignment.rl.kl import AdaptiveKLController, FixedKLController
     from alignment.rl.stats import RunningMoments
 
@@ -633,18 +586,22 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     train, val = load_prompts(cfg.data, tokenizer, cfg.run.seed)
     val = val[: cfg.eval.max_prompts]
-    scorer, reward_models = build_scorer(cfg.reward, device)
-    policy, reference, critic = build_models(cfg, device, reward_models)
+    # ZeRO-3 partitions every weight of the engine: the critic may not share any with the reward models
+    share = not (distributed.uses_deepspeed() and int(accelerator.state.deepspeed_plugin.zero_stage) == 3)
+    with distributed.whole_weights():  # the engine partitions policy and critic (ZeRO-3); the reward models stay whole
+        scorer, reward_models = build_scorer(cfg.reward, device)
+        policy, reference, critic = build_models(cfg, device, reward_models, share=share)
     log.info("policy: %s; critic: %s", model_summary(policy), model_summary(critic))
     memory = weight_memory({"policy": policy, "reference": reference, **reward_models, "critic": critic})
     log.info("weights in memory (MiB each model adds; shared tensors counted once): %s", memory)
     steps = cfg.ppo.iterations * cfg.ppo.epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
     optimizer, scheduler = build_optimizer(cfg, policy, critic, steps)
     # the scheduler is not prepared: accelerate would step it once per process
-    policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
+    models = prepare_models(accelerator, policy, reference, critic, optimizer, micro_batch_size=cfg.ppo.micro_batch_size,
+                            accumulation_steps=cfg.ppo.minibatch_size // cfg.ppo.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm)
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.kl_target
               else FixedKLController(cfg.ppo.kl_coef))
-    ctx = Context(cfg, accelerator, tokenizer, policy, reference, critic, scorer, optimizer, scheduler, kl_ctl, RunningMoments(), memory)
+    ctx = Context(cfg, accelerator, tokenizer, models, scorer, scheduler, kl_ctl, RunningMoments(), memory)
     set_seed(cfg.run.seed + accelerator.process_index)  # each process samples its own responses
     return ctx, train, val
 
@@ -673,7 +630,7 @@ def save_checkpoint(ctx: Context, out: Path, iteration: int, loop: dict) -> None
     every process's RNG streams, written atomically."""
     import torch
 
-    from alignment.rl.checkpoint import finalize, rng_state, staging_dir, trainable_state
+    from alignment.rl.checkpoint import finalize, rng_state, staging_dir
 
     acc = ctx.accelerator
     ckpts = out / "checkpoints"
@@ -683,13 +640,14 @@ def save_checkpoint(ctx: Context, out: Path, iteration: int, loop: dict) -> None
         staging.mkdir(parents=True)
     acc.wait_for_everyone()
     torch.save(rng_state(), staging / f"rng-{acc.process_index}.pt")
+    ctx.models.save_engine(staging)  # DeepSpeed: every process writes its partition
+    with ctx.models.gathered():
+        models_state = ctx.models.checkpoint_state()  # weights and optimiser (DDP), or nothing (in the engine's files)
     acc.wait_for_everyone()
     if acc.is_main_process:
         torch.save({
             "iteration": iteration,
-            "policy": trainable_state(acc.unwrap_model(ctx.policy)),
-            "critic": trainable_state(acc.unwrap_model(ctx.critic)),
-            "optimizer": ctx.optimizer.state_dict(),
+            **models_state,
             "scheduler": ctx.scheduler.state_dict(),
             "kl_ctl": ctx.kl_ctl.state_dict(),
             "running_reward": ctx.running_reward.state_dict(),
@@ -703,13 +661,11 @@ def save_checkpoint(ctx: Context, out: Path, iteration: int, loop: dict) -> None
 def load_checkpoint(ctx: Context, checkpoint: Path) -> tuple[int, dict]:
     import torch
 
-    from alignment.rl.checkpoint import load_trainable_state, set_rng_state
+    from alignment.rl.checkpoint import set_rng_state
 
     acc = ctx.accelerator
     state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
-    load_trainable_state(acc.unwrap_model(ctx.policy), state["policy"])
-    load_trainable_state(acc.unwrap_model(ctx.critic), state["critic"])
-    ctx.optimizer.load_state_dict(state["optimizer"])
+    ctx.models.load_checkpoint(state, checkpoint)
     ctx.scheduler.load_state_dict(state["scheduler"])
     ctx.kl_ctl.load_state_dict(state["kl_ctl"])
     ctx.running_reward.load_state_dict(state["running_reward"])
@@ -722,14 +678,18 @@ def load_checkpoint(ctx: Context, checkpoint: Path) -> tuple[int, dict]:
 
 def save_policy(ctx: Context, folder: Path) -> None:
     """The policy (its LoRA adapter, or full weights) and tokenizer, loadable as model.name=<folder>.
-    Written under a temporary name and renamed."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ctx.accelerator.unwrap_model(ctx.policy).save_pretrained(tmp)
-    ctx.tokenizer.save_pretrained(tmp)
-    set_adapter_base(tmp, ctx.cfg.model.name)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    Written by the main process under a temporary name and renamed. Collective: every process
+    calls it (ZeRO-3 gathers the partitioned weights first)."""
+    with ctx.models.gathered():
+        if ctx.accelerator.is_main_process:
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            ctx.models.policy.save_pretrained(tmp)
+            ctx.tokenizer.save_pretrained(tmp)
+            set_adapter_base(tmp, ctx.cfg.model.name)
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+    ctx.accelerator.wait_for_everyone()
 
 
 def _drop_samples_after(path: Path, iteration: int) -> None:
@@ -762,11 +722,10 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
     import torch
     from accelerate import Accelerator
 
-    if distributed.uses_deepspeed():
-        raise RuntimeError(f"align ppo under DeepSpeed: {UNSUPPORTED_LAUNCH['DEEPSPEED']}")
     out = start_stage(cfg, STAGE, resume=resume)  # process group (if launched on several), logging, output folder
-    # cpu=True also on machines without a GPU: only then does accelerate wrap models in DDP over gloo
-    acc = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
+    # cpu=True also on machines without a GPU: only then does accelerate wrap models in DDP over gloo;
+    # DeepSpeed runs only with cpu=False (on CPU through the gloo state distributed.init created)
+    acc = Accelerator(cpu=(cfg.model.device == "cpu" or not torch.cuda.is_available()) and not distributed.uses_deepspeed())
     checkpoint = last_checkpoint(out) if resume else None
 
     ctx, train_prompts, val_prompts = setup(cfg, acc)
@@ -789,7 +748,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         value = metrics["eval/reward_combined"]
         if loop["best"] is None or value > loop["best"] + cfg.eval.min_delta:
             loop.update(best=value, best_iteration=iteration, bad_evals=0)
-            if acc.is_main_process and cfg.eval.keep_best:
+            if cfg.eval.keep_best:
                 save_policy(ctx, out / "best")
         else:
             loop["bad_evals"] += 1
@@ -846,14 +805,15 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
             break
 
     # save: the best policy by held-out reward (early stopping), or the last one
-    fingerprints = distributed.fingerprints(acc.unwrap_model(ctx.policy))  # collective: replicas in sync give equal numbers
+    fingerprints = distributed.fingerprints(ctx.models.policy)  # collective: replicas in sync give equal numbers
+    model_dir = out / "model"
+    keep_best = cfg.eval.keep_best and (out / "best").is_dir()
+    if not keep_best:
+        save_policy(ctx, model_dir)  # collective
     if acc.is_main_process:
-        model_dir = out / "model"
-        if cfg.eval.keep_best and (out / "best").is_dir():
+        if keep_best:
             shutil.rmtree(model_dir, ignore_errors=True)
             shutil.copytree(out / "best", model_dir)
-        else:
-            save_policy(ctx, model_dir)
         summary = {
             "iterations": iteration, "stopped_early": loop["stopped_early"], "best_iteration": loop["best_iteration"],
             "eval_reward_baseline": loop["baseline"], "eval_reward_best": loop["best"],

@@ -51,6 +51,26 @@ def run_align(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict
                           timeout=timeout, env=full_env)
 
 
+@pytest.fixture(scope="session")
+def tiny_reward_models(tmp_path_factory, tiny_model) -> dict[str, Path]:
+    """A helpfulness and a safety RM on the tiny model (`align rm`, LoRA, 2 steps each)."""
+    import torch
+
+    from alignment.config import load_config
+    from reward import rm
+
+    root = tmp_path_factory.mktemp("rms")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    for objective in ("helpful", "safety"):
+        cfg = load_config(rm.RMConfig, REPO / f"configs/rm_{objective}.yaml", [
+            "model.name=tiny-llama", f"run.root={root}", "run.wandb=disabled", "train.max_steps=2"], stage="rm")
+        out[objective] = rm.main(cfg)
+    torch.set_num_threads(threads)
+    return out
+
+
 @pytest.fixture
 def sft_rows() -> list[dict]:
     """40 arithmetic dialogues: easy for a tiny model to start learning."""

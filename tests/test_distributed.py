@@ -4,6 +4,7 @@ weights, and those match a single-process run with the same global batch (STYLE.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -186,7 +187,9 @@ def test_dpo_matches_single_process(layout, tmp_path, dpo_data, dpo_single):
 # nucleus of 1e-6 keeps only the most likely token (greedy samples), while PPO's log-probs stay
 # those of the full temperature-1 distribution. The reward depends on the prompt, so the two ranks'
 # batches have different reward means and spreads: per-rank whitening of rewards or advantages
-# would give different updates from the single process's global whitening.
+# would give different updates from the single process's global whitening. Under DeepSpeed the
+# policy and the critic are one engine (alignment/rl/actor_critic.py); ZeRO-3 also partitions
+# their weights, gathers them to generate and to save, and gives the critic its own backbone.
 
 PPO = ["--config", str(REPO / "configs/ppo.yaml"), "model.name=tiny-llama", "run.wandb=disabled", "run.log_level=warning",
        "reward.helpful=null", "reward.safety=null", "critic.init=policy", "reward.function=dist_rewards:prompt_length",
@@ -194,35 +197,79 @@ PPO = ["--config", str(REPO / "configs/ppo.yaml"), "model.name=tiny-llama", "run
        "sampling.max_new_tokens=8", "sampling.top_p=1e-6", "optim.lr=1e-2", "critic.lr=3e-3",
        "eval.every=0", "eval.max_prompts=4", "eval.keep_best=false"]
 PPO_ENV = {**ONE_THREAD, "PYTHONPATH": str(REPO / "tests")}
+# what the global batch determines; grad norms differ by design (DeepSpeed clips policy and critic together)
+PPO_KEYS = ("reward/combined", "reward/combined_std", "kl/ref", "value/loss", "policy/loss", "value/explained_variance",
+            "tokens/generated")
 
 
-def _ppo(root: Path, per_rank_batch: int, *launch: str) -> Path:
-    """One minibatch per iteration (minibatch = rollout batch), so the shuffling order cannot matter."""
+def _ppo(root: Path, per_rank_batch: int, *args: str, layout: str | None = None) -> Path:
+    """One minibatch per iteration (minibatch = rollout batch, 2 micro-batches per process), so the
+    shuffling order cannot matter."""
     b = per_rank_batch
-    res = run_align("ppo", *PPO, f"ppo.rollout_batch_size={b}", f"ppo.minibatch_size={b}", f"run.root={root}", *launch, env=PPO_ENV)
+    launch = ["--launch", str(REPO / f"configs/accelerate/{layout}.yaml")] if layout else []
+    res = run_align("ppo", *PPO, f"ppo.rollout_batch_size={b}", f"ppo.minibatch_size={b}", f"run.root={root}", *args, *launch,
+                    env=PPO_ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     return root / "default" / "ppo"
 
 
-def test_ppo_ddp_matches_single_process_with_global_statistics(tmp_path, tiny_model):
-    single = _ppo(tmp_path / "single", 8)
-    ddp = _ppo(tmp_path / "ddp", 4, "--launch", str(REPO / "configs/accelerate/ddp.yaml"))
-    fp = json.loads((ddp / "summary.json").read_text())["rank_fingerprints"]
-    assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)
-    _assert_same(_weights(ddp), _weights(single))
-    one, two = read_metrics(single), read_metrics(ddp)
-    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2]
-    for a, b in zip(one, two):
-        # the global batch: 8 prompts either way, rewards that differ between the ranks' halves
-        assert a["tokens/generated"] == b["tokens/generated"] == 64
-        assert a["reward/combined_std"] > 0.05
-        for key in ("reward/combined", "reward/combined_std", "kl/ref", "value/loss", "policy/loss", "value/explained_variance"):
+def _assert_same_run(one: Path, two: Path, steps: list[int]) -> None:
+    fp = json.loads((two / "summary.json").read_text())["rank_fingerprints"]
+    assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)  # both ranks hold the same weights
+    _assert_same(_weights(two), _weights(one))
+    a_rows, b_rows = [m for m in read_metrics(one) if m["step"] > 0], [m for m in read_metrics(two) if m["step"] > 0]
+    assert [m["step"] for m in a_rows] == [m["step"] for m in b_rows] == steps
+    for a, b in zip(a_rows, b_rows):
+        for key in PPO_KEYS:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("layout", ["zero2", "zero3"])
-def test_ppo_under_deepspeed_is_a_clear_error(layout, tmp_path):
-    res = run_align("ppo", *PPO, f"run.root={tmp_path}", "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"))
-    assert res.returncode == 2
-    assert "ppo cannot run under DEEPSPEED" in res.stderr and "configs/accelerate/ddp.yaml" in res.stderr
-    assert not (tmp_path / "default").exists()  # refused before any process started
+@pytest.fixture(scope="module")
+def ppo_single(tmp_path_factory, tiny_model) -> Path:
+    return _ppo(tmp_path_factory.mktemp("pposingle"), 8)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ppo_matches_single_process_with_global_statistics(layout, tmp_path, ppo_single):
+    multi = _ppo(tmp_path, 4, layout=layout)
+    _assert_same_run(ppo_single, multi, [1, 2])
+    for m in read_metrics(multi):
+        # the global batch: 8 prompts either way, rewards that differ between the ranks' halves
+        assert m["tokens/generated"] == 64 and m["reward/combined_std"] > 0.05
+    if layout != "ddp":
+        assert {"grad_norm"} <= set(read_metrics(multi)[0]) and "policy/grad_norm" not in read_metrics(multi)[0]
+
+
+def test_ppo_with_reward_models_under_zero3_matches_single_process(tmp_path, tiny_reward_models):
+    """The real reward path under ZeRO-3: both RMs load whole outside the engine, the critic gets
+    its own copy of the helpfulness RM's backbone, the best policy is gathered and saved."""
+    rms = [f"reward.helpful={tiny_reward_models['helpful']}", f"reward.safety={tiny_reward_models['safety']}", "reward.function=null",
+           "critic.init=reward_model", "eval.every=1", "eval.keep_best=true", "eval.patience=0"]
+    one = _ppo(tmp_path / "single", 8, *rms)
+    three = _ppo(tmp_path / "zero3", 4, *rms, layout="zero3")
+    _assert_same_run(one, three, [1, 2])
+    for a, b in zip(read_metrics(one), read_metrics(three)):
+        assert b["eval/reward_combined"] == pytest.approx(a["eval/reward_combined"], abs=1e-5)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (one, three)]
+    assert summaries[0]["best_iteration"] == summaries[1]["best_iteration"]
+    assert summaries[1]["model"] == "best" and "weights_mib/rm_helpful" in summaries[1]
+
+
+def test_ppo_resumes_under_zero3(tmp_path, tiny_model):
+    """ZeRO-3 checkpoints are DeepSpeed's per-process partitions (weights and optimiser) plus our
+    state: resuming from iteration 2 reproduces the uninterrupted iteration 3 and final weights."""
+    args = ["ppo.iterations=3", "eval.save_every=2"]
+    whole = _ppo(tmp_path / "whole", 4, *args, layout="zero3")
+    ckpt = whole / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "deepspeed").is_dir() and (ckpt / "rng-0.pt").is_file() and (ckpt / "rng-1.pt").is_file()
+    cut_root = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut_root)
+    cut = cut_root / "default" / "ppo"
+    for name in ("checkpoints/checkpoint-3", "model"):  # as if killed during iteration 3
+        shutil.rmtree(cut / name)
+    (cut / "summary.json").unlink()
+    res = run_align("ppo", *PPO, "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", f"run.root={cut_root}", *args, "--resume",
+                    "--launch", str(REPO / "configs/accelerate/zero3.yaml"), env=PPO_ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((cut / "summary.json").read_text())["resumed_from"] == "checkpoint-2"
+    _assert_same_run(whole, cut, [1, 2, 3])

@@ -116,22 +116,6 @@ def test_outputs_from_an_sft_adapter_load_as_a_stage_output(tmp_path, tiny_model
         main(cfg)
 
 
-@pytest.fixture(scope="module")
-def tiny_reward_models(tmp_path_factory, tiny_model) -> dict[str, Path]:
-    """A helpfulness and a safety RM on the tiny model (`align rm`, LoRA, 2 steps each)."""
-    rm = pytest.importorskip("reward.rm", reason="the reward-model stage (issue 3) is not merged yet")
-    root = tmp_path_factory.mktemp("rms")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = {}
-    for objective in ("helpful", "safety"):
-        cfg = load_config(rm.RMConfig, REPO / f"configs/rm_{objective}.yaml", [
-            "model.name=tiny-llama", f"run.root={root}", "run.wandb=disabled", "train.max_steps=2"], stage="rm")
-        out[objective] = rm.main(cfg)
-    torch.set_num_threads(threads)
-    return out
-
-
 def test_ppo_with_the_two_reward_models(tmp_path, tiny_reward_models):
     """The real reward path: Llama 2's piecewise combination of the two RMs, each RM logged, the
     critic initialised from the helpfulness RM (its values start at that RM's score) and sharing its

@@ -72,7 +72,7 @@ def value_model(backbone: nn.Module, head: nn.Linear) -> nn.Module:
     return _value_model_class()(backbone, head)
 
 
-def critic_from_reward_model(reward_model: nn.Module, *, lora: Any | None) -> nn.Module:
+def critic_from_reward_model(reward_model: nn.Module, *, lora: Any | None, share: bool = True) -> nn.Module:
     """Critic initialised from a sequence-classification reward model (``num_labels=1``).
 
     The backbone shares the reward model's (frozen) weights; ``lora`` (a peft LoraConfig) adds
@@ -90,10 +90,10 @@ def critic_from_reward_model(reward_model: nn.Module, *, lora: Any | None) -> nn
         new_head.weight.copy_(head.weight.float())
         if head.bias is not None:
             new_head.bias.copy_(head.bias.float())
-    return value_model(_trainable_backbone(backbone, lora), new_head)
+    return value_model(_trainable_backbone(backbone, lora, share), new_head)
 
 
-def critic_from_causal_lm(causal_lm: nn.Module, *, lora: Any | None) -> nn.Module:
+def critic_from_causal_lm(causal_lm: nn.Module, *, lora: Any | None, share: bool = True) -> nn.Module:
     """Critic over a causal LM's backbone (shared, frozen) with a zero-initialised head (V = 0 at first)."""
     import torch
 
@@ -103,10 +103,12 @@ def critic_from_causal_lm(causal_lm: nn.Module, *, lora: Any | None) -> nn.Modul
     head = torch.nn.Linear(hidden, 1, bias=True, device=device, dtype=torch.float32)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    return value_model(_trainable_backbone(backbone, lora), head)
+    return value_model(_trainable_backbone(backbone, lora, share), head)
 
 
-def _trainable_backbone(backbone: nn.Module, lora: Any | None) -> nn.Module:
+def _trainable_backbone(backbone: nn.Module, lora: Any | None, share: bool = True) -> nn.Module:
+    """The critic's backbone: a full trainable copy (``lora`` None), or the frozen backbone's weights
+    plus an adapter - shared with ``backbone`` (:func:`shared_copy`) or, with ``share=False``, copied."""
     if lora is None:
         copy_ = copy.deepcopy(backbone)  # full critic: its own weights
         for p in copy_.parameters():
@@ -116,7 +118,7 @@ def _trainable_backbone(backbone: nn.Module, lora: Any | None) -> nn.Module:
 
     for p in backbone.parameters():
         p.requires_grad_(False)
-    copy_ = shared_copy(backbone)
+    copy_ = shared_copy(backbone) if share else copy.deepcopy(backbone)
     copy_ = peft.inject_adapter_in_model(lora, copy_, adapter_name="critic")
     for name, p in copy_.named_parameters():
         p.requires_grad_("lora_" in name)
