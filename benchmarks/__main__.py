@@ -78,6 +78,10 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
                 for k in ("time/generate", "time/score", "time/ref_and_values", "time/update")]
         rows.append(["ppo", "rollout generation tokens/s, ours / model.generate",
                      r["generation"]["ours_tokens_per_s"] / r["generation"]["plain_tokens_per_s"], ">= 1"])
+        if r.get("pass_costs"):
+            c = r["pass_costs"]
+            rows.append(["ppo", "update fwd+bwd, response logits / all logits", c["update_ratio"], "< 1"])
+            rows.append(["ppo", "no-grad pass, sorted + trimmed / full width", c["no_grad_ratio"], "< 1"])
         if r.get("memory"):
             rows.append(["ppo", "peak RSS, PPO / SFT-LoRA", r["memory"]["ratio"], "<= 2"])
         return rows

@@ -12,6 +12,12 @@ plain batched ``model.generate``, and PPO's peak memory against SFT-LoRA.
    model: ``alignment.generation.generate`` (what PPO calls) against a hand-written
    ``model.generate`` on the left-padded batch; tokens/s counts response tokens up to EOS.
 3. Peak RSS of PPO against SFT-LoRA in fresh processes (benchmarks/ppo_memory.py).
+4. What the PPO passes save by not computing what they do not need, on one batch of the bundled
+   prompts with responses of mixed length (a quarter to all of ``--new-tokens``): the update's
+   policy forward + backward projecting only the R + 1 response positions onto the vocabulary
+   (``logits_to_keep``, what PPO does) against all positions; and the no-grad passes over
+   length-sorted micro-batches cut to their own width (what PPO does) against micro-batches in
+   sampling order at the full rollout width. Best of ``repeats`` each, same process.
 """
 
 from __future__ import annotations
@@ -91,6 +97,68 @@ def generation(batch: int, new_tokens: int, repeats: int = 2) -> dict:
             "same_tokens": best["ours"]["tokens"] == best["plain"]["tokens"]}
 
 
+def pass_costs(batch: int, new_tokens: int, repeats: int = 3) -> dict:
+    import random
+
+    import torch
+    from peft import get_peft_model
+
+    from alignment.adapters import AdapterConfig, peft_config
+    from alignment.generation import encode_prompts
+    from alignment.models import load_causal_lm, load_tokenizer
+    from alignment.rl.distributions import logprobs_from_logits
+    from alignment.rl.rollout import Rollout, build_sequences, position_ids
+    from data.loaders import DataSource, load_prompts
+
+    tok = load_tokenizer(MODEL)
+    model = get_peft_model(load_causal_lm(MODEL, dtype="float32", device="cpu"), peft_config(AdapterConfig(dropout=0.0), "CAUSAL_LM"))
+    prompts = encode_prompts(tok, [p.messages for p in load_prompts(DataSource("bundled:prompts"))[:batch]])
+    rng = random.Random(0)
+    responses = [[rng.randrange(100, 20000) for _ in range(rng.randint(max(1, new_tokens // 4), new_tokens))] for _ in prompts]
+    ids, mask, resp = build_sequences(prompts, responses, tok.pad_token_id)
+    R = resp.shape[1]
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def update(keep: bool) -> None:
+        model.train()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=R + 1 if keep else 0, use_cache=False)
+        lp = logprobs_from_logits(out.logits[:, -R - 1:-1].float(), ids[:, -R:])
+        (-(lp * resp).sum() / resp.sum()).backward()
+        model.zero_grad(set_to_none=True)
+
+    micro = max(1, batch // 2)
+    frame = Rollout(ids, mask, resp, *(torch.zeros(len(ids), R) for _ in range(3)), torch.zeros(len(ids)))
+    order = sorted(range(len(ids)), key=lambda i: int(mask[i].sum()))
+
+    def no_grad(trimmed: bool) -> None:
+        model.eval()
+        with torch.no_grad():
+            for s in range(0, len(ids), micro):
+                if trimmed:
+                    mb = frame.select(order[s:s + micro])
+                    i, m, w = mb.input_ids, mb.attention_mask, mb.response_mask.shape[1]
+                else:
+                    i, m, w = ids[s:s + micro], mask[s:s + micro], R
+                model(input_ids=i, attention_mask=m, position_ids=position_ids(m), logits_to_keep=w + 1, use_cache=False)
+
+    result = {"batch": batch, "width": ids.shape[1], "response_width": R, "micro_batch": micro,
+              "real_tokens": int(mask.sum()), "padded_tokens": int(mask.numel())}
+    result["update_all_logits_s"] = best(lambda: update(False))
+    result["update_response_logits_s"] = best(lambda: update(True))
+    result["no_grad_full_width_s"] = best(lambda: no_grad(False))
+    result["no_grad_sorted_trimmed_s"] = best(lambda: no_grad(True))
+    result["update_ratio"] = result["update_response_logits_s"] / result["update_all_logits_s"]
+    result["no_grad_ratio"] = result["no_grad_sorted_trimmed_s"] / result["no_grad_full_width_s"]
+    return result
+
+
 def memory(batch: int, new_tokens: int, seq_len: int, steps: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "mem.json"
@@ -117,11 +185,16 @@ def main(argv: list[str] | None = None) -> dict:
     gen = generation(a.batch, a.new_tokens)
     print(table([["ours (alignment.generation.generate)", gen["ours_tokens_per_s"]], ["plain model.generate", gen["plain_tokens_per_s"]]],
                 ["rollout generation", "tokens/s"]))
+    costs = pass_costs(a.batch, a.new_tokens)
+    print(table([["update fwd+bwd: all logits -> response logits", costs["update_all_logits_s"], costs["update_response_logits_s"],
+                  costs["update_ratio"]],
+                 ["no-grad pass: full width -> sorted, trimmed", costs["no_grad_full_width_s"], costs["no_grad_sorted_trimmed_s"],
+                  costs["no_grad_ratio"]]], ["PPO pass", "before s", "after s", "ratio"]))
     mem = None if a.skip_memory else memory(a.batch, a.new_tokens, a.seq_len)
     if mem:
         print(table([["SFT-LoRA", mem["sft_lora"]["peak_rss_gib"]], ["PPO", mem["ppo"]["peak_rss_gib"]], ["ratio", mem["ratio"]]],
                     ["peak RSS", "GiB"]))
-    return {"args": vars(a), "iteration": it, "generation": gen, "memory": mem}
+    return {"args": vars(a), "iteration": it, "generation": gen, "pass_costs": costs, "memory": mem}
 
 
 if __name__ == "__main__":
