@@ -6,7 +6,8 @@
 
 Parts: overhead (our SFT/RM/DPO step vs a hand-written PyTorch loop), mfu (tokens/s vs measured
 matmul FLOP/s), ppo (PPO iteration split, rollout generation vs model.generate, memory vs SFT-LoRA),
-defaults (fp32 vs bf16 autocast, activation checkpointing), scaling (SFT on 1 vs 2 processes).
+defaults (fp32 vs bf16 autocast, activation checkpointing), scaling (SFT on 1 vs 2 processes), gpu
+(SFT and PPO in bf16 on a CUDA GPU: throughput, memory, MFU; skipped without one).
 Each part writes benchmarks/results/<part>.json with the machine, library versions, the command and
 the numbers; the summary table at the end is what README's "Scale and speed" section shows.
 """
@@ -62,7 +63,14 @@ def _scaling(argv: list[str]) -> dict:
     return scaling.main(argv)
 
 
-PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo, "defaults": _defaults, "scaling": _scaling}
+def _gpu(argv: list[str]) -> dict:
+    from benchmarks import gpu
+
+    return gpu.main(argv)
+
+
+PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo, "defaults": _defaults, "scaling": _scaling,
+                                                   "gpu": _gpu}
 
 
 def summary_rows(name: str, r: dict) -> list[list[Any]]:
@@ -89,6 +97,11 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
         return [["defaults", f"SFT-LoRA step, {x['setting']} / default", x["vs_default"], ""] for x in r["rows"][1:]]
     if name == "scaling":
         return [["scaling", "SFT tokens/s, 2 processes / 1", r["speedup"], "2 cores"]]
+    if name == "gpu":
+        if r.get("skipped"):
+            return [["gpu", "skipped", r["skipped"], ""]]
+        return [["gpu", f"SFT {x['sft']} bf16: tokens/s, MFU, peak GiB", f"{x['tokens_per_s']:.0f}, {100 * x['mfu']:.0f}%, {x['peak_cuda_gib']:.1f}",
+                 r["gpu"]] for x in r["sft"]]
     return []
 
 
@@ -126,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                 result[part] = {k: v for k, v in result[part].items() if k not in ("batch", "cfg")}
         data = {"part": name, "command": "python -m benchmarks " + " ".join([name, *argv]), "machine": machine(),
                 "seconds": round(time.time() - t, 1), **result}
-        print(f"wrote {save(name, data)}")
+        if result.get("skipped"):  # e.g. gpu without a GPU: keep what an earlier run on a GPU measured
+            print(f"{name}: skipped ({result['skipped']}); nothing written")
+        else:
+            print(f"wrote {save(name, data)}")
         rows += summary_rows(name, data)
     print()
     print(table(rows, ["part", "measurement", "value", "goal"]))

@@ -36,7 +36,7 @@ MODEL = "smollm2-135m"
 PHASES = ["time/generate", "time/score", "time/ref_and_values", "time/advantages", "time/update"]
 
 
-def ppo_iterations(iterations: int, batch: int, new_tokens: int) -> dict:
+def ppo_iterations(iterations: int, batch: int, new_tokens: int, extra: list[str] | None = None) -> dict:
     from alignment.config import load_config
     from alignment.ppo import PPOConfig, main
     from alignment.runs import read_metrics
@@ -48,11 +48,13 @@ def ppo_iterations(iterations: int, batch: int, new_tokens: int) -> dict:
             "reward.function=alignment.rl.rule_rewards:target_length", "reward.function_kwargs={target: 30}",
             f"ppo.iterations={iterations}", f"ppo.rollout_batch_size={batch}", f"ppo.minibatch_size={batch}",
             f"ppo.micro_batch_size={batch}", f"sampling.max_new_tokens={new_tokens}", f"sampling.batch_size={batch}",
-            "eval.every=0", "eval.max_prompts=2", "eval.max_new_tokens=8", "eval.samples_every=0"], stage="ppo")
+            "eval.every=0", "eval.max_prompts=2", "eval.max_new_tokens=8", "eval.samples_every=0", *(extra or [])], stage="ppo")
         out = main(cfg)
         rows = [m for m in read_metrics(out) if "time/iteration" in m]
     timed = rows[1:] or rows
     med = {k: statistics.median(m[k] for m in timed) for k in [*PHASES, "time/iteration", "tokens/generated", "perf/gen_tokens_per_s"]}
+    if "perf/peak_cuda_gb" in rows[-1]:
+        med["perf/peak_cuda_gb"] = rows[-1]["perf/peak_cuda_gb"]
     return {"iterations": len(rows), "median": med, "all": [{k: m[k] for k in [*PHASES, "time/iteration", "tokens/generated"]} for m in rows]}
 
 
