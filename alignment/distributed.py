@@ -56,6 +56,12 @@ def init() -> Any:
         # Plain data parallel on CPU: only cpu=True makes accelerate use MULTI_CPU and wrap models
         # in DDP. (With cpu=False and no GPU it reports DistributedType.NO although the process group
         # exists, and every rank silently trains its own copy.)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes") and is_main():
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "FSDP launch on a machine without a GPU: accelerate runs FSDP on GPUs only, so this runs as plain "
+                "data parallel (DDP over gloo): every process holds the whole model")
         _STATE = PartialState(cpu=True, backend="gloo")
     if _STATE.num_processes > 1 and str(_STATE.distributed_type) == "DistributedType.NO":
         raise RuntimeError("multi-process launch, but accelerate set up no distributed training (DistributedType.NO)")

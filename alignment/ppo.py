@@ -729,7 +729,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
     checkpoint = last_checkpoint(out) if resume else None
 
     ctx, train_prompts, val_prompts = setup(cfg, acc)
-    log.info("PPO: %d training / %d held-out prompts, %d process(es)", len(train_prompts), len(val_prompts), acc.num_processes)
+    log.info("PPO: %d training / %d held-out prompts, %d process(es), %s", len(train_prompts), len(val_prompts), acc.num_processes,
+             acc.distributed_type)
     start, loop = 0, {"best": None, "best_iteration": None, "bad_evals": 0, "baseline": None, "stopped_early": False}
     if checkpoint is not None:
         start, loop = load_checkpoint(ctx, checkpoint)

@@ -16,7 +16,7 @@ from alignment.runs import read_metrics
 
 pytestmark = pytest.mark.distributed
 
-LAYOUTS = ["ddp", "zero2", "zero3"]  # zero3_offload and fsdp also run; see benchmarks/
+LAYOUTS = ["ddp", "zero2", "zero3"]  # zero3_offload also runs; fsdp.yaml runs as DDP on a CPU (with a warning)
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the two ranks share two cores
 
 
@@ -74,6 +74,16 @@ def test_sft_matches_single_process(layout, tmp_path, sft_data, sft_single):
     _assert_same(_weights(out), _weights(sft_single))  # 2 x 2 == 1 x 4: same global batch, same result
     single = json.loads((sft_single / "summary.json").read_text())
     assert summary["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs fsdp.yaml runs FSDP")
+def test_fsdp_on_a_cpu_says_it_runs_as_ddp(tmp_path, sft_data, sft_single):
+    """accelerate runs FSDP on GPUs only: on a CPU the launch is plain data parallel, and says so."""
+    res = run_align("sft", *_sft_args(sft_data, tmp_path), "train.batch_size=2", "--launch", str(REPO / "configs/accelerate/fsdp.yaml"),
+                    env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("FSDP launch on a machine without a GPU") == 1  # once, from the main process
+    _assert_same(_weights(tmp_path / "default" / "sft"), _weights(sft_single))
 
 
 def test_launch_rejects_a_missing_or_bad_config(tmp_path, sft_data):
