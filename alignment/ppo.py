@@ -409,16 +409,12 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
     input_ids, attention_mask, response_mask = (t.to(acc.device) for t in (input_ids, attention_mask, response_mask))
     B, R = response_mask.shape
     # the no-grad passes run over micro-batches of similar length, each cut to its own width
-    # (Rollout.select drops the columns that are padding in all its rows)
     frame = Rollout(input_ids, attention_mask, response_mask, *(torch.zeros(B, R, device=acc.device) for _ in range(3)),
                     torch.zeros(B, device=acc.device))
     logprobs, ref_logprobs, values, entropy = (torch.zeros(B, R, device=acc.device) for _ in range(4))
-    by_length = sorted(range(B), key=lambda i: int(attention_mask[i].sum()))
     models.train(False)
     with torch.no_grad():
-        for s in range(0, B, cfg.ppo.micro_batch_size):
-            rows = by_length[s:s + cfg.ppo.micro_batch_size]
-            mb = frame.select(rows)
+        for rows, mb in frame.by_length(cfg.ppo.micro_batch_size):
             width = mb.response_mask.shape[1]
             lp, ent = models.logprobs(mb.input_ids, mb.attention_mask, width, cfg.sampling.temperature, with_entropy=True)
             logprobs[rows, :width], entropy[rows, :width] = lp, ent

@@ -137,17 +137,15 @@ def pass_costs(batch: int, new_tokens: int, repeats: int = 3) -> dict:
 
     micro = max(1, batch // 2)
     frame = Rollout(ids, mask, resp, *(torch.zeros(len(ids), R) for _ in range(3)), torch.zeros(len(ids)))
-    order = sorted(range(len(ids)), key=lambda i: int(mask[i].sum()))
 
     def no_grad(trimmed: bool) -> None:
         model.eval()
         with torch.no_grad():
-            for s in range(0, len(ids), micro):
-                if trimmed:
-                    mb = frame.select(order[s:s + micro])
-                    i, m, w = mb.input_ids, mb.attention_mask, mb.response_mask.shape[1]
-                else:
-                    i, m, w = ids[s:s + micro], mask[s:s + micro], R
+            if trimmed:  # what make_experience does
+                batches = [(mb.input_ids, mb.attention_mask, mb.response_mask.shape[1]) for _, mb in frame.by_length(micro)]
+            else:
+                batches = [(ids[s:s + micro], mask[s:s + micro], R) for s in range(0, len(ids), micro)]
+            for i, m, w in batches:
                 model(input_ids=i, attention_mask=m, position_ids=position_ids(m), logits_to_keep=w + 1, use_cache=False)
 
     result = {"batch": batch, "width": ids.shape[1], "response_width": R, "micro_batch": micro,

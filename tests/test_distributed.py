@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,22 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
 
 
+def _run(stage: str, args: list[str], *extra: str, layout: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``align <stage>``, under ``configs/accelerate/<layout>.yaml`` when given; it must succeed."""
+    launch = ["--launch", str(REPO / f"configs/accelerate/{layout}.yaml")] if layout else []
+    res = run_align(stage, *args, *extra, *launch, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _ranks_agree(out: Path) -> dict:
+    """The run's summary, after checking that both ranks ended with the same weights."""
+    summary = json.loads((out / "summary.json").read_text())
+    fp = summary["rank_fingerprints"]
+    assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)
+    return summary
+
+
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory) -> Path:
     rows = []
@@ -51,8 +68,7 @@ def sft_data(tmp_path_factory) -> Path:
 def sft_single(tmp_path_factory, sft_data, tiny_model) -> Path:
     """The reference: one process, micro-batch 4."""
     root = tmp_path_factory.mktemp("single")
-    res = run_align("sft", *_sft_args(sft_data, root), "train.batch_size=4")
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run("sft", _sft_args(sft_data, root), "train.batch_size=4")
     return root / "default" / "sft"
 
 
@@ -64,13 +80,9 @@ def _sft_args(data: Path, root: Path) -> list[str]:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sft_matches_single_process(layout, tmp_path, sft_data, sft_single):
-    res = run_align("sft", *_sft_args(sft_data, tmp_path), "train.batch_size=2",
-                    "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run("sft", _sft_args(sft_data, tmp_path), "train.batch_size=2", layout=layout)
     out = tmp_path / "default" / "sft"
-    summary = json.loads((out / "summary.json").read_text())
-    fp = summary["rank_fingerprints"]
-    assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)  # both ranks hold the same weights
+    summary = _ranks_agree(out)
     _assert_same(_weights(out), _weights(sft_single))  # 2 x 2 == 1 x 4: same global batch, same result
     single = json.loads((sft_single / "summary.json").read_text())
     assert summary["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
@@ -79,9 +91,7 @@ def test_sft_matches_single_process(layout, tmp_path, sft_data, sft_single):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs fsdp.yaml runs FSDP")
 def test_fsdp_on_a_cpu_says_it_runs_as_ddp(tmp_path, sft_data, sft_single):
     """accelerate runs FSDP on GPUs only: on a CPU the launch is plain data parallel, and says so."""
-    res = run_align("sft", *_sft_args(sft_data, tmp_path), "train.batch_size=2", "--launch", str(REPO / "configs/accelerate/fsdp.yaml"),
-                    env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run("sft", _sft_args(sft_data, tmp_path), "train.batch_size=2", layout="fsdp", env=ONE_THREAD)
     assert res.stderr.count("FSDP launch on a machine without a GPU") == 1  # once, from the main process
     _assert_same(_weights(tmp_path / "default" / "sft"), _weights(sft_single))
 
@@ -135,20 +145,15 @@ def _rm_args(data: Path, root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def rm_single(tmp_path_factory, rm_data, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("rmsingle")
-    res = run_align("rm", *_rm_args(rm_data, root), "train.batch_size=4", env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run("rm", _rm_args(rm_data, root), "train.batch_size=4", env=ONE_THREAD)
     return root / "default" / "rm_helpful"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_reward_model_matches_single_process(layout, tmp_path, rm_data, rm_single):
-    res = run_align("rm", *_rm_args(rm_data, tmp_path / "multi"), "train.batch_size=2",
-                    "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"), env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run("rm", _rm_args(rm_data, tmp_path / "multi"), "train.batch_size=2", layout=layout, env=ONE_THREAD)
     one, two = rm_single, tmp_path / "multi" / "default" / "rm_helpful"
-    summary = json.loads((two / "summary.json").read_text())
-    fp = summary["rank_fingerprints"]
-    assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)
+    summary = _ranks_agree(two)
     _assert_same(_weights(two), _weights(one))
     ref = json.loads((one / "summary.json").read_text())
     assert summary["held_out_accuracy"] == ref["held_out_accuracy"]
@@ -174,19 +179,15 @@ def dpo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dpo_single(tmp_path_factory, dpo_data, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("dposingle")
-    res = run_align("dpo", *_dpo_args(dpo_data, root), "train.batch_size=4", env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run("dpo", _dpo_args(dpo_data, root), "train.batch_size=4", env=ONE_THREAD)
     return root / "default" / "dpo"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_dpo_matches_single_process(layout, tmp_path, dpo_data, dpo_single):
-    res = run_align("dpo", *_dpo_args(dpo_data, tmp_path), "train.batch_size=2",
-                    "--launch", str(REPO / f"configs/accelerate/{layout}.yaml"), env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run("dpo", _dpo_args(dpo_data, tmp_path), "train.batch_size=2", layout=layout, env=ONE_THREAD)
     out = tmp_path / "default" / "dpo"
-    fp = json.loads((out / "summary.json").read_text())["rank_fingerprints"]
-    assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)
+    _ranks_agree(out)
     _assert_same(_weights(out), _weights(dpo_single))
     after = [json.loads((d / "eval.json").read_text())["after"] for d in (dpo_single, out)]
     assert after[0]["margin"] == pytest.approx(after[1]["margin"], abs=1e-4) and after[0]["n"] == after[1]["n"]
@@ -216,16 +217,12 @@ def _ppo(root: Path, per_rank_batch: int, *args: str, layout: str | None = None)
     """One minibatch per iteration (minibatch = rollout batch, 2 micro-batches per process), so the
     shuffling order cannot matter."""
     b = per_rank_batch
-    launch = ["--launch", str(REPO / f"configs/accelerate/{layout}.yaml")] if layout else []
-    res = run_align("ppo", *PPO, f"ppo.rollout_batch_size={b}", f"ppo.minibatch_size={b}", f"run.root={root}", *args, *launch,
-                    env=PPO_ENV)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run("ppo", PPO, f"ppo.rollout_batch_size={b}", f"ppo.minibatch_size={b}", f"run.root={root}", *args, layout=layout, env=PPO_ENV)
     return root / "default" / "ppo"
 
 
 def _assert_same_run(one: Path, two: Path, steps: list[int]) -> None:
-    fp = json.loads((two / "summary.json").read_text())["rank_fingerprints"]
-    assert len(fp) == 2 and fp[0] == pytest.approx(fp[1], rel=1e-12)  # both ranks hold the same weights
+    _ranks_agree(two)
     _assert_same(_weights(two), _weights(one))
     a_rows, b_rows = [m for m in read_metrics(one) if m["step"] > 0], [m for m in read_metrics(two) if m["step"] > 0]
     assert [m["step"] for m in a_rows] == [m["step"] for m in b_rows] == steps
@@ -278,8 +275,7 @@ def test_ppo_resumes_under_zero3(tmp_path, tiny_model):
     for name in ("checkpoints/checkpoint-3", "model"):  # as if killed during iteration 3
         shutil.rmtree(cut / name)
     (cut / "summary.json").unlink()
-    res = run_align("ppo", *PPO, "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", f"run.root={cut_root}", *args, "--resume",
-                    "--launch", str(REPO / "configs/accelerate/zero3.yaml"), env=PPO_ENV)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run("ppo", PPO, "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", f"run.root={cut_root}", *args, "--resume", layout="zero3",
+         env=PPO_ENV)
     assert json.loads((cut / "summary.json").read_text())["resumed_from"] == "checkpoint-2"
     _assert_same_run(whole, cut, [1, 2, 3])

@@ -40,6 +40,18 @@ def test_select_cuts_columns_that_are_padding_in_every_selected_row():
     assert both.advantages is None
 
 
+def test_by_length_groups_short_rows_and_cuts_each_micro_batch():
+    ids, attn, resp = build_sequences([[5, 6, 7], [8], [9, 10]], [[1, 2, 3], [4], [11]], pad_id=0)
+    zeros = torch.zeros(resp.shape)
+    r = Rollout(ids, attn, resp, zeros, zeros, zeros, torch.zeros(3))
+    batches = list(r.by_length(2))  # real lengths 6, 2, 3
+    assert [rows for rows, _ in batches] == [[1, 2], [0]]
+    short = batches[0][1]
+    assert short.input_ids.tolist() == [[0, 8, 4], [9, 10, 11]]  # width 3 instead of 6
+    assert short.response_mask.tolist() == [[1], [1]]
+    assert batches[1][1].input_ids.tolist() == [[5, 6, 7, 1, 2, 3]]
+
+
 def test_prompt_batches_walk_seeded_epochs_and_split_ranks():
     prompts = list(range(10))
     epoch = [p for it in (1, 2) for p in prompt_batch(prompts, it, 5, seed=3)]

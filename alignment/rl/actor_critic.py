@@ -204,7 +204,7 @@ class DeepSpeedModels:
         ds["train_batch_size"] = micro_batch_size * accumulation_steps * accelerator.num_processes
         ds["managed_gradient_accumulation"] = False
         ds["gradient_clipping"] = max_grad_norm
-        accelerator.gradient_accumulation_steps = accumulation_steps
+        accelerator.gradient_accumulation_steps = accumulation_steps  # else accelerate warns that the two disagree
         self.accelerator = accelerator
         self.zero_stage = int(plugin.zero_stage)
         self.reference = reference

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,6 +67,14 @@ class Rollout:
                 value = value[:, :keep_r]
             fields[f.name] = value
         return Rollout(**fields)
+
+    def by_length(self, size: int) -> Iterator[tuple[list[int], Rollout]]:
+        """(rows, micro-batch) for micro-batches of up to ``size`` rows taken in order of real
+        length, each cut to its own width (:meth:`select`): short sequences run together and short."""
+        order = sorted(range(len(self)), key=lambda i: int(self.attention_mask[i].sum()))
+        for start in range(0, len(order), size):
+            rows = order[start:start + size]
+            yield rows, self.select(rows)
 
     def to(self, device: str | object) -> Rollout:
         return Rollout(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
