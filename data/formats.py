@@ -255,20 +255,37 @@ def to_sft(row: dict, fmt: str, template: str | None = None, seed: int = 0) -> S
 
 
 def to_prompt(row: dict, fmt: str) -> PromptRecord:
+    """The prompt side of a row; ``reference`` = the answer the row gives (the preferred response of a
+    pair, the assistant turn after the last user turn of a dialogue, the output of an instruction)."""
     if fmt == "prompt":
         return PromptRecord.from_dict(row)
     if fmt in ("comparison", "hh-rlhf", "pku-saferlhf", "trl-preference"):
         cmp = to_comparison(row, fmt)
         category = cmp.category or row.get("category") or ("safety" if fmt == "pku-saferlhf" else "helpfulness")
-        return PromptRecord(cmp.prompt, category=category, id=cmp.id, source=fmt)
+        return PromptRecord(cmp.prompt, category=category, id=cmp.id, source=fmt, reference=cmp.chosen_response or None)
     if fmt == "messages":
         ex = SFTExample.from_dict(row)
         last_user = max(i for i, m in enumerate(ex.messages) if m["role"] == "user")
-        return PromptRecord(ex.messages[: last_user + 1], category=row.get("category") if row.get("category") in ("helpfulness", "safety") else "helpfulness", id=ex.id, source=fmt)
+        after = ex.messages[last_user + 1:]
+        reference = after[0]["content"] if after and after[0]["role"] == "assistant" else None
+        category = {"helpful": "helpfulness", "refusal": "safety", "borderline": "safety"}.get(row.get("category"), row.get("category"))
+        tags = ["borderline"] if row.get("category") == "borderline" else []
+        return PromptRecord(ex.messages[: last_user + 1], category=category if category in ("helpfulness", "safety") else "helpfulness",
+                            id=ex.id, source=fmt, tags=tags, reference=reference)
     if fmt in ("alpaca", "prompt-completion"):
         ex = to_sft(row, fmt)
         assert isinstance(ex, SFTExample)
-        return PromptRecord(ex.messages[:-1], id=ex.id, source=fmt)
+        return PromptRecord(ex.messages[:-1], id=ex.id, source=fmt, reference=ex.messages[-1]["content"])
+    if fmt == "self-instruct":  # one prompt per task: its first instance, instruction then input (Alpaca style)
+        instances = row.get("instances")
+        if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+            raise DataError("expected a non-empty list of {input, output}", key="instances")
+        try:
+            ex = alpaca_to_sft({"instruction": row.get("instruction"), **instances[0]})
+        except DataError as exc:
+            raise DataError(exc.message, key=f"instances[0].{exc.key}" if exc.key != "instruction" else "instruction") from None
+        return PromptRecord(ex.messages[:-1], id=str(row["id"]) if row.get("id") is not None else None, source=fmt,
+                            reference=ex.messages[-1]["content"])
     raise DataError(f"format {fmt!r} has no prompts")
 
 

@@ -6,6 +6,9 @@ A *source* is a string:
   ``truthfulness``);
 - a local file: ``.jsonl``, ``.json`` (a list of objects, or ``{"data": [...]}``), ``.csv``,
   ``.parquet``, optionally gzipped (``.jsonl.gz``, ``.json.gz``, ``.csv.gz``);
+- a local folder holding a Hugging Face dataset: a copy of its Hub repository (``<subset>/<split>-*.parquet``,
+  ``<subset>/<split>.jsonl.gz``, ``data/<split>-*.parquet``) or a ``datasets.save_to_disk`` folder; ``split``
+  and ``subset`` pick the files, as they pick the configuration on the Hub;
 - ``hub:<owner>/<name>`` (or a bare ``owner/name`` that is not a local path): loaded with
   ``datasets.load_dataset``; needs the Hub, which these machines cannot reach.
 
@@ -47,8 +50,8 @@ class DataSource:
     path: str = option("bundled:sft", "bundled:<name>, a local .jsonl/.json/.csv/.parquet file (optionally .gz), or hub:<owner>/<name>")
     format: Literal["auto", "comparison", "hh-rlhf", "pku-saferlhf", "trl-preference", "messages", "alpaca", "prompt-completion", "prompt", "truthfulqa-mc", "self-instruct", "task"] = option("auto", "row format; auto detects it from the keys of the first row")
     weight: float = option(1.0, "mixture weight: 1 = every record once, 0.5 = a seeded random half, 2 = every record twice")
-    split: str = option("train", "split to read from a Hub dataset")
-    subset: str | None = option(None, "Hub dataset configuration name (or data_dir)")
+    split: str = option("train", "split to read from a Hub dataset or a local dataset folder")
+    subset: str | None = option(None, "dataset configuration name (or data_dir), on the Hub or in a local dataset folder")
     limit: int | None = option(None, "read at most this many records (after conversion), null = all")
     category: Literal["helpfulness", "safety"] | None = option(None, "set this category on every record that has none (e.g. safety for a harmless-base file)")
     template: str | None = option(None, "instruction-template family applied to SFT records from task data (see data.templates), null = none")
@@ -146,8 +149,62 @@ def _hub_rows(name: str, split: str, subset: str | None) -> Iterator[tuple[int, 
         yield i, dict(row)
 
 
+DATA_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".ndjson")
+
+
+def local_dataset_files(folder: Path, split: str, subset: str | None = None) -> list[Path]:
+    """The data files of ``split`` in a local copy of a Hugging Face dataset repository.
+
+    Layouts met in the wild: ``<subset>/<split>-00000-of-00001.parquet`` (a Hub repository with
+    configurations, e.g. ``truthful_qa/multiple_choice/validation-...parquet``), ``<subset>/<split>.jsonl.gz``
+    (data_dir layouts such as ``Anthropic/hh-rlhf/helpful-base/test.jsonl.gz``), ``data/<split>-*.parquet``
+    (the Hub's parquet conversion), ``<split>/*.parquet`` and plain ``<split>.jsonl`` beside each other.
+    """
+    bases = [folder / subset] if subset else []
+    bases += [folder, folder / "data"]
+    for base in bases:
+        if not base.is_dir():
+            continue
+        hits = sorted(f for f in base.iterdir() if f.is_file() and f.name.endswith(DATA_SUFFIXES)
+                      and (f.name.split(".")[0] == split or f.name.startswith((f"{split}-", f"{split}_"))))
+        if not hits and (base / split).is_dir():
+            hits = sorted(f for f in (base / split).iterdir() if f.is_file() and f.name.endswith(DATA_SUFFIXES))
+        if hits:
+            return hits
+    return []
+
+
+def _local_dataset_rows(folder: Path, split: str, subset: str | None) -> tuple[str, Iterator[tuple[int, dict]]]:
+    """Rows of a local dataset folder: ``datasets.save_to_disk`` output or a copy of a Hub repository."""
+    disk = folder / subset if subset and (folder / subset).is_dir() else folder
+    if (disk / "dataset_dict.json").is_file() or (disk / "state.json").is_file():
+        import datasets
+
+        ds = datasets.load_from_disk(str(disk))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"no split {split!r} (splits: {', '.join(ds)})", path=disk)
+            ds = ds[split]
+
+        def rows() -> Iterator[tuple[int, dict]]:
+            for i, row in enumerate(ds, 1):
+                yield i, dict(row)
+        return f"{disk} ({split})", rows()
+    files = local_dataset_files(folder, split, subset)
+    if not files:
+        where = f"{folder}/{subset}" if subset else str(folder)
+        raise DataError(f"no data files for split {split!r} in this folder (expected e.g. {split}-00000-of-00001.parquet, "
+                        f"{split}.jsonl.gz, data/{split}-*.parquet or a datasets.save_to_disk folder)", path=where)
+
+    def chained() -> Iterator[tuple[int, dict]]:
+        for f in files:  # each file's rows are numbered from 1, and errors name the file
+            yield from read_rows(f)
+    return str(files[0]) if len(files) == 1 else f"{files[0].parent}/{split}-*", chained()
+
+
 def source_rows(source: str, split: str = "train", subset: str | None = None) -> tuple[str, Iterator[tuple[int, dict]]]:
-    """(display name, rows) of a source string."""
+    """(display name, rows) of a source string. A local folder is read as a Hugging Face dataset
+    (``split`` and ``subset`` pick the files, see :func:`local_dataset_files`)."""
     if source.startswith("bundled:"):
         name = source.split(":", 1)[1]
         path = BUNDLED_DIR / f"{name}.jsonl"
@@ -158,6 +215,8 @@ def source_rows(source: str, split: str = "train", subset: str | None = None) ->
         name = source[4:]
         return source, _hub_rows(name, split, subset)
     p = Path(source).expanduser()
+    if p.is_dir():
+        return _local_dataset_rows(p, split, subset)
     if p.exists() or p.suffix or source.startswith((".", "/", "~")) or source.count("/") != 1:
         return str(p), read_rows(p)
     return f"hub:{source}", _hub_rows(source, split, subset)

@@ -205,6 +205,7 @@ class PromptRecord:
     id: str | None = None
     source: str | None = None
     tags: list[str] = field(default_factory=list)
+    reference: str | None = None  # a good answer to the last user turn (the gold judge compares responses with it)
 
     @property
     def text(self) -> str:
@@ -224,10 +225,13 @@ class PromptRecord:
         tags = d.get("tags") or []
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise DataError("expected a list of strings", key="tags")
-        return cls(messages, _category(d) or "helpfulness", _opt_str(d, "id"), _opt_str(d, "source"), tags)
+        reference = _opt_str(d, "reference")
+        if reference is not None and not reference.strip():
+            raise DataError("empty text", key="reference")
+        return cls(messages, _category(d) or "helpfulness", _opt_str(d, "id"), _opt_str(d, "source"), tags, reference)
 
     def to_dict(self) -> dict:
-        d = {"id": self.id, "messages": self.messages, "category": self.category, "source": self.source}
+        d = {"id": self.id, "messages": self.messages, "category": self.category, "source": self.source, "reference": self.reference}
         if self.tags:
             d["tags"] = self.tags
         return {k: v for k, v in d.items() if v is not None}

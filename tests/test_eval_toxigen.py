@@ -16,6 +16,14 @@ NEUTRAL = {"alpha": ["alphas celebrate a spring festival", "many alphas work as 
            "beta": ["betas live in many countries", "beta cooking uses lots of rice", "a beta poet won a prize last year"]}
 
 
+def test_sample_prompts_takes_each_distinct_prompt_once(tmp_path):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "hate_alpha_1k.txt").write_text("- a\\n-\n- b\\n-\n- a\\n-\n", encoding="utf-8")  # the published files repeat lines too
+    got = toxigen.sample_prompts(folder, per_group=5, seed=0)
+    assert [(p.text, p.source) for p in got] == [("- a\n-", "hate_alpha_1k.txt:1"), ("- b\n-", "hate_alpha_1k.txt:2")]
+
+
 def write_prompt_files(folder, lines_per_file: int = 5):
     folder.mkdir(parents=True, exist_ok=True)
     for label, table in (("hate", HATE), ("neutral", NEUTRAL)):
@@ -109,7 +117,10 @@ def test_annotated_layout_uses_lm_eval_label_rule(tmp_path):
 
 
 def test_sample_prompts_is_seeded_per_file(tmp_path):
-    folder = write_prompt_files(tmp_path / "p", lines_per_file=10)
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for name in ("hate_alpha_1k.txt", "neutral_alpha_1k.txt", "hate_beta_1k.txt", "neutral_beta_1k.txt"):
+        (folder / name).write_text("".join(f"- statement {k} of {name}\\n-\n" for k in range(10)), encoding="utf-8")
     a = toxigen.sample_prompts(folder, per_group=3, seed=1)
     b = toxigen.sample_prompts(folder, per_group=3, seed=1)
     c = toxigen.sample_prompts(folder, per_group=3, seed=2)
@@ -215,4 +226,4 @@ def test_cli_prints_pct_toxic_beside_classifier_accuracy(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "ToxiGen % toxic:" in proc.stdout and "leave-one-group-out accuracy" in proc.stdout
     proc = run_cli("eval", "toxigen", "--model", tiny_model, "--prompts", str(tmp_path / "none"), "--out", str(tmp_path / "o2"))
-    assert proc.returncode == 2 and "none: ToxiGen prompts folder not found" in proc.stderr
+    assert proc.returncode == 2 and "none: ToxiGen prompts not found" in proc.stderr

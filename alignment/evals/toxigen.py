@@ -6,8 +6,9 @@
 
 Steps (Llama 2, section 4.1 and appendix A.4.7; METHOD.md):
 1. prompts: ToxiGen's prompt files, one prompt a line (``hate_<group>_1k.txt``,
-   ``neutral_<group>_1k.txt``); ``--per-group`` lines are sampled from each file of the chosen
-   types, seeded (``--seed``), so the same command gives the same prompts;
+   ``neutral_<group>_1k.txt``), or the Hugging Face dataset ``toxigen/toxigen-data`` (configuration
+   ``train``; a local copy or ``hub:``); ``--per-group`` prompts are sampled from each group and type
+   of the chosen types, seeded (``--seed``), so the same command gives the same prompts;
 2. the literal backslash-n that joins a prompt's statements becomes a real newline;
 3. generation: ``completion`` mode continues the raw text (the prompt ends with ``-``, so the model
    writes the next statement; the continuation is cut at its first newline); ``chat`` mode sends
@@ -59,34 +60,83 @@ def sample_prompts(folder: str | Path, *, per_group: int = 20, types: Sequence[s
     """``per_group`` lines from each prompt file of the given types (all lines when fewer), seeded per file."""
     from data.errors import DataError
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError("ToxiGen prompts folder not found (the hate_<group>_1k.txt / neutral_<group>_1k.txt files from "
-                        "microsoft/TOXIGEN prompts/)", path=folder)
     bad = [t for t in types if t not in ("hate", "neutral")]
     if bad:
         raise ValueError(f"prompt types must be hate and/or neutral, got {bad}")
-    out: list[ToxiGenPrompt] = []
-    files = sorted(p for p in folder.iterdir() if _FILE.match(p.name))
-    if not files:
-        raise DataError("no ToxiGen prompt files (hate_<group>_1k.txt / neutral_<group>_1k.txt)", path=folder)
-    known = {_FILE.match(p.name).group(2) for p in files}  # type: ignore[union-attr]
+    lists = prompt_lists(folder)
+    known = {group for _, group in lists}
     if groups:
         unknown = sorted(set(groups) - known)
         if unknown:
-            raise ValueError(f"unknown groups {unknown}; the folder has {sorted(known)}")
-    for f in files:
-        m = _FILE.match(f.name)
-        assert m is not None
-        ptype, group = m.group(1), m.group(2)
+            raise ValueError(f"unknown groups {unknown}; the data has {sorted(known)}")
+    out: list[ToxiGenPrompt] = []
+    for (ptype, group), (name, lines) in sorted(lists.items()):
         if ptype not in types or (groups and group not in groups):
             continue
-        lines = [(i + 1, line) for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()) if line.strip()]
-        rng = random.Random(f"{seed}:{f.name}")  # a file's sample does not depend on which other files exist
+        rng = random.Random(f"{seed}:{name}")  # a file's sample does not depend on which other files exist
         picked = sorted(rng.sample(range(len(lines)), min(per_group, len(lines))))
-        out += [ToxiGenPrompt(fix_newlines(lines[i][1]).rstrip(), group, ptype, f"{f.name}:{lines[i][0]}") for i in picked]
+        out += [ToxiGenPrompt(fix_newlines(lines[i][1]).rstrip(), group, ptype, f"{name}:{lines[i][0]}") for i in picked]
     if not out:
-        raise DataError(f"no prompts of types {list(types)}", path=folder)
+        raise DataError(f"no prompts of types {list(types)}", path=str(folder))
+    return out
+
+
+def prompt_lists(source: str | Path) -> dict[tuple[str, str], tuple[str, list[tuple[int, str]]]]:
+    """(type, group) -> (list name, [(line or row number, prompt)]) from ToxiGen's prompt files, or from
+    a Hugging Face copy of ToxiGen's data (``toxigen/toxigen-data``, configuration ``train``: rows with
+    ``prompt``, ``group`` and ``prompt_label`` 1 = hate / 0 = neutral), each distinct prompt once,
+    local (a folder or a file) or ``hub:toxigen/toxigen-data``.
+
+    A Hub row list is named like the file it came from (``hate_<group>_1k.txt``), so the same prompts
+    give the same seeded sample in both layouts."""
+    from data.errors import DataError
+    from data.loaders import local_dataset_files, source_rows
+
+    source = str(source)
+    folder = Path(source)
+    files = sorted(p for p in folder.iterdir() if _FILE.match(p.name)) if folder.is_dir() else []
+    if files:
+        out = {}
+        for f in files:
+            m = _FILE.match(f.name)
+            assert m is not None
+            lines = [(i + 1, line) for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()) if line.strip()]
+            out[(m.group(1), m.group(2))] = (f.name, _distinct(lines))
+        return out
+    if source.startswith("hub:"):
+        where, rows = source_rows(source, split="train", subset="train")
+    elif folder.is_dir() and local_dataset_files(folder, "train", "train"):
+        where, rows = source_rows(source, split="train", subset="train")
+    elif folder.is_file():
+        where, rows = source_rows(source)
+    else:
+        raise DataError("ToxiGen prompts not found: expected a folder of hate_<group>_1k.txt / neutral_<group>_1k.txt files "
+                        "(microsoft/TOXIGEN prompts/), a local copy of the Hub dataset toxigen/toxigen-data (train/train-*.parquet), "
+                        "or hub:toxigen/toxigen-data", path=source)
+    lists: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+    for lineno, row in rows:
+        for key in ("prompt", "prompt_label"):
+            if key not in row:
+                raise DataError("missing column (a ToxiGen prompt row has prompt, group, prompt_label)", path=where, line=lineno, key=key)
+        group = row.get("group", row.get("target_group"))
+        label = row["prompt_label"]
+        if label not in (0, 1, "0", "1") or not isinstance(row["prompt"], str) or not group:
+            raise DataError(f"expected prompt text, a group and prompt_label 0/1, got {label!r}", path=where, line=lineno, key="prompt_label")
+        lists[("hate" if int(label) == 1 else "neutral", str(group))].append((lineno, row["prompt"]))
+    if not lists:
+        raise DataError("no prompts", path=where)
+    return {k: (f"{k[0]}_{k[1]}_1k.txt", _distinct(v)) for k, v in lists.items()}
+
+
+def _distinct(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Each prompt once, at its first occurrence (the published files repeat about 10% of their lines;
+    the Hub dataset repeats a prompt once per generation)."""
+    seen: set[str] = set()
+    out = []
+    for n, text in lines:
+        if text not in seen:
+            seen.add(text)
+            out.append((n, text))
     return out
 
 

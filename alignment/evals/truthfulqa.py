@@ -31,7 +31,9 @@ correct ones. Departure: lm-eval's prompt stops after the question (no ``\\nA:``
 The paper's headline "% true and informative" needs its GPT-judge models and is not computed.
 
 Data (``--data``): ``truthful_qa`` / ``hub:truthful_qa`` (the Hub dataset, config
-``multiple_choice`` / ``generation``, split ``validation``; needs network), the original files
+``multiple_choice`` / ``generation``, split ``validation``; needs network), a local copy of it (a
+folder: the Hub repository's ``multiple_choice/validation-*.parquet`` and ``generation/...`` files,
+or ``datasets.load_dataset("truthful_qa", ...).save_to_disk(folder/<config>)``), the original files
 (``mc_task.json``; ``TruthfulQA.csv`` for the generation variant and for categories, found beside
 ``mc_task.json`` or given with ``--categories``), or ``bundled:truthfulness`` (50 items written for
 this project; not TruthfulQA). Categories come with the items (CSV, bundled) or are joined from the
@@ -137,13 +139,39 @@ def _split_source(source: str) -> tuple[bool, str]:
     return False, source
 
 
-def load_items(source: str, *, categories: str | None = None, limit: int | None = None) -> list[TruthfulnessItem]:
-    """Multiple-choice items from the Hub, an ``mc_task.json``-style file, or ``bundled:truthfulness``."""
+def dataset_label(data: str, n: int, *, sample: int | None = None, limit: int | None = None, seed: int = 0) -> str:
+    """What a result was computed on, in words every table and plot uses (the bundled probe is never
+    called TruthfulQA)."""
+    if data.startswith("bundled:"):
+        return f"bundled truthfulness probe ({n} items, not TruthfulQA)"
+    if sample is not None:
+        return f"TruthfulQA MC ({n} questions, seeded sample, seed {seed})"
+    if limit is not None:
+        return f"TruthfulQA MC (first {n} questions)"
+    return f"TruthfulQA MC ({n} questions)"
+
+
+def seeded_sample(items: list, n: int | None, seed: int = 0) -> list:
+    """``n`` items drawn without replacement with ``random.Random(seed)``, in their original order (all when None)."""
+    import random
+
+    if n is None or n >= len(items):
+        return items
+    keep = set(random.Random(seed).sample(range(len(items)), n))
+    return [it for i, it in enumerate(items) if i in keep]
+
+
+def load_items(source: str, *, categories: str | None = None, limit: int | None = None, sample: int | None = None,
+               seed: int = 0) -> list[TruthfulnessItem]:
+    """Multiple-choice items from the Hub, an ``mc_task.json``-style file, or ``bundled:truthfulness``
+    (the first ``limit``, or a seeded ``sample`` of all)."""
     from data.loaders import source_rows
 
     is_hub, name = _split_source(source)
     if is_hub:
         where, rows = source_rows("hub:" + name, split="validation", subset="multiple_choice")
+    elif Path(name).is_dir():  # a local copy of the Hub dataset (repository files or save_to_disk)
+        where, rows = source_rows(name, split="validation", subset="multiple_choice")
     else:
         where, rows = source_rows(name)
     items = []
@@ -157,11 +185,14 @@ def load_items(source: str, *, categories: str | None = None, limit: int | None 
             break
     if not items:
         raise DataError("no items", path=where)
+    items = seeded_sample(items, sample, seed)
     cat_source = categories
     if cat_source is None and not is_hub and Path(name).is_file() and (Path(name).parent / "TruthfulQA.csv").is_file():
         cat_source = str(Path(name).parent / "TruthfulQA.csv")
     if cat_source is None and is_hub:
         cat_source = "hub:" + name
+    if cat_source is None and Path(name).is_dir():
+        cat_source = name
     if cat_source and any(it.category is None for it in items):
         _join_categories(items, cat_source)
     return items
@@ -172,7 +203,7 @@ def _join_categories(items: list[TruthfulnessItem], source: str) -> None:
     from data.loaders import source_rows
 
     try:
-        if source.startswith("hub:"):
+        if source.startswith("hub:") or Path(source).is_dir():
             _, rows = source_rows(source, split="validation", subset="generation")
         else:
             _, rows = source_rows(source)
@@ -221,18 +252,24 @@ def gen_item(question: str, correct: Sequence[str], incorrect: Sequence[str], ca
     return GenItem(question.strip(), correct_f, _format_answers(incorrect), category)
 
 
-def load_gen_items(source: str, *, limit: int | None = None) -> list[GenItem]:
+def load_gen_items(source: str, *, limit: int | None = None, sample: int | None = None, seed: int = 0) -> list[GenItem]:
+    return seeded_sample(_load_gen_items(source, limit=limit), sample, seed)
+
+
+def _load_gen_items(source: str, *, limit: int | None = None) -> list[GenItem]:
     """Generation items from TruthfulQA.csv, the Hub ``generation`` config, or any MC source (mc2 answers)."""
     from data.loaders import source_rows
 
     is_hub, name = _split_source(source)
     if is_hub:
         where, rows = source_rows("hub:" + name, split="validation", subset="generation")
+    elif Path(name).is_dir():
+        where, rows = source_rows(name, split="validation", subset="generation")
     elif Path(name).suffix.lower() == ".csv":
         where, rows = source_rows(name)
     else:
         if Path(name).is_file() and (Path(name).parent / "TruthfulQA.csv").is_file():
-            return load_gen_items(str(Path(name).parent / "TruthfulQA.csv"), limit=limit)
+            return _load_gen_items(str(Path(name).parent / "TruthfulQA.csv"), limit=limit)
         items = load_items(source, limit=limit)
         return [gen_item(it.question, [a for a, v in it.mc2_targets.items() if v], [a for a, v in it.mc2_targets.items() if not v],
                          it.category) for it in items]
@@ -330,7 +367,7 @@ def evaluate_gen(model: Any, tokenizer: Any, items: Sequence[GenItem], *, batch_
 
 
 def run(model: str, *, data: str = HUB_ID, out: str | Path | None = None, variant: str = "mc", categories: str | None = None,
-        limit: int | None = None, batch_size: int = 16, use_cache: bool = True, add_bos: bool = False, max_new_tokens: int = 64,
+        limit: int | None = None, sample: int | None = None, seed: int = 0, batch_size: int = 16, use_cache: bool = True, add_bos: bool = False, max_new_tokens: int = 64,
         name: str = "truthfulqa", overwrite: bool = False, device: str = "auto") -> dict:
     """Evaluate ``model`` and write ``<out>/<name>.json`` (+ ``<name>_rows.jsonl``). Returns the result."""
     from alignment.evals.results import check_free, default_out, header, write_json
@@ -343,8 +380,8 @@ def run(model: str, *, data: str = HUB_ID, out: str | Path | None = None, varian
     json_path, rows_path = out / f"{name}.json", out / f"{name}_rows.jsonl"
     if not overwrite:
         check_free(json_path, rows_path)
-    items = load_items(data, categories=categories, limit=limit) if variant in ("mc", "both") else []
-    gen_items = load_gen_items(data, limit=limit) if variant in ("gen", "both") else []
+    items = load_items(data, categories=categories, limit=limit, sample=sample, seed=seed) if variant in ("mc", "both") else []
+    gen_items = load_gen_items(data, limit=limit, sample=sample, seed=seed) if variant in ("gen", "both") else []
     lm, tok = load_causal_lm(model, device=device), load_tokenizer(model)
     result = header("truthfulqa", model, data=data, variant=variant,
                     settings={"primer": "TruthfulQA presets.py QA_PRIMER (6-shot)", "add_bos": add_bos, "kv_cache": use_cache,
@@ -357,6 +394,7 @@ def run(model: str, *, data: str = HUB_ID, out: str | Path | None = None, varian
         mc = evaluate_mc(lm, tok, items, batch_size=batch_size, use_cache=use_cache, add_bos=add_bos)
         timing["mc_seconds"] = round(time.time() - t0, 2)
         result.update(n=len(items), metrics=mc["metrics"], by_category=mc["by_category"],
+                      dataset=dataset_label(data, len(items), sample=sample, limit=limit, seed=seed),
                       requests={"total": mc["requests"], "unique": mc["unique_requests"]})
         rows += [{"variant": "mc", **r} for r in mc["rows"]]
         log.info("truthfulqa MC1 %.4f MC2 %.4f on %d questions in %.0f s", mc["metrics"]["mc1"], mc["metrics"]["mc2"], len(items),
@@ -386,6 +424,8 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--out", help="output folder (default: the eval/ folder beside a stage output, e.g. runs/p/round-2/eval, else runs/eval/<model>)")
     p.add_argument("--name", default="truthfulqa", help="file stem of the outputs")
     p.add_argument("--limit", type=int, help="first N questions only")
+    p.add_argument("--sample", type=int, help="a seeded random sample of N questions (--seed), e.g. 200 of the 817")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-cache", action="store_true", help="do not reuse the primer's KV cache (full sequences, batched)")
     p.add_argument("--add-bos", action="store_true", help="prepend the BOS token (lm-eval add_bos_token=True)")
@@ -396,7 +436,8 @@ def cli(argv: Sequence[str]) -> int:
     from alignment.runs import setup_logging
 
     setup_logging()
-    res = run(a.model, data=a.data, out=a.out, variant=a.variant, categories=a.categories, limit=a.limit, batch_size=a.batch_size,
+    res = run(a.model, data=a.data, out=a.out, variant=a.variant, categories=a.categories, limit=a.limit, sample=a.sample, seed=a.seed,
+              batch_size=a.batch_size,
               use_cache=not a.no_cache, add_bos=a.add_bos, max_new_tokens=a.max_new_tokens, name=a.name, overwrite=a.overwrite,
               device=a.device)
     m = res.get("metrics", {})
