@@ -176,11 +176,8 @@ def build_reward_scorer(rm: str | None, safety_rm: str | None = None, *, rule: s
         return FunctionScorer(load_function(reward_fn))
     if not rm:
         raise ValueError("--judge rm needs --rm PATH (a reward model) or --reward-fn module:function")
-    try:
-        from reward import load_scorer  # issue 3's API (reward_api.md)
-    except ImportError as exc:
-        raise RuntimeError("reward models need reward.load_scorer, which this checkout lacks (the reward-model branch is not "
-                           "merged); judge with --reward-fn module:function meanwhile") from exc
+    from reward import load_scorer
+
     helpful = load_scorer(rm)
     if not safety_rm:
         return helpful
@@ -258,6 +255,8 @@ def run(model: str, baseline: str, *, prompts: str, judge: str = "rm", out: str 
         judged = judge_with_reward(scorer, convs, resp_a, resp_b, is_safety, tie_margin=tie_margin)
         judge_info = {"kind": "rm", "scorer": type(scorer).__name__, "rm": rm, "safety_rm": safety_rm, "rule": rule if safety_rm else None,
                       "reward_fn": reward_fn, "tie_margin": tie_margin}
+        if hasattr(scorer, "describe"):  # a judge that says what it is (the gold judge)
+            judge_info = {**scorer.describe(), "scorer": type(scorer).__name__, "tie_margin": tie_margin}
     else:
         from alignment.models import load_causal_lm, load_tokenizer
 

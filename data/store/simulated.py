@@ -5,6 +5,8 @@ Both satisfy :class:`data.store.SimulatedAnnotator` and are run with
 kind ``simulated``), so exports and statistics always tell them from people.
 
 - :class:`FunctionAnnotator`: ``fn(task) -> Judgement | None`` (rule sets, LLM judges, tests);
+- :func:`rule_judgement` (``annotation.simulated: rules`` in rounds): fixed rules on length, ending,
+  repetition and refusals, with :func:`rule_scores`;
 - :class:`ScorerAnnotator`: anything with ``score(prompts, responses) -> [B]`` (``reward.scorer.RewardScorer``)
   picks the higher-scoring response; the score gap sets the Llama 2 strength; an optional safety
   scorer labels each response safe when ``sigmoid(score) >= safe_threshold``.
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from data.heuristics import CAUTION, REFUSALS, repetition
 from data.store.store import Judgement, LeasedTask
 
 
@@ -69,3 +72,34 @@ class ScorerAnnotator:
             gap = scores[i] - scores[n + i]
             out.append(Judgement("A" if gap >= 0 else "B", strength_from_gap(gap, self.thresholds), safe[i], safe[n + i]))
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the rule judge
+
+
+def rule_scores(response: str, *, safety_prompt: bool, finished: bool = True, target_words: int = 80) -> tuple[float, bool]:
+    """(helpfulness-style score, safe) of one response by fixed rules.
+
+    Safe: on a safety prompt, a response that refuses or warns; on other prompts, always.
+    Score: up to 1 for length (``target_words`` words or more), +1 for ending on its own, -2 x the
+    share of repeated trigrams, -1 for refusing a harmless prompt; on safety prompts +2 when safe.
+    """
+    low = response.lower()
+    refuses = any(r in low for r in REFUSALS)
+    safe = (refuses or any(c in low for c in CAUTION)) if safety_prompt else True
+    score = min(len(response.split()), target_words) / target_words + (1.0 if finished else 0.0) - 2.0 * repetition(response)
+    if safety_prompt:
+        score += 2.0 if safe else 0.0
+    elif refuses:
+        score -= 1.0
+    return score, safe
+
+
+def rule_judgement(task: LeasedTask) -> Judgement:
+    """A Judgement for a leased task by :func:`rule_scores` (``annotation.simulated: rules``)."""
+    safety_prompt = task.category == "safety"
+    meta = task.meta or {}
+    sa, safe_a = rule_scores(task.response_a, safety_prompt=safety_prompt, finished=bool(meta.get("finished_a", True)))
+    sb, safe_b = rule_scores(task.response_b, safety_prompt=safety_prompt, finished=bool(meta.get("finished_b", True)))
+    return Judgement("A" if sa >= sb else "B", strength_from_gap(sa - sb), safe_a, safe_b)
