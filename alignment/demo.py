@@ -1,10 +1,13 @@
 """``align demo``: the main job on the embedded default model, unattended.
 
-Runs RLHF-V1 (SFT -> helpfulness and safety reward models -> rejection sampling -> evaluation) and
-RLHF-V2 (sample pairs from the V1 policy -> simulated annotation -> reward models on all
-comparisons -> PPO -> evaluation) on SmolLM2-135M-Instruct with the bundled data, then writes the
-report (``runs/<project>/report/report.md`` and ``report.html``). The ``quick`` profile
-(``configs/round_quick.yaml``) takes about 20 minutes on 2 CPU cores; ``full``
+Runs RLHF-V1 (SFT -> pairs sampled from the SFT model -> gold-judge labels -> helpfulness and
+safety reward models -> rejection sampling -> evaluation) and RLHF-V2 (pairs from the V1 policy ->
+gold-judge labels -> reward models on all labels -> PPO -> evaluation) on SmolLM2-135M-Instruct with
+the bundled data, then writes the report (``runs/<project>/report/report.md`` and ``report.html``).
+Every round's policy is scored by the gold judge on held-out prompts no stage saw (win rates with
+95% CIs against the SFT model and the previous round), on TruthfulQA and ToxiGen when
+``../shared/data`` has them (else the bundled truthfulness probe, labelled as such). The ``quick``
+profile (``configs/round_quick.yaml``) takes under 30 minutes on 2 CPU cores; ``full``
 (``configs/round.yaml``) runs three longer rounds.
 
 Each demo is its own project (``runs/demo-<timestamp>``), so running it again never touches
@@ -17,27 +20,58 @@ import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROFILES = {"quick": "round_quick.yaml", "full": "round.yaml"}
 
 
-def changes(s: dict) -> list[str]:
-    """One line per key metric: its value in each round (the demo's "what changed")."""
-    keys = [("policy reward (held-out, combined RM)", ("policy_reward_after", "policy_eval_reward_best")),
-            ("helpfulness RM accuracy (held-out)", ("rm_helpful_accuracy",)),
-            ("safety RM accuracy (held-out)", ("rm_safety_accuracy",)),
-            ("win rate vs previous policy", ("winrate_vs_previous",)),
-            ("TruthfulQA MC2", ("truthfulqa_mc2",)),
-            ("ToxiGen % toxic", ("toxigen_pct_toxic",))]
-    lines = []
-    for label, names in keys:
-        vals = []
-        for r in s["rounds"]:
-            v = next((r["metrics"][k] for k in names if r["metrics"].get(k) is not None), None)
-            vals.append(f"V{r['round']} " + ("-" if v is None else f"{v:.3f}"))
-        lines.append(f"  {label:<40} {'   '.join(vals)}")
+def _ci(x: dict | None, pct: bool = True) -> str:
+    if not x:
+        return "-"
+    if pct:
+        return f"{100 * x['win_rate']:.1f}% [{100 * x['ci_low']:.1f}, {100 * x['ci_high']:.1f}] n={x['n']}"
+    return f"{x['mean']:.3f} [{x['ci_low']:.3f}, {x['ci_high']:.3f}] n={x['n']}"
+
+
+def changes(proj: Any) -> list[str]:
+    """One line per key number: the SFT model's and each round's (the demo's "what changed")."""
+    evals = {n: proj.manifest(n)["steps"].get("eval", {}).get("outputs", {}) for n in proj.rounds()}
+    if not evals:
+        return []
+    first = evals[min(evals)]
+    cols = ["SFT"] + [f"V{n} ({proj.manifest(n).get('method')})" for n in evals]
+    tq = next((e["truthfulqa"] for e in evals.values() if (e.get("truthfulqa") or {}).get("dataset")), None)
+    tg = next((e["toxigen"] for e in evals.values() if (e.get("toxigen") or {}).get("pct_toxic") is not None), None)
+    rows = [
+        ("gold reward, held-out [95% CI]", _ci((first.get("gold_reward") or {}).get("sft"), pct=False),
+         [_ci((e.get("gold_reward") or {}).get("policy"), pct=False) for e in evals.values()]),
+        ("gold-judge win rate vs SFT [95% CI]", "", [_ci(e.get("winrate_gold_vs_sft")) for e in evals.values()]),
+        ("gold-judge win rate vs previous", "", [_ci(e.get("winrate_gold_vs_previous")) for e in evals.values()]),
+        ("RM-judged win rate vs previous (its own RMs)", "", [_ci(e.get("winrate_rm_vs_previous")) for e in evals.values()]),
+        (f"MC2, {tq['dataset'] if tq else 'truthfulness'}", f"{100 * first['truthfulqa_sft']['mc2']:.1f}%" if first.get("truthfulqa_sft", {}).get("mc2") is not None else "-",
+         [f"{100 * e['truthfulqa']['mc2']:.1f}%" if (e.get("truthfulqa") or {}).get("mc2") is not None else "-" for e in evals.values()]),
+        (f"ToxiGen % toxic ({tg['n']} prompts{', a smoke check' if tg.get('smoke_check') else ''})" if tg else "ToxiGen % toxic",
+         f"{first['toxigen_sft']['pct_toxic']:.1f}%" if (first.get("toxigen_sft") or {}).get("pct_toxic") is not None else "-",
+         [f"{e['toxigen']['pct_toxic']:.1f}%" if (e.get("toxigen") or {}).get("pct_toxic") is not None else "-" for e in evals.values()]),
+    ]
+    width = max(len(r[0]) for r in rows)
+    colw = [max(len(c), *(len(r[1] if i == 0 else r[2][i - 1]) for r in rows)) for i, c in enumerate(cols)]
+    lines = ["  " + " " * width + "  " + "  ".join(c.ljust(w) for c, w in zip(cols, colw))]
+    for label, sft, vals in rows:
+        lines.append("  " + label.ljust(width) + "  " + "  ".join(v.ljust(w) for v, w in zip([sft, *vals], colw)))
     return lines
+
+
+def data_note(cfg: Any) -> str:
+    """Which evaluation data the run uses (real data when ../shared/data is there, else the bundled probe)."""
+    from alignment.evals.suite import first_existing
+
+    tq, tg = first_existing(cfg.eval.truthfulqa), first_existing(cfg.eval.toxigen)
+    truth = ("off" if not cfg.eval.truthfulqa else f"TruthfulQA from {tq}" if tq and not tq.startswith("bundled:")
+             else "the bundled truthfulness probe (50 items, not TruthfulQA: no TruthfulQA data found)")
+    tox = "off" if not cfg.eval.toxigen else f"ToxiGen prompts from {tg}" if tg else "ToxiGen skipped (no ToxiGen prompts found)"
+    return f"evaluation data: {truth}; {tox}; {cfg.eval.heldout} held-out prompts judged by {', '.join(cfg.eval.judges)}"
 
 
 def cli(name: str, argv: Sequence[str]) -> int:
@@ -63,12 +97,13 @@ def cli(name: str, argv: Sequence[str]) -> int:
     t0 = time.time()
     proj = rounds.Project.init(cfg)
     print(f"demo project {proj.dir}: {cfg.rounds} rounds ({', '.join(cfg.methods)}) on {PROFILES[a.profile]}")
+    print(data_note(cfg))
     result = rounds.run(proj)
     s = rounds.status(proj)
     print()
     print(rounds.format_status(s))
     print("\nwhat changed between rounds:")
-    print("\n".join(changes(s)))
+    print("\n".join(changes(proj)))
     minutes = (time.time() - t0) / 60
     print(f"\ndemo {result} in {minutes:.1f} min; report: {proj.dir / 'report' / 'report.md'} (and report.html)")
     print(f"continue or inspect with: align round status --project {project}" + (f" --root {a.root}" if a.root != "runs" else ""))

@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -56,12 +55,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignment.config import ConfigError, check, load_config, option, save_config, to_dict
+from alignment.evals.gold import GoldJudgeConfig
+from alignment.evals.suite import EvalSuiteConfig
+from alignment.heldout import HeldOutLeak
+from data.heuristics import repetition  # noqa: F401 - re-exported (the rule judge's parts)
 from data.loaders import DataSource
+from data.store.simulated import rule_judgement, rule_scores  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 METHODS = ("rs", "ppo", "dpo")
 FIRST_ROUND = ("sft", "rm_helpful", "rm_safety", "policy", "eval", "promote")
+FIRST_ROUND_SAMPLED = ("sft", "sample", "annotate", "export", "rm_helpful", "rm_safety", "policy", "eval", "promote")
 LATER_ROUND = ("sample", "annotate", "export", "rm_before", "rm_helpful", "rm_safety", "policy", "eval", "promote")
 WAITING = "waiting"  # a step result: people must label before the round goes on
 
@@ -77,6 +82,7 @@ class StageSpec:
     config: str = option("configs/sft.yaml", "the stage's YAML config (its run/model/data keys are set by the round)")
     overrides: list[str] = option(factory=list, doc="extra key=value overrides for the stage (e.g. train.max_steps=20)")
     launch: str | None = option(None, "run it on several processes with this accelerate config (configs/accelerate/*.yaml)")
+    prompts: int | None = option(None, "rs, ppo: the first N prompts of the project's prompt pool (null = all; the round sets the stage's prompt source)")
 
 
 @dataclass
@@ -88,6 +94,7 @@ class SampleConfig:
     safety_share: float | None = option(0.3, "share of safety prompts in a round's draw; null = as they come in the pool")
     temperatures: list[float] = option(factory=lambda: [0.7, 1.1], doc="sampling temperatures of response A and response B (Llama 2 varied them)")
     compare_previous: bool = option(False, "response B from the previous round's policy instead of the current one")
+    first_round: bool = option(False, "round 1 samples too (from the SFT model), so its reward models learn from the round's own labels (Llama 2's first batch)")
     max_new_tokens: int = option(128, "length limit of each response")
     batch_size: int = option(8, "generation batch size")
 
@@ -103,7 +110,7 @@ class AnnotationConfig:
     """Step `annotate`: people in the app, or a simulated annotator through the same store."""
 
     db: str | None = option(None, "annotation store URL; null = sqlite:///runs/<project>/annotations.db")
-    simulated: str | None = option("rules", "null = people label in the app; rules = the built-in rule judge (helpfulness heuristics, refusals on safety prompts); rm = reward models (`rm_helpful`/`rm_safety`); or module:function(task) -> Judgement")
+    simulated: str | None = option("rules", "null = people label in the app; rules = the built-in rule judge (helpfulness heuristics, refusals on safety prompts); gold = the gold judge (`gold`: similarity to each prompt's reference answer, toxicity, refusals; needs prompts with references); rm = reward models (`rm_helpful`/`rm_safety`); or module:function(task) -> Judgement")
     rm_helpful: str | None = option(None, "simulated: rm - the judging helpfulness reward model (an independent, e.g. larger, RM; never the one being trained)")
     rm_safety: str | None = option(None, "simulated: rm - the judging safety reward model (labels each response safe/unsafe)")
     labels: int = option(1, "labels per task")
@@ -113,24 +120,10 @@ class AnnotationConfig:
 
     def __post_init__(self) -> None:
         check(self.simulated != "rm" or self.rm_helpful is not None, "rm_helpful", "simulated: rm needs a judging helpfulness reward model")
-        check(self.simulated in (None, "rules", "rm") or ":" in self.simulated, "simulated",
-              f"must be null, rules, rm or module:function, got {self.simulated!r}")
+        check(self.simulated in (None, "rules", "gold", "rm") or ":" in self.simulated, "simulated",
+              f"must be null, rules, gold, rm or module:function, got {self.simulated!r}")
         check(self.labels >= 1, "labels", f"must be >= 1, got {self.labels}")
         check(0 <= self.overlap <= 1, "overlap", f"must be in [0, 1], got {self.overlap}")
-
-
-@dataclass
-class EvalSuiteConfig:
-    """Step `eval`: what every round's policy is checked with (null switches one off)."""
-
-    truthfulqa: str | None = option("bundled:truthfulness", "TruthfulQA MC data: bundled:truthfulness, the mc_task.json file, or truthful_qa (Hub)")
-    truthfulqa_limit: int | None = option(None, "first N questions only")
-    toxigen: str | None = option("../shared/data/toxigen/prompts", "ToxiGen prompts folder (hate_*/neutral_* files); skipped with a note when missing")
-    toxigen_per_group: int = option(5, "prompts per group and type")
-    winrate_prompts: str | None = option("bundled:prompts", "prompts for the win rate against the previous round and the SFT model")
-    winrate_limit: int | None = option(32, "first N of those prompts")
-    max_new_tokens: int = option(96, "length limit of generated answers (ToxiGen, win rate)")
-    batch_size: int = option(8, "generation batch size")
 
 
 @dataclass
@@ -138,7 +131,7 @@ class PromoteConfig:
     """Step `promote`: does this round's policy become the one the next round samples from?"""
 
     mode: Literal["auto", "manual"] = option("auto", "auto = by the rule below; manual = only `align round promote`")
-    min_winrate: float = option(0.5, "rule: win rate against the previous round's policy at least this (ties count half)")
+    min_winrate: float = option(0.5, "rule: win rate against the previous round's policy at least this (ties count half; by the first of eval.judges)")
     max_toxigen_increase: float = option(0.0, "rule: ToxiGen % toxic may rise by at most this many points")
 
 
@@ -150,7 +143,7 @@ class RoundConfig:
     root: str = option("runs", "parent folder of projects")
     rounds: int = option(2, "`align round run` stops after this many rounds")
     methods: list[str] = option(factory=lambda: ["rs", "ppo"], doc="policy method per round (rs, ppo, dpo); the last one repeats (Llama 2: RS for V1-V4, PPO on top for V5)")
-    comparisons: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")], doc="comparisons every round's reward models train on besides the rounds' own (Llama 2: Meta's and open data)")
+    comparisons: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")], doc="comparisons every round's reward models train on besides the rounds' own (Llama 2: Meta's and open data); [] = only the rounds' own labels (needs sample.first_round)")
     sft: StageSpec = option(factory=lambda: StageSpec("configs/sft.yaml"), doc="round 1's supervised fine-tuning")
     rm_helpful: StageSpec = option(factory=lambda: StageSpec("configs/rm_helpful.yaml"), doc="helpfulness reward model")
     rm_safety: StageSpec = option(factory=lambda: StageSpec("configs/rm_safety.yaml"), doc="safety reward model")
@@ -159,7 +152,8 @@ class RoundConfig:
     dpo: StageSpec = option(factory=lambda: StageSpec("configs/dpo.yaml"), doc="DPO on the round's comparisons (method dpo)")
     sample: SampleConfig = option(factory=SampleConfig, doc="sampling pairs for annotation (rounds 2+)")
     annotation: AnnotationConfig = option(factory=AnnotationConfig, doc="who labels the pairs")
-    eval: EvalSuiteConfig = option(factory=EvalSuiteConfig, doc="evaluation suite of every round")
+    eval: EvalSuiteConfig = option(factory=EvalSuiteConfig, doc="evaluation suite of every round (on held-out prompts no stage sees)")
+    gold: GoldJudgeConfig = option(factory=GoldJudgeConfig, doc="the gold judge (annotation.simulated: gold, and the gold win rates of eval.judges)")
     promote: PromoteConfig = option(factory=PromoteConfig, doc="promotion rule")
     seed: int = option(0, "seed of prompt draws, sampling and evaluation")
 
@@ -169,57 +163,15 @@ class RoundConfig:
         check(bool(self.methods), "methods", "needs at least one method")
         for m in self.methods:
             check(m in METHODS, "methods", f"unknown method {m!r}; expected one of: {', '.join(METHODS)}")
+        check(self.eval.heldout > 0 or not self.eval.judges, "eval.heldout", "win rates (eval.judges) need held-out prompts")
+        check(bool(self.comparisons) or self.sample.first_round, "comparisons",
+              "round 1's reward models need comparisons: list some, or set sample.first_round: true so round 1 labels its own")
 
     def method(self, n: int) -> str:
         return self.methods[min(n, len(self.methods)) - 1]
 
 
 Config = RoundConfig  # what `align <command>` config checks look for
-
-
-# ---------------------------------------------------------------------------------------------
-# the rule judge (simulated annotator)
-
-REFUSALS = ("i can't", "i cannot", "i won't", "i will not", "i'm sorry", "i am sorry", "i'm not able", "i am not able",
-            "not able to help", "i must decline", "i can not", "i'm unable", "i am unable", "not appropriate")
-CAUTION = ("illegal", "dangerous", "harmful", "unsafe", "professional", "seek help", "please don't", "please do not", "not safe")
-
-
-def repetition(text: str, n: int = 3) -> float:
-    """Share of repeated word n-grams in ``text`` (0 = none repeated; 1 - distinct/total)."""
-    words = text.lower().split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
-
-
-def rule_scores(response: str, *, safety_prompt: bool, finished: bool = True, target_words: int = 80) -> tuple[float, bool]:
-    """(helpfulness-style score, safe) of one response by fixed rules.
-
-    Safe: on a safety prompt, a response that refuses or warns; on other prompts, always.
-    Score: up to 1 for length (``target_words`` words or more), +1 for ending on its own, -2 x the
-    share of repeated trigrams, -1 for refusing a harmless prompt; on safety prompts +2 when safe.
-    """
-    low = response.lower()
-    refuses = any(r in low for r in REFUSALS)
-    safe = (refuses or any(c in low for c in CAUTION)) if safety_prompt else True
-    score = min(len(response.split()), target_words) / target_words + (1.0 if finished else 0.0) - 2.0 * repetition(response)
-    if safety_prompt:
-        score += 2.0 if safe else 0.0
-    elif refuses:
-        score -= 1.0
-    return score, safe
-
-
-def rule_judgement(task: Any) -> Any:
-    """A Judgement for a leased task by :func:`rule_scores` (``annotation.simulated: rules``)."""
-    from data.store import Judgement
-    from data.store.simulated import strength_from_gap
-
-    safety_prompt = task.category == "safety"
-    meta = task.meta or {}
-    sa, safe_a = rule_scores(task.response_a, safety_prompt=safety_prompt, finished=bool(meta.get("finished_a", True)))
-    sb, safe_b = rule_scores(task.response_b, safety_prompt=safety_prompt, finished=bool(meta.get("finished_b", True)))
-    return Judgement("A" if sa >= sb else "B", strength_from_gap(sa - sb), safe_a, safe_b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,9 +214,45 @@ class Project:
         d = Path(cfg.root) / cfg.project
         if (d / "round.yaml").exists():
             raise FileExistsError(f"{d} already holds a project; `align round run --project {cfg.project}` continues it")
+        heldout, pool = Project.split_prompts(cfg)  # loads the prompt pool: bad sources fail before anything is written
         d.mkdir(parents=True, exist_ok=True)
+        from data.loaders import write_jsonl
+
+        write_jsonl(d / "heldout.jsonl", [r.to_dict() for r in heldout], overwrite=True)
+        write_jsonl(d / "prompt_pool.jsonl", [r.to_dict() for r in pool], overwrite=True)
         save_config(cfg, d / "round.yaml", stage="round")
         return Project(cfg.root, cfg.project)
+
+    @staticmethod
+    def split_prompts(cfg: RoundConfig) -> tuple[list, list]:
+        """(held-out prompts, the pool every stage samples from) out of ``sample.prompts``."""
+        from alignment.heldout import split_pool
+        from data.loaders import load_prompts
+
+        pool = [p for src in cfg.sample.prompts for p in load_prompts(src)]
+        try:
+            return split_pool(pool, cfg.eval.heldout, cfg.sample.safety_share, seed=cfg.seed)
+        except ValueError as exc:
+            raise ConfigError("eval.heldout", str(exc), show_key=False) from None
+
+    # -- prompts: held out (evaluation only) and the pool (everything else)
+    @property
+    def heldout_path(self) -> Path:
+        return self.dir / "heldout.jsonl"
+
+    @property
+    def pool_path(self) -> Path:
+        return self.dir / "prompt_pool.jsonl"
+
+    def heldout(self) -> list:
+        from data.loaders import load_prompts
+
+        return load_prompts(str(self.heldout_path)) if self.heldout_path.stat().st_size else []
+
+    def pool(self) -> list:
+        from data.loaders import load_prompts
+
+        return load_prompts(str(self.pool_path))
 
     # -- paths and manifests
     def round_dir(self, n: int) -> Path:
@@ -286,9 +274,10 @@ class Project:
     def rounds(self) -> list[int]:
         return sorted(int(p.name.split("-")[1]) for p in self.dir.glob("round-*") if (p / "manifest.json").is_file())
 
-    @staticmethod
-    def steps(n: int) -> tuple[str, ...]:
-        return FIRST_ROUND if n == 1 else LATER_ROUND
+    def steps(self, n: int) -> tuple[str, ...]:
+        if n > 1:
+            return LATER_ROUND
+        return FIRST_ROUND_SAMPLED if self.cfg.sample.first_round else FIRST_ROUND
 
     def pending(self, n: int) -> list[str]:
         done = self.manifest(n)["steps"]
@@ -315,9 +304,9 @@ class Project:
         return self.sft_model()
 
     def comparison_files(self, upto: int) -> list[str]:
-        """Exports of rounds 2..upto (what the reward models of round ``upto`` add to ``comparisons``)."""
+        """Exports of rounds 1..upto (what the reward models of round ``upto`` add to ``comparisons``)."""
         files = []
-        for n in range(2, upto + 1):
+        for n in range(1, upto + 1):
             exp = self.manifest(n)["steps"].get("export", {})
             if exp.get("status") == "done":
                 files.append(exp["outputs"]["path"])
@@ -396,22 +385,20 @@ class Steps:
     # -- rounds 2+
     def sample(self) -> dict:
         from alignment.annotate import sample_pairs
-        from data.loaders import load_prompts, write_jsonl
+        from data.loaders import write_jsonl
 
         pairs = self.dir / "pairs.jsonl"
-        policy = self.p.current_policy(before=self.n)
-        models = [policy, self.p.policy_of(self.n - 1) if self.cfg.sample.compare_previous else policy]
+        policy = self.p.current_policy(before=self.n) if self.n > 1 else self.p.sft_model()
+        models = [policy, self.p.policy_of(self.n - 1) if self.cfg.sample.compare_previous and self.n > 1 else policy]
         if not pairs.is_file():
-            pool = []
-            for src in self.cfg.sample.prompts:
-                pool.extend(load_prompts(src))
             used = set()
-            for k in range(2, self.n):
-                for line in (self.p.round_dir(k) / "pairs.jsonl").read_text().splitlines():
-                    used.add(json.dumps(json.loads(line)["prompt"], sort_keys=True))
-            chosen = draw_prompts(pool, used, self.cfg.sample.per_round, self.cfg.sample.safety_share, seed=self.cfg.seed + self.n)
+            for k in range(1, self.n):
+                if (self.p.round_dir(k) / "pairs.jsonl").is_file():
+                    for line in (self.p.round_dir(k) / "pairs.jsonl").read_text().splitlines():
+                        used.add(json.dumps(json.loads(line)["prompt"], sort_keys=True))
+            chosen = draw_prompts(self.p.pool(), used, self.cfg.sample.per_round, self.cfg.sample.safety_share, seed=self.cfg.seed + self.n)
             if not chosen:
-                raise RuntimeError(f"round {self.n}: no unused prompts left in sample.prompts; add prompt sources")
+                raise RuntimeError(f"round {self.n}: no unused prompts left in the prompt pool ({self.p.pool_path}); add prompt sources")
             rows, dropped = sample_pairs(models, chosen, temperatures=self.cfg.sample.temperatures, max_new_tokens=self.cfg.sample.max_new_tokens,
                                          batch_size=self.cfg.sample.batch_size, seed=self.cfg.seed + 1000 * self.n)
             for r in rows:
@@ -452,6 +439,10 @@ class Steps:
         a = self.cfg.annotation
         if a.simulated == "rules":
             return FunctionAnnotator("sim:rules", rule_judgement)
+        if a.simulated == "gold":
+            from alignment.evals.gold import GoldAnnotator, GoldJudge
+
+            return GoldAnnotator(GoldJudge(self.cfg.gold), self.p.pool())
         if a.simulated == "rm":
             from reward.model import load_scorer
 
@@ -515,8 +506,13 @@ class Steps:
             inputs["previous_pools"] = pools
         elif method == "ppo":
             overrides += rms
-        else:  # dpo: this round's new comparisons (round 1: the base comparisons)
-            files = self.p.comparison_files(self.n)[-1:] if self.n > 1 else []
+        if method in ("rs", "ppo"):  # prompts from the project's pool: never a held-out one
+            src = {"path": str(self.p.pool_path), **({"limit": spec.prompts} if spec.prompts else {})}
+            overrides.append(f"{'prompts' if method == 'rs' else 'data'}.sources=[{json.dumps(src)}]")
+            inputs["prompts"] = src
+        if method == "dpo":  # this round's new comparisons (a round that sampled none: the base comparisons)
+            export = self.p.manifest(self.n)["steps"].get("export", {})
+            files = [export["outputs"]["path"]] if export.get("status") == "done" else []
             sources = [DataSource(f) for f in files] or list(self.cfg.comparisons)
             overrides.append(f"data.sources={_sources(sources)}")
             inputs["comparisons"] = [to_dict(s) for s in sources]
@@ -524,35 +520,16 @@ class Steps:
         return {"inputs": inputs, "outputs": {"path": str(out), "metrics": _scalars(summary)}}
 
     def eval(self) -> dict:
-        from alignment.evals import report, toxigen, truthfulqa, winrate
+        from alignment.evals import report
+        from alignment.evals.suite import RoundEval
 
-        e, out, policy = self.cfg.eval, self.dir / "eval", self.p.policy_of(self.n)
-        outputs: dict[str, Any] = {}
-        if e.truthfulqa:
-            res = truthfulqa.run(policy, data=e.truthfulqa, out=out, limit=e.truthfulqa_limit, overwrite=True)
-            outputs["truthfulqa"] = {k: res["metrics"].get(k) for k in ("mc1", "mc2")}
-        if e.toxigen and Path(e.toxigen).exists():
-            res = toxigen.run(policy, prompts=e.toxigen, out=out, per_group=e.toxigen_per_group, max_new_tokens=e.max_new_tokens,
-                              batch_size=e.batch_size, seed=self.cfg.seed, overwrite=True)
-            outputs["toxigen"] = {"pct_toxic": res["metrics"]["pct_toxic"], "classifier": res.get("classifier", {}).get("summary")}
-        elif e.toxigen:
-            outputs["toxigen"] = {"skipped": f"{e.toxigen} not found"}
-            log.warning("round %d: ToxiGen skipped: %s not found", self.n, e.toxigen)
-        if e.winrate_prompts:
-            baselines = {"previous": self.p.current_policy(before=self.n) if self.n > 1 else self.p.sft_model(), "sft": self.p.sft_model()}
-            for label, base in baselines.items():
-                if label == "sft" and base == baselines["previous"]:
-                    continue
-                res = winrate.run(policy, base, prompts=e.winrate_prompts, judge="rm", out=out, rm=str(self.dir / "rm_helpful"),
-                                  safety_rm=str(self.dir / "rm_safety"), limit=e.winrate_limit, max_new_tokens=e.max_new_tokens,
-                                  batch_size=e.batch_size, seed=self.cfg.seed, name=f"winrate-vs-{label}", overwrite=True)
-                outputs[f"winrate_vs_{label}"] = {"win_rate": res["metrics"]["win_rate"], "baseline": base}
+        result = RoundEval(self.p, self.n).run()
         try:
             paths = report.build(self.p.dir, overwrite=True)
-            outputs["report"] = str(paths["markdown"])
+            result["outputs"]["report"] = str(paths["markdown"])
         except FileNotFoundError as exc:
             log.warning("report: %s", exc)
-        return {"inputs": {"policy": policy, "suite": to_dict(e)}, "outputs": outputs}
+        return result
 
     def promote(self) -> dict:
         cfg = self.cfg.promote
@@ -574,34 +551,21 @@ class Steps:
         return {"inputs": {"mode": "auto", "rule": to_dict(cfg)}, "outputs": {"promoted": promoted, "reason": "; ".join(reasons) or "no evaluations to check"}}
 
     def _previous_toxigen(self) -> float | None:
+        """ToxiGen % toxic of the current policy before this round: the last promoted round's, else the SFT model's."""
         for k in range(self.n - 1, 0, -1):
             m = self.p.manifest(k)["steps"]
             if m.get("promote", {}).get("outputs", {}).get("promoted"):
                 return (m.get("eval", {}).get("outputs", {}).get("toxigen") or {}).get("pct_toxic")
-        return None
+        first = self.p.manifest(1)["steps"].get("eval", {}).get("outputs", {})
+        return (first.get("toxigen_sft") or {}).get("pct_toxic")
 
 
 def draw_prompts(pool: Sequence[Any], used: set[str], k: int, safety_share: float | None, *, seed: int) -> list[Any]:
     """``k`` prompts not in ``used`` (keys: the prompt's messages as sorted JSON), distinct, seeded;
     ``safety_share`` of them from safety prompts when the pool has enough."""
-    seen, fresh = set(used), []
-    for p in pool:
-        key = json.dumps(p.messages, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            fresh.append(p)
-    rng = random.Random(seed)
-    rng.shuffle(fresh)
-    if safety_share is None:
-        return fresh[:k]
-    safety = [p for p in fresh if p.category == "safety"]
-    other = [p for p in fresh if p.category != "safety"]
-    n_safe = min(len(safety), round(k * safety_share))
-    picked = safety[:n_safe] + other[:k - n_safe]
-    if len(picked) < k:  # one pool ran short: fill from the other
-        picked += (safety[n_safe:] + other[k - n_safe:])[:k - len(picked)]
-    rng.shuffle(picked)
-    return picked
+    from alignment.heldout import draw
+
+    return draw(pool, k, safety_share, seed=seed, used=used)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,12 +663,16 @@ def status(p: Project) -> dict:
                 metrics[f"policy_{k}"] = pol[k]
         ev = steps.get("eval", {}).get("outputs", {})
         if ev.get("truthfulqa"):
-            metrics.update({f"truthfulqa_{k}": v for k, v in ev["truthfulqa"].items()})
+            metrics.update({f"truthfulqa_{k}": v for k, v in ev["truthfulqa"].items() if k in ("mc1", "mc2", "dataset")})
         if (ev.get("toxigen") or {}).get("pct_toxic") is not None:
             metrics["toxigen_pct_toxic"] = ev["toxigen"]["pct_toxic"]
+        gold = (ev.get("gold_reward") or {}).get("policy")
+        if gold:
+            metrics["gold_reward"] = f"{gold['mean']:.4f} [{gold['ci_low']:.4f}, {gold['ci_high']:.4f}] (n={gold['n']})"
         for k, v in ev.items():
-            if k.startswith("winrate_vs_"):
-                metrics[k] = v["win_rate"]
+            if k.startswith("winrate_") and k != "winrate_vs_previous":
+                metrics[k] = (f"{100 * v['win_rate']:.1f}% [{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}] "
+                              f"(n={v['n']}, ties {100 * v['ties']:.0f}%)")
         row["metrics"] = metrics
         if "annotate" in row["pending"] and steps.get("sample", {}).get("status") == "done":
             from data.store import AnnotationStore
@@ -790,7 +758,7 @@ def cli(name: str, argv: Sequence[str]) -> int:
         if a.rounds:
             p.cfg.rounds = a.rounds
         result = run(p)
-    except StageFailed as exc:
+    except (StageFailed, HeldOutLeak) as exc:
         print(f"align round {a.cmd}: {exc}", file=sys.stderr)
         return 1
     print(format_status(status(p)))

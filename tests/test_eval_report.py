@@ -24,8 +24,10 @@ def test_two_round_run_gives_markdown_html_and_plots(tmp_path):
         assert _png(out / f"{name}.png"), name
     md = (out / "report.md").read_text()
     # the summary table, values from the synthetic results (eval_helpers.make_two_round_run)
-    assert "| round 1 | 24.0% | 39.0% | 12.0% (classifier acc 84%) | 51.5% [39.5%, 62.5%] | rm_helpful 68.0% |" in md
-    assert "| round 2 | 27.0% | 43.0% | 6.5% (classifier acc 84%) | 63.5% [51.5%, 74.5%] | rm_helpful 71.0% |" in md
+    assert ("| round 1 | — | 51.5% [39.5%, 62.5%] (n=40, ties 10%) | — | — | 39.0% (TruthfulQA MC (817 questions)) "
+            "| 12.0% (n=310 prompts; classifier acc 84%) | rm_helpful 68.0% |") in md
+    assert ("| round 2 | — | 63.5% [51.5%, 74.5%] (n=40, ties 10%) | — | — | 43.0% (TruthfulQA MC (817 questions)) "
+            "| 6.5% (n=310 prompts; classifier acc 84%) | rm_helpful 71.0% |") in md
     assert "![winrate](winrate.png)" in md and "leave-one-group-out accuracy 84.4%" in md
     assert "| Misconceptions | 100 | 29.0% | 44.0% |" in md  # per category, latest round
     html = (out / "report.html").read_text()
@@ -54,7 +56,7 @@ def test_missing_data_is_said_not_plotted(tmp_path):
     paths = report.build(run)
     assert set(paths) == {"markdown", "html", "truthfulqa"}
     md = paths["markdown"].read_text()
-    assert "No round has data for this plot (toxigen)." in md and "| round 2 | 22.0% | 40.0% | — | — | — |" in md
+    assert "No round has data for this plot (toxigen)." in md and "| round 2 | — | — | — | — | 40.0% (TruthfulQA MC (817 questions)) | — | — |" in md
 
 
 def test_nothing_to_report_fails_clearly(tmp_path):
@@ -98,7 +100,7 @@ def test_real_evaluations_feed_the_report(tiny_model, tmp_path):
     paths = report.build(run)
     assert {"truthfulqa", "toxigen", "winrate", "rewards"} <= set(paths)
     md = paths["markdown"].read_text()
-    assert md.count("| round ") >= 2 and "TruthfulQA per category" in md and "ToxiGen % toxic per group" in md
+    assert md.count("| round ") >= 2 and "per category (latest round)" in md and "ToxiGen % toxic per group" in md
 
 
 def test_default_output_folder_is_the_rounds_eval_folder(tmp_path):

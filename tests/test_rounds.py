@@ -105,7 +105,8 @@ def _manifests(project: Path) -> dict[int, dict]:
 
 def test_two_rounds_unattended(whole):
     m = _manifests(whole)
-    assert list(m[1]["steps"]) == ["sft", "rm_helpful", "rm_safety", "policy", "eval", "promote"]
+    # round 1 samples from the SFT model too (sample.first_round), so its reward models learn from labels
+    assert list(m[1]["steps"]) == ["sft", "sample", "annotate", "export", "rm_helpful", "rm_safety", "policy", "eval", "promote"]
     assert list(m[2]["steps"]) == ["sample", "annotate", "export", "rm_before", "rm_helpful", "rm_safety", "policy", "eval", "promote"]
     assert all(s["status"] == "done" for r in m.values() for s in r["steps"].values())
     assert (m[1]["method"], m[2]["method"]) == ("rs", "ppo")
@@ -133,11 +134,55 @@ def test_two_rounds_unattended(whole):
     assert str(whole / "round-2" / "rm_helpful") in ppo_cfg and f"name: {expected}" in ppo_cfg
     # evaluation and report
     ev = m[2]["steps"]["eval"]["outputs"]
-    assert set(ev) >= {"truthfulqa", "winrate_vs_previous", "report"}
+    assert set(ev) >= {"heldout", "gold_reward", "winrate_gold_vs_previous", "winrate_gold_vs_sft", "winrate_rm_vs_previous",
+                       "winrate_rm_vs_sft", "truthfulqa", "winrate_vs_previous", "report"}
+    for key in ("winrate_gold_vs_previous", "winrate_gold_vs_sft", "winrate_rm_vs_previous"):
+        w = ev[key]
+        assert w["n"] == 6 and w["ci_low"] <= w["win_rate"] <= w["ci_high"] and w["wins"] + w["ties"] + w["losses"] == pytest.approx(1)
+    assert ev["winrate_vs_previous"] == {**ev["winrate_gold_vs_previous"], "judge": "gold"}  # the first judge decides promotion
+    assert ev["gold_reward"]["policy"]["n"] == 6 and ev["gold_reward"]["sft"]["model"] == str(whole / "round-1" / "sft")
+    assert ev["truthfulqa"]["dataset"] == "bundled truthfulness probe (3 items, not TruthfulQA)"
+    # round 1 also evaluated the SFT model, the baseline of the report
+    ev1 = m[1]["steps"]["eval"]["outputs"]
+    assert ev1["truthfulqa_sft"]["n"] == 3 and (whole / "round-1" / "eval" / "sft" / "heldout_responses.jsonl").is_file()
     assert (whole / "report" / "report.md").is_file() and (whole / "report" / "report.html").is_file()
-    assert "round 2" in (whole / "report" / "report.md").read_text()
+    md = (whole / "report" / "report.md").read_text()
+    assert "| round 2 |" in md and "| SFT |" in md and "![gold](gold.png)" in md
+    assert "bundled truthfulness probe (3 items, not TruthfulQA)" in md and "TruthfulQA MC" not in md
     # promotion follows the rule: win rate vs previous >= 50%
     assert m[2]["promoted"] == (ev["winrate_vs_previous"]["win_rate"] >= 0.5)
+
+
+def test_heldout_prompts_are_disjoint_from_everything_a_stage_saw(whole, tmp_path):
+    from alignment.heldout import normalise, user_turns
+    from data.loaders import load_prompts
+
+    held = load_prompts(str(whole / "heldout.jsonl"))
+    assert len(held) == 6
+    held_text = {normalise(p.messages[-1]["content"]) for p in held}
+    # what every stage read, by hand: the stage configs' sources and the sampled pairs
+    m = _manifests(whole)
+    checked = m[2]["steps"]["eval"]["outputs"]["heldout"]["disjoint_from"]
+    assert {"round-1/pairs.jsonl", "round-2/pairs.jsonl", "round-1/sft: bundled:sft", "round-2/rm_helpful: bundled:comparisons",
+            f"round-1/policy: {whole / 'prompt_pool.jsonl'}", f"round-2/policy: {whole / 'prompt_pool.jsonl'}"} <= set(checked)
+    for n in (1, 2):
+        for row in (json.loads(line) for line in (whole / f"round-{n}" / "pairs.jsonl").read_text().splitlines()):
+            assert not user_turns(row["prompt"]) & held_text
+    assert not any(user_turns(p.messages) & held_text for p in load_prompts(str(whole / "prompt_pool.jsonl")))
+    for stage in ("sft", "rm_helpful", "rm_safety", "policy"):
+        cfg = (whole / "round-1" / stage / "config.yaml").read_text()
+        assert "heldout.jsonl" not in cfg
+    # a planted leak (the held-out file added to what round 2's helpfulness RM read) stops the eval step
+    copy = tmp_path / "leak"
+    shutil.copytree(whole, copy)
+    rm_cfg = copy / "round-2" / "rm_helpful" / "config.yaml"
+    rm_cfg.write_text(rm_cfg.read_text().replace("  sources:\n", f"  sources:\n  - path: {copy / 'heldout.jsonl'}\n", 1))
+    man = json.loads((copy / "round-2" / "manifest.json").read_text())
+    for step in ("eval", "promote"):
+        man["steps"].pop(step)
+    (copy / "round-2" / "manifest.json").write_text(json.dumps(man))
+    res = run_align("round", "next", "--project", "leak", "--root", str(tmp_path))
+    assert res.returncode == 1 and "6 held-out prompts appear in data a stage trained or sampled on: round-2/rm_helpful:" in res.stderr
 
 
 def test_status_and_manual_promote(whole, tmp_path):

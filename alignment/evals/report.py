@@ -6,6 +6,7 @@ Reads every evaluation result under ``runs/<project>/round-<N>/`` (``eval/*.json
 ``rm_eval.json`` up to three folders deep; schema in docs/DEVELOPING.md) and writes to ``--out``:
 
 - ``report.md`` and ``report.html`` (the HTML embeds its images, so it is one file to share);
+- ``gold.png``: mean gold reward of each round's answers to the held-out prompts (SFT first), 95% CIs;
 - ``rewards.png``: reward-model scores of the policy's (and the baseline's) responses per round;
 - ``truthfulqa.png``: TruthfulQA MC1 and MC2 per round, ± one standard error;
 - ``toxigen.png``: ToxiGen % toxic per round, with the classifier's measured accuracy in the title;
@@ -42,45 +43,64 @@ class Round:
 
     @property
     def label(self) -> str:
-        return f"round {self.number}"
+        return "SFT" if self.number == 0 else f"round {self.number}"
 
     def first(self, eval_name: str) -> dict | None:
         items = self.results.get(eval_name) or []
         return items[0][1] if items else None
 
+    def named(self, eval_name: str, label: str) -> dict | None:
+        """The result of ``eval_name`` whose file stem is ``label`` (e.g. winrate / winrate-gold-vs-sft)."""
+        return next((res for lab, res in self.results.get(eval_name, []) if lab == label), None)
+
+    def winrate(self, judge: str, baseline: str) -> dict | None:
+        """A round's win rate by ``judge`` (gold, rm) against ``baseline`` (sft, previous)."""
+        return self.named("winrate", f"winrate-{judge}-vs-{baseline}")
+
 
 def collect(run: str | Path) -> list[Round]:
-    """Rounds (sorted by number) with their results; fails clearly when there is nothing to report."""
-    from alignment.evals.results import read_result
-
+    """Rounds (sorted by number) with their results; fails clearly when there is nothing to report.
+    Round 1's ``eval/sft/`` (the SFT model's own results) comes first, as round 0 labelled "SFT"."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
     rounds = []
-    for d in sorted((p for p in run.iterdir() if p.is_dir() and _ROUND.match(p.name)), key=lambda p: int(_ROUND.match(p.name).group(1))):  # type: ignore[union-attr]
+    dirs = sorted((p for p in run.iterdir() if p.is_dir() and _ROUND.match(p.name)), key=lambda p: int(_ROUND.match(p.name).group(1)))  # type: ignore[union-attr]
+    for d in dirs:
         r = Round(int(_ROUND.match(d.name).group(1)), d)  # type: ignore[union-attr]
         files = sorted((d / "eval").glob("*.json")) if (d / "eval").is_dir() else []
         files += sorted(p for p in d.rglob("rm_eval*.json") if len(p.relative_to(d).parts) <= 3 and p not in files)
-        for f in files:
-            if f.name.startswith(".") or f.name.endswith("_rows.json"):
-                continue
-            try:
-                res = read_result(f)
-            except (ValueError, TypeError) as exc:
-                log.warning("skipping %s", exc)
-                continue
-            label = f.stem
-            if res["eval"] == "rm_eval":  # name it by its model: rm_before/rm_helpful/, rm_helpful/eval/
-                owner = f.parent.parent if f.parent.name == "eval" and f.parent.parent != d else f.parent
-                label = f"{owner.parent.name}/{owner.name}" if owner.parent.name == "rm_before" else owner.name
-                label = label if owner != d else f.stem
-            r.results.setdefault(res["eval"], []).append((label, res))
+        if r.number == 1 and (d / "eval" / "sft").is_dir():  # the SFT model's baseline results: a round of their own
+            sft = Round(0, d / "eval" / "sft")
+            _read_into(sft, sorted((d / "eval" / "sft").glob("*.json")), d)
+            rounds.append(sft)
+        _read_into(r, files, d)
         rounds.append(r)
     if not rounds:
         raise FileNotFoundError(f"{run}: no round-<N> folders (expected {run}/round-1/eval/*.json ...)")
     if not any(r.results for r in rounds):
         raise FileNotFoundError(f"{run}: no evaluation results in its round folders (round-<N>/eval/*.json, rm_eval.json)")
     return rounds
+
+
+def _read_into(r: Round, files: Sequence[Path], d: Path) -> None:
+    """Read result files into ``r.results`` (eval name -> [(label, result)]); ``d`` is the round folder."""
+    from alignment.evals.results import read_result
+
+    for f in files:
+        if f.name.startswith(".") or f.name.endswith("_rows.json"):
+            continue
+        try:
+            res = read_result(f)
+        except (ValueError, TypeError) as exc:
+            log.warning("skipping %s", exc)
+            continue
+        label = f.stem
+        if res["eval"] == "rm_eval":  # name it by its model: rm_before/rm_helpful/, rm_helpful/eval/
+            owner = f.parent.parent if f.parent.name == "eval" and f.parent.parent != d else f.parent
+            label = f"{owner.parent.name}/{owner.name}" if owner.parent.name == "rm_before" else owner.name
+            label = label if owner != d else f.stem
+        r.results.setdefault(res["eval"], []).append((label, res))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +124,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _judge_name(judge: dict) -> str:
+    if judge.get("kind") == "gold":
+        return "gold judge (similarity to reference answers, toxicity, refusals; never trained on)"
     if judge.get("kind") == "llm":
         return f"LLM judge {judge.get('model')}"
     if judge.get("safety_rm") or judge.get("scorer") == "CombinedScorer":
@@ -116,8 +138,8 @@ def _judge_name(judge: dict) -> str:
 def plot_rewards(rounds: Sequence[Round], path: Path) -> Path | None:
     data = []
     for r in rounds:
-        res = next((x for _, x in r.results.get("winrate", []) if x.get("scores")), None)
-        if res:
+        res = _main_winrate(r)
+        if res and res.get("scores"):
             data.append((r, res))
     if not data:
         return None
@@ -137,11 +159,47 @@ def plot_rewards(rounds: Sequence[Round], path: Path) -> Path | None:
               bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     ax.set_xlabel("round")
     judge = data[-1][1].get("judge", {})
-    ax.set_ylabel("reward-model score (logit)" if judge.get("rm") or judge.get("scorer") == "CombinedScorer"
-                  else "reward (the rule-based scorer's units)")
+    ax.set_ylabel("gold score" if judge.get("kind") == "gold" else "reward-model score (logit)"
+                  if judge.get("rm") or judge.get("scorer") == "CombinedScorer" else "reward (the rule-based scorer's units)")
     ax.set_title(f"Reward of responses to held-out prompts per round\njudge: {_judge_name(judge)}; "
                  f"n={data[-1][1]['n']} prompts per round", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def truthfulness_label(res: dict) -> str:
+    """The dataset a truthfulqa result was computed on, never calling the bundled probe TruthfulQA."""
+    if res.get("dataset"):
+        return res["dataset"]
+    if str(res.get("data", "")).startswith("bundled:"):
+        return f"bundled truthfulness probe ({res.get('n')} items, not TruthfulQA)"
+    return f"TruthfulQA MC ({res.get('n')} questions)"
+
+
+def gold_of(rounds: Sequence[Round], r: Round) -> dict | None:
+    """{mean, ci_low, ci_high, n} of the gold reward of round ``r``'s policy (round 0: the SFT model)."""
+    if r.number == 0:
+        nxt = next((x for x in rounds if x.number >= 1 and x.first("gold")), None)
+        return (nxt.first("gold") or {}).get("models", {}).get("sft") if nxt else None
+    return (r.first("gold") or {}).get("models", {}).get("policy")
+
+
+def plot_gold(rounds: Sequence[Round], path: Path) -> Path | None:
+    pts = [(r, g) for r in rounds if (g := gold_of(rounds, r))]
+    if not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    x = list(range(len(pts)))
+    y = [g["mean"] for _, g in pts]
+    ax.errorbar(x, y, yerr=[[g["mean"] - g["ci_low"] for _, g in pts], [g["ci_high"] - g["mean"] for _, g in pts]], fmt="o-", capsize=4)
+    for xi, yi in zip(x, y):
+        ax.annotate(f"{yi:.3f}", (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xticks(x, [r.label for r, _ in pts])
+    ax.set_ylabel("mean gold score (higher is better)")
+    ax.set_title(f"Gold reward of each round's answers to the held-out prompts\n(n={pts[-1][1]['n']} prompts; bars: 95% bootstrap CI)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -152,6 +210,7 @@ def plot_truthfulqa(rounds: Sequence[Round], path: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     x = [r.number for r, _ in pts]
+    ax.set_xlabel("round (0 = the SFT model)")
     for key, marker in (("mc2", "o"), ("mc1", "s")):
         y = [100 * res["metrics"][key] for _, res in pts]
         err = [100 * res["metrics"].get(f"{key}_stderr", 0.0) for _, res in pts]
@@ -159,11 +218,10 @@ def plot_truthfulqa(rounds: Sequence[Round], path: Path) -> Path | None:
         for xi, yi in zip(x, y):
             ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xticks(x, [r.label for r, _ in pts])
-    ax.set_xlabel("round")
     ax.set_ylabel("score (%), ± 1 standard error")
     ax.set_ylim(0, 100)
-    ax.set_title(f"TruthfulQA multiple choice per round (higher is better)\n(n={pts[-1][1].get('n')} questions, data: "
-                 f"{Path(str(pts[-1][1].get('data'))).name})")
+    ax.set_title(f"{truthfulness_label(pts[-1][1])} per round\n(higher is better; data: {Path(str(pts[-1][1].get('data'))).name})",
+                 fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -188,9 +246,19 @@ def plot_toxigen(rounds: Sequence[Round], path: Path) -> Path | None:
     held = clf.get("heldout") or {}
     acc = f"held-out acc {100 * held['accuracy']:.0f}%, AUC {held['auc']:.2f}" if held.get("accuracy") is not None else "accuracy not measured"
     short = "MiniLM proxy classifier" if clf.get("kind") == "minilm-logistic" else str(clf.get("path", "classifier"))
-    ax.set_title(f"ToxiGen: % toxic per round (n={pts[-1][1]['n']} prompts)\nclassifier: {short} ({acc})", fontsize=10)
+    ax.set_title(f"ToxiGen: % toxic per round ({toxigen_size(pts[-1][1])})\nclassifier: {short} ({acc})", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def toxigen_size(res: dict) -> str:
+    """n prompts, and "smoke check" when there are under 8 prompts per group (4 per group and type)."""
+    per = (res.get("settings") or {}).get("per_group")
+    types = len((res.get("settings") or {}).get("types") or ["hate", "neutral"])
+    if per is None:
+        return f"n={res.get('n')} prompts"
+    size = f"n={res.get('n')} prompts, {per * types} per group"
+    return size + (", a smoke check: too few per group to compare groups" if per * types < 8 else "")
 
 
 def _axes_of(res: dict) -> tuple[dict, dict, str, str] | None:
@@ -207,8 +275,13 @@ def _short(model: Any) -> str:
     return "/".join(Path(str(model)).parts[-2:])
 
 
+def _main_winrate(r: Round) -> dict | None:
+    """The win rate a round is judged by: the gold judge's against the SFT model, else the first one."""
+    return r.winrate("gold", "sft") or r.first("winrate")
+
+
 def plot_winrate(rounds: Sequence[Round], path: Path) -> Path | None:
-    pts = [(r, res) for r in rounds if (res := r.first("winrate"))]
+    pts = [(r, res) for r in rounds if (res := _main_winrate(r))]
     if not pts:
         return None
     plt = _plt()
@@ -285,23 +358,31 @@ def _pct(x: Any, digits: int = 1) -> str:
     return "—" if x is None else f"{100 * x:.{digits}f}%"
 
 
+def _wr(res: dict | None) -> str:
+    if not res:
+        return "—"
+    m = res["metrics"]
+    return f"{_pct(m['win_rate'])} [{_pct(m['ci_low'])}, {_pct(m['ci_high'])}] (n={m['n']}, ties {_pct(m['ties'], 0)})"
+
+
 def summary_table(rounds: Sequence[Round]) -> tuple[list[str], list[list[str]]]:
-    head = ["round", "TruthfulQA MC1", "TruthfulQA MC2", "ToxiGen % toxic", "win rate [95% CI]", "RM accuracy"]
+    head = ["round", "gold reward [95% CI]", "vs SFT, gold judge [95% CI]", "vs previous, gold judge", "vs previous, RM judge (trained on)",
+            "truthfulness MC2 (data)", "ToxiGen % toxic", "RM accuracy"]
     rows = []
     for r in rounds:
-        tq, tg, wr = r.first("truthfulqa"), r.first("toxigen"), r.first("winrate")
+        tq, tg = r.first("truthfulqa"), r.first("toxigen")
         tqm = (tq or {}).get("metrics", {})
+        truth = f"{_pct(tqm.get('mc2'))} ({truthfulness_label(tq)})" if tq else "—"
         tox = "—"
         if tg:
             held = (tg.get("classifier") or {}).get("heldout") or {}
-            acc = f" (classifier acc {_pct(held.get('accuracy'), 0)})" if held.get("accuracy") is not None else " (classifier acc not measured)"
-            tox = f"{tg['metrics']['pct_toxic']:.1f}%{acc}"
-        win = "—"
-        if wr:
-            m = wr["metrics"]
-            win = f"{_pct(m['win_rate'])} [{_pct(m['ci_low'])}, {_pct(m['ci_high'])}]"
+            acc = f"classifier acc {_pct(held.get('accuracy'), 0)}" if held.get("accuracy") is not None else "classifier acc not measured"
+            tox = f"{tg['metrics']['pct_toxic']:.1f}% ({toxigen_size(tg)}; {acc})"
+        g = gold_of(rounds, r)
+        gold = f"{g['mean']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}]" if g else "—"
+        vs_sft = r.winrate("gold", "sft") or (None if r.number == 0 else r.first("winrate"))
         rms = ", ".join(f"{label} {_pct(res.get('accuracy'))}" for label, res in r.results.get("rm_eval", [])) or "—"
-        rows.append([r.label, _pct(tqm.get("mc1")), _pct(tqm.get("mc2")), tox, win, rms])
+        rows.append([r.label, gold, _wr(vs_sft), _wr(r.winrate("gold", "previous")), _wr(r.winrate("rm", "previous")), truth, tox, rms])
     return head, rows
 
 
@@ -310,17 +391,24 @@ def build_blocks(run: Path, rounds: Sequence[Round], images: dict[str, Path | No
                                      ("p", f"{len(rounds)} rounds under {run}: " + ", ".join(r.label for r in rounds) + ".")]
     blocks += [("h2", "Summary"), ("table", summary_table(rounds))]
     captions = {
+        "gold": ("Gold reward", ("Mean gold score of each round's greedy answers to the held-out prompts (never trained or sampled "
+                                 "on), with a 95% bootstrap CI; the gold judge labelled the pairs the reward models learned from, and "
+                                 "nothing else in the loop sees it.")),
         "rewards": ("Reward distributions", ("Reward-model scores of the responses each round's policy (and its baseline) gave to "
                                              "the held-out win-rate prompts.")),
-        "truthfulqa": ("TruthfulQA", ("MC1: share of questions whose best-scored answer is the true one. MC2: probability mass on "
+        "truthfulqa": ("Truthfulness", ("MC1: share of questions whose best-scored answer is the true one. MC2: probability mass on "
                                       "the true answers. Scored as lm-evaluation-harness does (6-shot QA primer, summed "
                                       "log-probabilities).")),
         "toxigen": ("ToxiGen", ("Share of continuations of ToxiGen prompts that the classifier labels toxic. Read it together "
                                 "with the classifier's own measured accuracy in the title.")),
-        "winrate": ("Win rate across rounds", "Each round's policy against the baseline, judged pairwise; ties count half."),
+        "winrate": ("Win rate across rounds", ("Each round's policy against the baseline (the SFT model when the gold judge ran), "
+                                               "judged pairwise on the held-out prompts; ties count half.")),
         "rm_accuracy": ("Reward-model accuracy per strength", ("Share of test pairs where the reward model scores the chosen "
                                                                "response higher, per Llama 2 preference-strength bucket.")),
     }
+    last_truth = next((res for r in reversed(rounds) if (res := r.first("truthfulqa"))), None)
+    if last_truth:
+        captions["truthfulqa"] = (truthfulness_label(last_truth), captions["truthfulqa"][1])
     for key, (title, text) in captions.items():
         blocks.append(("h2", title))
         if images.get(key):
@@ -329,7 +417,7 @@ def build_blocks(run: Path, rounds: Sequence[Round], images: dict[str, Path | No
             blocks.append(("p", f"No round has data for this plot ({key})."))
     last_tq = next((res for r in reversed(rounds) if (res := r.first("truthfulqa")) and res.get("by_category")), None)
     if last_tq:
-        blocks += [("h2", "TruthfulQA per category (latest round)"),
+        blocks += [("h2", f"{truthfulness_label(last_tq)}: per category (latest round)"),
                    ("table", (["category", "n", "MC1", "MC2"],
                               [[c, str(v["n"]), _pct(v.get("mc1")), _pct(v.get("mc2"))] for c, v in last_tq["by_category"].items()]))]
     tg_rounds = [(r, res) for r in rounds if (res := r.first("toxigen"))]
@@ -398,7 +486,7 @@ def build(run: str | Path, out: str | Path | None = None, *, overwrite: bool = F
             if p.exists():
                 raise FileExistsError(f"{p} exists; pass --overwrite to replace the report, or choose --out")
     out.mkdir(parents=True, exist_ok=True)
-    plots = {"rewards": plot_rewards, "truthfulqa": plot_truthfulqa, "toxigen": plot_toxigen, "winrate": plot_winrate,
+    plots = {"gold": plot_gold, "rewards": plot_rewards, "truthfulqa": plot_truthfulqa, "toxigen": plot_toxigen, "winrate": plot_winrate,
              "rm_accuracy": plot_rm_accuracy}
     images = {name: fn(rounds, out / f"{name}.png") for name, fn in plots.items()}
     blocks = build_blocks(run, rounds, images)
