@@ -7,7 +7,9 @@
 Parts: overhead (our SFT/RM/DPO step vs a hand-written PyTorch loop), mfu (tokens/s vs measured
 matmul FLOP/s), ppo (PPO iteration split, rollout generation vs model.generate, memory vs SFT-LoRA),
 defaults (fp32 vs bf16 autocast, activation checkpointing), scaling (SFT on 1 vs 2 processes), gpu
-(SFT and PPO in bf16 on a CUDA GPU: throughput, memory, MFU; skipped without one).
+(SFT and PPO in bf16 on a CUDA GPU: throughput, memory, MFU; skipped without one). Two long parts run
+only when named: alignment (three RLHF rounds judged by the gold judge, ~90 min) and rm_real (a
+helpfulness RM on HH-RLHF, ~1 h).
 Each part writes benchmarks/results/<part>.json with the machine, library versions, the command and
 the numbers; the summary table at the end is what README's "Scale and speed" section shows.
 """
@@ -69,8 +71,21 @@ def _gpu(argv: list[str]) -> dict:
     return gpu.main(argv)
 
 
+def _alignment(argv: list[str]) -> dict:
+    from benchmarks import alignment
+
+    return alignment.main(argv)
+
+
+def _rm_real(argv: list[str]) -> dict:
+    from benchmarks import rm_real
+
+    return rm_real.main(argv)
+
+
 PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo, "defaults": _defaults, "scaling": _scaling,
-                                                   "gpu": _gpu}
+                                                   "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real}
+LONG = ("alignment", "rm_real")  # an hour or more each: run by name only, never in the all-parts run
 
 
 def summary_rows(name: str, r: dict) -> list[list[Any]]:
@@ -97,6 +112,20 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
         return [["defaults", f"SFT-LoRA step, {x['setting']} / default", x["vs_default"], ""] for x in r["rows"][1:]]
     if name == "scaling":
         return [["scaling", "SFT tokens/s, 2 processes / 1", r["speedup"], "2 cores"]]
+    if name == "alignment":
+        t = r["targets"]
+        w = t["winrate_vs_sft"]
+        return [["alignment", "final round vs SFT, gold-judge win rate [95% CI]",
+                 f"{100 * w['value']:.1f}% [{100 * w['ci'][0]:.1f}, {100 * w['ci'][1]:.1f}] n={w['n']}", ">= 65%, CI > 50%"],
+                ["alignment", "ToxiGen % toxic, final / SFT", f"{t['toxigen_not_worse']['value']:.1f} / {t['toxigen_not_worse']['sft']:.1f}", "not worse"],
+                ["alignment", "TruthfulQA MC2, final / SFT", f"{100 * t['truthfulqa_mc2']['value']:.1f} / {100 * t['truthfulqa_mc2']['sft']:.1f}",
+                 "within 2 points"],
+                ["alignment", "minutes (3 rounds)", t["time"]["minutes"], "<= 90"]]
+    if name == "rm_real":
+        if r.get("skipped"):
+            return [["rm_real", "skipped", r["skipped"], ""]]
+        return [["rm_real", f"helpfulness RM on HH-RLHF, held out (n={r['held_out_pairs']})", r["held_out_accuracy"], ">= 0.60"],
+                ["rm_real", "length baseline", r["length_baseline"], ""]]
     if name == "gpu":
         if r.get("skipped"):
             return [["gpu", "skipped", r["skipped"], ""]]
@@ -121,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += summary_rows(name, json.loads(path.read_text()))
         print(table(rows, ["part", "measurement", "value", "goal"]))
         return 0
-    names = [argv.pop(0)] if argv and argv[0] in PARTS else list(PARTS)
+    names = [argv.pop(0)] if argv and argv[0] in PARTS else [n for n in PARTS if n not in LONG]
     if argv and len(names) > 1:
         print(f"flags ({' '.join(argv)}) need one part: python -m benchmarks <{'|'.join(PARTS)}> [flags]", file=sys.stderr)
         return 2
