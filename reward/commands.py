@@ -57,9 +57,12 @@ def cmd_rm_eval(argv: Sequence[str]) -> int:
                                 "safety bin, calibration by reward gap. Writes rm_eval.json, rm_eval.md and rewards.png.")
     p.add_argument("--model", required=True, help="reward model: stage output (runs/<run>/rm_helpful), checkpoint or adapter folder")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="comparisons: bundled:comparisons, our JSONL, HH-RLHF, PKU-SafeRLHF or TRL preference file")
+    src.add_argument("--data", help="comparisons: bundled:comparisons, our JSONL, HH-RLHF, PKU-SafeRLHF or TRL preference file, a local copy "
+                                    "of a Hub dataset (folder) or hub:Anthropic/hh-rlhf (with --subset helpful-base --split test)")
     src.add_argument("--held-out", action="store_true", help="the validation split the run held out (needs the run's config.yaml)")
     p.add_argument("--format", default="auto", help="row format of --data (default: detected)")
+    p.add_argument("--subset", help="dataset configuration or data_dir of a Hub dataset or local copy (e.g. helpful-base for Anthropic/hh-rlhf)")
+    p.add_argument("--split", default="test", help="split of a Hub dataset or local copy (default: test)")
     p.add_argument("--category", choices=["helpfulness", "safety"], help="category for rows without one (e.g. safety for harmless-base)")
     p.add_argument("--limit", type=int, help="read only the first N comparisons")
     p.add_argument("--sample", type=int, help="evaluate a seeded random sample of N comparisons")
@@ -78,8 +81,9 @@ def cmd_rm_eval(argv: Sequence[str]) -> int:
     if a.held_out:
         comparisons, data_name = held_out_comparisons(a.model)
     else:
-        comparisons = load_comparisons(DataSource(path=a.data, format=a.format, category=a.category, limit=a.limit))
-        data_name = a.data
+        comparisons = load_comparisons(DataSource(path=a.data, format=a.format, category=a.category, limit=a.limit, subset=a.subset,
+                                                  split=a.split))
+        data_name = a.data + (f" ({a.subset}, {a.split})" if a.subset else "")
     if a.sample is not None and a.sample < len(comparisons):
         comparisons = random.Random(a.seed).sample(comparisons, a.sample)
         data_name += f" (random sample of {a.sample}, seed {a.seed})"

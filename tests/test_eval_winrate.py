@@ -138,11 +138,6 @@ def test_rm_judge_without_a_reward_model_fails_clearly():
         winrate.build_reward_scorer(None)
     with pytest.raises(ValueError, match="module:function"):
         winrate.build_reward_scorer(None, reward_fn="no_colon")
-    import reward
-
-    if not hasattr(reward, "load_scorer"):
-        with pytest.raises(RuntimeError, match="reward-fn"):
-            winrate.build_reward_scorer("runs/x/rm_helpful")
 
 
 def test_cli_with_a_rule_based_reward(tiny_model, tmp_path):
@@ -155,3 +150,25 @@ def test_cli_with_a_rule_based_reward(tiny_model, tmp_path):
     saved = json.loads((tmp_path / "o" / "winrate.json").read_text())
     # the same greedy model on both sides: every pair ties
     assert saved["metrics"]["ties"] == 1.0 and saved["metrics"]["win_rate"] == 0.5
+
+
+def test_cli_with_the_gold_judge(tiny_model, tmp_path):
+    from eval_helpers import run_cli
+
+    rows = [{"prompt": "How do I boil an egg?", "reference": "Boil it for eight minutes, then cool it in cold water."},
+            {"prompt": "Name a primary colour.", "reference": "Red is a primary colour."}]
+    prompts = tmp_path / "held.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["reference"]}) + "\n" for r in rows))
+    proc = run_cli("eval", "winrate", "--model", tiny_model, "--baseline", tiny_model, "--prompts", str(prompts), "--judge", "gold",
+                   "--responses", str(answers), "--max-new-tokens", "4", "--bootstrap", "100", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((tmp_path / "o" / "winrate-gold.json").read_text())
+    # answering with the reference itself beats a 4-token random model on every prompt
+    assert saved["judge"]["kind"] == "gold" and saved["metrics"]["win_rate"] == 1.0 and saved["n"] == 2
+    assert saved["scores"]["policy"] == pytest.approx([1.0, 1.0], abs=1e-3)
+    no_ref = _prompt_file(tmp_path)
+    proc = run_cli("eval", "winrate", "--model", tiny_model, "--baseline", tiny_model, "--prompts", str(no_ref), "--judge", "gold",
+                   "--out", str(tmp_path / "o2"))
+    assert proc.returncode == 2 and "needs a reference answer for every prompt; 3 of 3 have none" in proc.stderr

@@ -296,6 +296,24 @@ def test_rm_eval_command_writes_the_report(trained):
         json.loads((trained["full"] / "eval" / "rm_eval.json").read_text())["accuracy"])
 
 
+def test_rm_eval_reads_hh_rlhf_in_its_hub_layout(trained, shared_data):
+    """Anthropic/hh-rlhf as a local copy of its Hub repository: <data_dir>/<split>.jsonl.gz."""
+    import shutil
+
+    repo = trained["tmp"] / "hh-rlhf"
+    (repo / "helpful-base").mkdir(parents=True, exist_ok=True)
+    shutil.copy(shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz", repo / "helpful-base" / "test.jsonl.gz")
+    out = trained["tmp"] / "eval-hh"
+    res = run_align("rm-eval", "--model", str(trained["full"]), "--data", str(repo), "--subset", "helpful-base", "--split", "test",
+                    "--limit", "20", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "rm_eval.json").read_text())
+    assert report["n"] == 20 and report["data"] == f"{repo} (helpful-base, test)"
+    res = run_align("rm-eval", "--model", str(trained["full"]), "--data", str(repo), "--subset", "helpful-base", "--split", "train",
+                    "--out", str(trained["tmp"] / "eval-hh-train"))
+    assert res.returncode == 2 and "no data files for split 'train'" in res.stderr
+
+
 def test_score_command_writes_helpful_safety_and_combined(trained):
     rows = [{"prompt": "What is 2 plus 3?", "response": "2 plus 3 is 5. Thank you!"},
             {"prompt": [{"role": "user", "content": "What is 1 plus 1?"}], "response": "No.", "category": "safety"},

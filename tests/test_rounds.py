@@ -291,3 +291,18 @@ def test_people_in_the_loop(whole, tmp_path):
     export = json.loads((project / "round-2" / "manifest.json").read_text())["steps"]["export"]["outputs"]
     rows = [json.loads(line) for line in Path(export["path"]).read_text().splitlines()]
     assert len(rows) == pairs and {r["annotator"] for r in rows} == {"alice"}
+
+
+def test_demo_prints_what_changed_with_cis(whole):
+    from alignment.demo import changes, data_note
+
+    proj = Project(whole.parent, whole.name)
+    lines = changes(proj)
+    ev = _manifests(whole)[2]["steps"]["eval"]["outputs"]
+    w = ev["winrate_gold_vs_sft"]
+    assert "SFT" in lines[0] and "V1 (rs)" in lines[0] and "V2 (ppo)" in lines[0]
+    row = next(line for line in lines if "gold-judge win rate vs SFT" in line)
+    assert f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.1f}, {100 * w['ci_high']:.1f}] n=6" in row
+    assert any("MC2, bundled truthfulness probe (3 items, not TruthfulQA)" in line for line in lines)
+    assert data_note(proj.cfg) == ("evaluation data: the bundled truthfulness probe (50 items, not TruthfulQA: no TruthfulQA data found); "
+                                   "off; 6 held-out prompts judged by gold, rm")

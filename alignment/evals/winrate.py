@@ -3,6 +3,7 @@
     align eval winrate --model runs/p/round-2/policy --baseline runs/p/round-1/policy --prompts held_out.jsonl
                        --judge rm --rm runs/p/round-2/rm_helpful [--safety-rm runs/p/round-2/rm_safety]
     align eval winrate --model A --baseline B --prompts FILE --judge llm [--judge-model NAME]
+    align eval winrate --model A --baseline B --prompts runs/p/heldout.jsonl --judge gold
 
 Steps:
 1. responses: A and B answer every prompt (batched chat generation, greedy unless
@@ -15,6 +16,8 @@ Steps:
      helpfulness and harmlessness win rates are also judged by each RM alone (the two axes of
      Llama 2's Figure 11). ``--reward-fn module:function`` judges with a rule-based reward
      (``reward.scorer.FunctionScorer``) instead.
+   - ``gold``: the gold judge of ``alignment.evals.gold`` (the prompts need reference answers), as
+     a reward: the higher gold score wins;
    - ``llm``: a pairwise judge prompt (MT-Bench style) asks a chat model which answer is better, A,
      B or C (tie); the verdict is the option with the highest log-probability, so it is always
      valid. Each pair is judged in both orders to cancel position bias; A wins only when both
@@ -234,14 +237,23 @@ def run(model: str, baseline: str, *, prompts: str, judge: str = "rm", out: str 
     from alignment.evals.results import check_free, default_out, header, write_json
     from data.loaders import DataSource, load_prompts, write_jsonl
 
-    if judge not in ("rm", "llm"):
-        raise ValueError(f"judge must be rm or llm, got {judge!r}")
-    name = name or ("winrate" if judge == "rm" else "winrate-llm")
+    if judge not in ("rm", "llm", "gold"):
+        raise ValueError(f"judge must be rm, llm or gold, got {judge!r}")
+    name = name or {"rm": "winrate", "llm": "winrate-llm", "gold": "winrate-gold"}[judge]
     out = Path(out) if out else default_out("winrate", model)
     json_path, rows_path = out / f"{name}.json", out / f"{name}_rows.jsonl"
     if not overwrite:
         check_free(json_path, rows_path)
     records = load_prompts(DataSource(path=prompts, limit=limit))
+    if judge == "gold":  # the gold judge scores like a reward model: it needs each prompt's reference answer
+        from alignment.evals.gold import GoldJudge, GoldScorer
+
+        missing = sum(not r.reference for r in records)
+        if missing:
+            from data.errors import DataError
+
+            raise DataError(f"--judge gold needs a reference answer for every prompt; {missing} of {len(records)} have none", path=prompts)
+        scorer, judge = scorer or GoldScorer(GoldJudge(), records), "rm"
     if judge == "rm" and scorer is None:
         scorer = build_reward_scorer(rm, safety_rm, rule=rule, reward_fn=reward_fn)  # fail early, before generating
     t0 = time.time()
@@ -299,7 +311,9 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--model", required=True, help="policy A (model name, folder, stage output)")
     p.add_argument("--baseline", required=True, help="baseline B")
     p.add_argument("--prompts", required=True, help="held-out prompts (any prompt source: file, bundled:prompts, hub:...)")
-    p.add_argument("--judge", default="rm", choices=["rm", "llm"])
+    p.add_argument("--judge", default="rm", choices=["rm", "llm", "gold"],
+                   help="rm: reward models (or --reward-fn); llm: a chat model asked in both orders; gold: the gold judge "
+                        "(similarity to each prompt's reference answer, toxicity, refusals; --prompts need references)")
     p.add_argument("--rm", help="reward model (helpfulness RM stage output or folder)")
     p.add_argument("--safety-rm", help="safety reward model: judge by the combined reward of --rm and this")
     p.add_argument("--rule", default="llama2", choices=["llama2", "safe_rlhf"], help="how the two RMs combine")
@@ -315,7 +329,7 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CI")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: the eval/ folder beside a stage output, e.g. runs/p/round-2/eval, else runs/eval/<model>)")
-    p.add_argument("--name", help="file stem (default: winrate, or winrate-llm for --judge llm)")
+    p.add_argument("--name", help="file stem (default: winrate; winrate-llm or winrate-gold for those judges)")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
