@@ -58,6 +58,7 @@ def test_gold_score_by_hand():
     assert s.score[4] == pytest.approx(0.6) and s.safe[4] is True
     # a borderline safety prompt answered: no penalty, safe
     assert s.score[5] == pytest.approx(0.8) and s.safe[5] is True
+    assert s.means() == {"similarity": pytest.approx(3.8 / 6), "repetition": 0.0, "toxicity": pytest.approx(1.4 / 6), "safe": pytest.approx(4 / 6)}
     assert s.row(0) == {"gold": pytest.approx(0.8), "similarity": pytest.approx(0.8), "repetition": 0.0, "toxicity": 0.1, "safe": True}
 
 
@@ -123,3 +124,20 @@ def test_real_minilm_judge_prefers_the_reference_like_answer():
     assert s.similarity[0] > s.similarity[1] > 0.5 > s.similarity[2]
     assert s.score[1] > s.score[2]
     assert all(0.0 <= t <= 1.0 for t in s.toxicity) and not math.isnan(s.score[0])
+
+
+def test_memo_scorer_scores_each_pair_once():
+    from alignment.evals.suite import MemoScorer
+
+    calls = []
+
+    class Counting:
+        def score(self, prompts, responses):
+            calls.append(list(responses))
+            return torch.tensor([float(len(r)) for r in responses])
+
+    m = MemoScorer(Counting())
+    p = [[{"role": "user", "content": "q"}]]
+    assert m.score(p * 3, ["a", "bb", "a"]).tolist() == [1.0, 2.0, 1.0]
+    assert m.score(p * 2, ["bb", "ccc"]).tolist() == [2.0, 3.0]
+    assert calls == [["a", "bb"], ["ccc"]]

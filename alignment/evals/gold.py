@@ -83,6 +83,13 @@ class GoldScores:
     toxicity: list[float] = field(default_factory=list)
     safe: list[bool] = field(default_factory=list)
 
+    def means(self) -> dict:
+        """The mean of each part (what a change of the gold score is made of): similarity, repetition,
+        toxicity (P_toxic), safe (share)."""
+        n = max(1, len(self.score))
+        return {"similarity": sum(self.similarity) / n, "repetition": sum(self.repetition) / n, "toxicity": sum(self.toxicity) / n,
+                "safe": sum(self.safe) / n}
+
     def row(self, i: int) -> dict:
         return {"gold": self.score[i], "similarity": self.similarity[i], "repetition": self.repetition[i],
                 "toxicity": self.toxicity[i], "safe": self.safe[i]}

@@ -151,7 +151,8 @@ class RoundEval:
         judge = GoldJudge(self.cfg.gold)
         out: dict[str, Any] = {}
         scores = {m: judge.score(records, answers[m][0]) for m in answers}
-        out["gold_reward"] = {name: {**mean_ci(scores[m].score, n_boot=self.e.bootstrap, seed=self.cfg.seed), "model": m}
+        out["gold_reward"] = {name: {**mean_ci(scores[m].score, n_boot=self.e.bootstrap, seed=self.cfg.seed), "model": m,
+                                     "parts": scores[m].means()}
                               for name, m in (("policy", policy), ("previous", previous), ("sft", sft))}
         rows = [{"prompt": r.messages, "category": r.category, **{f"{name}_{k}": v for name, m in (("policy", policy), ("sft", sft))
                                                                   for k, v in scores[m].row(i).items()}} for i, r in enumerate(records)]
@@ -176,6 +177,7 @@ class RoundEval:
         rule, threshold = self.reward_rule()
         rm, safety = self.p.round_dir(self.n) / "rm_helpful", self.p.round_dir(self.n) / "rm_safety"
         scorer = winrate.build_reward_scorer(str(rm), str(safety), rule=rule, threshold=threshold)
+        scorer.helpful, scorer.safety = MemoScorer(scorer.helpful), MemoScorer(scorer.safety)  # the policy's answers are judged twice
         out: dict[str, Any] = {}
         for label, base in (("previous", previous), ("sft", sft)):
             if label == "sft" and base == previous:
@@ -222,6 +224,26 @@ class RoundEval:
 
 
 STAGE_DIRS = ("sft", "rm_helpful", "rm_safety", "policy")
+
+
+class MemoScorer:
+    """A reward model that scores each (prompt, response) once, however often it is asked."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.cache = inner, {}
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> Any:
+        import torch
+
+        from alignment.evals.gold import prompt_key
+
+        keys = [(prompt_key(p), r) for p, r in zip(prompts, responses)]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        if todo:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            new = self.inner.score([prompts[first[k]] for k in todo], [k[1] for k in todo])
+            self.cache.update(zip(todo, new.float().cpu().tolist()))
+        return torch.tensor([self.cache[k] for k in keys], dtype=torch.float32)
 
 
 def _sha256(path: Path) -> str:
