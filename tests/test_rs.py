@@ -280,4 +280,4 @@ def test_rs_runs_on_smollm2_with_the_bundled_prompts(tmp_path, monkeypatch):
     out = main(cfg)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pool_size"] == summary["prompts_train"] and summary["sft_global_step"] == 1
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
