@@ -842,8 +842,10 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
     checkpoint = last_checkpoint(out) if resume else None
 
     ctx, train_prompts, val_prompts = setup(cfg, acc)
-    log.info("PPO: %d training / %d held-out prompts, %d process(es), %s", len(train_prompts), len(val_prompts), acc.num_processes,
-             acc.distributed_type)
+    launch = {"type": str(acc.distributed_type), "processes": acc.num_processes,
+              "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None, "device": str(acc.device)}
+    log.info("PPO: %d training / %d held-out prompts, %d process(es), %s (backend %s, %s)", len(train_prompts), len(val_prompts),
+             acc.num_processes, launch["type"], launch["backend"], launch["device"])
     start, loop = 0, {"best": None, "best_iteration": None, "bad_evals": 0, "baseline": None, "stopped_early": False}
     if checkpoint is not None:
         start, loop = load_checkpoint(ctx, checkpoint)
@@ -941,7 +943,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
             "resumed_from": checkpoint.name if checkpoint else None, **peak_memory_gb(),
             **{f"weights_mib/{k}": v for k, v in ctx.weights_mib.items()},
             "model": "best" if cfg.eval.keep_best and (out / "best").is_dir() else "last",
-            "rank_fingerprints": fingerprints,
+            "rank_fingerprints": fingerprints, "launch": launch,
         }
         logger.summary(summary)
         log.info("PPO done: %s (held-out reward %s -> best %s at iteration %s)", out, loop["baseline"], loop["best"], loop["best_iteration"])
