@@ -18,8 +18,8 @@ of the budget (a step that would get less than ``MIN_STEP_S`` is skipped and say
 - ``bench``: ``python -m benchmarks gpu``: SFT (LoRA, full) tokens/s, MFU against the measured bf16
   matmul, peak memory, and a PPO iteration's phase split.
 - ``model_0p5b``: a 0.5B-parameter Llama (SmolLM2's tokenizer, random weights: no such checkpoint can
-  be fetched offline) built here, then a full-weight SFT run and PPO iterations in bf16 on it:
-  tokens/s and peak memory at that size.
+  be fetched offline) built here, then a full-weight SFT run and PPO iterations (LoRA) in bf16 on it:
+  SFT sequences/s, PPO tokens/s and the peak CUDA memory of each at that size.
 
 ``--device cpu`` runs the same steps on the CPU with the tiny model and small sizes (this checks
 the script itself on a machine without a GPU; ``pytest_gpu`` then uses ``ALIGN_GPU_TEST_DEVICE=cpu``).
@@ -99,7 +99,7 @@ def plan(device: str, work: Path) -> dict[str, dict[str, Any]]:
         "env": {"cmd": [py, "-c", ENV_PROBE]},
         "models": {"cmd": [py, "-c", "from alignment.models import builtin_path as b; print(b('tiny-llama')); "
                                    + ("" if cpu else "print(b('smollm2-135m'))")]},
-        "sft": {"cmd": [*align, *sft, f"run.root={work / 'sft'}"], "out": work / "sft" / "default" / "sft"},
+        "sft": {"cmd": [*align, *sft, f"run.root={work / 'sft'}"], "out": work / "sft" / "default" / "sft", "batch": 2 if cpu else 8},
         "ppo": {"cmd": [*align, *ppo, f"run.root={work / 'ppo'}"], "out": work / "ppo" / "default" / "ppo"},
         "ppo_ddp": {"cmd": [*align, *ppo, "ppo.iterations=2", f"run.root={work / 'ppo_ddp'}", *ddp], "out": work / "ppo_ddp" / "default" / "ppo"},
         "dpo_ddp": {"cmd": [*align, *dpo, f"run.root={work / 'dpo_ddp'}", *ddp], "out": work / "dpo_ddp" / "default" / "dpo"},
@@ -130,14 +130,15 @@ def _summary(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def check_sft(out: Path) -> dict[str, Any]:
+def check_sft(out: Path, batch: int | None = None) -> dict[str, Any]:
     losses = [m["loss"] for m in _metrics(out) if "loss" in m]
     s = _summary(out)
     k = max(1, len(losses) // 4)
     ok = bool(losses) and all(math.isfinite(x) for x in losses) and (out / "model").is_dir()
     return {"ok": ok, "steps": len(losses), "loss_first": sum(losses[:k]) / k if losses else None,
             "loss_last": sum(losses[-k:]) / k if losses else None, "loss_falls": bool(losses) and sum(losses[-k:]) < sum(losses[:k]),
-            "train_seconds": s.get("train_seconds"), "params_total": s.get("params_total")}
+            "train_seconds": s.get("train_seconds"), "params_total": s.get("params_total"), "peak_cuda_gb": s.get("perf/peak_cuda_gb"),
+            "sequences_per_s": round(len(losses) * batch / s["train_seconds"], 2) if batch and s.get("train_seconds") else None}
 
 
 def check_ppo(out: Path) -> dict[str, Any]:
@@ -183,7 +184,7 @@ def run_step(name: str, spec: dict[str, Any], limit: float, device: str) -> dict
     if name == "env":
         metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     elif name == "sft":
-        metrics = check_sft(spec["out"])
+        metrics = check_sft(spec["out"], spec.get("batch"))
     elif name in ("ppo", "ppo_ddp"):
         metrics = check_ppo(spec["out"])
         if name == "ppo_ddp" and device != "cpu":  # a real process group over NCCL, one process
@@ -202,7 +203,7 @@ def run_step(name: str, spec: dict[str, Any], limit: float, device: str) -> dict
         else:  # without a GPU it measures nothing (expected on the CPU)
             metrics = {"ok": device == "cpu", "note": "python -m benchmarks gpu wrote no result", "stdout": proc.stdout[-300:]}
     elif name == "model_0p5b" and "out" in spec:
-        metrics = {"params": int(proc_first_line(result)), "sft": check_sft(spec["out"]), "ppo": check_ppo(spec["out2"])}
+        metrics = {"params": int(proc_first_line(result)), "sft": check_sft(spec["out"], 8), "ppo": check_ppo(spec["out2"])}
         metrics["ok"] = metrics["sft"]["ok"] and metrics["ppo"]["ok"]
     else:
         metrics = {"ok": True}

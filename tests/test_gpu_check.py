@@ -67,7 +67,7 @@ def test_steps_run_on_the_cpu_and_report_what_they_measured(tmp_path):
     assert [n for n, s in steps.items() if s["status"] == "ok"] == ["env", "models", "sft", "ppo", "ppo_ddp", "dpo_ddp", "bench"]
     assert steps["env"]["metrics"]["torch"] == torch.__version__
     sft = steps["sft"]["metrics"]
-    assert sft["steps"] == 4 and sft["loss_first"] > 0
+    assert sft["steps"] == 4 and sft["loss_first"] > 0 and sft["sequences_per_s"] > 0
     ppo = steps["ppo"]["metrics"]
     assert ppo["iterations"] == 2 and ppo["tokens_per_s"] > 0 and ppo["launch"]["processes"] == 1
     assert steps["ppo_ddp"]["metrics"]["iterations"] == 2 and steps["ppo_ddp"]["cmd"].endswith("--nproc 1")
