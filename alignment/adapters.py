@@ -79,15 +79,20 @@ def quantization_config(cfg: AdapterConfig) -> Any:
 
 
 def set_adapter_base(adapter_dir: Path, base_name: str) -> None:
-    """Record the model *name* (e.g. ``smollm2-135m``) as the adapter's base, not a cache path,
-    so the adapter resolves on any machine."""
+    """Record an adapter's base twice: ``adapter_config.json`` gets a base that plain transformers +
+    peft load (``models.portable_base``: the Hub id for ``smollm2-135m``, a real path otherwise), and
+    ``align_base.json`` the ``model.name`` it was trained on, which align resolves (offline for the
+    built-ins: ``smollm2-135m`` is built from the GGUF file, not downloaded)."""
     import json
+
+    from alignment.models import ALIGN_BASE_FILE, portable_base
 
     path = Path(adapter_dir) / "adapter_config.json"
     if path.is_file():
         data = json.loads(path.read_text())
-        data["base_model_name_or_path"] = base_name
+        data["base_model_name_or_path"] = portable_base(base_name)
         path.write_text(json.dumps(data, indent=2) + "\n")
+        (Path(adapter_dir) / ALIGN_BASE_FILE).write_text(json.dumps({"name": base_name}) + "\n")
 
 
 def merge(adapter: str, out: str | Path, *, dtype: str = "auto") -> Path:

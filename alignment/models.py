@@ -234,6 +234,38 @@ class ResolvedModel:
         return self.adapters[-1] if self.adapters else None
 
 
+ALIGN_BASE_FILE = "align_base.json"  # in an adapter folder: the model.name align trained it on
+
+
+def portable_base(name: str) -> str:
+    """What an adapter records as ``base_model_name_or_path``: a name plain transformers + peft load.
+
+    ``smollm2-135m`` -> its Hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``); ``tiny-llama`` -> its
+    built folder in the cache (absolute; no Hub id exists); a folder -> its absolute path (a stage
+    output folder -> its ``model/``); a Hub id stays as it is."""
+    if name == SMOLLM2:
+        return SMOLLM2_HUB_ID
+    if name == TINY:
+        return str(builtin_path(TINY).resolve())
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return str((p / "model" if (p / "model").is_dir() else p).resolve())
+    return name
+
+
+def adapter_base(folder: str | Path) -> str:
+    """The model an adapter folder goes over, for align: the model.name it was trained on
+    (``align_base.json``; a built-in name resolves offline), else ``base_model_name_or_path``."""
+    folder = Path(folder)
+    own = folder / ALIGN_BASE_FILE
+    if own.is_file():
+        return json.loads(own.read_text())["name"]
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise FileNotFoundError(f"{folder}/adapter_config.json names no base model")
+    return base
+
+
 def resolve(name: str) -> ResolvedModel:
     """Map ``model.name`` to weights on disk (or a Hub id); builds built-ins on first use."""
     if name in (SMOLLM2, TINY):
@@ -243,10 +275,7 @@ def resolve(name: str) -> ResolvedModel:
         if (p / "model").is_dir():  # a stage output folder
             p = p / "model"
         if (p / "adapter_config.json").is_file():
-            base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-            if not base:
-                raise FileNotFoundError(f"{p}/adapter_config.json names no base model")
-            inner = resolve(base)
+            inner = resolve(adapter_base(p))
             return ResolvedModel(name, inner.path, adapters=inner.adapters + [str(p)], value_head=inner.value_head)
         if (p / "config.json").is_file():
             cfg = json.loads((p / "config.json").read_text())

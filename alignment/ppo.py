@@ -24,6 +24,19 @@ Each iteration runs three plain steps over a :class:`~alignment.rl.rollout.Rollo
    (- entropy_coef * entropy) for the actor, vf_coef * clipped value loss for the critic (two
    backward passes: actor and critic share no trainable weights, and only one graph is alive).
 
+**PPO-Lagrangian** (``reward.rule=safe_rlhf``, as safe-rlhf's ``ppo_lag`` trainer; math in
+:mod:`alignment.rl.lagrangian`): the reward is the helpfulness score and the cost the negated
+safety score, each normalised like the reward above (no missing-EOS term on the cost), each with
+its own KL-shaped per-token signal, critic (the cost critic starts from the safety reward model,
+negated) and GAE. Before step 2 of every iteration, λ = exp(log λ) takes one dual-ascent step on
+the iteration's global mean episode cost (raw, unnormalised) against ``lagrangian.cost_limit``,
+starting from ``reward.cost_weight``; the policy follows (A_r - λ·A_c) / (1 + λ), each advantage
+whitened first. λ is logged (``lagrangian/lambda``) and checkpointed. Departures from safe-rlhf: λ
+moves once per iteration on that iteration's batch (safe-rlhf: once per update step on a window
+of the last episodes), and the KL penalty enters the combination whole (see the module).
+The held-out reward for early stopping stays ``helpful - cost_weight·cost`` with the initial λ, so
+evaluations compare across iterations.
+
 Every ``eval.every`` iterations the policy answers held-out prompts greedily and their mean
 combined reward is logged; the run stops early when it has not improved for ``eval.patience``
 evaluations, and ``model/`` holds the best policy by that measure.
@@ -204,6 +217,22 @@ class OptimConfig:
 
 
 @dataclass
+class PPOLagrangianConfig:
+    """PPO-Lagrangian (reward.rule=safe_rlhf): λ learned by dual ascent so the mean cost stays under a limit."""
+
+    cost_limit: float = option(0.0, "d: the mean episode cost (cost = -safety score) to stay under; λ rises while the cost is above it (0 = the safety RM's safe/unsafe boundary)")
+    lambda_lr: float = option(0.1, "learning rate of log λ (safe-rlhf: 0.1); λ starts at reward.cost_weight")
+    lambda_optimizer: Literal["sgd", "adam"] = option("sgd", "optimiser of log λ (safe-rlhf: sgd)")
+    lambda_max: float | None = option(None, "cap on λ; null = none")
+    update_delay: int = option(0, "iterations before λ starts to move")
+
+    def __post_init__(self) -> None:
+        check(self.lambda_lr > 0, "lambda_lr", f"must be > 0, got {self.lambda_lr}")
+        check(self.lambda_max is None or self.lambda_max > 0, "lambda_max", f"must be > 0 or null, got {self.lambda_max}")
+        check(self.update_delay >= 0, "update_delay", f"must be >= 0, got {self.update_delay}")
+
+
+@dataclass
 class PPOEvalConfig:
     """Held-out evaluation, early stopping, samples and checkpoints."""
 
@@ -241,11 +270,19 @@ class PPOConfig:
     sampling: SamplingConfig = option(factory=SamplingConfig, doc="response sampling")
     optim: OptimConfig = option(factory=OptimConfig, doc="optimiser and schedule")
     eval: PPOEvalConfig = option(factory=PPOEvalConfig, doc="held-out evaluation, early stopping, samples, checkpoints")
+    lagrangian: PPOLagrangianConfig = option(factory=PPOLagrangianConfig, doc="PPO-Lagrangian's multiplier (used with reward.rule=safe_rlhf)")
 
     def __post_init__(self) -> None:
         check(self.adapter.method in ("lora", "full"), "adapter.method", f"PPO trains lora or full, got {self.adapter.method!r}")
         check(self.critic.init == "policy" or self.reward.helpful is not None, "critic.init",
               "reward_model needs reward.helpful; use critic.init=policy with a reward function")
+        if self.reward.rule == "safe_rlhf":
+            check(self.reward.function is None and self.reward.safety is not None, "reward.rule",
+                  "safe_rlhf (PPO-Lagrangian) needs both reward models: reward.helpful (the reward) and reward.safety (cost = -safety score)")
+            check(self.reward.cost_weight > 0, "reward.cost_weight",
+                  f"PPO-Lagrangian learns λ in log space starting from cost_weight: it must be > 0, got {self.reward.cost_weight}")
+            check(self.lagrangian.lambda_max is None or self.lagrangian.lambda_max >= self.reward.cost_weight, "lagrangian.lambda_max",
+                  f"must be >= the initial λ (reward.cost_weight = {self.reward.cost_weight}), got {self.lagrangian.lambda_max}")
 
 
 Config = PPOConfig
@@ -299,7 +336,7 @@ def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any], *, 
 
     from alignment.adapters import peft_config
     from alignment.models import load_causal_lm
-    from alignment.rl.critic import critic_from_causal_lm, critic_from_reward_model, tie_identical_weights
+    from alignment.rl.critic import critic_from_causal_lm, critic_from_reward_model, critic_pair, tie_identical_weights
 
     base = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision,
                           attn_implementation=cfg.model.attn_implementation)
@@ -324,12 +361,17 @@ def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any], *, 
         critic = critic_from_reward_model(reward_models["rm_helpful"], lora=critic_lora, share=share)
     else:
         critic = critic_from_causal_lm(critic_source, lora=critic_lora, share=share)
+    if cfg.reward.rule == "safe_rlhf":  # PPO-Lagrangian: a cost critic too (from the safety RM, negated: cost = -safety)
+        cost_critic = (critic_from_reward_model(reward_models["rm_safety"], lora=critic_lora, share=share, sign=-1.0)
+                       if cfg.critic.init == "reward_model" else critic_from_causal_lm(critic_source, lora=critic_lora, share=share))
+        critic = critic_pair(critic, cost_critic)
     policy = get_peft_model(base, peft_config(cfg.adapter, "CAUSAL_LM")) if cfg.adapter.method == "lora" else base
     grad_ckpt = cfg.optim.gradient_checkpointing if cfg.optim.gradient_checkpointing is not None else device.startswith("cuda")
     if grad_ckpt:
         kwargs = {"use_reentrant": False}
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for backbone in critic.backbones:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return policy, reference, critic
 
 
@@ -360,7 +402,8 @@ def score_responses(scorer: Any, prompts: Sequence, responses: Sequence[str]) ->
 
 
 def normalize_scores(raw: Any, finished: Any, cfg: PPORewardConfig, running: Any, reduce: Any) -> Any:
-    """Normalise (global batch or running statistics), penalise missing EOS, clip: [B] -> [B]."""
+    """Normalise (global batch or running statistics), penalise missing EOS (unless ``finished`` is
+    None), clip: [B] -> [B]."""
     import torch
 
     from alignment.rl.stats import masked_whiten
@@ -371,10 +414,36 @@ def normalize_scores(raw: Any, finished: Any, cfg: PPORewardConfig, running: Any
     elif cfg.normalize == "running":
         running.update(scores, reduce=reduce)
         scores = (scores - running.mean) / (running.std + 1e-8)
-    scores = scores - cfg.missing_eos_penalty * (~finished).float()
+    if finished is not None:
+        scores = scores - cfg.missing_eos_penalty * (~finished).float()
     if cfg.clip > 0:
         scores = scores.clamp(-cfg.clip, cfg.clip)
     return scores
+
+
+def score_batch(ctx: Context, prompts: Sequence, texts: Sequence[str], finished: Any) -> tuple[dict, Any, Any, dict]:
+    """Score and normalise one rollout's responses: (raw scores {name: [B]}, scores [B], cost scores
+    [B] or None, metrics {name: 0-d tensor}). Everything is moved to the accelerator's device first:
+    the scorers return CPU tensors, and NCCL reduces GPU tensors only.
+
+    PPO-Lagrangian: the scores are the helpfulness RM's, the costs the negated safety RM's (each
+    normalised; the missing-EOS penalty goes to the reward only); ``cost/episode`` is the raw
+    global mean cost, what λ is updated on."""
+    import torch
+
+    from alignment.rl.stats import masked_moments
+
+    cfg, device = ctx.cfg.reward, ctx.accelerator.device
+    raw = {k: v.to(device) for k, v in score_responses(ctx.scorer, prompts, texts).items()}
+    finished = finished.to(device)
+    ones = torch.ones_like(raw["combined"])
+    metrics = {"reward/combined_std": masked_moments(raw["combined"], ones, ctx.reduce)[1].sqrt()}  # of the global batch
+    if ctx.lagrange is None:
+        return raw, normalize_scores(raw["combined"], finished, cfg, ctx.running_reward, ctx.reduce), None, metrics
+    cost = -raw["safety"]
+    metrics["cost/episode"] = masked_moments(cost, ones, ctx.reduce)[0]
+    scores = normalize_scores(raw["helpful"], finished, cfg, ctx.running_reward, ctx.reduce)
+    return raw, scores, normalize_scores(cost, None, cfg, ctx.running_cost, ctx.reduce), metrics
 
 
 def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any], list[dict]]:
@@ -384,7 +453,6 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
 
     from alignment.generation import generate
     from alignment.rl.rollout import Rollout, build_sequences
-    from alignment.rl.stats import masked_moments
 
     cfg, acc, models = ctx.cfg, ctx.accelerator, ctx.models
     times = {}
@@ -396,10 +464,8 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
 
     t0 = time.perf_counter()
     texts = [g.text for g in gens]
-    raw = score_responses(ctx.scorer, prompts, texts)
     finished = torch.tensor([g.finished for g in gens])
-    scores = normalize_scores(raw["combined"], finished, cfg.reward, ctx.running_reward, ctx.reduce)
-    _, raw_var, _ = masked_moments(raw["combined"], torch.ones_like(raw["combined"]), ctx.reduce)  # global, like the whitening
+    raw, scores, cost_scores, score_metrics = score_batch(ctx, prompts, texts, finished)
     times["time/score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -412,23 +478,29 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
     frame = Rollout(input_ids, attention_mask, response_mask, *(torch.zeros(B, R, device=acc.device) for _ in range(3)),
                     torch.zeros(B, device=acc.device))
     logprobs, ref_logprobs, values, entropy = (torch.zeros(B, R, device=acc.device) for _ in range(4))
+    cost_values = torch.zeros(B, R, device=acc.device) if cost_scores is not None else None
     models.train(False)
     with torch.no_grad():
         for rows, mb in frame.by_length(cfg.ppo.micro_batch_size):
             width = mb.response_mask.shape[1]
             lp, ent = models.logprobs(mb.input_ids, mb.attention_mask, width, cfg.sampling.temperature, with_entropy=True)
             logprobs[rows, :width], entropy[rows, :width] = lp, ent
-            values[rows, :width] = models.values(mb.input_ids, mb.attention_mask, width)
+            v = models.values(mb.input_ids, mb.attention_mask, width)  # [b, width], or [b, width, 2] with a cost critic
+            if cost_values is not None:
+                values[rows, :width], cost_values[rows, :width] = v[..., 0], v[..., 1]
+            else:
+                values[rows, :width] = v
             ref_logprobs[rows, :width] = models.logprobs(mb.input_ids, mb.attention_mask, width, cfg.sampling.temperature,
                                                          reference=True)[0]
     times["time/ref_and_values"] = time.perf_counter() - t0
 
-    rollout = Rollout(input_ids, attention_mask, response_mask, logprobs, ref_logprobs, values, scores.to(acc.device))
+    rollout = Rollout(input_ids, attention_mask, response_mask, logprobs, ref_logprobs, values, scores,
+                      cost_scores=cost_scores, cost_values=cost_values)
     mask = response_mask.float()
     lengths = mask.sum(1)
     metrics = {f"reward/{k}": v.mean().item() for k, v in raw.items()}
+    metrics.update({k: v.item() for k, v in score_metrics.items()})
     metrics.update({
-        "reward/combined_std": raw_var.sqrt().item(),  # of the global batch
         "reward/normalized": scores.mean().item(),
         "policy/entropy": (entropy * mask).sum().item() / mask.sum().item(),
         "response/length": lengths.mean().item(),
@@ -439,6 +511,8 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
     samples = [{"prompt": p.messages, "category": p.category, "response": t, "finished": bool(f),
                 **{f"reward_{k}": round(float(v[i]), 4) for k, v in raw.items()}}
                for i, (p, t, f) in enumerate(zip(prompts, texts, finished.tolist()))]
+    if cost_scores is not None:
+        metrics["cost/normalized"] = cost_scores.mean().item()
     return rollout, metrics, samples
 
 
@@ -446,18 +520,29 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
 # 2. advantages
 
 
-def compute_advantages(rollout: Any, kl_coef: float, cfg: PPOAlgoConfig, reduce: Any) -> dict[str, Any]:
+def compute_advantages(rollout: Any, kl_coef: float, cfg: PPOAlgoConfig, reduce: Any, lam: float | None = None) -> dict[str, Any]:
     """Step 2: KL-shaped per-token rewards, GAE, whitening (global). Fills rollout.rewards,
-    .advantages, .returns; returns KL metrics (per sequence, global means)."""
+    .advantages, .returns; returns KL metrics (per sequence, global means).
+
+    With a cost stream (PPO-Lagrangian; ``lam`` = λ): the costs get +β·KL per token and their own
+    GAE (fills .cost_returns); advantages = (A_r - λ·A_c) / (1 + λ), each whitened first."""
     from alignment.rl.advantages import gae, kl_shaped_rewards
     from alignment.rl.kl import kl_penalty
+    from alignment.rl.lagrangian import combine_advantages
     from alignment.rl.stats import masked_moments, masked_whiten
 
     mask = rollout.response_mask
     kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator, cfg.kl_clamp) * mask
     rollout.rewards = kl_shaped_rewards(rollout.scores, kl, mask, kl_coef)
     advantages, rollout.returns = gae(rollout.rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-    rollout.advantages = masked_whiten(advantages, mask, reduce=reduce) if cfg.whiten_advantages else advantages
+    whiten = (lambda a: masked_whiten(a, mask, reduce=reduce)) if cfg.whiten_advantages else (lambda a: a)
+    rollout.advantages = whiten(advantages)
+    if rollout.cost_scores is not None:
+        if lam is None:
+            raise ValueError("a rollout with costs needs the Lagrange multiplier `lam`")
+        cost_rewards = kl_shaped_rewards(rollout.cost_scores, -kl, mask, kl_coef)  # the KL penalty enters A_r - λ·A_c whole
+        cost_advantages, rollout.cost_returns = gae(cost_rewards, rollout.cost_values, mask, cfg.gamma, cfg.lam)
+        rollout.advantages = combine_advantages(rollout.advantages, whiten(cost_advantages), lam)
     log_ratio = (rollout.logprobs - rollout.ref_logprobs) * mask  # k1 per token: the plain KL estimate we report
     seq_kl, _, _ = masked_moments(log_ratio.sum(1), mask.new_ones(len(rollout)).float(), reduce)
     seq_penalty, _, _ = masked_moments(kl.sum(1), mask.new_ones(len(rollout)).float(), reduce)
@@ -497,13 +582,20 @@ def ppo_update(ctx: Context, rollout: Any) -> dict[str, float]:
                     pg_loss, pg_stats = clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.ppo.clip)
                     mean_entropy = masked_mean(entropy, mb.response_mask)
                     models.backward((pg_loss - cfg.ppo.entropy_coef * mean_entropy) * weight)
-                    values = models.values(mb.input_ids, mb.attention_mask, R)
-                    vf_loss, vf_stats = clipped_value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.critic.value_clip)
+                    values = models.values(mb.input_ids, mb.attention_mask, R)  # [b, R], or [b, R, 2] with a cost critic
+                    lagrangian = mb.cost_values is not None
+                    vf_loss, vf_stats = clipped_value_loss(values[..., 0] if lagrangian else values, mb.values, mb.returns,
+                                                           mb.response_mask, cfg.critic.value_clip)
+                    logged = {"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(), "policy/clipfrac": pg_stats["clipfrac"],
+                              "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio": pg_stats["ratio"], "value/clipfrac": vf_stats["clipfrac"]}
+                    if lagrangian:  # the cost critic's loss, same form and weight
+                        cost_loss, cost_stats = clipped_value_loss(values[..., 1], mb.cost_values, mb.cost_returns, mb.response_mask,
+                                                                   cfg.critic.value_clip)
+                        logged.update({"cost_value/loss": cost_loss.detach(), "cost_value/clipfrac": cost_stats["clipfrac"]})
+                        vf_loss = vf_loss + cost_loss
                     models.backward(cfg.critic.vf_coef * vf_loss * weight)
                 w = float(weight)
-                for k, v in {"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(), "policy/clipfrac": pg_stats["clipfrac"],
-                             "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio": pg_stats["ratio"],
-                             "value/clipfrac": vf_stats["clipfrac"]}.items():
+                for k, v in logged.items():
                     sums[k] = sums.get(k, 0.0) + v.item() * w
             for k, v in models.step(cfg.optim.max_grad_norm).items():  # clip, update, zero the gradients
                 sums[k] = sums.get(k, 0.0) + v
@@ -512,6 +604,10 @@ def ppo_update(ctx: Context, rollout: Any) -> dict[str, float]:
     metrics = {k: v / n_steps for k, v in sums.items()}
     metrics["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns, rollout.response_mask, ctx.reduce))
     metrics["value/mean"] = float((rollout.values * rollout.response_mask).sum() / rollout.response_mask.sum())
+    if rollout.cost_values is not None:
+        metrics["cost_value/mean"] = float((rollout.cost_values * rollout.response_mask).sum() / rollout.response_mask.sum())
+        metrics["cost_value/explained_variance"] = float(explained_variance(rollout.cost_values, rollout.cost_returns,
+                                                                            rollout.response_mask, ctx.reduce))
     metrics["lr"] = ctx.scheduler.get_last_lr()[0]
     return metrics
 
@@ -563,9 +659,19 @@ class Context:
     kl_ctl: Any
     running_reward: Any
     weights_mib: dict[str, float]  # memory each model's weights add (see weight_memory)
+    lagrange: Any = None  # PPO-Lagrangian's multiplier (alignment.rl.lagrangian), or None
+    running_cost: Any = None  # running statistics of the cost (reward.normalize=running)
 
     def reduce(self, t: Any) -> Any:
-        """Sum a tensor over all processes (the identity with one process)."""
+        """Sum a tensor over all processes (the identity with one process). The tensor must be on
+        the accelerator's device: NCCL reduces GPU tensors only, so a CPU tensor here would crash a
+        multi-GPU run; refusing it everywhere makes one-GPU runs catch it too."""
+        import torch
+
+        want = torch.device(self.accelerator.device)  # cpu processes may say cpu:0; cuda:N must match
+        if t.device.type != want.type or (want.type != "cpu" and None not in (t.device.index, want.index) and t.device.index != want.index):
+            raise RuntimeError(f"a tensor on {t.device} reached a cross-process reduction, but the processes run on "
+                               f"{self.accelerator.device}: move it to accelerator.device first")
         return self.accelerator.reduce(t, "sum")
 
 
@@ -575,6 +681,7 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
     from alignment.models import load_tokenizer, model_summary
     from alignment.rl.actor_critic import prepare_models
     from alignment.rl.kl import AdaptiveKLController, FixedKLController
+    from alignment.rl.lagrangian import LagrangeMultiplier
     from alignment.rl.stats import RunningMoments
 
     set_seed(cfg.run.seed)  # the same initial adapters on every process
@@ -597,7 +704,10 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
                             accumulation_steps=cfg.ppo.minibatch_size // cfg.ppo.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm)
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.kl_target
               else FixedKLController(cfg.ppo.kl_coef))
-    ctx = Context(cfg, accelerator, tokenizer, models, scorer, scheduler, kl_ctl, RunningMoments(), memory)
+    lag = cfg.lagrangian
+    lagrange = (LagrangeMultiplier(cfg.reward.cost_weight, lag.lambda_lr, cost_limit=lag.cost_limit, optimizer=lag.lambda_optimizer,
+                                   max_value=lag.lambda_max) if cfg.reward.rule == "safe_rlhf" else None)
+    ctx = Context(cfg, accelerator, tokenizer, models, scorer, scheduler, kl_ctl, RunningMoments(), memory, lagrange, RunningMoments())
     set_seed(cfg.run.seed + accelerator.process_index)  # each process samples its own responses
     return ctx, train, val
 
@@ -647,6 +757,8 @@ def save_checkpoint(ctx: Context, out: Path, iteration: int, loop: dict) -> None
             "scheduler": ctx.scheduler.state_dict(),
             "kl_ctl": ctx.kl_ctl.state_dict(),
             "running_reward": ctx.running_reward.state_dict(),
+            "running_cost": ctx.running_cost.state_dict(),
+            "lagrange": ctx.lagrange.state_dict() if ctx.lagrange is not None else None,
             "loop": loop,
         }, staging / "state.pt")
         finalize(ckpts, iteration, ctx.cfg.eval.save_total_limit)
@@ -665,6 +777,11 @@ def load_checkpoint(ctx: Context, checkpoint: Path) -> tuple[int, dict]:
     ctx.scheduler.load_state_dict(state["scheduler"])
     ctx.kl_ctl.load_state_dict(state["kl_ctl"])
     ctx.running_reward.load_state_dict(state["running_reward"])
+    if ctx.lagrange is not None:
+        if state.get("lagrange") is None:
+            raise ValueError(f"{checkpoint} was written without PPO-Lagrangian (reward.rule=safe_rlhf): it holds no λ to resume")
+        ctx.lagrange.load_state_dict(state["lagrange"])
+        ctx.running_cost.load_state_dict(state["running_cost"])
     rng_file = checkpoint / f"rng-{acc.process_index}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"{rng_file} is missing: the checkpoint was written by fewer processes than this run has")
@@ -725,8 +842,10 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
     checkpoint = last_checkpoint(out) if resume else None
 
     ctx, train_prompts, val_prompts = setup(cfg, acc)
-    log.info("PPO: %d training / %d held-out prompts, %d process(es), %s", len(train_prompts), len(val_prompts), acc.num_processes,
-             acc.distributed_type)
+    launch = {"type": str(acc.distributed_type), "processes": acc.num_processes,
+              "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None, "device": str(acc.device)}
+    log.info("PPO: %d training / %d held-out prompts, %d process(es), %s (backend %s, %s)", len(train_prompts), len(val_prompts),
+             acc.num_processes, launch["type"], launch["backend"], launch["device"])
     start, loop = 0, {"best": None, "best_iteration": None, "bad_evals": 0, "baseline": None, "stopped_early": False}
     if checkpoint is not None:
         start, loop = load_checkpoint(ctx, checkpoint)
@@ -766,8 +885,14 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         prompts = prompt_batch(train_prompts, iteration, cfg.ppo.rollout_batch_size, cfg.run.seed, acc.process_index, acc.num_processes)
         rollout, metrics, samples = make_experience(ctx, prompts)  # 1. make experience
 
+        if ctx.lagrange is not None:  # PPO-Lagrangian: one dual-ascent step on this batch's mean cost, before the advantages
+            if iteration > cfg.lagrangian.update_delay:
+                ctx.lagrange.update(metrics["cost/episode"])
+            metrics["lagrangian/lambda"] = ctx.lagrange.value
+
         t0 = time.perf_counter()
-        metrics.update(compute_advantages(rollout, ctx.kl_ctl.value, cfg.ppo, ctx.reduce))  # 2. advantages
+        metrics.update(compute_advantages(rollout, ctx.kl_ctl.value, cfg.ppo, ctx.reduce,  # 2. advantages
+                                          lam=ctx.lagrange.value if ctx.lagrange is not None else None))
         metrics["time/advantages"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -818,7 +943,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
             "resumed_from": checkpoint.name if checkpoint else None, **peak_memory_gb(),
             **{f"weights_mib/{k}": v for k, v in ctx.weights_mib.items()},
             "model": "best" if cfg.eval.keep_best and (out / "best").is_dir() else "last",
-            "rank_fingerprints": fingerprints,
+            "rank_fingerprints": fingerprints, "launch": launch,
         }
         logger.summary(summary)
         log.info("PPO done: %s (held-out reward %s -> best %s at iteration %s)", out, loop["baseline"], loop["best"], loop["best_iteration"])

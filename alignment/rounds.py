@@ -500,8 +500,9 @@ class Steps:
         overrides = [f"model.name={start}", f"run.seed={self.cfg.seed}"]
         inputs: dict[str, Any] = {"method": method, "config": spec.config, "start": start}
         if method == "rs":
+            # the latest earlier RS pool only: each pool.jsonl already holds every round before it
             pools = [str(self.p.round_dir(k) / "policy" / "pool.jsonl") for k in range(1, self.n)
-                     if (self.p.round_dir(k) / "policy" / "pool.jsonl").is_file()]
+                     if (self.p.round_dir(k) / "policy" / "pool.jsonl").is_file()][-1:]
             overrides += rms + [f"pool.round={self.n}", f"pool.previous={json.dumps(pools)}"]
             inputs["previous_pools"] = pools
         elif method == "ppo":

@@ -11,8 +11,10 @@ One round:
      each prompt's safety flag, a single reward model, or a rule-based function. Each prompt's
      samples and rewards are appended to ``samples.jsonl`` as soon as its batch is scored; a killed
      run resumed with ``--resume`` skips every prompt already there.
-  4. Pool: this round's best samples plus the pools of ALL earlier rounds (``pool.previous``), each
-     record tagged with its round, written to ``pool.jsonl`` (readable as SFT data). Llama 2 first
+  4. Pool: this round's best samples plus every earlier round's (``pool.previous``: the previous
+     RS round's ``pool.jsonl``, which already holds all rounds before it; a record found in several
+     given files is kept once), each record tagged with its round, written to ``pool.jsonl``
+     (readable as SFT data). Llama 2 first
      fine-tuned on the last round's samples only and saw regressions (e.g. forgetting how to
      rhyme); keeping the best samples of every earlier round fixed them (METHOD.md).
   5. Fine-tune on the pool with the SFT stage's trainer (``alignment.sft.build_trainer``:
@@ -94,7 +96,7 @@ class PoolConfig:
     """The pool of best samples kept across rounds."""
 
     round: int = option(1, "this round's number; its pool records are tagged with it")
-    previous: list[str] = option(factory=list, doc="pool.jsonl files of ALL earlier rounds; their records are kept in this round's pool")
+    previous: list[str] = option(factory=list, doc="earlier pool.jsonl files whose records are kept in this round's pool: the previous RS round's pool (it already holds every round before it); a record found in several files is kept once")
 
     def __post_init__(self) -> None:
         check(self.round >= 1, "round", f"must be >= 1, got {self.round}")
@@ -167,8 +169,17 @@ def expected_best_of(rewards: Sequence[float], k: int) -> float:
 
 
 def merge_pools(earlier: Sequence[Sequence[dict]], new: Sequence[dict]) -> list[dict]:
-    """The new pool: every earlier round's records (in round order), then this round's."""
-    out = [row for pool in earlier for row in pool]
+    """The new pool: the earlier pools' records in the order given, each record once, then this round's.
+
+    A pool file already holds every earlier round's records, so the same record (same round,
+    prompt and response) met in several of ``earlier`` is kept only once: passing the pools of
+    rounds 1 and 2 gives round 1's records once, not twice."""
+    out, seen = [], set()
+    for row in (row for pool in earlier for row in pool):
+        key = (row["round"], json.dumps(row["messages"], sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
     return out + list(new)
 
 

@@ -175,6 +175,8 @@ def main(cfg: SFTConfig, *, resume: bool = False) -> Path:
     summary = {"train_loss": mean_logged_loss(trainer.state.log_history), "global_step": trainer.state.global_step,
                "train_seconds": round(train_seconds, 2), "train_examples": len(train), "val_examples": len(val),
                "resumed_from": checkpoint.name if checkpoint else None, **model_summary(trainer.model)}
+    if torch.cuda.is_available():
+        summary["perf/peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if val:  # every rank takes part in evaluation
         metrics = trainer.evaluate()
         summary["eval_loss"] = metrics["eval_loss"]

@@ -14,8 +14,12 @@ on unsafe responses in the paper). LOGIT turns the probability back into a score
 global (or running) statistics, not per call.
 
 Alternative (safe-rlhf, PKU-Alignment, PPO-Lagrangian): a reward model and a *cost* model,
-combined as ``reward - λ·cost`` with λ learned by the PPO stage. Our safety model scores
-"higher = safer", so :class:`CombinedScorer` uses ``cost = -safety score``.
+combined as ``reward - λ·cost``. Our safety model scores "higher = safer", so
+:class:`CombinedScorer` uses ``cost = -safety score``. Here λ is the fixed ``lam`` (``reward.cost_weight``):
+that is what rejection sampling, GRPO and the win-rate judge rank by. The PPO stage learns λ
+instead (PPO-Lagrangian, :mod:`alignment.rl.lagrangian`): it takes the helpfulness and safety
+scores from ``score_detailed`` and keeps two critics; ``combined`` with the fixed λ is then only
+its logged and held-out measure.
 
 Departure from the paper: LOGIT is computed on probabilities clamped to [1e-6, 1 - 1e-6], so a
 score beyond about ±13.8 is clipped there instead of becoming ±inf.
@@ -85,8 +89,7 @@ def whiten(x: torch.Tensor, mean: float | torch.Tensor | None = None, std: float
 def safe_rlhf_combined(reward: torch.Tensor, cost: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
     """safe-rlhf's Lagrangian objective per response: ``reward - λ·cost``.
 
-    reward, cost: [B]; lam: a float or a 0-d tensor (λ ≥ 0, learned by the PPO stage). Returns [B].
-    """
+    reward, cost: [B]; lam: a float or a 0-d tensor (λ ≥ 0). Returns [B]."""
     return reward - lam * cost
 
 

@@ -279,3 +279,17 @@ def test_ppo_resumes_under_zero3(tmp_path, tiny_model):
          env=PPO_ENV)
     assert json.loads((cut / "summary.json").read_text())["resumed_from"] == "checkpoint-2"
     _assert_same_run(whole, cut, [1, 2, 3])
+
+
+@pytest.mark.parametrize("layout", ["ddp", "zero3"])
+def test_ppo_lagrangian_matches_single_process(layout, tmp_path, tiny_reward_models):
+    """PPO-Lagrangian (two critics in one module; under ZeRO-3 both get their own backbone copies):
+    λ moves on the global mean cost, so every rank holds the same λ, equal to the single process's."""
+    rms = [f"reward.helpful={tiny_reward_models['helpful']}", f"reward.safety={tiny_reward_models['safety']}", "reward.function=null",
+           "reward.rule=safe_rlhf", "critic.init=reward_model", "lagrangian.lambda_lr=0.5"]
+    one = _ppo(tmp_path / "single", 8, *rms)
+    two = _ppo(tmp_path / layout, 4, *rms, layout=layout)
+    _assert_same_run(one, two, [1, 2])
+    for a, b in zip(read_metrics(one), read_metrics(two)):
+        for key in ("lagrangian/lambda", "cost/episode", "cost_value/loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key

@@ -202,7 +202,9 @@ def test_dpo_learns_a_synthetic_preference(tmp_path, tiny_model):
     for name in ("config.yaml", "eval_before.json", "eval.json", "summary.json", "metrics.jsonl", "model/adapter_config.json",
                  "model/adapter_model.safetensors", "model/tokenizer.json"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    from alignment.models import builtin_path
+
+    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(builtin_path("tiny-llama"))
     result = json.loads((out / "eval.json").read_text())
     before, after = result["before"], result["after"]
     assert before["margin"] == 0.0 and before["accuracy"] == 0.5 and before["ties"] == before["n"]  # policy = reference
@@ -266,4 +268,4 @@ def test_dpo_runs_on_smollm2_with_the_bundled_comparisons(tmp_path):
     out = main(cfg)
     result = json.loads((out / "eval.json").read_text())
     assert result["before"]["accuracy"] == 0.5 and result["after"]["n"] == result["before"]["n"] > 0
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

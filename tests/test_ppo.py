@@ -4,6 +4,7 @@ and reloads its outputs, stops early, and resumes after SIGKILL on the same curv
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -98,9 +99,10 @@ def test_outputs_from_an_sft_adapter_load_as_a_stage_output(tmp_path, tiny_model
                  "model/adapter_model.safetensors", "model/tokenizer.json", "checkpoints/checkpoint-2/state.pt"):
         assert (out / name).is_file(), name
     assert load_config(PPOConfig, out / "config.yaml", stage="ppo") == cfg
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft_out)
+    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft_out / "model")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["iterations"] == 2 and summary["model"] == "last" and summary["eval_reward_baseline"] is not None
+    baseline = [m["eval/reward_combined"] for m in read_metrics(out) if m["step"] == 0]
+    assert summary["iterations"] == 2 and summary["model"] == "last" and [summary["eval_reward_baseline"]] == baseline
     # memory each model adds: the reference (adapter off) adds nothing, the critic only its LoRA and head
     assert "weights_mib/reference" not in summary
     assert 0 < summary["weights_mib/critic"] < 0.3 * summary["weights_mib/policy"]
@@ -120,8 +122,6 @@ def test_ppo_with_the_two_reward_models(tmp_path, tiny_reward_models):
     """The real reward path: Llama 2's piecewise combination of the two RMs, each RM logged, the
     critic initialised from the helpfulness RM (its values start at that RM's score) and sharing its
     weights, RM tensors equal to the policy's base tied to it."""
-    from reward.combine import llama2_combined
-
     out = main(make_cfg(tmp_path, f"reward.helpful={tiny_reward_models['helpful']}", f"reward.safety={tiny_reward_models['safety']}",
                         "reward.function=null", "reward.function_kwargs={}", "critic.init=reward_model", "ppo.iterations=2",
                         "eval.every=1", "eval.samples_every=1", "eval.num_samples=16"))
@@ -130,9 +130,11 @@ def test_ppo_with_the_two_reward_models(tmp_path, tiny_reward_models):
     assert rows[0]["value/mean"] == pytest.approx(rows[0]["reward/helpful"], abs=0.05)  # critic = helpfulness RM at first
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["category"] for s in samples} == {"helpfulness", "safety"}
-    helpful, safety = torch.tensor([s["reward_helpful"] for s in samples]), torch.tensor([s["reward_safety"] for s in samples])
-    expected = llama2_combined(helpful, safety, [s["category"] == "safety" for s in samples], 0.15)
-    assert torch.allclose(torch.tensor([s["reward_combined"] for s in samples]), expected, atol=1e-3)
+    # eq. 4 by hand: the safety score on safety prompts or where sigmoid(safety) < 0.15, else the helpfulness score
+    expected = [s["reward_safety"] if s["category"] == "safety" or 1 / (1 + math.exp(-s["reward_safety"])) < 0.15 else s["reward_helpful"]
+                for s in samples]
+    assert [s["reward_combined"] for s in samples] == pytest.approx(expected, abs=1e-3)
+    assert any(s["category"] == "helpfulness" and s["reward_combined"] != s["reward_safety"] for s in samples)  # both branches taken
     summary = json.loads((out / "summary.json").read_text())
     assert summary["weights_mib/critic"] < 0.3 * summary["weights_mib/policy"]  # the critic adds only LoRA + head
     assert summary["weights_mib/rm_helpful"] < summary["weights_mib/policy"]  # embeddings tied to the policy's base

@@ -47,8 +47,16 @@ def test_rloo_with_lora_writes_a_loadable_adapter(tmp_path, tiny_model):
     out = main(make_cfg(tmp_path, "algo.algorithm=rloo", "train.max_steps=2"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algorithm"] == "rloo" and summary["global_step"] == 2
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
-    assert load_causal_lm(str(out), device="cpu") is not None
+    from alignment.models import builtin_path
+
+    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(builtin_path("tiny-llama"))
+    from peft import PeftModel
+
+    loaded = load_causal_lm(str(out), device="cpu")  # tiny-llama + this adapter, merged
+    by_hand = PeftModel.from_pretrained(load_causal_lm("tiny-llama", device="cpu"), str(out / "model"))
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, by_hand(ids).logits, atol=1e-5)
     assert any("reward" in k for m in read_metrics(out) for k in m)
 
 

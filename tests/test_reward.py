@@ -19,8 +19,8 @@ from alignment.runs import OutputExistsError, read_metrics
 from data.errors import DataError
 from data.loaders import DataSource, load_comparisons
 from data.schemas import Comparison, SafetyBin
+from alignment.models import builtin_path
 from reward import load_scorer
-from reward.combine import llama2_combined
 from reward.model import RewardModelScorer, encode, load_reward_model
 from reward.rm import RMConfig, RMDataConfig, focus_mix, load_data, main, to_dataset
 from reward.scorer import RewardScorer
@@ -105,7 +105,8 @@ def test_lora_reward_model_is_a_seq_cls_adapter(trained):
     out = trained["lora"]
     assert out.name == "rm_safety"
     adapter = json.loads((out / "model" / "adapter_config.json").read_text())
-    assert adapter["task_type"] == "SEQ_CLS" and adapter["base_model_name_or_path"] == "tiny-llama"
+    assert adapter["task_type"] == "SEQ_CLS" and adapter["base_model_name_or_path"] == str(builtin_path("tiny-llama"))  # a real path
+    assert json.loads((out / "model" / "align_base.json").read_text()) == {"name": "tiny-llama"}  # what align resolves
     assert "score" in adapter["modules_to_save"]
     assert any("score" in k for k in load_file(out / "model" / "adapter_model.safetensors"))  # the head is saved
     scorer = load_scorer(str(out))
@@ -177,7 +178,7 @@ def test_reward_model_from_an_sft_lora_output(tmp_path, tiny_model, sft_rows):
     assert not torch.equal(rm.model.state_dict()[key], base.model.state_dict()[key])  # the SFT update is in
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
     out = main(make_cfg(tmp_path, pairs, f"model.name={sft_out}", "train.max_steps=2", "adapter.method=lora"))
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft_out)
+    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft_out / "model")
     assert load_scorer(str(out)).score([[{"role": "user", "content": "hi"}]], ["hello"]).shape == (1,)
 
 
@@ -326,8 +327,9 @@ def test_score_command_writes_helpful_safety_and_combined(trained):
     assert [s.get("response") for s in scored[:2]] == [r["response"] for r in rows[:2]]
     helpful = torch.tensor([s["helpful"] for s in scored])
     safety = torch.tensor([s["safety"] for s in scored])
-    expected = llama2_combined(helpful, safety, [False, True, True])
-    assert [s["combined"] for s in scored] == pytest.approx(expected.tolist(), abs=1e-5)
+    # eq. 4 by hand: rows 2 and 3 are safety prompts (safety score); row 1 takes the safety score only if sigmoid(safety) < 0.15
+    first = safety[0] if torch.sigmoid(safety[0]) < 0.15 else helpful[0]
+    assert [s["combined"] for s in scored] == pytest.approx([first.item(), safety[1].item(), safety[2].item()], abs=1e-5)
     direct = load_scorer(str(trained["full"])).score([[{"role": "user", "content": "What is 2 plus 3?"}]], ["2 plus 3 is 5. Thank you!"])
     assert scored[0]["helpful"] == pytest.approx(direct.item(), abs=1e-5)
     again = run_align("score", "--helpful", str(trained["full"]), "--data", str(data), "--out", str(out))

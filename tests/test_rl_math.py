@@ -153,6 +153,15 @@ def test_gae_stops_at_the_end_of_each_response():
     assert close(ret, [[1.8, 2.0, 0.0]])
 
 
+def test_gae_with_discount_and_lambda_both_below_one():
+    # gamma 0.9, lambda 0.8, rewards (0, 0, 1), values (0.5, 0.4, 0.2):
+    # delta2 = 1 - 0.2 = 0.8; delta1 = 0 + 0.9 * 0.2 - 0.4 = -0.22; delta0 = 0 + 0.9 * 0.4 - 0.5 = -0.14
+    # A2 = 0.8; A1 = -0.22 + 0.72 * 0.8 = 0.356; A0 = -0.14 + 0.72 * 0.356 = 0.11632
+    adv, ret = gae(T([[0.0, 0.0, 1.0]]), T([[0.5, 0.4, 0.2]]), T([[1, 1, 1]]), gamma=0.9, lam=0.8)
+    assert close(adv, [[0.11632, 0.356, 0.8]])
+    assert close(ret, [[0.61632, 0.756, 1.0]])
+
+
 def test_gae_with_lambda_one_is_monte_carlo():
     rewards, values, mask = T([[0.5, -1.0, 2.0]]), T([[0.3, 0.2, 0.1]]), T([[1, 1, 1]])
     adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)

@@ -81,6 +81,33 @@ def test_round_config_is_checked():
     assert [cfg.method(n) for n in (1, 2, 3, 4)] == ["rs", "rs", "ppo", "ppo"]  # the last method repeats
 
 
+def test_rs_pools_over_three_rounds_hold_each_round_once(tmp_path, tiny_model, tiny_reward_models):
+    """Three rejection-sampling rounds through the orchestrator's policy step (the real `align rs` in
+    a child process): every round's pool holds each earlier round's best samples exactly once."""
+    from alignment.config import load_config
+    from alignment.models import resolve
+    from alignment.rounds import run_step
+
+    p = Project.init(load_config(RoundConfig, TINY, ["methods=[rs]", "rounds=3", "project=rs3", f"root={tmp_path}"], stage="round"))
+    (p.round_dir(1)).mkdir(parents=True)
+    (p.round_dir(1) / "sft").symlink_to(resolve(tiny_model).path)  # round 1 starts from the tiny model itself
+    for n in (1, 2, 3):
+        p.round_dir(n).mkdir(parents=True, exist_ok=True)
+        for name, objective in (("rm_helpful", "helpful"), ("rm_safety", "safety")):
+            (p.round_dir(n) / name).symlink_to(tiny_reward_models[objective])
+        assert run_step(p, n, "policy") == "done"
+    summaries = {n: json.loads((p.round_dir(n) / "policy" / "summary.json").read_text()) for n in (1, 2, 3)}
+    new = {n: summaries[n]["pool_new"] for n in (1, 2, 3)}
+    assert all(k > 0 for k in new.values())
+    for n in (1, 2, 3):  # round n's pool: rounds 1..n, each once
+        assert summaries[n]["pool_by_round"] == {str(k): new[k] for k in range(1, n + 1)}
+        rows = [json.loads(line) for line in (p.round_dir(n) / "policy" / "pool.jsonl").read_text().splitlines()]
+        assert len(rows) == sum(new[k] for k in range(1, n + 1))
+    # the orchestrator hands each round the previous round's pool only (it already holds all before it)
+    previous = {n: p.manifest(n)["steps"]["policy"]["inputs"]["previous_pools"] for n in (1, 2, 3)}
+    assert previous == {1: [], 2: [str(p.round_dir(1) / "policy" / "pool.jsonl")], 3: [str(p.round_dir(2) / "policy" / "pool.jsonl")]}
+
+
 # --------------------------------------------------------------------------- two rounds on tiny models
 
 

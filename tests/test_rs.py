@@ -96,6 +96,10 @@ def test_pool_keeps_every_earlier_round_and_reads_as_sft(tmp_path):
     dialogues = load_sft(str(path))  # the data layer reads a pool as SFT dialogues
     assert dialogues[3].messages == [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a3b"}]
     assert dialogues[3].category == "safety" and merged[3]["prompt_key"] == prompt_key(p2.messages)
+    # round 3's pool already holds rounds 1-2: given with round 2's (which holds round 1's), each record stays once
+    r2_pool = merge_pools([r1], r2)
+    r4 = merge_pools([r1, r2_pool, merged], [pool_record(p2, "a4", 0.3, 4, temperature=1.2, model="m3")])
+    assert [(r["round"], r["messages"][-1]["content"]) for r in r4] == [(1, "a1"), (2, "a1 again"), (3, "a3"), (3, "a3b"), (4, "a4")]
     bad = write_jsonl(tmp_path / "bad.jsonl", [merged[0], {"messages": merged[0]["messages"]}])
     with pytest.raises(DataError, match=r"bad.jsonl:2: .*`round`"):
         read_pool(str(bad))
@@ -276,4 +280,4 @@ def test_rs_runs_on_smollm2_with_the_bundled_prompts(tmp_path, monkeypatch):
     out = main(cfg)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pool_size"] == summary["prompts_train"] and summary["sft_global_step"] == 1
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -85,7 +85,9 @@ def test_adapter_methods_train_and_reload(tmp_path, tiny_model, sft_rows, method
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     out = main(make_cfg(tmp_path, data, f"adapter.method={method}", "train.max_steps=3", "adapter.num_virtual_tokens=4"))
     adapter_cfg = json.loads((out / "model" / "adapter_config.json").read_text())
-    assert adapter_cfg["base_model_name_or_path"] == "tiny-llama"
+    from alignment.models import builtin_path
+
+    assert adapter_cfg["base_model_name_or_path"] == str(builtin_path("tiny-llama"))
     assert adapter_cfg["peft_type"] == {"lora": "LORA", "prompt_tuning": "PROMPT_TUNING"}[method]
     model, tok = load_causal_lm(str(out)), load_tokenizer(str(out))
     assert len(generate_texts(model, tok, ["What is 3 plus 4?"], max_new_tokens=4)) == 1

@@ -59,6 +59,10 @@ def _value_model_class():
             self.backbone = backbone
             self.head = head
 
+        @property
+        def backbones(self) -> list[nn.Module]:
+            return [self.backbone]
+
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    use_cache=False).last_hidden_state
@@ -72,13 +76,14 @@ def value_model(backbone: nn.Module, head: nn.Linear) -> nn.Module:
     return _value_model_class()(backbone, head)
 
 
-def critic_from_reward_model(reward_model: nn.Module, *, lora: Any | None, share: bool = True) -> nn.Module:
+def critic_from_reward_model(reward_model: nn.Module, *, lora: Any | None, share: bool = True, sign: float = 1.0) -> nn.Module:
     """Critic initialised from a sequence-classification reward model (``num_labels=1``).
 
     The backbone shares the reward model's (frozen) weights; ``lora`` (a peft LoraConfig) adds
     a trainable adapter to it, or, when None, the backbone is a full trainable copy. The head is a
-    trainable copy of the reward model's score head in float32, so before training
-    V(prefix) equals the reward model's score of that prefix."""
+    trainable copy of the reward model's score head in float32 times ``sign``, so before training
+    V(prefix) equals ``sign`` x the reward model's score of that prefix (``sign=-1`` turns the
+    safety reward model into a cost critic: cost = -safety score)."""
     import torch
 
     head = getattr(reward_model, "score", None)
@@ -87,10 +92,39 @@ def critic_from_reward_model(reward_model: nn.Module, *, lora: Any | None, share
     backbone = reward_model.base_model
     new_head = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None, device=head.weight.device, dtype=torch.float32)
     with torch.no_grad():
-        new_head.weight.copy_(head.weight.float())
+        new_head.weight.copy_(sign * head.weight.float())
         if head.bias is not None:
-            new_head.bias.copy_(head.bias.float())
+            new_head.bias.copy_(sign * head.bias.float())
     return value_model(_trainable_backbone(backbone, lora, share), new_head)
+
+
+def _critic_pair_class():
+    import torch
+    from torch import nn
+
+    class CriticPair(nn.Module):
+        """Two critics, one module (PPO-Lagrangian): V_reward and V_cost for every position,
+        [B, T] x 2 -> [B, T, 2]. Each keeps its own backbone (or adapter) and head; being one module,
+        the launch code prepares, steps and checkpoints it as it does a single critic."""
+
+        def __init__(self, reward: nn.Module, cost: nn.Module) -> None:
+            super().__init__()
+            self.reward = reward
+            self.cost = cost
+
+        @property
+        def backbones(self) -> list[nn.Module]:
+            return [self.reward.backbone, self.cost.backbone]
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.stack([self.reward(input_ids, attention_mask, position_ids), self.cost(input_ids, attention_mask, position_ids)], -1)
+
+    return CriticPair
+
+
+def critic_pair(reward: nn.Module, cost: nn.Module) -> nn.Module:
+    """A reward critic and a cost critic as one module whose values are [B, T, 2] (reward, cost)."""
+    return _critic_pair_class()(reward, cost)
 
 
 def critic_from_causal_lm(causal_lm: nn.Module, *, lora: Any | None, share: bool = True) -> nn.Module:

@@ -28,8 +28,12 @@ class Rollout:
     values: Tensor  # [B, R] V_old(x, y_<t): the critic's estimate before y_t
     scores: Tensor  # [B] sequence reward after normalisation, EOS penalty and clipping
     rewards: Tensor | None = None  # [B, R] KL-shaped per-token rewards (step 2)
-    advantages: Tensor | None = None  # [B, R] GAE advantages, whitened (step 2)
+    advantages: Tensor | None = None  # [B, R] GAE advantages, whitened (step 2); PPO-Lagrangian: (A_r - λ·A_c) / (1 + λ)
     returns: Tensor | None = None  # [B, R] value targets A + V (step 2)
+    # PPO-Lagrangian only (reward.rule=safe_rlhf): the cost stream, with its own critic
+    cost_scores: Tensor | None = None  # [B] sequence cost after normalisation and clipping
+    cost_values: Tensor | None = None  # [B, R] V_cost,old(x, y_<t)
+    cost_returns: Tensor | None = None  # [B, R] the cost critic's targets (step 2)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
