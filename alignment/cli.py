@@ -114,12 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if kind == "stage":
-            return run_stage(name, module_name, help_text, rest)
-        module = importlib.import_module(module_name)
-        return int(module.cli(name, rest) or 0)
+            code = run_stage(name, module_name, help_text, rest)
+        else:
+            module = importlib.import_module(module_name)
+            code = int(module.cli(name, rest) or 0)
     except (ConfigError, DataError, OutputExistsError, FileNotFoundError, FileExistsError) as exc:
         print(f"align {name}: error: {exc}", file=sys.stderr)
         return 2
+    from alignment.distributed import shutdown
+
+    shutdown()  # under a multi-process launch: end the process group before exit (no SIGABRT at teardown)
+    return code
 
 
 if __name__ == "__main__":

@@ -94,6 +94,21 @@ def barrier() -> None:
         init().wait_for_everyone()
 
 
+def shutdown() -> None:
+    """End the process group before the interpreter exits.
+
+    Left to interpreter shutdown, a gloo (or NCCL) process group is torn down while its worker
+    threads may still be joinable, and a rank can abort with "terminate called without an active
+    exception" (SIGABRT) after its work is done, failing the whole launch. Each rank destroys its
+    group explicitly (no barrier: a rank that failed must not leave the others waiting)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    torch.distributed.destroy_process_group()
+
+
 def trainer_state_kwargs() -> dict[str, Any]:
     """Extra TrainingArguments so a TRL/transformers trainer reuses the state created by :func:`init`."""
     if _STATE is None:

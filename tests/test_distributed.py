@@ -293,3 +293,17 @@ def test_ppo_lagrangian_matches_single_process(layout, tmp_path, tiny_reward_mod
     for a, b in zip(read_metrics(one), read_metrics(two)):
         for key in ("lagrangian/lambda", "cost/episode", "cost_value/loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_shutdown_destroys_the_process_group(tmp_path):
+    """A rank ends its process group itself before exit (left to interpreter teardown, gloo's
+    threads can abort a finished rank with SIGABRT)."""
+    import torch.distributed as dist
+
+    from alignment.distributed import shutdown
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    shutdown()
+    assert not dist.is_initialized()
+    shutdown()  # nothing to end: a no-op
