@@ -85,13 +85,14 @@ def cmd_queue(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from alignment.runs import setup_logging
+    from data.loaders import read_text_file
     from ui.app import DEFAULT_GUIDELINES, launch
 
     setup_logging()
     path = Path(a.guidelines) if a.guidelines else DEFAULT_GUIDELINES
     if a.guidelines and not path.is_file():
         raise FileNotFoundError(f"guidelines file {path} not found")
-    guidelines = path.read_text(encoding="utf-8") if path.is_file() else ""
+    guidelines = read_text_file(path) if path.is_file() else ""
     store = _store(a.db, lease_seconds=a.lease_minutes * 60, sqlite_synchronous=a.sqlite_synchronous)
     if not any(u.is_admin and u.kind == "human" for u in store.users()):
         print("align annotate serve: note: no admin user yet (align annotate add-user NAME --role admin)", file=sys.stderr)

@@ -285,7 +285,13 @@ def load_config(
         source = str(path)
         if not p.is_file():
             raise ConfigError("", f"config file not found: {path}")
-        loaded, lines = _yaml_with_lines(p.read_text(encoding="utf-8"), source)
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise ConfigError("", f"not UTF-8: byte 0x{raw[exc.start]:02x}; save the file as UTF-8", where=f"{source}:{line}") from None
+        loaded, lines = _yaml_with_lines(text, source)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -66,10 +66,29 @@ class DataSource:
 # raw rows
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig", newline="")
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+
+
+def decode_utf8(raw: bytes, path: str | Path, first_line: int = 1) -> str:
+    """``raw`` as text (UTF-8, a leading BOM dropped), or a DataError naming the line and column of
+    the first byte that is not UTF-8 (instead of a UnicodeDecodeError traceback)."""
+    try:
+        return raw.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + first_line
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"not UTF-8: byte 0x{raw[exc.start]:02x} at column {column}; save the file as UTF-8",
+                        path=path, line=line) from None
+
+
+def read_text_file(path: str | Path) -> str:
+    """A whole user text file (``.gz`` too) as UTF-8, with a DataError naming file and line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path=path)
+    with _open_binary(path) as fh:
+        return decode_utf8(fh.read(), path)
 
 
 def _kind(path: Path) -> str:
@@ -91,8 +110,9 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
         raise DataError("file not found", path=path)
     kind = _kind(path)
     if kind == "jsonl":
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
+        with _open_binary(path) as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = decode_utf8(raw, path, first_line=lineno)
                 if not line.strip():
                     continue
                 try:
@@ -103,8 +123,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
                     raise DataError(f"expected a JSON object, got {type(row).__name__}", path=path, line=lineno)
                 yield lineno, row
     elif kind == "json":
-        with _open_text(path) as fh:
-            text = fh.read()
+        text = read_text_file(path)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -118,7 +137,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
                 raise DataError(f"record {i}: expected an object, got {type(row).__name__}", path=path)
             yield i, row
     elif kind == "csv":
-        with _open_text(path) as fh:
+        with io.StringIO(read_text_file(path), newline="") as fh:
             reader = csv.DictReader(fh)
             if reader.fieldnames is None:
                 return

@@ -197,7 +197,7 @@ def load_statements(data: str | Path) -> tuple[list[Statement], dict]:
     """Labelled statements from a ToxiGen prompts folder, a labelled file, or ``hub:toxigen/toxigen-data``
     (its human-annotated config); plus a description of the source."""
     from data.errors import DataError
-    from data.loaders import source_rows
+    from data.loaders import read_text_file, source_rows
 
     raw: list[Statement] = []
     if str(data).startswith("hub:"):
@@ -212,7 +212,7 @@ def load_statements(data: str | Path) -> tuple[list[Statement], dict]:
             m = _FILE.match(f.name)
             assert m is not None
             label, group = int(m.group(1) == "hate"), m.group(2)
-            for line in f.read_text(encoding="utf-8").splitlines():
+            for line in read_text_file(f).splitlines():
                 raw += [Statement(s, label, group) for s in split_prompt(line)]
         where, rows = str(folder), iter(())
         source = {"kind": "toxigen-prompts", "folder": str(folder), "files": [f.name for f in files]}

@@ -90,7 +90,7 @@ def prompt_lists(source: str | Path) -> dict[tuple[str, str], tuple[str, list[tu
     A Hub row list is named like the file it came from (``hate_<group>_1k.txt``), so the same prompts
     give the same seeded sample in both layouts."""
     from data.errors import DataError
-    from data.loaders import local_dataset_files, source_rows
+    from data.loaders import local_dataset_files, read_text_file, source_rows
 
     source = str(source)
     folder = Path(source)
@@ -100,7 +100,7 @@ def prompt_lists(source: str | Path) -> dict[tuple[str, str], tuple[str, list[tu
         for f in files:
             m = _FILE.match(f.name)
             assert m is not None
-            lines = [(i + 1, line) for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()) if line.strip()]
+            lines = [(i + 1, line) for i, line in enumerate(read_text_file(f).splitlines()) if line.strip()]
             out[(m.group(1), m.group(2))] = (f.name, _distinct(lines))
         return out
     if source.startswith("hub:"):
