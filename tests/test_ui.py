@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -275,3 +276,26 @@ def test_api_through_gradio_client_checks_user_and_role(app):
         bob.predict(alice_token, "A", "better", "safe", "safe", False, "", api_name="/submit")
     admin = Client(app["url"], auth=("root", "root-password"), verbose=False, analytics_enabled=False)
     assert "bob" in admin.predict("all", api_name="/admin_stats")[0]
+
+
+def test_exports_are_for_admins_only(app):
+    """An annotator cannot GET an export (every label, annotator name and comment) through the file route;
+    the admin who exported gets the file from the app."""
+    from gradio_client import Client
+
+    admin = Client(app["url"], auth=("root", "root-password"), verbose=False, analytics_enabled=False)
+    msg, downloaded = admin.predict("0", "all", api_name="/export")
+    assert msg.startswith("Wrote")
+    [export] = [p for p in (app["root"] / "exports" / "round-0").glob("comparisons-v*.jsonl") if f"`{p}`" in msg]
+    assert Path(downloaded).read_bytes() == export.read_bytes()  # the admin's download is the export
+    alice = httpx.Client(base_url=app["url"])
+    assert alice.post("login", data={"username": "alice", "password": "alice-password"}).status_code == 200
+    config = alice.get("config")
+    assert config.status_code == 200  # logged in
+    assert config.json()["footer_links"] == ["settings"]  # no "Use via API" link for annotators
+    secret = export.read_text().splitlines()[0][:40]
+    rel = export.relative_to(app["root"])  # the server runs in app["root"]
+    for path in (f"gradio_api/file={export}", f"gradio_api/file={rel}", f"file={export}", f"gradio_api/file={export.parent}"):
+        r = alice.get(path)
+        assert r.status_code in (403, 404), (path, r.status_code)
+        assert secret not in r.text

@@ -26,6 +26,8 @@ API (what the page calls; also usable with ``gradio_client.Client(url, auth=(use
 import html
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +230,11 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         res = call(store.export, r, out_dir=export_dir, policy=policy, by=name)
         msg = (f"Wrote **{res.records}** comparisons (round {res.round}, version {res.version}, policy {res.policy}) to "
                f"`{res.path}`; {res.ties_dropped} ties dropped.")
-        return msg, str(res.path)
+        # The export folder is never served (anyone logged in could fetch it by path): the admin's download is
+        # a copy that gradio moves into its cache under a content-hash URL only this response names.
+        copy = Path(tempfile.mkdtemp(prefix="align-export-")) / Path(res.path).name
+        shutil.copyfile(res.path, copy)
+        return msg, str(copy)
 
     with gr.Blocks(title="align · annotation") as demo:
         header = gr.Markdown(elem_id="progress")
@@ -338,6 +344,6 @@ def launch(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 7860,
         return await anyio.to_thread.run_sync(store.authenticate, username, password)
 
     demo.launch(server_name=host, server_port=port, auth=auth, auth_message="Log in with the account your admin created.",
-                css=CSS, js=JS, footer_links=["api"], prevent_thread_lock=prevent_thread_lock, quiet=False,
-                allowed_paths=[str(Path(export_dir or "runs/annotations/exports").resolve())])
+                css=CSS, js=JS, footer_links=["settings"], prevent_thread_lock=prevent_thread_lock, quiet=False,
+                blocked_paths=[str(Path(export_dir or "runs/annotations/exports").resolve())])
     return demo
