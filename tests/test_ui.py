@@ -205,13 +205,40 @@ def test_annotator_labels_with_mouse_and_keyboard_and_undoes(app, chromium):
     page.locator("#comment textarea, #comment input").first.press("Control+Enter")
     fourth = wait_for_new_task(third)
 
-    # undo the last submission: task 3 comes back
+    # a refused action: one inline message, and the form stays usable (no overlay over the radios)
+    page.locator("#submit-btn").click()
+    page.wait_for_selector("#status:has-text('Please choose')", timeout=30_000)
+    assert page.locator("#status").inner_text().count("Please choose") == 1 and uid() == fourth
+    page.locator("#choice").get_by_text("B", exact=True).click(timeout=5_000)
+    assert page.locator("#choice input:checked").get_attribute("value") == "B"
+    page.locator("#skip-btn").click()  # skipping without a reason: refused too
+    page.wait_for_selector("#status:has-text('reason for skipping')", timeout=30_000)
+    page.locator("#strength").get_by_text("Better", exact=True).click(timeout=5_000)
+    assert page.locator("#choice input:checked").get_attribute("value") == "B"  # nothing was reset
+
+    # undo the last submission: the first click only asks; the second gives task 3 back
+    page.locator("#undo-btn").click()
+    page.wait_for_selector("#status:has-text('Confirm undo')", timeout=30_000)
+    assert uid() == fourth and len([r for r in store.label_records() if r.annotator == "alice"]) == 3
     page.locator("#undo-btn").click()
     assert wait_for_new_task(fourth) == third
     assert "Undid your last label" in page.locator("#status").inner_text()
+    with store.engine.connect() as c:
+        status = c.execute(text("select a.status from assignments a join tasks t on t.id = a.task_id join users u on u.id = a.user_id "
+                                "where t.uid = :uid and u.name = 'alice'"), {"uid": third}).scalar_one()
+    assert status == "leased"
+
+    # the focus is still on Undo: label the returned task with keys and press Enter -> it submits, never undoes again
+    assert page.evaluate("document.activeElement && document.activeElement.id") == "undo-btn"
+    for key in ("a", "2", "q", "o"):
+        page.keyboard.press(key)
+    page.keyboard.press("Enter")
+    wait_for_new_task(third)
+    assert "Saved label" in page.locator("#status").inner_text()
 
     recs = {r.task_uid: r for r in store.label_records() if r.annotator == "alice"}
-    assert set(recs) == {"xss", second}
+    assert set(recs) == {"xss", second, third}  # the earlier labels kept, task 3 labelled again
+    assert recs[third].strength == "better" and not recs[third].comment
     r1, r2 = recs["xss"], recs[second]
     assert r1.chosen == expect_1["xss"] and r1.strength == "better"
     assert (r1.safe_a, r1.safe_b) == ((True, False) if not r1.swapped else (False, True))  # shown left safe, right unsafe
@@ -221,11 +248,8 @@ def test_annotator_labels_with_mouse_and_keyboard_and_undoes(app, chromium):
     assert (r2.safe_a, r2.safe_b) == ((False, True) if true_left_2 == "A" else (True, False))
     with store.engine.connect() as c:
         undo = c.execute(text("select detail from events e join users u on u.id = e.user_id where action = 'undo' and u.name = 'alice'")).scalar_one()
-        status = c.execute(text("select a.status from assignments a join tasks t on t.id = a.task_id join users u on u.id = a.user_id "
-                                "where t.uid = :uid and u.name = 'alice'"), {"uid": third}).scalar_one()
     undone = json.loads(undo)
     assert (undone["strength"], undone["comment"], undone["safe_a"], undone["safe_b"]) == ("negligibly_better", "both fine", True, True)
-    assert status == "leased"
 
 
 @pytest.mark.browser
@@ -269,13 +293,23 @@ def test_api_through_gradio_client_checks_user_and_role(app):
         bob.predict("all", api_name="/admin_stats")
     with pytest.raises(Exception, match="Admins only"):
         bob.predict("1", "majority", api_name="/export")
-    with pytest.raises(Exception, match="Please choose"):
-        bob.predict(res[3], None, None, None, None, False, "", api_name="/submit")
+    n_labels = len(store.label_records())
+    refused = bob.predict(res[3], None, None, None, None, False, "", api_name="/submit")  # refusals answer inline
+    assert refused[12] == ("⚠️ Please choose which response is better, how much better, safety of response A, "
+                           "safety of response B.")
     alice_token = store.next_task("alice").token
-    with pytest.raises(Exception, match="not assigned to 'bob'"):
-        bob.predict(alice_token, "A", "better", "safe", "safe", False, "", api_name="/submit")
+    refused = bob.predict(alice_token, "A", "better", "safe", "safe", False, "", api_name="/submit")
+    assert refused[12].startswith("⚠️") and "not assigned to 'bob'" in refused[12]
+    assert len(store.label_records()) == n_labels  # nothing stored
     admin = Client(app["url"], auth=("root", "root-password"), verbose=False, analytics_enabled=False)
     assert "bob" in admin.predict("all", api_name="/admin_stats")[0]
+    # undo takes two calls: the first only asks, the second gives bob's task back
+    asked = bob.predict(api_name="/undo")
+    assert "Confirm undo" in asked[12] and len(store.label_records()) == n_labels
+    undone = bob.predict(api_name="/undo")
+    assert undone[12].startswith("Undid your last label") and len(store.label_records()) == n_labels - 1
+    assert bob.predict(api_name="/undo")[12].startswith("Undo deletes")
+    assert bob.predict(api_name="/undo")[12] == "⚠️ Nothing to undo."
 
 
 def test_exports_are_for_admins_only(app):

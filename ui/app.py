@@ -7,9 +7,12 @@ The annotator's page: log in (users from the store; the name comes from the sess
 a form), then one task at a time: the conversation so far, responses A and B side by side (their
 left/right order randomised per assignment; the store keeps the true identity), which is better,
 how much (Llama 2's four levels), a safety label for each response, "both are bad", a comment;
-skip with a reason; undo the last submission. The label is committed before the next task is
-shown. Keyboard: ``a``/``b`` choose, ``1``-``4`` strength, ``q``/``w`` response A safe/unsafe,
-``o``/``p`` response B safe/unsafe, ``Enter`` (or ``Ctrl+Enter`` in the comment) submits, ``u`` undoes.
+skip with a reason; undo the last submission (two clicks: the first asks). The label is committed
+before the next task is shown. Keyboard: ``a``/``b`` choose, ``1``-``4`` strength, ``q``/``w``
+response A safe/unsafe, ``o``/``p`` response B safe/unsafe, ``Enter`` (or ``Ctrl+Enter`` in the
+comment) submits, also when the Undo or Skip button has the focus; ``u`` twice undoes. A refused
+action (nothing chosen, nothing to undo, a task that is no longer yours) shows one inline message
+in the status line and leaves the form as it was.
 
 Model outputs are shown as text: every response and prompt is HTML-escaped before it reaches the
 page, so markup or scripts in them are displayed, never run.
@@ -20,14 +23,18 @@ an export button. Every admin handler checks the role on the server; hiding the 
 cosmetic.
 
 API (what the page calls; also usable with ``gradio_client.Client(url, auth=(user, password))``):
-``/load`` -> the current task, ``/submit``, ``/skip``, ``/undo``, ``/admin_stats``, ``/export``.
+``/load`` -> the current task, ``/submit``, ``/skip``, ``/undo`` (call it twice), ``/admin_stats``, ``/export``.
+A refused annotator action returns its message in the status output (index 12, starting with "⚠️")
+and leaves every other output unchanged.
 """
 
+import functools
 import html
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,8 @@ from data.store import AnnotationError, AnnotationStore, Judgement, LeasedTask
 log = logging.getLogger(__name__)
 
 CHOICES = ["A", "B"]
+UNDO_LABEL, UNDO_CONFIRM, UNDO_CONFIRM_SECONDS = "Undo last submission", "Confirm undo", 15
+N_OUTS, STATUS_AT = 17, 12  # what every annotator action returns, where its status line is (build_app's ``outs``)
 STRENGTHS = [(s.label, s.value) for s in Strength]
 SAFETY = [("Safe", "safe"), ("Unsafe", "unsafe")]
 SKIP_REASONS = ["I lack the expertise for this topic", "The prompt is unclear or broken", "A response is unreadable or truncated",
@@ -72,7 +81,12 @@ JS = r"""
       return;
     }
     if (e.ctrlKey || e.metaKey || e.altKey) { return; }
-    if (e.key === 'Enter' && t && t.tagName === 'BUTTON') { return; }  // the button's own click handles it
+    if (e.key === 'Enter' && t && t.tagName === 'BUTTON') {
+      // Enter submits the label. On the focused Undo or Skip button (e.g. after clicking it) the browser
+      // would press that button instead; other buttons (tabs, admin) keep their own Enter.
+      if (t.id === 'undo-btn' || t.id === 'skip-btn') { e.preventDefault(); click('submit-btn'); }
+      return;
+    }
     const strengths = ['significantly_better', 'better', 'slightly_better', 'negligibly_better'];
     const k = e.key.toLowerCase();
     if (k === 'a' || k === 'b') { pick('choice', k.toUpperCase()); }
@@ -90,7 +104,7 @@ JS = r"""
 """
 
 KEYS_HELP = ("Keys: <b>a</b>/<b>b</b> choose · <b>1</b>-<b>4</b> strength · <b>q</b>/<b>w</b> A safe/unsafe · "
-             "<b>o</b>/<b>p</b> B safe/unsafe · <b>Enter</b> submit (Ctrl+Enter in the comment) · <b>u</b> undo")
+             "<b>o</b>/<b>p</b> B safe/unsafe · <b>Enter</b> submit (Ctrl+Enter in the comment) · <b>u u</b> undo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,31 +168,54 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
     def task_outputs(name: str, task: LeasedTask | None, status: str) -> tuple:
         return (render_conversation(task), render_response(task, "left"), render_response(task, "right"),
                 task.token if task else "", None, None, None, None, False, "", None, progress_md(name), status,
-                gr.Button(interactive=task is not None), gr.Button(interactive=task is not None))
+                gr.Button(interactive=task is not None), gr.Button(interactive=task is not None),
+                gr.Button(value=UNDO_LABEL), 0.0)
+
+    def refused(message: str) -> tuple:
+        """A refused action: one inline message, every other output left as it is (raising gr.Error
+        would cover each output with an error overlay and block the form)."""
+        return (*[gr.skip()] * STATUS_AT, f"⚠️ {message}", gr.skip(), gr.skip(), gr.Button(value=UNDO_LABEL), 0.0)
+
+    class Refused(Exception):
+        pass
 
     def call(fn: Any, *args: Any, **kw: Any) -> Any:
         try:
             return fn(*args, **kw)
         except AnnotationError as exc:
-            raise gr.Error(str(exc)) from None
+            raise Refused(str(exc)) from None
+
+    def inline(handler: Any) -> Any:
+        """Run an annotator action; a refusal (bad input, the store says no) becomes an inline message."""
+        @functools.wraps(handler)
+        def run(*args: Any) -> tuple:
+            try:
+                return handler(*args)
+            except Refused as exc:
+                return refused(str(exc))
+        return run
 
     def on_load(request: gr.Request) -> tuple:
         name = user_of(request)
         info = store.user(name)
-        task = call(store.next_task, name, round=round)
+        try:
+            task = call(store.next_task, name, round=round)
+        except Refused as exc:
+            return (*refused(str(exc)), gr.Tab(visible=bool(info and info.is_admin)))
         return (*task_outputs(name, task, ""), gr.Tab(visible=bool(info and info.is_admin)))
 
+    @inline
     def on_submit(token: str, choice: str | None, strength: str | None, safe_a: str | None, safe_b: str | None,
                   both_bad: bool, comment: str, request: gr.Request) -> tuple:
         name = user_of(request)
         if not token:
-            raise gr.Error("No task is open; reload the page.")
+            raise Refused("No task is open; reload the page.")
         missing = [what for what, v in (("which response is better", choice), ("how much better", strength),
                                         ("safety of response A", safe_a), ("safety of response B", safe_b)) if not v]
         if missing:
-            raise gr.Error("Please choose " + ", ".join(missing) + ".")
+            raise Refused("Please choose " + ", ".join(missing) + ".")
         if choice not in CHOICES or strength not in [v for _, v in STRENGTHS] or {safe_a, safe_b} - {"safe", "unsafe"}:
-            raise gr.Error("Unknown choice.")
+            raise Refused("Unknown choice.")
         task = call(store.task_for, token, name)
         true_safe_a, true_safe_b = task.true_safety(safe_a == "safe", safe_b == "safe")
         judgement = Judgement(task.true_choice("left" if choice == "A" else "right"), strength, true_safe_a, true_safe_b,
@@ -188,21 +225,29 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         done = f"Saved label #{result.label_id}." if not result.duplicate else f"Already saved as label #{result.label_id} (submitted twice)."
         return task_outputs(name, nxt, done)
 
+    @inline
     def on_skip(token: str, reason: str | None, request: gr.Request) -> tuple:
         name = user_of(request)
         if not token:
-            raise gr.Error("No task is open; reload the page.")
+            raise Refused("No task is open; reload the page.")
         if not reason or not reason.strip():
-            raise gr.Error("Please give a reason for skipping.")
+            raise Refused("Please give a reason for skipping.")
         call(store.skip, token, name, reason)
         nxt = call(store.next_task, name, round=round)
         return task_outputs(name, nxt, "Skipped.")
 
-    def on_undo(request: gr.Request) -> tuple:
+    @inline
+    def on_undo(armed: float | None, request: gr.Request) -> tuple:
+        """Undo takes two clicks (or two presses of u) within UNDO_CONFIRM_SECONDS: the first only asks."""
         name = user_of(request)
+        if not armed or time.time() - armed > UNDO_CONFIRM_SECONDS:
+            return (*[gr.skip()] * STATUS_AT,
+                    f"Undo deletes your last label and gives its task back. Click **{UNDO_CONFIRM}** (or press u) "
+                    f"within {UNDO_CONFIRM_SECONDS} s to undo; anything else keeps it.",
+                    gr.skip(), gr.skip(), gr.Button(value=UNDO_CONFIRM), time.time())
         task = call(store.undo_last, name, round=round)
         if task is None:
-            raise gr.Error("Nothing to undo.")
+            raise Refused("Nothing to undo.")
         return task_outputs(name, task, f"Undid your last label (task {task.uid}); label it again.")
 
     def picked(selected: str | None) -> int | None:
@@ -258,7 +303,7 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                     comment = gr.Textbox(label="Comment (optional)", lines=1, elem_id="comment")
                 with gr.Row():
                     submit = gr.Button("Submit", variant="primary", elem_id="submit-btn")
-                    undo = gr.Button("Undo last submission", elem_id="undo-btn")
+                    undo = gr.Button(UNDO_LABEL, elem_id="undo-btn")
                 with gr.Row():
                     reason = gr.Dropdown(SKIP_REASONS, value=None, label="Skip reason", allow_custom_value=True, elem_id="skip-reason")
                     skip = gr.Button("Skip this task", elem_id="skip-btn")
@@ -276,11 +321,14 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                 export_md = gr.Markdown(elem_id="export-status")
                 export_file = gr.File(label="Export file", elem_id="export-file")
 
-        outs = [context, left, right, token, choice, strength, safe_a, safe_b, both_bad, comment, reason, header, status, submit, skip]
+        undo_armed = gr.State(0.0)
+        outs = [context, left, right, token, choice, strength, safe_a, safe_b, both_bad, comment, reason, header, status, submit, skip,
+                undo, undo_armed]
+        assert len(outs) == N_OUTS and outs[STATUS_AT] is status
         demo.load(on_load, None, [*outs, admin_tab], api_name="load")
         submit.click(on_submit, [token, choice, strength, safe_a, safe_b, both_bad, comment], outs, api_name="submit")
         skip.click(on_skip, [token, reason], outs, api_name="skip")
-        undo.click(on_undo, None, outs, api_name="undo")
+        undo.click(on_undo, [undo_armed], outs, api_name="undo")
         refresh.click(on_admin_stats, [round_pick], [stats_md, round_pick], api_name="admin_stats")
         admin_tab.select(on_admin_stats, [round_pick], [stats_md, round_pick], api_name=False)
         export_btn.click(on_export, [round_pick, policy], [export_md, export_file], api_name="export")
