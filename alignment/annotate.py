@@ -77,8 +77,14 @@ def cmd_users(a: argparse.Namespace) -> int:
 
 
 def cmd_queue(a: argparse.Namespace) -> int:
+    from data.store import AnnotationError
+
     store = _store(a.db)
-    n = store.queue_file(a.round, a.pairs, labels=a.labels, overlap=a.overlap, overlap_labels=a.overlap_labels, seed=a.seed)
+    if a.max_response_kb is not None and a.max_response_kb <= 0:
+        raise AnnotationError(f"--max-response-kb must be > 0, got {a.max_response_kb}")
+    max_bytes = None if a.max_response_kb is None else int(a.max_response_kb * 1024)
+    n = store.queue_file(a.round, a.pairs, labels=a.labels, overlap=a.overlap, overlap_labels=a.overlap_labels, seed=a.seed,
+                         max_response_bytes=max_bytes)
     print(f"queued {n} tasks in round {a.round}; the round needs {store.missing_labels(a.round)} more labels")
     return 0
 
@@ -212,6 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("queue", cmd_queue, "queue comparison tasks (prompt + two responses) for a round")
     sp.add_argument("--round", type=int, required=True)
     sp.add_argument("--pairs", required=True, help="task file: JSONL rows {prompt, response_a, response_b, source_a, source_b, category, id}")
+    sp.add_argument("--max-response-kb", type=float, default=32.0,
+                    help="refuse a task whose response is longer than this many KiB of UTF-8 (default 32)")
     overlap_args(sp)
 
     sp = add("serve", cmd_serve, "serve the annotation web app")

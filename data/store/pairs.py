@@ -71,12 +71,40 @@ def _source(value: Any, key: str) -> dict | None:
     return None if src is None else {k: v for k, v in asdict(src).items() if v is not None}
 
 
-def parse_task(row: dict) -> TaskSpec:
-    """One row -> :class:`TaskSpec`; errors name the key."""
+MAX_RESPONSE_BYTES = 32 * 1024  # a response longer than this is refused at queue time (configurable)
+
+
+def _check_values(value: Any, key: str) -> None:
+    """No NUL characters in text and no NaN/infinity in numbers anywhere in a row: exports stay valid JSON
+    (and PostgreSQL text columns accept every string)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise DataError(f"contains a NUL character (at position {value.index(chr(0))})", key=key)
+    elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise DataError(f"not a finite number: {value!r}", key=key)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_values(k, key)
+            _check_values(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_values(v, f"{key}[{i}]")
+
+
+def parse_task(row: dict, *, max_bytes: int | None = MAX_RESPONSE_BYTES) -> TaskSpec:
+    """One row -> :class:`TaskSpec`; errors name the key. ``max_bytes`` caps each response (UTF-8 bytes;
+    None = no cap)."""
     if row.get("prompt") is None:
         raise DataError("missing required field", key="prompt")
+    for key, value in row.items():
+        _check_values(value, str(key))
     prompt = prompt_messages(row["prompt"], "prompt")
     a, b = _text(row, "response_a"), _text(row, "response_b")
+    for key, text in (("response_a", a), ("response_b", b)):
+        if max_bytes is not None and len(text.encode("utf-8")) > max_bytes:
+            raise DataError(f"{len(text.encode('utf-8'))} bytes, over the limit of {max_bytes} "
+                            "(align annotate queue --max-response-kb)", key=key)
     if a.strip() == b.strip():
         raise DataError("response_a and response_b are identical; a comparison needs two different responses", key="response_b")
     uid = row.get("id")
@@ -96,13 +124,13 @@ def parse_task(row: dict) -> TaskSpec:
                     _source(row.get("source_b"), "source_b"), category, labels, meta)
 
 
-def read_tasks(path: str | Path) -> list[TaskSpec]:
+def read_tasks(path: str | Path, *, max_bytes: int | None = MAX_RESPONSE_BYTES) -> list[TaskSpec]:
     """Every task of a file, validated; duplicate ids fail naming both lines."""
     tasks: list[TaskSpec] = []
     first_line: dict[str, int] = {}
     for lineno, row in read_rows(path):
         try:
-            task = parse_task(row)
+            task = parse_task(row, max_bytes=max_bytes)
         except DataError as exc:
             raise exc.located(path, lineno) from None
         if task.uid in first_line:

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from data.errors import DataError
 from data.schemas import Message, Strength
 from data.store.export import POLICIES, ExportPlan, LabelRecord, Policy, plan_export
-from data.store.pairs import TaskSpec, overlap_labels, parse_task, read_tasks
+from data.store.pairs import MAX_RESPONSE_BYTES, TaskSpec, overlap_labels, parse_task, read_tasks
 from data.store.passwords import dummy_hash, hash_password, verify_password
 from data.store.stats import summarize
 from data.store.tables import Assignment, Event, Export, Label, SchemaError, Task, User, migrate
@@ -280,7 +280,7 @@ class AnnotationStore:
     def add_user(self, name: str, *, role: str = "annotator", kind: str = "human", password: str | None = None) -> UserInfo:
         """Create a user. Humans need a password (only its salted scrypt hash is stored); simulated
         annotators have none and cannot log in to the web app."""
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # fullmatch: "ann1\n" is not "ann1"
             raise AnnotationError(f"invalid user name {name!r}: use 1-100 letters, digits and _ . : @ + - (starting with a letter or digit)")
         if role not in ROLES:
             raise AnnotationError(f"unknown role {role!r}; expected one of: {', '.join(ROLES)}")
@@ -350,16 +350,19 @@ class AnnotationStore:
     # -- queue ------------------------------------------------------------------------------------
 
     def queue(self, round: int, tasks: Iterable[TaskSpec | dict], *, labels: int = 1, overlap: float = 0.0,
-              overlap_labels: int = 3, seed: int = 0, where: Callable[[int], str] | None = None) -> int:
+              overlap_labels: int = 3, seed: int = 0, where: Callable[[int], str] | None = None,
+              max_response_bytes: int | None = MAX_RESPONSE_BYTES) -> int:
         """Add tasks to a round (all or nothing). Each needs ``labels`` labels, except a fraction
         ``overlap`` of them that need ``overlap_labels`` (for agreement statistics), or what the
-        task itself says. A task id already queued in the round is an error. Returns the count."""
+        task itself says. A task id already queued in the round is an error. Rows (dicts) are
+        validated: a response over ``max_response_bytes``, a NUL character or a NaN is refused.
+        Returns the count."""
         if not isinstance(round, int) or isinstance(round, bool) or round < 0:
             raise AnnotationError(f"round must be an integer >= 0, got {round!r}")
         specs: list[TaskSpec] = []
         for i, t in enumerate(tasks):
             try:
-                specs.append(t if isinstance(t, TaskSpec) else parse_task(t))
+                specs.append(t if isinstance(t, TaskSpec) else parse_task(t, max_bytes=max_response_bytes))
             except DataError as exc:
                 raise exc.located(line=i + 1) from None
         if not specs:
@@ -397,7 +400,7 @@ class AnnotationStore:
         from data.loaders import read_rows
 
         lines = [lineno for lineno, _ in read_rows(path)]
-        tasks = read_tasks(path)
+        tasks = read_tasks(path, max_bytes=kw.get("max_response_bytes", MAX_RESPONSE_BYTES))
         return self.queue(round, tasks, where=lambda i: f"{path}:{lines[i]}", **kw)
 
     def rounds(self) -> list[int]:
