@@ -70,6 +70,13 @@ def cmd_passwd(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set_active(a: argparse.Namespace) -> int:
+    active = a.cmd == "activate"
+    _store(a.db).set_active(a.name, active)
+    print(f"{a.name!r} {'activated' if active else 'deactivated: their sessions end and they cannot log in; their labels stay'}")
+    return 0
+
+
 def cmd_users(a: argparse.Namespace) -> int:
     for u in _store(a.db).users():
         print(f"{u.name}\t{u.role}\t{u.kind}\t{'active' if u.active else 'inactive'}")
@@ -102,8 +109,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     store = _store(a.db, lease_seconds=a.lease_minutes * 60, sqlite_synchronous=a.sqlite_synchronous)
     if not any(u.is_admin and u.kind == "human" for u in store.users()):
         print("align annotate serve: note: no admin user yet (align annotate add-user NAME --role admin)", file=sys.stderr)
+    from ui.security import SecurityPolicy
+
+    policy = SecurityPolicy(session_hours=a.session_hours, max_failures=a.max_login_failures, lockout_seconds=a.login_lockout_seconds,
+                            allowed_origins=list(a.allowed_origin))
     launch(store, host=a.host, port=a.port, guidelines=guidelines, round=a.round, export_dir=a.export_dir,
-           concurrency=a.concurrency)
+           concurrency=a.concurrency, security=policy)
     return 0
 
 
@@ -189,7 +200,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{add-user,queue,serve,export,stats,sample,passwd,users}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{add-user,queue,serve,export,stats,sample,passwd,deactivate,activate,users}")
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
@@ -209,9 +220,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--kind", choices=["human", "simulated"], default="human", help="simulated users have no password")
     sp.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin (scripts)")
 
-    sp = add("passwd", cmd_passwd, "change a user's password")
+    sp = add("passwd", cmd_passwd, "change a user's password (their open sessions end)")
     sp.add_argument("name")
     sp.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    for verb, what in (("deactivate", "deactivate a user: their sessions end, they cannot log in, their leased tasks return; labels stay"),
+                       ("activate", "reactivate a deactivated user")):
+        sp = add(verb, cmd_set_active, what)
+        sp.add_argument("name")
 
     add("users", cmd_users, "list users")
 
@@ -232,6 +247,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--concurrency", type=int, default=16, help="requests handled at once")
     sp.add_argument("--sqlite-synchronous", choices=["FULL", "NORMAL"], default="FULL",
                     help="FULL: a label survives a power cut; NORMAL: survives a killed server only (faster)")
+    sp.add_argument("--session-hours", type=float, default=12.0, help="a login session ends after this long (default 12)")
+    sp.add_argument("--max-login-failures", type=int, default=5,
+                    help="failed logins per user, and per client address, before logins are refused for a while (default 5)")
+    sp.add_argument("--login-lockout-seconds", type=float, default=300.0, help="how long logins are refused after too many failures")
+    sp.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
+                    help="another origin (scheme://host[:port]) whose pages may call the app, e.g. a reverse proxy's; "
+                         "requests from any other origin are refused (repeatable)")
 
     sp = add("export", cmd_export, "write a round's comparisons for the reward models (never overwrites)")
     sp.add_argument("--round", type=int, required=True)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -80,6 +81,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(root: Path, db: str, *extra: str) -> tuple[subprocess.Popen, str, Any]:
+    """``align annotate serve`` in ``root`` on a free port; returns (process, url, log file)."""
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(root / "serve.log", "w")  # noqa: SIM115 - closed by the fixture
+    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", "annotate", "serve", "--db", db, "--port", str(port), *extra],
+                            cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError((root / "serve.log").read_text())
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start:\n" + (root / "serve.log").read_text())
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """``align annotate serve`` on a fresh database: alice and bob annotate, root is an admin."""
@@ -97,26 +120,7 @@ def app(tmp_path_factory):
                      "response_a": f"Reply A{i}", "response_b": f"Reply B{i}", "category": "helpfulness"} for i in range(8)])
     seed = FunctionAnnotator("sim:seed", lambda t: Judgement("A", "better", True, False))
     assert store.label_with(seed, round=0) == 1  # something to export in round 0 whatever runs first
-    port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(root / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", "annotate", "serve", "--db", db, "--port", str(port),
-                             "--export-dir", str(root / "exports"), "--guidelines", str(REPO / "configs" / "guidelines.md")],
-                            cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError((root / "serve.log").read_text())
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not start:\n" + (root / "serve.log").read_text())
+    proc, url, log = _serve(root, db, "--export-dir", str(root / "exports"), "--guidelines", str(REPO / "configs" / "guidelines.md"))
     yield {"url": url, "store": store, "root": root}
     proc.terminate()
     proc.wait(timeout=30)
@@ -333,3 +337,98 @@ def test_exports_are_for_admins_only(app):
         r = alice.get(path)
         assert r.status_code in (403, 404), (path, r.status_code)
         assert secret not in r.text
+
+
+# -- sessions, login throttling, cookies, origins (ui/security.py) -------------------------------------------
+
+SESSION_SECONDS = 12.0
+
+
+@pytest.fixture(scope="module")
+def secure_app(tmp_path_factory):
+    """A server with short sessions (12 s), 3 failed logins allowed per name or address, a 6 s lockout and one
+    allowed extra origin."""
+    root = tmp_path_factory.mktemp("secure")
+    db = f"sqlite:///{root}/ann.db"
+    store = AnnotationStore(db)
+    for name in ("dora", "erin", "fay"):
+        store.add_user(name, password=f"{name}-password")
+    store.queue(1, [{"id": f"s{i}", "prompt": f"Q{i}?", "response_a": f"A{i}", "response_b": f"B{i}"} for i in range(4)])
+    proc, url, log = _serve(root, db, "--session-hours", str(SESSION_SECONDS / 3600), "--max-login-failures", "3",
+                            "--login-lockout-seconds", "6", "--allowed-origin", "https://proxy.example.org")
+    yield {"url": url, "store": store, "root": root, "db": db}
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+    store.close()
+
+
+def _login(url: str, user: str, password: str) -> tuple[httpx.Client, httpx.Response]:
+    client = httpx.Client(base_url=url)
+    return client, client.post("login", data={"username": user, "password": password})
+
+
+def test_cookies_are_samesite_lax_and_other_origins_are_refused(secure_app):
+    url = secure_app["url"]
+    client, r = _login(url, "dora", "dora-password")
+    cookies = r.headers.get_list("set-cookie")
+    assert r.status_code == 200 and len(cookies) == 2
+    assert all("samesite=lax" in c.lower() and "samesite=none" not in c.lower() for c in cookies)
+    join = {"data": [], "fn_index": 0, "session_hash": "x"}
+    evil = client.post("gradio_api/queue/join", json=join, headers={"Origin": "https://evil.example"})
+    assert evil.status_code == 403 and "cross-origin" in evil.text
+    assert client.post("login", data={"username": "dora", "password": "dora-password"},
+                       headers={"Origin": "https://evil.example"}).status_code == 403
+    for ok in ("https://proxy.example.org", url.rstrip("/")):  # the allowed proxy, the app itself
+        assert client.post("gradio_api/queue/join", json=join, headers={"Origin": ok}).status_code != 403, ok
+    assert client.get("config", headers={"Origin": "https://evil.example"}).status_code == 200  # reading: CORS decides
+
+
+def test_password_change_and_deactivation_end_open_sessions(secure_app):
+    url, db = secure_app["url"], secure_app["db"]
+    dora, r = _login(url, "dora", "dora-password")
+    assert r.status_code == 200 and dora.get("config").status_code == 200
+    res = subprocess.run([sys.executable, "-m", "alignment.cli", "annotate", "passwd", "dora", "--db", db, "--password-stdin"],
+                         input="dora-new-password\n", capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    time.sleep(1.2)  # the server caches a user's credential for 1 s
+    assert dora.get("config").status_code == 401  # the old session is over
+    dora, r = _login(url, "dora", "dora-new-password")
+    assert r.status_code == 200 and dora.get("config").status_code == 200
+    res = subprocess.run([sys.executable, "-m", "alignment.cli", "annotate", "deactivate", "dora", "--db", db],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and "deactivated" in res.stdout, res.stderr
+    time.sleep(1.2)
+    assert dora.get("config").status_code == 401
+    assert _login(url, "dora", "dora-new-password")[1].status_code == 400  # and no new one
+    subprocess.run([sys.executable, "-m", "alignment.cli", "annotate", "activate", "dora", "--db", db], check=True, cwd=REPO,
+                   capture_output=True)
+
+
+def test_sessions_expire(secure_app):
+    erin, r = _login(secure_app["url"], "erin", "erin-password")
+    assert r.status_code == 200 and erin.get("config").status_code == 200
+    time.sleep(SESSION_SECONDS / 2)
+    assert erin.get("config").status_code == 200
+    time.sleep(SESSION_SECONDS / 2 + 1)
+    assert erin.get("config").status_code == 401
+    assert _login(secure_app["url"], "erin", "erin-password")[1].status_code == 200  # a fresh login works
+
+
+def test_failed_logins_are_throttled_and_logged(secure_app):
+    url = secure_app["url"]
+    for _ in range(3):
+        assert _login(url, "fay", "wrong")[1].status_code == 400
+    locked = _login(url, "fay", "fay-password")[1]  # the right password, but the name is locked
+    assert locked.status_code == 429 and "Too many failed logins" in locked.json()["detail"]
+    time.sleep(6.5)
+    assert _login(url, "fay", "fay-password")[1].status_code == 200  # the lockout is over
+    # per client address: three names that do not exist lock this address for every name
+    for name in ("nobody1", "nobody2", "nobody3"):
+        assert _login(url, name, "x")[1].status_code == 400
+    assert _login(url, "erin", "erin-password")[1].status_code == 429
+    time.sleep(6.5)
+    assert _login(url, "erin", "erin-password")[1].status_code == 200
+    log = (secure_app["root"] / "serve.log").read_text()
+    assert log.count("failed login: user='fay' address=127.0.0.1") == 3 and "failed login: user='nobody2'" in log
+    assert "login refused, too many failures: user='fay'" in log

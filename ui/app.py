@@ -381,17 +381,18 @@ def _md(s: str) -> str:
 
 
 def launch(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 7860, guidelines: str = "", round: int | None = None,
-           export_dir: str | Path | None = None, concurrency: int = 16, prevent_thread_lock: bool = False) -> Any:
-    """Serve the app with login against the store's users. Blocks unless ``prevent_thread_lock``."""
-    import anyio
+           export_dir: str | Path | None = None, concurrency: int = 16, prevent_thread_lock: bool = False,
+           security: Any = None) -> Any:
+    """Serve the app with login against the store's users (sessions, login throttling, SameSite cookies and the
+    origin check of :mod:`ui.security`, with ``security`` a :class:`ui.security.SecurityPolicy`). Blocks unless
+    ``prevent_thread_lock``."""
+    from ui.security import SecurityPolicy, middleware
 
     demo = build_app(store, guidelines=guidelines, round=round, export_dir=export_dir)
     demo.queue(default_concurrency_limit=concurrency)
-
-    async def auth(username: str, password: str) -> bool:  # scrypt takes ~50 ms: keep it off the event loop
-        return await anyio.to_thread.run_sync(store.authenticate, username, password)
-
+    guard, auth = middleware(store, security or SecurityPolicy())
     demo.launch(server_name=host, server_port=port, auth=auth, auth_message="Log in with the account your admin created.",
                 css=CSS, js=JS, footer_links=["settings"], prevent_thread_lock=prevent_thread_lock, quiet=False,
-                blocked_paths=[str(Path(export_dir or "runs/annotations/exports").resolve())])
+                blocked_paths=[str(Path(export_dir or "runs/annotations/exports").resolve())],
+                app_kwargs={"middleware": [guard]})
     return demo

@@ -321,6 +321,16 @@ class AnnotationStore:
                           .values(status="released"))
             self._event(s, "set-active", user, active=active)
 
+    def session_key(self, name: str) -> str | None:
+        """What a login session is bound to: a digest of the user's password hash, or None when the user
+        cannot log in (unknown, inactive, simulated). A session whose key changed (the password was changed,
+        the account deactivated) is over."""
+        with self._tx(write=False) as s:
+            user = s.scalars(select(User).where(User.name == name)).first()
+        if user is None or not user.active or user.kind != "human" or not user.password_hash:
+            return None
+        return hashlib.sha256(user.password_hash.encode()).hexdigest()[:32]
+
     def authenticate(self, name: str, password: str) -> bool:
         """True for an active human user with this password. Takes the same time for unknown users."""
         with self._tx(write=False) as s:

@@ -1,0 +1,287 @@
+"""Session and account security for the annotation app (what Argilla and Label Studio users expect).
+
+Gradio's login keeps one token per login in memory for as long as the server runs, checks no
+origin when the server listens on a non-loopback address, and sets its cookie ``SameSite=None``.
+:class:`SecurityMiddleware` wraps the app (handed to ``Blocks.launch`` through ``app_kwargs``) so that:
+
+- **sessions end** after ``session_hours`` (default 12), when the user's password changes
+  (``align annotate passwd``) or the account is deactivated (``align annotate deactivate``): the
+  next request finds its token gone and the page asks for a login again;
+- **logins are throttled**: after ``max_failures`` failed logins for one user name, or from one
+  client address, within ``lockout_seconds``, logins for that name or from that address are
+  refused (HTTP 429) for ``lockout_seconds``, before the password is checked; every failed or
+  refused login is logged with the name and the address;
+- **cookies** are ``SameSite=Lax``;
+- **cross-origin requests** that change state (every method but GET/HEAD/OPTIONS, and websockets)
+  are refused (403) when their ``Origin`` is not the app's own and not in ``allowed_origins``
+  (``--allowed-origin``, e.g. a reverse proxy's public URL). Clients that send no ``Origin``
+  (``gradio_client``, scripts) are not browsers acting for another site and pass.
+
+The throttle and the sessions live in the server process (a restart logs everyone out and
+forgets failures), like Gradio's own tokens.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger("align.annotate.security")
+
+CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("align_client_address", default="?")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass
+class SecurityPolicy:
+    """``align annotate serve`` options: --session-hours, --max-login-failures, --login-lockout-seconds, --allowed-origin."""
+
+    session_hours: float = 12.0
+    max_failures: int = 5
+    lockout_seconds: float = 300.0
+    allowed_origins: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.session_hours > 0:
+            raise ValueError(f"session_hours must be > 0, got {self.session_hours}")
+        if self.max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, got {self.max_failures}")
+        if self.lockout_seconds < 0:
+            raise ValueError(f"lockout_seconds must be >= 0, got {self.lockout_seconds}")
+        for o in self.allowed_origins:
+            u = urlsplit(o)
+            if u.scheme not in ("http", "https") or not u.netloc or u.path not in ("", "/"):
+                raise ValueError(f"allowed origin {o!r}: expected scheme://host[:port], e.g. https://annotate.example.org")
+        self.allowed_origins = [o.rstrip("/").lower() for o in self.allowed_origins]
+
+
+class LoginThrottle:
+    """Failed logins per user name and per client address; ``max_failures`` within ``lockout_seconds`` locks that
+    name or address for ``lockout_seconds``."""
+
+    def __init__(self, max_failures: int, lockout_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures, self.lockout_seconds, self.clock = max_failures, lockout_seconds, clock
+        self._failures: dict[tuple[str, str], list[float]] = {}
+        self._locked_until: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _keys(user: str, address: str) -> tuple[tuple[str, str], tuple[str, str]]:
+        return ("user", user.strip()), ("address", address)
+
+    def locked_for(self, user: str, address: str) -> float:
+        """Seconds until a login for ``user`` from ``address`` is accepted again (0: now)."""
+        now = self.clock()
+        with self._lock:
+            return max(0.0, *(self._locked_until.get(k, now) - now for k in self._keys(user, address)))
+
+    def failure(self, user: str, address: str) -> None:
+        now = self.clock()
+        with self._lock:
+            for k in self._keys(user, address):
+                recent = [t for t in self._failures.get(k, []) if now - t < self.lockout_seconds] + [now]
+                if len(recent) >= self.max_failures:
+                    self._locked_until[k] = now + self.lockout_seconds
+                    recent = []
+                self._failures[k] = recent
+
+    def success(self, user: str, address: str) -> None:
+        with self._lock:
+            self._failures.pop(("user", user.strip()), None)
+
+
+class Sessions:
+    """Login tokens with the time they were issued and the credential they were issued for
+    (:meth:`AnnotationStore.session_key`)."""
+
+    def __init__(self, store: Any, hours: float, clock: Callable[[], float] = time.time, cache_seconds: float = 1.0) -> None:
+        self.store, self.max_age, self.clock, self.cache_seconds = store, hours * 3600.0, clock, cache_seconds
+        self._sessions: dict[str, tuple[str, str | None, float]] = {}
+        self._keys: dict[str, tuple[float, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, user: str) -> str | None:
+        now = self.clock()
+        hit = self._keys.get(user)
+        if hit is not None and now - hit[0] < self.cache_seconds:
+            return hit[1]
+        key = self.store.session_key(user)
+        self._keys[user] = (now, key)
+        return key
+
+    def start(self, token: str, user: str) -> None:
+        now = self.clock()
+        key = self._key(user)
+        with self._lock:
+            self._sessions = {t: s for t, s in self._sessions.items() if now - s[2] < self.max_age}  # forget old ones
+            self._sessions[token] = (user, key, now)
+
+    def valid(self, token: str, user: str) -> bool:
+        with self._lock:
+            known = self._sessions.get(token)
+        if known is None:  # a token this process did not see issued: start counting now
+            self.start(token, user)
+            known = self._sessions[token]
+        name, key, issued = known
+        ok = name == user and key is not None and self.clock() - issued < self.max_age and self._key(user) == key
+        if not ok:
+            with self._lock:
+                self._sessions.pop(token, None)
+            reason = "expired" if self.clock() - issued >= self.max_age else "password changed or account deactivated"
+            log.info("session of %r ended: %s", user, reason)
+        return ok
+
+    def forget_key_cache(self) -> None:
+        self._keys.clear()
+
+
+def guarded_auth(store: Any, throttle: LoginThrottle) -> Callable[[str, str], Any]:
+    """Gradio's ``auth`` callable: the store's password check, with failures counted and logged."""
+    import anyio
+
+    async def auth(username: str, password: str) -> bool:
+        address = CLIENT.get()
+        if throttle.locked_for(username, address) > 0:  # also checked by the middleware before the form reaches here
+            return False
+        ok = await anyio.to_thread.run_sync(store.authenticate, username, password)  # scrypt: ~50 ms, off the event loop
+        if ok:
+            throttle.success(username, address)
+        else:
+            throttle.failure(username, address)
+            log.warning("failed login: user=%r address=%s", username, address)
+        return bool(ok)
+
+    return auth
+
+
+async def _read_body(receive: Callable) -> bytes:
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
+def _replay(body: bytes) -> Callable:
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _refuse(scope: dict, send: Callable, status: int, detail: str) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _lax(cookie: bytes) -> bytes:
+    parts = [p for p in cookie.decode("latin-1").split(";") if p.strip().lower() not in ("samesite=none", "samesite=lax", "samesite=strict")]
+    return ("; ".join(p.strip() for p in parts) + "; SameSite=Lax").encode("latin-1")
+
+
+class SecurityMiddleware:
+    """A pure ASGI middleware around the Gradio app (see the module docstring)."""
+
+    def __init__(self, app: Any, *, policy: SecurityPolicy, sessions: Sessions, throttle: LoginThrottle) -> None:
+        self.app, self.policy, self.sessions, self.throttle = app, policy, sessions, throttle
+
+    def _origin_ok(self, scope: dict, headers: dict[str, str]) -> bool:
+        origin = headers.get("origin")
+        if origin is None:
+            return True
+        origin = origin.rstrip("/").lower()
+        scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+        own = f"{scheme}://{headers.get('host', '')}".lower()
+        return origin == own or origin in self.policy.allowed_origins
+
+    def _check_session(self, gr_app: Any, headers: dict[str, str]) -> None:
+        tokens = getattr(gr_app, "tokens", None)
+        if not isinstance(tokens, dict) or "cookie" not in headers:
+            return
+        try:
+            cookies = SimpleCookie(headers["cookie"])
+        except CookieError:
+            return
+        cookie_id = getattr(gr_app, "cookie_id", "")
+        for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
+            if name in cookies:
+                token = cookies[name].value
+                user = tokens.get(token)
+                if user is not None and not self.sessions.valid(token, user):
+                    tokens.pop(token, None)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        address = (scope.get("client") or ("?",))[0]
+        ctx = CLIENT.set(address)
+        try:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            method = scope.get("method", "GET")
+            if (scope["type"] == "websocket" or method not in SAFE_METHODS) and not self._origin_ok(scope, headers):
+                log.warning("refused a %s %s from origin %s (address %s)", method, scope.get("path"), headers.get("origin"), address)
+                await _refuse(scope, send, 403, "cross-origin request refused (align annotate serve --allowed-origin)")
+                return
+            gr_app = scope.get("app")
+            self._check_session(gr_app, headers)
+            login = method == "POST" and scope.get("path", "").rstrip("/").endswith("/login")
+            if login:
+                body = await _read_body(receive)
+                user = parse_qs(body.decode("utf-8", "replace")).get("username", [""])[0].strip()
+                wait = self.throttle.locked_for(user, address)
+                if wait > 0:
+                    log.warning("login refused, too many failures: user=%r address=%s (%.0f s left)", user, address, wait)
+                    await _refuse(scope, send, 429, f"Too many failed logins; try again in {math.ceil(wait)} s.")
+                    return
+                receive = _replay(body)
+
+            async def send_secure(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    new_headers = []
+                    for k, v in message.get("headers", []):
+                        if k.lower() == b"set-cookie" and v.startswith(b"access-token"):
+                            v = _lax(v)
+                            if login and message.get("status") == 200 and gr_app is not None:
+                                token = v.split(b";", 1)[0].split(b"=", 1)[1].decode("latin-1")
+                                user = getattr(gr_app, "tokens", {}).get(token)
+                                if user is not None:
+                                    self.sessions.start(token, user)
+                        new_headers.append((k, v))
+                    message = {**message, "headers": new_headers}
+                await send(message)
+
+            await self.app(scope, receive, send_secure)
+        finally:
+            CLIENT.reset(ctx)
+
+
+def middleware(store: Any, policy: SecurityPolicy) -> tuple[Any, Callable[[str, str], Any]]:
+    """(the Starlette ``Middleware`` entry for ``app_kwargs``, the ``auth`` callable) sharing one throttle."""
+    from starlette.middleware import Middleware
+
+    throttle = LoginThrottle(policy.max_failures, policy.lockout_seconds)
+    sessions = Sessions(store, policy.session_hours)
+    return Middleware(SecurityMiddleware, policy=policy, sessions=sessions, throttle=throttle), guarded_auth(store, throttle)
