@@ -77,6 +77,17 @@ def cmd_set_active(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_round_state(a: argparse.Namespace) -> int:
+    store = _store(a.db)
+    if a.cmd == "close-round":
+        store.close_round(a.round)
+        print(f"round {a.round} closed: no more labels, undos or changes in it")
+    else:
+        store.reopen_round(a.round)
+        print(f"round {a.round} reopened")
+    return 0
+
+
 def cmd_users(a: argparse.Namespace) -> int:
     for u in _store(a.db).users():
         print(f"{u.name}\t{u.role}\t{u.kind}\t{'active' if u.active else 'inactive'}")
@@ -200,7 +211,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{add-user,queue,serve,export,stats,sample,passwd,deactivate,activate,users}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{add-user,queue,serve,export,stats,sample,passwd,deactivate,activate,close-round,reopen-round,users}")
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
@@ -227,6 +238,10 @@ def _parser() -> argparse.ArgumentParser:
                        ("activate", "reactivate a deactivated user")):
         sp = add(verb, cmd_set_active, what)
         sp.add_argument("name")
+    for verb, what in (("close-round", "close a round: annotators can no longer label, undo or change labels in it"),
+                       ("reopen-round", "reopen a closed round")):
+        sp = add(verb, cmd_round_state, what)
+        sp.add_argument("--round", type=int, required=True)
 
     add("users", cmd_users, "list users")
 

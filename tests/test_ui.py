@@ -307,6 +307,19 @@ def test_api_through_gradio_client_checks_user_and_role(app):
     assert len(store.label_records()) == n_labels  # nothing stored
     admin = Client(app["url"], auth=("root", "root-password"), verbose=False, analytics_enabled=False)
     assert "bob" in admin.predict("all", api_name="/admin_stats")[0]
+    # "my recent labels": reopen bob's label (shown as he made it) and change it; the earlier values go to the audit log
+    shown = bob.predict(str(rec.label_id), api_name="/change_label")
+    assert shown[3] == f"edit:{rec.label_id}" and shown[12].startswith(f"Changing your label #{rec.label_id}")
+    assert list(shown[4:10]) == ["B", "slightly_better", "safe", "safe", True, "via API"]
+    changed = bob.predict(shown[3], "A", "better", "safe", "unsafe", False, "changed", api_name="/submit")
+    assert changed[12] == f"Changed your label #{rec.label_id}."
+    [rec2] = [r for r in store.label_records() if r.annotator == "bob"]
+    assert (rec2.label_id, rec2.chosen, rec2.strength, rec2.comment) == (rec.label_id, task.true_choice("left"), "better", "changed")
+    assert (rec2.safe_a, rec2.safe_b) == task.true_safety(True, False)
+    assert len(store.label_records()) == n_labels
+    assert bob.predict(None, api_name="/change_label")[12] == "⚠️ Pick one of your recent labels first."
+    with pytest.raises(Exception, match="not in the list of choices"):  # only the annotator's own labels are offered
+        bob.predict("999999", api_name="/change_label")
     # undo takes two calls: the first only asks, the second gives bob's task back
     asked = bob.predict(api_name="/undo")
     assert "Confirm undo" in asked[12] and len(store.label_records()) == n_labels

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 CHOICES = ["A", "B"]
 UNDO_LABEL, UNDO_CONFIRM, UNDO_CONFIRM_SECONDS = "Undo last submission", "Confirm undo", 15
-N_OUTS, STATUS_AT = 17, 12  # what every annotator action returns, where its status line is (build_app's ``outs``)
+EDIT_PREFIX = "edit:"  # the form's token while an earlier label is being changed
+N_OUTS, STATUS_AT = 18, 12  # what every annotator action returns, where its status line is (build_app's ``outs``)
 STRENGTHS = [(s.label, s.value) for s in Strength]
 SAFETY = [("Safe", "safe"), ("Unsafe", "unsafe")]
 SKIP_REASONS = ["I lack the expertise for this topic", "The prompt is unclear or broken", "A response is unreadable or truncated",
@@ -63,6 +64,19 @@ CSS = """
 .resp-head {font-weight: 700; font-size: 18px; margin-bottom: 6px;}
 .empty {padding: 24px; text-align: center; font-size: 17px;}
 .keys {font-size: 12px; opacity: .75;}
+/* Fits a 1280x800 window: the prompt and the two responses scroll inside fixed-height panes (as in Label Studio and
+   Argilla), the choice, strength and Submit stay on screen. */
+#context {max-height: 15vh; overflow-y: auto;}
+#left .resp, #right .resp {height: 30vh; min-height: 0; overflow-y: auto;}
+#controls {position: sticky; bottom: 0; z-index: 20; background: var(--background-fill-primary);
+           border-top: 1px solid var(--border-color-primary); padding-top: 4px;}
+/* A phone: A and B stack with shorter panes; the controls still stick to the bottom. */
+@media (max-width: 640px) {
+  #left .resp, #right .resp {height: 22vh;}
+  #context {max-height: 12vh;}
+}
+/* No keyboard hint on touch screens. */
+@media (hover: none) and (pointer: coarse) { .keys {display: none;} }
 """
 
 # Keyboard shortcuts: click the same controls a mouse would (the radio inputs inside each group).
@@ -169,12 +183,22 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         return (render_conversation(task), render_response(task, "left"), render_response(task, "right"),
                 task.token if task else "", None, None, None, None, False, "", None, progress_md(name), status,
                 gr.Button(interactive=task is not None), gr.Button(interactive=task is not None),
-                gr.Button(value=UNDO_LABEL), 0.0)
+                gr.Button(value=UNDO_LABEL), 0.0, gr.Dropdown(choices=recent_choices(name), value=None))
+
+    def recent_choices(name: str) -> list[tuple[str, str]]:
+        out = []
+        for r in store.recent_labels(name, 10, round=round):
+            prompt = " ".join(r.prompt.split())
+            prompt = prompt if len(prompt) <= 48 else prompt[:47] + "…"
+            strength = Strength(r.strength).label if r.strength else "-"
+            closed = "" if r.changeable else " · round closed"
+            out.append((f"#{r.label_id} · {r.created_at:%H:%M} · {prompt} · {strength}{closed}", str(r.label_id)))
+        return out
 
     def refused(message: str) -> tuple:
         """A refused action: one inline message, every other output left as it is (raising gr.Error
         would cover each output with an error overlay and block the form)."""
-        return (*[gr.skip()] * STATUS_AT, f"⚠️ {message}", gr.skip(), gr.skip(), gr.Button(value=UNDO_LABEL), 0.0)
+        return (*[gr.skip()] * STATUS_AT, f"⚠️ {message}", gr.skip(), gr.skip(), gr.Button(value=UNDO_LABEL), 0.0, gr.skip())
 
     class Refused(Exception):
         pass
@@ -216,10 +240,18 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
             raise Refused("Please choose " + ", ".join(missing) + ".")
         if choice not in CHOICES or strength not in [v for _, v in STRENGTHS] or {safe_a, safe_b} - {"safe", "unsafe"}:
             raise Refused("Unknown choice.")
-        task = call(store.task_for, token, name)
+        editing = token.startswith(EDIT_PREFIX)
+        if editing:
+            label_id = int(token[len(EDIT_PREFIX):])
+            task, _ = call(store.label_task, name, label_id)
+        else:
+            task = call(store.task_for, token, name)
         true_safe_a, true_safe_b = task.true_safety(safe_a == "safe", safe_b == "safe")
         judgement = Judgement(task.true_choice("left" if choice == "A" else "right"), strength, true_safe_a, true_safe_b,
                               bool(both_bad), comment or None)
+        if editing:
+            call(store.change_label, name, label_id, judgement)
+            return task_outputs(name, call(store.next_task, name, round=round), f"Changed your label #{label_id}.")
         result = call(store.submit, token, name, judgement)  # committed (fsynced) before the page moves on
         nxt = call(store.next_task, name, round=round)
         done = f"Saved label #{result.label_id}." if not result.duplicate else f"Already saved as label #{result.label_id} (submitted twice)."
@@ -230,6 +262,8 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         name = user_of(request)
         if not token:
             raise Refused("No task is open; reload the page.")
+        if token.startswith(EDIT_PREFIX):
+            raise Refused("You are changing an earlier label: Submit the change, or reload the page to leave it as it was.")
         if not reason or not reason.strip():
             raise Refused("Please give a reason for skipping.")
         call(store.skip, token, name, reason)
@@ -244,11 +278,31 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
             return (*[gr.skip()] * STATUS_AT,
                     f"Undo deletes your last label and gives its task back. Click **{UNDO_CONFIRM}** (or press u) "
                     f"within {UNDO_CONFIRM_SECONDS} s to undo; anything else keeps it.",
-                    gr.skip(), gr.skip(), gr.Button(value=UNDO_CONFIRM), time.time())
+                    gr.skip(), gr.skip(), gr.Button(value=UNDO_CONFIRM), time.time(), gr.skip())
         task = call(store.undo_last, name, round=round)
         if task is None:
             raise Refused("Nothing to undo.")
         return task_outputs(name, task, f"Undid your last label (task {task.uid}); label it again.")
+
+    @inline
+    def on_change_label(picked_label: str | None, request: gr.Request) -> tuple:
+        """Show one of the annotator's recent labels in the form (same left/right order as when it was made)."""
+        name = user_of(request)
+        if not picked_label:
+            raise Refused("Pick one of your recent labels first.")
+        task, j = call(store.label_task, name, int(picked_label))
+        if task.round in store.closed_rounds():
+            raise Refused(f"Round {task.round} is closed: label #{picked_label} can no longer change.")
+        safe_left, safe_right = task.true_safety(j.safe_a, j.safe_b)  # the swap is its own inverse
+
+        def shown(v: bool | None) -> str | None:
+            return None if v is None else "safe" if v else "unsafe"
+
+        out = list(task_outputs(name, task, f"Changing your label #{picked_label} (task {task.uid}): change what you want, "
+                                            "then Submit. Reload the page to leave it as it was."))
+        out[3:10] = [f"{EDIT_PREFIX}{picked_label}", "A" if j.chosen == task.true_choice("left") else "B", j.strength,
+                     shown(safe_left), shown(safe_right), bool(j.both_bad), j.comment or ""]
+        return tuple(out)
 
     def picked(selected: str | None) -> int | None:
         if round is not None:
@@ -296,19 +350,24 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                         right = gr.HTML(elem_id="right", js_on_load=None)
                         safe_b = gr.Radio(SAFETY, label="Response B is", elem_id="safe-b")
                 token = gr.Textbox(visible=False, elem_id="lease-token")
-                choice = gr.Radio(CHOICES, label="Which response is better?", elem_id="choice")
-                strength = gr.Radio(STRENGTHS, label="How much better?", elem_id="strength")
+                with gr.Row(elem_id="controls", equal_height=True):  # sticks to the bottom of the window: always on screen
+                    choice = gr.Radio(CHOICES, label="Which response is better?", elem_id="choice", scale=2, min_width=150)
+                    strength = gr.Radio(STRENGTHS, label="How much better?", elem_id="strength", scale=5, min_width=300)
+                    with gr.Column(scale=2, min_width=150):
+                        submit = gr.Button("Submit", variant="primary", elem_id="submit-btn")
+                        undo = gr.Button(UNDO_LABEL, elem_id="undo-btn", size="sm")
                 with gr.Row():
                     both_bad = gr.Checkbox(label="Both responses are bad", elem_id="both-bad")
                     comment = gr.Textbox(label="Comment (optional)", lines=1, elem_id="comment")
-                with gr.Row():
-                    submit = gr.Button("Submit", variant="primary", elem_id="submit-btn")
-                    undo = gr.Button(UNDO_LABEL, elem_id="undo-btn")
                 with gr.Row():
                     reason = gr.Dropdown(SKIP_REASONS, value=None, label="Skip reason", allow_custom_value=True, elem_id="skip-reason")
                     skip = gr.Button("Skip this task", elem_id="skip-btn")
                 status = gr.Markdown(elem_id="status")
                 gr.HTML(f"<div class='keys'>{KEYS_HELP}</div>", js_on_load=None)
+                with gr.Accordion("My recent labels", open=False, elem_id="recent"):
+                    with gr.Row():
+                        recent = gr.Dropdown([], value=None, label="Your last 10 labels (newest first)", elem_id="recent-pick", scale=4)
+                        change = gr.Button("Change this label", elem_id="change-btn", scale=1)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 with gr.Row():
                     round_pick = gr.Dropdown(["all"], value="all", label="Round", elem_id="admin-round", allow_custom_value=True)
@@ -323,12 +382,13 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
 
         undo_armed = gr.State(0.0)
         outs = [context, left, right, token, choice, strength, safe_a, safe_b, both_bad, comment, reason, header, status, submit, skip,
-                undo, undo_armed]
+                undo, undo_armed, recent]
         assert len(outs) == N_OUTS and outs[STATUS_AT] is status
         demo.load(on_load, None, [*outs, admin_tab], api_name="load")
         submit.click(on_submit, [token, choice, strength, safe_a, safe_b, both_bad, comment], outs, api_name="submit")
         skip.click(on_skip, [token, reason], outs, api_name="skip")
         undo.click(on_undo, [undo_armed], outs, api_name="undo")
+        change.click(on_change_label, [recent], outs, api_name="change_label")
         refresh.click(on_admin_stats, [round_pick], [stats_md, round_pick], api_name="admin_stats")
         admin_tab.select(on_admin_stats, [round_pick], [stats_md, round_pick], api_name=False)
         export_btn.click(on_export, [round_pick, policy], [export_md, export_file], api_name="export")

@@ -151,6 +151,20 @@ class Judgement:
 
 
 @dataclass(frozen=True)
+class RecentLabel:
+    """One of an annotator's own labels, as the page lists them (TRUE identities)."""
+
+    label_id: int
+    task_uid: str
+    round: int
+    prompt: str  # the last user turn
+    chosen: str
+    strength: str | None
+    created_at: dt.datetime
+    changeable: bool  # its round is still open
+
+
+@dataclass(frozen=True)
 class SubmitResult:
     label_id: int
     task_uid: str
@@ -534,6 +548,7 @@ class AnnotationStore:
             u = self._user(s, name, active=True)
             a = self._assignment(s, token, u)
             t = s.scalars(select(Task).where(Task.id == a.task_id).with_for_update()).one()
+            self._check_open(s, t.round)
             if a.status == "submitted":
                 label = s.scalars(select(Label).where(Label.assignment_id == a.id)).one()
                 return SubmitResult(label.id, t.uid, t.round, label.chosen, True)
@@ -583,6 +598,7 @@ class AnnotationStore:
             if label is None:
                 return None
             t = s.scalars(select(Task).where(Task.id == label.task_id).with_for_update()).one()
+            self._check_open(s, t.round)
             a = s.get_one(Assignment, label.assignment_id)
             s.execute(update(Assignment).where(Assignment.user_id == u.id, Assignment.status == "leased", Assignment.id != a.id)
                       .values(status="released"))
@@ -596,6 +612,84 @@ class AnnotationStore:
             s.flush()
             self._event(s, "undo", u, t.id, **detail)
             return self._view(a, t)
+
+    # -- an annotator's recent labels; closing a round ----------------------------------------------
+
+    def closed_rounds(self) -> set[int]:
+        """Rounds an admin closed (``close_round``): their labels can no longer be submitted, undone or changed."""
+        with self._tx(write=False) as s:
+            return self._closed(s)
+
+    @staticmethod
+    def _closed(s: Session) -> set[int]:
+        rows = s.execute(select(Event.action, Event.detail).where(Event.action.in_(("close-round", "reopen-round")))
+                         .order_by(Event.id)).all()
+        closed: set[int] = set()
+        for action, detail in rows:
+            r = int(detail["round"])
+            closed.add(r) if action == "close-round" else closed.discard(r)
+        return closed
+
+    def close_round(self, round: int, *, by: str | None = None) -> None:
+        """Close a round: no more labels, undos or changes in it (exports read a settled set)."""
+        self._set_round_open(round, False, by)
+
+    def reopen_round(self, round: int, *, by: str | None = None) -> None:
+        self._set_round_open(round, True, by)
+
+    def _set_round_open(self, round: int, open_: bool, by: str | None) -> None:
+        if round not in self.rounds():
+            raise AnnotationError(f"round {round} has no tasks")
+        with self._tx() as s:
+            self._event(s, "reopen-round" if open_ else "close-round", self._user(s, by) if by else None, round=round)
+
+    def _check_open(self, s: Session, round: int) -> None:
+        if round in self._closed(s):
+            raise AnnotationError(f"round {round} is closed; its labels can no longer change (align annotate reopen-round)")
+
+    def recent_labels(self, user: str, n: int = 10, *, round: int | None = None) -> list[RecentLabel]:
+        """``user``'s ``n`` most recent labels, newest first."""
+        closed = self.closed_rounds()
+        with self._tx(write=False) as s:
+            u = self._user(s, user)
+            q = select(Label, Task).join(Task, Task.id == Label.task_id).where(Label.user_id == u.id)
+            if round is not None:
+                q = q.where(Label.round == round)
+            rows = s.execute(q.order_by(Label.created_at.desc(), Label.id.desc()).limit(n)).all()
+            return [RecentLabel(label.id, t.uid, t.round, next((m["content"] for m in reversed(t.prompt) if m["role"] == "user"), ""),
+                                label.chosen, label.strength, label.created_at, t.round not in closed) for label, t in rows]
+
+    def label_task(self, user: str, label_id: int) -> tuple[LeasedTask, Judgement]:
+        """One of ``user``'s labels with its task, as shown when it was made (same left/right order), for changing it."""
+        with self._tx(write=False) as s:
+            u = self._user(s, user)
+            label = s.get(Label, label_id)
+            if label is None or label.user_id != u.id:
+                raise AnnotationError(f"label #{label_id} is not one of {user!r}'s labels")
+            a = s.get_one(Assignment, label.assignment_id)
+            view = self._view(a, s.get_one(Task, label.task_id))
+            return view, Judgement(label.chosen, label.strength, label.safe_a, label.safe_b, label.both_bad, label.comment)
+
+    def change_label(self, user: str, label_id: int, judgement: Judgement | None = None, **fields: Any) -> SubmitResult:
+        """Replace one of ``user``'s labels (TRUE identities) while its round is open; the old values go to the audit log."""
+        j = (judgement or Judgement(**fields)).validated()
+
+        def change() -> SubmitResult:
+            with self._tx() as s:
+                u = self._user(s, user, active=True)
+                label = s.get(Label, label_id)
+                if label is None or label.user_id != u.id:
+                    raise AnnotationError(f"label #{label_id} is not one of {user!r}'s labels")
+                t = s.get_one(Task, label.task_id)
+                self._check_open(s, t.round)
+                old = {"chosen": label.chosen, "strength": label.strength, "safe_a": label.safe_a, "safe_b": label.safe_b,
+                       "both_bad": label.both_bad, "comment": label.comment}
+                label.chosen, label.strength, label.safe_a, label.safe_b = j.chosen, j.strength, j.safe_a, j.safe_b
+                label.both_bad, label.comment = j.both_bad, j.comment
+                self._event(s, "change-label", u, t.id, label=label.id, old=old)
+                return SubmitResult(label.id, t.uid, t.round, j.chosen, False)
+
+        return self._retrying(change)
 
     def label_with(self, annotator: SimulatedAnnotator, *, round: int | None = None, batch_size: int = 16,
                    limit: int | None = None) -> int:
