@@ -445,3 +445,63 @@ def test_failed_logins_are_throttled_and_logged(secure_app):
     log = (secure_app["root"] / "serve.log").read_text()
     assert log.count("failed login: user='fay' address=127.0.0.1") == 3 and "failed login: user='nobody2'" in log
     assert "login refused, too many failures: user='fay'" in log
+
+
+# -- the annotator's page fits the screen ----------------------------------------------------------------------
+
+TYPICAL = "Here is a careful, step-by-step answer with an example and a caveat. " * 18  # ~1,250 characters
+
+
+@pytest.fixture(scope="module")
+def layout_app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layout")
+    db = f"sqlite:///{root}/ann.db"
+    store = AnnotationStore(db)
+    store.add_user("gus", password="gus-password")
+    store.queue(1, [{"id": "typical", "prompt": "How do I plan a week of healthy dinners on a budget?",
+                     "response_a": "A: " + TYPICAL, "response_b": "B: " + TYPICAL[::-1]}])
+    proc, url, log = _serve(root, db)
+    yield {"url": url}
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+    store.close()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width,height,touch", [(1280, 800, False), (390, 844, True)], ids=["laptop", "phone"])
+def test_annotator_page_fits_the_screen(layout_app, chromium, width, height, touch):
+    """The choice, the strength and Submit are on screen without scrolling; long responses scroll inside their panes;
+    no keyboard hint on a touch screen. ALIGN_UI_SCREENSHOTS=DIR saves what the test saw."""
+    ctx = chromium.new_context(viewport={"width": width, "height": height}, has_touch=touch, is_mobile=touch)
+    page = ctx.new_page()
+    page.goto(layout_app["url"])
+    page.locator("input[type=text]").fill("gus")
+    page.locator("input[type=password]").fill("gus-password")
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#context .conv", timeout=60_000)
+    page.wait_for_timeout(500)  # let the layout settle
+
+    def on_screen(selector: str) -> bool:
+        box = page.locator(selector).first.bounding_box()
+        return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= height and box["x"] >= 0 and box["x"] + box["width"] <= width
+
+    for selector in ("#choice", "#strength", "#submit-btn"):
+        assert on_screen(selector), f"{selector} is not on screen at {width}x{height}"
+    for pane in ("#left .resp", "#right .resp"):
+        scroll_h, client_h = page.evaluate(f"(() => {{ const r = document.querySelector('{pane}'); return [r.scrollHeight, r.clientHeight]; }})()")
+        assert scroll_h > client_h and client_h <= 0.35 * height, (pane, scroll_h, client_h)  # the pane scrolls, the page does not grow
+    a_box, b_box = page.locator("#left .resp").bounding_box(), page.locator("#right .resp").bounding_box()
+    if touch:
+        assert b_box["y"] >= a_box["y"] + a_box["height"] - 1  # stacked on a phone
+    else:
+        assert abs(a_box["y"] - b_box["y"]) < 2 and b_box["x"] > a_box["x"] + a_box["width"] - 1  # side by side
+    assert page.locator(".keys").is_visible() is (not touch)
+    if os.environ.get("ALIGN_UI_SCREENSHOTS"):
+        out = Path(os.environ["ALIGN_UI_SCREENSHOTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out / f"annotate-{width}x{height}.png"))
+    # the controls work from where they are: choose with a tap or click, without scrolling first
+    page.locator("#choice").get_by_text("B", exact=True).click(timeout=5_000)
+    assert page.locator("#choice input:checked").get_attribute("value") == "B"
+    ctx.close()
