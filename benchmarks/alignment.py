@@ -15,6 +15,7 @@ continued) and then checks the issue's targets on the final round:
 - TruthfulQA MC2 (a seeded 200 of the 817 questions) within 2 points of the SFT model's;
 - wall time <= 90 minutes.
 
+Every run adds one line to ``benchmarks/results/alignment_history.jsonl`` (the attempts, targets met or not).
 Writes ``benchmarks/results/alignment.json`` (per round: gold reward with CI, gold and RM-judged win rates with
 n, ties and CIs, ToxiGen, TruthfulQA, RM accuracies, step times) and the report's plots as
 ``benchmarks/results/alignment_<plot>.png``.
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--root", default=str(REPO / "runs"))
     p.add_argument("--fresh", action="store_true", help="delete an existing project of that name first")
     p.add_argument("--summarise", action="store_true", help="only summarise an existing project")
+    p.add_argument("--record", action="store_true", help="with --summarise: also add the run to alignment_history.jsonl")
+    p.add_argument("--note", default="", help="what this attempt changed, for alignment_history.jsonl")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="round config overrides (align round init)")
     a = p.parse_args(argv)
     project = Path(a.root) / a.project
@@ -130,7 +133,34 @@ def main(argv: list[str] | None = None) -> dict:
     for png in (project / "report").glob("*.png"):
         shutil.copy(png, RESULTS / f"alignment_{png.name}")
     print_tables(s)
+    if not a.summarise or a.record:
+        record_attempt(RESULTS / "alignment_history.jsonl", s, note=a.note)
     return s
+
+
+def attempt_row(s: dict, note: str = "") -> dict:
+    """One run in a line: what the targets came to, per round, and what the run was told (config, overrides)."""
+    return {
+        "project": s.get("project"), "config": s.get("config"), "overrides": s.get("overrides"), "note": note,
+        "minutes": s["targets"]["time"]["minutes"], "all_met": s["all_met"],
+        "final_winrate_vs_sft": {k: s["targets"]["winrate_vs_sft"][k] for k in ("value", "ci", "n")},
+        "rounds": [{"round": r["round"], "method": r["method"], "promoted": r["promoted"],
+                    "gold_mean": ((r["gold_reward"] or {}).get("policy") or {}).get("mean"),
+                    "winrate_gold_vs_sft": (r["winrate_gold_vs_sft"] or {}).get("win_rate"),
+                    "winrate_gold_vs_previous": (r["winrate_gold_vs_previous"] or {}).get("win_rate"),
+                    "rm_accuracy": r["rm_accuracy"], "minutes": round(sum(v or 0 for v in r["step_seconds"].values()) / 60, 1)}
+                   for r in s["rounds"]],
+        "toxigen": {k: s["targets"]["toxigen_not_worse"][k] for k in ("value", "sft")},
+        "truthfulqa_mc2": {k: s["targets"]["truthfulqa_mc2"][k] for k in ("value", "sft")},
+    }
+
+
+def record_attempt(path: Path, s: dict, note: str = "") -> None:
+    """Append this run to the history (every attempt stays on record, also those that missed a target)."""
+    row = attempt_row(s, note)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [r for r in rows if r.get("project") != row["project"]] + [row]  # a re-summarised project replaces its row
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":
