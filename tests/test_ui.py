@@ -486,6 +486,10 @@ def test_annotator_page_fits_the_screen(layout_app, chromium, width, height, tou
         box = page.locator(selector).first.bounding_box()
         return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= height and box["x"] >= 0 and box["x"] + box["width"] <= width
 
+    if os.environ.get("ALIGN_UI_SCREENSHOTS"):
+        out = Path(os.environ["ALIGN_UI_SCREENSHOTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out / f"annotate-{width}x{height}.png"))
     for selector in ("#choice", "#strength", "#submit-btn"):
         assert on_screen(selector), f"{selector} is not on screen at {width}x{height}"
     for pane in ("#left .resp", "#right .resp"):
@@ -497,10 +501,6 @@ def test_annotator_page_fits_the_screen(layout_app, chromium, width, height, tou
     else:
         assert abs(a_box["y"] - b_box["y"]) < 2 and b_box["x"] > a_box["x"] + a_box["width"] - 1  # side by side
     assert page.locator(".keys").is_visible() is (not touch)
-    if os.environ.get("ALIGN_UI_SCREENSHOTS"):
-        out = Path(os.environ["ALIGN_UI_SCREENSHOTS"])
-        out.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(out / f"annotate-{width}x{height}.png"))
     # the controls work from where they are: choose with a tap or click, without scrolling first
     page.locator("#choice").get_by_text("B", exact=True).click(timeout=5_000)
     assert page.locator("#choice input:checked").get_attribute("value") == "B"

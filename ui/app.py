@@ -70,10 +70,15 @@ CSS = """
 #left .resp, #right .resp {height: 30vh; min-height: 0; overflow-y: auto;}
 #controls {position: sticky; bottom: 0; z-index: 20; background: var(--background-fill-primary);
            border-top: 1px solid var(--border-color-primary); padding-top: 4px;}
-/* A phone: A and B stack with shorter panes; the controls still stick to the bottom. */
+/* A phone: A and B stack with shorter panes; the controls are a bar fixed to the bottom of the screen (sticky does
+   not hold inside Gradio's stacked columns) and the page leaves room to scroll everything above it. */
 @media (max-width: 640px) {
   #left .resp, #right .resp {height: 22vh;}
   #context {max-height: 12vh;}
+  #controls {position: fixed; left: 0; right: 0; bottom: 0; margin: 0; padding: 4px 8px; gap: 4px; max-height: 48vh;
+             overflow-y: auto; box-shadow: 0 -2px 10px rgba(0, 0, 0, .18);}
+  #controls .block {padding: 4px 8px;}
+  body {padding-bottom: 50vh;}
 }
 /* No keyboard hint on touch screens. */
 @media (hover: none) and (pointer: coarse) { .keys {display: none;} }
