@@ -166,13 +166,16 @@ def sample_pairs(models: Sequence[str], prompts: Sequence[Any], *, temperatures:
                              batch_size=batch_size, seed=seed + i))
     rows, dropped = [], 0
     for p, ga, gb in zip(prompts, outs[0], outs[1]):
-        if not ga.text.strip() or not gb.text.strip() or ga.text.strip() == gb.text.strip():
+        # a model can decode a NUL character (a small or random model does): never meaningful, and the task
+        # queue refuses it (PostgreSQL text cannot hold it), so it is dropped from sampled text here
+        text_a, text_b = ga.text.replace("\x00", ""), gb.text.replace("\x00", "")
+        if not text_a.strip() or not text_b.strip() or text_a.strip() == text_b.strip():
             dropped += 1
             continue
         meta = {"finished_a": ga.finished, "finished_b": gb.finished}
         if p.id:
             meta["prompt_id"] = p.id
-        rows.append({"prompt": p.messages, "response_a": ga.text, "response_b": gb.text, "category": p.category,
+        rows.append({"prompt": p.messages, "response_a": text_a, "response_b": text_b, "category": p.category,
                      "source_a": {"model": models[0], "temperature": temperatures[0]},
                      "source_b": {"model": models[1], "temperature": temperatures[1]}, "meta": meta})
     return rows, dropped
