@@ -75,6 +75,14 @@ def chromium():
         browser.close()
 
 
+def _log_in(page: Any, user: str) -> None:
+    """Log in through the page's form (password: '<user>-password') and wait for the first task."""
+    page.locator("input[type=text]").fill(user)
+    page.locator("input[type=password]").fill(f"{user}-password")
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#context .conv", timeout=60_000)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,10 +158,7 @@ def test_annotator_labels_with_mouse_and_keyboard_and_undoes(app, chromium):
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.goto(app["url"])
-    page.locator("input[type=text]").fill("alice")
-    page.locator("input[type=password]").fill("alice-password")
-    page.get_by_role("button", name="Login").click()
-    page.wait_for_selector("#context .conv", timeout=60_000)
+    _log_in(page, "alice")
 
     def uid() -> str:
         return page.locator("#context .conv").get_attribute("data-task")
@@ -260,10 +265,7 @@ def test_annotator_labels_with_mouse_and_keyboard_and_undoes(app, chromium):
 def test_admin_tab_shows_stats_and_exports(app, chromium):
     page = chromium.new_page()
     page.goto(app["url"])
-    page.locator("input[type=text]").fill("root")
-    page.locator("input[type=password]").fill("root-password")
-    page.get_by_role("button", name="Login").click()
-    page.wait_for_selector("#context .conv", timeout=60_000)
+    _log_in(page, "root")
     page.get_by_role("tab", name="Admin").click()
     page.wait_for_selector("#admin-stats table", timeout=30_000)
     stats = page.locator("#admin-stats").inner_text()
@@ -476,10 +478,7 @@ def test_annotator_page_fits_the_screen(layout_app, chromium, width, height, tou
     ctx = chromium.new_context(viewport={"width": width, "height": height}, has_touch=touch, is_mobile=touch)
     page = ctx.new_page()
     page.goto(layout_app["url"])
-    page.locator("input[type=text]").fill("gus")
-    page.locator("input[type=password]").fill("gus-password")
-    page.get_by_role("button", name="Login").click()
-    page.wait_for_selector("#context .conv", timeout=60_000)
+    _log_in(page, "gus")
     page.wait_for_timeout(500)  # let the layout settle
 
     def on_screen(selector: str) -> bool:

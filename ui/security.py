@@ -139,9 +139,6 @@ class Sessions:
             log.info("session of %r ended: %s", user, reason)
         return ok
 
-    def forget_key_cache(self) -> None:
-        self._keys.clear()
-
 
 def guarded_auth(store: Any, throttle: LoginThrottle) -> Callable[[str, str], Any]:
     """Gradio's ``auth`` callable: the store's password check, with failures counted and logged."""
