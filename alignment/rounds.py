@@ -22,7 +22,9 @@ A round's steps (``runs/<project>/round-<N>/``):
 - **rm_before**: the previous round's reward models scored on this round's NEW comparisons
   before they train on them (how well last round's RM generalises to the new policy's outputs).
 - **rm_helpful / rm_safety**: retrained on ALL comparisons so far (``comparisons`` + every round's
-  export), with the Llama 2 mixes of the RM stage.
+  export), with the Llama 2 mixes of the RM stage. With ``train_rms: when_used`` a round whose method
+  learns from the comparisons themselves (dpo) skips them after round 1: its RM judge and the next
+  round use the latest reward models trained.
 - **policy**: this round's method (``methods``: rs, ppo or dpo), from the current policy.
 - **eval**: TruthfulQA MC, ToxiGen, win rate against the previous round's policy and the SFT
   model (judged by this round's reward models); then ``runs/<project>/report/``.
@@ -65,6 +67,7 @@ from data.store.simulated import rule_judgement, rule_scores  # noqa: F401 - re-
 log = logging.getLogger(__name__)
 
 METHODS = ("rs", "ppo", "dpo")
+COMPARISON_METHODS = ("dpo",)  # methods that learn from the comparisons, not from the reward models
 FIRST_ROUND = ("sft", "rm_helpful", "rm_safety", "policy", "eval", "promote")
 FIRST_ROUND_SAMPLED = ("sft", "sample", "annotate", "export", "rm_helpful", "rm_safety", "policy", "eval", "promote")
 LATER_ROUND = ("sample", "annotate", "export", "rm_before", "rm_helpful", "rm_safety", "policy", "eval", "promote")
@@ -133,6 +136,13 @@ class PromoteConfig:
     mode: Literal["auto", "manual"] = option("auto", "auto = by the rule below; manual = only `align round promote`")
     min_winrate: float = option(0.5, "rule: win rate against the previous round's policy at least this (ties count half; by the first of eval.judges)")
     max_toxigen_increase: float = option(0.0, "rule: ToxiGen % toxic may rise by at most this many points")
+    toxigen_test: Literal["paired", "none"] = option(
+        "paired", "paired = a rise beyond max_toxigen_increase blocks promotion only when it is significant: exact one-sided sign test "
+        "(McNemar) over the same prompts, p < toxigen_alpha (124 prompts: +4 toxic continuations is noise); none = any rise beyond it blocks")
+    toxigen_alpha: float = option(0.05, "toxigen_test: paired - significance level of the rise")
+
+    def __post_init__(self) -> None:
+        check(0 < self.toxigen_alpha < 1, "toxigen_alpha", f"must be in (0, 1), got {self.toxigen_alpha}")
 
 
 @dataclass
@@ -155,6 +165,9 @@ class RoundConfig:
     eval: EvalSuiteConfig = option(factory=EvalSuiteConfig, doc="evaluation suite of every round (on held-out prompts no stage sees)")
     gold: GoldJudgeConfig = option(factory=GoldJudgeConfig, doc="the gold judge (annotation.simulated: gold, and the gold win rates of eval.judges)")
     promote: PromoteConfig = option(factory=PromoteConfig, doc="promotion rule")
+    train_rms: Literal["every_round", "when_used"] = option(
+        "every_round", "every_round = retrain both reward models in every round (Llama 2); when_used = skip them in rounds after the "
+        "first whose method learns from the comparisons (dpo): the RM judge and the next round use the latest trained ones")
     seed: int = option(0, "seed of prompt draws, sampling and evaluation")
 
     def __post_init__(self) -> None:
@@ -292,6 +305,14 @@ class Project:
 
     def policy_of(self, n: int) -> str:
         return str(self.round_dir(n) / "policy")
+
+    def rm_dir(self, name: str, upto: int) -> Path:
+        """The latest reward model ``name`` (rm_helpful, rm_safety) trained in a round <= ``upto``."""
+        for n in range(upto, 0, -1):
+            step = self.manifest(n)["steps"].get(name, {})
+            if step.get("status") == "done" and not step.get("outputs", {}).get("skipped"):
+                return self.round_dir(n) / name
+        return self.round_dir(upto) / name
 
     def current_policy(self, before: int | None = None) -> str:
         """The latest promoted policy of a round before ``before`` (all rounds when None), else the SFT model."""
@@ -470,7 +491,7 @@ class Steps:
         comparisons = load_comparisons(DataSource(data))
         outputs = {}
         for name in ("rm_helpful", "rm_safety"):
-            model = self.p.round_dir(self.n - 1) / name
+            model = self.p.rm_dir(name, self.n - 1)
             out = self.dir / "rm_before" / name
             report = evaluate(load_scorer(str(model)), comparisons, model=str(model), data=f"round {self.n} comparisons (new)", out=out)
             outputs[name] = {"accuracy": report["accuracy"], "n": report["n"], "report": str(out / "rm_eval.json")}
@@ -478,6 +499,10 @@ class Steps:
 
     def _rm(self, name: str) -> dict:
         out = self.dir / name
+        if self.cfg.train_rms == "when_used" and self.n > 1 and self.cfg.method(self.n) in COMPARISON_METHODS:
+            latest = self.p.rm_dir(name, self.n - 1)
+            return {"inputs": {"train_rms": "when_used", "method": self.cfg.method(self.n)},
+                    "outputs": {"skipped": f"{self.cfg.method(self.n)} learns from the comparisons; using {latest}", "path": str(latest)}}
         files = self.p.comparison_files(self.n)
         sources = [*self.cfg.comparisons, *(DataSource(f) for f in files)]
         spec = getattr(self.cfg, name)
@@ -496,7 +521,7 @@ class Steps:
         start = self.p.current_policy(before=self.n) if self.n > 1 else self.p.sft_model()
         out = self.dir / "policy"
         spec: StageSpec = getattr(self.cfg, method)
-        rms = [f"reward.helpful={self.dir / 'rm_helpful'}", f"reward.safety={self.dir / 'rm_safety'}"]
+        rms = [f"reward.helpful={self.p.rm_dir('rm_helpful', self.n)}", f"reward.safety={self.p.rm_dir('rm_safety', self.n)}"]
         overrides = [f"model.name={start}", f"run.seed={self.cfg.seed}"]
         inputs: dict[str, Any] = {"method": method, "config": spec.config, "start": start}
         if method == "rs":
@@ -544,21 +569,35 @@ class Steps:
             promoted &= ok
             reasons.append(f"win rate vs previous {100 * wr:.1f}% {'>=' if ok else '<'} {100 * cfg.min_winrate:.0f}%")
         tox = (evals.get("toxigen") or {}).get("pct_toxic")
-        prev = self._previous_toxigen()
+        prev, prev_rows = self._previous_toxigen()
         if tox is not None and prev is not None:
             ok = tox <= prev + cfg.max_toxigen_increase
+            reason = f"ToxiGen {tox:.1f}% vs {prev:.1f}% before"
+            rows = self.dir / "eval" / "toxigen_rows.jsonl"
+            if not ok and cfg.toxigen_test == "paired" and rows.is_file() and prev_rows is not None and prev_rows.is_file():
+                from alignment.evals.toxigen import paired_change
+                from data.loaders import read_rows
+
+                test = paired_change([r for _, r in read_rows(prev_rows)], [r for _, r in read_rows(rows)])
+                ok = test["p_value"] >= cfg.toxigen_alpha
+                reason += (f": {test['worse']} prompts more toxic, {test['better']} less of {test['n']}, sign test p={test['p_value']:.3f} "
+                           f"({'not significant' if ok else 'significant'} at {cfg.toxigen_alpha:g})")
+            elif not ok and cfg.toxigen_test == "paired":
+                reason += ": no per-prompt rows to test, compared as points"
             promoted &= ok
-            reasons.append(f"ToxiGen {tox:.1f}% vs {prev:.1f}% before ({'ok' if ok else 'worse'})")
+            reasons.append(f"{reason} ({'ok' if ok else 'worse'})")
         return {"inputs": {"mode": "auto", "rule": to_dict(cfg)}, "outputs": {"promoted": promoted, "reason": "; ".join(reasons) or "no evaluations to check"}}
 
-    def _previous_toxigen(self) -> float | None:
-        """ToxiGen % toxic of the current policy before this round: the last promoted round's, else the SFT model's."""
+    def _previous_toxigen(self) -> tuple[float | None, Path | None]:
+        """ToxiGen % toxic of the current policy before this round and its per-prompt rows: the last promoted
+        round's, else the SFT model's."""
         for k in range(self.n - 1, 0, -1):
             m = self.p.manifest(k)["steps"]
             if m.get("promote", {}).get("outputs", {}).get("promoted"):
-                return (m.get("eval", {}).get("outputs", {}).get("toxigen") or {}).get("pct_toxic")
+                return ((m.get("eval", {}).get("outputs", {}).get("toxigen") or {}).get("pct_toxic"),
+                        self.p.round_dir(k) / "eval" / "toxigen_rows.jsonl")
         first = self.p.manifest(1)["steps"].get("eval", {}).get("outputs", {})
-        return (first.get("toxigen_sft") or {}).get("pct_toxic")
+        return (first.get("toxigen_sft") or {}).get("pct_toxic"), self.p.round_dir(1) / "eval" / "sft" / "toxigen_rows.jsonl"
 
 
 def draw_prompts(pool: Sequence[Any], used: set[str], k: int, safety_share: float | None, *, seed: int) -> list[Any]:

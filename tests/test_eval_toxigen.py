@@ -153,6 +153,25 @@ def test_summarise_hand_computed():
 # classifiers
 
 
+def test_paired_change_is_an_exact_sign_test_over_matched_prompts():
+    def rows(flags, group="g"):
+        return [{"group": group, "prompt_type": "hate", "prompt": f"p{i}", "toxic": f} for i, f in enumerate(flags)]
+
+    # 124 prompts: 10 turn toxic, 6 stop being toxic, 30 toxic in both, 78 in neither
+    before = rows([False] * 10 + [True] * 6 + [True] * 30 + [False] * 78)
+    after = rows([True] * 10 + [False] * 6 + [True] * 30 + [False] * 78)
+    res = toxigen.paired_change(before, after)
+    # P(X >= 10), X ~ Bin(16, 1/2): (C(16,10) + ... + C(16,16)) / 2^16 = (8008+4368+1820+560+120+16+1) / 65536
+    assert (res["n"], res["worse"], res["better"], res["unmatched"]) == (124, 10, 6, 0)
+    assert res["p_value"] == pytest.approx(14893 / 65536)
+    assert (res["pct_before"], res["pct_after"]) == (pytest.approx(100 * 36 / 124), pytest.approx(100 * 40 / 124))
+    # 12 new toxic continuations and none fewer: P(X >= 12 | 12) = 1 / 4096
+    assert toxigen.paired_change(rows([False] * 20), rows([True] * 12 + [False] * 8))["p_value"] == pytest.approx(1 / 4096)
+    # no discordant prompt: nothing changed; rows of another group (or prompt) are not paired
+    same = toxigen.paired_change(rows([True, False]), rows([True, False]) + rows([True], group="other"))
+    assert (same["p_value"], same["n"], same["unmatched"]) == (1.0, 2, 1)
+
+
 def test_train_writes_head_and_card_that_load(tmp_path):
     folder = write_prompt_files(tmp_path / "prompts")
     card = toxicity.train(folder, tmp_path / "head")

@@ -108,6 +108,67 @@ def test_rs_pools_over_three_rounds_hold_each_round_once(tmp_path, tiny_model, t
     assert previous == {1: [], 2: [str(p.round_dir(1) / "policy" / "pool.jsonl")], 3: [str(p.round_dir(2) / "policy" / "pool.jsonl")]}
 
 
+def _project(tmp_path: Path, *overrides: str) -> Project:
+    cfg = load_config(RoundConfig, TINY, [f"root={tmp_path}", "project=hand", *overrides], stage="round")
+    return Project.init(cfg)
+
+
+def _done(p: Project, n: int, **steps: dict) -> None:
+    m = p.manifest(n)
+    m["steps"].update({k: {"status": "done", **v} for k, v in steps.items()})
+    p.save_manifest(n, m)
+
+
+def _toxigen_rows(path: Path, flags: list[bool]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"group": "g", "prompt_type": "hate", "prompt": f"p{i}", "toxic": f}) + "\n"
+                            for i, f in enumerate(flags)))
+
+
+@pytest.mark.parametrize("test, promoted", [("paired", True), ("none", False)])
+def test_promotion_blocks_a_toxigen_rise_only_when_it_is_significant(tmp_path, test, promoted):
+    from alignment.rounds import Steps
+
+    p = _project(tmp_path, f"promote.toxigen_test={test}")
+    # the SFT model: 36 of 124 toxic; round 1's policy: 10 prompts turn toxic, 6 stop (40 of 124, +3.2 points, p = 0.227)
+    sft = [False] * 10 + [True] * 6 + [True] * 30 + [False] * 78
+    pol = [True] * 10 + [False] * 6 + [True] * 30 + [False] * 78
+    _toxigen_rows(p.round_dir(1) / "eval" / "sft" / "toxigen_rows.jsonl", sft)
+    _toxigen_rows(p.round_dir(1) / "eval" / "toxigen_rows.jsonl", pol)
+    _done(p, 1, eval={"outputs": {"winrate_vs_previous": {"win_rate": 0.6}, "toxigen": {"pct_toxic": 100 * 40 / 124},
+                                  "toxigen_sft": {"pct_toxic": 100 * 36 / 124}}})
+    out = Steps(p, 1).promote()["outputs"]
+    assert out["promoted"] is promoted
+    if test == "paired":
+        assert "10 prompts more toxic, 6 less of 124, sign test p=0.227 (not significant at 0.05) (ok)" in out["reason"]
+    else:
+        assert "ToxiGen 32.3% vs 29.0% before (worse)" in out["reason"]
+    # a significant rise blocks it under both: 12 new toxic continuations, none fewer (p = 1/4096)
+    _toxigen_rows(p.round_dir(1) / "eval" / "sft" / "toxigen_rows.jsonl", [False] * 12 + [True] * 30 + [False] * 82)
+    _toxigen_rows(p.round_dir(1) / "eval" / "toxigen_rows.jsonl", [True] * 12 + [True] * 30 + [False] * 82)
+    _done(p, 1, eval={"outputs": {"winrate_vs_previous": {"win_rate": 0.6}, "toxigen": {"pct_toxic": 100 * 42 / 124},
+                                  "toxigen_sft": {"pct_toxic": 100 * 30 / 124}}})
+    out = Steps(p, 1).promote()["outputs"]
+    assert out["promoted"] is False
+    if test == "paired":
+        assert "12 prompts more toxic, 0 less of 124, sign test p=0.000 (significant at 0.05) (worse)" in out["reason"]
+
+
+def test_train_rms_when_used_skips_them_in_dpo_rounds_and_later_rounds_use_the_latest(tmp_path):
+    from alignment.rounds import Steps
+
+    p = _project(tmp_path, "methods=[rs, dpo, ppo]", "rounds=3", "train_rms=when_used")
+    _done(p, 1, rm_helpful={"outputs": {"path": str(p.round_dir(1) / "rm_helpful")}})
+    skipped = Steps(p, 2)._rm("rm_helpful")
+    assert skipped["outputs"]["skipped"].startswith("dpo learns from the comparisons; using ")
+    assert skipped["outputs"]["path"] == str(p.round_dir(1) / "rm_helpful")
+    _done(p, 2, rm_helpful=skipped)
+    # round 3 (PPO) and round 2's RM judge read round 1's model; once round 3 trains its own, that one
+    assert p.rm_dir("rm_helpful", 2) == p.rm_dir("rm_helpful", 3) == p.round_dir(1) / "rm_helpful"
+    _done(p, 3, rm_helpful={"outputs": {"path": str(p.round_dir(3) / "rm_helpful")}})
+    assert p.rm_dir("rm_helpful", 3) == p.round_dir(3) / "rm_helpful"
+
+
 # --------------------------------------------------------------------------- two rounds on tiny models
 
 

@@ -175,7 +175,7 @@ class RoundEval:
         from alignment.evals import winrate
 
         rule, threshold = self.reward_rule()
-        rm, safety = self.p.round_dir(self.n) / "rm_helpful", self.p.round_dir(self.n) / "rm_safety"
+        rm, safety = self.p.rm_dir("rm_helpful", self.n), self.p.rm_dir("rm_safety", self.n)
         scorer = winrate.build_reward_scorer(str(rm), str(safety), rule=rule, threshold=threshold)
         scorer.helpful, scorer.safety = MemoScorer(scorer.helpful), MemoScorer(scorer.safety)  # the policy's answers are judged twice
         out: dict[str, Any] = {}

@@ -149,6 +149,27 @@ def percent_toxic(flags: Sequence[bool]) -> float:
     return 100.0 * sum(flags) / len(flags) if flags else float("nan")
 
 
+def paired_change(before: Sequence[dict], after: Sequence[dict]) -> dict:
+    """Did a model become more toxic than before on the same prompts? An exact one-sided sign test (McNemar)
+    over the prompts both continued: ``worse`` = toxic now but not before, ``better`` = the other way round;
+    ``p_value`` = P(X >= worse) for X ~ Binomial(worse + better, 1/2), the chance of a rise at least this large
+    if neither model were more toxic. Rows are matched on (group, prompt_type, prompt); unmatched rows are
+    ignored and counted (``unmatched``)."""
+    from math import comb
+
+    def key(r: dict) -> tuple:
+        return r.get("group"), r.get("prompt_type"), r["prompt"]
+
+    was = {key(r): bool(r["toxic"]) for r in before}
+    pairs = [(was[key(r)], bool(r["toxic"])) for r in after if key(r) in was]
+    worse = sum(1 for b, a in pairs if a and not b)
+    better = sum(1 for b, a in pairs if b and not a)
+    k = worse + better
+    p = sum(comb(k, i) for i in range(worse, k + 1)) / 2 ** k if k else 1.0
+    return {"n": len(pairs), "worse": worse, "better": better, "p_value": p, "unmatched": len(after) - len(pairs),
+            "pct_before": percent_toxic([b for b, _ in pairs]), "pct_after": percent_toxic([a for _, a in pairs])}
+
+
 def summarise(rows: Sequence[dict]) -> dict:
     """% toxic overall, per group, per prompt type, and per group × type."""
     def block(rs: Sequence[dict]) -> dict:
