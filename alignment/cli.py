@@ -17,13 +17,13 @@ import os
 import sys
 from typing import Sequence
 
+from alignment.methods import METHODS
+
 # name -> (module, kind, one-line help). kind: "stage" (typed config) or "command" (own argparse).
+# The policy methods come from their registry (alignment/methods.py); importing it imports no stage.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("alignment.sft", "stage", "supervised fine-tuning: full, LoRA, prompt tuning or QLoRA, assistant-only loss"),
-    "ppo": ("alignment.ppo", "stage", "PPO against the combined helpfulness/safety reward (own loop on Accelerate; LoRA, shared-weight critic)"),
-    "grpo": ("alignment.grpo", "stage", "critic-free online RL with TRL (GRPO or RLOO) against the same combined reward"),
-    "dpo": ("alignment.dpo", "stage", "direct preference optimisation on comparisons (TRL DPOTrainer), optional Llama 2 strength margin"),
-    "rs": ("alignment.rs", "stage", "rejection sampling: best-of-K by reward, pool of all rounds' best, SFT on the pool"),
+    **{m.name: (m.module, "stage", m.help) for m in METHODS.values()},
     "round": ("alignment.rounds", "command", "iterative RLHF rounds V1..Vn: init, next, run, status, promote"),
     "demo": ("alignment.demo", "command", "the main job: RLHF-V1 and V2 on the embedded SmolLM2, unattended (simulated annotator), then the report"),
     "merge": ("alignment.commands", "command", "merge a LoRA adapter into its base model (a full checkpoint)"),

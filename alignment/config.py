@@ -15,12 +15,17 @@ Rules (all enforced here, once, for every stage):
 
 A YAML file may carry ``stage: <name>``; loading it for another stage fails, so
 ``align rm --config configs/sft.yaml`` is caught before anything runs.
+
+Renamed keys: a top-level config class may declare ``RENAMED: ClassVar[dict[str, str]]`` (old dotted
+key or section -> new one). Files and overrides that use an old name still load, for one release,
+with a warning naming the new key; giving both the old and the new name is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -30,6 +35,7 @@ import yaml
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -255,6 +261,18 @@ def _set_dotted(data: dict, key: str, value: Any, cls: type) -> None:
             dcs = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
             if dcs:
                 tp = dcs[0]
+        # a dict of sections (e.g. a round's policy.<method>): the next part is a free key
+        if typing.get_origin(tp) is dict and i < len(parts) - 1:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node, tp = child, typing.get_args(tp)[1]
+            rest = parts[i + 1:]
+            if len(rest) == 1:
+                node[rest[0]] = value
+            else:
+                _set_dotted(node.setdefault(rest[0], {}), ".".join(rest[1:]), value, tp)
+            return
         if i == len(parts) - 1:
             node[part] = value
         else:
@@ -267,6 +285,45 @@ def _set_dotted(data: dict, key: str, value: Any, cls: type) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # public API
+
+
+def renamed_key(key: str, renames: dict[str, str]) -> tuple[str, str | None]:
+    """(the current name of dotted ``key``, the old name it matched or None)."""
+    for old, new in renames.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):], old
+    return key, None
+
+
+def _apply_renames(data: dict, lines: dict[str, int], renames: dict[str, str], source: str) -> None:
+    """Move every old key or section of a loaded file to its new name (merging sections)."""
+    for old, new in renames.items():
+        *parents, leaf = old.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        where = f"{source}:{lines.get(old, '?')}"
+        log.warning("%s: '%s' is now '%s'; the old name still works in this release", where, old, new)
+        *nparents, nleaf = new.split(".")
+        target = data
+        for part in nparents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(new, f"'{old}' is renamed '{new}', but '{part}' is not a section here", where=where)
+        if isinstance(value, dict) and isinstance(target.get(nleaf), dict):
+            both = sorted(set(value) & set(target[nleaf]))
+            if both:
+                raise ConfigError(new, f"both '{old}.{both[0]}' and its new name '{new}.{both[0]}' are set; keep the new one", where=where)
+            target[nleaf].update(value)
+        elif nleaf in target:
+            raise ConfigError(new, f"both '{old}' and its new name '{new}' are set; keep the new one", where=where)
+        else:
+            target[nleaf] = value
+        for key in [k for k in lines if k == old or k.startswith(old + ".")]:
+            lines[new + key[len(old):]] = lines.pop(key)
 
 
 def load_config(
@@ -297,12 +354,17 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError("", f"the top level must be a mapping of keys, got {type(loaded).__name__}", where=source)
         data = loaded
+    renames: dict[str, str] = getattr(cls, "RENAMED", {})
+    _apply_renames(data, lines, renames, source)
     file_stage = data.pop("stage", None)
     if stage is not None and file_stage is not None and file_stage != stage:
         raise ConfigError("stage", f"this file configures the '{file_stage}' stage, not '{stage}'",
                           where=f"{source}:{lines.get('stage', '?')}")
     for text in overrides:
         key, value = _parse_override(text)
+        key, old = renamed_key(key, renames)
+        if old:
+            log.warning("command line: '%s' is now '%s'; the old name still works in this release", text.split("=", 1)[0].strip(), key)
         _set_dotted(data, key, value, cls)
         lines.pop(key, None)
     builder = _Builder(source if not overrides else f"{source} (+ command-line overrides)", lines)

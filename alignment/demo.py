@@ -91,7 +91,7 @@ def cli(name: str, argv: Sequence[str]) -> int:
     cfg = load_config(rounds.RoundConfig, REPO_CONFIGS / PROFILES[a.profile],
                       [*a.overrides, f"project={project}", f"root={a.root}"], stage="round")
     # the stage configs named in the round config are the repository's, wherever the demo runs from
-    for spec in (cfg.sft, cfg.rm_helpful, cfg.rm_safety, cfg.rs, cfg.ppo, cfg.dpo):
+    for spec in cfg.stage_specs():
         if not Path(spec.config).is_absolute() and not Path(spec.config).exists():
             spec.config = str(REPO_CONFIGS.parent / spec.config)
     t0 = time.time()

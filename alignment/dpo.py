@@ -11,7 +11,7 @@ and the default (``loss_type: [sigmoid]``) loss is ``-log sigmoid(r(x, y_c) - r(
 Every loss type of TRL 1.16 is selectable (hinge, IPO, robust, ...), as is WPO weighting.
 
 Margin m (``dpo.margin``). Llama 2 trains its reward models with a margin that grows with the
-annotator's rating (METHOD.md); ``small`` / ``large`` apply the same tables here, ``data`` takes
+annotator's rating (Touvron et al. 2023, section 3.2.2, Table 27); ``small`` / ``large`` apply the same tables here, ``data`` takes
 each record's ``margin`` field (TRL preference files), ``none`` is plain DPO (m = 0). This is DPO
 with an offset (ODPO, Amini et al. 2024, https://arxiv.org/abs/2402.10571). Departure from TRL:
 its DPOTrainer has no per-pair margin or weight (only WPO's policy-probability weighting), so the
@@ -70,7 +70,7 @@ LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", 
 # Losses in which beta * (chosen log-ratio - rejected log-ratio) appears only as a whole: shifting
 # the chosen reference log-prob by m / beta subtracts exactly m from it.
 MARGIN_LOSSES = ("sigmoid", "hinge", "robust")
-# Llama 2's margin m(r) by rating (METHOD.md, reward models); no rating = 0.
+# Llama 2's margin m(r) by rating (section 3.2.2, Table 27); no rating = 0.
 MARGIN_TABLES: dict[str, dict[str, float]] = {
     "small": {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0},
     "large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligibly_better": 0.0},

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from data.schemas import Message
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: the foundation does not import the data layer at run time
     import torch
+
+    from data.schemas import Message
 
 
 @dataclass

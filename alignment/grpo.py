@@ -1,13 +1,13 @@
 """Critic-free online RL with TRL: GRPO or RLOO, with our combined helpfulness/safety reward.
 
     align grpo --config configs/grpo.yaml [key=value ...] [--resume]
-    align grpo --config configs/grpo.yaml algo.algorithm=rloo
+    align grpo --config configs/grpo.yaml grpo.algorithm=rloo
 
-Both sample ``algo.num_generations`` responses per prompt and use the group itself as the baseline
+Both sample ``grpo.num_generations`` responses per prompt and use the group itself as the baseline
 instead of a learned critic:
 
 - GRPO (Shao et al. 2024, arXiv:2402.03300): advantage = (r - mean of the group) / std of the group
-  (``algo.scale_rewards``), clipped surrogate loss, KL to the reference weighted by ``algo.beta``.
+  (``grpo.scale_rewards``), clipped surrogate loss, KL to the reference weighted by ``grpo.beta``.
 - RLOO (Ahmadian et al. 2024, arXiv:2402.14740): advantage = r - mean of the *other* responses to the
   same prompt (leave-one-out).
 
@@ -31,7 +31,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from alignment.adapters import AdapterConfig, peft_config, set_adapter_base
 from alignment.config import check, option
@@ -74,19 +74,21 @@ class GroupAlgoConfig:
 class GroupRLConfig:
     """GRPO / RLOO with TRL and our reward."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"algo": "grpo"}  # until the next release
+
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig, doc="the policy to start from (an SFT output: its LoRA adapter is merged first)")
     adapter: AdapterConfig = option(factory=lambda: AdapterConfig(dropout=0.0), doc="lora (reference = adapter off) or full")
     data: PPODataConfig = option(factory=PPODataConfig, doc="prompts (held-out ones are scored every train.eval_steps)")
     reward: PPORewardConfig = option(factory=PPORewardConfig, doc="reward models or rule-based reward (as for PPO)")
-    algo: GroupAlgoConfig = option(factory=GroupAlgoConfig, doc="GRPO or RLOO")
+    grpo: GroupAlgoConfig = option(factory=GroupAlgoConfig, doc="GRPO or RLOO, and their sampling")
     train: TrainConfig = option(factory=lambda: TrainConfig(batch_size=8, lr=1e-5, lr_scheduler="constant", warmup_ratio=0.0, max_steps=100, logging_steps=1),
                                 doc="optimisation (batch_size counts responses: prompts x num_generations)")
 
     def __post_init__(self) -> None:
         check(self.adapter.method in ("lora", "full"), "adapter.method", f"grpo trains lora or full, got {self.adapter.method!r}")
-        check(self.train.batch_size * self.train.grad_accum % self.algo.num_generations == 0, "train.batch_size",
-              f"batch_size x grad_accum ({self.train.batch_size * self.train.grad_accum}) must be a multiple of algo.num_generations ({self.algo.num_generations})")
+        check(self.train.batch_size * self.train.grad_accum % self.grpo.num_generations == 0, "train.batch_size",
+              f"batch_size x grad_accum ({self.train.batch_size * self.train.grad_accum}) must be a multiple of grpo.num_generations ({self.grpo.num_generations})")
 
 
 Config = GroupRLConfig
@@ -131,15 +133,15 @@ def build_trainer(cfg: GroupRLConfig, out: Path, logger: MetricsLogger | None = 
     eos = model.generation_config.eos_token_id
     reward_fn = reward_function(scorer, cfg.reward.missing_eos_penalty, set(eos if isinstance(eos, list) else [eos]))
     common = dict(
-        **trainer_kwargs(cfg.train, cfg.run, out, has_eval=True), num_generations=cfg.algo.num_generations,
-        max_completion_length=cfg.algo.max_new_tokens, temperature=cfg.algo.temperature, top_p=cfg.algo.top_p,
-        beta=cfg.algo.beta, epsilon=cfg.algo.epsilon, num_iterations=cfg.algo.num_iterations,
-        mask_truncated_completions=cfg.algo.mask_truncated, disable_dropout=True, log_completions=False,
+        **trainer_kwargs(cfg.train, cfg.run, out, has_eval=True), num_generations=cfg.grpo.num_generations,
+        max_completion_length=cfg.grpo.max_new_tokens, temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p,
+        beta=cfg.grpo.beta, epsilon=cfg.grpo.epsilon, num_iterations=cfg.grpo.num_iterations,
+        mask_truncated_completions=cfg.grpo.mask_truncated, disable_dropout=True, log_completions=False,
     )
-    if cfg.algo.algorithm == "grpo":
+    if cfg.grpo.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        args = GRPOConfig(**common, loss_type=cfg.algo.loss_type, scale_rewards=cfg.algo.scale_rewards)
+        args = GRPOConfig(**common, loss_type=cfg.grpo.loss_type, scale_rewards=cfg.grpo.scale_rewards)
         trainer_cls = GRPOTrainer
     else:
         from trl import RLOOConfig, RLOOTrainer
@@ -167,7 +169,7 @@ def main(cfg: GroupRLConfig, *, resume: bool = False) -> Path:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.time() - t0
-    summary: dict[str, Any] = {"algorithm": cfg.algo.algorithm, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
+    summary: dict[str, Any] = {"algorithm": cfg.grpo.algorithm, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
                                "train_seconds": round(seconds, 2), "resumed_from": checkpoint.name if checkpoint else None}
     summary.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     if trainer.is_world_process_zero():
@@ -177,6 +179,6 @@ def main(cfg: GroupRLConfig, *, resume: bool = False) -> Path:
         if cfg.adapter.method != "full":
             set_adapter_base(model_dir, cfg.model.name)
         logger.summary(summary)
-        log.info("%s done: %s", cfg.algo.algorithm.upper(), out)
+        log.info("%s done: %s", cfg.grpo.algorithm.upper(), out)
     logger.close()
     return out

@@ -74,7 +74,7 @@ def split_pool(pool: Sequence[Any], size: int, safety_share: float | None, *, se
 
 
 def sources_of(stage_dir: Path) -> list[Any]:
-    """The data sources a stage read, from its resolved ``config.yaml`` (``data.sources`` or ``prompts.sources``)."""
+    """The data sources a stage read, from its resolved ``config.yaml`` (``data.sources``; ``prompts.sources`` in RS configs saved before the rename)."""
     import yaml
 
     from data.loaders import DataSource

@@ -78,7 +78,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from alignment import distributed
 from alignment.adapters import AdapterConfig, set_adapter_base
@@ -144,7 +144,6 @@ class CriticConfig:
 class PPOAlgoConfig:
     """PPO iterations, batch sizes and the objective's coefficients."""
 
-    iterations: int = option(100, "PPO iterations (Llama 2: 200-400); each samples rollout_batch_size prompts per process")
     rollout_batch_size: int = option(16, "prompts (one response each) per iteration and process")
     minibatch_size: int = option(8, "sequences per optimiser step (Llama 2: one step per minibatch)")
     micro_batch_size: int = option(8, "sequences per forward pass (gradients accumulate over a minibatch); bounds memory")
@@ -161,7 +160,6 @@ class PPOAlgoConfig:
     whiten_advantages: bool = option(True, "whiten advantages over the global batch")
 
     def __post_init__(self) -> None:
-        check(self.iterations > 0, "iterations", f"must be > 0, got {self.iterations}")
         check(self.rollout_batch_size > 0, "rollout_batch_size", f"must be > 0, got {self.rollout_batch_size}")
         check(self.minibatch_size > 0 and self.rollout_batch_size % self.minibatch_size == 0, "minibatch_size",
               f"must divide rollout_batch_size ({self.rollout_batch_size}), got {self.minibatch_size}")
@@ -197,8 +195,10 @@ class SamplingConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW for the policy (and, with critic.lr, the critic)."""
+    """Optimisation, named as in every stage's ``train`` section: PPO iterations, AdamW for the policy (and,
+    with critic.lr, the critic) and its schedule."""
 
+    max_steps: int = option(100, "PPO iterations (Llama 2: 200-400); each samples ppo.rollout_batch_size prompts per process")
     lr: float = option(1e-5, "policy learning rate (Llama 2, full weights: 1e-6)")
     weight_decay: float = option(0.0, "AdamW weight decay (Llama 2: 0.1 on full weights)")
     adam_beta1: float = option(0.9, "AdamW beta1 (Llama 2: 0.9)")
@@ -210,6 +210,7 @@ class OptimConfig:
     gradient_checkpointing: bool | None = option(None, "recompute activations in backward; null = on for GPUs, off on CPU")
 
     def __post_init__(self) -> None:
+        check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
@@ -260,6 +261,8 @@ class PPOEvalConfig:
 class PPOConfig:
     """PPO with a reward model (or rule-based reward), reference policy and critic."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"ppo.iterations": "train.max_steps", "optim": "train"}  # until the next release
+
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig, doc="the policy to start from (an SFT output: its LoRA adapter is merged first)")
     adapter: AdapterConfig = option(factory=lambda: AdapterConfig(dropout=0.0), doc="what is trained: lora (reference = adapter off) or full (reference = a frozen copy)")
@@ -268,7 +271,7 @@ class PPOConfig:
     critic: CriticConfig = option(factory=CriticConfig, doc="value model")
     ppo: PPOAlgoConfig = option(factory=PPOAlgoConfig, doc="PPO objective and batches")
     sampling: SamplingConfig = option(factory=SamplingConfig, doc="response sampling")
-    optim: OptimConfig = option(factory=OptimConfig, doc="optimiser and schedule")
+    train: OptimConfig = option(factory=OptimConfig, doc="iterations, optimiser and schedule")
     eval: PPOEvalConfig = option(factory=PPOEvalConfig, doc="held-out evaluation, early stopping, samples, checkpoints")
     lagrangian: PPOLagrangianConfig = option(factory=PPOLagrangianConfig, doc="PPO-Lagrangian's multiplier (used with reward.rule=safe_rlhf)")
 
@@ -366,7 +369,7 @@ def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any], *, 
                        if cfg.critic.init == "reward_model" else critic_from_causal_lm(critic_source, lora=critic_lora, share=share))
         critic = critic_pair(critic, cost_critic)
     policy = get_peft_model(base, peft_config(cfg.adapter, "CAUSAL_LM")) if cfg.adapter.method == "lora" else base
-    grad_ckpt = cfg.optim.gradient_checkpointing if cfg.optim.gradient_checkpointing is not None else device.startswith("cuda")
+    grad_ckpt = cfg.train.gradient_checkpointing if cfg.train.gradient_checkpointing is not None else device.startswith("cuda")
     if grad_ckpt:
         kwargs = {"use_reentrant": False}
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -379,12 +382,12 @@ def build_optimizer(cfg: PPOConfig, policy: Any, critic: Any, total_steps: int) 
     import torch
     from transformers import get_scheduler
 
-    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.optim.lr},
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.train.lr},
               {"params": [p for p in critic.parameters() if p.requires_grad], "lr": cfg.critic.lr}]
-    optimizer = torch.optim.AdamW(groups, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_epsilon,
-                                  weight_decay=cfg.optim.weight_decay)
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.optim.lr_scheduler]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=total_steps)
+    optimizer = torch.optim.AdamW(groups, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon,
+                                  weight_decay=cfg.train.weight_decay)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.train.lr_scheduler]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps)
     return optimizer, scheduler
 
 
@@ -597,7 +600,7 @@ def ppo_update(ctx: Context, rollout: Any) -> dict[str, float]:
                 w = float(weight)
                 for k, v in logged.items():
                     sums[k] = sums.get(k, 0.0) + v.item() * w
-            for k, v in models.step(cfg.optim.max_grad_norm).items():  # clip, update, zero the gradients
+            for k, v in models.step(cfg.train.max_grad_norm).items():  # clip, update, zero the gradients
                 sums[k] = sums.get(k, 0.0) + v
             ctx.scheduler.step()
             n_steps += 1
@@ -697,11 +700,11 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
     log.info("policy: %s; critic: %s", model_summary(policy), model_summary(critic))
     memory = weight_memory({"policy": policy, "reference": reference, **reward_models, "critic": critic})
     log.info("weights in memory (MiB each model adds; shared tensors counted once): %s", memory)
-    steps = cfg.ppo.iterations * cfg.ppo.epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
+    steps = cfg.train.max_steps * cfg.ppo.epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
     optimizer, scheduler = build_optimizer(cfg, policy, critic, steps)
     # the scheduler is not prepared: accelerate would step it once per process
     models = prepare_models(accelerator, policy, reference, critic, optimizer, micro_batch_size=cfg.ppo.micro_batch_size,
-                            accumulation_steps=cfg.ppo.minibatch_size // cfg.ppo.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm)
+                            accumulation_steps=cfg.ppo.minibatch_size // cfg.ppo.micro_batch_size, max_grad_norm=cfg.train.max_grad_norm)
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.kl_target
               else FixedKLController(cfg.ppo.kl_coef))
     lag = cfg.lagrangian
@@ -880,7 +883,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
 
     times = []
     iteration = start
-    for iteration in range(start + 1, cfg.ppo.iterations + 1):
+    for iteration in range(start + 1, cfg.train.max_steps + 1):
         t_start = time.perf_counter()
         prompts = prompt_batch(train_prompts, iteration, cfg.ppo.rollout_batch_size, cfg.run.seed, acc.process_index, acc.num_processes)
         rollout, metrics, samples = make_experience(ctx, prompts)  # 1. make experience
@@ -910,7 +913,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         metrics.update(peak_memory_gb())
         times.append(metrics["time/iteration"])
 
-        if cfg.eval.every and iteration % cfg.eval.every == 0 or iteration == cfg.ppo.iterations:
+        if cfg.eval.every and iteration % cfg.eval.every == 0 or iteration == cfg.train.max_steps:
             metrics.update(run_eval(iteration))
             loop["stopped_early"] = bool(cfg.eval.patience) and loop["bad_evals"] >= cfg.eval.patience
         if acc.is_main_process and cfg.eval.samples_every and iteration % cfg.eval.samples_every == 0:
@@ -919,7 +922,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         log.info("iteration %d: reward %.4f, KL %.4f, held-out %s, %.1f s", iteration, metrics["reward/combined"], metrics["kl/ref"],
                  f"{metrics['eval/reward_combined']:.4f}" if "eval/reward_combined" in metrics else "-", metrics["time/iteration"])
 
-        if iteration % cfg.eval.save_every == 0 or loop["stopped_early"] or iteration == cfg.ppo.iterations:
+        if iteration % cfg.eval.save_every == 0 or loop["stopped_early"] or iteration == cfg.train.max_steps:
             save_checkpoint(ctx, out, iteration, loop)
         if loop["stopped_early"]:
             log.info("early stopping at iteration %d: no held-out improvement in %d evaluations (best at %s)",

@@ -25,7 +25,8 @@ A round's steps (``runs/<project>/round-<N>/``):
   export), with the Llama 2 mixes of the RM stage. With ``train_rms: when_used`` a round whose method
   learns from the comparisons themselves (dpo) skips them after round 1: its RM judge and the next
   round use the latest reward models trained.
-- **policy**: this round's method (``methods``: rs, ppo or dpo), from the current policy.
+- **policy**: this round's method (``methods``: any of alignment/methods.py — rs, ppo, grpo, dpo, kto),
+  from the current policy; ``policy.<method>`` says how it runs.
 - **eval**: TruthfulQA MC, ToxiGen, win rate against the previous round's policy and the SFT
   model (judged by this round's reward models); then ``runs/<project>/report/``.
 - **promote**: by ``promote.rule`` (automatic) or by hand (``align round promote``).
@@ -54,20 +55,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from alignment.config import ConfigError, check, load_config, option, save_config, to_dict
 from alignment.evals.gold import GoldJudgeConfig
 from alignment.evals.suite import EvalSuiteConfig
 from alignment.heldout import HeldOutLeak
+from alignment.methods import METHODS as POLICY_METHODS
 from data.heuristics import repetition  # noqa: F401 - re-exported (the rule judge's parts)
 from data.loaders import DataSource
 from data.store.simulated import rule_judgement, rule_scores  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rs", "ppo", "dpo")
-COMPARISON_METHODS = ("dpo",)  # methods that learn from the comparisons, not from the reward models
+METHODS = tuple(POLICY_METHODS)  # the registry's names (alignment/methods.py)
 FIRST_ROUND = ("sft", "rm_helpful", "rm_safety", "policy", "eval", "promote")
 FIRST_ROUND_SAMPLED = ("sft", "sample", "annotate", "export", "rm_helpful", "rm_safety", "policy", "eval", "promote")
 LATER_ROUND = ("sample", "annotate", "export", "rm_before", "rm_helpful", "rm_safety", "policy", "eval", "promote")
@@ -82,10 +83,10 @@ WAITING = "waiting"  # a step result: people must label before the round goes on
 class StageSpec:
     """How the round runs one training stage."""
 
-    config: str = option("configs/sft.yaml", "the stage's YAML config (its run/model/data keys are set by the round)")
+    config: str | None = option(None, "the stage's YAML config (its run/model/data keys are set by the round); null = its default (configs/<stage>.yaml)")
     overrides: list[str] = option(factory=list, doc="extra key=value overrides for the stage (e.g. train.max_steps=20)")
     launch: str | None = option(None, "run it on several processes with this accelerate config (configs/accelerate/*.yaml)")
-    prompts: int | None = option(None, "rs, ppo: the first N prompts of the project's prompt pool (null = all; the round sets the stage's prompt source)")
+    prompts: int | None = option(None, "methods that learn from a reward (rs, ppo, grpo): the first N prompts of the project's prompt pool (null = all; the round sets the stage's data.sources)")
 
 
 @dataclass
@@ -149,17 +150,17 @@ class PromoteConfig:
 class RoundConfig:
     """A project of iterative RLHF rounds."""
 
+    RENAMED: ClassVar[dict[str, str]] = {m: f"policy.{m}" for m in ("rs", "ppo", "dpo")}  # until the next release
+
     project: str = option("default", "project name: its folder is <root>/<project>")
     root: str = option("runs", "parent folder of projects")
     rounds: int = option(2, "`align round run` stops after this many rounds")
-    methods: list[str] = option(factory=lambda: ["rs", "ppo"], doc="policy method per round (rs, ppo, dpo); the last one repeats (Llama 2: RS for V1-V4, PPO on top for V5)")
+    methods: list[str] = option(factory=lambda: ["rs", "ppo"], doc=f"policy method per round ({', '.join(POLICY_METHODS)}); the last one repeats (Llama 2: RS for V1-V4, PPO on top for V5)")
     comparisons: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")], doc="comparisons every round's reward models train on besides the rounds' own (Llama 2: Meta's and open data); [] = only the rounds' own labels (needs sample.first_round)")
     sft: StageSpec = option(factory=lambda: StageSpec("configs/sft.yaml"), doc="round 1's supervised fine-tuning")
     rm_helpful: StageSpec = option(factory=lambda: StageSpec("configs/rm_helpful.yaml"), doc="helpfulness reward model")
     rm_safety: StageSpec = option(factory=lambda: StageSpec("configs/rm_safety.yaml"), doc="safety reward model")
-    rs: StageSpec = option(factory=lambda: StageSpec("configs/rs.yaml"), doc="rejection sampling (method rs)")
-    ppo: StageSpec = option(factory=lambda: StageSpec("configs/ppo.yaml"), doc="PPO (method ppo)")
-    dpo: StageSpec = option(factory=lambda: StageSpec("configs/dpo.yaml"), doc="DPO on the round's comparisons (method dpo)")
+    policy: dict[str, StageSpec] = option(factory=dict, doc="per policy method (policy.rs, policy.ppo, policy.dpo, ...): its config and overrides; a method not listed runs its default config (alignment/methods.py)")
     sample: SampleConfig = option(factory=SampleConfig, doc="sampling pairs for annotation (rounds 2+)")
     annotation: AnnotationConfig = option(factory=AnnotationConfig, doc="who labels the pairs")
     eval: EvalSuiteConfig = option(factory=EvalSuiteConfig, doc="evaluation suite of every round (on held-out prompts no stage sees)")
@@ -167,21 +168,33 @@ class RoundConfig:
     promote: PromoteConfig = option(factory=PromoteConfig, doc="promotion rule")
     train_rms: Literal["every_round", "when_used"] = option(
         "every_round", "every_round = retrain both reward models in every round (Llama 2); when_used = skip them in rounds after the "
-        "first whose method learns from the comparisons (dpo): the RM judge and the next round use the latest trained ones")
+        "first whose method learns from the comparisons (dpo, kto): the RM judge and the next round use the latest trained ones")
     seed: int = option(0, "seed of prompt draws, sampling and evaluation")
 
     def __post_init__(self) -> None:
         check(bool(self.project) and "/" not in self.project, "project", f"must be a plain name, got {self.project!r}")
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         check(bool(self.methods), "methods", "needs at least one method")
-        for m in self.methods:
-            check(m in METHODS, "methods", f"unknown method {m!r}; expected one of: {', '.join(METHODS)}")
+        for m in [*self.methods, *self.policy]:
+            check(m in METHODS, "methods" if m in self.methods else f"policy.{m}", f"unknown method {m!r}; expected one of: {', '.join(METHODS)}")
+        for name, spec in [("sft", self.sft), ("rm_helpful", self.rm_helpful), ("rm_safety", self.rm_safety), *self.policy.items()]:
+            spec.config = spec.config or (POLICY_METHODS[name].config if name in POLICY_METHODS else f"configs/{name}.yaml")
         check(self.eval.heldout > 0 or not self.eval.judges, "eval.heldout", "win rates (eval.judges) need held-out prompts")
         check(bool(self.comparisons) or self.sample.first_round, "comparisons",
               "round 1's reward models need comparisons: list some, or set sample.first_round: true so round 1 labels its own")
 
     def method(self, n: int) -> str:
         return self.methods[min(n, len(self.methods)) - 1]
+
+    def spec(self, method: str) -> StageSpec:
+        """How the round runs ``method``: ``policy.<method>``, else the method's default config."""
+        if method not in self.policy:
+            self.policy[method] = StageSpec(POLICY_METHODS[method].config)
+        return self.policy[method]
+
+    def stage_specs(self) -> list[StageSpec]:
+        """Every stage the rounds may run: SFT, both reward models, each configured method."""
+        return [self.sft, self.rm_helpful, self.rm_safety, *(self.spec(m) for m in dict.fromkeys([*self.methods, *self.policy]))]
 
 
 Config = RoundConfig  # what `align <command>` config checks look for
@@ -405,7 +418,7 @@ class Steps:
 
     # -- rounds 2+
     def sample(self) -> dict:
-        from alignment.annotate import sample_pairs
+        from data.store.sampling import sample_pairs
         from data.loaders import write_jsonl
 
         pairs = self.dir / "pairs.jsonl"
@@ -499,7 +512,7 @@ class Steps:
 
     def _rm(self, name: str) -> dict:
         out = self.dir / name
-        if self.cfg.train_rms == "when_used" and self.n > 1 and self.cfg.method(self.n) in COMPARISON_METHODS:
+        if self.cfg.train_rms == "when_used" and self.n > 1 and POLICY_METHODS[self.cfg.method(self.n)].consumes == "comparisons":
             latest = self.p.rm_dir(name, self.n - 1)
             return {"inputs": {"train_rms": "when_used", "method": self.cfg.method(self.n)},
                     "outputs": {"skipped": f"{self.cfg.method(self.n)} learns from the comparisons; using {latest}", "path": str(latest)}}
@@ -517,32 +530,29 @@ class Steps:
         return self._rm("rm_safety")
 
     def policy(self) -> dict:
-        method = self.cfg.method(self.n)
+        method = POLICY_METHODS[self.cfg.method(self.n)]
         start = self.p.current_policy(before=self.n) if self.n > 1 else self.p.sft_model()
         out = self.dir / "policy"
-        spec: StageSpec = getattr(self.cfg, method)
-        rms = [f"reward.helpful={self.p.rm_dir('rm_helpful', self.n)}", f"reward.safety={self.p.rm_dir('rm_safety', self.n)}"]
+        spec = self.cfg.spec(method.name)
         overrides = [f"model.name={start}", f"run.seed={self.cfg.seed}"]
-        inputs: dict[str, Any] = {"method": method, "config": spec.config, "start": start}
-        if method == "rs":
-            # the latest earlier RS pool only: each pool.jsonl already holds every round before it
-            pools = [str(self.p.round_dir(k) / "policy" / "pool.jsonl") for k in range(1, self.n)
-                     if (self.p.round_dir(k) / "policy" / "pool.jsonl").is_file()][-1:]
-            overrides += rms + [f"pool.round={self.n}", f"pool.previous={json.dumps(pools)}"]
-            inputs["previous_pools"] = pools
-        elif method == "ppo":
-            overrides += rms
-        if method in ("rs", "ppo"):  # prompts from the project's pool: never a held-out one
+        inputs: dict[str, Any] = {"method": method.name, "config": spec.config, "start": start}
+        if method.consumes == "reward":  # the round's reward models; prompts from the project's pool, never a held-out one
             src = {"path": str(self.p.pool_path), **({"limit": spec.prompts} if spec.prompts else {})}
-            overrides.append(f"{'prompts' if method == 'rs' else 'data'}.sources=[{json.dumps(src)}]")
+            overrides += [f"reward.helpful={self.p.rm_dir('rm_helpful', self.n)}", f"reward.safety={self.p.rm_dir('rm_safety', self.n)}",
+                          f"data.sources=[{json.dumps(src)}]"]
             inputs["prompts"] = src
-        if method == "dpo":  # this round's new comparisons (a round that sampled none: the base comparisons)
+        else:  # comparisons: this round's new ones (a round that sampled none: the base comparisons)
             export = self.p.manifest(self.n)["steps"].get("export", {})
             files = [export["outputs"]["path"]] if export.get("status") == "done" else []
             sources = [DataSource(f) for f in files] or list(self.cfg.comparisons)
             overrides.append(f"data.sources={_sources(sources)}")
             inputs["comparisons"] = [to_dict(s) for s in sources]
-        summary = run_stage(method, spec, out, overrides)
+        if method.pool:  # the latest earlier pool only: each pool.jsonl already holds every round before it
+            pools = [str(self.p.round_dir(k) / "policy" / "pool.jsonl") for k in range(1, self.n)
+                     if (self.p.round_dir(k) / "policy" / "pool.jsonl").is_file()][-1:]
+            overrides += [f"pool.round={self.n}", f"pool.previous={json.dumps(pools)}"]
+            inputs["previous_pools"] = pools
+        summary = run_stage(method.name, spec, out, overrides)
         return {"inputs": inputs, "outputs": {"path": str(out), "metrics": _scalars(summary)}}
 
     def eval(self) -> dict:

@@ -16,7 +16,7 @@ One round:
      given files is kept once), each record tagged with its round, written to ``pool.jsonl``
      (readable as SFT data). Llama 2 first
      fine-tuned on the last round's samples only and saw regressions (e.g. forgetting how to
-     rhyme); keeping the best samples of every earlier round fixed them (METHOD.md).
+     rhyme); keeping the best samples of every earlier round fixed them (Llama 2, section 3.2.3).
   5. Fine-tune on the pool with the SFT stage's trainer (``alignment.sft.build_trainer``:
      assistant-only loss, LoRA or full, checkpoints and ``--resume``).
   6. Evaluate again with the same prompts, decoding and seed; ``summary.json`` holds both.
@@ -44,7 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from alignment import distributed
 from alignment.adapters import AdapterConfig
@@ -122,9 +122,11 @@ class RSEvalConfig:
 class RSConfig:
     """Rejection-sampling fine-tuning."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"prompts": "data"}  # until the next release
+
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig, doc="the policy: sampled, then fine-tuned on the pool")
-    prompts: RSPromptsConfig = option(factory=RSPromptsConfig, doc="prompts")
+    data: RSPromptsConfig = option(factory=RSPromptsConfig, doc="prompts")
     sampling: SamplingConfig = option(factory=SamplingConfig, doc="best-of-K sampling")
     reward: RewardConfig = option(factory=RewardConfig, doc="the reward that ranks samples")
     pool: PoolConfig = option(factory=PoolConfig, doc="round number and earlier rounds' pools")
@@ -219,7 +221,7 @@ def load_prompts(cfg: RSPromptsConfig, seed: int) -> tuple[list[PromptRecord], l
             prompts.append(p)
     train, val, _ = split(prompts, val_fraction=cfg.val_fraction, seed=seed)
     if not train or not val:
-        raise ValueError(f"{len(prompts)} prompts give {len(train)} for sampling and {len(val)} held out; add prompts or change prompts.val_fraction")
+        raise ValueError(f"{len(prompts)} prompts give {len(train)} for sampling and {len(val)} held out; add prompts or change data.val_fraction")
     return train, val
 
 
@@ -341,7 +343,7 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(cfg.run.seed)
 
     # 1. prompts, earlier pools (read first: a bad file stops the run before any work)
-    train_prompts, eval_prompts = load_prompts(cfg.prompts, cfg.run.seed)
+    train_prompts, eval_prompts = load_prompts(cfg.data, cfg.run.seed)
     earlier = [read_pool(p) for p in cfg.pool.previous]
     log.info("RS round %d: %d prompts to sample, %d held out; %d earlier pool records", cfg.pool.round, len(train_prompts),
              len(eval_prompts), sum(map(len, earlier)))

@@ -85,7 +85,7 @@ def plan(device: str, work: Path) -> dict[str, dict[str, Any]]:
            f"train.max_steps={4 if cpu else 30}", f"train.batch_size={2 if cpu else 8}", f"train.lr={1e-3 if cpu else 2e-4}"]
     ppo = ["ppo", "--config", "configs/ppo.yaml", *common, "reward.helpful=null", "reward.safety=null", "critic.init=policy",
            "reward.function=alignment.rl.rule_rewards:target_length", "reward.function_kwargs={target: 40}",
-           f"ppo.iterations={2 if cpu else 4}", f"ppo.rollout_batch_size={4 if cpu else 32}", f"ppo.minibatch_size={4 if cpu else 16}",
+           f"train.max_steps={2 if cpu else 4}", f"ppo.rollout_batch_size={4 if cpu else 32}", f"ppo.minibatch_size={4 if cpu else 16}",
            f"ppo.micro_batch_size={4 if cpu else 16}", f"sampling.max_new_tokens={8 if cpu else 64}", f"sampling.batch_size={4 if cpu else 32}",
            "eval.every=0", "eval.max_prompts=4", "eval.keep_best=false"]
     dpo = ["dpo", "--config", "configs/dpo.yaml", *common, "train.precision=bf16", "train.grad_accum=1", "train.warmup_ratio=0",
@@ -101,7 +101,7 @@ def plan(device: str, work: Path) -> dict[str, dict[str, Any]]:
                                    + ("" if cpu else "print(b('smollm2-135m'))")]},
         "sft": {"cmd": [*align, *sft, f"run.root={work / 'sft'}"], "out": work / "sft" / "default" / "sft", "batch": 2 if cpu else 8},
         "ppo": {"cmd": [*align, *ppo, f"run.root={work / 'ppo'}"], "out": work / "ppo" / "default" / "ppo"},
-        "ppo_ddp": {"cmd": [*align, *ppo, "ppo.iterations=2", f"run.root={work / 'ppo_ddp'}", *ddp], "out": work / "ppo_ddp" / "default" / "ppo"},
+        "ppo_ddp": {"cmd": [*align, *ppo, "train.max_steps=2", f"run.root={work / 'ppo_ddp'}", *ddp], "out": work / "ppo_ddp" / "default" / "ppo"},
         "dpo_ddp": {"cmd": [*align, *dpo, f"run.root={work / 'dpo_ddp'}", *ddp], "out": work / "dpo_ddp" / "default" / "dpo"},
         "pytest_gpu": {"cmd": [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"], "env": pytest_env},
         "bench": {"cmd": [py, "-m", "benchmarks", "gpu", "--steps", "5", "--batch", "8", "--seq-len", "512", "--ppo-iterations", "2",
@@ -111,7 +111,7 @@ def plan(device: str, work: Path) -> dict[str, dict[str, Any]]:
              "train.precision=bf16", "adapter.method=full", "train.grad_accum=1", "train.warmup_ratio=0", "train.logging_steps=1",
              "data.sample_prompts=0", "data.val_fraction=0", "train.max_steps=10", "train.batch_size=8", "train.lr=1e-4",
              "train.max_length=512", f"run.root={work / 'sft_0p5b'}"],
-            [*align, *[c if not c.startswith("model.name=") else f"model.name={big}" for c in ppo], "ppo.iterations=2",
+            [*align, *[c if not c.startswith("model.name=") else f"model.name={big}" for c in ppo], "train.max_steps=2",
              f"run.root={work / 'ppo_0p5b'}"]],
             "out": work / "sft_0p5b" / "default" / "sft", "out2": work / "ppo_0p5b" / "default" / "ppo"},
     }

@@ -69,7 +69,7 @@ def child_ppo(a: argparse.Namespace, root: str) -> dict:
                     "reward.function=alignment.rl.rule_rewards:target_length"])
     cfg = load_config(PPOConfig, REPO / "configs/ppo.yaml", [
         f"model.name={a.model}", f"run.root={root}", "run.name=bench", "run.wandb=disabled", *reward,
-        f"ppo.iterations={a.steps}", f"ppo.rollout_batch_size={a.batch}", f"ppo.minibatch_size={a.batch}",
+        f"train.max_steps={a.steps}", f"ppo.rollout_batch_size={a.batch}", f"ppo.minibatch_size={a.batch}",
         f"ppo.micro_batch_size={a.batch}", f"sampling.max_new_tokens={a.new_tokens}", f"sampling.batch_size={a.batch}",
         "eval.every=0", f"eval.max_prompts={a.batch}",
     ], stage="ppo")

@@ -46,7 +46,7 @@ def ppo_iterations(iterations: int, batch: int, new_tokens: int, extra: list[str
             f"model.name={MODEL}", f"run.root={root}", "run.wandb=disabled", "run.log_level=warning",
             "reward.helpful=null", "reward.safety=null", "critic.init=policy",
             "reward.function=alignment.rl.rule_rewards:target_length", "reward.function_kwargs={target: 30}",
-            f"ppo.iterations={iterations}", f"ppo.rollout_batch_size={batch}", f"ppo.minibatch_size={batch}",
+            f"train.max_steps={iterations}", f"ppo.rollout_batch_size={batch}", f"ppo.minibatch_size={batch}",
             f"ppo.micro_batch_size={batch}", f"sampling.max_new_tokens={new_tokens}", f"sampling.batch_size={batch}",
             "eval.every=0", "eval.max_prompts=2", "eval.max_new_tokens=8", "eval.samples_every=0", *(extra or [])], stage="ppo")
         out = main(cfg)

@@ -1,7 +1,7 @@
 """Converters from the dataset formats met in the wild to our records.
 
 Each converter takes one row (a dict) and returns records or raises :class:`DataError` naming the
-key; the loaders add file and line. Formats (METHOD.md, "Dataset formats met in the wild"):
+key; the loaders add file and line. Formats (the layouts of the public datasets each is named after):
 
 ==================  ============================================================  ==================
 format              row                                                           gives

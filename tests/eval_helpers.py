@@ -57,7 +57,7 @@ def toxigen_result(round_no: int, pct: float) -> dict:
 
 
 def rm_eval_result(acc: float) -> dict:
-    """rm_eval.json as reward_api.md writes it (no common header)."""
+    """rm_eval.json as reward/evaluate.py writes it (no common header)."""
     return {"n": 300, "accuracy": acc, "mean_gap": 0.8, "model": "runs/demo/round-1/rm_helpful", "data": "test.jsonl",
             "by_strength": {"significantly_better": {"n": 60, "accuracy": acc + 0.15, "mean_gap": 1.5},
                             "better": {"n": 80, "accuracy": acc + 0.05, "mean_gap": 1.0},

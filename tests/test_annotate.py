@@ -121,7 +121,7 @@ def test_sample_generates_pairs_with_tiny_llama_and_queues_them(db, tmp_path, ti
 
 
 def test_sample_pairs_in_process_batches_one_model_at_two_temperatures(tiny_model):
-    from alignment.annotate import sample_pairs
+    from data.store.sampling import sample_pairs
     from data.schemas import PromptRecord
 
     prompts = [PromptRecord([{"role": "user", "content": f"Say something about {w}."}], id=w) for w in ("cats", "rain", "maps")]

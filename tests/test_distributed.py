@@ -1,5 +1,5 @@
 """Stages under multi-process launch configs (CPU, 2 processes, gloo): every rank ends with the same
-weights, and those match a single-process run with the same global batch (STYLE.md item 8)."""
+weights, and those match a single-process run with the same global batch."""
 
 from __future__ import annotations
 
@@ -204,8 +204,8 @@ def test_dpo_matches_single_process(layout, tmp_path, dpo_data, dpo_single):
 
 PPO = ["--config", str(REPO / "configs/ppo.yaml"), "model.name=tiny-llama", "run.wandb=disabled", "run.log_level=warning",
        "reward.helpful=null", "reward.safety=null", "critic.init=policy", "reward.function=dist_rewards:prompt_length",
-       "reward.missing_eos_penalty=0", "ppo.iterations=2", "ppo.micro_batch_size=2", "ppo.epochs=1",
-       "sampling.max_new_tokens=8", "sampling.top_p=1e-6", "optim.lr=1e-2", "critic.lr=3e-3",
+       "reward.missing_eos_penalty=0", "train.max_steps=2", "ppo.micro_batch_size=2", "ppo.epochs=1",
+       "sampling.max_new_tokens=8", "sampling.top_p=1e-6", "train.lr=1e-2", "critic.lr=3e-3",
        "eval.every=0", "eval.max_prompts=4", "eval.keep_best=false"]
 PPO_ENV = {**ONE_THREAD, "PYTHONPATH": str(REPO / "tests")}
 # what the global batch determines; grad norms differ by design (DeepSpeed clips policy and critic together)
@@ -265,7 +265,7 @@ def test_ppo_with_reward_models_under_zero3_matches_single_process(tmp_path, tin
 def test_ppo_resumes_under_zero3(tmp_path, tiny_model):
     """ZeRO-3 checkpoints are DeepSpeed's per-process partitions (weights and optimiser) plus our
     state: resuming from iteration 2 reproduces the uninterrupted iteration 3 and final weights."""
-    args = ["ppo.iterations=3", "eval.save_every=2"]
+    args = ["train.max_steps=3", "eval.save_every=2"]
     whole = _ppo(tmp_path / "whole", 4, *args, layout="zero3")
     ckpt = whole / "checkpoints" / "checkpoint-2"
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "rng-0.pt").is_file() and (ckpt / "rng-1.pt").is_file()

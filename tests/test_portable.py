@@ -69,8 +69,8 @@ def test_adapters_load_with_plain_transformers_and_peft(tmp_path, tiny_reward_mo
     ppo = ppo_main(load_config(PPOConfig, REPO / "configs/ppo.yaml", [
         "model.name=tiny-llama", f"run.root={tmp_path / 'runs'}", "run.name=p", "run.wandb=disabled", "run.log_level=warning",
         "reward.helpful=null", "reward.safety=null", "critic.init=policy", "reward.function=alignment.rl.rule_rewards:char_fraction",
-        "reward.function_kwargs={chars: aeiou}", "ppo.iterations=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4",
-        "ppo.micro_batch_size=4", "sampling.max_new_tokens=8", "optim.lr=1e-2", "eval.every=0", "eval.max_prompts=2",
+        "reward.function_kwargs={chars: aeiou}", "train.max_steps=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4",
+        "ppo.micro_batch_size=4", "sampling.max_new_tokens=8", "train.lr=1e-2", "eval.every=0", "eval.max_prompts=2",
         "eval.keep_best=false"], stage="ppo"))
     rm = tiny_reward_models["helpful"]
     folders = {"sft": sft / "model", "rm": rm / "model", "ppo": ppo / "model"}

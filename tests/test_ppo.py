@@ -28,7 +28,7 @@ TINY = [
     "reward.function=alignment.rl.rule_rewards:char_fraction", "reward.function_kwargs={chars: aeiou}",
     "reward.missing_eos_penalty=0",
     "ppo.rollout_batch_size=16", "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "ppo.epochs=2", "ppo.kl_coef=0.1",
-    "sampling.max_new_tokens=16", "sampling.batch_size=16", "optim.lr=1e-2", "critic.lr=3e-3", "eval.max_prompts=8",
+    "sampling.max_new_tokens=16", "sampling.batch_size=16", "train.lr=1e-2", "critic.lr=3e-3", "eval.max_prompts=8",
 ]
 DETERMINISTIC = ("reward/", "kl/", "policy/", "value/", "response/", "eval/", "tokens/", "lr")
 
@@ -57,7 +57,7 @@ LM_HEAD = "adapter.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj
 
 
 def test_ppo_raises_a_known_reward_with_bounded_kl(tmp_path, tiny_model):
-    out = main(make_cfg(tmp_path, LM_HEAD, "ppo.iterations=30", "eval.every=10", "eval.patience=0", "eval.samples_every=10"))
+    out = main(make_cfg(tmp_path, LM_HEAD, "train.max_steps=30", "eval.every=10", "eval.patience=0", "eval.samples_every=10"))
     rows = [m for m in read_metrics(out) if "reward/combined" in m]
     assert [m["step"] for m in rows] == list(range(1, 31))
     reward = [m["reward/combined"] for m in rows]
@@ -92,7 +92,7 @@ def test_outputs_from_an_sft_adapter_load_as_a_stage_output(tmp_path, tiny_model
     sft_out = sft_main(load_config(SFTConfig, REPO / "configs/sft.yaml", [
         "model.name=tiny-llama", f"run.root={tmp_path / 'runs'}", "run.name=r", "run.wandb=disabled", f"data.sources=[{{path: {data}}}]",
         "train.max_steps=2", "train.lr=1e-2", "data.sample_prompts=0"], stage="sft"))
-    cfg = make_cfg(tmp_path, f"model.name={sft_out}", "run.name=r", "ppo.iterations=2", "eval.every=1", "eval.keep_best=false")
+    cfg = make_cfg(tmp_path, f"model.name={sft_out}", "run.name=r", "train.max_steps=2", "eval.every=1", "eval.keep_best=false")
     out = main(cfg)
     assert out == tmp_path / "runs" / "r" / "ppo"
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "samples.jsonl", "model/adapter_config.json",
@@ -123,7 +123,7 @@ def test_ppo_with_the_two_reward_models(tmp_path, tiny_reward_models):
     critic initialised from the helpfulness RM (its values start at that RM's score) and sharing its
     weights, RM tensors equal to the policy's base tied to it."""
     out = main(make_cfg(tmp_path, f"reward.helpful={tiny_reward_models['helpful']}", f"reward.safety={tiny_reward_models['safety']}",
-                        "reward.function=null", "reward.function_kwargs={}", "critic.init=reward_model", "ppo.iterations=2",
+                        "reward.function=null", "reward.function_kwargs={}", "critic.init=reward_model", "train.max_steps=2",
                         "eval.every=1", "eval.samples_every=1", "eval.num_samples=16"))
     rows = [m for m in read_metrics(out) if "reward/combined" in m]
     assert {"reward/helpful", "reward/safety", "reward/combined", "eval/reward_helpful", "eval/reward_safety"} <= set(rows[0])
@@ -141,7 +141,7 @@ def test_ppo_with_the_two_reward_models(tmp_path, tiny_reward_models):
 
 
 def test_full_fine_tuning_uses_a_frozen_reference_copy(tmp_path, tiny_model):
-    out = main(make_cfg(tmp_path, "adapter.method=full", "ppo.iterations=2", "eval.every=0", "optim.lr=1e-3"))
+    out = main(make_cfg(tmp_path, "adapter.method=full", "train.max_steps=2", "eval.every=0", "train.lr=1e-3"))
     rows = [m for m in read_metrics(out) if "kl/ref" in m]
     assert rows[0]["kl/ref"] == 0.0 and rows[1]["kl/ref"] != 0.0
     assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "adapter_config.json").exists()
@@ -153,7 +153,7 @@ def test_early_stopping_keeps_the_best_held_out_policy(tmp_path, tiny_model):
     from safetensors.torch import load_file
 
     out = main(make_cfg(tmp_path, "reward.function=alignment.rl.rule_rewards:contains", "reward.function_kwargs={text: zzzzzz}",
-                        "ppo.iterations=10", "eval.every=1", "eval.patience=2"))
+                        "train.max_steps=10", "eval.every=1", "eval.patience=2"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] is True and summary["iterations"] == 2
     assert summary["best_iteration"] == 0 and summary["model"] == "best"
@@ -166,7 +166,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_curve(tmp_path, tiny_model
     """SIGKILL after the checkpoint at iteration 2, then --resume: the metrics curve (rewards, KL,
     losses, held-out evaluations) equals an uninterrupted run's within floating-point noise."""
     runs = tmp_path / "runs"
-    common = ["--config", str(REPO / "configs/ppo.yaml"), *TINY, f"run.root={runs}", "ppo.iterations=6", "eval.every=3",
+    common = ["--config", str(REPO / "configs/ppo.yaml"), *TINY, f"run.root={runs}", "train.max_steps=6", "eval.every=3",
               "eval.save_every=2", "eval.patience=0", "eval.samples_every=1", "ppo.rollout_batch_size=8"]
     env = {"OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", "ppo", *common, "run.name=cut"], cwd=REPO,
@@ -202,7 +202,7 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
     runs = tmp_path / "runs"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "alignment.cli",
                           "ppo", "--config", str(REPO / "configs/ppo.yaml"), *TINY, f"run.root={runs}", "run.log_level=info",
-                          "ppo.iterations=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=2", "ppo.micro_batch_size=1",
+                          "train.max_steps=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=2", "ppo.micro_batch_size=1",
                           "eval.every=1", "eval.max_prompts=6", "eval.save_every=2"],
                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -237,4 +237,4 @@ def test_cli_help_lists_the_fields():
 
 def test_unknown_reward_function_is_a_clear_error(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match="reward.function: cannot import .alignment.rl.rule_rewards:nope."):
-        main(make_cfg(tmp_path, "reward.function=alignment.rl.rule_rewards:nope", "ppo.iterations=1"))
+        main(make_cfg(tmp_path, "reward.function=alignment.rl.rule_rewards:nope", "train.max_steps=1"))

@@ -17,7 +17,7 @@ from reward.scorer import FunctionScorer
 TINY = [
     "model.name=tiny-llama", "run.wandb=disabled", "run.log_level=warning", "reward.helpful=null", "reward.safety=null",
     "reward.function=alignment.rl.rule_rewards:char_fraction", "reward.function_kwargs={chars: aeiou}", "reward.missing_eos_penalty=0",
-    "algo.max_new_tokens=16", "train.eval_steps=100", "train.save_steps=100",
+    "grpo.max_new_tokens=16", "train.eval_steps=100", "train.save_steps=100",
 ]
 
 
@@ -44,7 +44,7 @@ def test_grpo_raises_a_known_reward(tmp_path, tiny_model):
 def test_rloo_with_lora_writes_a_loadable_adapter(tmp_path, tiny_model):
     from alignment.models import load_causal_lm
 
-    out = main(make_cfg(tmp_path, "algo.algorithm=rloo", "train.max_steps=2"))
+    out = main(make_cfg(tmp_path, "grpo.algorithm=rloo", "train.max_steps=2"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algorithm"] == "rloo" and summary["global_step"] == 2
     from alignment.models import builtin_path
@@ -84,5 +84,5 @@ def test_reward_function_combines_and_penalises_missing_eos():
 
 
 def test_batch_must_hold_whole_groups():
-    with pytest.raises(ConfigError, match="must be a multiple of algo.num_generations"):
+    with pytest.raises(ConfigError, match="must be a multiple of grpo.num_generations"):
         load_config(GroupRLConfig, REPO / "configs/grpo.yaml", ["train.batch_size=6"], stage="grpo")

@@ -110,7 +110,7 @@ def make_cfg(tmp_path, rms, *overrides: str) -> PPOConfig:
 
 
 def test_lagrangian_stage_learns_lambda_from_the_episode_costs_and_resumes_it(tmp_path, tiny_reward_models):
-    out = main(make_cfg(tmp_path, tiny_reward_models, "ppo.iterations=4", "eval.every=0", "eval.save_every=2", "run.name=whole"))
+    out = main(make_cfg(tmp_path, tiny_reward_models, "train.max_steps=4", "eval.every=0", "eval.save_every=2", "run.name=whole"))
     rows = [m for m in read_metrics(out) if "lagrangian/lambda" in m]
     assert [m["step"] for m in rows] == [1, 2, 3, 4]
     # λ_t = λ_{t-1}·exp(lr·λ_{t-1}·(J_c,t - d)) from λ_0 = cost_weight = 1, d = 0, lr = 0.5, J_c = the logged mean cost
@@ -130,7 +130,7 @@ def test_lagrangian_stage_learns_lambda_from_the_episode_costs_and_resumes_it(tm
     shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
     state = torch.load(cut / "checkpoints" / "checkpoint-2" / "state.pt", weights_only=False)
     assert math.exp(state["lagrange"]["log_lambda"]) == pytest.approx(rows[1]["lagrangian/lambda"], rel=1e-9)
-    main(make_cfg(tmp_path, tiny_reward_models, "ppo.iterations=4", "eval.every=0", "eval.save_every=2", "run.name=cut"), resume=True)
+    main(make_cfg(tmp_path, tiny_reward_models, "train.max_steps=4", "eval.every=0", "eval.save_every=2", "run.name=cut"), resume=True)
     resumed = {m["step"]: m for m in read_metrics(cut) if "lagrangian/lambda" in m}
     assert sorted(resumed) == [1, 2, 3, 4] and json.loads((cut / "summary.json").read_text())["resumed_from"] == "checkpoint-2"
     for m in rows[2:]:

@@ -169,6 +169,35 @@ def test_train_rms_when_used_skips_them_in_dpo_rounds_and_later_rounds_use_the_l
     assert p.rm_dir("rm_helpful", 3) == p.round_dir(3) / "rm_helpful"
 
 
+def test_the_rm_judge_scores_with_the_reward_the_policy_trained_on(tmp_path, monkeypatch):
+    import reward.config
+    from alignment.evals.suite import RoundEval
+
+    p = _project(tmp_path)
+    _done(p, 1, rm_helpful={"outputs": {}}, rm_safety={"outputs": {}})
+    policy = p.round_dir(1) / "policy"
+    policy.mkdir(parents=True)
+    (policy / "config.yaml").write_text("stage: ppo\nreward:\n  helpful: elsewhere\n  rule: safe_rlhf\n  safety_threshold: 0.3\n"
+                                        "  cost_weight: 2.5\n")
+    ev = RoundEval(p, 1)
+    cfg = ev.reward_config()
+    assert (cfg.rule, cfg.safety_threshold, cfg.cost_weight) == ("safe_rlhf", 0.3, 2.5)
+    assert (cfg.helpful, cfg.safety) == (str(p.round_dir(1) / "rm_helpful"), str(p.round_dir(1) / "rm_safety"))  # the round's RMs
+    seen = []
+
+    def build(c, device="auto"):
+        seen.append(c)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(reward.config, "build_scorer", build)
+    with pytest.raises(RuntimeError, match="stop here"):
+        ev.rm_winrates({}, "policy", "previous", "sft")
+    assert seen == [cfg]
+    # a round whose method trained on comparisons (no reward section): Llama 2's rule and threshold
+    (policy / "config.yaml").write_text("stage: dpo\n")
+    assert (ev.reward_config().rule, ev.reward_config().safety_threshold, ev.reward_config().cost_weight) == ("llama2", 0.15, 1.0)
+
+
 # --------------------------------------------------------------------------- two rounds on tiny models
 
 

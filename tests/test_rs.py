@@ -61,7 +61,7 @@ def prompt_rows(n: int = 48) -> list[dict]:
 
 def rs_args(tmp_path: Path, prompts: Path, *extra: str) -> list[str]:
     return ["model.name=tiny-llama", f"run.root={tmp_path / 'runs'}", "run.wandb=disabled", "reward.function=test_rs:share_e",
-            "reward.helpful=null", "reward.safety=null", f"prompts.sources=[{{path: {prompts}}}]", "prompts.val_fraction=0.3",
+            "reward.helpful=null", "reward.safety=null", f"data.sources=[{{path: {prompts}}}]", "data.val_fraction=0.3",
             "sampling.require_eos=false", "sampling.max_new_tokens=16", "eval.max_new_tokens=16", "eval.temperature=1.0",
             "adapter.method=full", "train.lr=3e-3", "train.warmup_ratio=0", "train.batch_size=4", "train.grad_accum=1", *extra]
 
@@ -274,7 +274,7 @@ def test_rs_runs_on_smollm2_with_the_bundled_prompts(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     cfg = load_config(RSConfig, REPO / "configs/rs.yaml", [
         f"run.root={tmp_path}", "run.wandb=disabled", "reward.function=test_rs:share_e", "reward.helpful=null",
-        "reward.safety=null", "prompts.sources=[{path: 'bundled:prompts', limit: 8}]", "prompts.val_fraction=0.25",
+        "reward.safety=null", "data.sources=[{path: 'bundled:prompts', limit: 8}]", "data.val_fraction=0.25",
         "sampling.num_samples=2", "sampling.max_new_tokens=24", "sampling.require_eos=false", "eval.max_new_tokens=16",
         "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1"], stage="rs")
     out = main(cfg)

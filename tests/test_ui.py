@@ -366,7 +366,7 @@ def secure_app(tmp_path_factory):
     root = tmp_path_factory.mktemp("secure")
     db = f"sqlite:///{root}/ann.db"
     store = AnnotationStore(db)
-    for name in ("dora", "erin", "fay"):
+    for name in ("dora", "erin", "fay", "hana", "jill"):
         store.add_user(name, password=f"{name}-password")
     store.queue(1, [{"id": f"s{i}", "prompt": f"Q{i}?", "response_a": f"A{i}", "response_b": f"B{i}"} for i in range(4)])
     proc, url, log = _serve(root, db, "--session-hours", str(SESSION_SECONDS / 3600), "--max-login-failures", "3",
@@ -397,6 +397,16 @@ def test_cookies_are_samesite_lax_and_other_origins_are_refused(secure_app):
     for ok in ("https://proxy.example.org", url.rstrip("/")):  # the allowed proxy, the app itself
         assert client.post("gradio_api/queue/join", json=join, headers={"Origin": ok}).status_code != 403, ok
     assert client.get("config", headers={"Origin": "https://evil.example"}).status_code == 200  # reading: CORS decides
+
+
+def test_login_page_carries_the_refusal_script_once(secure_app):
+    from ui.security import _with_login_js
+
+    page = httpx.get(secure_app["url"])
+    assert page.status_code == 200 and page.text.count('id="align-login-refusals"') == 1
+    assert int(page.headers["content-length"]) == len(page.content) and "</head>" in page.text
+    assert _with_login_js(page.content) == page.content  # never twice
+    assert _with_login_js(b"<p>no head</p>") == b"<p>no head</p>"
 
 
 def test_password_change_and_deactivation_end_open_sessions(secure_app):
@@ -447,6 +457,56 @@ def test_failed_logins_are_throttled_and_logged(secure_app):
     log = (secure_app["root"] / "serve.log").read_text()
     assert log.count("failed login: user='fay' address=127.0.0.1") == 3 and "failed login: user='nobody2'" in log
     assert "login refused, too many failures: user='fay'" in log
+
+
+def _fill_login(page: Any, user: str, password: str) -> None:
+    page.locator("input[type=text]").fill(user)
+    page.locator("input[type=password]").fill(password)
+    page.get_by_role("button", name="Login").click()
+
+
+@pytest.mark.browser
+def test_browser_session_ends_on_password_change_and_on_expiry(secure_app, chromium):
+    url, db = secure_app["url"], secure_app["db"]
+    page = chromium.new_page()
+    page.goto(url)
+    _log_in(page, "hana")
+    res = subprocess.run([sys.executable, "-m", "alignment.cli", "annotate", "passwd", "hana", "--db", db, "--password-stdin"],
+                         input="hana-new-password\n", capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    time.sleep(1.2)  # the server caches a user's credential for 1 s
+    page.reload()  # the open page's session is over: the login form, not the task
+    page.wait_for_selector("input[type=password]", timeout=30_000)
+    assert page.locator("#context .conv").count() == 0
+    _fill_login(page, "hana", "hana-password")  # the old password is refused
+    page.get_by_text("Incorrect Credentials").wait_for(timeout=10_000)
+    _fill_login(page, "hana", "hana-new-password")
+    page.wait_for_selector("#context .conv", timeout=60_000)
+    time.sleep(SESSION_SECONDS + 1)  # the session expires
+    page.reload()
+    page.wait_for_selector("input[type=password]", timeout=30_000)
+    assert page.locator("#context .conv").count() == 0
+    page.close()
+
+
+@pytest.mark.browser
+def test_browser_throttled_login_says_why(secure_app, chromium):
+    page = chromium.new_page()
+    page.goto(secure_app["url"])
+    page.wait_for_selector("input[type=password]", timeout=30_000)
+    for _ in range(3):
+        _fill_login(page, "jill", "wrong")
+        page.get_by_text("Incorrect Credentials").wait_for(timeout=10_000)
+        time.sleep(0.3)
+    _fill_login(page, "jill", "jill-password")  # the right password while the name is locked out
+    alert = page.locator("#login-refused")
+    alert.wait_for(timeout=10_000)
+    assert alert.get_attribute("role") == "alert" and "Too many failed logins; try again in" in alert.inner_text()
+    assert page.locator("#context .conv").count() == 0
+    time.sleep(6.5)  # the lockout ends; the same form logs in
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#context .conv", timeout=60_000)
+    page.close()
 
 
 # -- the annotator's page fits the screen ----------------------------------------------------------------------

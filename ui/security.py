@@ -10,7 +10,9 @@ origin when the server listens on a non-loopback address, and sets its cookie ``
 - **logins are throttled**: after ``max_failures`` failed logins for one user name, or from one
   client address, within ``lockout_seconds``, logins for that name or from that address are
   refused (HTTP 429) for ``lockout_seconds``, before the password is checked; every failed or
-  refused login is logged with the name and the address;
+  refused login is logged with the name and the address. Gradio's login page shows a message only
+  for HTTP 400 (wrong credentials), so the middleware adds :data:`LOGIN_PAGE_JS` to the app's HTML:
+  a refused login shows "Too many failed logins; try again in N s." above the Login button;
 - **cookies** are ``SameSite=Lax``;
 - **cross-origin requests** that change state (every method but GET/HEAD/OPTIONS, and websockets)
   are refused (403) when their ``Origin`` is not the app's own and not in ``allowed_origins``
@@ -193,6 +195,42 @@ async def _refuse(scope: dict, send: Callable, status: int, detail: str) -> None
     await send({"type": "http.response.body", "body": body})
 
 
+LOGIN_PAGE_JS = b"""<script id="align-login-refusals">
+(() => {
+  const fetch0 = window.fetch.bind(window);
+  window.fetch = async (input, init) => {
+    const r = await fetch0(input, init);
+    const url = String(typeof input === 'string' ? input : (input && input.url) || '').split('?')[0];
+    if (!/\/login\/?$/.test(url)) { return r; }
+    let el = document.getElementById('login-refused');
+    if (r.status === 429) {
+      let text = 'Too many failed logins; try again later.';
+      try { text = (await r.clone().json()).detail || text; } catch (e) {}
+      if (!el) {
+        el = document.createElement('p');
+        el.id = 'login-refused';
+        el.setAttribute('role', 'alert');
+        el.style.cssText = 'color:#b91c1c;font-weight:600;margin:8px 0;text-align:center';
+        const login = [...document.querySelectorAll('button')].find((b) => b.textContent.trim() === 'Login');
+        if (login && login.parentElement) { login.parentElement.insertBefore(el, login); } else { document.body.prepend(el); }
+      }
+      el.textContent = text;
+    } else if (el) {
+      el.remove();
+    }
+    return r;
+  };
+})();
+</script>"""
+
+
+def _with_login_js(html: bytes) -> bytes:
+    """The app's HTML page with :data:`LOGIN_PAGE_JS` before ``</head>`` (unchanged without one, or when present)."""
+    if b"align-login-refusals" in html or b"</head>" not in html:
+        return html
+    return html.replace(b"</head>", LOGIN_PAGE_JS + b"</head>", 1)
+
+
 def _lax(cookie: bytes) -> bytes:
     parts = [p for p in cookie.decode("latin-1").split(";") if p.strip().lower() not in ("samesite=none", "samesite=lax", "samesite=strict")]
     return ("; ".join(p.strip() for p in parts) + "; SameSite=Lax").encode("latin-1")
@@ -255,6 +293,8 @@ class SecurityMiddleware:
                     return
                 receive = _replay(body)
 
+            page: dict[str, Any] = {}  # an HTML response held back until its body is complete
+
             async def send_secure(message: dict) -> None:
                 if message["type"] == "http.response.start":
                     new_headers = []
@@ -268,6 +308,19 @@ class SecurityMiddleware:
                                     self.sessions.start(token, user)
                         new_headers.append((k, v))
                     message = {**message, "headers": new_headers}
+                    names = {k.lower(): v for k, v in new_headers}
+                    if (method == "GET" and scope["type"] == "http" and names.get(b"content-type", b"").startswith(b"text/html")
+                            and b"content-encoding" not in names):
+                        page["start"], page["body"] = message, b""  # hold it back: the login page gets LOGIN_PAGE_JS
+                        return
+                elif message["type"] == "http.response.body" and page:
+                    page["body"] += message.get("body", b"")
+                    if message.get("more_body"):
+                        return
+                    body = _with_login_js(page["body"])
+                    headers = [(k, v) for k, v in page["start"]["headers"] if k.lower() != b"content-length"]
+                    await send({**page["start"], "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                    message = {"type": "http.response.body", "body": body}
                 await send(message)
 
             await self.app(scope, receive, send_secure)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
-KNOWN_EVALS = ("truthfulqa", "toxigen", "winrate", "metrics", "rm_eval")
 
 
 def header(eval_name: str, model: str | None, **extra: Any) -> dict:
@@ -89,7 +88,7 @@ def read_result(path: str | Path) -> dict:
         raise ValueError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
     if not isinstance(data, dict):
         raise TypeError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    # rm_eval.json (reward_api.md) predates this header: recognise it by its keys
+    # rm_eval.json (reward/evaluate.py) predates this header: recognise it by its keys
     if "eval" not in data and {"accuracy", "by_strength"} <= set(data):
         data = {"eval": "rm_eval", "schema_version": SCHEMA_VERSION, **data}
     if "eval" not in data:

@@ -22,6 +22,7 @@ What ``eval`` (``alignment.rounds``) runs for round N, with the policy of round 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,9 +175,11 @@ class RoundEval:
     def rm_winrates(self, answers: dict, policy: str, previous: str, sft: str) -> dict:
         from alignment.evals import winrate
 
-        rule, threshold = self.reward_rule()
-        rm, safety = self.p.rm_dir("rm_helpful", self.n), self.p.rm_dir("rm_safety", self.n)
-        scorer = winrate.build_reward_scorer(str(rm), str(safety), rule=rule, threshold=threshold)
+        from reward.config import build_scorer
+
+        reward = self.reward_config()
+        rm, safety, rule = reward.helpful, reward.safety, reward.rule
+        scorer, _ = build_scorer(reward)
         scorer.helpful, scorer.safety = MemoScorer(scorer.helpful), MemoScorer(scorer.safety)  # the policy's answers are judged twice
         out: dict[str, Any] = {}
         for label, base in (("previous", previous), ("sft", sft)):
@@ -189,14 +192,20 @@ class RoundEval:
             out[f"winrate_rm_vs_{label}"] = _winrate_summary(res)
         return out
 
-    def reward_rule(self) -> tuple[str, float]:
-        """The reward rule the round's policy stage trained with (RS, PPO), else Llama 2's defaults."""
+    def reward_config(self) -> Any:
+        """The reward the round's policy stage trained with (its rule, safety threshold and λ; RS, PPO, GRPO),
+        else Llama 2's defaults, on the round's reward models: the RM judge scores what the policy optimised."""
         import yaml
+
+        from alignment.config import load_config
+        from reward.config import RewardConfig
 
         cfg_path = self.p.round_dir(self.n) / "policy" / "config.yaml"
         reward = (yaml.safe_load(cfg_path.read_text()) or {}).get("reward") if cfg_path.is_file() else None
-        reward = reward or {}
-        return str(reward.get("rule", "llama2")), float(reward.get("safety_threshold", 0.15))
+        keys = ("rule", "safety_threshold", "cost_weight", "batch_size")
+        overrides = [f"{k}={json.dumps(v)}" for k, v in (reward or {}).items() if k in keys]
+        overrides += [f"helpful={self.p.rm_dir('rm_helpful', self.n)}", f"safety={self.p.rm_dir('rm_safety', self.n)}"]
+        return load_config(RewardConfig, None, overrides)
 
     # -- benchmarks
     def benchmarks(self, model: str, out: Path, who: str) -> dict:

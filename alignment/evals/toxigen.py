@@ -4,7 +4,7 @@
                        [--per-group 20] [--types hate,neutral] [--mode chat|completion]
                        [--classifier minilm | roberta | PATH | HUB_ID] [--out DIR]
 
-Steps (Llama 2, section 4.1 and appendix A.4.7; METHOD.md):
+Steps (Llama 2, section 4.1 and appendix A.4.7):
 1. prompts: ToxiGen's prompt files, one prompt a line (``hate_<group>_1k.txt``,
    ``neutral_<group>_1k.txt``), or the Hugging Face dataset ``toxigen/toxigen-data`` (configuration
    ``train``; a local copy or ``hub:``); ``--per-group`` prompts are sampled from each group and type

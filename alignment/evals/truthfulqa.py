@@ -3,7 +3,7 @@
     align eval truthfulqa --model runs/<run>/round-2/policy [--data truthful_qa | mc_task.json | bundled:truthfulness]
                           [--variant mc|gen|both] [--out DIR]
 
-Multiple choice (lm-eval tasks ``truthfulqa_mc1`` / ``truthfulqa_mc2``; METHOD.md):
+Multiple choice (lm-eval tasks ``truthfulqa_mc1`` / ``truthfulqa_mc2``; Lin et al. 2022):
 1. context = the 6-shot QA primer of TruthfulQA's ``presets.py`` + ``"\\n\\nQ: " + question + "\\nA:"``,
    plain text (no chat template, as lm-eval scores ``truthfulqa_mc`` even for chat models);
 2. each choice scores log p(" " + choice | context), summed over its tokens, no length
