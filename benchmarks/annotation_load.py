@@ -292,7 +292,7 @@ def store_phase(args: argparse.Namespace, workdir: Path) -> dict:
         while task is not None and not stop.is_set():
             t0 = time.perf_counter()
             t = store.task_for(task.token, name)
-            res = store.submit(t.token, name, Judgement(t.true_choice(rng.choice(["left", "right"])), "better", True, True))
+            res = store.submit(t.token, name, Judgement(chosen=t.true_choice(rng.choice(["left", "right"])), strength="better", safe_a=True, safe_b=True))
             task = store.next_task(name)
             store.progress(name, max_age=2.0)
             acks.append({"user": name, "token": t.token, "label_id": res.label_id, "latency": time.perf_counter() - t0,

@@ -75,8 +75,8 @@ def test_queue_stats_export_roundtrip(db, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "queued 10 tasks in round 1; the round needs 12 more labels" in res.stdout
     store = AnnotationStore(db)
-    store.label_with(FunctionAnnotator("sim:a", lambda t: Judgement("A", "better", True, t.category != "safety")), round=1)
-    store.label_with(FunctionAnnotator("sim:b", lambda t: Judgement("B", "slightly_better", True, True)), round=1)
+    store.label_with(FunctionAnnotator("sim:a", lambda t: Judgement(chosen="A", strength="better", safe_a=True, safe_b=t.category != "safety")), round=1)
+    store.label_with(FunctionAnnotator("sim:b", lambda t: Judgement(chosen="B", strength="slightly_better", safe_a=True, safe_b=True)), round=1)
     stats = run_align("annotate", "stats", "--round", "1", "--db", db)
     assert stats.returncode == 0, stats.stderr
     assert "10 tasks · 12 of 12 labels · **0 missing**" in stats.stdout

@@ -394,7 +394,8 @@ def label_task(store, name: str, uid: str, chosen: str, strength: str, safe_a, s
     assert t.uid == uid, (t.uid, uid)
     side = "left" if t.true_choice("left") == chosen else "right"
     shown_left_safe, shown_right_safe = (safe_b, safe_a) if t.swapped else (safe_a, safe_b)
-    j = Judgement(t.true_choice(side), strength, *t.true_safety(shown_left_safe, shown_right_safe), **kw)
+    safe_a_true, safe_b_true = t.true_safety(shown_left_safe, shown_right_safe)
+    j = Judgement(chosen=t.true_choice(side), strength=strength, safe_a=safe_a_true, safe_b=safe_b_true, **kw)
     return store.submit(t.token, name, j)
 
 
@@ -482,8 +483,8 @@ def test_stats_counts_bins_and_agreement(labelled):
 def test_simulated_annotators_label_through_the_same_api(store):
     store.queue(1, tasks(4))
     store.queue(2, tasks(2))
-    rule = FunctionAnnotator("sim:longer", lambda t: Judgement("A" if len(t.response_a) >= len(t.response_b) else "B", "better",
-                                                               True, True))
+    rule = FunctionAnnotator("sim:longer", lambda t: Judgement(chosen="A" if len(t.response_a) >= len(t.response_b) else "B",
+                                                               strength="better", safe_a=True, safe_b=True))
     assert store.label_with(rule, round=1, batch_size=3) == 4
     assert store.missing_labels(1) == 0 and store.missing_labels(2) == 2
     assert store.user("sim:longer").kind == "simulated"
@@ -512,7 +513,7 @@ def test_scorer_annotator_maps_reward_gaps_to_strengths(store):
 
 def test_label_with_limit_and_skips(store):
     store.queue(1, tasks(5))
-    skipper = FunctionAnnotator("sim:picky", lambda t: None if t.uid == "t1" else Judgement("B"))
+    skipper = FunctionAnnotator("sim:picky", lambda t: None if t.uid == "t1" else Judgement(chosen="B"))
     assert store.label_with(skipper, round=1, limit=2) == 2
     assert store.label_with(skipper, round=1) == 2  # t1 skipped, the rest labelled
     assert store.missing_labels(1) == 1 and store.stats(1)["skips"] == 1

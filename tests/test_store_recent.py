@@ -9,33 +9,33 @@ def test_recent_labels_change_and_closed_rounds(tmp_path):
     ids = []
     for i in range(11):
         t = store.next_task("ann")
-        ids.append(store.submit(t.token, "ann", Judgement("A", "better", True, True)).label_id)
+        ids.append(store.submit(t.token, "ann", Judgement(chosen="A", strength="better", safe_a=True, safe_b=True)).label_id)
     recent = store.recent_labels("ann")
     assert [r.label_id for r in recent] == ids[::-1][:10]  # the last 10, newest first
     assert recent[0].prompt.startswith("Question") and all(r.changeable for r in recent)
     view, j = store.label_task("ann", ids[3])
-    assert j == Judgement("A", "better", True, True, False, None)
-    res = store.change_label("ann", ids[3], Judgement("B", "slightly_better", True, False, False, "changed my mind"))
+    assert j == Judgement(chosen="A", strength="better", safe_a=True, safe_b=True, both_bad=False, comment=None)
+    res = store.change_label("ann", ids[3], Judgement(chosen="B", strength="slightly_better", safe_a=True, safe_b=False, both_bad=False, comment="changed my mind"))
     assert res.label_id == ids[3] and not res.duplicate
     [rec] = [r for r in store.label_records() if r.label_id == ids[3]]
     assert (rec.chosen, rec.strength, rec.safe_b, rec.comment) == ("B", "slightly_better", False, "changed my mind")
     assert len(store.label_records()) == 11  # changed in place, not added
     with pytest.raises(AnnotationError, match="not one of 'other'"):
-        store.change_label("other", ids[3], Judgement("A", "better", True, True))
+        store.change_label("other", ids[3], Judgement(chosen="A", strength="better", safe_a=True, safe_b=True))
     with pytest.raises(AnnotationError, match="not one of 'other'"):
         store.label_task("other", ids[3])
     store.close_round(1)
     assert store.closed_rounds() == {1} and not any(r.changeable for r in store.recent_labels("ann"))
     with pytest.raises(AnnotationError, match="round 1 is closed"):
-        store.change_label("ann", ids[4], Judgement("B", "better", True, True))
+        store.change_label("ann", ids[4], Judgement(chosen="B", strength="better", safe_a=True, safe_b=True))
     with pytest.raises(AnnotationError, match="round 1 is closed"):
         store.undo_last("ann")
     t = store.next_task("ann")
     with pytest.raises(AnnotationError, match="round 1 is closed"):
-        store.submit(t.token, "ann", Judgement("A", "better", True, True))
+        store.submit(t.token, "ann", Judgement(chosen="A", strength="better", safe_a=True, safe_b=True))
     store.reopen_round(1)
     assert store.closed_rounds() == set()
-    store.change_label("ann", ids[4], Judgement("B", "better", True, True))
+    store.change_label("ann", ids[4], Judgement(chosen="B", strength="better", safe_a=True, safe_b=True))
     with pytest.raises(AnnotationError, match="round 7 has no tasks"):
         store.close_round(7)
 

@@ -126,7 +126,7 @@ def app(tmp_path_factory):
                                                 {"role": "assistant", "content": f"Earlier answer {i}."},
                                                 {"role": "user", "content": f"Follow-up {i}?"}],
                      "response_a": f"Reply A{i}", "response_b": f"Reply B{i}", "category": "helpfulness"} for i in range(8)])
-    seed = FunctionAnnotator("sim:seed", lambda t: Judgement("A", "better", True, False))
+    seed = FunctionAnnotator("sim:seed", lambda t: Judgement(chosen="A", strength="better", safe_a=True, safe_b=False))
     assert store.label_with(seed, round=0) == 1  # something to export in round 0 whatever runs first
     proc, url, log = _serve(root, db, "--export-dir", str(root / "exports"), "--guidelines", str(REPO / "configs" / "guidelines.md"))
     yield {"url": url, "store": store, "root": root}

@@ -252,8 +252,8 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         else:
             task = call(store.task_for, token, name)
         true_safe_a, true_safe_b = task.true_safety(safe_a == "safe", safe_b == "safe")
-        judgement = Judgement(task.true_choice("left" if choice == "A" else "right"), strength, true_safe_a, true_safe_b,
-                              bool(both_bad), comment or None)
+        judgement = Judgement(chosen=task.true_choice("left" if choice == "A" else "right"), strength=strength, safe_a=true_safe_a,
+                              safe_b=true_safe_b, both_bad=bool(both_bad), comment=comment or None)
         if editing:
             call(store.change_label, name, label_id, judgement)
             return task_outputs(name, call(store.next_task, name, round=round), f"Changed your label #{label_id}.")

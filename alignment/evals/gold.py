@@ -177,7 +177,7 @@ class GoldJudge:
         from data.store import Judgement
 
         gap = gold_a - gold_b
-        return Judgement("A" if gap >= 0 else "B", strength(gap, self.cfg.strength_gaps), safe_a, safe_b)
+        return Judgement(chosen="A" if gap >= 0 else "B", strength=strength(gap, self.cfg.strength_gaps), safe_a=safe_a, safe_b=safe_b)
 
 
 class _ByPrompt:

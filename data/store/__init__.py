@@ -20,7 +20,7 @@ orchestrator.
     # a round orchestrator: queue, let a simulated annotator label, wait for people, export
     store.missing_labels(round=1)                  # labels still needed in the round
     store.label_with(ScorerAnnotator("sim:rm-helpful", reward_model), round=1)   # data.store.simulated
-    store.label_with(FunctionAnnotator("sim:rules", lambda task: Judgement("A", "better")), round=1)
+    store.label_with(FunctionAnnotator("sim:rules", lambda task: Judgement(chosen="A", strength="better")), round=1)
     result = store.export(1, policy="majority")    # runs/annotations/exports/round-1/comparisons-v1.jsonl
     store.stats(round=1)                           # progress, per annotator, strengths, safety bins, agreement
 

@@ -21,7 +21,7 @@ POLICIES: tuple[str, ...] = ("majority", "all")
 STRENGTH_ORDER = [s.value for s in Strength]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LabelRecord:
     """One stored label with what export and statistics need of its task and annotator."""
 

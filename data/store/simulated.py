@@ -70,7 +70,7 @@ class ScorerAnnotator:
         out = []
         for i in range(n):
             gap = scores[i] - scores[n + i]
-            out.append(Judgement("A" if gap >= 0 else "B", strength_from_gap(gap, self.thresholds), safe[i], safe[n + i]))
+            out.append(Judgement(chosen="A" if gap >= 0 else "B", strength=strength_from_gap(gap, self.thresholds), safe_a=safe[i], safe_b=safe[n + i]))
         return out
 
 
@@ -102,4 +102,4 @@ def rule_judgement(task: LeasedTask) -> Judgement:
     meta = task.meta or {}
     sa, safe_a = rule_scores(task.response_a, safety_prompt=safety_prompt, finished=bool(meta.get("finished_a", True)))
     sb, safe_b = rule_scores(task.response_b, safety_prompt=safety_prompt, finished=bool(meta.get("finished_b", True)))
-    return Judgement("A" if sa >= sb else "B", strength_from_gap(sa - sb), safe_a, safe_b)
+    return Judgement(chosen="A" if sa >= sb else "B", strength=strength_from_gap(sa - sb), safe_a=safe_a, safe_b=safe_b)

@@ -124,7 +124,7 @@ class LeasedTask:
         return (right_safe, left_safe) if self.swapped else (left_safe, right_safe)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Judgement:
     """A label in TRUE identities (what a simulated annotator or the API submits)."""
 
@@ -147,7 +147,7 @@ class Judgement:
             if getattr(self, key) not in (None, True, False):
                 raise AnnotationError(f"{key} must be true, false or null, got {getattr(self, key)!r}")
         comment = (self.comment or "").strip() or None
-        return Judgement(chosen, strength, self.safe_a, self.safe_b, bool(self.both_bad), comment)
+        return Judgement(chosen=chosen, strength=strength, safe_a=self.safe_a, safe_b=self.safe_b, both_bad=bool(self.both_bad), comment=comment)
 
 
 @dataclass(frozen=True)
@@ -668,7 +668,8 @@ class AnnotationStore:
                 raise AnnotationError(f"label #{label_id} is not one of {user!r}'s labels")
             a = s.get_one(Assignment, label.assignment_id)
             view = self._view(a, s.get_one(Task, label.task_id))
-            return view, Judgement(label.chosen, label.strength, label.safe_a, label.safe_b, label.both_bad, label.comment)
+            return view, Judgement(chosen=label.chosen, strength=label.strength, safe_a=label.safe_a, safe_b=label.safe_b,
+                                   both_bad=label.both_bad, comment=label.comment)
 
     def change_label(self, user: str, label_id: int, judgement: Judgement | None = None, **fields: Any) -> SubmitResult:
         """Replace one of ``user``'s labels (TRUE identities) while its round is open; the old values go to the audit log."""
@@ -777,9 +778,11 @@ class AnnotationStore:
             out = []
             for lab, tid, uid, rnd, src_a, src_b, cat, needed, done, name, kind, *rest in s.execute(q):
                 prompt, a, b, meta = rest if texts else ([], "", "", {})
-                out.append(LabelRecord(lab.id, tid, uid, rnd, prompt, a, b, src_a, src_b, cat, needed, done, name, kind, lab.chosen,
-                                       lab.strength, lab.safe_a, lab.safe_b, lab.both_bad, lab.comment, lab.swapped, lab.seconds,
-                                       lab.created_at, meta or {}))
+                out.append(LabelRecord(
+                    label_id=lab.id, task_id=tid, task_uid=uid, round=rnd, prompt=prompt, response_a=a, response_b=b, source_a=src_a,
+                    source_b=src_b, category=cat, labels_needed=needed, labels_done=done, annotator=name, annotator_kind=kind,
+                    chosen=lab.chosen, strength=lab.strength, safe_a=lab.safe_a, safe_b=lab.safe_b, both_bad=lab.both_bad,
+                    comment=lab.comment, swapped=lab.swapped, seconds=lab.seconds, created_at=lab.created_at, task_meta=meta or {}))
             return out
 
     def comparisons(self, round: int, *, policy: Policy = "majority", complete_only: bool = False,
