@@ -21,14 +21,18 @@ instead (PPO-Lagrangian, :mod:`alignment.rl.lagrangian`): it takes the helpfulne
 scores from ``score_detailed`` and keeps two critics; ``combined`` with the fixed λ is then only
 its logged and held-out measure.
 
+Rules are a registry (:data:`RULES`: name -> function of the two scores, the safety flags, the
+threshold and λ): a new rule is one function and one line there; ``reward.rule``, ``align score
+--rule`` and every scorer built by ``reward.config.build_scorer`` accept it.
+
 Departure from the paper: LOGIT is computed on probabilities clamped to [1e-6, 1 - 1e-6], so a
 score beyond about ±13.8 is clipped there instead of becoming ±inf.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from data.schemas import Message
 from reward.scorer import RewardScorer
@@ -93,6 +97,24 @@ def safe_rlhf_combined(reward: torch.Tensor, cost: torch.Tensor, lam: float | to
     return reward - lam * cost
 
 
+def _llama2_rule(helpful: torch.Tensor, safety: torch.Tensor, is_safety: torch.Tensor | Sequence[bool] | None,
+                 threshold: float, lam: float) -> torch.Tensor:
+    return llama2_combined(helpful, safety, is_safety, threshold)
+
+
+def _safe_rlhf_rule(helpful: torch.Tensor, safety: torch.Tensor, is_safety: torch.Tensor | Sequence[bool] | None,
+                    threshold: float, lam: float) -> torch.Tensor:
+    _flags(is_safety, len(helpful))  # the same validation for every rule
+    return safe_rlhf_combined(helpful, -safety, lam)
+
+
+Rule = Callable[..., "torch.Tensor"]  # (helpful [B], safety [B], is_safety, threshold, lam) -> combined [B]
+RULES: dict[str, Rule] = {
+    "llama2": _llama2_rule,  # eq. 4: the safety score on safety prompts or below the threshold, else the helpfulness score
+    "safe_rlhf": _safe_rlhf_rule,  # helpful - λ·cost, cost = -safety score
+}
+
+
 class CombinedScorer:
     """A :class:`~reward.scorer.RewardScorer` over a helpfulness and a safety scorer.
 
@@ -101,10 +123,10 @@ class CombinedScorer:
     ``cost = -safety``. Scores are returned unwhitened: consumers whiten with global statistics.
     """
 
-    def __init__(self, helpful: RewardScorer, safety: RewardScorer, rule: Literal["llama2", "safe_rlhf"] = "llama2",
+    def __init__(self, helpful: RewardScorer, safety: RewardScorer, rule: str = "llama2",
                  threshold: float = 0.15, lam: float = 1.0) -> None:
-        if rule not in ("llama2", "safe_rlhf"):
-            raise ValueError(f"unknown rule {rule!r}; expected 'llama2' or 'safe_rlhf'")
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; expected one of: {', '.join(repr(r) for r in RULES)}")
         if not 0 < threshold < 1:
             raise ValueError(f"threshold is a probability in (0, 1), got {threshold}")
         if lam < 0:
@@ -118,11 +140,7 @@ class CombinedScorer:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         r_help = self.helpful.score(prompts, responses).float().cpu()
         r_safe = self.safety.score(prompts, responses).float().cpu()
-        if self.rule == "llama2":
-            combined = llama2_combined(r_help, r_safe, is_safety, self.threshold)
-        else:
-            _flags(is_safety, len(responses))  # same validation for both rules
-            combined = safe_rlhf_combined(r_help, -r_safe, self.lam)
+        combined = RULES[self.rule](r_help, r_safe, is_safety, self.threshold, self.lam)
         return {"helpful": r_help, "safety": r_safe, "combined": combined}
 
     def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str],

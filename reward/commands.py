@@ -127,13 +127,15 @@ def _row_is_safety(row: dict) -> bool:
 
 
 def cmd_score(argv: Sequence[str]) -> int:
+    from reward.combine import RULES
+
     p = argparse.ArgumentParser(prog="align score", description="Score responses with the helpfulness and/or safety reward "
                                 "model; with both, also the combined reward (Llama 2 eq. 4, or safe-rlhf's reward - λ·cost).")
     p.add_argument("--helpful", help="helpfulness reward model (runs/<run>/rm_helpful)")
     p.add_argument("--safety", help="safety reward model (runs/<run>/rm_safety)")
     p.add_argument("--data", required=True, help="JSONL/JSON/CSV rows: prompt (or messages) + response, or dialogues ending with the assistant")
     p.add_argument("--out", required=True, help="output JSONL: every input row plus its scores (an existing file is never replaced)")
-    p.add_argument("--rule", choices=["llama2", "safe_rlhf"], default="llama2", help="how the two scores combine")
+    p.add_argument("--rule", choices=list(RULES), default="llama2", help="how the two scores combine (reward.combine.RULES)")
     p.add_argument("--threshold", type=float, default=0.15, help="llama2 rule: use the safety score when σ(safety) is below this")
     p.add_argument("--lam", type=float, default=1.0, help="safe_rlhf rule: λ in helpful - λ·cost (cost = -safety score)")
     p.add_argument("--batch-size", type=int, default=16)

@@ -19,7 +19,7 @@ class RewardConfig:
 
     helpful: str | None = option("runs/default/rm_helpful", "helpfulness reward model (an `align rm` output folder); null with `function`")
     safety: str | None = option("runs/default/rm_safety", "safety reward model (an `align rm` output folder); null = use the helpfulness RM alone")
-    rule: Literal["llama2", "safe_rlhf"] = option("llama2", "combination: llama2 (eq. 4, piecewise on the safety score) or safe_rlhf (reward - λ·cost, cost = -safety score; PPO learns λ by dual ascent (PPO-Lagrangian), the other stages use λ = cost_weight)")
+    rule: str = option("llama2", "combination (reward.combine.RULES): llama2 (eq. 4, piecewise on the safety score) or safe_rlhf (reward - λ·cost, cost = -safety score; PPO learns λ by dual ascent (PPO-Lagrangian), the other stages use λ = cost_weight)")
     safety_threshold: float = option(0.15, "llama2 rule: use the safety score when sigmoid(safety) is below this, even on helpfulness prompts")
     cost_weight: float = option(1.0, "safe_rlhf rule: λ in reward - λ·cost (fixed in rejection sampling, GRPO and the win-rate judge; PPO's initial λ, then learned)")
     function: str | None = option(None, "instead of reward models: a rule-based reward `module:function` taking (prompt_messages, response, **kwargs) -> float, e.g. alignment.rl.rule_rewards:target_length")
@@ -27,6 +27,9 @@ class RewardConfig:
     batch_size: int = option(16, "reward-model scoring batch size")
 
     def __post_init__(self) -> None:
+        from reward.combine import RULES
+
+        check(self.rule in RULES, "rule", f"unknown rule {self.rule!r}; expected one of: {', '.join(RULES)}")
         if self.function is not None:
             check(":" in self.function, "function", f"must look like module:function, got {self.function!r}")
             check(self.helpful is None and self.safety is None, "function",

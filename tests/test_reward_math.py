@@ -136,6 +136,21 @@ def test_combined_scorer_rules():
         CombinedScorer(helpful, safety, rule="sum")
 
 
+def test_a_rule_added_to_the_registry_works_everywhere(monkeypatch):
+    """A new combination rule is one function in reward.combine.RULES: the scorer and reward.rule accept it."""
+    from alignment.config import ConfigError, load_config
+    from reward import combine
+    from reward.config import RewardConfig
+
+    monkeypatch.setitem(combine.RULES, "mean", lambda h, s, flags, threshold, lam: (h + s) / 2)
+    helpful, safety = FunctionScorer(lambda p, r: 2.0), FunctionScorer(lambda p, r: -1.0)
+    assert CombinedScorer(helpful, safety, rule="mean").score([[{"role": "user", "content": "q"}]], ["a"]).tolist() == [0.5]
+    assert load_config(RewardConfig, None, ["rule=mean"]).rule == "mean"
+    monkeypatch.delitem(combine.RULES, "mean")
+    with pytest.raises(ConfigError, match="rule: unknown rule 'mean'; expected one of: llama2, safe_rlhf"):
+        load_config(RewardConfig, None, ["rule=mean"])
+
+
 # --------------------------------------------------------------------------- report metrics
 
 

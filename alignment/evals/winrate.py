@@ -171,22 +171,18 @@ def load_function(spec: str) -> Callable:
 
 
 def build_reward_scorer(rm: str | None, safety_rm: str | None = None, *, rule: str = "llama2", threshold: float = 0.15,
-                        reward_fn: str | None = None) -> Any:
-    """A RewardScorer: a rule-based function, one reward model, or the combined helpfulness + safety reward."""
+                        lam: float = 1.0, reward_fn: str | None = None) -> Any:
+    """A RewardScorer: a rule-based function, one reward model, or the combined helpfulness + safety reward
+    (built by ``reward.config.build_scorer``, like every stage's reward)."""
     if reward_fn:
         from reward.scorer import FunctionScorer
 
         return FunctionScorer(load_function(reward_fn))
     if not rm:
         raise ValueError("--judge rm needs --rm PATH (a reward model) or --reward-fn module:function")
-    from reward import load_scorer
+    from reward.config import RewardConfig, build_scorer
 
-    helpful = load_scorer(rm)
-    if not safety_rm:
-        return helpful
-    from reward.combine import CombinedScorer
-
-    return CombinedScorer(helpful, load_scorer(safety_rm), rule=rule, threshold=threshold)
+    return build_scorer(RewardConfig(helpful=rm, safety=safety_rm, rule=rule, safety_threshold=threshold, cost_weight=lam))[0]
 
 
 def load_responses(path: str, prompts: Sequence[Any]) -> list[str]:
