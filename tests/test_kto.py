@@ -71,8 +71,7 @@ def test_cli_lists_kto_from_the_registry():
 def test_a_round_hands_kto_its_comparisons(tmp_path, monkeypatch):
     """KTO as a round method: the registry says it consumes comparisons, so the round's policy step gives it
     the round's export (not reward models or prompts) and its default config."""
-    from alignment import rounds
-    from alignment.rounds import Project, RoundConfig, Steps
+    from alignment.rounds import Project, RoundConfig, Steps, steps
 
     cfg = load_config(RoundConfig, REPO / "tests" / "round_tiny.yaml", [f"root={tmp_path}", "project=k", "methods=[kto]"], stage="round")
     p = Project.init(cfg)
@@ -81,7 +80,7 @@ def test_a_round_hands_kto_its_comparisons(tmp_path, monkeypatch):
     m["steps"]["export"] = {"status": "done", "outputs": {"path": str(export)}}
     p.save_manifest(1, m)
     calls = []
-    monkeypatch.setattr(rounds, "run_stage", lambda name, spec, out, overrides: calls.append((name, spec.config, overrides)) or {"global_step": 1})
+    monkeypatch.setattr(steps, "run_stage", lambda name, spec, out, overrides: calls.append((name, spec.config, overrides)) or {"global_step": 1})
     res = Steps(p, 1).policy()
     (name, config, overrides), = calls
     assert (name, config) == ("kto", "configs/kto.yaml")

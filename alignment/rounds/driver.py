@@ -1,0 +1,146 @@
+"""Driving rounds: the next step, running steps until one waits for people, promotion by hand, status."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from alignment.rounds.config import WAITING
+from alignment.rounds.project import Project, now
+from alignment.rounds.steps import Steps
+
+log = logging.getLogger("alignment.rounds")
+
+# driving
+
+
+def current_round(p: Project) -> int:
+    """The round to work on: the last one with pending steps, or the next one."""
+    rounds = p.rounds()
+    if not rounds:
+        return 1
+    last = rounds[-1]
+    return last if p.pending(last) else last + 1
+
+
+def next_step(p: Project, *, start_new: bool = True) -> tuple[int, str] | None:
+    n = current_round(p)
+    if n not in p.rounds() and not start_new:
+        return None
+    return n, p.pending(n)[0]
+
+
+def run_step(p: Project, n: int, step: str) -> str:
+    """Run one step and record it. Returns "done" or WAITING."""
+    m = p.manifest(n)
+    p.save_manifest(n, m)  # the round exists from its first step on
+    started = time.time()
+    log.info("round %d: step %s", n, step)
+    result = getattr(Steps(p, n), step)()
+    if result == WAITING:
+        m = p.manifest(n)
+        m["steps"][step] = {"status": WAITING, "checked_at": now()}
+        p.save_manifest(n, m)
+        return WAITING
+    m = p.manifest(n)
+    m["steps"][step] = {"status": "done", "started_at": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"),
+                        "finished_at": now(), "seconds": round(time.time() - started, 1), **result}
+    if step == "promote":
+        m["promoted"] = result["outputs"]["promoted"]
+        m["policy"] = p.policy_of(n)
+    p.save_manifest(n, m)
+    return "done"
+
+
+def run(p: Project, *, max_steps: int | None = None, stop: Callable[[int, str], bool] | None = None) -> str:
+    """Run steps until one waits for people, ``rounds`` rounds are done, or ``max_steps`` ran."""
+    steps = 0
+    while max_steps is None or steps < max_steps:
+        n = current_round(p)
+        if n > p.cfg.rounds:
+            return "done"
+        step = p.pending(n)[0]
+        if stop is not None and stop(n, step):
+            return "stopped"
+        if run_step(p, n, step) == WAITING:
+            return WAITING
+        steps += 1
+    return "stopped"
+
+
+def promote(p: Project, n: int) -> dict:
+    """Promote round ``n``'s policy by hand (the next round samples from it)."""
+    m = p.manifest(n)
+    if m["steps"].get("policy", {}).get("status") != "done":
+        raise ValueError(f"round {n} has no finished policy to promote (steps pending: {', '.join(p.pending(n)) or 'none'})")
+    for k in p.rounds():  # a later round's promotion would hide it
+        if k > n and p.manifest(k)["steps"].get("promote", {}).get("outputs", {}).get("promoted"):
+            raise ValueError(f"round {k} (later) is promoted; promoting round {n} would not change the current policy")
+    m["steps"]["promote"] = {"status": "done", "finished_at": now(), "inputs": {"mode": "manual"},
+                             "outputs": {"promoted": True, "reason": "promoted by hand"}}
+    m["promoted"], m["policy"] = True, p.policy_of(n)
+    p.save_manifest(n, m)
+    return m
+
+
+def status(p: Project) -> dict:
+    """Where each round stands (JSON-ready)."""
+    out: dict[str, Any] = {"project": str(p.dir), "current_policy": p.current_policy(), "rounds": []}
+    for n in p.rounds():
+        m = p.manifest(n)
+        steps = m["steps"]
+        row = {"round": n, "method": m.get("method"), "done": [s for s in p.steps(n) if steps.get(s, {}).get("status") == "done"],
+               "pending": p.pending(n), "promoted": m.get("promoted")}
+        metrics: dict[str, Any] = {}
+        for rm in ("rm_helpful", "rm_safety"):
+            acc = steps.get(rm, {}).get("outputs", {}).get("metrics", {}).get("held_out_accuracy")
+            if acc is not None:
+                metrics[f"{rm}_accuracy"] = acc
+            before = steps.get("rm_before", {}).get("outputs", {}).get(rm, {}).get("accuracy")
+            if before is not None:
+                metrics[f"{rm}_accuracy_on_new_before_training"] = before
+        pol = steps.get("policy", {}).get("outputs", {}).get("metrics", {})
+        for k in ("reward_before", "reward_after", "eval_reward_baseline", "eval_reward_best"):
+            if pol.get(k) is not None:
+                metrics[f"policy_{k}"] = pol[k]
+        ev = steps.get("eval", {}).get("outputs", {})
+        if ev.get("truthfulqa"):
+            metrics.update({f"truthfulqa_{k}": v for k, v in ev["truthfulqa"].items() if k in ("mc1", "mc2", "dataset")})
+        if (ev.get("toxigen") or {}).get("pct_toxic") is not None:
+            metrics["toxigen_pct_toxic"] = ev["toxigen"]["pct_toxic"]
+        gold = (ev.get("gold_reward") or {}).get("policy")
+        if gold:
+            metrics["gold_reward"] = f"{gold['mean']:.4f} [{gold['ci_low']:.4f}, {gold['ci_high']:.4f}] (n={gold['n']})"
+        for k, v in ev.items():
+            if k.startswith("winrate_") and k != "winrate_vs_previous":
+                metrics[k] = (f"{100 * v['win_rate']:.1f}% [{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}] "
+                              f"(n={v['n']}, ties {100 * v['ties']:.0f}%)")
+        row["metrics"] = metrics
+        if "annotate" in row["pending"] and steps.get("sample", {}).get("status") == "done":
+            from data.store import AnnotationStore
+
+            row["labels_missing"] = AnnotationStore(p.db_url()).missing_labels(n)
+        out["rounds"].append(row)
+    nxt = next_step(p)
+    out["next"] = None if nxt[0] > p.cfg.rounds else {"round": nxt[0], "step": nxt[1]}
+    return out
+
+
+def format_status(s: dict) -> str:
+    lines = [f"project {s['project']}; current policy: {s['current_policy']}"]
+    for r in s["rounds"]:
+        state = "complete" if not r["pending"] else f"next: {r['pending'][0]}"
+        promoted = {True: ", promoted", False: ", not promoted"}.get(r["promoted"], "")
+        lines.append(f"round {r['round']} ({r['method']}): {len(r['done'])}/{len(r['done']) + len(r['pending'])} steps, {state}{promoted}")
+        if r.get("labels_missing"):
+            lines.append(f"  waiting for people: {r['labels_missing']} labels missing (align annotate serve --db ...; then align round run)")
+        for k, v in r["metrics"].items():
+            lines.append(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    lines.append(f"next: round {s['next']['round']} step {s['next']['step']}" if s["next"] else "all configured rounds are done")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""A project on disk: ``round.yaml``, the prompt pool and held-out prompts, one ``manifest.json`` per round."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from alignment.config import ConfigError, load_config, save_config
+from alignment.rounds.config import FIRST_ROUND, FIRST_ROUND_SAMPLED, LATER_ROUND, RoundConfig
+
+log = logging.getLogger("alignment.rounds")
+
+# ---------------------------------------------------------------------------------------------
+# the registry: one manifest per round
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def sha256(path: str | Path) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class Project:
+    """``runs/<project>/``: ``round.yaml`` (the resolved config), ``round-<N>/manifest.json``, the store."""
+
+    def __init__(self, root: str | Path, name: str):
+        self.dir = Path(root) / name
+        self.config_path = self.dir / "round.yaml"
+        if not self.config_path.is_file():
+            raise FileNotFoundError(f"{self.dir}: no project here (create it with `align round init --project {name}`)")
+        self.cfg: RoundConfig = load_config(RoundConfig, self.config_path, [], stage="round")
+
+    @staticmethod
+    def init(cfg: RoundConfig) -> Project:
+        d = Path(cfg.root) / cfg.project
+        if (d / "round.yaml").exists():
+            raise FileExistsError(f"{d} already holds a project; `align round run --project {cfg.project}` continues it")
+        heldout, pool = Project.split_prompts(cfg)  # loads the prompt pool: bad sources fail before anything is written
+        d.mkdir(parents=True, exist_ok=True)
+        from data.loaders import write_jsonl
+
+        write_jsonl(d / "heldout.jsonl", [r.to_dict() for r in heldout], overwrite=True)
+        write_jsonl(d / "prompt_pool.jsonl", [r.to_dict() for r in pool], overwrite=True)
+        save_config(cfg, d / "round.yaml", stage="round")
+        return Project(cfg.root, cfg.project)
+
+    @staticmethod
+    def split_prompts(cfg: RoundConfig) -> tuple[list, list]:
+        """(held-out prompts, the pool every stage samples from) out of ``sample.prompts``."""
+        from alignment.heldout import split_pool
+        from data.loaders import load_prompts
+
+        pool = [p for src in cfg.sample.prompts for p in load_prompts(src)]
+        try:
+            return split_pool(pool, cfg.eval.heldout, cfg.sample.safety_share, seed=cfg.seed)
+        except ValueError as exc:
+            raise ConfigError("eval.heldout", str(exc), show_key=False) from None
+
+    # -- prompts: held out (evaluation only) and the pool (everything else)
+    @property
+    def heldout_path(self) -> Path:
+        return self.dir / "heldout.jsonl"
+
+    @property
+    def pool_path(self) -> Path:
+        return self.dir / "prompt_pool.jsonl"
+
+    def heldout(self) -> list:
+        from data.loaders import load_prompts
+
+        return load_prompts(str(self.heldout_path)) if self.heldout_path.stat().st_size else []
+
+    def pool(self) -> list:
+        from data.loaders import load_prompts
+
+        return load_prompts(str(self.pool_path))
+
+    # -- paths and manifests
+    def round_dir(self, n: int) -> Path:
+        return self.dir / f"round-{n}"
+
+    def manifest_path(self, n: int) -> Path:
+        return self.round_dir(n) / "manifest.json"
+
+    def manifest(self, n: int) -> dict:
+        p = self.manifest_path(n)
+        if p.is_file():
+            return json.loads(p.read_text())
+        return {"round": n, "method": self.cfg.method(n), "created_at": now(), "config_sha256": sha256(self.config_path), "steps": {}}
+
+    def save_manifest(self, n: int, m: dict) -> None:
+        self.round_dir(n).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.manifest_path(n), m)
+
+    def rounds(self) -> list[int]:
+        return sorted(int(p.name.split("-")[1]) for p in self.dir.glob("round-*") if (p / "manifest.json").is_file())
+
+    def steps(self, n: int) -> tuple[str, ...]:
+        if n > 1:
+            return LATER_ROUND
+        return FIRST_ROUND_SAMPLED if self.cfg.sample.first_round else FIRST_ROUND
+
+    def pending(self, n: int) -> list[str]:
+        done = self.manifest(n)["steps"]
+        return [s for s in self.steps(n) if done.get(s, {}).get("status") != "done"]
+
+    def db_url(self) -> str:
+        return self.cfg.annotation.db or f"sqlite:///{self.dir / 'annotations.db'}"
+
+    # -- models of earlier rounds
+    def sft_model(self) -> str:
+        return str(self.round_dir(1) / "sft")
+
+    def policy_of(self, n: int) -> str:
+        return str(self.round_dir(n) / "policy")
+
+    def rm_dir(self, name: str, upto: int) -> Path:
+        """The latest reward model ``name`` (rm_helpful, rm_safety) trained in a round <= ``upto``."""
+        for n in range(upto, 0, -1):
+            step = self.manifest(n)["steps"].get(name, {})
+            if step.get("status") == "done" and not step.get("outputs", {}).get("skipped"):
+                return self.round_dir(n) / name
+        return self.round_dir(upto) / name
+
+    def current_policy(self, before: int | None = None) -> str:
+        """The latest promoted policy of a round before ``before`` (all rounds when None), else the SFT model."""
+        for n in sorted(self.rounds(), reverse=True):
+            if before is not None and n >= before:
+                continue
+            promote = self.manifest(n)["steps"].get("promote", {})
+            if promote.get("outputs", {}).get("promoted"):
+                return self.policy_of(n)
+        return self.sft_model()
+
+    def comparison_files(self, upto: int) -> list[str]:
+        """Exports of rounds 1..upto (what the reward models of round ``upto`` add to ``comparisons``)."""
+        files = []
+        for n in range(1, upto + 1):
+            exp = self.manifest(n)["steps"].get("export", {})
+            if exp.get("status") == "done":
+                files.append(exp["outputs"]["path"])
+        return files
+
+
+# ---------------------------------------------------------------------------------------------
