@@ -14,5 +14,5 @@
 - ``rule_rewards``: rule-based rewards (target length, a string, a character set) for smoke tests
   and for tasks with a checkable answer.
 
-The PPO stage itself (``alignment/ppo.py``) only calls these.
+The PPO stage itself (``alignment/ppo/``) only calls these.
 """
