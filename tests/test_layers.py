@@ -123,3 +123,10 @@ def test_a_planted_back_edge_is_reported(tmp_path):
 def test_every_module_has_a_layer():
     for module in modules(REPO):
         layer_of(module)
+
+
+def test_long_modules_say_why_at_the_top():
+    """A module reads top to bottom in about 400 lines; a longer one says why near its top ("Length (...): ...")."""
+    long = [f"{path.relative_to(REPO)} ({n} lines)" for path in modules(REPO).values()
+            if (n := len(path.read_text().splitlines())) > 450 and "Length (" not in path.read_text()[:2000]]
+    assert long == []

@@ -1,5 +1,7 @@
 """``align report``: one Markdown and one static HTML report with plots across a run's rounds.
 
+Length (~510 lines): one report, its nine plots and the Markdown/HTML writers; each plot is a short function.
+
     align report --run runs/<project> [--out runs/<project>/report] [--overwrite]
 
 Reads every evaluation result under ``runs/<project>/round-<N>/`` (``eval/*.json`` and any

@@ -1,5 +1,7 @@
 """TruthfulQA: MC1 / MC2 exactly as lm-evaluation-harness scores them, and the generation variant.
 
+Length (~450 lines): MC1/MC2 scoring, the generation variant and their data layouts, one evaluation.
+
     align eval truthfulqa --model runs/<run>/round-2/policy [--data truthful_qa | mc_task.json | bundled:truthfulness]
                           [--variant mc|gen|both] [--out DIR]
 

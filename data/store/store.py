@@ -1,5 +1,9 @@
 """The annotation store: users, the task queue with leases, labels, export and statistics.
 
+Length (~870 lines): one class, AnnotationStore, each public method one documented transaction; they are read
+together because their isolation depends on each other (leases, submit, undo, change, export). Tables, export plans,
+pair files and statistics already live beside it.
+
 See :mod:`data.store` for the API overview. Transactions:
 
 - SQLite: every write runs in ``BEGIN IMMEDIATE`` (one writer at a time, readers never blocked in
