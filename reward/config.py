@@ -8,7 +8,7 @@ import functools
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from alignment.config import ConfigError, check, option
 

@@ -1,5 +1,7 @@
 import pytest
-from data.store import AnnotationStore, AnnotationError, Judgement
+
+from data.store import AnnotationError, AnnotationStore, Judgement
+
 
 def test_recent_labels_change_and_closed_rounds(tmp_path):
     store = AnnotationStore(f"sqlite:///{tmp_path / 'a.db'}")

@@ -195,7 +195,7 @@ async def _refuse(scope: dict, send: Callable, status: int, detail: str) -> None
     await send({"type": "http.response.body", "body": body})
 
 
-LOGIN_PAGE_JS = b"""<script id="align-login-refusals">
+LOGIN_PAGE_JS = rb"""<script id="align-login-refusals">
 (() => {
   const fetch0 = window.fetch.bind(window);
   window.fetch = async (input, init) => {

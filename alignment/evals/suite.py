@@ -174,7 +174,6 @@ class RoundEval:
 
     def rm_winrates(self, answers: dict, policy: str, previous: str, sft: str) -> dict:
         from alignment.evals import winrate
-
         from reward.config import build_scorer
 
         reward = self.reward_config()
