@@ -10,7 +10,7 @@ import pytest
 from data.errors import DataError
 from data.formats import detect_format, split_hh_pair
 from data.loaders import DataSource, load_comparisons, load_prompts, load_sft, load_truthfulness, read_rows, write_jsonl
-from data.mixing import mix, mix_proportions, split
+from data.mixing import mix, mix_proportions, split, stable_unit
 from data.schemas import Comparison, SafetyBin, Strength
 from data.templates import FAMILIES, expand_self_instruct, render
 
@@ -281,6 +281,23 @@ def test_split_is_deterministic_order_free_and_keeps_duplicates_together():
     val_prompts = {r.prompt_text for r in val}
     assert not val_prompts & {r.prompt_text for r in train}
     assert 0.1 < len(val) / 200 < 0.3
+
+
+def test_split_never_leaves_an_asked_for_validation_share_empty():
+    """24 prompts at 0.125 hashed none into validation (the demo's rejection sampling failed on it): the
+    record nearest the band moves there, with its duplicates."""
+    recs = [Comparison.from_dict(cmp_row(prompt=f"q{i}?", response_a=f"a{i}")) for i in range(24)]
+    seed = next(s for s in range(500) if all(stable_unit(_plain_key(r), s) >= 0.125 for r in recs))  # hash alone: none held out
+    dup = Comparison.from_dict(cmp_row(prompt=min(recs, key=lambda r: stable_unit(_plain_key(r), seed)).prompt_text, response_a="dup"))
+    train, val, _ = split([*recs, dup], 0.125, seed=seed, key=_plain_key)
+    assert len(val) == 2 and {r.prompt_text for r in val} == {dup.prompt_text} and len(train) == 23
+    assert split(recs, 0.0, seed=seed, key=_plain_key)[1] == []  # none asked for, none given
+    one = [r for r in recs if stable_unit(_plain_key(r), seed) >= 0.5][:1]
+    assert split(one, 0.5, seed=seed, key=_plain_key) == (one, [], [])  # a single record stays for training
+
+
+def _plain_key(r) -> str:
+    return r.prompt_text
 
 
 def test_write_jsonl_never_overwrites(tmp_path):
