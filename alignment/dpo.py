@@ -171,7 +171,7 @@ def load_data(cfg: DPODataConfig, seed: int) -> tuple[list[Comparison], list[Com
         if len(kept) < len(pairs):
             log.info("dropped %d pairs whose chosen response is unsafe and rejected one safe", len(pairs) - len(kept))
         pairs = kept
-    train, val, _ = split(pairs, val_fraction=cfg.val_fraction, seed=seed)
+    train, val, _ = split(pairs, val_fraction=cfg.val_fraction, seed=seed, at_least_one_val=True)
     if not train or not val:
         raise ValueError(f"{len(pairs)} pairs give {len(train)} for training and {len(val)} held out; "
                          "add data or change data.val_fraction")

@@ -219,7 +219,7 @@ def load_prompts(cfg: RSPromptsConfig, seed: int) -> tuple[list[PromptRecord], l
         if prompt_key(p.messages) not in seen:  # duplicates would be sampled twice and skew the pool
             seen.add(prompt_key(p.messages))
             prompts.append(p)
-    train, val, _ = split(prompts, val_fraction=cfg.val_fraction, seed=seed)
+    train, val, _ = split(prompts, val_fraction=cfg.val_fraction, seed=seed, at_least_one_val=True)
     if not train or not val:
         raise ValueError(f"{len(prompts)} prompts give {len(train)} for sampling and {len(val)} held out; add prompts or change data.val_fraction")
     return train, val

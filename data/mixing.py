@@ -86,12 +86,15 @@ def split(
     test_fraction: float = 0.0,
     seed: int = 0,
     key: Callable[[T], str] = default_key,
+    *,
+    at_least_one_val: bool = False,
 ) -> tuple[list[T], list[T], list[T]]:
     """Deterministic (train, validation, test) split by a stable hash of ``key(record)``.
 
-    A small set can hash no record into the validation band; then, with ``val_fraction > 0`` and at
-    least two training records, the training record whose hash lies nearest the band moves to
-    validation, so asking for a held-out share never leaves it empty (24 prompts at 0.125 did)."""
+    A small set can hash no record into the validation band. With ``at_least_one_val`` (stages that
+    cannot run without held-out records: RS, DPO, KTO, PPO), ``val_fraction > 0`` and at least two
+    training records, the training record whose hash lies nearest the band then moves to validation
+    with its duplicates (24 prompts at 0.125 got none: the demo's rejection sampling stopped on it)."""
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(f"fractions must be in [0, 1) and sum below 1, got {val_fraction}, {test_fraction}")
     train: list[T] = []
@@ -105,7 +108,7 @@ def split(
             val.append(rec)
         else:
             train.append(rec)
-    if val_fraction > 0 and not val and len(train) >= 2:
+    if at_least_one_val and val_fraction > 0 and not val and len(train) >= 2:
         units = [stable_unit(key(r), seed) for r in train]
         nearest = min(units)  # every record with that key moves: duplicates stay together
         if units.count(nearest) < len(train):

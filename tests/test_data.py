@@ -289,11 +289,12 @@ def test_split_never_leaves_an_asked_for_validation_share_empty():
     recs = [Comparison.from_dict(cmp_row(prompt=f"q{i}?", response_a=f"a{i}")) for i in range(24)]
     seed = next(s for s in range(500) if all(stable_unit(_plain_key(r), s) >= 0.125 for r in recs))  # hash alone: none held out
     dup = Comparison.from_dict(cmp_row(prompt=min(recs, key=lambda r: stable_unit(_plain_key(r), seed)).prompt_text, response_a="dup"))
-    train, val, _ = split([*recs, dup], 0.125, seed=seed, key=_plain_key)
+    assert split(recs, 0.125, seed=seed, key=_plain_key)[1] == []  # by default the hash alone decides
+    train, val, _ = split([*recs, dup], 0.125, seed=seed, key=_plain_key, at_least_one_val=True)
     assert len(val) == 2 and {r.prompt_text for r in val} == {dup.prompt_text} and len(train) == 23
-    assert split(recs, 0.0, seed=seed, key=_plain_key)[1] == []  # none asked for, none given
+    assert split(recs, 0.0, seed=seed, key=_plain_key, at_least_one_val=True)[1] == []  # none asked for, none given
     one = [r for r in recs if stable_unit(_plain_key(r), seed) >= 0.5][:1]
-    assert split(one, 0.5, seed=seed, key=_plain_key) == (one, [], [])  # a single record stays for training
+    assert split(one, 0.5, seed=seed, key=_plain_key, at_least_one_val=True) == (one, [], [])  # a single record stays for training
 
 
 def _plain_key(r) -> str:

@@ -32,7 +32,7 @@ def load_prompts(cfg: PPODataConfig, tokenizer: Any, seed: int) -> tuple[list, l
     kept = [r for r, n in zip(records, lengths) if n <= cfg.max_prompt_tokens]
     if len(kept) < len(records):
         log.warning("skipped %d prompts longer than data.max_prompt_tokens=%d", len(records) - len(kept), cfg.max_prompt_tokens)
-    train, val, _ = split(kept, val_fraction=cfg.val_fraction, seed=seed)
+    train, val, _ = split(kept, val_fraction=cfg.val_fraction, seed=seed, at_least_one_val=True)
     if not train or not val:
         raise ValueError(f"need both training and held-out prompts, got {len(train)} and {len(val)}; check data.sources and data.val_fraction")
     return train, val
