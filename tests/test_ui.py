@@ -354,6 +354,28 @@ def test_exports_are_for_admins_only(app):
         assert secret not in r.text
 
 
+@pytest.mark.browser
+def test_an_annotators_browser_cannot_open_an_export(app, chromium):
+    from gradio_client import Client
+
+    admin = Client(app["url"], auth=("root", "root-password"), verbose=False, analytics_enabled=False)
+    msg, _ = admin.predict("0", "all", api_name="/export")
+    [export] = [p for p in (app["root"] / "exports" / "round-0").glob("comparisons-v*.jsonl") if f"`{p}`" in msg]
+    secret = export.read_text().splitlines()[0][:40]
+    app["store"].add_user("cara", password="cara-password")  # an annotator of her own: no task needed to be logged in
+    page = chromium.new_page()
+    page.goto(app["url"])
+    page.locator("input[type=text]").fill("cara")
+    page.locator("input[type=password]").fill("cara-password")
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#progress", timeout=60_000)
+    for path in (f"gradio_api/file={export}", f"gradio_api/file={export.relative_to(app['root'])}"):
+        response = page.goto(app["url"] + path)
+        assert response is not None and response.status in (403, 404), (path, response and response.status)
+        assert secret not in page.content()
+    page.close()
+
+
 # -- sessions, login throttling, cookies, origins (ui/security.py) -------------------------------------------
 
 SESSION_SECONDS = 12.0
