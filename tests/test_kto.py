@@ -7,22 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO, run_align, write_jsonl
-from test_dpo import marker_pairs
+from test_dpo import marker_pairs, one_thread  # noqa: F401 - one_thread: the DPO tests' autouse one-thread fixture
 
 from alignment.config import ConfigError, load_config
 from alignment.kto import KTOConfig, main, to_rows
 from data.schemas import Comparison
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_cfg(tmp_path: Path, data: Path, *overrides: str) -> KTOConfig:
@@ -41,7 +31,7 @@ def test_each_pair_becomes_a_desirable_and_an_undesirable_answer():
     ]
 
 
-def test_config_needs_two_answers_per_batch(tmp_path):
+def test_config_needs_two_answers_per_batch():
     with pytest.raises(ConfigError, match="train.batch_size: KTO's KL estimate needs >= 2 answers per batch, got 1"):
         load_config(KTOConfig, REPO / "configs/kto.yaml", ["train.batch_size=1"], stage="kto")
 
