@@ -59,7 +59,9 @@ class LlamaRewardTrainer(RewardTrainer):
         with torch.no_grad():
             gather = self.accelerator.gather_for_metrics
             self._metrics[mode]["ranking_loss"].append(gather(ranking.detach()).mean().item())
-            self._metrics[mode]["accuracy"].append(gather((chosen > rejected).float().mean()).mean().item())
-            self._metrics[mode]["reward_gap"].append(gather((chosen - rejected).mean()).mean().item())
+            # one value per pair, so the logged mean is over pairs, not a mean of batch means (a small last
+            # batch would otherwise weigh as much as a full one)
+            self._metrics[mode]["accuracy"].extend(gather((chosen > rejected).float()).tolist())
+            self._metrics[mode]["reward_gap"].extend(gather(chosen - rejected).tolist())
             self._metrics[mode]["mean_reward"].append(gather(rewards.mean()).mean().item())
         return (loss, outputs) if return_outputs else loss
