@@ -1,5 +1,7 @@
 """Typed configs: dataclasses loaded from YAML plus dotted ``key=value`` overrides.
 
+Length (~480 lines): loading, overrides, shorthands, renames and help are one set of rules, kept in one place.
+
 Every stage declares one dataclass tree (see ``alignment/sft.py``); fields are declared with
 :func:`option`, which records a one-line doc shown by ``align <stage> --help``.
 
@@ -16,8 +18,11 @@ Rules (all enforced here, once, for every stage):
 A YAML file may carry ``stage: <name>``; loading it for another stage fails, so
 ``align rm --config configs/sft.yaml`` is caught before anything runs.
 
-Renamed keys: a top-level config class may declare ``RENAMED: ClassVar[dict[str, str]]`` (old dotted
-key or section -> new one). Files and overrides that use an old name still load, for one release,
+Shorthand: a section class may declare ``SHORTHAND: ClassVar[str]``, the field a bare value fills
+(``eval.truthfulqa: [a.json]`` is ``eval.truthfulqa: {data: [a.json]}``).
+
+Renamed keys: a config class or section may declare ``RENAMED: ClassVar[dict[str, str]]`` (old dotted
+key or section -> new one, relative to it). Files and overrides that use an old name still load, for one release,
 with a warning naming the new key; giving both the old and the new name is an error.
 """
 
@@ -154,6 +159,8 @@ class _Builder:
         args = typing.get_args(tp)
         fail = ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}", where=self.where(key))
         if dataclasses.is_dataclass(tp):
+            if value is not None and not isinstance(value, dict) and getattr(tp, "SHORTHAND", None):
+                value = {tp.SHORTHAND: value}
             return self.build(tp, value, key + ".")
         if origin in (typing.Union, types.UnionType):
             if value is None and type(None) in args:
@@ -274,7 +281,11 @@ def _set_dotted(data: dict, key: str, value: Any, cls: type) -> None:
                 _set_dotted(node.setdefault(rest[0], {}), ".".join(rest[1:]), value, tp)
             return
         if i == len(parts) - 1:
-            node[part] = value
+            short = getattr(_section_type(tp), "SHORTHAND", None)
+            if short and value is not None and not isinstance(value, dict) and isinstance(node.get(part), dict):
+                node[part][short] = value  # `eval.truthfulqa=[x]` sets the data and keeps the section's other keys
+            else:
+                node[part] = value
         else:
             child = node.get(part)
             if not isinstance(child, dict):
@@ -285,6 +296,43 @@ def _set_dotted(data: dict, key: str, value: Any, cls: type) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # public API
+
+
+def _section_type(tp: Any) -> Any:
+    """The dataclass of a field typed ``Section`` or ``Section | None``, else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def _expand_shorthands(cls: type, data: Any) -> None:
+    """Turn a bare value given for a section with a ``SHORTHAND`` into ``{SHORTHAND: value}``, in place (before
+    renames, so an old key renamed into that section finds a mapping there)."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        sec = _section_type(hints[f.name])
+        if sec is None:
+            continue
+        value = data[f.name]
+        if value is not None and not isinstance(value, dict) and getattr(sec, "SHORTHAND", None):
+            data[f.name] = {sec.SHORTHAND: value}
+        _expand_shorthands(sec, data[f.name])
+
+
+def all_renames(cls: type, prefix: str = "") -> dict[str, str]:
+    """``RENAMED`` of ``cls`` and of every section below it, as full dotted keys."""
+    out = {f"{prefix}{old}": f"{prefix}{new}" for old, new in getattr(cls, "RENAMED", {}).items()}
+    for f in dataclasses.fields(cls):
+        sec = _section_type(typing.get_type_hints(cls)[f.name])
+        if sec is not None and sec is not cls:
+            out.update(all_renames(sec, f"{prefix}{f.name}."))
+    return out
 
 
 def renamed_key(key: str, renames: dict[str, str]) -> tuple[str, str | None]:
@@ -354,7 +402,8 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError("", f"the top level must be a mapping of keys, got {type(loaded).__name__}", where=source)
         data = loaded
-    renames: dict[str, str] = getattr(cls, "RENAMED", {})
+    renames = all_renames(cls)
+    _expand_shorthands(cls, data)
     _apply_renames(data, lines, renames, source)
     file_stage = data.pop("stage", None)
     if stage is not None and file_stage is not None and file_stage != stage:
@@ -406,8 +455,8 @@ def iter_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, Any, 
         if not f.init:
             continue
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            yield from iter_fields(tp, f"{prefix}{f.name}.")
+        if _section_type(tp) is not None:  # a section, or an optional one (null switches it off)
+            yield from iter_fields(_section_type(tp), f"{prefix}{f.name}.")
             continue
         if f.default is not _MISSING:
             default = f.default

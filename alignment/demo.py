@@ -65,13 +65,10 @@ def changes(proj: Any) -> list[str]:
 
 def data_note(cfg: Any) -> str:
     """Which evaluation data the run uses (real data when ../shared/data is there, else the bundled probe)."""
-    from alignment.evals.suite import first_existing
+    from alignment.evals.suite import BENCHMARKS
 
-    tq, tg = first_existing(cfg.eval.truthfulqa), first_existing(cfg.eval.toxigen)
-    truth = ("off" if not cfg.eval.truthfulqa else f"TruthfulQA from {tq}" if tq and not tq.startswith("bundled:")
-             else "the bundled truthfulness probe (50 items, not TruthfulQA: no TruthfulQA data found)")
-    tox = "off" if not cfg.eval.toxigen else f"ToxiGen prompts from {tg}" if tg else "ToxiGen skipped (no ToxiGen prompts found)"
-    return f"evaluation data: {truth}; {tox}; {cfg.eval.heldout} held-out prompts judged by {', '.join(cfg.eval.judges)}"
+    parts = [b.load().describe_settings(s) if (s := getattr(cfg.eval, b.name)) is not None else f"{b.name} off" for b in BENCHMARKS]
+    return f"evaluation data: {'; '.join(parts)}; {cfg.eval.heldout} held-out prompts judged by {', '.join(cfg.eval.judges)}"
 
 
 def cli(name: str, argv: Sequence[str]) -> int:

@@ -177,3 +177,30 @@ def test_renamed_keys_still_load_with_a_warning_naming_the_new_one(tmp_path, cap
     both.write_text("stage: ppo\noptim:\n  lr: 0.01\ntrain:\n  lr: 0.02\n")
     with pytest.raises(ConfigError, match="both 'optim.lr' and its new name 'train.lr' are set; keep the new one"):
         load_config(PPOConfig, both, stage="ppo")
+
+
+def test_benchmark_sections_of_a_round_and_their_old_flat_keys(tmp_path, caplog):
+    """eval.<benchmark> is a section; a bare list is its data; the flat keys of the last release load with a warning."""
+    from alignment.rounds import RoundConfig
+
+    old = tmp_path / "old.yaml"
+    old.write_text("stage: round\neval:\n  truthfulqa: [a.json, bundled:truthfulness]\n  truthfulqa_sample: 7\n"
+                   "  toxigen: [prompts]\n  toxigen_per_group: 2\n  toxigen_max_new_tokens: 9\n")
+    cfg = load_config(RoundConfig, old, stage="round")
+    assert (cfg.eval.truthfulqa.data, cfg.eval.truthfulqa.sample) == (["a.json", "bundled:truthfulness"], 7)
+    assert (cfg.eval.toxigen.data, cfg.eval.toxigen.per_group, cfg.eval.toxigen.max_new_tokens) == (["prompts"], 2, 9)
+    assert f"{old}:4: 'eval.truthfulqa_sample' is now 'eval.truthfulqa.sample'" in caplog.text
+    assert f"{old}:6: 'eval.toxigen_per_group' is now 'eval.toxigen.per_group'" in caplog.text
+    # overrides: a bare list sets the data and keeps the section's other keys; old names work on the command line too
+    cfg = load_config(RoundConfig, old, ["eval.truthfulqa=[b.json]", "eval.toxigen_per_group=3", "eval.toxigen=null"], stage="round")
+    assert (cfg.eval.truthfulqa.data, cfg.eval.truthfulqa.sample, cfg.eval.toxigen) == (["b.json"], 7, None)
+    cfg = load_config(RoundConfig, None, ["eval.truthfulqa.sample=5"])
+    assert cfg.eval.truthfulqa.sample == 5 and cfg.eval.truthfulqa.data[-1] == "bundled:truthfulness"
+    with pytest.raises(ConfigError, match=r"unknown key 'eval.toxigen.per_grup' \(did you mean 'eval.toxigen.per_group'\?\)"):
+        load_config(RoundConfig, old, ["eval.toxigen.per_grup=3"])
+    with pytest.raises(ConfigError, match="eval.truthfulqa.sample: must be > 0 or null"):
+        load_config(RoundConfig, old, ["eval.truthfulqa.sample=0"])
+    both = tmp_path / "both.yaml"
+    both.write_text("eval:\n  truthfulqa: {data: [a.json], sample: 3}\n  truthfulqa_sample: 4\n")
+    with pytest.raises(ConfigError, match="both 'eval.truthfulqa_sample' and its new name 'eval.truthfulqa.sample' are set"):
+        load_config(RoundConfig, both)

@@ -113,3 +113,70 @@ def test_default_output_folder_is_the_rounds_eval_folder(tmp_path):
     assert default_out("truthfulqa", str(stage / "model")) == tmp_path / "runs" / "p" / "round-2" / "eval"
     assert str(default_out("toxigen", "smollm2-135m")) == "runs/eval/smollm2-135m"
     assert str(default_out("toxigen", "owner/name")) == "runs/eval/owner--name"
+
+
+# --------------------------------------------------------------------------- the benchmark registry
+
+
+def _fake_benchmark(monkeypatch, calls: list):
+    """A benchmark module registered beside the real ones: the report and the round's eval step must pick it up."""
+    import sys
+    import types
+
+    from alignment.evals import suite
+
+    mod = types.ModuleType("fake_bench")
+    mod.REPORT_COLUMN = "fake score"
+    mod.report_cell = lambda res: f"{res['metrics']['score']:.2f} fake"
+    mod.caption = lambda rounds: ("Fake benchmark", "A benchmark registered by a test.")
+    mod.plot = lambda rounds, path: None
+    mod.report_blocks = lambda rounds: [("h2", "Fake per item"), ("p", f"{len(rounds)} rounds seen")]
+    mod.headline = lambda summary: {"score": summary["score"]}
+
+    def run_round(model, out, settings, *, seed, batch_size):
+        calls.append((model, out, settings, seed, batch_size))
+        return {"score": 0.25}
+
+    mod.run_round = run_round
+    monkeypatch.setitem(sys.modules, "fake_bench", mod)
+    bench = suite.Benchmark("fake", "fake_bench", "a fake")
+    monkeypatch.setattr(suite, "BENCHMARKS", (*suite.BENCHMARKS, bench))
+    monkeypatch.setattr(report, "BENCHMARKS", suite.BENCHMARKS)
+    return bench
+
+
+def test_report_iterates_over_the_registered_benchmarks(tmp_path, monkeypatch):
+    from alignment.evals.results import header, write_json
+
+    _fake_benchmark(monkeypatch, [])
+    run = make_two_round_run(tmp_path)
+    write_json(run / "round-2" / "eval" / "fake.json", header("fake", "round-2/policy", metrics={"score": 0.5}))
+    md = report.build(run)["markdown"].read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| round |"))
+    assert head.endswith("| ToxiGen % toxic | fake score | RM accuracy |")
+    row2 = next(line for line in md.splitlines() if line.startswith("| round 2 |"))
+    row1 = next(line for line in md.splitlines() if line.startswith("| round 1 |"))
+    assert "| 0.50 fake |" in row2 and "| — | rm_helpful" in row1  # round 1 has no fake result
+    assert "## Fake benchmark" in md and "No round has data for this plot (fake)." in md
+    assert "## Fake per item\n\n2 rounds seen" in md
+
+
+def test_round_eval_step_runs_every_registered_benchmark(tmp_path, monkeypatch):
+    """RoundEval.benchmarks runs each benchmark switched on with its own settings, and skips one set to null."""
+    from types import SimpleNamespace
+
+    from alignment.evals import suite
+
+    calls: list = []
+    _fake_benchmark(monkeypatch, calls)
+    done = []
+    for name in ("truthfulqa", "toxigen"):
+        monkeypatch.setattr(f"alignment.evals.{name}.run_round",
+                            lambda model, out, s, *, seed, batch_size, name=name: done.append(name) or {"n": 1})
+    e = suite.EvalSuiteConfig(toxigen=None, batch_size=3)
+    object.__setattr__(e, "fake", "fake settings")
+    ev = suite.RoundEval.__new__(suite.RoundEval)
+    ev.e, ev.n, ev.cfg = e, 2, SimpleNamespace(seed=11)
+    out = ev.benchmarks("m", tmp_path, "policy")
+    assert out == {"truthfulqa": {"n": 1}, "fake": {"score": 0.25}}  # toxigen: null, not run
+    assert done == ["truthfulqa"] and calls == [("m", tmp_path, "fake settings", 11, 3)]

@@ -350,6 +350,25 @@ def test_cli_help_lists_reward_commands():
     assert res.returncode == 0 and "safety_aux_weight" in res.stdout and "data.focus_share" in res.stdout
 
 
+def test_logged_eval_accuracy_is_over_pairs_not_a_mean_of_batch_means(tmp_path, tiny_model):
+    """The held-out batches are n-1 pairs and 1 pair: the logged eval accuracy is still right/n, the number the stage's
+    own scoring of the same split reports (a mean of the two batch means would weigh the lone pair as much as the rest)."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(60))
+    probe = make_cfg(tmp_path, data, "data.val_fraction=0.25")
+    n_val = len(load_data(probe.data, "helpfulness", probe.run.seed)[1])
+    assert n_val >= 4
+    out = main(make_cfg(tmp_path, data, "data.val_fraction=0.25", "adapter.method=full", "train.max_steps=3", "train.eval_steps=3",
+                        "train.lr=1e-3", f"eval_batch_size={n_val - 1}", "run.name=evalbatches"))
+    evals = [m for m in read_metrics(out) if "eval_accuracy" in m or "eval/accuracy" in m]
+    assert evals, "no evaluation row was logged"
+    logged = evals[-1].get("eval_accuracy", evals[-1].get("eval/accuracy"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["held_out_pairs"] == n_val
+    # strictly between 0 and 1, the two ways of averaging cannot agree: (a/(n-1) + b)/2 = (a+b)/n only at 0 or 1
+    assert 0 < summary["held_out_accuracy"] < 1
+    assert logged == pytest.approx(summary["held_out_accuracy"], abs=1e-6)
+
+
 # --------------------------------------------------------------------------- resume
 
 

@@ -422,4 +422,4 @@ def test_demo_prints_what_changed_with_cis(whole):
     assert f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.1f}, {100 * w['ci_high']:.1f}] n=6" in row
     assert any("MC2, bundled truthfulness probe (3 items, not TruthfulQA)" in line for line in lines)
     assert data_note(proj.cfg) == ("evaluation data: the bundled truthfulness probe (50 items, not TruthfulQA: no TruthfulQA data found); "
-                                   "off; 6 held-out prompts judged by gold, rm")
+                                   "toxigen off; 6 held-out prompts judged by gold, rm")

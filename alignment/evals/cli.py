@@ -6,10 +6,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# subcommand -> (module exposing cli(argv), one line)
+from alignment.evals.suite import BENCHMARKS
+
+# subcommand -> (module exposing cli(argv), one line): the rounds' benchmarks, then the other evaluations
 EVALS: dict[str, tuple[str, str]] = {
-    "truthfulqa": ("alignment.evals.truthfulqa", "TruthfulQA MC1/MC2 (lm-eval scoring) and the BLEU/ROUGE generation variant"),
-    "toxigen": ("alignment.evals.toxigen", "% toxic continuations of ToxiGen prompts, overall and per group"),
+    **{b.name: (b.module, b.help) for b in BENCHMARKS},
     "winrate": ("alignment.evals.winrate", "policy A vs baseline B judged by reward models or an LLM judge, bootstrap CI"),
     "metrics": ("alignment.evals.metrics", "ROUGE, BLEU, perplexity, P/R/F1, embedding cosine, tag-set metrics of a predictions file"),
     "train-classifier": ("alignment.evals.toxicity", "train the offline toxicity classifier (MiniLM embeddings + logistic head)"),

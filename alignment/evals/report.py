@@ -1,7 +1,5 @@
 """``align report``: one Markdown and one static HTML report with plots across a run's rounds.
 
-Length (~510 lines): one report, its nine plots and the Markdown/HTML writers; each plot is a short function.
-
     align report --run runs/<project> [--out runs/<project>/report] [--overwrite]
 
 Reads every evaluation result under ``runs/<project>/round-<N>/`` (``eval/*.json`` and any
@@ -10,8 +8,9 @@ Reads every evaluation result under ``runs/<project>/round-<N>/`` (``eval/*.json
 - ``report.md`` and ``report.html`` (the HTML embeds its images, so it is one file to share);
 - ``gold.png``: mean gold reward of each round's answers to the held-out prompts (SFT first), 95% CIs;
 - ``rewards.png``: reward-model scores of the policy's (and the baseline's) responses per round;
-- ``truthfulqa.png``: TruthfulQA MC1 and MC2 per round, ± one standard error;
-- ``toxigen.png``: ToxiGen % toxic per round, with the classifier's measured accuracy in the title;
+- one plot per benchmark of ``alignment.evals.suite.BENCHMARKS`` (its module's ``plot``): ``truthfulqa.png``
+  (MC1 and MC2 per round, ± one standard error), ``toxigen.png`` (% toxic per round, the classifier's
+  measured accuracy in the title), and its summary-table column and tables;
 - ``winrate.png``: win rate against the baseline across rounds in the style of Llama 2's Figure 11
   (helpfulness on x, harmlessness/safety on y, one labelled point per round with 95% CIs);
 - ``rm_accuracy.png``: reward-model accuracy per preference-strength bucket, per round.
@@ -30,6 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from alignment.evals.results import pct, pyplot, save_png
+from alignment.evals.suite import BENCHMARKS
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +111,6 @@ def _read_into(r: Round, files: Sequence[Path], d: Path) -> None:
 # plots (matplotlib, Agg backend; each returns the PNG path or None when there is no data)
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return path
-
-
 def _judge_name(judge: dict) -> str:
     if judge.get("kind") == "gold":
         return "gold judge (similarity to reference answers, toxicity, refusals; never trained on)"
@@ -145,7 +131,7 @@ def plot_rewards(rounds: Sequence[Round], path: Path) -> Path | None:
             data.append((r, res))
     if not data:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(data) + 2), 4.5))
     pos_p = [2 * i + 1 - 0.3 for i in range(len(data))]
     pos_b = [2 * i + 1 + 0.3 for i in range(len(data))]
@@ -166,16 +152,7 @@ def plot_rewards(rounds: Sequence[Round], path: Path) -> Path | None:
     ax.set_title(f"Reward of responses to held-out prompts per round\njudge: {_judge_name(judge)}; "
                  f"n={data[-1][1]['n']} prompts per round", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
-
-
-def truthfulness_label(res: dict) -> str:
-    """The dataset a truthfulqa result was computed on, never calling the bundled probe TruthfulQA."""
-    if res.get("dataset"):
-        return res["dataset"]
-    if str(res.get("data", "")).startswith("bundled:"):
-        return f"bundled truthfulness probe ({res.get('n')} items, not TruthfulQA)"
-    return f"TruthfulQA MC ({res.get('n')} questions)"
+    return save_png(fig, path)
 
 
 def gold_of(rounds: Sequence[Round], r: Round) -> dict | None:
@@ -190,7 +167,7 @@ def plot_gold(rounds: Sequence[Round], path: Path) -> Path | None:
     pts = [(r, g) for r in rounds if (g := gold_of(rounds, r))]
     if not pts:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     x = list(range(len(pts)))
     y = [g["mean"] for _, g in pts]
@@ -202,65 +179,7 @@ def plot_gold(rounds: Sequence[Round], path: Path) -> Path | None:
     ax.set_title(f"Gold reward of each round's answers to the held-out prompts\n(n={pts[-1][1]['n']} prompts; bars: 95% bootstrap CI)",
                  fontsize=10)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_truthfulqa(rounds: Sequence[Round], path: Path) -> Path | None:
-    pts = [(r, res) for r in rounds if (res := r.first("truthfulqa")) and "mc2" in res.get("metrics", {})]
-    if not pts:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    x = [r.number for r, _ in pts]
-    ax.set_xlabel("round (0 = the SFT model)")
-    for key, marker in (("mc2", "o"), ("mc1", "s")):
-        y = [100 * res["metrics"][key] for _, res in pts]
-        err = [100 * res["metrics"].get(f"{key}_stderr", 0.0) for _, res in pts]
-        ax.errorbar(x, y, yerr=err, marker=marker, capsize=4, label=key.upper())
-        for xi, yi in zip(x, y):
-            ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xticks(x, [r.label for r, _ in pts])
-    ax.set_ylabel("score (%), ± 1 standard error")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{truthfulness_label(pts[-1][1])} per round\n(higher is better; data: {Path(str(pts[-1][1].get('data'))).name})",
-                 fontsize=10)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_toxigen(rounds: Sequence[Round], path: Path) -> Path | None:
-    pts = [(r, res) for r in rounds if (res := r.first("toxigen"))]
-    if not pts:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    x = [r.number for r, _ in pts]
-    y = [res["metrics"]["pct_toxic"] for _, res in pts]
-    ax.bar(x, y, color="indianred", width=0.6)
-    for xi, yi in zip(x, y):
-        ax.annotate(f"{yi:.1f}%", (xi, yi), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=9)
-    ax.set_xticks(x, [r.label for r, _ in pts])
-    ax.set_xlabel("round")
-    ax.set_ylabel("% toxic continuations (lower is better)")
-    ax.set_ylim(0, max(10.0, 1.2 * max(y)))
-    clf = pts[-1][1].get("classifier", {})
-    held = clf.get("heldout") or {}
-    acc = f"held-out acc {100 * held['accuracy']:.0f}%, AUC {held['auc']:.2f}" if held.get("accuracy") is not None else "accuracy not measured"
-    short = "MiniLM proxy classifier" if clf.get("kind") == "minilm-logistic" else str(clf.get("path", "classifier"))
-    ax.set_title(f"ToxiGen: % toxic per round ({toxigen_size(pts[-1][1])})\nclassifier: {short} ({acc})", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
-
-
-def toxigen_size(res: dict) -> str:
-    """n prompts, and "smoke check" when there are under 8 prompts per group (4 per group and type)."""
-    per = (res.get("settings") or {}).get("per_group")
-    types = len((res.get("settings") or {}).get("types") or ["hate", "neutral"])
-    if per is None:
-        return f"n={res.get('n')} prompts"
-    size = f"n={res.get('n')} prompts, {per * types} per group"
-    return size + (", a smoke check: too few per group to compare groups" if per * types < 8 else "")
+    return save_png(fig, path)
 
 
 def _axes_of(res: dict) -> tuple[dict, dict, str, str] | None:
@@ -286,7 +205,7 @@ def plot_winrate(rounds: Sequence[Round], path: Path) -> Path | None:
     pts = [(r, res) for r in rounds if (res := _main_winrate(r))]
     if not pts:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 6))
     baseline = pts[-1][1].get("baseline")
     judge = pts[-1][1].get("judge", {})
@@ -326,14 +245,14 @@ def plot_winrate(rounds: Sequence[Round], path: Path) -> Path | None:
         ax.legend()
         ax.set_title(f"Win rate vs {_short(baseline)} across rounds\n(judge: {_judge_name(judge)})", fontsize=10)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_rm_accuracy(rounds: Sequence[Round], path: Path) -> Path | None:
     series = [(f"{r.label} {label}", res) for r in rounds for label, res in r.results.get("rm_eval", [])]
     if not series:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(series) + 5), 4.5))
     width = 0.8 / len(series)
     for k, (name, res) in enumerate(series):
@@ -349,42 +268,32 @@ def plot_rm_accuracy(rounds: Sequence[Round], path: Path) -> Path | None:
     ax.set_title("Reward-model accuracy per preference-strength bucket")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
 # the document (one block list rendered to Markdown and to HTML)
 
 
-def _pct(x: Any, digits: int = 1) -> str:
-    return "—" if x is None else f"{100 * x:.{digits}f}%"
-
-
 def _wr(res: dict | None) -> str:
     if not res:
         return "—"
     m = res["metrics"]
-    return f"{_pct(m['win_rate'])} [{_pct(m['ci_low'])}, {_pct(m['ci_high'])}] (n={m['n']}, ties {_pct(m['ties'], 0)})"
+    return f"{pct(m['win_rate'])} [{pct(m['ci_low'])}, {pct(m['ci_high'])}] (n={m['n']}, ties {pct(m['ties'], 0)})"
 
 
 def summary_table(rounds: Sequence[Round]) -> tuple[list[str], list[list[str]]]:
+    benches = [b.load() for b in BENCHMARKS]
     head = ["round", "gold reward [95% CI]", "vs SFT, gold judge [95% CI]", "vs previous, gold judge", "vs previous, RM judge (trained on)",
-            "truthfulness MC2 (data)", "ToxiGen % toxic", "RM accuracy"]
+            *[m.REPORT_COLUMN for m in benches], "RM accuracy"]
     rows = []
     for r in rounds:
-        tq, tg = r.first("truthfulqa"), r.first("toxigen")
-        tqm = (tq or {}).get("metrics", {})
-        truth = f"{_pct(tqm.get('mc2'))} ({truthfulness_label(tq)})" if tq else "—"
-        tox = "—"
-        if tg:
-            held = (tg.get("classifier") or {}).get("heldout") or {}
-            acc = f"classifier acc {_pct(held.get('accuracy'), 0)}" if held.get("accuracy") is not None else "classifier acc not measured"
-            tox = f"{tg['metrics']['pct_toxic']:.1f}% ({toxigen_size(tg)}; {acc})"
         g = gold_of(rounds, r)
         gold = f"{g['mean']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}]" if g else "—"
         vs_sft = r.winrate("gold", "sft") or (None if r.number == 0 else r.first("winrate"))
-        rms = ", ".join(f"{label} {_pct(res.get('accuracy'))}" for label, res in r.results.get("rm_eval", [])) or "—"
-        rows.append([r.label, gold, _wr(vs_sft), _wr(r.winrate("gold", "previous")), _wr(r.winrate("rm", "previous")), truth, tox, rms])
+        cells = [m.report_cell(res) if (res := r.first(b.name)) else "—" for b, m in zip(BENCHMARKS, benches)]
+        rms = ", ".join(f"{label} {pct(res.get('accuracy'))}" for label, res in r.results.get("rm_eval", [])) or "—"
+        rows.append([r.label, gold, _wr(vs_sft), _wr(r.winrate("gold", "previous")), _wr(r.winrate("rm", "previous")), *cells, rms])
     return head, rows
 
 
@@ -398,38 +307,20 @@ def build_blocks(run: Path, rounds: Sequence[Round], images: dict[str, Path | No
                                  "nothing else in the loop sees it.")),
         "rewards": ("Reward distributions", ("Reward-model scores of the responses each round's policy (and its baseline) gave to "
                                              "the held-out win-rate prompts.")),
-        "truthfulqa": ("Truthfulness", ("MC1: share of questions whose best-scored answer is the true one. MC2: probability mass on "
-                                      "the true answers. Scored as lm-evaluation-harness does (6-shot QA primer, summed "
-                                      "log-probabilities).")),
-        "toxigen": ("ToxiGen", ("Share of continuations of ToxiGen prompts that the classifier labels toxic. Read it together "
-                                "with the classifier's own measured accuracy in the title.")),
+        **{b.name: b.load().caption(rounds) for b in BENCHMARKS},
         "winrate": ("Win rate across rounds", ("Each round's policy against the baseline (the SFT model when the gold judge ran), "
                                                "judged pairwise on the held-out prompts; ties count half.")),
         "rm_accuracy": ("Reward-model accuracy per strength", ("Share of test pairs where the reward model scores the chosen "
                                                                "response higher, per Llama 2 preference-strength bucket.")),
     }
-    last_truth = next((res for r in reversed(rounds) if (res := r.first("truthfulqa"))), None)
-    if last_truth:
-        captions["truthfulqa"] = (truthfulness_label(last_truth), captions["truthfulqa"][1])
     for key, (title, text) in captions.items():
         blocks.append(("h2", title))
         if images.get(key):
             blocks += [("p", text), ("img", images[key])]
         else:
             blocks.append(("p", f"No round has data for this plot ({key})."))
-    last_tq = next((res for r in reversed(rounds) if (res := r.first("truthfulqa")) and res.get("by_category")), None)
-    if last_tq:
-        blocks += [("h2", f"{truthfulness_label(last_tq)}: per category (latest round)"),
-                   ("table", (["category", "n", "MC1", "MC2"],
-                              [[c, str(v["n"]), _pct(v.get("mc1")), _pct(v.get("mc2"))] for c, v in last_tq["by_category"].items()]))]
-    tg_rounds = [(r, res) for r in rounds if (res := r.first("toxigen"))]
-    if tg_rounds:
-        groups = sorted({g for _, res in tg_rounds for g in res.get("by_group", {})})
-        blocks += [("h2", "ToxiGen % toxic per group"),
-                   ("p", "Classifier: " + (tg_rounds[-1][1].get("classifier") or {}).get("summary", "?")),
-                   ("table", (["group"] + [r.label for r, _ in tg_rounds],
-                              [[g] + [f"{res['by_group'][g]['pct_toxic']:.1f}%" if g in res.get("by_group", {}) else "—"
-                                      for _, res in tg_rounds] for g in groups]))]
+    for b in BENCHMARKS:
+        blocks += b.load().report_blocks(rounds)
     return blocks
 
 
@@ -488,7 +379,7 @@ def build(run: str | Path, out: str | Path | None = None, *, overwrite: bool = F
             if p.exists():
                 raise FileExistsError(f"{p} exists; pass --overwrite to replace the report, or choose --out")
     out.mkdir(parents=True, exist_ok=True)
-    plots = {"gold": plot_gold, "rewards": plot_rewards, "truthfulqa": plot_truthfulqa, "toxigen": plot_toxigen, "winrate": plot_winrate,
+    plots = {"gold": plot_gold, "rewards": plot_rewards, **{b.name: b.load().plot for b in BENCHMARKS}, "winrate": plot_winrate,
              "rm_accuracy": plot_rm_accuracy}
     images = {name: fn(rounds, out / f"{name}.png") for name, fn in plots.items()}
     blocks = build_blocks(run, rounds, images)

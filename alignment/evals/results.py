@@ -111,3 +111,33 @@ def default_out(eval_name: str, model: str) -> Path:
             return p.parent / "eval"
         return Path("runs") / "eval" / p.name
     return Path("runs") / "eval" / model.replace("/", "--")
+
+
+def first_existing(candidates: Any) -> str | None:
+    """The first candidate data source that is there (``bundled:``/``hub:`` names and ``truthful_qa`` always are)."""
+    for c in candidates or []:
+        if c.startswith(("bundled:", "hub:")) or c == "truthful_qa" or Path(c).expanduser().exists():
+            return c
+    return None
+
+
+def pct(x: Any, digits: int = 1) -> str:
+    """A share as a percentage for a report cell ("—" when missing)."""
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (imported only when a plot is drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path

@@ -15,26 +15,59 @@ What ``eval`` (``alignment.rounds``) runs for round N, with the policy of round 
    policy was optimised against them). The first judge decides promotion.
 4. **Gold reward**: the mean gold score of the policy's answers (and the SFT model's and the
    previous policy's) with a 95% bootstrap CI.
-5. **TruthfulQA MC** (the first existing source of ``truthfulqa``; a seeded sample) and **ToxiGen**
-   (``toxigen_per_group`` prompts per group and type); round 1 also scores the SFT model
-   (``round-1/eval/sft/``), the baseline the later rounds are compared with.
+5. **Benchmarks** (``BENCHMARKS``: TruthfulQA MC on a seeded sample, ToxiGen with ``eval.toxigen.per_group``
+   prompts per group and type), each configured by its section ``eval.<name>``; round 1 also scores
+   the SFT model (``round-1/eval/sft/``), the baseline the later rounds are compared with.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from alignment.config import check, option
+from alignment.evals.toxigen import RoundSettings as ToxiGenSettings
+from alignment.evals.truthfulqa import RoundSettings as TruthfulQASettings
+from alignment.evals.results import first_existing  # noqa: F401  (where callers found it before)
 
 log = logging.getLogger(__name__)
 
 JUDGES = ("gold", "rm")
-SMOKE_PER_GROUP = 4  # below 4 prompts per group and type (8 per group) a ToxiGen number is a smoke check
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark every round runs on its policy (and round 1 on the SFT model). Its module exposes:
+
+    - ``RoundSettings``: a dataclass, the section ``eval.<name>`` of a round config (null switches it off);
+      ``RoundSettings.SHORTHAND`` names the field a bare value fills (``eval.truthfulqa: [a.json]``);
+    - ``run_round(model, out, settings, *, seed, batch_size) -> dict``: evaluate one model, write
+      ``<out>/<name>.json`` and return the summary the round keeps (``{"skipped": why}`` without data);
+    - ``headline(summary) -> dict``: what the round logs to its metrics, as ``<name>_<key>``;
+    - ``describe_settings(settings) -> str``: what will run, in words;
+    - for ``align report``: ``REPORT_COLUMN`` and ``report_cell(result)`` (its summary-table column),
+      ``caption(rounds) -> (title, text)``, ``plot(rounds, path) -> Path | None`` and ``report_blocks(rounds)``;
+    - ``cli(argv)``: ``align eval <name>``.
+
+    A new benchmark: its module, a line in ``BENCHMARKS`` and a field of ``EvalSuiteConfig`` below."""
+
+    name: str
+    module: str
+    help: str
+
+    def load(self) -> Any:
+        return importlib.import_module(self.module)
+
+
+BENCHMARKS: tuple[Benchmark, ...] = (
+    Benchmark("truthfulqa", "alignment.evals.truthfulqa", "TruthfulQA MC1/MC2 (lm-eval scoring) and the BLEU/ROUGE generation variant"),
+    Benchmark("toxigen", "alignment.evals.toxigen", "% toxic continuations of ToxiGen prompts, overall and per group"),
+)
 
 
 @dataclass
@@ -43,31 +76,24 @@ class EvalSuiteConfig:
 
     heldout: int = option(64, "prompts drawn from sample.prompts when the project is created, held out of every stage; win rates and gold reward are measured on them")
     judges: list[str] = option(factory=lambda: ["gold", "rm"], doc="win-rate judges: gold (the gold judge; needs prompts with reference answers), rm (this round's reward models, with the policy's reward rule); the first decides promotion")
-    truthfulqa: list[str] | None = option(factory=lambda: ["../shared/data/truthfulqa/mc_task.json", "bundled:truthfulness"],
-                                          doc="TruthfulQA MC data, the first that exists: mc_task.json, a local copy of the Hub dataset (folder), truthful_qa (Hub), or bundled:truthfulness (a 50-item probe, not TruthfulQA); null = off")
-    truthfulqa_sample: int | None = option(200, "a seeded sample of this many questions (null = all)")
-    toxigen: list[str] | None = option(factory=lambda: ["../shared/data/toxigen/prompts"],
-                                       doc="ToxiGen prompts, the first that exists (a folder of hate_*/neutral_* files, or a local copy of the Hub dataset); skipped with a note when none does; null = off")
-    toxigen_per_group: int = option(4, "ToxiGen prompts per group and type (hate, neutral); under 4 (8 per group) reports call it a smoke check")
-    toxigen_max_new_tokens: int = option(48, "length limit of ToxiGen continuations")
+    truthfulqa: TruthfulQASettings | None = option(factory=TruthfulQASettings, doc="TruthfulQA MC (a bare list is its data); null = off")
+    toxigen: ToxiGenSettings | None = option(factory=ToxiGenSettings, doc="ToxiGen % toxic (a bare list is its data); null = off")
     max_new_tokens: int = option(128, "length limit of the answers to the held-out prompts")
     batch_size: int = option(16, "generation batch size")
     bootstrap: int = option(2000, "bootstrap resamples of the confidence intervals")
+
+    # keys of an older release (a section's RENAMED applies below it wherever the section sits)
+    RENAMED: ClassVar[dict[str, str]] = {"truthfulqa_sample": "truthfulqa.sample", "toxigen_per_group": "toxigen.per_group",
+                                         "toxigen_max_new_tokens": "toxigen.max_new_tokens"}
 
     def __post_init__(self) -> None:
         check(self.heldout >= 0, "heldout", f"must be >= 0, got {self.heldout}")
         for j in self.judges:
             check(j in JUDGES, "judges", f"unknown judge {j!r}; expected some of: {', '.join(JUDGES)}")
-        check(self.toxigen_per_group >= 1, "toxigen_per_group", f"must be >= 1, got {self.toxigen_per_group}")
-        check(self.truthfulqa_sample is None or self.truthfulqa_sample > 0, "truthfulqa_sample", "must be > 0 or null")
 
-
-def first_existing(candidates: Sequence[str] | None) -> str | None:
-    """The first candidate data source that is there (``bundled:``/``hub:`` names always are)."""
-    for c in candidates or []:
-        if c.startswith(("bundled:", "hub:")) or c == "truthful_qa" or Path(c).expanduser().exists():
-            return c
-    return None
+    def benchmarks(self) -> list[tuple[Benchmark, Any]]:
+        """(benchmark, its settings) of every benchmark switched on, in ``BENCHMARKS`` order."""
+        return [(b, getattr(self, b.name)) for b in BENCHMARKS if getattr(self, b.name) is not None]
 
 
 def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: int, batch_size: int, seed: int) -> list[str]:
@@ -208,26 +234,10 @@ class RoundEval:
 
     # -- benchmarks
     def benchmarks(self, model: str, out: Path, who: str) -> dict:
-        from alignment.evals import toxigen, truthfulqa
-
-        e, outputs = self.e, {}
-        data = first_existing(e.truthfulqa)
-        if data:
-            res = truthfulqa.run(model, data=data, out=out, sample=e.truthfulqa_sample, seed=self.cfg.seed, overwrite=True)
-            outputs["truthfulqa"] = {"mc1": res["metrics"]["mc1"], "mc2": res["metrics"]["mc2"], "n": res["n"], "dataset": res["dataset"],
-                                     "data": data}
-            log.info("round %d: %s on %s: MC2 %.4f", self.n, who, res["dataset"], res["metrics"]["mc2"])
-        elif e.truthfulqa:
-            outputs["truthfulqa"] = {"skipped": f"none of {e.truthfulqa} found"}
-        prompts = first_existing(e.toxigen)
-        if prompts:
-            res = toxigen.run(model, prompts=prompts, out=out, per_group=e.toxigen_per_group, max_new_tokens=e.toxigen_max_new_tokens,
-                              batch_size=e.batch_size, seed=self.cfg.seed, overwrite=True)
-            outputs["toxigen"] = {"pct_toxic": res["metrics"]["pct_toxic"], "n": res["n"], "per_group": 2 * e.toxigen_per_group,
-                                  "smoke_check": e.toxigen_per_group < SMOKE_PER_GROUP, "classifier": res.get("classifier", {}).get("summary")}
-        elif e.toxigen:
-            outputs["toxigen"] = {"skipped": f"none of {e.toxigen} found"}
-            log.warning("round %d: ToxiGen skipped: none of %s found", self.n, e.toxigen)
+        outputs = {}
+        for bench, settings in self.e.benchmarks():
+            log.info("round %d: %s on the %s benchmark", self.n, who, bench.name)
+            outputs[bench.name] = bench.load().run_round(model, out, settings, seed=self.cfg.seed, batch_size=self.e.batch_size)
         return outputs
 
 

@@ -35,7 +35,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from alignment.config import check, option
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +251,121 @@ def run(model: str, *, prompts: str, out: str | Path | None = None, classifier: 
     write_json(json_path, result, overwrite=overwrite)
     write_jsonl(rows_path, rows, overwrite=overwrite)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# a round's benchmark (the interface of alignment.evals.suite.BENCHMARKS)
+
+SMOKE_PER_GROUP = 4  # below 4 prompts per group and type (8 per group) a ToxiGen number is a smoke check
+
+
+@dataclass
+class RoundSettings:
+    """Section ``eval.toxigen`` of a round config: ToxiGen % toxic on every round's policy (null = off)."""
+
+    SHORTHAND: ClassVar[str] = "data"
+
+    data: list[str] = option(factory=lambda: ["../shared/data/toxigen/prompts"],
+                             doc="ToxiGen prompts, the first that exists (a folder of hate_*/neutral_* files, or a local copy of the Hub dataset); skipped with a note when none does")
+    per_group: int = option(4, "prompts per group and type (hate, neutral); under 4 (8 per group) reports call it a smoke check")
+    max_new_tokens: int = option(48, "length limit of the continuations")
+
+    def __post_init__(self) -> None:
+        check(self.per_group >= 1, "per_group", f"must be >= 1, got {self.per_group}")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+
+
+def run_round(model: str, out: Path, settings: RoundSettings, *, seed: int, batch_size: int) -> dict:
+    """ToxiGen of ``model`` into ``out/toxigen.json`` (+ rows); the summary a round keeps."""
+    from alignment.evals.results import first_existing
+
+    prompts = first_existing(settings.data)
+    if not prompts:
+        log.warning("ToxiGen skipped: none of %s found", settings.data)
+        return {"skipped": f"none of {settings.data} found"}
+    res = run(model, prompts=prompts, out=out, per_group=settings.per_group, max_new_tokens=settings.max_new_tokens,
+              batch_size=batch_size, seed=seed, overwrite=True)
+    return {"pct_toxic": res["metrics"]["pct_toxic"], "n": res["n"], "per_group": 2 * settings.per_group,
+            "smoke_check": settings.per_group < SMOKE_PER_GROUP, "classifier": res.get("classifier", {}).get("summary")}
+
+
+def headline(summary: dict) -> dict:
+    """The numbers a round logs (as ``toxigen_<key>``)."""
+    return {"pct_toxic": summary["pct_toxic"]} if summary.get("pct_toxic") is not None else {}
+
+
+def describe_settings(settings: RoundSettings) -> str:
+    """What the round will run, in words (the demo prints it before it starts)."""
+    from alignment.evals.results import first_existing
+
+    prompts = first_existing(settings.data)
+    return f"ToxiGen prompts from {prompts}" if prompts else "ToxiGen skipped (no ToxiGen prompts found)"
+
+
+def size_label(res: dict) -> str:
+    """n prompts, and "smoke check" when there are under 8 prompts per group (4 per group and type)."""
+    per = (res.get("settings") or {}).get("per_group")
+    types = len((res.get("settings") or {}).get("types") or ["hate", "neutral"])
+    if per is None:
+        return f"n={res.get('n')} prompts"
+    size = f"n={res.get('n')} prompts, {per * types} per group"
+    return size + (", a smoke check: too few per group to compare groups" if per * types < 8 else "")
+
+
+REPORT_COLUMN = "ToxiGen % toxic"
+CAPTION = ("ToxiGen", "Share of continuations of ToxiGen prompts that the classifier labels toxic. Read it together with the "
+           "classifier's own measured accuracy in the title.")
+
+
+def report_cell(res: dict) -> str:
+    from alignment.evals.results import pct
+
+    held = (res.get("classifier") or {}).get("heldout") or {}
+    acc = f"classifier acc {pct(held.get('accuracy'), 0)}" if held.get("accuracy") is not None else "classifier acc not measured"
+    return f"{res['metrics']['pct_toxic']:.1f}% ({size_label(res)}; {acc})"
+
+
+def caption(rounds: Sequence[Any]) -> tuple[str, str]:
+    return CAPTION
+
+
+def plot(rounds: Sequence[Any], path: Path) -> Path | None:
+    """% toxic per round, the classifier's measured accuracy in the title."""
+    from alignment.evals.results import pyplot, save_png
+
+    pts = [(r, res) for r in rounds if (res := r.first("toxigen"))]
+    if not pts:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    x = [r.number for r, _ in pts]
+    y = [res["metrics"]["pct_toxic"] for _, res in pts]
+    ax.bar(x, y, color="indianred", width=0.6)
+    for xi, yi in zip(x, y):
+        ax.annotate(f"{yi:.1f}%", (xi, yi), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=9)
+    ax.set_xticks(x, [r.label for r, _ in pts])
+    ax.set_xlabel("round")
+    ax.set_ylabel("% toxic continuations (lower is better)")
+    ax.set_ylim(0, max(10.0, 1.2 * max(y)))
+    clf = pts[-1][1].get("classifier", {})
+    held = clf.get("heldout") or {}
+    acc = f"held-out acc {100 * held['accuracy']:.0f}%, AUC {held['auc']:.2f}" if held.get("accuracy") is not None else "accuracy not measured"
+    short = "MiniLM proxy classifier" if clf.get("kind") == "minilm-logistic" else str(clf.get("path", "classifier"))
+    ax.set_title(f"ToxiGen: % toxic per round ({size_label(pts[-1][1])})\nclassifier: {short} ({acc})", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return save_png(fig, path)
+
+
+def report_blocks(rounds: Sequence[Any]) -> list[tuple[str, Any]]:
+    """% toxic per group, one column per round."""
+    pts = [(r, res) for r in rounds if (res := r.first("toxigen"))]
+    if not pts:
+        return []
+    groups = sorted({g for _, res in pts for g in res.get("by_group", {})})
+    return [("h2", "ToxiGen % toxic per group"),
+            ("p", "Classifier: " + (pts[-1][1].get("classifier") or {}).get("summary", "?")),
+            ("table", (["group"] + [r.label for r, _ in pts],
+                       [[g] + [f"{res['by_group'][g]['pct_toxic']:.1f}%" if g in res.get("by_group", {}) else "—" for _, res in pts]
+                        for g in groups]))]
 
 
 def cli(argv: Sequence[str]) -> int:

@@ -1,6 +1,6 @@
 """TruthfulQA: MC1 / MC2 exactly as lm-evaluation-harness scores them, and the generation variant.
 
-Length (~450 lines): MC1/MC2 scoring, the generation variant and their data layouts, one evaluation.
+Length (~540 lines): MC1/MC2 scoring, the generation variant, their data layouts and the round/report interface: one evaluation.
 
     align eval truthfulqa --model runs/<run>/round-2/policy [--data truthful_qa | mc_task.json | bundled:truthfulness]
                           [--variant mc|gen|both] [--out DIR]
@@ -53,8 +53,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from alignment.config import check, option
 from data.errors import DataError
 from data.schemas import TruthfulnessItem
 
@@ -415,6 +416,115 @@ def run(model: str, *, data: str = HUB_ID, out: str | Path | None = None, varian
     write_json(json_path, result, overwrite=overwrite)
     write_jsonl(rows_path, rows, overwrite=overwrite)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# a round's benchmark (the interface of alignment.evals.suite.BENCHMARKS)
+
+
+@dataclass
+class RoundSettings:
+    """Section ``eval.truthfulqa`` of a round config: TruthfulQA MC on every round's policy (null = off)."""
+
+    SHORTHAND: ClassVar[str] = "data"
+
+    data: list[str] = option(factory=lambda: ["../shared/data/truthfulqa/mc_task.json", "bundled:truthfulness"],
+                             doc="TruthfulQA MC data, the first that exists: mc_task.json, a local copy of the Hub dataset (folder), truthful_qa (Hub), or bundled:truthfulness (a 50-item probe, not TruthfulQA)")
+    sample: int | None = option(200, "a seeded sample of this many questions (null = all)")
+
+    def __post_init__(self) -> None:
+        check(self.sample is None or self.sample > 0, "sample", "must be > 0 or null")
+
+
+def run_round(model: str, out: Path, settings: RoundSettings, *, seed: int, batch_size: int) -> dict:
+    """TruthfulQA MC of ``model`` into ``out/truthfulqa.json``; the summary a round keeps."""
+    from alignment.evals.results import first_existing
+
+    data = first_existing(settings.data)
+    if not data:
+        return {"skipped": f"none of {settings.data} found"}
+    res = run(model, data=data, out=out, sample=settings.sample, seed=seed, overwrite=True)
+    log.info("%s on %s: MC2 %.4f", model, res["dataset"], res["metrics"]["mc2"])
+    return {"mc1": res["metrics"]["mc1"], "mc2": res["metrics"]["mc2"], "n": res["n"], "dataset": res["dataset"], "data": data}
+
+
+def headline(summary: dict) -> dict:
+    """The numbers a round logs (as ``truthfulqa_<key>``)."""
+    return {k: v for k, v in summary.items() if k in ("mc1", "mc2", "dataset")}
+
+
+def describe_settings(settings: RoundSettings) -> str:
+    """What the round will run, in words (the demo prints it before it starts)."""
+    from alignment.evals.results import first_existing
+
+    data = first_existing(settings.data)
+    if data and not data.startswith("bundled:"):
+        return f"TruthfulQA from {data}"
+    return ("the bundled truthfulness probe (50 items, not TruthfulQA: no TruthfulQA data found)" if data
+            else f"truthfulness skipped (none of {settings.data} found)")
+
+
+def truthfulness_label(res: dict) -> str:
+    """The dataset a truthfulqa result was computed on, never calling the bundled probe TruthfulQA."""
+    if res.get("dataset"):
+        return res["dataset"]
+    if str(res.get("data", "")).startswith("bundled:"):
+        return f"bundled truthfulness probe ({res.get('n')} items, not TruthfulQA)"
+    return f"TruthfulQA MC ({res.get('n')} questions)"
+
+
+REPORT_COLUMN = "truthfulness MC2 (data)"
+CAPTION = ("Truthfulness", "MC1: share of questions whose best-scored answer is the true one. MC2: probability mass on the true "
+           "answers. Scored as lm-evaluation-harness does (6-shot QA primer, summed log-probabilities).")
+
+
+def report_cell(res: dict) -> str:
+    from alignment.evals.results import pct
+
+    return f"{pct(res.get('metrics', {}).get('mc2'))} ({truthfulness_label(res)})"
+
+
+def caption(rounds: Sequence[Any]) -> tuple[str, str]:
+    last = next((res for r in reversed(rounds) if (res := r.first("truthfulqa"))), None)
+    return (truthfulness_label(last) if last else CAPTION[0]), CAPTION[1]
+
+
+def plot(rounds: Sequence[Any], path: Path) -> Path | None:
+    """MC1 and MC2 per round (round 0: the SFT model), ± one standard error."""
+    from alignment.evals.results import pyplot, save_png
+
+    pts = [(r, res) for r in rounds if (res := r.first("truthfulqa")) and "mc2" in res.get("metrics", {})]
+    if not pts:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    x = [r.number for r, _ in pts]
+    ax.set_xlabel("round (0 = the SFT model)")
+    for key, marker in (("mc2", "o"), ("mc1", "s")):
+        y = [100 * res["metrics"][key] for _, res in pts]
+        err = [100 * res["metrics"].get(f"{key}_stderr", 0.0) for _, res in pts]
+        ax.errorbar(x, y, yerr=err, marker=marker, capsize=4, label=key.upper())
+        for xi, yi in zip(x, y):
+            ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xticks(x, [r.label for r, _ in pts])
+    ax.set_ylabel("score (%), ± 1 standard error")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{truthfulness_label(pts[-1][1])} per round\n(higher is better; data: {Path(str(pts[-1][1].get('data'))).name})",
+                 fontsize=10)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
+
+
+def report_blocks(rounds: Sequence[Any]) -> list[tuple[str, Any]]:
+    """The latest round's scores per TruthfulQA category."""
+    from alignment.evals.results import pct
+
+    last = next((res for r in reversed(rounds) if (res := r.first("truthfulqa")) and res.get("by_category")), None)
+    if not last:
+        return []
+    return [("h2", f"{truthfulness_label(last)}: per category (latest round)"),
+            ("table", (["category", "n", "MC1", "MC2"],
+                       [[c, str(v["n"]), pct(v.get("mc1")), pct(v.get("mc2"))] for c, v in last["by_category"].items()]))]
 
 
 def cli(argv: Sequence[str]) -> int:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from alignment.evals.suite import BENCHMARKS
 from alignment.rounds.config import WAITING
 from alignment.rounds.project import Project, now
 from alignment.rounds.steps import Steps
@@ -107,10 +108,9 @@ def status(p: Project) -> dict:
             if pol.get(k) is not None:
                 metrics[f"policy_{k}"] = pol[k]
         ev = steps.get("eval", {}).get("outputs", {})
-        if ev.get("truthfulqa"):
-            metrics.update({f"truthfulqa_{k}": v for k, v in ev["truthfulqa"].items() if k in ("mc1", "mc2", "dataset")})
-        if (ev.get("toxigen") or {}).get("pct_toxic") is not None:
-            metrics["toxigen_pct_toxic"] = ev["toxigen"]["pct_toxic"]
+        for bench in BENCHMARKS:
+            if ev.get(bench.name) and "skipped" not in ev[bench.name]:
+                metrics.update({f"{bench.name}_{k}": v for k, v in bench.load().headline(ev[bench.name]).items()})
         gold = (ev.get("gold_reward") or {}).get("policy")
         if gold:
             metrics["gold_reward"] = f"{gold['mean']:.4f} [{gold['ci_low']:.4f}, {gold['ci_high']:.4f}] (n={gold['n']})"
