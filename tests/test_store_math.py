@@ -136,3 +136,29 @@ def test_password_hashes_are_salted_and_verified():
 def test_strength_from_gap():
     assert [strength_from_gap(g) for g in (0.0, 0.24, -0.3, 0.75, -1.0, 5)] == [
         "negligibly_better", "negligibly_better", "slightly_better", "better", "significantly_better", "significantly_better"]
+
+
+def test_the_label_fields_are_declared_once():
+    """Judgement declares the label's fields; the table, the label records and the export follow it."""
+    import dataclasses
+
+    from data.schemas import Comparison
+    from data.store.export import LabelRecord, label_comparison
+    from data.store.label import JUDGEMENT_FIELDS, META_FIELDS, Judgement
+    from data.store.tables import Label
+
+    assert JUDGEMENT_FIELDS == ("chosen", "strength", "safe_a", "safe_b", "both_bad", "comment")
+    assert set(JUDGEMENT_FIELDS) <= set(Label.__table__.columns.keys())  # a column per field
+    assert set(JUDGEMENT_FIELDS) <= {f.name for f in dataclasses.fields(LabelRecord)}
+    comparison = {f.name for f in dataclasses.fields(Comparison)}
+    assert set(JUDGEMENT_FIELDS) == (set(JUDGEMENT_FIELDS) & comparison) | set(META_FIELDS)  # each has a place in the export
+    j = Judgement(chosen="B", strength="better", safe_a=True, safe_b=None, both_bad=True, comment="both vague")
+    assert Judgement.of(j) == j and j.columns()["comment"] == "both vague"
+    rec = LabelRecord(**j.columns(), label_id=1, task_id=1, task_uid="t1", round=1, prompt=[{"role": "user", "content": "q"}],
+                      response_a="a", response_b="b", source_a=None, source_b=None, category=None, labels_needed=1, labels_done=1,
+                      annotator="ann", annotator_kind="human", swapped=False, seconds=None,
+                      created_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    c = label_comparison(rec)
+    assert (c.chosen, c.strength.value, c.safe_a, c.safe_b) == ("B", "better", True, None)
+    assert c.meta["both_bad"] is True and c.meta["comment"] == "both vague"
+    assert "comment" not in label_comparison(dataclasses.replace(rec, comment=None)).meta

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data.schemas import Comparison, ResponseSource, Strength
+from data.store.label import META_FIELDS, Judgement
 
 Policy = Literal["majority", "all"]
 POLICIES: tuple[str, ...] = ("majority", "all")
@@ -22,8 +23,8 @@ STRENGTH_ORDER = [s.value for s in Strength]
 
 
 @dataclass(frozen=True, kw_only=True)
-class LabelRecord:
-    """One stored label with what export and statistics need of its task and annotator."""
+class LabelRecord(Judgement):
+    """One stored label: its :class:`Judgement` fields plus what export and statistics need of its task and annotator."""
 
     label_id: int
     task_id: int
@@ -39,12 +40,6 @@ class LabelRecord:
     labels_done: int
     annotator: str
     annotator_kind: str
-    chosen: str  # true identity: A | B
-    strength: str | None
-    safe_a: bool | None
-    safe_b: bool | None
-    both_bad: bool
-    comment: str | None
     swapped: bool  # the left side showed the true B
     seconds: float | None
     created_at: dt.datetime
@@ -65,10 +60,8 @@ def _iso(t: dt.datetime) -> str:
 
 def label_comparison(r: LabelRecord) -> Comparison:
     """One label as a comparison (policy ``all``)."""
-    meta = {"task": r.task_uid, "shown_left": "B" if r.swapped else "A", "annotator_kind": r.annotator_kind,
-            "labels": r.labels_done, "both_bad": r.both_bad}
-    if r.comment:
-        meta["comment"] = r.comment
+    meta = {"task": r.task_uid, "shown_left": "B" if r.swapped else "A", "annotator_kind": r.annotator_kind, "labels": r.labels_done,
+            **{k: getattr(r, k) for k in META_FIELDS if getattr(r, k) is not None}}
     if r.seconds is not None:
         meta["seconds"] = round(r.seconds, 1)
     if r.task_meta:

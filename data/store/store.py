@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from data.errors import DataError
 from data.schemas import Message, Strength
 from data.store.export import POLICIES, ExportPlan, LabelRecord, Policy, plan_export
+from data.store.label import AnnotationError, Judgement
 from data.store.pairs import MAX_RESPONSE_BYTES, TaskSpec, overlap_labels, parse_task, read_tasks
 from data.store.passwords import dummy_hash, hash_password, verify_password
 from data.store.stats import summarize
@@ -49,10 +50,6 @@ KINDS = ("human", "simulated")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,99}$")
 DEFAULT_DB = "sqlite:///runs/annotations.db"
 DEFAULT_EXPORT_DIR = "runs/annotations/exports"
-
-
-class AnnotationError(RuntimeError):
-    """A request the store refuses: unknown user or task, a lease that is gone, a bad label."""
 
 
 class LeaseLost(AnnotationError):
@@ -126,32 +123,6 @@ class LeasedTask:
     def true_safety(self, left_safe: bool | None, right_safe: bool | None) -> tuple[bool | None, bool | None]:
         """Safety labels given for the shown sides -> (safe_a, safe_b)."""
         return (right_safe, left_safe) if self.swapped else (left_safe, right_safe)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Judgement:
-    """A label in TRUE identities (what a simulated annotator or the API submits)."""
-
-    chosen: str  # "A" | "B"
-    strength: str | None = None  # a Strength value (or alias); the web page always asks for one
-    safe_a: bool | None = None
-    safe_b: bool | None = None
-    both_bad: bool = False
-    comment: str | None = None
-
-    def validated(self) -> Judgement:
-        chosen = self.chosen.strip().upper() if isinstance(self.chosen, str) else self.chosen
-        if chosen not in ("A", "B"):
-            raise AnnotationError(f"chosen must be 'A' or 'B', got {self.chosen!r}")
-        try:
-            strength = None if self.strength is None else Strength.parse(self.strength).value
-        except DataError as exc:
-            raise AnnotationError(str(exc)) from None
-        for key in ("safe_a", "safe_b"):
-            if getattr(self, key) not in (None, True, False):
-                raise AnnotationError(f"{key} must be true, false or null, got {getattr(self, key)!r}")
-        comment = (self.comment or "").strip() or None
-        return Judgement(chosen=chosen, strength=strength, safe_a=self.safe_a, safe_b=self.safe_b, both_bad=bool(self.both_bad), comment=comment)
 
 
 @dataclass(frozen=True)
@@ -562,8 +533,7 @@ class AnnotationStore:
             if lapsed and t.labels_done + s.scalar(self._live_leases(t.id, now, except_user=u.id)) >= t.labels_needed:
                 raise LeaseLost(f"the lease on task {t.uid!r} expired and the task went to other annotators; "
                                     "this label was not stored")
-            label = Label(assignment_id=a.id, task_id=t.id, user_id=u.id, round=t.round, chosen=j.chosen, strength=j.strength,
-                          safe_a=j.safe_a, safe_b=j.safe_b, both_bad=j.both_bad, comment=j.comment, swapped=a.swapped,
+            label = Label(**j.columns(), assignment_id=a.id, task_id=t.id, user_id=u.id, round=t.round, swapped=a.swapped,
                           seconds=(now - a.issued_at).total_seconds(), created_at=now)
             s.add(label)
             a.status, a.finished_at = "submitted", now
@@ -606,9 +576,7 @@ class AnnotationStore:
             a = s.get_one(Assignment, label.assignment_id)
             s.execute(update(Assignment).where(Assignment.user_id == u.id, Assignment.status == "leased", Assignment.id != a.id)
                       .values(status="released"))
-            detail = {"label": label.id, "chosen": label.chosen, "strength": label.strength, "safe_a": label.safe_a,
-                      "safe_b": label.safe_b, "both_bad": label.both_bad, "comment": label.comment,
-                      "created_at": label.created_at.isoformat()}
+            detail = {"label": label.id, **Judgement.of(label).columns(), "created_at": label.created_at.isoformat()}
             s.execute(delete(Label).where(Label.id == label.id))
             t.labels_done = t.labels_done - 1
             a.token = secrets.token_urlsafe(18)  # a stale page cannot resubmit the undone label
@@ -672,8 +640,7 @@ class AnnotationStore:
                 raise AnnotationError(f"label #{label_id} is not one of {user!r}'s labels")
             a = s.get_one(Assignment, label.assignment_id)
             view = self._view(a, s.get_one(Task, label.task_id))
-            return view, Judgement(chosen=label.chosen, strength=label.strength, safe_a=label.safe_a, safe_b=label.safe_b,
-                                   both_bad=label.both_bad, comment=label.comment)
+            return view, Judgement.of(label)
 
     def change_label(self, user: str, label_id: int, judgement: Judgement | None = None, **fields: Any) -> SubmitResult:
         """Replace one of ``user``'s labels (TRUE identities) while its round is open; the old values go to the audit log."""
@@ -687,10 +654,9 @@ class AnnotationStore:
                     raise AnnotationError(f"label #{label_id} is not one of {user!r}'s labels")
                 t = s.get_one(Task, label.task_id)
                 self._check_open(s, t.round)
-                old = {"chosen": label.chosen, "strength": label.strength, "safe_a": label.safe_a, "safe_b": label.safe_b,
-                       "both_bad": label.both_bad, "comment": label.comment}
-                label.chosen, label.strength, label.safe_a, label.safe_b = j.chosen, j.strength, j.safe_a, j.safe_b
-                label.both_bad, label.comment = j.both_bad, j.comment
+                old = Judgement.of(label).columns()
+                for name, value in j.columns().items():
+                    setattr(label, name, value)
                 self._event(s, "change-label", u, t.id, label=label.id, old=old)
                 return SubmitResult(label.id, t.uid, t.round, j.chosen, False)
 
@@ -783,10 +749,9 @@ class AnnotationStore:
             for lab, tid, uid, rnd, src_a, src_b, cat, needed, done, name, kind, *rest in s.execute(q):
                 prompt, a, b, meta = rest if texts else ([], "", "", {})
                 out.append(LabelRecord(
-                    label_id=lab.id, task_id=tid, task_uid=uid, round=rnd, prompt=prompt, response_a=a, response_b=b, source_a=src_a,
-                    source_b=src_b, category=cat, labels_needed=needed, labels_done=done, annotator=name, annotator_kind=kind,
-                    chosen=lab.chosen, strength=lab.strength, safe_a=lab.safe_a, safe_b=lab.safe_b, both_bad=lab.both_bad,
-                    comment=lab.comment, swapped=lab.swapped, seconds=lab.seconds, created_at=lab.created_at, task_meta=meta or {}))
+                    **Judgement.of(lab).columns(), label_id=lab.id, task_id=tid, task_uid=uid, round=rnd, prompt=prompt, response_a=a,
+                    response_b=b, source_a=src_a, source_b=src_b, category=cat, labels_needed=needed, labels_done=done, annotator=name,
+                    annotator_kind=kind, swapped=lab.swapped, seconds=lab.seconds, created_at=lab.created_at, task_meta=meta or {}))
             return out
 
     def comparisons(self, round: int, *, policy: Policy = "majority", complete_only: bool = False,
