@@ -1,8 +1,8 @@
 """The annotation store: users, the task queue with leases, labels, export and statistics.
 
-Length (~870 lines): one class, AnnotationStore, each public method one documented transaction; they are read
+Length (~840 lines): one class, AnnotationStore, each public method one documented transaction; they are read
 together because their isolation depends on each other (leases, submit, undo, change, export). Tables, export plans,
-pair files and statistics already live beside it.
+pair files, statistics and the label's fields (label.py) already live beside it.
 
 See :mod:`data.store` for the API overview. Transactions:
 
