@@ -63,7 +63,8 @@ def _value_model_class():
         def backbones(self) -> list[nn.Module]:
             return [self.backbone]
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    use_cache=False).last_hidden_state
             return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
@@ -116,8 +117,10 @@ def _critic_pair_class():
         def backbones(self) -> list[nn.Module]:
             return [self.reward.backbone, self.cost.backbone]
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-            return torch.stack([self.reward(input_ids, attention_mask, position_ids), self.cost(input_ids, attention_mask, position_ids)], -1)
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.stack([self.reward(input_ids, attention_mask, position_ids),
+                                self.cost(input_ids, attention_mask, position_ids)], -1)
 
     return CriticPair
 

@@ -151,7 +151,8 @@ class Judgement:
             if getattr(self, key) not in (None, True, False):
                 raise AnnotationError(f"{key} must be true, false or null, got {getattr(self, key)!r}")
         comment = (self.comment or "").strip() or None
-        return Judgement(chosen=chosen, strength=strength, safe_a=self.safe_a, safe_b=self.safe_b, both_bad=bool(self.both_bad), comment=comment)
+        return Judgement(chosen=chosen, strength=strength, safe_a=self.safe_a, safe_b=self.safe_b,
+                         both_bad=bool(self.both_bad), comment=comment)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,8 @@ class AnnotationStore:
                 raise ValueError(f"sqlite_synchronous must be FULL, NORMAL or EXTRA, got {sqlite_synchronous!r}")
             db = parsed.database
             if not db or db == ":memory:":
-                raise ValueError("the annotation store needs a file (sqlite:///path.db); an in-memory database is not shared between threads")
+                raise ValueError("the annotation store needs a file (sqlite:///path.db); an in-memory database is not "
+                                 "shared between threads")
             Path(db).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(self.url, echo=echo, pool_size=10, max_overflow=40,
                                         connect_args={"check_same_thread": False, "timeout": 60})
@@ -299,7 +301,8 @@ class AnnotationStore:
         """Create a user. Humans need a password (only its salted scrypt hash is stored); simulated
         annotators have none and cannot log in to the web app."""
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # fullmatch: "ann1\n" is not "ann1"
-            raise AnnotationError(f"invalid user name {name!r}: use 1-100 letters, digits and _ . : @ + - (starting with a letter or digit)")
+            raise AnnotationError(f"invalid user name {name!r}: use 1-100 letters, digits and _ . : @ + - (starting "
+                                  "with a letter or digit)")
         if role not in ROLES:
             raise AnnotationError(f"unknown role {role!r}; expected one of: {', '.join(ROLES)}")
         if kind not in KINDS:
@@ -660,7 +663,8 @@ class AnnotationStore:
             if round is not None:
                 q = q.where(Label.round == round)
             rows = s.execute(q.order_by(Label.created_at.desc(), Label.id.desc()).limit(n)).all()
-            return [RecentLabel(label.id, t.uid, t.round, next((m["content"] for m in reversed(t.prompt) if m["role"] == "user"), ""),
+            return [RecentLabel(label.id, t.uid, t.round,
+                                next((m["content"] for m in reversed(t.prompt) if m["role"] == "user"), ""),
                                 label.chosen, label.strength, label.created_at, t.round not in closed) for label, t in rows]
 
     def label_task(self, user: str, label_id: int) -> tuple[LeasedTask, Judgement]:
@@ -746,10 +750,12 @@ class AnnotationStore:
             mine_round = mine if round is None else mine.where(Label.round == round)
             # open tasks this user has labelled or skipped: one index range over their own assignments
             closed_q = select(func.count(Assignment.id)).join(Task, Task.id == Assignment.task_id).where(
-                Assignment.user_id == u.id, Assignment.status.in_(("submitted", "skipped")), Task.labels_done < Task.labels_needed)
+                Assignment.user_id == u.id, Assignment.status.in_(("submitted", "skipped")),
+                Task.labels_done < Task.labels_needed)
             if round is not None:
                 closed_q = closed_q.where(Task.round == round)
-            today, in_round, closed = (int(s.scalar(q) or 0) for q in (mine.where(Label.created_at >= midnight), mine_round, closed_q))
+            today, in_round, closed = (int(s.scalar(q) or 0)
+                                       for q in (mine.where(Label.created_at >= midnight), mine_round, closed_q))
             missing, open_tasks = self._round_counts(s, round, max_age)
         return Progress(today, in_round, missing, max(0, open_tasks - closed))
 
@@ -776,17 +782,20 @@ class AnnotationStore:
         with self._tx(write=False) as s:
             q = (select(Label, Task.id, Task.uid, Task.round, Task.source_a, Task.source_b, Task.category, Task.labels_needed,
                         Task.labels_done, User.name, User.kind, *text_cols)
-                 .join(Task, Task.id == Label.task_id).join(User, User.id == Label.user_id).order_by(Task.round, Task.seq, Label.id))
+                 .join(Task, Task.id == Label.task_id).join(User, User.id == Label.user_id).order_by(Task.round, Task.seq,
+                                                                                                     Label.id))
             if round is not None:
                 q = q.where(Label.round == round)
             out = []
             for lab, tid, uid, rnd, src_a, src_b, cat, needed, done, name, kind, *rest in s.execute(q):
                 prompt, a, b, meta = rest if texts else ([], "", "", {})
                 out.append(LabelRecord(
-                    label_id=lab.id, task_id=tid, task_uid=uid, round=rnd, prompt=prompt, response_a=a, response_b=b, source_a=src_a,
+                    label_id=lab.id, task_id=tid, task_uid=uid, round=rnd, prompt=prompt, response_a=a,
+                    response_b=b, source_a=src_a,
                     source_b=src_b, category=cat, labels_needed=needed, labels_done=done, annotator=name, annotator_kind=kind,
                     chosen=lab.chosen, strength=lab.strength, safe_a=lab.safe_a, safe_b=lab.safe_b, both_bad=lab.both_bad,
-                    comment=lab.comment, swapped=lab.swapped, seconds=lab.seconds, created_at=lab.created_at, task_meta=meta or {}))
+                    comment=lab.comment, swapped=lab.swapped, seconds=lab.seconds,
+                    created_at=lab.created_at, task_meta=meta or {}))
             return out
 
     def comparisons(self, round: int, *, policy: Policy = "majority", complete_only: bool = False,
@@ -855,7 +864,8 @@ class AnnotationStore:
         records = self.label_records(round, texts=False)
         now = self.clock()
         with self._tx(write=False) as s:
-            tq = select(func.count(Task.id), func.coalesce(func.sum(Task.labels_needed), 0), func.coalesce(func.sum(Task.labels_done), 0))
+            tq = select(func.count(Task.id), func.coalesce(func.sum(Task.labels_needed), 0),
+                        func.coalesce(func.sum(Task.labels_done), 0))
             cq = select(func.count(Task.id)).where(Task.labels_done >= Task.labels_needed)
             oq = select(func.count(Task.id)).where(Task.labels_needed > 1)
             sq = (select(User.name, User.kind, func.count(Assignment.id)).join(User, User.id == Assignment.user_id)
