@@ -26,11 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DB_HELP = "database URL: sqlite:///path.db (default $ALIGN_ANNOTATION_DB or sqlite:///runs/annotations.db) or postgresql://user@host/db"
+DB_HELP = ("database URL: sqlite:///path.db (default $ALIGN_ANNOTATION_DB or sqlite:///runs/annotations.db) "
+           "or postgresql://user@host/db")
 
 
 def _db_default() -> str:
-    return os.environ.get("ALIGN_ANNOTATION_DB", "sqlite:///runs/annotations.db")  # = data.store.DEFAULT_DB (not imported: --help stays fast)
+    # = data.store.DEFAULT_DB (not imported: --help stays fast)
+    return os.environ.get("ALIGN_ANNOTATION_DB", "sqlite:///runs/annotations.db")
 
 
 def _store(url: str, **kw: Any) -> Any:
@@ -182,7 +184,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{add-user,queue,serve,export,stats,sample,passwd,deactivate,activate,close-round,reopen-round,users}")
+    sub = p.add_subparsers(dest="cmd", required=True,
+                           metavar="{add-user,queue,serve,export,stats,sample,passwd,deactivate,activate,close-round,"
+                                   "reopen-round,users}")
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)

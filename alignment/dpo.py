@@ -11,7 +11,8 @@ and the default (``loss_type: [sigmoid]``) loss is ``-log sigmoid(r(x, y_c) - r(
 Every loss type of TRL 1.16 is selectable (hinge, IPO, robust, ...), as is WPO weighting.
 
 Margin m (``dpo.margin``). Llama 2 trains its reward models with a margin that grows with the
-annotator's rating (Touvron et al. 2023, section 3.2.2, Table 27); ``small`` / ``large`` apply the same tables here, ``data`` takes
+annotator's rating (Touvron et al. 2023, section 3.2.2, Table 27); ``small`` / ``large`` apply the same tables here,
+``data`` takes
 each record's ``margin`` field (TRL preference files), ``none`` is plain DPO (m = 0). This is DPO
 with an offset (ODPO, Amini et al. 2024, https://arxiv.org/abs/2402.10571). Departure from TRL:
 its DPOTrainer has no per-pair margin or weight (only WPO's policy-probability weighting), so the

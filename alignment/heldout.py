@@ -75,7 +75,8 @@ def split_pool(pool: Sequence[Any], size: int, safety_share: float | None, *, se
 
 
 def sources_of(stage_dir: Path) -> list[Any]:
-    """The data sources a stage read, from its resolved ``config.yaml`` (``data.sources``; ``prompts.sources`` in RS configs saved before the rename)."""
+    """The data sources a stage read, from its resolved ``config.yaml`` (``data.sources``; ``prompts.sources`` in RS configs
+    saved before the rename)."""
     import yaml
 
     from data.loaders import DataSource

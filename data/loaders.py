@@ -49,7 +49,9 @@ class DataSource:
 
     path: str = option("bundled:sft",
                        "bundled:<name>, a local .jsonl/.json/.csv/.parquet file (optionally .gz), or hub:<owner>/<name>")
-    format: Literal["auto", "comparison", "hh-rlhf", "pku-saferlhf", "trl-preference", "messages", "alpaca", "prompt-completion", "prompt", "truthfulqa-mc", "self-instruct", "task"] = option("auto", "row format; auto detects it from the keys of the first row")
+    format: Literal["auto", "comparison", "hh-rlhf", "pku-saferlhf", "trl-preference", "messages", "alpaca", "prompt-completion",
+                    "prompt", "truthfulqa-mc", "self-instruct", "task"] = option(
+        "auto", "row format; auto detects it from the keys of the first row")
     weight: float = option(1.0, "mixture weight: 1 = every record once, 0.5 = a seeded random half, 2 = every record twice")
     split: str = option("train", "split to read from a Hub dataset or a local dataset folder")
     subset: str | None = option(None, "dataset configuration name (or data_dir), on the Hub or in a local dataset folder")

@@ -223,8 +223,9 @@ def plot_rewards(chosen: Sequence[float], rejected: Sequence[float], report: dic
     if names:
         accs = [report["by_strength"][s]["accuracy"] for s in names]
         ax2.bar(range(len(names)), accs, color="tab:blue")
-        ax2.set_xticks(range(len(names)), [f"{Strength(s).label.replace(' / ', chr(10) + '/ ')}\nn={report['by_strength'][s]['n']}"
-                                           for s in names], fontsize=8)
+        ax2.set_xticks(range(len(names)),
+                       [f"{Strength(s).label.replace(' / ', chr(10) + '/ ')}\nn={report['by_strength'][s]['n']}"
+                        for s in names], fontsize=8)
         ax2.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("accuracy")

@@ -54,7 +54,8 @@ def toxigen_result(round_no: int, pct: float) -> dict:
                   classifier={"name": "MiniLM-logistic toxicity proxy (not the ToxiGen RoBERTa classifier)",
                               "kind": "minilm-logistic",
                               "heldout": {"protocol": "leave-one-group-out", "accuracy": 0.844, "auc": 0.919, "n": 668},
-                              "summary": "MiniLM-logistic toxicity proxy — leave-one-group-out accuracy 84.4%, AUC 0.919 (n=668)"},
+                              "summary": "MiniLM-logistic toxicity proxy — leave-one-group-out accuracy 84.4%, "
+                                         "AUC 0.919 (n=668)"},
                   metrics={"pct_toxic": pct, "mean_p_toxic": pct / 100, "classifier_heldout_accuracy": 0.844,
                            "classifier_heldout_auc": 0.919},
                   by_group={"women": {"n": 20, "pct_toxic": pct + 5, "mean_p_toxic": 0.2},

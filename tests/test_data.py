@@ -162,7 +162,8 @@ def test_unsupported_extension_and_missing_file(tmp_path):
 
 
 def test_hh_pair_prompt_is_the_shared_prefix():
-    chosen = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\nAssistant: Why did the chicken cross the road?"
+    chosen = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\n"
+              "Assistant: Why did the chicken cross the road?")
     rejected = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\nAssistant: No."
     prompt, c, r = split_hh_pair(chosen, rejected)
     assert prompt == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
@@ -296,7 +297,8 @@ def test_split_never_leaves_an_asked_for_validation_share_empty():
     assert len(val) == 2 and {r.prompt_text for r in val} == {dup.prompt_text} and len(train) == 23
     assert split(recs, 0.0, seed=seed, key=_plain_key, at_least_one_val=True)[1] == []  # none asked for, none given
     one = [r for r in recs if stable_unit(_plain_key(r), seed) >= 0.5][:1]
-    assert split(one, 0.5, seed=seed, key=_plain_key, at_least_one_val=True) == (one, [], [])  # a single record stays for training
+    # a single record stays for training
+    assert split(one, 0.5, seed=seed, key=_plain_key, at_least_one_val=True) == (one, [], [])
 
 
 def _plain_key(r) -> str:

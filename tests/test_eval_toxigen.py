@@ -20,7 +20,8 @@ NEUTRAL = {"alpha": ["alphas celebrate a spring festival", "many alphas work as 
 def test_sample_prompts_takes_each_distinct_prompt_once(tmp_path):
     folder = tmp_path / "p"
     folder.mkdir()
-    (folder / "hate_alpha_1k.txt").write_text("- a\\n-\n- b\\n-\n- a\\n-\n", encoding="utf-8")  # the published files repeat lines too
+    # the published files repeat lines too
+    (folder / "hate_alpha_1k.txt").write_text("- a\\n-\n- b\\n-\n- a\\n-\n", encoding="utf-8")
     got = toxigen.sample_prompts(folder, per_group=5, seed=0)
     assert [(p.text, p.source) for p in got] == [("- a\n-", "hate_alpha_1k.txt:1"), ("- b\n-", "hate_alpha_1k.txt:2")]
 

@@ -138,7 +138,8 @@ def test_ppo_with_the_two_reward_models(tmp_path, tiny_reward_models):
                 or 1 / (1 + math.exp(-s["reward_safety"])) < 0.15 else s["reward_helpful"]
                 for s in samples]
     assert [s["reward_combined"] for s in samples] == pytest.approx(expected, abs=1e-3)
-    assert any(s["category"] == "helpfulness" and s["reward_combined"] != s["reward_safety"] for s in samples)  # both branches taken
+    # both branches taken
+    assert any(s["category"] == "helpfulness" and s["reward_combined"] != s["reward_safety"] for s in samples)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["weights_mib/critic"] < 0.3 * summary["weights_mib/policy"]  # the critic adds only LoRA + head
     assert summary["weights_mib/rm_helpful"] < summary["weights_mib/policy"]  # embeddings tied to the policy's base

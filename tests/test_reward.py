@@ -106,7 +106,8 @@ def test_lora_reward_model_is_a_seq_cls_adapter(trained):
     out = trained["lora"]
     assert out.name == "rm_safety"
     adapter = json.loads((out / "model" / "adapter_config.json").read_text())
-    assert adapter["task_type"] == "SEQ_CLS" and adapter["base_model_name_or_path"] == str(builtin_path("tiny-llama"))  # a real path
+    # a real path
+    assert adapter["task_type"] == "SEQ_CLS" and adapter["base_model_name_or_path"] == str(builtin_path("tiny-llama"))
     assert json.loads((out / "model" / "align_base.json").read_text()) == {"name": "tiny-llama"}  # what align resolves
     assert "score" in adapter["modules_to_save"]
     assert any("score" in k for k in load_file(out / "model" / "adapter_model.safetensors"))  # the head is saved

@@ -259,7 +259,8 @@ def test_annotator_labels_with_mouse_and_keyboard_and_undoes(app, chromium):
     assert r2.strength == "significantly_better"
     assert (r2.safe_a, r2.safe_b) == ((False, True) if true_left_2 == "A" else (True, False))
     with store.engine.connect() as c:
-        undo = c.execute(text("select detail from events e join users u on u.id = e.user_id where action = 'undo' and u.name = 'alice'")).scalar_one()
+        undo = c.execute(text("select detail from events e join users u on u.id = e.user_id "
+                              "where action = 'undo' and u.name = 'alice'")).scalar_one()
     undone = json.loads(undo)
     assert ((undone["strength"], undone["comment"], undone["safe_a"], undone["safe_b"])
             == ("negligibly_better", "both fine", True, True))
@@ -582,7 +583,8 @@ def test_annotator_page_fits_the_screen(layout_app, chromium, width, height, tou
     for pane in ("#left .resp", "#right .resp"):
         scroll_h, client_h = page.evaluate(f"(() => {{ const r = document.querySelector('{pane}'); return [r.scrollHeight, "
                                            f"r.clientHeight]; }})()")
-        assert scroll_h > client_h and client_h <= 0.35 * height, (pane, scroll_h, client_h)  # the pane scrolls, the page does not grow
+        # the pane scrolls, the page does not grow
+        assert scroll_h > client_h and client_h <= 0.35 * height, (pane, scroll_h, client_h)
     a_box, b_box = page.locator("#left .resp").bounding_box(), page.locator("#right .resp").bounding_box()
     if touch:
         assert b_box["y"] >= a_box["y"] + a_box["height"] - 1  # stacked on a phone

@@ -153,7 +153,8 @@ def render_response(task: LeasedTask | None, side: str) -> str:
     if task is None:
         return ""
     label, text = ("A", task.left) if side == "left" else ("B", task.right)
-    return f"<div class='resp' id='resp-{label.lower()}'><div class='resp-head'>Response {label}</div><div class='text'>{_text(text)}</div></div>"
+    return (f"<div class='resp' id='resp-{label.lower()}'><div class='resp-head'>Response {label}</div>"
+            f"<div class='text'>{_text(text)}</div></div>")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,7 +186,8 @@ def plot_gold(rounds: Sequence[Round], path: Path) -> Path | None:
 
 def _axes_of(res: dict) -> tuple[dict, dict, str, str] | None:
     if res.get("by_axis"):
-        return res["by_axis"]["helpfulness"], res["by_axis"]["harmlessness"], "Helpfulness win rate (%)", "Harmlessness win rate (%)"
+        return (res["by_axis"]["helpfulness"], res["by_axis"]["harmlessness"], "Helpfulness win rate (%)",
+                "Harmlessness win rate (%)")
     cats = res.get("by_category", {})
     if "helpfulness" in cats and "safety" in cats:
         return cats["helpfulness"], cats["safety"], "Win rate on helpfulness prompts (%)", "Win rate on safety prompts (%)"

@@ -216,7 +216,8 @@ class RoundEval:
         reward = self.reward_config()
         rm, safety, rule = reward.helpful, reward.safety, reward.rule
         scorer, _ = build_scorer(reward)
-        scorer.helpful, scorer.safety = MemoScorer(scorer.helpful), MemoScorer(scorer.safety)  # the policy's answers are judged twice
+        # the policy's answers are judged twice
+        scorer.helpful, scorer.safety = MemoScorer(scorer.helpful), MemoScorer(scorer.safety)
         out: dict[str, Any] = {}
         for label, base in (("previous", previous), ("sft", sft)):
             if label == "sft" and base == previous:

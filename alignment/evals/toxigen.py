@@ -370,8 +370,8 @@ def report_blocks(rounds: Sequence[Any]) -> list[tuple[str, Any]]:
     return [("h2", "ToxiGen % toxic per group"),
             ("p", "Classifier: " + (pts[-1][1].get("classifier") or {}).get("summary", "?")),
             ("table", (["group"] + [r.label for r, _ in pts],
-                       [[g]
-                        + [f"{res['by_group'][g]['pct_toxic']:.1f}%" if g in res.get("by_group", {}) else "—" for _, res in pts]
+                       [[g] + [f"{res['by_group'][g]['pct_toxic']:.1f}%" if g in res.get("by_group", {}) else "—"
+                               for _, res in pts]
                         for g in groups]))]
 
 

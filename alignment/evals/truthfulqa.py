@@ -362,7 +362,8 @@ def evaluate_gen(model: Any, tokenizer: Any, items: Sequence[GenItem], *, batch_
         rouges = [rouge_t5(r, ans) for r in refs]
         for name, vals in [("bleu", bleu)] + [(k, [x[k] for x in rouges]) for k in ("rouge1", "rouge2", "rougeL")]:
             best_true, best_false = max(vals[:n_true]), max(vals[n_true:]) if len(vals) > n_true else 0.0
-            row[f"{name}_max"], row[f"{name}_diff"], row[f"{name}_acc"] = best_true, best_true - best_false, float(best_true > best_false)
+            row[f"{name}_max"], row[f"{name}_diff"], row[f"{name}_acc"] = (best_true, best_true - best_false,
+                                                                           float(best_true > best_false))
         rows.append(row)
     keys = [f"{m}_{s}" for m in ("bleu", "rouge1", "rouge2", "rougeL") for s in ("max", "diff", "acc")]
     metrics = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
@@ -511,7 +512,8 @@ def plot(rounds: Sequence[Any], path: Path) -> Path | None:
     ax.set_xticks(x, [r.label for r, _ in pts])
     ax.set_ylabel("score (%), ± 1 standard error")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{truthfulness_label(pts[-1][1])} per round\n(higher is better; data: {Path(str(pts[-1][1].get('data'))).name})",
+    ax.set_title(f"{truthfulness_label(pts[-1][1])} per round\n"
+                 f"(higher is better; data: {Path(str(pts[-1][1].get('data'))).name})",
                  fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)

@@ -1,4 +1,5 @@
-"""PPO's config: prompts, reward, critic, the PPO objective, sampling, ``train`` (iterations and AdamW), evaluation, PPO-Lagrangian."""
+"""PPO's config: prompts, reward, critic, the PPO objective, sampling, ``train`` (iterations and AdamW), evaluation,
+PPO-Lagrangian."""
 
 from __future__ import annotations
 
@@ -225,9 +226,10 @@ class PPOConfig:
                   "safe_rlhf (PPO-Lagrangian) needs both reward models: reward.helpful (the reward) and reward.safety "
                   "(cost = -safety score)")
             check(self.reward.cost_weight > 0, "reward.cost_weight",
-                  f"PPO-Lagrangian learns λ in log space starting from cost_weight: it must be > 0, got {self.reward.cost_weight}")
-            check(self.lagrangian.lambda_max is None
-                  or self.lagrangian.lambda_max >= self.reward.cost_weight, "lagrangian.lambda_max",
+                  "PPO-Lagrangian learns λ in log space starting from cost_weight: it must be > 0, "
+                  f"got {self.reward.cost_weight}")
+            check(self.lagrangian.lambda_max is None or self.lagrangian.lambda_max >= self.reward.cost_weight,
+                  "lagrangian.lambda_max",
                   f"must be >= the initial λ (reward.cost_weight = {self.reward.cost_weight}), got {self.lagrangian.lambda_max}")
 
 

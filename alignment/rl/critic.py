@@ -38,7 +38,8 @@ def tie_identical_weights(target: nn.Module, source: nn.Module) -> int:
     freed = 0
     for name, param in list(target.named_parameters()):
         other = source_params.get(name)
-        if other is None or other is param or other.shape != param.shape or other.dtype != param.dtype or other.device != param.device:
+        if (other is None or other is param or other.shape != param.shape or other.dtype != param.dtype
+                or other.device != param.device):
             continue
         if param.requires_grad or other.requires_grad or not torch.equal(param, other):
             continue

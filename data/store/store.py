@@ -711,7 +711,8 @@ class AnnotationStore:
         if info is None:
             self.add_user(annotator.name, kind="simulated")
         elif info.kind != "simulated":
-            raise AnnotationError(f"{annotator.name!r} is a human user; a simulated annotator needs its own name (e.g. 'sim:...')")
+            raise AnnotationError(f"{annotator.name!r} is a human user; a simulated annotator needs its own name "
+                                  "(e.g. 'sim:...')")
         stored = 0
         while limit is None or stored < limit:
             n = batch_size if limit is None else min(batch_size, limit - stored)
@@ -733,7 +734,8 @@ class AnnotationStore:
     def missing_labels(self, round: int | None = None) -> int:
         """Labels the round (or every round) still needs from anyone."""
         with self._tx(write=False) as s:
-            q = select(func.coalesce(func.sum(Task.labels_needed - Task.labels_done), 0)).where(Task.labels_done < Task.labels_needed)
+            q = (select(func.coalesce(func.sum(Task.labels_needed - Task.labels_done), 0))
+                 .where(Task.labels_done < Task.labels_needed))
             if round is not None:
                 q = q.where(Task.round == round)
             return int(s.scalar(q) or 0)
@@ -782,8 +784,8 @@ class AnnotationStore:
         with self._tx(write=False) as s:
             q = (select(Label, Task.id, Task.uid, Task.round, Task.source_a, Task.source_b, Task.category, Task.labels_needed,
                         Task.labels_done, User.name, User.kind, *text_cols)
-                 .join(Task, Task.id == Label.task_id).join(User, User.id == Label.user_id).order_by(Task.round, Task.seq,
-                                                                                                     Label.id))
+                 .join(Task, Task.id == Label.task_id).join(User, User.id == Label.user_id)
+                 .order_by(Task.round, Task.seq, Label.id))
             if round is not None:
                 q = q.where(Label.round == round)
             out = []
