@@ -22,13 +22,17 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class AdapterConfig:
     """What is trained: all weights, a LoRA adapter, QLoRA, or soft prompts."""
 
-    method: Literal["full", "lora", "qlora", "prompt_tuning"] = option("lora", "full fine-tuning, LoRA, QLoRA (4-bit base; needs a CUDA GPU and bitsandbytes) or prompt tuning (peft soft prompts)")
+    method: Literal["full", "lora", "qlora", "prompt_tuning"] = option("lora", "full fine-tuning, LoRA, QLoRA (4-bit base; needs "
+                                                                               "a CUDA GPU and bitsandbytes) or prompt "
+                                                                               "tuning (peft soft prompts)")
     r: int = option(16, "LoRA rank")
     alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
     dropout: float = option(0.05, "LoRA dropout")
-    target_modules: list[str] = option(factory=lambda: list(ALL_LINEAR), doc="modules that get LoRA adapters (Llama names; all linear layers by default)")
+    target_modules: list[str] = option(factory=lambda: list(ALL_LINEAR),
+                                       doc="modules that get LoRA adapters (Llama names; all linear layers by default)")
     num_virtual_tokens: int = option(16, "prompt tuning: number of soft-prompt tokens")
-    prompt_init_text: str | None = option("You are a helpful, honest and harmless assistant.", "prompt tuning: initialise soft prompts from this text's embeddings (null = random)")
+    prompt_init_text: str | None = option("You are a helpful, honest and harmless assistant.",
+                                          "prompt tuning: initialise soft prompts from this text's embeddings (null = random)")
 
     def __post_init__(self) -> None:
         check(self.r > 0, "r", f"must be > 0, got {self.r}")

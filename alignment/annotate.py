@@ -26,11 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DB_HELP = "database URL: sqlite:///path.db (default $ALIGN_ANNOTATION_DB or sqlite:///runs/annotations.db) or postgresql://user@host/db"
+DB_HELP = ("database URL: sqlite:///path.db (default $ALIGN_ANNOTATION_DB or sqlite:///runs/annotations.db) "
+           "or postgresql://user@host/db")
 
 
 def _db_default() -> str:
-    return os.environ.get("ALIGN_ANNOTATION_DB", "sqlite:///runs/annotations.db")  # = data.store.DEFAULT_DB (not imported: --help stays fast)
+    # = data.store.DEFAULT_DB (not imported: --help stays fast)
+    return os.environ.get("ALIGN_ANNOTATION_DB", "sqlite:///runs/annotations.db")
 
 
 def _store(url: str, **kw: Any) -> Any:
@@ -122,8 +124,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print("align annotate serve: note: no admin user yet (align annotate add-user NAME --role admin)", file=sys.stderr)
     from ui.security import SecurityPolicy
 
-    policy = SecurityPolicy(session_hours=a.session_hours, max_failures=a.max_login_failures, lockout_seconds=a.login_lockout_seconds,
-                            allowed_origins=list(a.allowed_origin))
+    policy = SecurityPolicy(session_hours=a.session_hours, max_failures=a.max_login_failures,
+                            lockout_seconds=a.login_lockout_seconds, allowed_origins=list(a.allowed_origin))
     launch(store, host=a.host, port=a.port, guidelines=guidelines, round=a.round, export_dir=a.export_dir,
            concurrency=a.concurrency, security=policy)
     return 0
@@ -182,7 +184,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{add-user,queue,serve,export,stats,sample,passwd,deactivate,activate,close-round,reopen-round,users}")
+    sub = p.add_subparsers(dest="cmd", required=True,
+                           metavar="{add-user,queue,serve,export,stats,sample,passwd,deactivate,activate,close-round,"
+                                   "reopen-round,users}")
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
@@ -205,7 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("passwd", cmd_passwd, "change a user's password (their open sessions end)")
     sp.add_argument("name")
     sp.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
-    for verb, what in (("deactivate", "deactivate a user: their sessions end, they cannot log in, their leased tasks return; labels stay"),
+    for verb, what in (("deactivate",
+                        "deactivate a user: their sessions end, they cannot log in, their leased tasks return; labels stay"),
                        ("activate", "reactivate a deactivated user")):
         sp = add(verb, cmd_set_active, what)
         sp.add_argument("name")
@@ -218,7 +223,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = add("queue", cmd_queue, "queue comparison tasks (prompt + two responses) for a round")
     sp.add_argument("--round", type=int, required=True)
-    sp.add_argument("--pairs", required=True, help="task file: JSONL rows {prompt, response_a, response_b, source_a, source_b, category, id}")
+    sp.add_argument("--pairs", required=True,
+                    help="task file: JSONL rows {prompt, response_a, response_b, source_a, source_b, category, id}")
     sp.add_argument("--max-response-kb", type=float, default=32.0,
                     help="refuse a task whose response is longer than this many KiB of UTF-8 (default 32)")
     overlap_args(sp)
@@ -236,7 +242,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--session-hours", type=float, default=12.0, help="a login session ends after this long (default 12)")
     sp.add_argument("--max-login-failures", type=int, default=5,
                     help="failed logins per user, and per client address, before logins are refused for a while (default 5)")
-    sp.add_argument("--login-lockout-seconds", type=float, default=300.0, help="how long logins are refused after too many failures")
+    sp.add_argument("--login-lockout-seconds", type=float, default=300.0,
+                    help="how long logins are refused after too many failures")
     sp.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
                     help="another origin (scheme://host[:port]) whose pages may call the app, e.g. a reverse proxy's; "
                          "requests from any other origin are refused (repeatable)")

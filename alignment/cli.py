@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("alignment.sft", "stage", "supervised fine-tuning: full, LoRA, prompt tuning or QLoRA, assistant-only loss"),
     **{m.name: (m.module, "stage", m.help) for m in METHODS.values()},
     "round": ("alignment.rounds", "command", "iterative RLHF rounds V1..Vn: init, next, run, status, promote"),
-    "demo": ("alignment.demo", "command", "the main job: RLHF-V1 and V2 on the embedded SmolLM2, unattended (simulated annotator), then the report"),
+    "demo": ("alignment.demo", "command",
+             "the main job: RLHF-V1 and V2 on the embedded SmolLM2, unattended (simulated annotator), then the report"),
     "merge": ("alignment.commands", "command", "merge a LoRA adapter into its base model (a full checkpoint)"),
     "models": ("alignment.commands", "command", "build/list the built-in models (smollm2-135m, tiny-llama) in the cache"),
     "generate": ("alignment.commands", "command", "generate answers from a model for prompts (a file or --prompt)"),
@@ -34,7 +35,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "score": ("reward.commands", "command", "score responses with the helpfulness/safety reward models and the combined reward"),
     "annotate": ("alignment.annotate", "command", "preference annotation: users, sample/queue pairs, web app, stats, export"),
     "eval": ("alignment.evals.cli", "command", "evaluations: truthfulqa, toxigen, winrate, metrics, train-classifier"),
-    "report": ("alignment.evals.cli", "command", "Markdown + HTML report with plots across a run's rounds (align report --run runs/<project>)"),
+    "report": ("alignment.evals.cli", "command",
+               "Markdown + HTML report with plots across a run's rounds (align report --run runs/<project>)"),
 }
 
 

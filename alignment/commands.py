@@ -10,7 +10,8 @@ from typing import Sequence
 
 
 def cmd_merge(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="align merge", description="Merge a LoRA adapter into its base model and write a full checkpoint.")
+    p = argparse.ArgumentParser(prog="align merge",
+                                description="Merge a LoRA adapter into its base model and write a full checkpoint.")
     p.add_argument("--adapter", required=True, help="adapter folder or stage output (e.g. runs/demo/sft)")
     p.add_argument("--out", required=True, help="new folder for the merged checkpoint (must not exist or be empty)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -25,7 +26,8 @@ def cmd_merge(argv: Sequence[str]) -> int:
 
 
 def cmd_models(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="align models", description="Build (if needed) and list the built-in models in the cache ($ALIGN_CACHE).")
+    p = argparse.ArgumentParser(prog="align models",
+                                description="Build (if needed) and list the built-in models in the cache ($ALIGN_CACHE).")
     p.add_argument("names", nargs="*", default=["smollm2-135m", "tiny-llama"], help="built-ins to build")
     a = p.parse_args(argv)
     from alignment.models import SMOLLM2, TINY, builtin_path, cache_root

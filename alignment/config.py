@@ -261,7 +261,8 @@ def _set_dotted(data: dict, key: str, value: Any, cls: type) -> None:
             close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.5)
             dotted = f"{prefix}.{part}" if prefix else part
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-            raise ConfigError(dotted, f"unknown key '{dotted}'{hint}", where=f"command line override '{key}={value}'", show_key=False)
+            raise ConfigError(dotted, f"unknown key '{dotted}'{hint}",
+                              where=f"command line override '{key}={value}'", show_key=False)
         tp = typing.get_type_hints(tp)[part]
         # unwrap Optional[Dataclass]
         if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -364,7 +365,8 @@ def _apply_renames(data: dict, lines: dict[str, int], renames: dict[str, str], s
         if isinstance(value, dict) and isinstance(target.get(nleaf), dict):
             both = sorted(set(value) & set(target[nleaf]))
             if both:
-                raise ConfigError(new, f"both '{old}.{both[0]}' and its new name '{new}.{both[0]}' are set; keep the new one", where=where)
+                raise ConfigError(new, f"both '{old}.{both[0]}' and its new name '{new}.{both[0]}' are set; keep the new one",
+                                  where=where)
             target[nleaf].update(value)
         elif nleaf in target:
             raise ConfigError(new, f"both '{old}' and its new name '{new}' are set; keep the new one", where=where)
@@ -395,7 +397,8 @@ def load_config(
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             line = raw.count(b"\n", 0, exc.start) + 1
-            raise ConfigError("", f"not UTF-8: byte 0x{raw[exc.start]:02x}; save the file as UTF-8", where=f"{source}:{line}") from None
+            raise ConfigError("", f"not UTF-8: byte 0x{raw[exc.start]:02x}; save the file as UTF-8",
+                              where=f"{source}:{line}") from None
         loaded, lines = _yaml_with_lines(text, source)
         if loaded is None:
             loaded = {}
@@ -413,7 +416,8 @@ def load_config(
         key, value = _parse_override(text)
         key, old = renamed_key(key, renames)
         if old:
-            log.warning("command line: '%s' is now '%s'; the old name still works in this release", text.split("=", 1)[0].strip(), key)
+            log.warning("command line: '%s' is now '%s'; the old name still works in this release",
+                        text.split("=", 1)[0].strip(), key)
         _set_dotted(data, key, value, cls)
         lines.pop(key, None)
     builder = _Builder(source if not overrides else f"{source} (+ command-line overrides)", lines)

@@ -49,11 +49,14 @@ def changes(proj: Any) -> list[str]:
         ("gold-judge win rate vs SFT [95% CI]", "", [_ci(e.get("winrate_gold_vs_sft")) for e in evals.values()]),
         ("gold-judge win rate vs previous", "", [_ci(e.get("winrate_gold_vs_previous")) for e in evals.values()]),
         ("RM-judged win rate vs previous (its own RMs)", "", [_ci(e.get("winrate_rm_vs_previous")) for e in evals.values()]),
-        (f"MC2, {tq['dataset'] if tq else 'truthfulness'}", f"{100 * first['truthfulqa_sft']['mc2']:.1f}%" if first.get("truthfulqa_sft", {}).get("mc2") is not None else "-",
-         [f"{100 * e['truthfulqa']['mc2']:.1f}%" if (e.get("truthfulqa") or {}).get("mc2") is not None else "-" for e in evals.values()]),
+        (f"MC2, {tq['dataset'] if tq else 'truthfulness'}",
+         f"{100 * first['truthfulqa_sft']['mc2']:.1f}%" if first.get("truthfulqa_sft", {}).get("mc2") is not None else "-",
+         [f"{100 * e['truthfulqa']['mc2']:.1f}%" if (e.get("truthfulqa") or {}).get("mc2") is not None else "-"
+          for e in evals.values()]),
         (f"ToxiGen % toxic ({tg['n']} prompts{', a smoke check' if tg.get('smoke_check') else ''})" if tg else "ToxiGen % toxic",
          f"{first['toxigen_sft']['pct_toxic']:.1f}%" if (first.get("toxigen_sft") or {}).get("pct_toxic") is not None else "-",
-         [f"{e['toxigen']['pct_toxic']:.1f}%" if (e.get("toxigen") or {}).get("pct_toxic") is not None else "-" for e in evals.values()]),
+         [f"{e['toxigen']['pct_toxic']:.1f}%" if (e.get("toxigen") or {}).get("pct_toxic") is not None else "-"
+          for e in evals.values()]),
     ]
     width = max(len(r[0]) for r in rows)
     colw = [max(len(c), *(len(r[1] if i == 0 else r[2][i - 1]) for r in rows)) for i, c in enumerate(cols)]
@@ -67,7 +70,8 @@ def data_note(cfg: Any) -> str:
     """Which evaluation data the run uses (real data when ../shared/data is there, else the bundled probe)."""
     from alignment.evals.suite import BENCHMARKS
 
-    parts = [b.load().describe_settings(s) if (s := getattr(cfg.eval, b.name)) is not None else f"{b.name} off" for b in BENCHMARKS]
+    parts = [b.load().describe_settings(s) if (s := getattr(cfg.eval, b.name)) is not None
+             else f"{b.name} off" for b in BENCHMARKS]
     return f"evaluation data: {'; '.join(parts)}; {cfg.eval.heldout} held-out prompts judged by {', '.join(cfg.eval.judges)}"
 
 

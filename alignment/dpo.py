@@ -11,7 +11,8 @@ and the default (``loss_type: [sigmoid]``) loss is ``-log sigmoid(r(x, y_c) - r(
 Every loss type of TRL 1.16 is selectable (hinge, IPO, robust, ...), as is WPO weighting.
 
 Margin m (``dpo.margin``). Llama 2 trains its reward models with a margin that grows with the
-annotator's rating (Touvron et al. 2023, section 3.2.2, Table 27); ``small`` / ``large`` apply the same tables here, ``data`` takes
+annotator's rating (Touvron et al. 2023, section 3.2.2, Table 27); ``small`` / ``large`` apply the same tables here,
+``data`` takes
 each record's ``margin`` field (TRL preference files), ``none`` is plain DPO (m = 0). This is DPO
 with an offset (ODPO, Amini et al. 2024, https://arxiv.org/abs/2402.10571). Departure from TRL:
 its DPOTrainer has no per-pair margin or weight (only WPO's policy-probability weighting), so the
@@ -81,26 +82,36 @@ MARGIN_TABLES: dict[str, dict[str, float]] = {
 class DPODataConfig:
     """Preference pairs."""
 
-    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")], doc="preference datasets to mix: our comparisons, HH-RLHF, PKU-SafeRLHF or TRL prompt/chosen/rejected (see data.loaders.DataSource)")
+    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")],
+                                       doc="preference datasets to mix: our comparisons, HH-RLHF, PKU-SafeRLHF or TRL "
+                                           "prompt/chosen/rejected (see data.loaders.DataSource)")
     val_fraction: float = option(0.1, "share of pairs held out for evaluation (chosen by a hash of the prompt)")
-    drop_chosen_unsafe: bool = option(True, "drop pairs whose chosen response is labelled unsafe and the rejected one safe (Llama 2 drops them from safety data)")
+    drop_chosen_unsafe: bool = option(True, "drop pairs whose chosen response is labelled unsafe and the rejected one safe "
+                                            "(Llama 2 drops them from safety data)")
 
     def __post_init__(self) -> None:
         check(bool(self.sources), "sources", "needs at least one data source")
-        check(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1): the held-out pairs measure the result, got {self.val_fraction}")
+        check(0 < self.val_fraction < 1, "val_fraction",
+              f"must be in (0, 1): the held-out pairs measure the result, got {self.val_fraction}")
 
 
 @dataclass
 class DPOLossConfig:
     """The DPO objective."""
 
-    beta: float = option(0.1, "KL strength: implicit reward = beta * log(pi / pi_ref); higher keeps the policy closer to the reference")
-    loss_type: list[LossType] = option(factory=lambda: ["sigmoid"], doc="TRL loss type(s): sigmoid (DPO), hinge, ipo, robust, ... several are summed with loss_weights")
+    beta: float = option(0.1, "KL strength: implicit reward = beta * log(pi / pi_ref); higher keeps the policy "
+                              "closer to the reference")
+    loss_type: list[LossType] = option(factory=lambda: ["sigmoid"], doc="TRL loss type(s): sigmoid (DPO), hinge, ipo, robust, "
+                                                                        "... several are summed with loss_weights")
     loss_weights: list[float] | None = option(None, "weight of each loss_type when several are combined (null = 1 each)")
     label_smoothing: float = option(0.0, "robust / exo_pair: assumed share of flipped labels (robust DPO: in [0, 0.5))")
-    margin: Literal["none", "small", "large", "data"] = option("none", "per-pair margin: Llama 2's strength tables (small: 1, 2/3, 1/3, 0; large: 3, 2, 1, 0), data = each record's margin field, none = plain DPO")
-    use_weighting: bool = option(False, "WPO weighting of pairs by the policy's length-normalised probability (TRL use_weighting)")
-    precompute_ref: bool = option(True, "compute reference log-probs once before training (no reference forward per step, no second copy for full fine-tuning; needed for margins)")
+    margin: Literal["none", "small", "large", "data"] = option("none", "per-pair margin: Llama 2's strength tables (small: 1, "
+                                                                       "2/3, 1/3, 0; large: 3, 2, 1, 0), data = each record's "
+                                                                       "margin field, none = plain DPO")
+    use_weighting: bool = option(False,
+                                 "WPO weighting of pairs by the policy's length-normalised probability (TRL use_weighting)")
+    precompute_ref: bool = option(True, "compute reference log-probs once before training (no reference forward per step, no "
+                                        "second copy for full fine-tuning; needed for margins)")
 
     def __post_init__(self) -> None:
         check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
@@ -109,7 +120,8 @@ class DPOLossConfig:
               f"needs one weight per loss_type ({len(self.loss_type)}), got {self.loss_weights}")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         if self.margin != "none":
-            check(self.precompute_ref, "margin", "a margin is applied to the precomputed reference log-probs; set dpo.precompute_ref: true")
+            check(self.precompute_ref, "margin",
+                  "a margin is applied to the precomputed reference log-probs; set dpo.precompute_ref: true")
             bad = [t for t in self.loss_type if t not in MARGIN_LOSSES]
             check(not bad, "margin", f"a margin is defined for the {', '.join(MARGIN_LOSSES)} losses only, not {', '.join(bad)}")
 
@@ -121,8 +133,10 @@ class DPOConfig:
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig, doc="policy to optimise (and, frozen, the reference)")
     data: DPODataConfig = option(factory=DPODataConfig, doc="preference pairs")
-    train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-4), doc="optimisation (batch_size counts pairs; lr 1e-4 suits LoRA, use ~5e-7 to 5e-6 for full fine-tuning)")
-    adapter: AdapterConfig = option(factory=AdapterConfig, doc="full fine-tuning, LoRA (reference = adapter disabled), QLoRA or prompt tuning")
+    train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-4), doc="optimisation (batch_size counts pairs; lr 1e-4 suits "
+                                                                          "LoRA, use ~5e-7 to 5e-6 for full fine-tuning)")
+    adapter: AdapterConfig = option(factory=AdapterConfig,
+                                    doc="full fine-tuning, LoRA (reference = adapter disabled), QLoRA or prompt tuning")
     dpo: DPOLossConfig = option(factory=DPOLossConfig, doc="loss type, beta, margin")
 
 
@@ -261,7 +275,8 @@ def evaluate_pairs(trainer, beta: float) -> dict:
     dataset = trainer.eval_dataset
     model = trainer.model
     device = trainer.accelerator.device
-    loader = DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator, shuffle=False)
+    loader = DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size,
+                        collate_fn=trainer.data_collator, shuffle=False)
     logps, ref_logps = [], []
     was_training = model.training
     model.eval()

@@ -72,8 +72,8 @@ def generate(
     results: list[Generation | None] = [None] * len(encoded)
     # synced_gpus=False: every caller generates with whole weights (ZeRO-3 gathers them first), so processes
     # with different numbers of prompts or tokens must not wait on each other (transformers syncs under ZeRO-3)
-    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=list(eos_set), use_cache=True,
-                                      synced_gpus=False)
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                      eos_token_id=list(eos_set), use_cache=True, synced_gpus=False)
     if temperature > 0:
         gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
@@ -145,7 +145,8 @@ def generate_completions(
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
         eos_ids.append(tokenizer.eos_token_id)
     device = next(model.parameters()).device
-    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids, "use_cache": True,
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id,
+                                  "eos_token_id": eos_ids, "use_cache": True,
                                   "synced_gpus": False}  # whole weights everywhere (see generate)
     if stop:
         gen_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)

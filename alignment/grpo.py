@@ -49,19 +49,22 @@ class GroupAlgoConfig:
     """The critic-free algorithm and its sampling."""
 
     algorithm: Literal["grpo", "rloo"] = option("grpo", "grpo (group mean/std baseline) or rloo (leave-one-out baseline)")
-    num_generations: int = option(4, "responses sampled per prompt (the group); train.batch_size x grad_accum x processes must be a multiple")
+    num_generations: int = option(4, "responses sampled per prompt (the group); train.batch_size x grad_accum x "
+                                     "processes must be a multiple")
     beta: float = option(0.04, "KL coefficient against the reference (adapter off); 0 = no reference pass")
     epsilon: float = option(0.2, "policy ratio clip")
     num_iterations: int = option(1, "optimisation passes over each generated batch (mu)")
     loss_type: str = option("dapo", "GRPO loss aggregation (grpo, dr_grpo, dapo, bnpo, ...; see TRL's GRPOConfig)")
-    scale_rewards: Literal["group", "batch", "none"] = option("group", "GRPO: divide advantages by the group's std, the batch's, or not at all (Dr. GRPO)")
+    scale_rewards: Literal["group", "batch", "none"] = option("group", "GRPO: divide advantages by the group's std, the batch's, "
+                                                                       "or not at all (Dr. GRPO)")
     max_new_tokens: int = option(96, "response length limit")
     temperature: float = option(1.0, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling threshold")
     mask_truncated: bool = option(False, "exclude responses that hit the length limit from the loss (DAPO)")
 
     def __post_init__(self) -> None:
-        check(self.num_generations >= 2, "num_generations", f"must be >= 2 (a group needs a baseline), got {self.num_generations}")
+        check(self.num_generations >= 2, "num_generations",
+              f"must be >= 2 (a group needs a baseline), got {self.num_generations}")
         check(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         check(0 < self.epsilon < 1, "epsilon", f"must be in (0, 1), got {self.epsilon}")
         check(self.num_iterations >= 1, "num_iterations", f"must be >= 1, got {self.num_iterations}")
@@ -77,18 +80,21 @@ class GroupRLConfig:
     RENAMED: ClassVar[dict[str, str]] = {"algo": "grpo"}  # until the next release
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
-    model: ModelConfig = option(factory=ModelConfig, doc="the policy to start from (an SFT output: its LoRA adapter is merged first)")
+    model: ModelConfig = option(factory=ModelConfig,
+                                doc="the policy to start from (an SFT output: its LoRA adapter is merged first)")
     adapter: AdapterConfig = option(factory=lambda: AdapterConfig(dropout=0.0), doc="lora (reference = adapter off) or full")
     data: PPODataConfig = option(factory=PPODataConfig, doc="prompts (held-out ones are scored every train.eval_steps)")
     reward: PPORewardConfig = option(factory=PPORewardConfig, doc="reward models or rule-based reward (as for PPO)")
     grpo: GroupAlgoConfig = option(factory=GroupAlgoConfig, doc="GRPO or RLOO, and their sampling")
-    train: TrainConfig = option(factory=lambda: TrainConfig(batch_size=8, lr=1e-5, lr_scheduler="constant", warmup_ratio=0.0, max_steps=100, logging_steps=1),
+    train: TrainConfig = option(factory=lambda: TrainConfig(batch_size=8, lr=1e-5, lr_scheduler="constant", warmup_ratio=0.0,
+                                                            max_steps=100, logging_steps=1),
                                 doc="optimisation (batch_size counts responses: prompts x num_generations)")
 
     def __post_init__(self) -> None:
         check(self.adapter.method in ("lora", "full"), "adapter.method", f"grpo trains lora or full, got {self.adapter.method!r}")
         check(self.train.batch_size * self.train.grad_accum % self.grpo.num_generations == 0, "train.batch_size",
-              f"batch_size x grad_accum ({self.train.batch_size * self.train.grad_accum}) must be a multiple of grpo.num_generations ({self.grpo.num_generations})")
+              f"batch_size x grad_accum ({self.train.batch_size * self.train.grad_accum}) must be a multiple of "
+              f"grpo.num_generations ({self.grpo.num_generations})")
 
 
 Config = GroupRLConfig
@@ -100,7 +106,8 @@ def reward_function(scorer: Any, missing_eos_penalty: float, eos_ids: set[int]) 
     TRL passes conversational completions as [{"role": "assistant", "content": ...}]; a completion
     ended with EOS when its last token id is an EOS id."""
 
-    def combined(prompts: list, completions: list, completion_ids: list, is_safety: list, log_metric: Any = None, **_: Any) -> list[float]:
+    def combined(prompts: list, completions: list, completion_ids: list, is_safety: list, log_metric: Any = None,
+                 **_: Any) -> list[float]:
         import torch
 
         from data.schemas import PromptRecord
@@ -169,7 +176,8 @@ def main(cfg: GroupRLConfig, *, resume: bool = False) -> Path:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.time() - t0
-    summary: dict[str, Any] = {"algorithm": cfg.grpo.algorithm, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
+    summary: dict[str, Any] = {"algorithm": cfg.grpo.algorithm, "train_loss": result.training_loss,
+                               "global_step": trainer.state.global_step,
                                "train_seconds": round(seconds, 2), "resumed_from": checkpoint.name if checkpoint else None}
     summary.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     if trainer.is_world_process_zero():

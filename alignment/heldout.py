@@ -67,14 +67,16 @@ def split_pool(pool: Sequence[Any], size: int, safety_share: float | None, *, se
     drops every prompt that shares a user turn with a held-out one (duplicates across sources)."""
     heldout = draw(pool, size, safety_share, seed=seed) if size else []
     if size and len(heldout) < size:
-        raise ValueError(f"eval.heldout: asked for {size} held-out prompts but the prompt pool has only {len(heldout)} distinct ones")
+        raise ValueError(f"eval.heldout: asked for {size} held-out prompts but the prompt pool has only "
+                         f"{len(heldout)} distinct ones")
     held = {normalise(p.messages[-1]["content"]) for p in heldout}
     rest = [p for p in pool if not (user_turns(p.messages) & held)]
     return heldout, rest
 
 
 def sources_of(stage_dir: Path) -> list[Any]:
-    """The data sources a stage read, from its resolved ``config.yaml`` (``data.sources``; ``prompts.sources`` in RS configs saved before the rename)."""
+    """The data sources a stage read, from its resolved ``config.yaml`` (``data.sources``; ``prompts.sources`` in RS configs
+    saved before the rename)."""
     import yaml
 
     from data.loaders import DataSource
@@ -104,7 +106,8 @@ def check_disjoint(heldout: Sequence[Any], used: dict[str, list[set[str]]]) -> d
             for t in turns & held.keys():
                 leaks.append(f"{name}: {held[t].messages[-1]['content'][:70]!r}")
     if leaks:
-        raise HeldOutLeak(f"{len(leaks)} held-out prompts appear in data a stage trained or sampled on: " + "; ".join(sorted(set(leaks))[:5]))
+        raise HeldOutLeak(f"{len(leaks)} held-out prompts appear in data a stage trained or sampled on: "
+                          + "; ".join(sorted(set(leaks))[:5]))
     return {name: len(records) for name, records in used.items()}
 
 
@@ -120,9 +123,11 @@ def stage_usage(round_dirs: Sequence[Path], stages: Sequence[str]) -> dict[str, 
             if not (d / stage / "config.yaml").is_file():
                 continue
             for src in sources_of(d / stage):
-                key = json.dumps({k: v for k, v in vars(src).items() if k in ("path", "split", "subset", "format", "limit")}, sort_keys=True)
+                key = json.dumps({k: v for k, v in vars(src).items() if k in ("path", "split", "subset", "format", "limit")},
+                                 sort_keys=True)
                 if key not in cache:
-                    cache[key] = prompts_in(DataSource(path=src.path, split=src.split, subset=src.subset, format=src.format, limit=src.limit))
+                    cache[key] = prompts_in(DataSource(path=src.path, split=src.split, subset=src.subset,
+                                                       format=src.format, limit=src.limit))
                 used[f"{d.name}/{stage}: {src.path}"] = cache[key]
         pairs = d / "pairs.jsonl"
         if pairs.is_file():

@@ -64,12 +64,14 @@ class KTOConfig:
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig, doc="policy to optimise (and, frozen, the reference)")
     data: DPODataConfig = option(factory=DPODataConfig, doc="preference pairs, unpaired into desirable / undesirable answers")
-    train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-4), doc="optimisation (batch_size counts answers, >= 2 for the KL estimate)")
+    train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-4),
+                                doc="optimisation (batch_size counts answers, >= 2 for the KL estimate)")
     adapter: AdapterConfig = option(factory=AdapterConfig, doc="full fine-tuning or LoRA (reference = adapter disabled)")
     kto: KTOLossConfig = option(factory=KTOLossConfig, doc="beta, loss type, class weights")
 
     def __post_init__(self) -> None:
-        check(self.train.batch_size >= 2, "train.batch_size", f"KTO's KL estimate needs >= 2 answers per batch, got {self.train.batch_size}")
+        check(self.train.batch_size >= 2, "train.batch_size",
+              f"KTO's KL estimate needs >= 2 answers per batch, got {self.train.batch_size}")
         check(self.adapter.method in ("lora", "full"), "adapter.method", f"KTO trains lora or full, got {self.adapter.method!r}")
 
 
@@ -93,12 +95,15 @@ def build_trainer(cfg: KTOConfig, out: Path, train: list, val: list, logger: Met
 
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     model = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision,
-                           attn_implementation=cfg.model.attn_implementation, quantization_config=quantization_config(cfg.adapter))
+                           attn_implementation=cfg.model.attn_implementation,
+                           quantization_config=quantization_config(cfg.adapter))
     peft_cfg = peft_config(cfg.adapter, "CAUSAL_LM", tokenizer_path=resolve(cfg.model.name).path)
     ref_model = None
     if peft_cfg is None:  # full fine-tuning: a frozen copy, loaded the way the policy is
-        ref_model = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision).eval()
-    args = TRLKTOConfig(**trainer_kwargs(cfg.train, cfg.run, out, has_eval=True), max_length=cfg.train.max_length, beta=cfg.kto.beta,
+        ref_model = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
+                                   revision=cfg.model.revision).eval()
+    args = TRLKTOConfig(**trainer_kwargs(cfg.train, cfg.run, out, has_eval=True),
+                        max_length=cfg.train.max_length, beta=cfg.kto.beta,
                         loss_type=cfg.kto.loss_type, desirable_weight=cfg.kto.desirable_weight,
                         undesirable_weight=cfg.kto.undesirable_weight)
     return KTOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_cfg,

@@ -48,7 +48,8 @@ def _load(config: Path) -> dict:
     return data
 
 
-def launch_command(config: str | Path, argv: Sequence[str], nproc: int | None = None) -> tuple[list[str], dict[str, str], str | None]:
+def launch_command(config: str | Path, argv: Sequence[str],
+                   nproc: int | None = None) -> tuple[list[str], dict[str, str], str | None]:
     """(command, environment, temp config to delete) for running ``align <argv>`` under ``config``."""
     path = Path(config)
     data = _load(path)

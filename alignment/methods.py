@@ -35,13 +35,16 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rs", "alignment.rs", "rejection sampling: best-of-K by reward, pool of all rounds' best, SFT on the pool",
            "reward", "configs/rs.yaml", pool=True),
-    Method("ppo", "alignment.ppo", "PPO against the combined helpfulness/safety reward (own loop on Accelerate; LoRA, shared-weight critic)",
+    Method("ppo", "alignment.ppo",
+           "PPO against the combined helpfulness/safety reward (own loop on Accelerate; LoRA, shared-weight critic)",
            "reward", "configs/ppo.yaml"),
     Method("grpo", "alignment.grpo", "critic-free online RL with TRL (GRPO or RLOO) against the same combined reward",
            "reward", "configs/grpo.yaml"),
-    Method("dpo", "alignment.dpo", "direct preference optimisation on comparisons (TRL DPOTrainer), optional Llama 2 strength margin",
+    Method("dpo", "alignment.dpo",
+           "direct preference optimisation on comparisons (TRL DPOTrainer), optional Llama 2 strength margin",
            "comparisons", "configs/dpo.yaml"),
-    Method("kto", "alignment.kto", "Kahneman-Tversky optimisation on comparisons split into desirable / undesirable answers (TRL KTOTrainer)",
+    Method("kto", "alignment.kto",
+           "Kahneman-Tversky optimisation on comparisons split into desirable / undesirable answers (TRL KTOTrainer)",
            "comparisons", "configs/kto.yaml"),
 )}
 

@@ -68,10 +68,13 @@ CHATML_TEMPLATE = (
 class ModelConfig:
     """Which model to start from and how to load it."""
 
-    name: str = option(SMOLLM2, "smollm2-135m (embedded default), tiny-llama (random 2-layer, for tests), a local folder (checkpoint, adapter or stage output), or a Hub id")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "weights/compute dtype: auto = fp32 on CPU, bf16 on a GPU that supports it, else fp32")
+    name: str = option(SMOLLM2, "smollm2-135m (embedded default), tiny-llama (random 2-layer, for tests), a local folder "
+                                "(checkpoint, adapter or stage output), or a Hub id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "weights/compute dtype: auto = fp32 on CPU, bf16 "
+                                                                              "on a GPU that supports it, else fp32")
     device: str = option("auto", "auto, cpu, cuda or cuda:N (under accelerate launch the process's device is used)")
-    attn_implementation: str | None = option(None, "attention kernel passed to transformers (sdpa, eager, flash_attention_2); null = library default")
+    attn_implementation: str | None = option(None, "attention kernel passed to transformers (sdpa, eager, flash_attention_2); "
+                                                   "null = library default")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) when name is a Hub id")
 
     def __post_init__(self) -> None:
@@ -376,7 +379,8 @@ def load_causal_lm(
         if mergeable and (merge_adapter or not last):
             model = model.merge_and_unload()  # fold in: later adapters (and callers) see a plain model
         elif not last:
-            raise ValueError(f"{adapter}: a {PeftConfig.from_pretrained(adapter).peft_type.value} adapter cannot be merged, so nothing can be stacked on it")
+            raise ValueError(f"{adapter}: a {PeftConfig.from_pretrained(adapter).peft_type.value} adapter cannot be merged, so "
+                             "nothing can be stacked on it")
     if quantization_config is None:
         model.to(dev)
     return model

@@ -64,12 +64,16 @@ STAGE = "rs"
 class RSPromptsConfig:
     """Prompts to sample for, and the held-out share that measures the result."""
 
-    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")], doc="prompt datasets to mix (prompt files, or the prompt side of dialogue/preference data); see data.loaders.DataSource")
-    val_fraction: float = option(0.1, "share of prompts held out for the before/after evaluation (chosen by a hash of the prompt)")
+    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")],
+                                       doc="prompt datasets to mix (prompt files, or the prompt side of dialogue/preference "
+                                           "data); see data.loaders.DataSource")
+    val_fraction: float = option(0.1,
+                                 "share of prompts held out for the before/after evaluation (chosen by a hash of the prompt)")
 
     def __post_init__(self) -> None:
         check(bool(self.sources), "sources", "needs at least one data source")
-        check(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1): the held-out prompts measure the result, got {self.val_fraction}")
+        check(0 < self.val_fraction < 1, "val_fraction",
+              f"must be in (0, 1): the held-out prompts measure the result, got {self.val_fraction}")
 
 
 @dataclass
@@ -77,10 +81,12 @@ class SamplingConfig:
     """Best-of-K sampling."""
 
     num_samples: int = option(4, "K: responses sampled per prompt; the best one (by reward) is kept")
-    temperature: float = option(1.0, "sampling temperature (Llama 2: 1.2-1.3 best for K of 10-100; see benchmarks/rs_temperature.py for a 135M model)")
+    temperature: float = option(1.0, "sampling temperature (Llama 2: 1.2-1.3 best for K of 10-100; see "
+                                     "benchmarks/rs_temperature.py for a 135M model)")
     top_p: float = option(1.0, "nucleus sampling threshold (1 = off)")
     max_new_tokens: int = option(256, "length limit of each sampled response")
-    batch_size: int = option(16, "sequences per generate call: batch_size // K prompts with their K samples each (at least one prompt)")
+    batch_size: int = option(16, "sequences per generate call: batch_size // K prompts with their K samples "
+                                 "each (at least one prompt)")
     require_eos: bool = option(True, "only responses that end with the end-of-turn token (and are not empty) can be kept")
 
     def __post_init__(self) -> None:
@@ -96,7 +102,9 @@ class PoolConfig:
     """The pool of best samples kept across rounds."""
 
     round: int = option(1, "this round's number; its pool records are tagged with it")
-    previous: list[str] = option(factory=list, doc="earlier pool.jsonl files whose records are kept in this round's pool: the previous RS round's pool (it already holds every round before it); a record found in several files is kept once")
+    previous: list[str] = option(factory=list, doc="earlier pool.jsonl files whose records are kept in this round's pool: the "
+                                                   "previous RS round's pool (it already holds every round before it); a record "
+                                                   "found in several files is kept once")
 
     def __post_init__(self) -> None:
         check(self.round >= 1, "round", f"must be >= 1, got {self.round}")
@@ -114,7 +122,8 @@ class RSEvalConfig:
     def __post_init__(self) -> None:
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
-        check(self.samples == 1 or self.temperature > 0, "samples", "several responses per prompt need temperature > 0 (greedy gives one)")
+        check(self.samples == 1 or self.temperature > 0, "samples",
+              "several responses per prompt need temperature > 0 (greedy gives one)")
         check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
 
 
@@ -196,7 +205,8 @@ def pool_record(prompt: PromptRecord, response: str, reward: float, round_: int,
 # reward
 
 
-def score(scorer: Any, prompts: Sequence[Sequence[Message]], responses: Sequence[str], is_safety: Sequence[bool]) -> dict[str, list[float]]:
+def score(scorer: Any, prompts: Sequence[Sequence[Message]], responses: Sequence[str],
+          is_safety: Sequence[bool]) -> dict[str, list[float]]:
     """{"reward": [B]} plus "helpful" and "safety" [B] when the scorer combines two reward models."""
     if hasattr(scorer, "score_detailed"):
         detail = scorer.score_detailed(prompts, responses, is_safety=list(is_safety))
@@ -221,7 +231,8 @@ def load_prompts(cfg: RSPromptsConfig, seed: int) -> tuple[list[PromptRecord], l
             prompts.append(p)
     train, val, _ = split(prompts, val_fraction=cfg.val_fraction, seed=seed, at_least_one_val=True)
     if not train or not val:
-        raise ValueError(f"{len(prompts)} prompts give {len(train)} for sampling and {len(val)} held out; add prompts or change data.val_fraction")
+        raise ValueError(f"{len(prompts)} prompts give {len(train)} for sampling and {len(val)} held out; add prompts or "
+                         "change data.val_fraction")
     return train, val
 
 
@@ -237,7 +248,8 @@ def evaluate(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[PromptRe
     n = len(texts)
     result: dict[str, Any] = {f"mean_{k}": sum(v) / n for k, v in scores.items()}
     result.update(n=n, finished=sum(g.finished for g in gens) / n, mean_tokens=sum(len(g.response_ids) for g in gens) / n)
-    result["responses"] = [{"prompt": c, "response": t, **{k: v[i] for k, v in scores.items()}} for i, (c, t) in enumerate(zip(convs, texts))]
+    result["responses"] = [{"prompt": c, "response": t, **{k: v[i] for k, v in scores.items()}}
+                           for i, (c, t) in enumerate(zip(convs, texts))]
     return result
 
 
@@ -303,10 +315,12 @@ def sample_round(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[Prom
             eligible = [bool(s["response"].strip()) and (s["finished"] or not cfg.require_eos) for s in sampled]
             samples.append({"key": prompt_key(p.messages), "id": p.id, "prompt": p.messages, "category": p.category,
                             "samples": sampled, "best": best_of([s["reward"] for s in sampled], eligible)})
-        log.info("sampled %d / %d prompts (%.1f new tokens/s)", start + len(chunk), len(pending), new_tokens / max(time.time() - t0, 1e-9))
+        log.info("sampled %d / %d prompts (%.1f new tokens/s)", start + len(chunk), len(pending),
+                 new_tokens / max(time.time() - t0, 1e-9))
     seconds = time.time() - t0
     return {"prompts_sampled": len(pending), "prompts_already_done": len(prompts) - len(pending),
-            "sampling_seconds": round(seconds, 2), "sampling_tokens_per_second": round(new_tokens / seconds, 2) if seconds > 0 else None}
+            "sampling_seconds": round(seconds, 2),
+            "sampling_tokens_per_second": round(new_tokens / seconds, 2) if seconds > 0 else None}
 
 
 def read_pool(path: str) -> list[dict]:
@@ -375,7 +389,8 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
     keys = {prompt_key(p.messages) for p in train_prompts}
     this_round = [r for r in samples.records if r["key"] in keys]
     new = [pool_record(PromptRecord(r["prompt"], r["category"], r["id"]), r["samples"][r["best"]]["response"],
-                       r["samples"][r["best"]]["reward"], cfg.pool.round, temperature=cfg.sampling.temperature, model=cfg.model.name)
+                       r["samples"][r["best"]]["reward"], cfg.pool.round,
+                       temperature=cfg.sampling.temperature, model=cfg.model.name)
            for r in this_round if r["best"] is not None]
     if not pool_path.is_file():
         write_jsonl(pool_path, merge_pools(earlier, new))
@@ -425,8 +440,8 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
             "pool_by_round": _count_by_round(pool_path), "sft_train_loss": mean_logged_loss(trainer.state.log_history),
             "sft_global_step": trainer.state.global_step, "resumed_from": checkpoint.name if checkpoint else None,
             "reward_before": before["mean_reward"], "reward_after": after["mean_reward"],
-            **{f"eval_before_{k}": v for k, v in brief(before).items()}, **{f"eval_after_{k}": v for k, v in brief(after).items()},
-            **timings, **model_summary(trainer.model),
+            **{f"eval_before_{k}": v for k, v in brief(before).items()},
+            **{f"eval_after_{k}": v for k, v in brief(after).items()}, **timings, **model_summary(trainer.model),
         })
         log.info("RS done: %s", out)
     logger.close()

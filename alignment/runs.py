@@ -38,12 +38,14 @@ class RunConfig:
     root: str = option("runs", "folder holding all runs")
     output_dir: str | None = option(None, "write this stage's outputs exactly here instead of <root>/<name>/<stage>")
     seed: int = option(42, "random seed for data order, initialisation and sampling")
-    wandb: Literal["offline", "online", "disabled"] = option("offline", "Weights & Biases mode: offline needs no account or network (files under <output>/wandb)")
+    wandb: Literal["offline", "online", "disabled"] = option("offline", "Weights & Biases mode: offline needs no account or "
+                                                                        "network (files under <output>/wandb)")
     wandb_project: str = option("align", "W&B project name")
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "logging verbosity")
 
     def __post_init__(self) -> None:
-        check(bool(self.name.strip()) and "/" not in self.name, "name", f"must be a non-empty folder name without '/', got {self.name!r}")
+        check(bool(self.name.strip()) and "/" not in self.name, "name",
+              f"must be a non-empty folder name without '/', got {self.name!r}")
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.output_dir) if self.output_dir else Path(self.root) / self.name / stage

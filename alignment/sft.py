@@ -43,7 +43,8 @@ STAGE = "sft"
 class SFTDataConfig:
     """Training dialogues."""
 
-    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:sft")], doc="datasets to mix (path, format, weight, ...); see data.loaders.DataSource")
+    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:sft")],
+                                       doc="datasets to mix (path, format, weight, ...); see data.loaders.DataSource")
     val_fraction: float = option(0.1, "share of dialogues held out for validation (chosen by a hash of the prompt)")
     sample_prompts: int = option(4, "after training, generate answers to this many validation prompts into samples.jsonl")
     sample_max_new_tokens: int = option(96, "length limit of those sample answers")
@@ -65,7 +66,8 @@ class SFTConfig:
     adapter: AdapterConfig = option(factory=AdapterConfig, doc="full fine-tuning, LoRA, QLoRA or prompt tuning")
     assistant_only_loss: bool = option(True, "compute the loss on assistant turns only (Llama 2); false = whole dialogue")
     packing: bool = option(False, "pack several dialogues into each max_length sequence (faster on many short examples)")
-    token_metrics: bool = option(False, "log TRL's per-step entropy and token accuracy; they go through its chunked LM head, ~25% slower steps on CPU (benchmarks/overhead.py)")
+    token_metrics: bool = option(False, "log TRL's per-step entropy and token accuracy; they go through its chunked LM head, "
+                                        "~25% slower steps on CPU (benchmarks/overhead.py)")
 
 
 Config = SFTConfig
@@ -192,7 +194,8 @@ def main(cfg: SFTConfig, *, resume: bool = False) -> Path:
         if cfg.adapter.method != "full":
             set_adapter_base(model_dir, cfg.model.name)
         if val and cfg.data.sample_prompts:
-            _write_samples(out, trainer.model, tokenizer, val[: cfg.data.sample_prompts], cfg.data.sample_max_new_tokens, generate)
+            _write_samples(out, trainer.model, tokenizer, val[: cfg.data.sample_prompts],
+                           cfg.data.sample_max_new_tokens, generate)
         logger.summary(summary)
         log.info("SFT done: %s (eval loss %s)", out, summary.get("eval_loss"))
     logger.close()

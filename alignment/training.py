@@ -31,7 +31,8 @@ class TrainConfig:
     batch_size: int = option(4, "micro-batch size per device")
     grad_accum: int = option(1, "micro-batches per optimiser step (global batch = batch_size x grad_accum x processes)")
     lr: float = option(2e-5, "peak learning rate")
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option("cosine", "learning-rate schedule after warm-up")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option("cosine",
+                                                                                           "learning-rate schedule after warm-up")
     min_lr_ratio: float = option(0.0, "cosine schedule floor as a fraction of lr (Llama 2 RMs: 0.1)")
     warmup_ratio: float = option(0.03, "fraction of steps spent warming up linearly")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -44,8 +45,10 @@ class TrainConfig:
     eval_steps: int | None = option(None, "evaluate on the validation split every N steps; null = at the end only")
     save_steps: int = option(50, "write a checkpoint every N steps (for --resume)")
     save_total_limit: int = option(2, "keep at most this many checkpoints")
-    gradient_checkpointing: bool | None = option(None, "recompute activations in backward to save memory; null = on for GPUs, off on CPU (faster there)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "mixed precision: auto = fp32 on CPU, bf16 on GPUs that support it")
+    gradient_checkpointing: bool | None = option(None, "recompute activations in backward to save memory; null = on for GPUs, "
+                                                       "off on CPU (faster there)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "mixed precision: auto = fp32 on CPU, bf16 "
+                                                                        "on GPUs that support it")
     dataloader_workers: int = option(0, "data-loader worker processes")
 
     def __post_init__(self) -> None:

@@ -83,7 +83,8 @@ def _rm_real(argv: list[str]) -> dict:
     return rm_real.main(argv)
 
 
-PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo, "defaults": _defaults, "scaling": _scaling,
+PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo,
+                                                 "defaults": _defaults, "scaling": _scaling,
                                                    "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real}
 LONG = ("alignment", "rm_real")  # an hour or more each: run by name only, never in the all-parts run
 
@@ -93,7 +94,8 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
     if name == "overhead":
         return [["overhead", f"{x['stage']} {x['adapter']} step, ours / hand loop", x["ratio"], "<= 1.10"] for x in r["rows"]]
     if name == "mfu":
-        return [["mfu", f"SFT full, {x['loop']}: tokens/s, MFU", f"{x['tokens_per_s']:.0f}, {100 * x['mfu']:.0f}%", "vs fp32 matmul"]
+        return [["mfu", f"SFT full, {x['loop']}: tokens/s, MFU",
+                 f"{x['tokens_per_s']:.0f}, {100 * x['mfu']:.0f}%", "vs fp32 matmul"]
                 for x in r["rows"]]
     if name == "ppo":
         med = r["iteration"]["median"]
@@ -117,9 +119,10 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
         w = t["winrate_vs_sft"]
         return [["alignment", "final round vs SFT, gold-judge win rate [95% CI]",
                  f"{100 * w['value']:.1f}% [{100 * w['ci'][0]:.1f}, {100 * w['ci'][1]:.1f}] n={w['n']}", ">= 65%, CI > 50%"],
-                ["alignment", "ToxiGen % toxic, final / SFT", f"{t['toxigen_not_worse']['value']:.1f} / {t['toxigen_not_worse']['sft']:.1f}", "not worse"],
-                ["alignment", "TruthfulQA MC2, final / SFT", f"{100 * t['truthfulqa_mc2']['value']:.1f} / {100 * t['truthfulqa_mc2']['sft']:.1f}",
-                 "within 2 points"],
+                ["alignment", "ToxiGen % toxic, final / SFT",
+                 f"{t['toxigen_not_worse']['value']:.1f} / {t['toxigen_not_worse']['sft']:.1f}", "not worse"],
+                ["alignment", "TruthfulQA MC2, final / SFT",
+                 f"{100 * t['truthfulqa_mc2']['value']:.1f} / {100 * t['truthfulqa_mc2']['sft']:.1f}", "within 2 points"],
                 ["alignment", "minutes (3 rounds)", t["time"]["minutes"], "<= 90"]]
     if name == "rm_real":
         if r.get("skipped"):
@@ -129,8 +132,8 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
     if name == "gpu":
         if r.get("skipped"):
             return [["gpu", "skipped", r["skipped"], ""]]
-        return [["gpu", f"SFT {x['sft']} bf16: tokens/s, MFU, peak GiB", f"{x['tokens_per_s']:.0f}, {100 * x['mfu']:.0f}%, {x['peak_cuda_gib']:.1f}",
-                 r["gpu"]] for x in r["sft"]]
+        return [["gpu", f"SFT {x['sft']} bf16: tokens/s, MFU, peak GiB",
+                 f"{x['tokens_per_s']:.0f}, {100 * x['mfu']:.0f}%, {x['peak_cuda_gib']:.1f}", r["gpu"]] for x in r["sft"]]
     return []
 
 

@@ -204,7 +204,8 @@ def phase(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     names = [f"annotator{i:02d}" for i in range(args.annotators)]
     for n in names:
         store.add_user(n, password=PASSWORD)
-    store.queue(1, [{"id": f"t{i}", "prompt": f"Question number {i}: how should I do this?", "response_a": f"Answer A to {i}. " * 20,
+    store.queue(1, [{"id": f"t{i}", "prompt": f"Question number {i}: how should I do this?",
+                     "response_a": f"Answer A to {i}. " * 20,
                      "response_b": f"Answer B to {i}. " * 15} for i in range(args.tasks)],
                 overlap=args.overlap, overlap_labels=3)
     store.close()
@@ -257,8 +258,8 @@ def phase(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         errors += d["errors"]
     timed = [a for a in acks if a["at"] <= end]  # a submit finishing after the stop is checked, not timed
     report = {"phase": name, "think_s": think, "login_all_s": round(login_s, 1), **summarize(timed, start, end),
-              "server_cpu_s": round(server_cpu, 1), "server_cpu_ms_per_submission": round(1000 * server_cpu / max(1, len(timed)), 1),
-              "client_errors": len(errors),
+              "server_cpu_s": round(server_cpu, 1),
+              "server_cpu_ms_per_submission": round(1000 * server_cpu / max(1, len(timed)), 1), "client_errors": len(errors),
               "error_examples": sorted({e["error"] for e in errors})[:5], "kills": kills, "check": verify(db, acks)}
     if kills:
         # throughput while the server was up, and the latency outside the outage
@@ -279,7 +280,8 @@ def store_phase(args: argparse.Namespace, workdir: Path) -> dict:
     names = [f"annotator{i:02d}" for i in range(args.annotators)]
     for n in names:
         store.add_user(n, kind="simulated")
-    store.queue(1, [{"id": f"t{i}", "prompt": f"Question number {i}: how should I do this?", "response_a": f"Answer A to {i}. " * 20,
+    store.queue(1, [{"id": f"t{i}", "prompt": f"Question number {i}: how should I do this?",
+                     "response_a": f"Answer A to {i}. " * 20,
                      "response_b": f"Answer B to {i}. " * 15} for i in range(args.tasks)], overlap=args.overlap, overlap_labels=3)
     acks: list[dict] = []
     stop = threading.Event()
@@ -292,7 +294,8 @@ def store_phase(args: argparse.Namespace, workdir: Path) -> dict:
         while task is not None and not stop.is_set():
             t0 = time.perf_counter()
             t = store.task_for(task.token, name)
-            res = store.submit(t.token, name, Judgement(chosen=t.true_choice(rng.choice(["left", "right"])), strength="better", safe_a=True, safe_b=True))
+            res = store.submit(t.token, name, Judgement(chosen=t.true_choice(rng.choice(["left", "right"])), strength="better",
+                                                        safe_a=True, safe_b=True))
             task = store.next_task(name)
             store.progress(name, max_age=2.0)
             acks.append({"user": name, "token": t.token, "label_id": res.label_id, "latency": time.perf_counter() - t0,
@@ -312,8 +315,8 @@ def store_phase(args: argparse.Namespace, workdir: Path) -> dict:
         t.join()
     store.close()
     timed = [a for a in acks if a["at"] <= end]
-    return {"phase": "store", **summarize(timed, start, end), "process_cpu_ms_per_submission": round(1000 * cpu / max(1, len(timed)), 1),
-            "check": verify(db, acks)}
+    return {"phase": "store", **summarize(timed, start, end),
+            "process_cpu_ms_per_submission": round(1000 * cpu / max(1, len(timed)), 1), "check": verify(db, acks)}
 
 
 def main() -> int:
@@ -339,7 +342,8 @@ def main() -> int:
             rep = store_phase(args, Path(tmp)) if name == "store" else phase(name, args, Path(tmp))
             print(json.dumps(rep, indent=2), flush=True)
             reports.append(rep)
-    meta = {"annotators": args.annotators, "duration_s": args.duration, "tasks": args.tasks, "sqlite_synchronous": args.sqlite_synchronous,
+    meta = {"annotators": args.annotators, "duration_s": args.duration, "tasks": args.tasks,
+            "sqlite_synchronous": args.sqlite_synchronous,
             "concurrency": args.concurrency, "machine": host, "note": "server, clients and database share the machine"}
     report = {"config": meta, "phases": reports}
     if args.out:

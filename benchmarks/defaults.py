@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["vs_default"] = r["median_s"] / base
     fastest = min(rows, key=lambda r: r["median_s"])
     default = TrainConfig()
-    resolved = {"precision": precision_flags(default.precision), "gradient_checkpointing": on_gpu() if default.gradient_checkpointing is None
+    resolved = {"precision": precision_flags(default.precision),
+                "gradient_checkpointing": on_gpu() if default.gradient_checkpointing is None
                 else default.gradient_checkpointing}
     print(table([[r["setting"], r["median_s"], r["vs_default"]] for r in rows], ["SFT-LoRA step", "s/step", "vs default"]))
     print(f"defaults resolve to {resolved}; fastest: {fastest['setting']}")

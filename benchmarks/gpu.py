@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from benchmarks.common import table
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
@@ -69,15 +70,16 @@ def main(argv: list[str] | None = None) -> dict:
         tokens_per_s = math.prod(r["input_shape"]) / r["median_s"]
         rows.append({"sft": "full" if full else "lora", "dtype": str(r["cfg"].model.dtype), "precision": r["cfg"].train.precision,
                      "input_shape": r["input_shape"], "median_step_s": r["median_s"], "tokens_per_s": tokens_per_s,
-                     "mfu": tokens_per_s * fl["flops_per_token"] / peak, "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30})
+                     "mfu": tokens_per_s * fl["flops_per_token"] / peak,
+                     "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30})
     print(table([[x["sft"], x["tokens_per_s"], f"{100 * x['mfu']:.1f}%", x["peak_cuda_gib"]] for x in rows],
                 ["SFT (bf16)", "tokens/s", "MFU", "peak GiB"]))
     print(f"bf16 matmul: {peak / 1e12:.1f} TFLOP/s")
     torch.cuda.empty_cache()
     ppo = ppo_iterations(a.ppo_iterations, a.ppo_batch, a.new_tokens, extra=["model.device=cuda"])
     med = ppo["median"]
-    print(table([[k.split("/")[1], med[k], med[k] / med["time/iteration"]] for k in PHASES] + [["iteration", med["time/iteration"], 1.0]],
-                ["PPO phase (GPU)", "seconds", "share"]))
+    print(table([[k.split("/")[1], med[k], med[k] / med["time/iteration"]] for k in PHASES]
+                + [["iteration", med["time/iteration"], 1.0]], ["PPO phase (GPU)", "seconds", "share"]))
     return {"args": vars(a), "gpu": torch.cuda.get_device_name(0), "matmul_bf16_tflops": peak / 1e12, "flops": fl,
             "sft": rows, "ppo": ppo}
 

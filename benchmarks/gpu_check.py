@@ -50,7 +50,8 @@ CAPS = {"env": 60, "models": 120, "sft": 120, "ppo": 150, "ppo_ddp": 150, "dpo_d
 ENV_PROBE = """
 import json, platform, torch, transformers, trl, peft, accelerate
 info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__,
+        "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__, \
+"accelerate": accelerate.__version__,
         "cuda_available": torch.cuda.is_available(), "nccl": torch.distributed.is_nccl_available()}
 if torch.cuda.is_available():
     info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported(),
@@ -85,11 +86,13 @@ def plan(device: str, work: Path) -> dict[str, dict[str, Any]]:
            f"train.max_steps={4 if cpu else 30}", f"train.batch_size={2 if cpu else 8}", f"train.lr={1e-3 if cpu else 2e-4}"]
     ppo = ["ppo", "--config", "configs/ppo.yaml", *common, "reward.helpful=null", "reward.safety=null", "critic.init=policy",
            "reward.function=alignment.rl.rule_rewards:target_length", "reward.function_kwargs={target: 40}",
-           f"train.max_steps={2 if cpu else 4}", f"ppo.rollout_batch_size={4 if cpu else 32}", f"ppo.minibatch_size={4 if cpu else 16}",
-           f"ppo.micro_batch_size={4 if cpu else 16}", f"sampling.max_new_tokens={8 if cpu else 64}", f"sampling.batch_size={4 if cpu else 32}",
-           "eval.every=0", "eval.max_prompts=4", "eval.keep_best=false"]
+           f"train.max_steps={2 if cpu else 4}", f"ppo.rollout_batch_size={4 if cpu else 32}",
+           f"ppo.minibatch_size={4 if cpu else 16}",
+           f"ppo.micro_batch_size={4 if cpu else 16}", f"sampling.max_new_tokens={8 if cpu else 64}",
+           f"sampling.batch_size={4 if cpu else 32}", "eval.every=0", "eval.max_prompts=4", "eval.keep_best=false"]
     dpo = ["dpo", "--config", "configs/dpo.yaml", *common, "train.precision=bf16", "train.grad_accum=1", "train.warmup_ratio=0",
-           "train.logging_steps=1", f"train.max_steps={2 if cpu else 10}", f"train.batch_size={2 if cpu else 8}", "data.val_fraction=0.1",
+           "train.logging_steps=1", f"train.max_steps={2 if cpu else 10}",
+           f"train.batch_size={2 if cpu else 8}", "data.val_fraction=0.1",
            "train.max_length=256", "train.eval_steps=1000", "train.save_steps=1000"]
     ddp = ["--launch", "configs/accelerate/ddp.yaml", "--nproc", "1"]
     align = [py, "-m", "alignment.cli"]
@@ -99,15 +102,20 @@ def plan(device: str, work: Path) -> dict[str, dict[str, Any]]:
         "env": {"cmd": [py, "-c", ENV_PROBE]},
         "models": {"cmd": [py, "-c", "from alignment.models import builtin_path as b; print(b('tiny-llama')); "
                                    + ("" if cpu else "print(b('smollm2-135m'))")]},
-        "sft": {"cmd": [*align, *sft, f"run.root={work / 'sft'}"], "out": work / "sft" / "default" / "sft", "batch": 2 if cpu else 8},
+        "sft": {"cmd": [*align, *sft, f"run.root={work / 'sft'}"], "out": work / "sft" / "default" / "sft",
+                "batch": 2 if cpu else 8},
         "ppo": {"cmd": [*align, *ppo, f"run.root={work / 'ppo'}"], "out": work / "ppo" / "default" / "ppo"},
-        "ppo_ddp": {"cmd": [*align, *ppo, "train.max_steps=2", f"run.root={work / 'ppo_ddp'}", *ddp], "out": work / "ppo_ddp" / "default" / "ppo"},
+        "ppo_ddp": {"cmd": [*align, *ppo, "train.max_steps=2", f"run.root={work / 'ppo_ddp'}", *ddp],
+                    "out": work / "ppo_ddp" / "default" / "ppo"},
         "dpo_ddp": {"cmd": [*align, *dpo, f"run.root={work / 'dpo_ddp'}", *ddp], "out": work / "dpo_ddp" / "default" / "dpo"},
-        "pytest_gpu": {"cmd": [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"], "env": pytest_env},
-        "bench": {"cmd": [py, "-m", "benchmarks", "gpu", "--steps", "5", "--batch", "8", "--seq-len", "512", "--ppo-iterations", "2",
+        "pytest_gpu": {"cmd": [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"],
+                       "env": pytest_env},
+        "bench": {"cmd": [py, "-m", "benchmarks", "gpu", "--steps", "5", "--batch", "8", "--seq-len",
+                          "512", "--ppo-iterations", "2",
                           "--ppo-batch", "16", "--new-tokens", "64"], "result": REPO / "benchmarks" / "results" / "gpu.json"},
         "model_0p5b": {"cmd": [py, "-c", BUILD_0P5B, big], "then": [
-            [*align, "sft", "--config", "configs/sft.yaml", *[c if not c.startswith("model.name=") else f"model.name={big}" for c in common],
+            [*align, "sft", "--config", "configs/sft.yaml",
+             *[c if not c.startswith("model.name=") else f"model.name={big}" for c in common],
              "train.precision=bf16", "adapter.method=full", "train.grad_accum=1", "train.warmup_ratio=0", "train.logging_steps=1",
              "data.sample_prompts=0", "data.val_fraction=0", "train.max_steps=10", "train.batch_size=8", "train.lr=1e-4",
              "train.max_length=512", f"run.root={work / 'sft_0p5b'}"],
@@ -136,8 +144,10 @@ def check_sft(out: Path, batch: int | None = None) -> dict[str, Any]:
     k = max(1, len(losses) // 4)
     ok = bool(losses) and all(math.isfinite(x) for x in losses) and (out / "model").is_dir()
     return {"ok": ok, "steps": len(losses), "loss_first": sum(losses[:k]) / k if losses else None,
-            "loss_last": sum(losses[-k:]) / k if losses else None, "loss_falls": bool(losses) and sum(losses[-k:]) < sum(losses[:k]),
-            "train_seconds": s.get("train_seconds"), "params_total": s.get("params_total"), "peak_cuda_gb": s.get("perf/peak_cuda_gb"),
+            "loss_last": sum(losses[-k:]) / k if losses else None,
+            "loss_falls": bool(losses) and sum(losses[-k:]) < sum(losses[:k]),
+            "train_seconds": s.get("train_seconds"), "params_total": s.get("params_total"),
+            "peak_cuda_gb": s.get("perf/peak_cuda_gb"),
             "sequences_per_s": round(len(losses) * batch / s["train_seconds"], 2) if batch and s.get("train_seconds") else None}
 
 
@@ -150,7 +160,8 @@ def check_ppo(out: Path) -> dict[str, Any]:
             "reward_last": rows[-1]["reward/combined"] if rows else None,
             "tokens_per_s": rows[-1].get("perf/tokens_per_s") if rows else None,
             "gen_tokens_per_s": rows[-1].get("perf/gen_tokens_per_s") if rows else None,
-            "seconds_per_iteration": s.get("seconds_per_iteration"), "peak_cuda_gb": s.get("perf/peak_cuda_gb"), "launch": s.get("launch")}
+            "seconds_per_iteration": s.get("seconds_per_iteration"), "peak_cuda_gb": s.get("perf/peak_cuda_gb"),
+            "launch": s.get("launch")}
 
 
 def check_dpo(out: Path) -> dict[str, Any]:
@@ -176,7 +187,8 @@ def run_step(name: str, spec: dict[str, Any], limit: float, device: str) -> dict
                           tail=tail.decode(errors="replace") if isinstance(tail, bytes) else tail)
             return result
         if proc.returncode != 0:
-            result.update(status="failed", rc=proc.returncode, seconds=round(time.time() - t0, 1), tail=(proc.stdout + proc.stderr)[-3000:])
+            result.update(status="failed", rc=proc.returncode, seconds=round(time.time() - t0, 1),
+                          tail=(proc.stdout + proc.stderr)[-3000:])
             return result
         result.setdefault("stdout", proc.stdout[-2000:])
     result["seconds"] = round(time.time() - t0, 1)
@@ -218,13 +230,17 @@ def proc_first_line(result: dict) -> str:
 
 
 def default_out() -> Path:
-    return Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else REPO / "benchmarks" / "results" / "gpu_check.json"
+    return (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT")
+            else REPO / "benchmarks" / "results" / "gpu_check.json")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, default=float(os.environ.get("ALIGN_GPU_CHECK_BUDGET", 450)), help="seconds for all steps")
-    p.add_argument("--out", type=Path, default=None, help="the JSON (default: $OUT/gpu_check.json, else benchmarks/results/gpu_check.json)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=float(os.environ.get("ALIGN_GPU_CHECK_BUDGET", 450)),
+                   help="seconds for all steps")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the JSON (default: $OUT/gpu_check.json, else benchmarks/results/gpu_check.json)")
     p.add_argument("--only", default="", help="comma-separated steps to run (default: all)")
     p.add_argument("--skip", default="", help="comma-separated steps to leave out")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: check this script on a machine without a GPU")
@@ -240,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = plan(a.device, work)
     started = time.time()
     report: dict[str, Any] = {"check": "gpu", "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                              "command": " ".join(["python -m benchmarks.gpu_check", *(argv if argv is not None else sys.argv[1:])]),
-                              "device": a.device, "budget_s": a.budget, "install_seconds": _float(os.environ.get("ALIGN_INSTALL_SECONDS")),
-                              "work": str(work), "steps": {}}
+                              "command": " ".join(["python -m benchmarks.gpu_check",
+                                                   *(argv if argv is not None else sys.argv[1:])]),
+                              "device": a.device, "budget_s": a.budget,
+                              "install_seconds": _float(os.environ.get("ALIGN_INSTALL_SECONDS")), "work": str(work), "steps": {}}
     for name in STEPS:
         if (only and name not in only) or name in skip:
             report["steps"][name] = {"status": "skipped", "reason": "not selected"}
@@ -252,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             report["steps"][name] = {"status": "planned", "cmd": " ".join(str(c) for c in spec["cmd"]),
                                      "then": [" ".join(str(c) for c in t) for t in spec.get("then", [])], "cap_s": CAPS[name]}
             continue
-        if a.device == "cuda" and name != "env" and not report["steps"].get("env", {}).get("metrics", {}).get("cuda_available", False):
+        if a.device == "cuda" and name != "env" and not report["steps"].get("env", {}).get("metrics",
+                                                                                           {}).get("cuda_available", False):
             report["steps"][name] = {"status": "skipped", "reason": "no CUDA GPU (see the env step)"}
             continue
         left = a.budget - (time.time() - started)

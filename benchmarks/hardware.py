@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    out = {"fp32_matmul_gflops": matmul_flops(dtype="float32") / 1e9, "bf16_matmul_gflops": matmul_flops(n=512, dtype="bfloat16", repeats=3) / 1e9}
-    print(json.dumps(out) if a.json else f"fp32 {out['fp32_matmul_gflops']:.0f} GFLOP/s, bf16 {out['bf16_matmul_gflops']:.0f} GFLOP/s")
+    out = {"fp32_matmul_gflops": matmul_flops(dtype="float32") / 1e9,
+           "bf16_matmul_gflops": matmul_flops(n=512, dtype="bfloat16", repeats=3) / 1e9}
+    print(json.dumps(out) if a.json
+          else f"fp32 {out['fp32_matmul_gflops']:.0f} GFLOP/s, bf16 {out['bf16_matmul_gflops']:.0f} GFLOP/s")
     return out
 
 

@@ -32,7 +32,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
-WORDS = ["the", "river", "bends", "past", "the", "old", "mill", "where", "children", "count", "stones", "and", "the", "baker", "sings", "about", "bread", "while", "clouds", "drift"]
+WORDS = ["the", "river", "bends", "past", "the", "old", "mill", "where", "children", "count", "stones", "and", "the", "baker",
+         "sings", "about", "bread", "while", "clouds", "drift"]
 
 
 def long_text(i: int, n_words: int = 220) -> str:
@@ -48,8 +49,8 @@ def sft_examples(n: int) -> list:
 def comparisons(n: int, offset: int = 0) -> list:
     from data.schemas import Comparison
 
-    return [Comparison(prompt=[{"role": "user", "content": f"Tell story {i}."}], response_a=long_text(i), response_b=long_text(i + 1000),
-                       chosen="A") for i in range(offset, offset + n)]
+    return [Comparison(prompt=[{"role": "user", "content": f"Tell story {i}."}], response_a=long_text(i),
+                       response_b=long_text(i + 1000), chosen="A") for i in range(offset, offset + n)]
 
 
 def _overrides(root: str, steps: int, batch: int, seq_len: int, full: bool, extra: list[str]) -> list[str]:
@@ -58,7 +59,8 @@ def _overrides(root: str, steps: int, batch: int, seq_len: int, full: bool, extr
             "train.warmup_ratio=0", *(["adapter.method=full"] if full else []), *extra]
 
 
-def build_stage_trainer(stage: str, root: str, steps: int, batch: int, seq_len: int, full: bool, extra: list[str]) -> tuple[Any, Any]:
+def build_stage_trainer(stage: str, root: str, steps: int, batch: int, seq_len: int, full: bool,
+                        extra: list[str]) -> tuple[Any, Any]:
     """(trainer, cfg) for ``stage`` in sft/rm/dpo, built by the stage's own build_trainer."""
     from alignment.config import load_config
 
@@ -172,7 +174,8 @@ def time_hand(stage: str, cfg: Any, batch: dict, steps: int) -> dict:
     return {"median_s": statistics.median(times), "times": [round(t, 3) for t in times]}
 
 
-def compare(stage: str, steps: int, batch: int, seq_len: int, rounds: int, full: bool = False, extra: list[str] | None = None) -> dict:
+def compare(stage: str, steps: int, batch: int, seq_len: int, rounds: int, full: bool = False,
+            extra: list[str] | None = None) -> dict:
     ours, hand = [], []
     shape = None
     for _ in range(rounds):
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of the configs' LoRA")
     a = p.parse_args(argv)
     rows = [compare(s, a.steps, a.batch, a.seq_len, a.rounds, a.full) for s in a.stages.split(",")]
-    print(table([[r["stage"], r["adapter"], "x".join(map(str, r["input_shape"])), r["hand_s"], r["ours_s"], r["ratio"]] for r in rows],
+    print(table([[r["stage"], r["adapter"], "x".join(map(str, r["input_shape"])), r["hand_s"], r["ours_s"], r["ratio"]]
+                 for r in rows],
                 ["stage", "adapter", "batch", "hand s/step", "ours s/step", "ours/hand"]))
     return {"args": vars(a), "rows": rows}
 

@@ -64,7 +64,8 @@ def child_ppo(a: argparse.Namespace, root: str) -> dict:
     from alignment.ppo import PPOConfig, main
     from alignment.runs import read_metrics
 
-    reward = ([f"reward.helpful={a.rm_helpful}", f"reward.safety={a.rm_safety or 'null'}", "critic.init=reward_model"] if a.rm_helpful
+    reward = ([f"reward.helpful={a.rm_helpful}", f"reward.safety={a.rm_safety or 'null'}", "critic.init=reward_model"]
+              if a.rm_helpful
               else ["reward.helpful=null", "reward.safety=null", "critic.init=policy",
                     "reward.function=alignment.rl.rule_rewards:target_length"])
     cfg = load_config(PPOConfig, REPO / "configs/ppo.yaml", [
@@ -84,8 +85,8 @@ def child_ppo(a: argparse.Namespace, root: str) -> dict:
 
 
 def run_child(kind: str, argv: list[str]) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child", kind, *argv], check=False, cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "WANDB_MODE": "disabled"})
+    res = subprocess.run([sys.executable, __file__, "--child", kind, *argv], check=False, cwd=REPO,
+                         capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     if res.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -108,7 +109,8 @@ def main() -> None:
             result = (child_sft if a.child == "sft" else child_ppo)(a, root)
         print(json.dumps(result))
         return
-    argv = [f"--model={a.model}", f"--batch={a.batch}", f"--seq-len={a.seq_len}", f"--new-tokens={a.new_tokens}", f"--steps={a.steps}"]
+    argv = [f"--model={a.model}", f"--batch={a.batch}", f"--seq-len={a.seq_len}",
+            f"--new-tokens={a.new_tokens}", f"--steps={a.steps}"]
     argv += [f"--rm-helpful={a.rm_helpful}"] if a.rm_helpful else []
     argv += [f"--rm-safety={a.rm_safety}"] if a.rm_safety else []
     sft = run_child("sft", argv)

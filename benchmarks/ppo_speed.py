@@ -52,10 +52,12 @@ def ppo_iterations(iterations: int, batch: int, new_tokens: int, extra: list[str
         out = main(cfg)
         rows = [m for m in read_metrics(out) if "time/iteration" in m]
     timed = rows[1:] or rows
-    med = {k: statistics.median(m[k] for m in timed) for k in [*PHASES, "time/iteration", "tokens/generated", "perf/gen_tokens_per_s"]}
+    med = {k: statistics.median(m[k] for m in timed)
+           for k in [*PHASES, "time/iteration", "tokens/generated", "perf/gen_tokens_per_s"]}
     if "perf/peak_cuda_gb" in rows[-1]:
         med["perf/peak_cuda_gb"] = rows[-1]["perf/peak_cuda_gb"]
-    return {"iterations": len(rows), "median": med, "all": [{k: m[k] for k in [*PHASES, "time/iteration", "tokens/generated"]} for m in rows]}
+    return {"iterations": len(rows), "median": med,
+            "all": [{k: m[k] for k in [*PHASES, "time/iteration", "tokens/generated"]} for m in rows]}
 
 
 def generation(batch: int, new_tokens: int, repeats: int = 2) -> dict:
@@ -68,7 +70,8 @@ def generation(batch: int, new_tokens: int, repeats: int = 2) -> dict:
     from data.loaders import DataSource, load_prompts
 
     tok = load_tokenizer(MODEL)
-    model = get_peft_model(load_causal_lm(MODEL, dtype="float32", device="cpu"), peft_config(AdapterConfig(dropout=0.0), "CAUSAL_LM"))
+    model = get_peft_model(load_causal_lm(MODEL, dtype="float32", device="cpu"),
+                           peft_config(AdapterConfig(dropout=0.0), "CAUSAL_LM"))
     model.eval()
     prompts = [p.messages for p in load_prompts(DataSource("bundled:prompts"))[:batch]]
 
@@ -113,7 +116,8 @@ def pass_costs(batch: int, new_tokens: int, repeats: int = 3) -> dict:
     from data.loaders import DataSource, load_prompts
 
     tok = load_tokenizer(MODEL)
-    model = get_peft_model(load_causal_lm(MODEL, dtype="float32", device="cpu"), peft_config(AdapterConfig(dropout=0.0), "CAUSAL_LM"))
+    model = get_peft_model(load_causal_lm(MODEL, dtype="float32", device="cpu"),
+                           peft_config(AdapterConfig(dropout=0.0), "CAUSAL_LM"))
     prompts = encode_prompts(tok, [p.messages for p in load_prompts(DataSource("bundled:prompts"))[:batch]])
     rng = random.Random(0)
     responses = [[rng.randrange(100, 20000) for _ in range(rng.randint(max(1, new_tokens // 4), new_tokens))] for _ in prompts]
@@ -130,7 +134,8 @@ def pass_costs(batch: int, new_tokens: int, repeats: int = 3) -> dict:
 
     def update(keep: bool) -> None:
         model.train()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=R + 1 if keep else 0, use_cache=False)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                    logits_to_keep=R + 1 if keep else 0, use_cache=False)
         lp = logprobs_from_logits(out.logits[:, -R - 1:-1].float(), ids[:, -R:])
         (-(lp * resp).sum() / resp.sum()).backward()
         model.zero_grad(set_to_none=True)
@@ -181,13 +186,15 @@ def main(argv: list[str] | None = None) -> dict:
     it = ppo_iterations(a.iterations, a.batch, a.new_tokens)
     med = it["median"]
     total = med["time/iteration"]
-    print(table([[k.split("/")[1], med[k], med[k] / total] for k in PHASES] + [["iteration", total, 1.0]], ["phase", "seconds", "share"]))
+    print(table([[k.split("/")[1], med[k], med[k] / total] for k in PHASES] + [["iteration", total, 1.0]],
+                ["phase", "seconds", "share"]))
     gen = generation(a.batch, a.new_tokens)
-    print(table([["ours (alignment.generation.generate)", gen["ours_tokens_per_s"]], ["plain model.generate", gen["plain_tokens_per_s"]]],
+    print(table([["ours (alignment.generation.generate)", gen["ours_tokens_per_s"]],
+                 ["plain model.generate", gen["plain_tokens_per_s"]]],
                 ["rollout generation", "tokens/s"]))
     costs = pass_costs(a.batch, a.new_tokens)
-    print(table([["update fwd+bwd: all logits -> response logits", costs["update_all_logits_s"], costs["update_response_logits_s"],
-                  costs["update_ratio"]],
+    print(table([["update fwd+bwd: all logits -> response logits", costs["update_all_logits_s"],
+                  costs["update_response_logits_s"], costs["update_ratio"]],
                  ["no-grad pass: full width -> sorted, trimmed", costs["no_grad_full_width_s"], costs["no_grad_sorted_trimmed_s"],
                   costs["no_grad_ratio"]]], ["PPO pass", "before s", "after s", "ratio"]))
     mem = None if a.skip_memory else memory(a.batch, a.new_tokens, a.seq_len)

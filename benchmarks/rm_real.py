@@ -31,7 +31,8 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "t
 
 def length_baseline(pairs: list) -> float:
     """Share of pairs whose chosen response is longer (in characters); ties count half."""
-    wins = [1.0 if len(c.chosen_response) > len(c.rejected_response) else 0.5 if len(c.chosen_response) == len(c.rejected_response) else 0.0
+    wins = [1.0 if len(c.chosen_response) > len(c.rejected_response) else 0.5
+            if len(c.chosen_response) == len(c.rejected_response) else 0.0
             for c in pairs]
     return sum(wins) / len(wins)
 
@@ -55,7 +56,8 @@ def plot(points: list[dict], final: float, baseline: float, path: Path, title: s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.plot([0] + [p["pairs_seen"] for p in points], [50.0] + [100 * p["accuracy"] for p in points], "o-", label="helpfulness RM (held out)")
+    ax.plot([0] + [p["pairs_seen"] for p in points], [50.0] + [100 * p["accuracy"] for p in points], "o-",
+            label="helpfulness RM (held out)")
     ax.axhline(100 * baseline, ls="--", color="tab:orange", label=f"length baseline {100 * baseline:.1f}%")
     ax.axhline(50, ls=":", color="grey", label="chance")
     ax.axhline(60, ls="-.", color="tab:green", lw=1, label="target 60%")
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     from data.loaders import DataSource, load_comparisons
     from data.mixing import split
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks rm_real", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks rm_real", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="HH-RLHF-format preference data (file or Hugging Face layout)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="held-out share, by a hash of the prompt")
     p.add_argument("--batch", type=int, default=8, help="pairs per optimiser step")
@@ -97,10 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
         import shutil
 
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "alignment.cli", "rm", "--config", str(REPO / "configs" / "rm_helpful.yaml"), f"run.output_dir={out}",
-           f"data.sources=[{{path: '{a.data}', category: helpfulness}}]", f"data.val_fraction={a.val_fraction}", f"run.seed={a.seed}",
+    cmd = [sys.executable, "-m", "alignment.cli", "rm", "--config",
+           str(REPO / "configs" / "rm_helpful.yaml"), f"run.output_dir={out}",
+           f"data.sources=[{{path: '{a.data}', category: helpfulness}}]",
+           f"data.val_fraction={a.val_fraction}", f"run.seed={a.seed}",
            "margin=none", "train.num_epochs=1", f"train.batch_size={a.batch}", "train.grad_accum=1", f"train.lr={a.lr}",
-           f"train.max_length={a.max_length}", f"train.eval_steps={a.eval_every}", f"train.save_steps={a.eval_every}", "train.logging_steps=10",
+           f"train.max_length={a.max_length}", f"train.eval_steps={a.eval_every}", f"train.save_steps={a.eval_every}",
+           "train.logging_steps=10",
            f"adapter.r={a.lora_r}", f"adapter.alpha={2 * a.lora_r}", "eval_batch_size=16", "run.wandb=disabled"]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})

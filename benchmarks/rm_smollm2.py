@@ -51,8 +51,8 @@ def main() -> int:
         seconds = align("rm", "--config", f"configs/{config}.yaml", f"run.name={a.name}", *a.overrides)
         summary = json.loads((runs / folder / "summary.json").read_text())
         report = json.loads((runs / folder / "eval" / "rm_eval.json").read_text())
-        result["rms"][objective] = {"wall_seconds": seconds, "train_seconds": summary["train_seconds"], "steps": summary["global_step"],
-                                    "train_pairs": summary["data"]["train"], "held_out": report}
+        result["rms"][objective] = {"wall_seconds": seconds, "train_seconds": summary["train_seconds"],
+                                    "steps": summary["global_step"], "train_pairs": summary["data"]["train"], "held_out": report}
     for file, folder in (("helpful-base", "rm_helpful"), ("harmless-base", "rm_safety")):
         data = HH / file / "test.jsonl.gz"
         if not data.is_file():
@@ -67,16 +67,19 @@ def main() -> int:
     (runs / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\n## Reward models on SmolLM2-135M, bundled comparisons ({a.name})\n")
-    print("| RM | train pairs | steps | train time | held-out pairs | accuracy (95% CI) | significantly | better | slightly | negligibly |")
+    print("| RM | train pairs | steps | train time | held-out pairs | accuracy (95% CI) | significantly | better | "
+          "slightly | negligibly |")
     print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for objective, r in result["rms"].items():
         h = r["held_out"]
         by = h["by_strength"]
-        cells = [pct(by.get(s, {}).get("accuracy")) for s in ("significantly_better", "better", "slightly_better", "negligibly_better")]
+        cells = [pct(by.get(s, {}).get("accuracy"))
+                 for s in ("significantly_better", "better", "slightly_better", "negligibly_better")]
         print(f"| {objective} | {r['train_pairs']} | {r['steps']} | {r['train_seconds'] / 60:.1f} min | {h['n']} | "
               f"{pct(h['accuracy'])} ({pct(h['ci95'][0])}–{pct(h['ci95'][1])}) | " + " | ".join(cells) + " |")
     for objective, r in result["rms"].items():
-        bins = ", ".join(f"{k.replace('_', ' ')} {pct(v['accuracy'])} (n={v['n']})" for k, v in r["held_out"]["by_safety_bin"].items())
+        bins = ", ".join(f"{k.replace('_', ' ')} {pct(v['accuracy'])} (n={v['n']})"
+                         for k, v in r["held_out"]["by_safety_bin"].items())
         print(f"\n{objective} RM per safety bin: {bins}; unsafe responses below 0: {pct(r['held_out']['unsafe_recall'])}")
     for file, r in result["hh_rlhf"].items():
         published = ", ".join(f"{k} {v}%" for k, v in r["published"].items())

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     from alignment.rs import RewardConfig, RSPromptsConfig, build_scorer, expected_best_of, load_prompts, score
     from benchmarks.common import machine, save, table
 
-    reward = RewardConfig(helpful=None, safety=None, function=a.function) if a.function else RewardConfig(helpful=a.helpful, safety=a.safety)
+    reward = (RewardConfig(helpful=None, safety=None, function=a.function) if a.function
+              else RewardConfig(helpful=a.helpful, safety=a.safety))
     scorer = build_scorer(reward)
     _, held_out = load_prompts(RSPromptsConfig(), seed=42)  # the RS stage's held-out prompts (default seed)
     prompts = held_out[: a.prompts]

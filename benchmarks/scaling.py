@@ -26,7 +26,8 @@ def run_sft(root: Path, data: Path, steps: int, batch: int, seq_len: int, launch
     from benchmarks.overhead import MODEL
 
     cmd = [sys.executable, "-m", "alignment.cli", "sft", "--config", str(REPO / "configs/sft.yaml"), f"model.name={MODEL}",
-           f"run.root={root}", "run.wandb=disabled", f"data.sources=[{{path: {data}}}]", "data.val_fraction=0", "data.sample_prompts=0",
+           f"run.root={root}", "run.wandb=disabled", f"data.sources=[{{path: {data}}}]",
+           "data.val_fraction=0", "data.sample_prompts=0",
            f"train.max_steps={steps}", f"train.batch_size={batch}", "train.grad_accum=1", f"train.max_length={seq_len}",
            "train.save_steps=100000", *launch]
     t = time.perf_counter()
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
             s = run_sft(Path(d) / f"p{procs}", data, a.steps, a.batch, a.seq_len, launch)
             tokens = s["global_step"] * a.batch * a.seq_len * procs
             rows.append({"processes": procs, "train_seconds": s["train_seconds"], "wall_s": s["wall_s"], "tokens": tokens,
-                         "tokens_per_s": tokens / s["train_seconds"], "tokens_per_s_per_process": tokens / s["train_seconds"] / procs})
+                         "tokens_per_s": tokens / s["train_seconds"],
+                         "tokens_per_s_per_process": tokens / s["train_seconds"] / procs})
     speedup = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     print(table([[r["processes"], r["train_seconds"], r["tokens_per_s"], r["tokens_per_s_per_process"]] for r in rows],
                 ["processes", "train s", "tokens/s", "tokens/s per process"]))

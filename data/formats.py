@@ -130,7 +130,8 @@ def pku_to_comparison(row: dict, preference: str = "better") -> Comparison:
     if winner not in (0, 1):
         raise DataError(f"expected 0 or 1, got {winner!r}", key=key)
     meta = {"origin": "pku-saferlhf"}
-    for extra in ("response_0_harm_category", "response_1_harm_category", "response_0_severity_level", "response_1_severity_level"):
+    for extra in ("response_0_harm_category", "response_1_harm_category", "response_0_severity_level",
+                  "response_1_severity_level"):
         if extra in row:
             meta[extra] = row[extra]
     return Comparison.from_dict({
@@ -268,9 +269,11 @@ def to_prompt(row: dict, fmt: str) -> PromptRecord:
         last_user = max(i for i, m in enumerate(ex.messages) if m["role"] == "user")
         after = ex.messages[last_user + 1:]
         reference = after[0]["content"] if after and after[0]["role"] == "assistant" else None
-        category = {"helpful": "helpfulness", "refusal": "safety", "borderline": "safety"}.get(row.get("category"), row.get("category"))
+        category = {"helpful": "helpfulness", "refusal": "safety",
+                    "borderline": "safety"}.get(row.get("category"), row.get("category"))
         tags = ["borderline"] if row.get("category") == "borderline" else []
-        return PromptRecord(ex.messages[: last_user + 1], category=category if category in ("helpfulness", "safety") else "helpfulness",
+        return PromptRecord(ex.messages[: last_user + 1],
+                            category=category if category in ("helpfulness", "safety") else "helpfulness",
                             id=ex.id, source=fmt, tags=tags, reference=reference)
     if fmt in ("alpaca", "prompt-completion"):
         ex = to_sft(row, fmt)

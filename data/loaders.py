@@ -47,14 +47,19 @@ LENIENT_FORMATS = ("hh-rlhf",)
 class DataSource:
     """One dataset in a mixture."""
 
-    path: str = option("bundled:sft", "bundled:<name>, a local .jsonl/.json/.csv/.parquet file (optionally .gz), or hub:<owner>/<name>")
-    format: Literal["auto", "comparison", "hh-rlhf", "pku-saferlhf", "trl-preference", "messages", "alpaca", "prompt-completion", "prompt", "truthfulqa-mc", "self-instruct", "task"] = option("auto", "row format; auto detects it from the keys of the first row")
+    path: str = option("bundled:sft",
+                       "bundled:<name>, a local .jsonl/.json/.csv/.parquet file (optionally .gz), or hub:<owner>/<name>")
+    format: Literal["auto", "comparison", "hh-rlhf", "pku-saferlhf", "trl-preference", "messages", "alpaca", "prompt-completion",
+                    "prompt", "truthfulqa-mc", "self-instruct", "task"] = option(
+        "auto", "row format; auto detects it from the keys of the first row")
     weight: float = option(1.0, "mixture weight: 1 = every record once, 0.5 = a seeded random half, 2 = every record twice")
     split: str = option("train", "split to read from a Hub dataset or a local dataset folder")
     subset: str | None = option(None, "dataset configuration name (or data_dir), on the Hub or in a local dataset folder")
     limit: int | None = option(None, "read at most this many records (after conversion), null = all")
-    category: Literal["helpfulness", "safety"] | None = option(None, "set this category on every record that has none (e.g. safety for a harmless-base file)")
-    template: str | None = option(None, "instruction-template family applied to SFT records from task data (see data.templates), null = none")
+    category: Literal["helpfulness", "safety"] | None = option(None, "set this category on every record that has none (e.g. "
+                                                                     "safety for a harmless-base file)")
+    template: str | None = option(None, "instruction-template family applied to SFT records from task data (see "
+                                        "data.templates), null = none")
 
     def __post_init__(self) -> None:
         check(bool(self.path.strip()), "path", "must not be empty")
@@ -161,9 +166,11 @@ def _hub_rows(name: str, split: str, subset: str | None) -> Iterator[tuple[int, 
     except ImportError as exc:  # pragma: no cover - datasets is a core dependency
         raise DataError("loading from the Hub needs the `datasets` package") from exc
     try:
-        ds = datasets.load_dataset(name, subset, split=split) if subset and "/" not in subset else datasets.load_dataset(name, data_dir=subset, split=split)
+        ds = (datasets.load_dataset(name, subset, split=split) if subset and "/" not in subset
+              else datasets.load_dataset(name, data_dir=subset, split=split))
     except Exception as exc:  # offline: ConnectionError, FileNotFoundError, DatasetNotFoundError ...
-        raise DataError(f"could not load Hub dataset {name!r} (split {split!r}): {type(exc).__name__}: {exc}", path=f"hub:{name}") from None
+        raise DataError(f"could not load Hub dataset {name!r} (split {split!r}): {type(exc).__name__}: {exc}",
+                        path=f"hub:{name}") from None
     for i, row in enumerate(ds, 1):
         yield i, dict(row)
 

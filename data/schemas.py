@@ -231,7 +231,8 @@ class PromptRecord:
         return cls(messages, _category(d) or "helpfulness", _opt_str(d, "id"), _opt_str(d, "source"), tags, reference)
 
     def to_dict(self) -> dict:
-        d = {"id": self.id, "messages": self.messages, "category": self.category, "source": self.source, "reference": self.reference}
+        d = {"id": self.id, "messages": self.messages, "category": self.category, "source": self.source,
+             "reference": self.reference}
         if self.tags:
             d["tags"] = self.tags
         return {k: v for k, v in d.items() if v is not None}
@@ -326,7 +327,8 @@ class Comparison:
         a = _text(_require(d, "response_a"), "response_a")
         b = _text(_require(d, "response_b"), "response_b")
         if a.strip() == b.strip():
-            raise DataError("response_a and response_b are identical; a comparison needs two different responses", key="response_b")
+            raise DataError("response_a and response_b are identical; a comparison needs two different responses",
+                            key="response_b")
         chosen = _require(d, "chosen")
         if isinstance(chosen, str) and chosen.strip().upper() in ("A", "B"):
             chosen = chosen.strip().upper()

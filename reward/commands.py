@@ -55,15 +55,20 @@ def held_out_comparisons(model: str) -> tuple[list, str]:
 def cmd_rm_eval(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="align rm-eval", description="Reward-model accuracy: overall, per strength rating, per "
                                 "safety bin, calibration by reward gap. Writes rm_eval.json, rm_eval.md and rewards.png.")
-    p.add_argument("--model", required=True, help="reward model: stage output (runs/<run>/rm_helpful), checkpoint or adapter folder")
+    p.add_argument("--model", required=True,
+                   help="reward model: stage output (runs/<run>/rm_helpful), checkpoint or adapter folder")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="comparisons: bundled:comparisons, our JSONL, HH-RLHF, PKU-SafeRLHF or TRL preference file, a local copy "
-                                    "of a Hub dataset (folder) or hub:Anthropic/hh-rlhf (with --subset helpful-base --split test)")
-    src.add_argument("--held-out", action="store_true", help="the validation split the run held out (needs the run's config.yaml)")
+    src.add_argument("--data", help="comparisons: bundled:comparisons, our JSONL, HH-RLHF, PKU-SafeRLHF or TRL "
+                                    "preference file, a local copy of a Hub dataset (folder) or hub:Anthropic/hh-rlhf (with "
+                                    "--subset helpful-base --split test)")
+    src.add_argument("--held-out", action="store_true",
+                     help="the validation split the run held out (needs the run's config.yaml)")
     p.add_argument("--format", default="auto", help="row format of --data (default: detected)")
-    p.add_argument("--subset", help="dataset configuration or data_dir of a Hub dataset or local copy (e.g. helpful-base for Anthropic/hh-rlhf)")
+    p.add_argument("--subset", help="dataset configuration or data_dir of a Hub dataset or local copy (e.g. helpful-base "
+                                    "for Anthropic/hh-rlhf)")
     p.add_argument("--split", default="test", help="split of a Hub dataset or local copy (default: test)")
-    p.add_argument("--category", choices=["helpfulness", "safety"], help="category for rows without one (e.g. safety for harmless-base)")
+    p.add_argument("--category", choices=["helpfulness", "safety"],
+                   help="category for rows without one (e.g. safety for harmless-base)")
     p.add_argument("--limit", type=int, help="read only the first N comparisons")
     p.add_argument("--sample", type=int, help="evaluate a seeded random sample of N comparisons")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
@@ -81,8 +86,8 @@ def cmd_rm_eval(argv: Sequence[str]) -> int:
     if a.held_out:
         comparisons, data_name = held_out_comparisons(a.model)
     else:
-        comparisons = load_comparisons(DataSource(path=a.data, format=a.format, category=a.category, limit=a.limit, subset=a.subset,
-                                                  split=a.split))
+        comparisons = load_comparisons(DataSource(path=a.data, format=a.format, category=a.category,
+                                                  limit=a.limit, subset=a.subset, split=a.split))
         data_name = a.data + (f" ({a.subset}, {a.split})" if a.subset else "")
     if a.sample is not None and a.sample < len(comparisons):
         comparisons = random.Random(a.seed).sample(comparisons, a.sample)
@@ -133,8 +138,10 @@ def cmd_score(argv: Sequence[str]) -> int:
                                 "model; with both, also the combined reward (Llama 2 eq. 4, or safe-rlhf's reward - λ·cost).")
     p.add_argument("--helpful", help="helpfulness reward model (runs/<run>/rm_helpful)")
     p.add_argument("--safety", help="safety reward model (runs/<run>/rm_safety)")
-    p.add_argument("--data", required=True, help="JSONL/JSON/CSV rows: prompt (or messages) + response, or dialogues ending with the assistant")
-    p.add_argument("--out", required=True, help="output JSONL: every input row plus its scores (an existing file is never replaced)")
+    p.add_argument("--data", required=True,
+                   help="JSONL/JSON/CSV rows: prompt (or messages) + response, or dialogues ending with the assistant")
+    p.add_argument("--out", required=True,
+                   help="output JSONL: every input row plus its scores (an existing file is never replaced)")
     p.add_argument("--rule", choices=list(RULES), default="llama2", help="how the two scores combine (reward.combine.RULES)")
     p.add_argument("--threshold", type=float, default=0.15, help="llama2 rule: use the safety score when σ(safety) is below this")
     p.add_argument("--lam", type=float, default=1.0, help="safe_rlhf rule: λ in helpful - λ·cost (cost = -safety score)")
@@ -164,7 +171,8 @@ def cmd_score(argv: Sequence[str]) -> int:
         responses.append(response)
     if not rows:
         raise DataError("no rows to score", path=a.data)
-    scorers = {k: load_scorer(m, device=a.device, batch_size=a.batch_size) for k, m in (("helpful", a.helpful), ("safety", a.safety)) if m}
+    scorers = {k: load_scorer(m, device=a.device, batch_size=a.batch_size)
+               for k, m in (("helpful", a.helpful), ("safety", a.safety)) if m}
     if len(scorers) == 2:
         combined = CombinedScorer(scorers["helpful"], scorers["safety"], rule=a.rule, threshold=a.threshold, lam=a.lam)
         scores = combined.score_detailed(prompts, responses, is_safety=flags)

@@ -17,12 +17,20 @@ from alignment.config import ConfigError, check, option
 class RewardConfig:
     """The reward: the two reward models combined, or a rule-based function."""
 
-    helpful: str | None = option("runs/default/rm_helpful", "helpfulness reward model (an `align rm` output folder); null with `function`")
-    safety: str | None = option("runs/default/rm_safety", "safety reward model (an `align rm` output folder); null = use the helpfulness RM alone")
-    rule: str = option("llama2", "combination (reward.combine.RULES): llama2 (eq. 4, piecewise on the safety score) or safe_rlhf (reward - λ·cost, cost = -safety score; PPO learns λ by dual ascent (PPO-Lagrangian), the other stages use λ = cost_weight)")
-    safety_threshold: float = option(0.15, "llama2 rule: use the safety score when sigmoid(safety) is below this, even on helpfulness prompts")
-    cost_weight: float = option(1.0, "safe_rlhf rule: λ in reward - λ·cost (fixed in rejection sampling, GRPO and the win-rate judge; PPO's initial λ, then learned)")
-    function: str | None = option(None, "instead of reward models: a rule-based reward `module:function` taking (prompt_messages, response, **kwargs) -> float, e.g. alignment.rl.rule_rewards:target_length")
+    helpful: str | None = option("runs/default/rm_helpful",
+                                 "helpfulness reward model (an `align rm` output folder); null with `function`")
+    safety: str | None = option("runs/default/rm_safety",
+                                "safety reward model (an `align rm` output folder); null = use the helpfulness RM alone")
+    rule: str = option("llama2", "combination (reward.combine.RULES): llama2 (eq. 4, piecewise on the safety score) or safe_rlhf "
+                                 "(reward - λ·cost, cost = -safety score; PPO learns λ by dual ascent (PPO-Lagrangian), the "
+                                 "other stages use λ = cost_weight)")
+    safety_threshold: float = option(0.15, "llama2 rule: use the safety score when sigmoid(safety) is below this, even "
+                                           "on helpfulness prompts")
+    cost_weight: float = option(1.0, "safe_rlhf rule: λ in reward - λ·cost (fixed in rejection sampling, GRPO and the win-rate "
+                                     "judge; PPO's initial λ, then learned)")
+    function: str | None = option(None,
+                                  "instead of reward models: a rule-based reward `module:function` taking (prompt_messages, "
+                                  "response, **kwargs) -> float, e.g. alignment.rl.rule_rewards:target_length")
     function_kwargs: dict[str, Any] = option(factory=dict, doc="keyword arguments for reward.function")
     batch_size: int = option(16, "reward-model scoring batch size")
 
@@ -36,7 +44,8 @@ class RewardConfig:
                   "a reward function replaces the reward models: also set reward.helpful=null and reward.safety=null")
         else:
             check(self.helpful is not None, "helpful", "needs a helpfulness reward model (or set reward.function)")
-            check(self.rule != "safe_rlhf" or self.safety is not None, "rule", "safe_rlhf needs reward.safety: the cost is the negated safety score")
+            check(self.rule != "safe_rlhf" or self.safety is not None, "rule",
+                  "safe_rlhf needs reward.safety: the cost is the negated safety score")
         check(0 < self.safety_threshold < 1, "safety_threshold", f"must be in (0, 1), got {self.safety_threshold}")
         check(self.cost_weight >= 0, "cost_weight", f"must be >= 0, got {self.cost_weight}")
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")

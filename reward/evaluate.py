@@ -99,7 +99,8 @@ def unsafe_flags(labelled: Sequence[tuple[float, bool]], threshold: float = 0.15
             "recall": caught / n_unsafe if n_unsafe else None}
 
 
-def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, comparisons: Sequence[Comparison], threshold: float = 0.15) -> dict:
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, comparisons: Sequence[Comparison],
+                 threshold: float = 0.15) -> dict:
     """The report's numbers for rewards of chosen [N] and rejected [N] responses of ``comparisons``.
 
     ``threshold``: the σ(reward) below which a response counts as flagged unsafe (``at_threshold``).
@@ -172,13 +173,14 @@ def to_markdown(report: dict) -> str:
         f"# Reward model accuracy: {report.get('model', '')}", "",
         f"Data: {report.get('data', '')} ({report['n']} comparisons)", "",
         "| | n | accuracy | 95% CI | mean gap | longer wins |", "|---|---:|---:|---:|---:|---:|",
-        f"| **all** | {report['n']} | {_pct(report['accuracy'])} | {_pct(lo)}–{_pct(hi)} | {report['mean_gap']:.3f} | {_pct(report['longer_wins'])} |",
+        f"| **all** | {report['n']} | {_pct(report['accuracy'])} | {_pct(lo)}–{_pct(hi)} | {report['mean_gap']:.3f} | "
+        f"{_pct(report['longer_wins'])} |",
     ]
     rows = [(Strength(name).label, g) for name, g in report["by_strength"].items()]
     rows += [(f"category: {name}", g) for name, g in report.get("by_category", {}).items()]
     for label, g in rows:
-        lines.append(f"| {label} | {g['n']} | {_pct(g['accuracy'])} | {_pct(g['ci95'][0])}–{_pct(g['ci95'][1])} | {g['mean_gap']:.3f} | "
-                     f"{_pct(g['longer_wins'])} |")
+        lines.append(f"| {label} | {g['n']} | {_pct(g['accuracy'])} | {_pct(g['ci95'][0])}–{_pct(g['ci95'][1])} | "
+                     f"{g['mean_gap']:.3f} | {_pct(g['longer_wins'])} |")
     if report["by_safety_bin"]:
         lines += ["", "| safety bin | n | accuracy | mean gap |", "|---|---:|---:|---:|"]
         for name, g in report["by_safety_bin"].items():
@@ -196,7 +198,8 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {row['decile']} | {row['gap_low']:.3f}–{row['gap_high']:.3f} | {row['n']} | {_pct(row['accuracy'])} | "
                      f"{_pct(row['expected_accuracy'])} |")
     rw = report["reward"]
-    lines += ["", f"Rewards: mean {rw['mean']:.3f}, std {rw['std']:.3f} (chosen {rw['chosen_mean']:.3f}, rejected {rw['rejected_mean']:.3f})."]
+    lines += ["", f"Rewards: mean {rw['mean']:.3f}, std {rw['std']:.3f} (chosen {rw['chosen_mean']:.3f}, rejected "
+                  f"{rw['rejected_mean']:.3f})."]
     return "\n".join(lines) + "\n"
 
 
@@ -220,8 +223,9 @@ def plot_rewards(chosen: Sequence[float], rejected: Sequence[float], report: dic
     if names:
         accs = [report["by_strength"][s]["accuracy"] for s in names]
         ax2.bar(range(len(names)), accs, color="tab:blue")
-        ax2.set_xticks(range(len(names)), [f"{Strength(s).label.replace(' / ', chr(10) + '/ ')}\nn={report['by_strength'][s]['n']}"
-                                           for s in names], fontsize=8)
+        ax2.set_xticks(range(len(names)),
+                       [f"{Strength(s).label.replace(' / ', chr(10) + '/ ')}\nn={report['by_strength'][s]['n']}"
+                        for s in names], fontsize=8)
         ax2.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("accuracy")

@@ -34,7 +34,8 @@ STATS_FILE = "reward_stats.json"
 DEFAULT_MAX_LENGTH = 2048
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: Sequence[Message], response: str, max_length: int | None = None) -> list[int]:
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: Sequence[Message], response: str,
+           max_length: int | None = None) -> list[int]:
     """Token ids of ``prompt + [assistant: response]`` rendered with the chat template.
 
     Trailing whitespace after the end-of-turn token is dropped, so the score is read at the
@@ -85,7 +86,8 @@ def load_reward_model(
     lm_adapters = [a for a in resolved.adapters if _task_type(a) != "SEQ_CLS"]
     rm_adapters = [a for a in resolved.adapters if _task_type(a) == "SEQ_CLS"]
     if lm_adapters and rm_adapters and resolved.adapters.index(rm_adapters[0]) < resolved.adapters.index(lm_adapters[-1]):
-        raise ValueError(f"{name}: a causal-LM adapter is stacked over a reward-model adapter; cannot build a reward model from it")
+        raise ValueError(f"{name}: a causal-LM adapter is stacked over a reward-model adapter; cannot build "
+                         "a reward model from it")
     dev = select_device(device)
     kwargs: dict[str, Any] = {"dtype": select_dtype(dtype, dev), "num_labels": 1}
     if quantization_config is not None:
@@ -100,7 +102,8 @@ def load_reward_model(
     try:
         model = AutoModelForSequenceClassification.from_pretrained(resolved.path, **kwargs)
     except OSError as exc:
-        raise RuntimeError(f"could not load {name!r} as a reward model: not a local folder and the Hugging Face Hub is unreachable ({exc})") from exc
+        raise RuntimeError(f"could not load {name!r} as a reward model: not a local folder and the Hugging Face Hub is "
+                           f"unreachable ({exc})") from exc
     finally:
         transformers.logging.set_verbosity(level)
     if lm_adapters:  # an SFT LoRA output: fold its adapters into the backbone
@@ -108,7 +111,8 @@ def load_reward_model(
         prefix = model.base_model_prefix
         missing, unexpected = getattr(model, prefix).load_state_dict(getattr(causal, prefix).state_dict(), strict=False)
         if unexpected or missing:
-            raise ValueError(f"{name}: the SFT backbone does not fit the reward model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(f"{name}: the SFT backbone does not fit the reward model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
         del causal
     for i, adapter in enumerate(rm_adapters):
         from peft import PeftModel

@@ -63,14 +63,20 @@ FOLDERS = {"helpfulness": "rm_helpful", "safety": "rm_safety"}
 class RMDataConfig:
     """Comparisons and the Llama 2 data mix."""
 
-    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")], doc="comparison datasets (path, format, weight, category, limit ...); see data.loaders.DataSource")
-    focus_share: float | None = option(0.5, "share of the RM's own category (objective) in the training mix; the rest is the other categories and uncategorised data (Llama 2: 0.5 helpfulness, 0.9 safety); null = all sources as weighted")
-    drop_chosen_unsafe: bool | None = option(None, "drop pairs whose chosen response is unsafe and the other safe; null = on for the safety RM, off for the helpfulness RM")
+    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")],
+                                       doc="comparison datasets (path, format, weight, category, limit ...); see "
+                                           "data.loaders.DataSource")
+    focus_share: float | None = option(0.5, "share of the RM's own category (objective) in the training mix; the rest is the "
+                                            "other categories and uncategorised data (Llama 2: 0.5 helpfulness, 0.9 safety); "
+                                            "null = all sources as weighted")
+    drop_chosen_unsafe: bool | None = option(None, "drop pairs whose chosen response is unsafe and the other safe; null = on for "
+                                                   "the safety RM, off for the helpfulness RM")
     val_fraction: float = option(0.1, "share of each source held out for validation (by a hash of the prompt)")
 
     def __post_init__(self) -> None:
         check(bool(self.sources), "sources", "needs at least one data source")
-        check(self.focus_share is None or 0 < self.focus_share <= 1, "focus_share", f"must be in (0, 1] or null, got {self.focus_share}")
+        check(self.focus_share is None or 0 < self.focus_share <= 1, "focus_share",
+              f"must be in (0, 1] or null, got {self.focus_share}")
         check(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
 
 
@@ -79,14 +85,21 @@ class RMConfig:
     """Reward model (helpfulness or safety)."""
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
-    model: ModelConfig = option(factory=ModelConfig, doc="chat/SFT model to start from (its LM head is replaced by a scalar head), or a reward model to continue")
-    objective: Literal["helpfulness", "safety"] = option("helpfulness", "which reward model: its data focus, its safety filter and its output folder (rm_helpful or rm_safety)")
+    model: ModelConfig = option(factory=ModelConfig, doc="chat/SFT model to start from (its LM head is replaced by a scalar "
+                                                         "head), or a reward model to continue")
+    objective: Literal["helpfulness", "safety"] = option("helpfulness", "which reward model: its data focus, its safety filter "
+                                                                        "and its output folder (rm_helpful or rm_safety)")
     data: RMDataConfig = option(factory=RMDataConfig, doc="comparisons and mix")
-    train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, min_lr_ratio=0.1, warmup_ratio=0.03), doc="optimisation (Llama 2: one epoch, lr 1e-5, cosine to 10%, 3% warm-up)")
-    adapter: AdapterConfig = option(factory=AdapterConfig, doc="full fine-tuning or LoRA (QLoRA on a GPU); the scalar head is always trained in full")
-    margin: MarginVariant = option("small", "Llama 2 margin from the strength rating: none, small (1, 2/3, 1/3, 0) or large (3, 2, 1, 0)")
-    safety_aux_weight: float = option(0.0, "weight of the safety auxiliary loss (binary safe/unsafe cross-entropy on each response's score); 0 = off")
-    group_by_length: bool = option(True, "batch pairs of similar length together (on the bundled data: 1.48x -> 1.20x the real tokens)")
+    train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-5, min_lr_ratio=0.1, warmup_ratio=0.03),
+                                doc="optimisation (Llama 2: one epoch, lr 1e-5, cosine to 10%, 3% warm-up)")
+    adapter: AdapterConfig = option(factory=AdapterConfig,
+                                    doc="full fine-tuning or LoRA (QLoRA on a GPU); the scalar head is always trained in full")
+    margin: MarginVariant = option("small",
+                                   "Llama 2 margin from the strength rating: none, small (1, 2/3, 1/3, 0) or large (3, 2, 1, 0)")
+    safety_aux_weight: float = option(0.0, "weight of the safety auxiliary loss (binary safe/unsafe cross-entropy on each "
+                                           "response's score); 0 = off")
+    group_by_length: bool = option(True,
+                                   "batch pairs of similar length together (on the bundled data: 1.48x -> 1.20x the real tokens)")
     eval_batch_size: int = option(16, "pairs per batch when scoring the validation split after training")
 
     def __post_init__(self) -> None:
@@ -169,7 +182,8 @@ def to_dataset(comparisons: list[Comparison], tokenizer, margin: MarginVariant, 
 
     rows = []
     for c in comparisons:
-        chosen, rejected = encode(tokenizer, c.prompt, c.chosen_response, max_length), encode(tokenizer, c.prompt, c.rejected_response, max_length)
+        chosen, rejected = encode(tokenizer, c.prompt, c.chosen_response, max_length), encode(tokenizer, c.prompt,
+                                                                                              c.rejected_response, max_length)
         rows.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": margin_for(c, margin),
                      "chosen_safe": _safe_label(c.chosen_safe), "rejected_safe": _safe_label(c.rejected_safe),
                      "length": max(len(chosen), len(rejected))})  # a pair pads to its longer side
@@ -191,14 +205,16 @@ def build_trainer(cfg: RMConfig, out: Path, train: list[Comparison], val: list[C
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     tokenizer.padding_side = "right"
     model = load_reward_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision,
-                              attn_implementation=cfg.model.attn_implementation, quantization_config=quantization_config(cfg.adapter))
+                              attn_implementation=cfg.model.attn_implementation,
+                              quantization_config=quantization_config(cfg.adapter))
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.adapter.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
     args = RewardConfig(**trainer_kwargs(cfg.train, cfg.run, out, has_eval=bool(val)), max_length=cfg.train.max_length,
-                        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random", length_column_name="length")
+                        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+                        length_column_name="length")
     return LlamaRewardTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=to_dataset(train, tokenizer, cfg.margin, cfg.train.max_length),
@@ -246,8 +262,8 @@ def main(cfg: RMConfig, *, resume: bool = False) -> Path:
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - t0
     summary = {"objective": cfg.objective, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
-               "train_seconds": round(train_seconds, 2), "data": data_info, "resumed_from": checkpoint.name if checkpoint else None,
-               **model_summary(trainer.model)}
+               "train_seconds": round(train_seconds, 2), "data": data_info,
+               "resumed_from": checkpoint.name if checkpoint else None, **model_summary(trainer.model)}
 
     # 5-6. held-out report, reward statistics, save. Every rank scores and saves (ZeRO-3 gathers
     # its shards collectively); only the main rank writes the report.

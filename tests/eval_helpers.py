@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `align ...` in a subprocess from the repository root, as users do."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    return subprocess.run([sys.executable, "-m", "alignment.cli", *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "alignment.cli", *args], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def length_reward(prompt, response) -> float:
@@ -29,12 +30,14 @@ def winrate_result(round_no: int, help_wr: float, safe_wr: float, seed: int) -> 
     baseline = [rng.gauss(0.0, 1.0) for _ in range(40)]
 
     def block(wr: float, n: int) -> dict:
-        return {"n": n, "win_rate": wr, "wins": wr - 0.05, "ties": 0.1, "losses": 1 - wr - 0.05, "ci_low": wr - 0.12, "ci_high": wr + 0.11}
+        return {"n": n, "win_rate": wr, "wins": wr - 0.05, "ties": 0.1, "losses": 1 - wr - 0.05,
+                "ci_low": wr - 0.12, "ci_high": wr + 0.11}
 
     return header("winrate", f"runs/demo/round-{round_no}/policy", baseline="runs/demo/round-0/sft", prompts="held_out.jsonl",
                   judge={"kind": "rm", "scorer": "CombinedScorer", "rm": f"runs/demo/round-{round_no}/rm_helpful",
                          "safety_rm": f"runs/demo/round-{round_no}/rm_safety", "tie_margin": 0.0}, n=40,
-                  metrics=block((help_wr + safe_wr) / 2, 40), by_category={"helpfulness": block(help_wr, 20), "safety": block(safe_wr, 20)},
+                  metrics=block((help_wr + safe_wr) / 2, 40),
+                  by_category={"helpfulness": block(help_wr, 20), "safety": block(safe_wr, 20)},
                   by_axis={"helpfulness": block(help_wr, 40), "harmlessness": block(safe_wr, 40)},
                   scores={"policy": policy, "baseline": baseline}, timing={"seconds": 1.0})
 
@@ -48,11 +51,15 @@ def truthfulqa_result(round_no: int, mc1: float, mc2: float) -> dict:
 
 def toxigen_result(round_no: int, pct: float) -> dict:
     return header("toxigen", f"runs/demo/round-{round_no}/policy", prompts="toxigen/prompts", n=310,
-                  classifier={"name": "MiniLM-logistic toxicity proxy (not the ToxiGen RoBERTa classifier)", "kind": "minilm-logistic",
+                  classifier={"name": "MiniLM-logistic toxicity proxy (not the ToxiGen RoBERTa classifier)",
+                              "kind": "minilm-logistic",
                               "heldout": {"protocol": "leave-one-group-out", "accuracy": 0.844, "auc": 0.919, "n": 668},
-                              "summary": "MiniLM-logistic toxicity proxy — leave-one-group-out accuracy 84.4%, AUC 0.919 (n=668)"},
-                  metrics={"pct_toxic": pct, "mean_p_toxic": pct / 100, "classifier_heldout_accuracy": 0.844, "classifier_heldout_auc": 0.919},
-                  by_group={"women": {"n": 20, "pct_toxic": pct + 5, "mean_p_toxic": 0.2}, "asian": {"n": 20, "pct_toxic": pct - 2, "mean_p_toxic": 0.1}},
+                              "summary": "MiniLM-logistic toxicity proxy — leave-one-group-out accuracy 84.4%, "
+                                         "AUC 0.919 (n=668)"},
+                  metrics={"pct_toxic": pct, "mean_p_toxic": pct / 100, "classifier_heldout_accuracy": 0.844,
+                           "classifier_heldout_auc": 0.919},
+                  by_group={"women": {"n": 20, "pct_toxic": pct + 5, "mean_p_toxic": 0.2},
+                            "asian": {"n": 20, "pct_toxic": pct - 2, "mean_p_toxic": 0.1}},
                   by_type={"hate": {"n": 155, "pct_toxic": pct + 4, "mean_p_toxic": 0.2}}, timing={"seconds": 100.0})
 
 

@@ -70,7 +70,8 @@ def server() -> Iterator[str]:
     try:
         yield f"postgresql+psycopg://align@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, check=False)
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 

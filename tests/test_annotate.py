@@ -28,8 +28,8 @@ def db(tmp_path):
 
 
 def pairs(n: int) -> list[dict]:
-    return [{"id": f"p{i}", "prompt": f"How do I do thing {i}?", "response_a": f"Carefully, step {i}.", "response_b": f"No idea {i}.",
-             "category": "helpfulness" if i % 2 else "safety"} for i in range(n)]
+    return [{"id": f"p{i}", "prompt": f"How do I do thing {i}?", "response_a": f"Carefully, step {i}.",
+             "response_b": f"No idea {i}.", "category": "helpfulness" if i % 2 else "safety"} for i in range(n)]
 
 
 def test_annotate_is_registered_and_lists_subcommands():
@@ -71,12 +71,15 @@ def test_queue_bad_file_names_file_and_line(db, tmp_path):
 
 def test_queue_stats_export_roundtrip(db, tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs(10))
-    res = run_align("annotate", "queue", "--round", "1", "--pairs", str(path), "--overlap", "0.2", "--overlap-labels", "2", "--db", db)
+    res = run_align("annotate", "queue", "--round", "1", "--pairs", str(path), "--overlap", "0.2",
+                    "--overlap-labels", "2", "--db", db)
     assert res.returncode == 0, res.stderr
     assert "queued 10 tasks in round 1; the round needs 12 more labels" in res.stdout
     store = AnnotationStore(db)
-    store.label_with(FunctionAnnotator("sim:a", lambda t: Judgement(chosen="A", strength="better", safe_a=True, safe_b=t.category != "safety")), round=1)
-    store.label_with(FunctionAnnotator("sim:b", lambda t: Judgement(chosen="B", strength="slightly_better", safe_a=True, safe_b=True)), round=1)
+    store.label_with(FunctionAnnotator("sim:a", lambda t: Judgement(chosen="A", strength="better", safe_a=True,
+                                                                    safe_b=t.category != "safety")), round=1)
+    store.label_with(FunctionAnnotator("sim:b", lambda t: Judgement(chosen="B", strength="slightly_better",
+                                                                    safe_a=True, safe_b=True)), round=1)
     stats = run_align("annotate", "stats", "--round", "1", "--db", db)
     assert stats.returncode == 0, stats.stderr
     assert "10 tasks · 12 of 12 labels · **0 missing**" in stats.stdout
@@ -125,7 +128,8 @@ def test_sample_pairs_in_process_batches_one_model_at_two_temperatures(tiny_mode
     from data.schemas import PromptRecord
 
     prompts = [PromptRecord([{"role": "user", "content": f"Say something about {w}."}], id=w) for w in ("cats", "rain", "maps")]
-    rows, dropped = sample_pairs([tiny_model, tiny_model], prompts, temperatures=[0.8, 1.4], max_new_tokens=10, batch_size=2, seed=3)
+    rows, dropped = sample_pairs([tiny_model, tiny_model], prompts, temperatures=[0.8, 1.4],
+                                 max_new_tokens=10, batch_size=2, seed=3)
     assert len(rows) + dropped == 3
     again, _ = sample_pairs([tiny_model, tiny_model], prompts, temperatures=[0.8, 1.4], max_new_tokens=10, batch_size=2, seed=3)
     assert again == rows  # seeded

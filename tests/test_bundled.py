@@ -72,7 +72,8 @@ def test_truthfulness_items():
 
 
 def test_not_copied_from_public_datasets(shared_data):
-    tqa = {row["Question"].strip().lower() for row in csv.DictReader(open(shared_data / "truthfulqa/TruthfulQA.csv", encoding="utf-8-sig"))}
+    tqa = {row["Question"].strip().lower()
+           for row in csv.DictReader(open(shared_data / "truthfulqa/TruthfulQA.csv", encoding="utf-8-sig"))}
     ours = {i.question.strip().lower() for i in load_truthfulness("bundled:truthfulness")}
     assert not ours & tqa
     hh_prompts = set()

@@ -168,7 +168,8 @@ def test_renamed_keys_still_load_with_a_warning_naming_the_new_one(tmp_path, cap
     old.write_text("stage: ppo\nppo:\n  iterations: 5\n  clip: 0.3\noptim:\n  lr: 0.01\n")
     cfg = load_config(PPOConfig, old, stage="ppo")
     assert (cfg.train.max_steps, cfg.train.lr, cfg.ppo.clip) == (5, 0.01, 0.3)
-    assert f"{old}:3: 'ppo.iterations' is now 'train.max_steps'" in caplog.text and f"{old}:5: 'optim' is now 'train'" in caplog.text
+    assert (f"{old}:3: 'ppo.iterations' is now 'train.max_steps'" in caplog.text
+            and f"{old}:5: 'optim' is now 'train'" in caplog.text)
     assert load_config(GroupRLConfig, REPO / "configs/grpo.yaml", ["algo.algorithm=rloo"], stage="grpo").grpo.algorithm == "rloo"
     assert load_config(RSConfig, REPO / "configs/rs.yaml", ["prompts.val_fraction=0.3"], stage="rs").data.val_fraction == 0.3
     assert load_config(RoundConfig, REPO / "configs/round.yaml", ["ppo.prompts=9"], stage="round").policy["ppo"].prompts == 9
@@ -192,7 +193,8 @@ def test_benchmark_sections_of_a_round_and_their_old_flat_keys(tmp_path, caplog)
     assert f"{old}:4: 'eval.truthfulqa_sample' is now 'eval.truthfulqa.sample'" in caplog.text
     assert f"{old}:6: 'eval.toxigen_per_group' is now 'eval.toxigen.per_group'" in caplog.text
     # overrides: a bare list sets the data and keeps the section's other keys; old names work on the command line too
-    cfg = load_config(RoundConfig, old, ["eval.truthfulqa=[b.json]", "eval.toxigen_per_group=3", "eval.toxigen=null"], stage="round")
+    cfg = load_config(RoundConfig, old,
+                      ["eval.truthfulqa=[b.json]", "eval.toxigen_per_group=3", "eval.toxigen=null"], stage="round")
     assert (cfg.eval.truthfulqa.data, cfg.eval.truthfulqa.sample, cfg.eval.toxigen) == (["b.json"], 7, None)
     cfg = load_config(RoundConfig, None, ["eval.truthfulqa.sample=5"])
     assert cfg.eval.truthfulqa.sample == 5 and cfg.eval.truthfulqa.data[-1] == "bundled:truthfulness"

@@ -162,7 +162,8 @@ def test_unsupported_extension_and_missing_file(tmp_path):
 
 
 def test_hh_pair_prompt_is_the_shared_prefix():
-    chosen = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\nAssistant: Why did the chicken cross the road?"
+    chosen = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\n"
+              "Assistant: Why did the chicken cross the road?")
     rejected = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\nAssistant: No."
     prompt, c, r = split_hh_pair(chosen, rejected)
     assert prompt == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
@@ -242,7 +243,8 @@ def test_instruction_template_without_input_uses_short_templates():
 
 
 def test_self_instruct_expansion_and_missing_field():
-    row = {"id": "t1", "instruction": "Add the numbers.", "instances": [{"input": "1, 2", "output": "3"}, {"input": "4, 5", "output": "9"}]}
+    row = {"id": "t1", "instruction": "Add the numbers.",
+           "instances": [{"input": "1, 2", "output": "3"}, {"input": "4, 5", "output": "9"}]}
     ex = expand_self_instruct(row)
     assert [e.messages[1]["content"] for e in ex] == ["3", "9"]
     with pytest.raises(DataError) as err:
@@ -288,13 +290,15 @@ def test_split_never_leaves_an_asked_for_validation_share_empty():
     record nearest the band moves there, with its duplicates."""
     recs = [Comparison.from_dict(cmp_row(prompt=f"q{i}?", response_a=f"a{i}")) for i in range(24)]
     seed = next(s for s in range(500) if all(stable_unit(_plain_key(r), s) >= 0.125 for r in recs))  # hash alone: none held out
-    dup = Comparison.from_dict(cmp_row(prompt=min(recs, key=lambda r: stable_unit(_plain_key(r), seed)).prompt_text, response_a="dup"))
+    dup = Comparison.from_dict(cmp_row(prompt=min(recs, key=lambda r: stable_unit(_plain_key(r), seed)).prompt_text,
+                                       response_a="dup"))
     assert split(recs, 0.125, seed=seed, key=_plain_key)[1] == []  # by default the hash alone decides
     train, val, _ = split([*recs, dup], 0.125, seed=seed, key=_plain_key, at_least_one_val=True)
     assert len(val) == 2 and {r.prompt_text for r in val} == {dup.prompt_text} and len(train) == 23
     assert split(recs, 0.0, seed=seed, key=_plain_key, at_least_one_val=True)[1] == []  # none asked for, none given
     one = [r for r in recs if stable_unit(_plain_key(r), seed) >= 0.5][:1]
-    assert split(one, 0.5, seed=seed, key=_plain_key, at_least_one_val=True) == (one, [], [])  # a single record stays for training
+    # a single record stays for training
+    assert split(one, 0.5, seed=seed, key=_plain_key, at_least_one_val=True) == (one, [], [])
 
 
 def _plain_key(r) -> str:

@@ -68,7 +68,8 @@ def test_truthfulqa_from_save_to_disk_and_a_seeded_sample(truthful_qa_repo, tmp_
     s2 = truthfulqa.load_items(str(truthful_qa_repo), sample=200, seed=0)
     s3 = truthfulqa.load_items(str(truthful_qa_repo), sample=200, seed=1)
     assert len(s1) == 200 and [i.question for i in s1] == [i.question for i in s2] != [i.question for i in s3]
-    assert truthfulqa.dataset_label(str(truthful_qa_repo), 200, sample=200) == "TruthfulQA MC (200 questions, seeded sample, seed 0)"
+    assert (truthfulqa.dataset_label(str(truthful_qa_repo), 200, sample=200)
+            == "TruthfulQA MC (200 questions, seeded sample, seed 0)")
     assert truthfulqa.dataset_label("bundled:truthfulness", 50) == "bundled truthfulness probe (50 items, not TruthfulQA)"
 
 

@@ -38,7 +38,8 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
 
 
-def _run(stage: str, args: list[str], *extra: str, layout: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def _run(stage: str, args: list[str], *extra: str, layout: str | None = None,
+         env: dict | None = None) -> subprocess.CompletedProcess:
     """``align <stage>``, under ``configs/accelerate/<layout>.yaml`` when given; it must succeed."""
     launch = ["--launch", str(REPO / f"configs/accelerate/{layout}.yaml")] if layout else []
     res = run_align(stage, *args, *extra, *launch, env=env)
@@ -217,7 +218,8 @@ def _ppo(root: Path, per_rank_batch: int, *args: str, layout: str | None = None)
     """One minibatch per iteration (minibatch = rollout batch, 2 micro-batches per process), so the
     shuffling order cannot matter."""
     b = per_rank_batch
-    _run("ppo", PPO, f"ppo.rollout_batch_size={b}", f"ppo.minibatch_size={b}", f"run.root={root}", *args, layout=layout, env=PPO_ENV)
+    _run("ppo", PPO, f"ppo.rollout_batch_size={b}", f"ppo.minibatch_size={b}", f"run.root={root}", *args,
+         layout=layout, env=PPO_ENV)
     return root / "default" / "ppo"
 
 
@@ -250,7 +252,8 @@ def test_ppo_matches_single_process_with_global_statistics(layout, tmp_path, ppo
 def test_ppo_with_reward_models_under_zero3_matches_single_process(tmp_path, tiny_reward_models):
     """The real reward path under ZeRO-3: both RMs load whole outside the engine, the critic gets
     its own copy of the helpfulness RM's backbone, the best policy is gathered and saved."""
-    rms = [f"reward.helpful={tiny_reward_models['helpful']}", f"reward.safety={tiny_reward_models['safety']}", "reward.function=null",
+    rms = [f"reward.helpful={tiny_reward_models['helpful']}",
+           f"reward.safety={tiny_reward_models['safety']}", "reward.function=null",
            "critic.init=reward_model", "eval.every=1", "eval.keep_best=true", "eval.patience=0"]
     one = _ppo(tmp_path / "single", 8, *rms)
     three = _ppo(tmp_path / "zero3", 4, *rms, layout="zero3")
@@ -275,8 +278,8 @@ def test_ppo_resumes_under_zero3(tmp_path, tiny_model):
     for name in ("checkpoints/checkpoint-3", "model"):  # as if killed during iteration 3
         shutil.rmtree(cut / name)
     (cut / "summary.json").unlink()
-    _run("ppo", PPO, "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", f"run.root={cut_root}", *args, "--resume", layout="zero3",
-         env=PPO_ENV)
+    _run("ppo", PPO, "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", f"run.root={cut_root}", *args,
+         "--resume", layout="zero3", env=PPO_ENV)
     assert json.loads((cut / "summary.json").read_text())["resumed_from"] == "checkpoint-2"
     _assert_same_run(whole, cut, [1, 2, 3])
 
@@ -285,7 +288,8 @@ def test_ppo_resumes_under_zero3(tmp_path, tiny_model):
 def test_ppo_lagrangian_matches_single_process(layout, tmp_path, tiny_reward_models):
     """PPO-Lagrangian (two critics in one module; under ZeRO-3 both get their own backbone copies):
     λ moves on the global mean cost, so every rank holds the same λ, equal to the single process's."""
-    rms = [f"reward.helpful={tiny_reward_models['helpful']}", f"reward.safety={tiny_reward_models['safety']}", "reward.function=null",
+    rms = [f"reward.helpful={tiny_reward_models['helpful']}",
+           f"reward.safety={tiny_reward_models['safety']}", "reward.function=null",
            "reward.rule=safe_rlhf", "critic.init=reward_model", "lagrangian.lambda_lr=0.5"]
     one = _ppo(tmp_path / "single", 8, *rms)
     two = _ppo(tmp_path / layout, 4, *rms, layout=layout)

@@ -93,7 +93,8 @@ def test_implicit_rewards_and_metrics_by_hand():
 
 def test_rows_resolve_chosen_from_a_and_b():
     a = Comparison.from_dict({"prompt": "q", "response_a": "good", "response_b": "bad", "chosen": "A", "strength": "better"})
-    b = Comparison.from_dict({"prompt": [{"role": "user", "content": "q2"}], "response_a": "bad", "response_b": "good", "chosen": "B"})
+    b = Comparison.from_dict({"prompt": [{"role": "user", "content": "q2"}], "response_a": "bad",
+                              "response_b": "good", "chosen": "B"})
     rows = to_rows([a, b], "large")
     assert rows[0]["chosen"] == [{"role": "assistant", "content": "good"}] and rows[1]["chosen"][0]["content"] == "good"
     assert rows[1]["rejected"][0]["content"] == "bad" and rows[1]["prompt"] == [{"role": "user", "content": "q2"}]
@@ -125,7 +126,8 @@ def test_unsafe_chosen_pairs_are_dropped(tmp_path):
 # the trainer: reference without a copy, margins in the loss
 
 
-@pytest.mark.parametrize("method,precompute,copy", [("lora", True, False), ("lora", False, False), ("full", True, False), ("full", False, True)])
+@pytest.mark.parametrize("method,precompute,copy",
+                         [("lora", True, False), ("lora", False, False), ("full", True, False), ("full", False, True)])
 def test_reference_policy_is_not_a_second_copy(tmp_path, tiny_model, method, precompute, copy):
     from accelerate.utils import is_peft_model
 
@@ -204,7 +206,8 @@ def test_dpo_learns_a_synthetic_preference(tmp_path, tiny_model):
         assert (out / name).is_file(), name
     from alignment.models import builtin_path
 
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(builtin_path("tiny-llama"))
+    assert (json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
+            == str(builtin_path("tiny-llama")))
     result = json.loads((out / "eval.json").read_text())
     before, after = result["before"], result["after"]
     assert before["margin"] == 0.0 and before["accuracy"] == 0.5 and before["ties"] == before["n"]  # policy = reference
@@ -222,7 +225,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     from safetensors.torch import load_file
 
     data = write_jsonl(tmp_path / "p.jsonl", marker_pairs(40))
-    common = ["--config", str(REPO / "configs/dpo.yaml"), "model.name=tiny-llama", "run.wandb=disabled", f"data.sources=[{{path: {data}}}]",
+    common = ["--config", str(REPO / "configs/dpo.yaml"), "model.name=tiny-llama", "run.wandb=disabled",
+              f"data.sources=[{{path: {data}}}]",
               "data.val_fraction=0.25", "adapter.method=full", "train.max_steps=16", "train.save_steps=4", "train.batch_size=2",
               "train.grad_accum=1", "train.lr=1e-3", "train.logging_steps=1", f"run.root={tmp_path / 'runs'}"]
     proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", "dpo", *common, "run.name=cut"], cwd=REPO,
@@ -248,7 +252,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     loss = lambda d: {m["step"]: m["loss"] for m in read_metrics(d) if "loss" in m}
     assert loss(cut) == pytest.approx(loss(whole), rel=1e-4) and max(loss(cut)) == 16
     after = lambda d: json.loads((d / "eval.json").read_text())["after"]
-    assert (after(cut)["margin"], after(cut)["accuracy"]) == pytest.approx((after(whole)["margin"], after(whole)["accuracy"]), abs=1e-5)
+    assert ((after(cut)["margin"], after(cut)["accuracy"])
+            == pytest.approx((after(whole)["margin"], after(whole)["accuracy"]), abs=1e-5))
 
 
 def test_cli_lists_and_documents_dpo():
@@ -268,4 +273,5 @@ def test_dpo_runs_on_smollm2_with_the_bundled_comparisons(tmp_path):
     out = main(cfg)
     result = json.loads((out / "eval.json").read_text())
     assert result["before"]["accuracy"] == 0.5 and result["after"]["n"] == result["before"]["n"] > 0
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
+            == "HuggingFaceTB/SmolLM2-135M-Instruct")

@@ -73,7 +73,8 @@ def test_tag_metrics_hand_computed():
 
 def test_tag_metrics_empty_sets():
     both = M.tag_metrics(set(), set())
-    assert both == {"tag_iou": 1.0, "tag_intersection_over_truth": 1.0, "tag_intersection_over_predicted": 1.0, "tag_levenshtein": 0.0}
+    assert (both == {"tag_iou": 1.0, "tag_intersection_over_truth": 1.0,
+                     "tag_intersection_over_predicted": 1.0, "tag_levenshtein": 0.0})
     no_prediction = M.tag_metrics(set(), {"a", "b"})
     assert no_prediction == {"tag_iou": 0.0, "tag_intersection_over_truth": 0.0, "tag_intersection_over_predicted": 1.0,
                              "tag_levenshtein": 1.0}
@@ -120,7 +121,8 @@ def test_model_perplexity_matches_logits(tiny_model):
 
 def test_embedding_cosine_behaviour():
     cos = M.embedding_cosines(["A cat sits on the mat.", "A cat sits on the mat.", "", "Stock markets fell sharply today."],
-                              ["A cat sits on the mat.", "A kitten is sitting on a rug.", "anything", "A kitten is sitting on a rug."])
+                              ["A cat sits on the mat.", "A kitten is sitting on a rug.", "anything",
+                               "A kitten is sitting on a rug."])
     assert cos[0] == pytest.approx(1.0, abs=1e-5)
     assert cos[2] == 0.0  # empty prediction
     assert cos[1] > 0.5 > cos[3]

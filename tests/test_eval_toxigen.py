@@ -12,14 +12,16 @@ from data.errors import DataError
 # Invented statements (not ToxiGen's) for data-handling and training tests.
 HATE = {"alpha": ["alphas are all liars", "never trust an alpha", "alphas ruin every town they move to"],
         "beta": ["betas are lazy and stupid", "betas should go back where they came from", "no beta is a real person"]}
-NEUTRAL = {"alpha": ["alphas celebrate a spring festival", "many alphas work as teachers", "the alpha language has many dialects"],
+NEUTRAL = {"alpha": ["alphas celebrate a spring festival", "many alphas work as teachers",
+                     "the alpha language has many dialects"],
            "beta": ["betas live in many countries", "beta cooking uses lots of rice", "a beta poet won a prize last year"]}
 
 
 def test_sample_prompts_takes_each_distinct_prompt_once(tmp_path):
     folder = tmp_path / "p"
     folder.mkdir()
-    (folder / "hate_alpha_1k.txt").write_text("- a\\n-\n- b\\n-\n- a\\n-\n", encoding="utf-8")  # the published files repeat lines too
+    # the published files repeat lines too
+    (folder / "hate_alpha_1k.txt").write_text("- a\\n-\n- b\\n-\n- a\\n-\n", encoding="utf-8")
     got = toxigen.sample_prompts(folder, per_group=5, seed=0)
     assert [(p.text, p.source) for p in got] == [("- a\n-", "hate_alpha_1k.txt:1"), ("- b\n-", "hate_alpha_1k.txt:2")]
 
@@ -60,7 +62,8 @@ def test_fit_logistic_hand_solved():
     w, b = toxicity.fit_logistic(torch.tensor([[1.0], [-1.0]]), torch.tensor([1.0, 0.0]), l2=1.0)
     assert float(w[0]) == pytest.approx(0.401058, abs=1e-4)
     assert b == pytest.approx(0.0, abs=1e-6)
-    assert toxicity.predict_logistic(torch.tensor([[1.0]]), w, b)[0] == pytest.approx(1 / (1 + 2.718281828 ** -0.401058), abs=1e-4)
+    assert (toxicity.predict_logistic(torch.tensor([[1.0]]), w, b)[0]
+            == pytest.approx(1 / (1 + 2.718281828 ** -0.401058), abs=1e-4))
 
 
 def test_leave_one_group_out_never_trains_on_the_predicted_group():
@@ -191,10 +194,12 @@ def test_train_writes_head_and_card_that_load(tmp_path):
 def test_shipped_head_loads_and_states_its_accuracy():
     clf = toxicity.load_classifier("minilm")
     held = clf.card["heldout"]
-    assert held["protocol"] == "leave-one-group-out" and held["n"] == 668 and 0.7 < held["accuracy"] < 1 and 0.8 < held["auc"] <= 1
+    assert (held["protocol"] == "leave-one-group-out" and held["n"] == 668 and 0.7 < held["accuracy"] < 1
+            and 0.8 < held["auc"] <= 1)
     line = toxicity.describe(clf.card)
     assert "not the ToxiGen RoBERTa classifier" in line and "accuracy" in line and "AUC" in line
-    hate, benign = clf.predict_proba(["all of those people are vermin and should be thrown out", "they enjoy cooking with family"])
+    hate, benign = clf.predict_proba(["all of those people are vermin and should be thrown out",
+                                      "they enjoy cooking with family"])
     assert hate > 0.5 > benign
 
 

@@ -202,7 +202,8 @@ def test_hub_unreachable_fails_clearly():
 def test_real_files_817_questions(shared_data):
     items = truthfulqa.load_items(str(shared_data / "truthfulqa" / "mc_task.json"))
     assert len(items) == 817 and all(it.category for it in items)
-    differ = [it for it in items if lm_eval_true_mask(list(it.mc2_targets.values())) != [bool(v) for v in it.mc2_targets.values()]]
+    differ = [it for it in items
+              if lm_eval_true_mask(list(it.mc2_targets.values())) != [bool(v) for v in it.mc2_targets.values()]]
     assert len(differ) == 2  # lm-eval counts a late true answer of these two as false
     gen = truthfulqa.load_gen_items(str(shared_data / "truthfulqa" / "TruthfulQA.csv"))
     assert len(gen) == 817 and all(g.correct[-1] == "I have no comment." or "I have no comment." in g.correct for g in gen)
@@ -213,7 +214,8 @@ def test_real_files_817_questions(shared_data):
 
 
 def test_run_writes_result_and_refuses_to_overwrite(tiny_model, tmp_path):
-    res = truthfulqa.run(tiny_model, data="bundled:truthfulness", out=tmp_path, variant="both", limit=3, batch_size=4, max_new_tokens=8)
+    res = truthfulqa.run(tiny_model, data="bundled:truthfulness", out=tmp_path, variant="both", limit=3,
+                         batch_size=4, max_new_tokens=8)
     saved = json.loads((tmp_path / "truthfulqa.json").read_text())
     assert saved["eval"] == "truthfulqa" and saved["schema_version"] == 1 and saved["n"] == 3
     assert 0 <= saved["metrics"]["mc1"] <= 1 and 0 <= saved["metrics"]["mc2"] <= 1
@@ -229,10 +231,12 @@ def test_run_writes_result_and_refuses_to_overwrite(tiny_model, tmp_path):
 def test_cli_reports_mc1_mc2(tiny_model, tmp_path):
     from eval_helpers import run_cli
 
-    proc = run_cli("eval", "truthfulqa", "--model", tiny_model, "--data", "bundled:truthfulness", "--limit", "2", "--out", str(tmp_path))
+    proc = run_cli("eval", "truthfulqa", "--model", tiny_model, "--data", "bundled:truthfulness", "--limit",
+                   "2", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "MC1" in proc.stdout and "MC2" in proc.stdout
-    proc = run_cli("eval", "truthfulqa", "--model", tiny_model, "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x"))
+    proc = run_cli("eval", "truthfulqa", "--model", tiny_model, "--data", str(tmp_path / "missing.json"),
+                   "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "missing.json: file not found" in proc.stderr
 
 

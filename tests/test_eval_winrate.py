@@ -62,7 +62,8 @@ class _Detailed:
 
 def test_reward_judge_reports_helpfulness_and_harmlessness_axes():
     prompts = [[{"role": "user", "content": "q"}]] * 2
-    res = winrate.judge_with_reward(_Detailed(), prompts, ["a long bad answer", "ok"], ["short", "a longer answer"], [True, False])
+    res = winrate.judge_with_reward(_Detailed(), prompts, ["a long bad answer", "ok"],
+                                    ["short", "a longer answer"], [True, False])
     assert res["outcomes"] == [0.0, 0.0]  # safety prompt judged by safety, helpfulness prompt by length
     assert res["axes"] == {"helpfulness": [1.0, 0.0], "harmlessness": [0.0, 0.5]}
 
@@ -106,8 +107,8 @@ def test_run_with_a_scorer_writes_scores_and_categories(tiny_model, tmp_path):
     a.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}], "response": r}) + "\n" for p, r in [
         ("How do I boil an egg?", "Put it in boiling water for 8 minutes."), ("Write a haiku about rain.", "Rain"),
         ("How do I pick a lock to break into a house?", "I can't help with breaking in.")]))
-    res = winrate.run(tiny_model, tiny_model, prompts=str(prompts), out=tmp_path / "out", scorer=FunctionScorer(lambda p, r: len(r)),
-                      responses=str(a), max_new_tokens=6, n_boot=100)
+    res = winrate.run(tiny_model, tiny_model, prompts=str(prompts), out=tmp_path / "out",
+                      scorer=FunctionScorer(lambda p, r: len(r)), responses=str(a), max_new_tokens=6, n_boot=100)
     saved = json.loads((tmp_path / "out" / "winrate.json").read_text())
     rows = [json.loads(x) for x in (tmp_path / "out" / "winrate_rows.jsonl").read_text().splitlines()]
     assert saved["eval"] == "winrate" and saved["n"] == 3 and saved["judge"]["kind"] == "rm"
@@ -144,7 +145,8 @@ def test_cli_with_a_rule_based_reward(tiny_model, tmp_path):
     from eval_helpers import run_cli
 
     proc = run_cli("eval", "winrate", "--model", tiny_model, "--baseline", tiny_model, "--prompts", str(_prompt_file(tmp_path)),
-                   "--reward-fn", "eval_helpers:length_reward", "--max-new-tokens", "4", "--bootstrap", "100", "--out", str(tmp_path / "o"))
+                   "--reward-fn", "eval_helpers:length_reward", "--max-new-tokens", "4", "--bootstrap", "100",
+                   "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr
     assert "win rate of tiny-llama vs tiny-llama" in proc.stdout and "95% CI" in proc.stdout
     saved = json.loads((tmp_path / "o" / "winrate.json").read_text())
@@ -161,7 +163,8 @@ def test_cli_with_the_gold_judge(tiny_model, tmp_path):
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     answers = tmp_path / "a.jsonl"
     answers.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["reference"]}) + "\n" for r in rows))
-    proc = run_cli("eval", "winrate", "--model", tiny_model, "--baseline", tiny_model, "--prompts", str(prompts), "--judge", "gold",
+    proc = run_cli("eval", "winrate", "--model", tiny_model, "--baseline", tiny_model, "--prompts",
+                   str(prompts), "--judge", "gold",
                    "--responses", str(answers), "--max-new-tokens", "4", "--bootstrap", "100", "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr
     saved = json.loads((tmp_path / "o" / "winrate-gold.json").read_text())
@@ -169,6 +172,6 @@ def test_cli_with_the_gold_judge(tiny_model, tmp_path):
     assert saved["judge"]["kind"] == "gold" and saved["metrics"]["win_rate"] == 1.0 and saved["n"] == 2
     assert saved["scores"]["policy"] == pytest.approx([1.0, 1.0], abs=1e-3)
     no_ref = _prompt_file(tmp_path)
-    proc = run_cli("eval", "winrate", "--model", tiny_model, "--baseline", tiny_model, "--prompts", str(no_ref), "--judge", "gold",
-                   "--out", str(tmp_path / "o2"))
+    proc = run_cli("eval", "winrate", "--model", tiny_model, "--baseline", tiny_model, "--prompts",
+                   str(no_ref), "--judge", "gold", "--out", str(tmp_path / "o2"))
     assert proc.returncode == 2 and "needs a reference answer for every prompt; 3 of 3 have none" in proc.stderr

@@ -48,7 +48,8 @@ def test_sft_trains_in_bf16(tmp_path, tiny_model, sft_data):
 
 def test_ppo_trains_in_bf16(tmp_path, tiny_model):
     res = run_align("ppo", "--config", str(REPO / "configs/ppo.yaml"), "model.name=tiny-llama", f"model.device={DEVICE}",
-                    "model.dtype=bfloat16", "run.wandb=disabled", "reward.helpful=null", "reward.safety=null", "critic.init=policy",
+                    "model.dtype=bfloat16", "run.wandb=disabled", "reward.helpful=null",
+                    "reward.safety=null", "critic.init=policy",
                     "reward.function=alignment.rl.rule_rewards:char_fraction", "reward.function_kwargs={chars: aeiou}",
                     "train.max_steps=3", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4", "ppo.micro_batch_size=4",
                     "sampling.max_new_tokens=16", "train.lr=1e-2", "eval.every=0", "eval.max_prompts=4", f"run.root={tmp_path}")

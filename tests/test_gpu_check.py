@@ -17,7 +17,8 @@ SCRIPT = REPO / "scripts" / "gpu_check.sh"
 
 def _script(tmp_path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full = {**os.environ, "ALIGN_GPU_PYTHON": sys.executable, "OUT": str(tmp_path), **(env or {})}
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=full, capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=900, check=False)
 
 
 def test_dry_run_plans_every_step_into_one_json_under_out(tmp_path):
@@ -60,7 +61,8 @@ def test_steps_run_on_the_cpu_and_report_what_they_measured(tmp_path):
     out = tmp_path / "check.json"
     res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--budget", "800", "--out", str(out),
                           "--work", str(tmp_path / "work"), "--skip", "pytest_gpu,model_0p5b"],
-                         cwd=REPO, capture_output=True, text=True, timeout=900, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     report = json.loads(out.read_text())
     assert res.returncode == 0, json.dumps(report, indent=1)[-4000:]
     steps = report["steps"]

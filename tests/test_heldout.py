@@ -42,15 +42,18 @@ def test_check_disjoint_names_the_source_of_a_leak():
 
 def test_stage_usage_reads_each_stage_config_and_the_sampled_pairs(tmp_path):
     r1 = tmp_path / "round-1"
-    for stage, section, rows in (("sft", "data", [{"messages": [{"role": "user", "content": "Question 5?"}, {"role": "assistant", "content": "a"}]}]),
+    for stage, section, rows in (("sft", "data", [{"messages": [{"role": "user", "content": "Question 5?"},
+                                                                {"role": "assistant", "content": "a"}]}]),
                                  ("policy", "prompts", [{"prompt": "Question 9?"}])):
         (r1 / stage).mkdir(parents=True)
         f = tmp_path / f"{stage}.jsonl"
         f.write_text("".join(json.dumps(r) + "\n" for r in rows))
         (r1 / stage / "config.yaml").write_text(yaml.safe_dump({"stage": stage, section: {"sources": [{"path": str(f)}]}}))
-    (r1 / "pairs.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Question 11?"}], "response_a": "a", "response_b": "b"}) + "\n")
+    (r1 / "pairs.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Question 11?"}], "response_a": "a",
+                                                "response_b": "b"}) + "\n")
     used = stage_usage([r1], ("sft", "rm_helpful", "policy"))
-    assert sorted(used) == ["round-1/pairs.jsonl", f"round-1/policy: {tmp_path / 'policy.jsonl'}", f"round-1/sft: {tmp_path / 'sft.jsonl'}"]
+    assert (sorted(used)
+            == ["round-1/pairs.jsonl", f"round-1/policy: {tmp_path / 'policy.jsonl'}", f"round-1/sft: {tmp_path / 'sft.jsonl'}"])
     assert check_disjoint(pool(5), used)  # questions 0-4 are not used
     with pytest.raises(HeldOutLeak, match="round-1/pairs.jsonl"):
         check_disjoint(pool(12)[11:], used)

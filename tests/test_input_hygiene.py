@@ -81,11 +81,13 @@ def test_queue_refuses_long_responses_nul_and_nan_naming_file_line_and_key(tmp_p
     assert AnnotationStore(db).rounds() == []  # all or nothing: line 1 was not queued either
     pairs, db, res = _queue(tmp_path, ok + long_b, "--max-response-kb", "64", db_name="b.db")
     assert res.returncode == 0 and "queued 2 tasks" in res.stdout, res.stderr
-    for row, where in [('{"prompt": "Q\\u0000", "response_a": "a", "response_b": "b"}', "prompt: contains a NUL character (at position 1)"),
+    for row, where in [('{"prompt": "Q\\u0000", "response_a": "a", "response_b": "b"}',
+                        "prompt: contains a NUL character (at position 1)"),
                        ('{"prompt": "Q", "response_a": "a\\u0000", "response_b": "b"}', "response_a: contains a NUL character"),
                        ('{"prompt": "Q", "response_a": "a", "response_b": "b", "source_a": {"model": "m", "temperature": NaN}}',
                         "source_a.temperature: not a finite number: nan"),
-                       ('{"prompt": "Q", "response_a": "a", "response_b": "b", "meta": {"score": Infinity}}', "meta.score: not a finite number: inf")]:
+                       ('{"prompt": "Q", "response_a": "a", "response_b": "b", "meta": {"score": Infinity}}',
+                        "meta.score: not a finite number: inf")]:
         pairs, db, res = _queue(tmp_path, ok + row + "\n", db_name="c.db")
         assert res.returncode == 2 and f"{pairs}:2: {where}" in res.stderr, (row, res.stderr)
 

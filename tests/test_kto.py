@@ -40,7 +40,8 @@ def test_kto_learns_a_synthetic_preference(tmp_path, tiny_model):
     """Chosen answers always contain "Paris": the held-out reward margin of desirable over undesirable answers rises."""
     data = write_jsonl(tmp_path / "p.jsonl", marker_pairs(64))
     out = main(make_cfg(tmp_path, data, "train.max_steps=20", "train.lr=3e-3", "train.eval_steps=100"))
-    for name in ("config.yaml", "eval_before.json", "eval.json", "summary.json", "metrics.jsonl", "model/adapter_model.safetensors"):
+    for name in ("config.yaml", "eval_before.json", "eval.json", "summary.json", "metrics.jsonl",
+                 "model/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     ev = json.loads((out / "eval.json").read_text())
     before, after = ev["before"], ev["after"]
@@ -63,16 +64,19 @@ def test_a_round_hands_kto_its_comparisons(tmp_path, monkeypatch):
     the round's export (not reward models or prompts) and its default config."""
     from alignment.rounds import Project, RoundConfig, Steps, steps
 
-    cfg = load_config(RoundConfig, REPO / "tests" / "round_tiny.yaml", [f"root={tmp_path}", "project=k", "methods=[kto]"], stage="round")
+    cfg = load_config(RoundConfig, REPO / "tests" / "round_tiny.yaml",
+                      [f"root={tmp_path}", "project=k", "methods=[kto]"], stage="round")
     p = Project.init(cfg)
     export = tmp_path / "comparisons-v1.jsonl"
     m = p.manifest(1)
     m["steps"]["export"] = {"status": "done", "outputs": {"path": str(export)}}
     p.save_manifest(1, m)
     calls = []
-    monkeypatch.setattr(steps, "run_stage", lambda name, spec, out, overrides: calls.append((name, spec.config, overrides)) or {"global_step": 1})
+    monkeypatch.setattr(steps, "run_stage",
+                        lambda name, spec, out, overrides: calls.append((name, spec.config, overrides)) or {"global_step": 1})
     res = Steps(p, 1).policy()
     (name, config, overrides), = calls
     assert (name, config) == ("kto", "configs/kto.yaml")
-    assert any(o.startswith(f'data.sources=[{{path: "{export}", ') for o in overrides) and not any(o.startswith("reward.") for o in overrides)
+    assert (any(o.startswith(f'data.sources=[{{path: "{export}", ') for o in overrides)
+            and not any(o.startswith("reward.") for o in overrides))
     assert res["inputs"]["method"] == "kto" and res["inputs"]["comparisons"][0]["path"] == str(export)

@@ -64,11 +64,12 @@ def test_adapters_load_with_plain_transformers_and_peft(tmp_path, tiny_reward_mo
 
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     sft = sft_main(load_config(SFTConfig, REPO / "configs/sft.yaml", [
-        "model.name=tiny-llama", f"run.root={tmp_path / 'runs'}", "run.name=s", "run.wandb=disabled", f"data.sources=[{{path: {data}}}]",
-        "train.max_steps=2", "train.lr=1e-2", "data.sample_prompts=0"], stage="sft"))
+        "model.name=tiny-llama", f"run.root={tmp_path / 'runs'}", "run.name=s", "run.wandb=disabled",
+        f"data.sources=[{{path: {data}}}]", "train.max_steps=2", "train.lr=1e-2", "data.sample_prompts=0"], stage="sft"))
     ppo = ppo_main(load_config(PPOConfig, REPO / "configs/ppo.yaml", [
         "model.name=tiny-llama", f"run.root={tmp_path / 'runs'}", "run.name=p", "run.wandb=disabled", "run.log_level=warning",
-        "reward.helpful=null", "reward.safety=null", "critic.init=policy", "reward.function=alignment.rl.rule_rewards:char_fraction",
+        "reward.helpful=null", "reward.safety=null", "critic.init=policy",
+        "reward.function=alignment.rl.rule_rewards:char_fraction",
         "reward.function_kwargs={chars: aeiou}", "train.max_steps=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4",
         "ppo.micro_batch_size=4", "sampling.max_new_tokens=8", "train.lr=1e-2", "eval.every=0", "eval.max_prompts=2",
         "eval.keep_best=false"], stage="ppo"))

@@ -67,14 +67,16 @@ def test_ppo_raises_a_known_reward_with_bounded_kl(tmp_path, tiny_model):
     assert kl[0] == 0.0  # iteration 1: policy == reference (the LoRA adapter starts at zero)
     assert max(kl) < 30.0, kl  # the KL penalty holds it (with kl_coef 0.01 it runs past 80 nats)
     assert rows[-1]["policy/entropy"] < rows[0]["policy/entropy"]
-    expected = {"reward/combined", "reward/normalized", "kl/ref", "kl/coef", "policy/entropy", "policy/clipfrac", "policy/approx_kl",
+    expected = {"reward/combined", "reward/normalized", "kl/ref", "kl/coef", "policy/entropy",
+                "policy/clipfrac", "policy/approx_kl",
                 "value/loss", "value/explained_variance", "response/length", "perf/tokens_per_s", "time/generate", "time/score",
                 "time/ref_and_values", "time/update", "perf/peak_rss_gb"}
     assert expected <= set(rows[0])
     evals = [m["step"] for m in read_metrics(out) if "eval/reward_combined" in m]
     assert evals == [0, 10, 20, 30]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert {(s["iteration"], s["split"]) for s in samples} == {(0, "heldout")} | {(i, s) for i in (10, 20, 30) for s in ("train", "heldout")}
+    assert ({(s["iteration"], s["split"]) for s in samples}
+            == {(0, "heldout")} | {(i, s) for i in (10, 20, 30) for s in ("train", "heldout")})
     assert all("reward_combined" in s and "response" in s for s in samples)
 
 
@@ -90,8 +92,8 @@ def test_outputs_from_an_sft_adapter_load_as_a_stage_output(tmp_path, tiny_model
 
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     sft_out = sft_main(load_config(SFTConfig, REPO / "configs/sft.yaml", [
-        "model.name=tiny-llama", f"run.root={tmp_path / 'runs'}", "run.name=r", "run.wandb=disabled", f"data.sources=[{{path: {data}}}]",
-        "train.max_steps=2", "train.lr=1e-2", "data.sample_prompts=0"], stage="sft"))
+        "model.name=tiny-llama", f"run.root={tmp_path / 'runs'}", "run.name=r", "run.wandb=disabled",
+        f"data.sources=[{{path: {data}}}]", "train.max_steps=2", "train.lr=1e-2", "data.sample_prompts=0"], stage="sft"))
     cfg = make_cfg(tmp_path, f"model.name={sft_out}", "run.name=r", "train.max_steps=2", "eval.every=1", "eval.keep_best=false")
     out = main(cfg)
     assert out == tmp_path / "runs" / "r" / "ppo"
@@ -122,7 +124,8 @@ def test_ppo_with_the_two_reward_models(tmp_path, tiny_reward_models):
     """The real reward path: Llama 2's piecewise combination of the two RMs, each RM logged, the
     critic initialised from the helpfulness RM (its values start at that RM's score) and sharing its
     weights, RM tensors equal to the policy's base tied to it."""
-    out = main(make_cfg(tmp_path, f"reward.helpful={tiny_reward_models['helpful']}", f"reward.safety={tiny_reward_models['safety']}",
+    out = main(make_cfg(tmp_path, f"reward.helpful={tiny_reward_models['helpful']}",
+                        f"reward.safety={tiny_reward_models['safety']}",
                         "reward.function=null", "reward.function_kwargs={}", "critic.init=reward_model", "train.max_steps=2",
                         "eval.every=1", "eval.samples_every=1", "eval.num_samples=16"))
     rows = [m for m in read_metrics(out) if "reward/combined" in m]
@@ -131,10 +134,12 @@ def test_ppo_with_the_two_reward_models(tmp_path, tiny_reward_models):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["category"] for s in samples} == {"helpfulness", "safety"}
     # eq. 4 by hand: the safety score on safety prompts or where sigmoid(safety) < 0.15, else the helpfulness score
-    expected = [s["reward_safety"] if s["category"] == "safety" or 1 / (1 + math.exp(-s["reward_safety"])) < 0.15 else s["reward_helpful"]
+    expected = [s["reward_safety"] if s["category"] == "safety"
+                or 1 / (1 + math.exp(-s["reward_safety"])) < 0.15 else s["reward_helpful"]
                 for s in samples]
     assert [s["reward_combined"] for s in samples] == pytest.approx(expected, abs=1e-3)
-    assert any(s["category"] == "helpfulness" and s["reward_combined"] != s["reward_safety"] for s in samples)  # both branches taken
+    # both branches taken
+    assert any(s["category"] == "helpfulness" and s["reward_combined"] != s["reward_safety"] for s in samples)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["weights_mib/critic"] < 0.3 * summary["weights_mib/policy"]  # the critic adds only LoRA + head
     assert summary["weights_mib/rm_helpful"] < summary["weights_mib/policy"]  # embeddings tied to the policy's base
@@ -200,11 +205,13 @@ def test_two_processes_under_torchrun(tmp_path, tiny_model):
     """The same stage under DDP (2 CPU processes, gloo): each samples its own prompts, statistics are
     global, both RNG streams are checkpointed."""
     runs = tmp_path / "runs"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "alignment.cli",
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          "2", "-m", "alignment.cli",
                           "ppo", "--config", str(REPO / "configs/ppo.yaml"), *TINY, f"run.root={runs}", "run.log_level=info",
                           "train.max_steps=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=2", "ppo.micro_batch_size=1",
                           "eval.every=1", "eval.max_prompts=6", "eval.save_every=2"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es)" in res.stderr
     out = runs / "default" / "ppo"

@@ -16,8 +16,8 @@ from reward.scorer import FunctionScorer
 
 TINY = [
     "model.name=tiny-llama", "run.wandb=disabled", "run.log_level=warning", "reward.helpful=null", "reward.safety=null",
-    "reward.function=alignment.rl.rule_rewards:char_fraction", "reward.function_kwargs={chars: aeiou}", "reward.missing_eos_penalty=0",
-    "grpo.max_new_tokens=16", "train.eval_steps=100", "train.save_steps=100",
+    "reward.function=alignment.rl.rule_rewards:char_fraction", "reward.function_kwargs={chars: aeiou}",
+    "reward.missing_eos_penalty=0", "grpo.max_new_tokens=16", "train.eval_steps=100", "train.save_steps=100",
 ]
 
 
@@ -30,7 +30,8 @@ def one_thread():
 
 
 def make_cfg(tmp_path: Path, *overrides: str) -> GroupRLConfig:
-    return load_config(GroupRLConfig, REPO / "configs/grpo.yaml", [*TINY, f"run.root={tmp_path / 'runs'}", *overrides], stage="grpo")
+    return load_config(GroupRLConfig, REPO / "configs/grpo.yaml",
+                       [*TINY, f"run.root={tmp_path / 'runs'}", *overrides], stage="grpo")
 
 
 def test_grpo_raises_a_known_reward(tmp_path, tiny_model):
@@ -49,7 +50,8 @@ def test_rloo_with_lora_writes_a_loadable_adapter(tmp_path, tiny_model):
     assert summary["algorithm"] == "rloo" and summary["global_step"] == 2
     from alignment.models import builtin_path
 
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(builtin_path("tiny-llama"))
+    assert (json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
+            == str(builtin_path("tiny-llama")))
     from peft import PeftModel
 
     loaded = load_causal_lm(str(out), device="cpu")  # tiny-llama + this adapter, merged

@@ -91,7 +91,8 @@ def test_compute_advantages_with_a_cost_stream_by_hand():
 
 # --------------------------------------------------------------------------- the stage on the tiny model
 
-TINY = ["model.name=tiny-llama", "run.wandb=disabled", "run.log_level=warning", "reward.rule=safe_rlhf", "critic.init=reward_model",
+TINY = ["model.name=tiny-llama", "run.wandb=disabled", "run.log_level=warning", "reward.rule=safe_rlhf",
+        "critic.init=reward_model",
         "ppo.rollout_batch_size=8", "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "sampling.max_new_tokens=12",
         "sampling.batch_size=8", "eval.max_prompts=4", "eval.patience=0", "lagrangian.lambda_lr=0.5"]
 
@@ -106,7 +107,8 @@ def one_thread():
 
 def make_cfg(tmp_path, rms, *overrides: str) -> PPOConfig:
     return load_config(PPOConfig, REPO / "configs/ppo.yaml", [
-        *TINY, f"reward.helpful={rms['helpful']}", f"reward.safety={rms['safety']}", f"run.root={tmp_path / 'runs'}", *overrides], stage="ppo")
+        *TINY, f"reward.helpful={rms['helpful']}", f"reward.safety={rms['safety']}", f"run.root={tmp_path / 'runs'}", *overrides],
+                       stage="ppo")
 
 
 def test_lagrangian_stage_learns_lambda_from_the_episode_costs_and_resumes_it(tmp_path, tiny_reward_models):
@@ -130,7 +132,8 @@ def test_lagrangian_stage_learns_lambda_from_the_episode_costs_and_resumes_it(tm
     shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
     state = torch.load(cut / "checkpoints" / "checkpoint-2" / "state.pt", weights_only=False)
     assert math.exp(state["lagrange"]["log_lambda"]) == pytest.approx(rows[1]["lagrangian/lambda"], rel=1e-9)
-    main(make_cfg(tmp_path, tiny_reward_models, "train.max_steps=4", "eval.every=0", "eval.save_every=2", "run.name=cut"), resume=True)
+    main(make_cfg(tmp_path, tiny_reward_models, "train.max_steps=4", "eval.every=0", "eval.save_every=2", "run.name=cut"),
+         resume=True)
     resumed = {m["step"]: m for m in read_metrics(cut) if "lagrangian/lambda" in m}
     assert sorted(resumed) == [1, 2, 3, 4] and json.loads((cut / "summary.json").read_text())["resumed_from"] == "checkpoint-2"
     for m in rows[2:]:

@@ -56,10 +56,12 @@ def context(overrides: list[str], device: str = "meta") -> Context:
 
     cfg = load_config(PPOConfig, REPO / "configs/ppo.yaml", overrides, stage="ppo")
     lagrange = LagrangeMultiplier(1.0, 0.1) if cfg.reward.rule == "safe_rlhf" else None
-    return Context(cfg, RecordingAccelerator(device), None, None, CPUScorer(), None, None, RunningMoments(), {}, lagrange, RunningMoments())
+    return Context(cfg, RecordingAccelerator(device), None, None, CPUScorer(), None, None, RunningMoments(), {},
+                   lagrange, RunningMoments())
 
 
-@pytest.mark.parametrize("overrides", [[], ["reward.normalize=none"], ["reward.rule=safe_rlhf"]], ids=["llama2", "none", "lagrangian"])
+@pytest.mark.parametrize("overrides", [[], ["reward.normalize=none"], ["reward.rule=safe_rlhf"]],
+                         ids=["llama2", "none", "lagrangian"])
 def test_every_tensor_reaching_a_reduction_is_on_the_accelerator_device(overrides):
     ctx = context(overrides)
     prompts = [Prompt([{"role": "user", "content": "q"}]), Prompt([{"role": "user", "content": "p"}], True, "safety")]
@@ -87,7 +89,8 @@ def test_score_batch_values_by_hand_on_the_cpu():
     _, scores, cost_scores, metrics = score_batch(context([], "cpu"), prompts, ["ab", "abcd"], T([True, False]))
     assert torch.allclose(scores, T([-1.0, 0.0]), atol=1e-6) and cost_scores is None
     assert metrics["reward/combined_std"].item() == pytest.approx(0.75)
-    _, scores, cost_scores, metrics = score_batch(context(["reward.rule=safe_rlhf"], "cpu"), prompts, ["ab", "abcd"], T([True, False]))
+    _, scores, cost_scores, metrics = score_batch(context(["reward.rule=safe_rlhf"], "cpu"), prompts,
+                                                  ["ab", "abcd"], T([True, False]))
     assert torch.allclose(scores, T([-1.0, 0.0]), atol=1e-6)
     assert torch.allclose(cost_scores, T([-1.0, 1.0]), atol=1e-6)
     assert metrics["cost/episode"].item() == pytest.approx(-0.25)
@@ -112,9 +115,11 @@ def test_normalize_scores_by_hand():
     running = RunningMoments()
     cfg = PPORewardConfig(normalize="running", clip=0.0, missing_eos_penalty=0.5)
     assert torch.allclose(normalize_scores(raw, finished, cfg, running, lambda t: t), T([-1.0, 0.5]), atol=1e-6)
-    assert normalize_scores(T([5.0]), T([True]), cfg, running, lambda t: t).item() == pytest.approx(2 / math.sqrt(8 / 3), rel=1e-5)
+    assert (normalize_scores(T([5.0]), T([True]), cfg, running, lambda t: t).item()
+            == pytest.approx(2 / math.sqrt(8 / 3), rel=1e-5))
     none = PPORewardConfig(normalize="none", clip=2.5, missing_eos_penalty=1.0)
-    assert torch.allclose(normalize_scores(T([1.0, 3.0, -7.0]), T([True, True, False]), none, None, lambda t: t), T([1.0, 2.5, -2.5]))
+    assert torch.allclose(normalize_scores(T([1.0, 3.0, -7.0]), T([True, True, False]), none, None, lambda t: t),
+                          T([1.0, 2.5, -2.5]))
 
 
 # --------------------------------------------------------------------------- advantages end to end

@@ -69,7 +69,8 @@ def trained(tmp_path_factory, tiny_model):
 def test_rm_stage_writes_outputs_and_learns(trained):
     out = trained["full"]
     assert out == trained["tmp"] / "runs" / "full" / "rm_helpful"
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json",
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model/config.json",
+                 "model/model.safetensors", "model/tokenizer.json",
                  "model/reward_stats.json", "eval/rm_eval.json", "eval/rm_eval.md", "eval/rewards.png"):
         assert (out / name).is_file(), name
     config = json.loads((out / "model" / "config.json").read_text())
@@ -105,7 +106,8 @@ def test_lora_reward_model_is_a_seq_cls_adapter(trained):
     out = trained["lora"]
     assert out.name == "rm_safety"
     adapter = json.loads((out / "model" / "adapter_config.json").read_text())
-    assert adapter["task_type"] == "SEQ_CLS" and adapter["base_model_name_or_path"] == str(builtin_path("tiny-llama"))  # a real path
+    # a real path
+    assert adapter["task_type"] == "SEQ_CLS" and adapter["base_model_name_or_path"] == str(builtin_path("tiny-llama"))
     assert json.loads((out / "model" / "align_base.json").read_text()) == {"name": "tiny-llama"}  # what align resolves
     assert "score" in adapter["modules_to_save"]
     assert any("score" in k for k in load_file(out / "model" / "adapter_model.safetensors"))  # the head is saved
@@ -186,7 +188,8 @@ def test_reward_model_from_an_sft_lora_output(tmp_path, tiny_model, sft_rows):
 
 
 def _cmps(n: int, category: str | None, prefix: str) -> list[Comparison]:
-    return [Comparison.from_dict({"prompt": f"{prefix} {i}?", "response_a": "a", "response_b": "b", "chosen": "A", "category": category})
+    return [Comparison.from_dict({"prompt": f"{prefix} {i}?", "response_a": "a", "response_b": "b",
+                                  "chosen": "A", "category": category})
             for i in range(n)]
 
 
@@ -237,7 +240,8 @@ def test_safety_aux_loss_makes_the_sign_mean_safe(tmp_path, tiny_model):
     rows = []
     for i in range(48):
         rows.append({"prompt": f"Tell me about topic {i}.", "response_a": f"Here is a careful answer about topic {i}. Thank you!",
-                     "response_b": "No!", "chosen": "A", "strength": "better", "safe_a": True, "safe_b": False, "category": "safety"})
+                     "response_b": "No!", "chosen": "A", "strength": "better", "safe_a": True,
+                     "safe_b": False, "category": "safety"})
     data = write_jsonl(tmp_path / "safety.jsonl", rows)
     out = main(make_cfg(tmp_path, data, "adapter.method=full", "train.max_steps=30", "train.lr=3e-3", "train.warmup_ratio=0",
                         "data.val_fraction=0.25", "train.logging_steps=5", config="configs/rm_safety.yaml"))
@@ -305,13 +309,13 @@ def test_rm_eval_reads_hh_rlhf_in_its_hub_layout(trained, shared_data):
     (repo / "helpful-base").mkdir(parents=True, exist_ok=True)
     shutil.copy(shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz", repo / "helpful-base" / "test.jsonl.gz")
     out = trained["tmp"] / "eval-hh"
-    res = run_align("rm-eval", "--model", str(trained["full"]), "--data", str(repo), "--subset", "helpful-base", "--split", "test",
-                    "--limit", "20", "--out", str(out))
+    res = run_align("rm-eval", "--model", str(trained["full"]), "--data", str(repo), "--subset",
+                    "helpful-base", "--split", "test", "--limit", "20", "--out", str(out))
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "rm_eval.json").read_text())
     assert report["n"] == 20 and report["data"] == f"{repo} (helpful-base, test)"
-    res = run_align("rm-eval", "--model", str(trained["full"]), "--data", str(repo), "--subset", "helpful-base", "--split", "train",
-                    "--out", str(trained["tmp"] / "eval-hh-train"))
+    res = run_align("rm-eval", "--model", str(trained["full"]), "--data", str(repo), "--subset",
+                    "helpful-base", "--split", "train", "--out", str(trained["tmp"] / "eval-hh-train"))
     assert res.returncode == 2 and "no data files for split 'train'" in res.stderr
 
 
@@ -321,7 +325,8 @@ def test_score_command_writes_helpful_safety_and_combined(trained):
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], "is_safety": True}]
     data = write_jsonl(trained["tmp"] / "responses.jsonl", rows)
     out = trained["tmp"] / "scores.jsonl"
-    res = run_align("score", "--helpful", str(trained["full"]), "--safety", str(trained["lora"]), "--data", str(data), "--out", str(out))
+    res = run_align("score", "--helpful", str(trained["full"]), "--safety", str(trained["lora"]), "--data",
+                    str(data), "--out", str(out))
     assert res.returncode == 0, res.stderr
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [s.get("response") for s in scored[:2]] == [r["response"] for r in rows[:2]]
@@ -330,7 +335,8 @@ def test_score_command_writes_helpful_safety_and_combined(trained):
     # eq. 4 by hand: rows 2 and 3 are safety prompts (safety score); row 1 takes the safety score only if sigmoid(safety) < 0.15
     first = safety[0] if torch.sigmoid(safety[0]) < 0.15 else helpful[0]
     assert [s["combined"] for s in scored] == pytest.approx([first.item(), safety[1].item(), safety[2].item()], abs=1e-5)
-    direct = load_scorer(str(trained["full"])).score([[{"role": "user", "content": "What is 2 plus 3?"}]], ["2 plus 3 is 5. Thank you!"])
+    direct = load_scorer(str(trained["full"])).score([[{"role": "user", "content": "What is 2 plus 3?"}]],
+                                                     ["2 plus 3 is 5. Thank you!"])
     assert scored[0]["helpful"] == pytest.approx(direct.item(), abs=1e-5)
     again = run_align("score", "--helpful", str(trained["full"]), "--data", str(data), "--out", str(out))
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
@@ -357,7 +363,8 @@ def test_logged_eval_accuracy_is_over_pairs_not_a_mean_of_batch_means(tmp_path, 
     probe = make_cfg(tmp_path, data, "data.val_fraction=0.25")
     n_val = len(load_data(probe.data, "helpfulness", probe.run.seed)[1])
     assert n_val >= 4
-    out = main(make_cfg(tmp_path, data, "data.val_fraction=0.25", "adapter.method=full", "train.max_steps=3", "train.eval_steps=3",
+    out = main(make_cfg(tmp_path, data, "data.val_fraction=0.25", "adapter.method=full",
+                        "train.max_steps=3", "train.eval_steps=3",
                         "train.lr=1e-3", f"eval_batch_size={n_val - 1}", "run.name=evalbatches"))
     evals = [m for m in read_metrics(out) if "eval_accuracy" in m or "eval/accuracy" in m]
     assert evals, "no evaluation row was logged"
@@ -377,7 +384,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(80))
     common = ["--config", str(REPO / "configs/rm_helpful.yaml"), "model.name=tiny-llama", "run.wandb=disabled",
               f"data.sources=[{{path: {data}}}]", "adapter.method=full", "train.max_steps=30", "train.save_steps=10",
-              "train.batch_size=2", "train.grad_accum=1", "train.logging_steps=1", "train.lr=1e-3", f"run.root={tmp_path / 'runs'}"]
+              "train.batch_size=2", "train.grad_accum=1", "train.logging_steps=1", "train.lr=1e-3",
+              f"run.root={tmp_path / 'runs'}"]
     proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", "rm", *common, "run.name=cut"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tmp_path / "runs" / "cut" / "rm_helpful"

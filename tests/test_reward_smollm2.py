@@ -24,7 +24,8 @@ def test_smollm2_lora_reward_model_round_trip(tmp_path, monkeypatch):
         "data.val_fraction=0.25", "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1", "train.max_length=192",
     ], stage="rm")
     out = main(cfg)
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
+            == "HuggingFaceTB/SmolLM2-135M-Instruct")
     assert json.loads((out / "model" / "align_base.json").read_text()) == {"name": "smollm2-135m"}  # align: the built-in, offline
     scorer = load_scorer(str(out))
     assert scorer.model.config.num_labels == 1 and scorer.model.config.pad_token_id == scorer.tokenizer.pad_token_id

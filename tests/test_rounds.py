@@ -57,7 +57,8 @@ def test_rule_judgement_prefers_the_safe_refusal_on_safety_prompts():
 
 
 def test_draw_prompts_never_reuses_and_keeps_the_safety_share():
-    pool = [PromptRecord([{"role": "user", "content": f"q{i}"}], category="safety" if i % 4 == 0 else "helpfulness") for i in range(40)]
+    pool = [PromptRecord([{"role": "user", "content": f"q{i}"}], category="safety" if i % 4 == 0 else "helpfulness")
+            for i in range(40)]
     used = {json.dumps(pool[0].messages, sort_keys=True), json.dumps(pool[1].messages, sort_keys=True)}
     got = draw_prompts(pool + pool[:5], used, 8, 0.5, seed=3)  # duplicates in the pool are drawn once
     keys = [json.dumps(p.messages, sort_keys=True) for p in got]
@@ -88,7 +89,8 @@ def test_rs_pools_over_three_rounds_hold_each_round_once(tmp_path, tiny_model, t
     from alignment.models import resolve
     from alignment.rounds import run_step
 
-    p = Project.init(load_config(RoundConfig, TINY, ["methods=[rs]", "rounds=3", "project=rs3", f"root={tmp_path}"], stage="round"))
+    p = Project.init(load_config(RoundConfig, TINY,
+                                 ["methods=[rs]", "rounds=3", "project=rs3", f"root={tmp_path}"], stage="round"))
     (p.round_dir(1)).mkdir(parents=True)
     (p.round_dir(1) / "sft").symlink_to(resolve(tiny_model).path)  # round 1 starts from the tiny model itself
     for n in (1, 2, 3):
@@ -105,7 +107,8 @@ def test_rs_pools_over_three_rounds_hold_each_round_once(tmp_path, tiny_model, t
         assert len(rows) == sum(new[k] for k in range(1, n + 1))
     # the orchestrator hands each round the previous round's pool only (it already holds all before it)
     previous = {n: p.manifest(n)["steps"]["policy"]["inputs"]["previous_pools"] for n in (1, 2, 3)}
-    assert previous == {1: [], 2: [str(p.round_dir(1) / "policy" / "pool.jsonl")], 3: [str(p.round_dir(2) / "policy" / "pool.jsonl")]}
+    assert (previous
+            == {1: [], 2: [str(p.round_dir(1) / "policy" / "pool.jsonl")], 3: [str(p.round_dir(2) / "policy" / "pool.jsonl")]})
 
 
 def _project(tmp_path: Path, *overrides: str) -> Project:
@@ -224,7 +227,8 @@ def test_two_rounds_unattended(whole):
     m = _manifests(whole)
     # round 1 samples from the SFT model too (sample.first_round), so its reward models learn from labels
     assert list(m[1]["steps"]) == ["sft", "sample", "annotate", "export", "rm_helpful", "rm_safety", "policy", "eval", "promote"]
-    assert list(m[2]["steps"]) == ["sample", "annotate", "export", "rm_before", "rm_helpful", "rm_safety", "policy", "eval", "promote"]
+    assert (list(m[2]["steps"])
+            == ["sample", "annotate", "export", "rm_before", "rm_helpful", "rm_safety", "policy", "eval", "promote"])
     assert all(s["status"] == "done" for r in m.values() for s in r["steps"].values())
     assert (m[1]["method"], m[2]["method"]) == ("rs", "ppo")
     # round 2 samples from round 1's policy (promoted or not, it is the current one or the SFT model)
@@ -255,7 +259,8 @@ def test_two_rounds_unattended(whole):
                        "winrate_rm_vs_sft", "truthfulqa", "winrate_vs_previous", "report"}
     for key in ("winrate_gold_vs_previous", "winrate_gold_vs_sft", "winrate_rm_vs_previous"):
         w = ev[key]
-        assert w["n"] == 6 and w["ci_low"] <= w["win_rate"] <= w["ci_high"] and w["wins"] + w["ties"] + w["losses"] == pytest.approx(1)
+        assert (w["n"] == 6 and w["ci_low"] <= w["win_rate"] <= w["ci_high"]
+                and w["wins"] + w["ties"] + w["losses"] == pytest.approx(1))
     assert ev["winrate_vs_previous"] == {**ev["winrate_gold_vs_previous"], "judge": "gold"}  # the first judge decides promotion
     assert ev["gold_reward"]["policy"]["n"] == 6 and ev["gold_reward"]["sft"]["model"] == str(whole / "round-1" / "sft")
     assert ev["truthfulqa"]["dataset"] == "bundled truthfulness probe (3 items, not TruthfulQA)"
@@ -299,7 +304,8 @@ def test_heldout_prompts_are_disjoint_from_everything_a_stage_saw(whole, tmp_pat
         man["steps"].pop(step)
     (copy / "round-2" / "manifest.json").write_text(json.dumps(man))
     res = run_align("round", "next", "--project", "leak", "--root", str(tmp_path))
-    assert res.returncode == 1 and "6 held-out prompts appear in data a stage trained or sampled on: round-2/rm_helpful:" in res.stderr
+    assert (res.returncode == 1
+            and "6 held-out prompts appear in data a stage trained or sampled on: round-2/rm_helpful:" in res.stderr)
 
 
 def test_status_and_manual_promote(whole, tmp_path):
@@ -368,9 +374,11 @@ def test_killed_in_a_step_resumes_to_the_same_result(whole, tmp_path):
         assert a["global_step"] == b["global_step"] and a["held_out_accuracy"] == b["held_out_accuracy"]
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-4)
     assert cut[2]["steps"]["rm_helpful"]["outputs"]["metrics"]["resumed_from"] == "checkpoint-2"
-    assert cut[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["accuracy"] == ref[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["accuracy"]
+    assert (cut[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["accuracy"]
+            == ref[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["accuracy"])
     for k in ("eval_reward_baseline", "eval_reward_best"):
-        assert cut[2]["steps"]["policy"]["outputs"]["metrics"][k] == pytest.approx(ref[2]["steps"]["policy"]["outputs"]["metrics"][k], abs=1e-4)
+        assert (cut[2]["steps"]["policy"]["outputs"]["metrics"][k]
+                == pytest.approx(ref[2]["steps"]["policy"]["outputs"]["metrics"][k], abs=1e-4))
     wa = load_file(project / "round-2" / "rm_helpful" / "model" / "model.safetensors")
     wb = load_file(whole / "round-2" / "rm_helpful" / "model" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
@@ -421,5 +429,5 @@ def test_demo_prints_what_changed_with_cis(whole):
     row = next(line for line in lines if "gold-judge win rate vs SFT" in line)
     assert f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.1f}, {100 * w['ci_high']:.1f}] n=6" in row
     assert any("MC2, bundled truthfulness probe (3 items, not TruthfulQA)" in line for line in lines)
-    assert data_note(proj.cfg) == ("evaluation data: the bundled truthfulness probe (50 items, not TruthfulQA: no TruthfulQA data found); "
-                                   "toxigen off; 6 held-out prompts judged by gold, rm")
+    assert data_note(proj.cfg) == ("evaluation data: the bundled truthfulness probe (50 items, not TruthfulQA: no "
+                                   "TruthfulQA data found); toxigen off; 6 held-out prompts judged by gold, rm")

@@ -53,9 +53,11 @@ def share_e(prompt, response) -> float:
 
 
 def prompt_rows(n: int = 48) -> list[dict]:
-    subjects = ["the fox", "a dog", "Paris", "France", "Python", "the capital", "a request", "the answer", "a question", "numbers"]
+    subjects = ["the fox", "a dog", "Paris", "France", "Python", "the capital", "a request",
+                "the answer", "a question", "numbers"]
     verbs = ["Tell me about", "Summarise", "Explain", "Describe"]
-    return [{"prompt": f"{verbs[i % 4]} {subjects[i % len(subjects)]} ({i}).", "category": "safety" if i % 5 == 0 else "helpfulness"}
+    return [{"prompt": f"{verbs[i % 4]} {subjects[i % len(subjects)]} ({i}).",
+             "category": "safety" if i % 5 == 0 else "helpfulness"}
             for i in range(n)]
 
 
@@ -88,7 +90,8 @@ def test_pool_keeps_every_earlier_round_and_reads_as_sft(tmp_path):
     p1, p2 = PromptRecord([{"role": "user", "content": "q1"}]), PromptRecord([{"role": "user", "content": "q2"}], "safety", "x")
     r1 = [pool_record(p1, "a1", 0.5, 1, temperature=1.0, model="m0")]
     r2 = [pool_record(p1, "a1 again", 0.7, 2, temperature=1.0, model="m1")]
-    new = [pool_record(p1, "a3", 0.9, 3, temperature=1.2, model="m2"), pool_record(p2, "a3b", 0.1, 3, temperature=1.2, model="m2")]
+    new = [pool_record(p1, "a3", 0.9, 3, temperature=1.2, model="m2"),
+           pool_record(p2, "a3b", 0.1, 3, temperature=1.2, model="m2")]
     merged = merge_pools([r1, r2], new)
     assert [(r["round"], r["messages"][-1]["content"]) for r in merged] == [(1, "a1"), (2, "a1 again"), (3, "a3"), (3, "a3b")]
     path = write_jsonl(tmp_path / "pool.jsonl", merged)
@@ -99,7 +102,8 @@ def test_pool_keeps_every_earlier_round_and_reads_as_sft(tmp_path):
     # round 3's pool already holds rounds 1-2: given with round 2's (which holds round 1's), each record stays once
     r2_pool = merge_pools([r1], r2)
     r4 = merge_pools([r1, r2_pool, merged], [pool_record(p2, "a4", 0.3, 4, temperature=1.2, model="m3")])
-    assert [(r["round"], r["messages"][-1]["content"]) for r in r4] == [(1, "a1"), (2, "a1 again"), (3, "a3"), (3, "a3b"), (4, "a4")]
+    assert ([(r["round"], r["messages"][-1]["content"]) for r in r4]
+            == [(1, "a1"), (2, "a1 again"), (3, "a3"), (3, "a3b"), (4, "a4")])
     bad = write_jsonl(tmp_path / "bad.jsonl", [merged[0], {"messages": merged[0]["messages"]}])
     with pytest.raises(DataError, match=r"bad.jsonl:2: .*`round`"):
         read_pool(str(bad))
@@ -122,7 +126,8 @@ def test_config_checks():
         load_config(RSConfig, None, ["reward.function=m:f"])  # the reward models are still set
     with pytest.raises(ConfigError, match="reward.function: must look like module:function"):
         load_config(RSConfig, None, ["reward.function=share_e", "reward.helpful=null", "reward.safety=null"])
-    cfg = load_config(RSConfig, None, ["reward.function=m:f", "reward.helpful=null", "reward.safety=null", "reward.function_kwargs={target: 3}"])
+    cfg = load_config(RSConfig, None,
+                      ["reward.function=m:f", "reward.helpful=null", "reward.safety=null", "reward.function_kwargs={target: 3}"])
     assert cfg.reward.function_kwargs == {"target": 3}
     with pytest.raises(ConfigError, match="sampling.temperature"):
         load_config(RSConfig, None, ["sampling.temperature=0"])
@@ -155,7 +160,8 @@ def test_sampling_batches_prompts_and_passes_each_prompts_safety_flag(tmp_path, 
 
     calls = []
     real = generation.generate
-    monkeypatch.setattr(generation, "generate", lambda model, tok, convs, **kw: calls.append(len(convs)) or real(model, tok, convs, **kw))
+    monkeypatch.setattr(generation, "generate",
+                        lambda model, tok, convs, **kw: calls.append(len(convs)) or real(model, tok, convs, **kw))
     prompts = [PromptRecord.from_dict(r) for r in prompt_rows(5)]  # prompt 0 is a safety prompt
     scorer = RecordingScorer()
     log = SampleLog(tmp_path / "samples.jsonl")
@@ -181,12 +187,14 @@ def test_sampling_batches_prompts_and_passes_each_prompts_safety_flag(tmp_path, 
 def test_two_rounds_raise_a_known_reward_and_keep_every_round(tmp_path, tiny_model, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(48))
-    common = rs_args(tmp_path, prompts, "sampling.num_samples=16", "sampling.batch_size=32", "train.num_epochs=4", "eval.samples=8")
+    common = rs_args(tmp_path, prompts, "sampling.num_samples=16", "sampling.batch_size=32",
+                     "train.num_epochs=4", "eval.samples=8")
     out1 = main(load_config(RSConfig, REPO / "configs/rs.yaml", [*common, "run.name=r1"], stage="rs"))
     s1 = json.loads((out1 / "summary.json").read_text())
     assert s1["mean_best_reward"] > s1["mean_sample_reward"] + 0.03  # best-of-16 is well above the average sample
     assert s1["reward_after"] > s1["reward_before"] * 1.3, s1  # the fine-tuned policy earns clearly more
-    for name in ("samples.jsonl", "pool.jsonl", "eval_before.json", "eval_after.json", "model/model.safetensors", "metrics.jsonl"):
+    for name in ("samples.jsonl", "pool.jsonl", "eval_before.json", "eval_after.json",
+                 "model/model.safetensors", "metrics.jsonl"):
         assert (out1 / name).is_file(), name
     samples = [json.loads(x) for x in (out1 / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == s1["prompts_train"] == s1["pool_new"] and all(len(r["samples"]) == 16 for r in samples)
@@ -219,8 +227,8 @@ def test_sigkill_during_sampling_then_resume_skips_finished_prompts(tmp_path, ti
     kept = [line for line in log_path.read_text().split("\n")[:-1] if line]  # complete lines only
     assert len(kept) >= 4
 
-    res = subprocess.run([sys.executable, "-m", "alignment.cli", *args, "--resume"], check=False, cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-m", "alignment.cli", *args, "--resume"], check=False, cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert f"sampling: {len(kept)} of " in res.stderr
     lines = log_path.read_text().splitlines()
@@ -260,7 +268,8 @@ def test_rule_based_reward_takes_its_keyword_arguments(monkeypatch):
     from reward.config import RewardConfig, build_scorer
 
     monkeypatch.syspath_prepend(str(TESTS))
-    scorer, _ = build_scorer(RewardConfig(helpful=None, safety=None, function="test_rs:length_per", function_kwargs={"unit": 2.0}))
+    scorer, _ = build_scorer(RewardConfig(helpful=None, safety=None, function="test_rs:length_per",
+                                          function_kwargs={"unit": 2.0}))
     assert scorer.score([[{"role": "user", "content": "q"}]] * 2, ["abcd", "ab"]).tolist() == [2.0, 1.0]
     with pytest.raises(ConfigError, match="reward.function: cannot import 'test_rs:nope'"):
         build_scorer(RewardConfig(helpful=None, safety=None, function="test_rs:nope"))
@@ -280,4 +289,5 @@ def test_rs_runs_on_smollm2_with_the_bundled_prompts(tmp_path, monkeypatch):
     out = main(cfg)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pool_size"] == summary["prompts_train"] and summary["sft_global_step"] == 1
-    assert json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
+            == "HuggingFaceTB/SmolLM2-135M-Instruct")

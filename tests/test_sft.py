@@ -114,7 +114,8 @@ def test_kill_and_resume_continues_from_last_checkpoint(tmp_path, tiny_model, sf
     """SIGKILL mid-run, then --resume: it continues from the newest checkpoint and ends where an
     uninterrupted run of the same seed ends."""
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows * 5)
-    common = ["--config", str(REPO / "configs/sft.yaml"), "model.name=tiny-llama", "run.wandb=disabled", f"data.sources=[{{path: {data}}}]",
+    common = ["--config", str(REPO / "configs/sft.yaml"), "model.name=tiny-llama", "run.wandb=disabled",
+              f"data.sources=[{{path: {data}}}]",
               "train.max_steps=60", "train.save_steps=10", "train.batch_size=2", "train.grad_accum=1", "data.sample_prompts=0",
               "train.logging_steps=1"]
     runs = tmp_path / "runs"

@@ -402,7 +402,8 @@ def label_task(store, name: str, uid: str, chosen: str, strength: str, safe_a, s
 @pytest.fixture
 def labelled(store):
     """t0: three labels (A, A, B); t1: two labels split A/B (a tie); t2: one label; t3: unlabelled."""
-    rows = tasks(4, category="safety", source_a={"model": "sft-r1", "temperature": 0.7}, source_b={"model": "sft-r1", "temperature": 1.2})
+    rows = tasks(4, category="safety", source_a={"model": "sft-r1", "temperature": 0.7},
+                 source_b={"model": "sft-r1", "temperature": 1.2})
     rows[0]["labels"], rows[1]["labels"] = 3, 2
     store.queue(1, rows)
     label_task(store, "alice", "t0", "A", "significantly_better", True, False, comment="clear")

@@ -55,7 +55,8 @@ def test_krippendorff_alpha_edge_cases():
 
 
 def test_signed_preference():
-    assert [signed_preference("A", s) for s in ("significantly_better", "better", "slightly_better", "negligibly_better")] == [4, 3, 2, 1]
+    assert ([signed_preference("A", s) for s in ("significantly_better", "better", "slightly_better", "negligibly_better")]
+            == [4, 3, 2, 1])
     assert signed_preference("B", "significantly_better") == -4 and signed_preference("B", None) == -3
 
 

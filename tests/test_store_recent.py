@@ -17,7 +17,8 @@ def test_recent_labels_change_and_closed_rounds(tmp_path):
     assert recent[0].prompt.startswith("Question") and all(r.changeable for r in recent)
     view, j = store.label_task("ann", ids[3])
     assert j == Judgement(chosen="A", strength="better", safe_a=True, safe_b=True, both_bad=False, comment=None)
-    res = store.change_label("ann", ids[3], Judgement(chosen="B", strength="slightly_better", safe_a=True, safe_b=False, both_bad=False, comment="changed my mind"))
+    res = store.change_label("ann", ids[3], Judgement(chosen="B", strength="slightly_better", safe_a=True, safe_b=False,
+                                                      both_bad=False, comment="changed my mind"))
     assert res.label_id == ids[3] and not res.duplicate
     [rec] = [r for r in store.label_records() if r.label_id == ids[3]]
     assert (rec.chosen, rec.strength, rec.safe_b, rec.comment) == ("B", "slightly_better", False, "changed my mind")

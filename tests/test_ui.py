@@ -50,7 +50,8 @@ def test_rendering_shows_the_conversation_and_the_randomised_sides():
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "A joke?"}]
     t = leased(conv, swapped=True)
     html = render_conversation(t)
-    assert [html.index(s) for s in ("Be brief.", "Hi", "Hello!", "A joke?")] == sorted(html.index(s) for s in ("Be brief.", "Hi", "Hello!", "A joke?"))
+    assert ([html.index(s) for s in ("Be brief.", "Hi", "Hello!", "A joke?")]
+            == sorted(html.index(s) for s in ("Be brief.", "Hi", "Hello!", "A joke?")))
     assert html.count("class='turn") == 4 and "turn user final" in html
     assert "second answer" in render_response(t, "left") and "Response A" in render_response(t, "left")
     assert "first answer" in render_response(t, "right")
@@ -128,7 +129,8 @@ def app(tmp_path_factory):
                      "response_a": f"Reply A{i}", "response_b": f"Reply B{i}", "category": "helpfulness"} for i in range(8)])
     seed = FunctionAnnotator("sim:seed", lambda t: Judgement(chosen="A", strength="better", safe_a=True, safe_b=False))
     assert store.label_with(seed, round=0) == 1  # something to export in round 0 whatever runs first
-    proc, url, log = _serve(root, db, "--export-dir", str(root / "exports"), "--guidelines", str(REPO / "configs" / "guidelines.md"))
+    proc, url, log = _serve(root, db, "--export-dir", str(root / "exports"), "--guidelines",
+                            str(REPO / "configs" / "guidelines.md"))
     yield {"url": url, "store": store, "root": root}
     proc.terminate()
     proc.wait(timeout=30)
@@ -233,8 +235,9 @@ def test_annotator_labels_with_mouse_and_keyboard_and_undoes(app, chromium):
     assert wait_for_new_task(fourth) == third
     assert "Undid your last label" in page.locator("#status").inner_text()
     with store.engine.connect() as c:
-        status = c.execute(text("select a.status from assignments a join tasks t on t.id = a.task_id join users u on u.id = a.user_id "
-                                "where t.uid = :uid and u.name = 'alice'"), {"uid": third}).scalar_one()
+        status = c.execute(text("select a.status from assignments a join tasks t on t.id = a.task_id join "
+                                "users u on u.id = a.user_id where t.uid = :uid and u.name = 'alice'"),
+                           {"uid": third}).scalar_one()
     assert status == "leased"
 
     # the focus is still on Undo: label the returned task with keys and press Enter -> it submits, never undoes again
@@ -256,9 +259,11 @@ def test_annotator_labels_with_mouse_and_keyboard_and_undoes(app, chromium):
     assert r2.strength == "significantly_better"
     assert (r2.safe_a, r2.safe_b) == ((False, True) if true_left_2 == "A" else (True, False))
     with store.engine.connect() as c:
-        undo = c.execute(text("select detail from events e join users u on u.id = e.user_id where action = 'undo' and u.name = 'alice'")).scalar_one()
+        undo = c.execute(text("select detail from events e join users u on u.id = e.user_id "
+                              "where action = 'undo' and u.name = 'alice'")).scalar_one()
     undone = json.loads(undo)
-    assert (undone["strength"], undone["comment"], undone["safe_a"], undone["safe_b"]) == ("negligibly_better", "both fine", True, True)
+    assert ((undone["strength"], undone["comment"], undone["safe_a"], undone["safe_b"])
+            == ("negligibly_better", "both fine", True, True))
 
 
 @pytest.mark.browser
@@ -316,7 +321,8 @@ def test_api_through_gradio_client_checks_user_and_role(app):
     changed = bob.predict(shown[3], "A", "better", "safe", "unsafe", False, "changed", api_name="/submit")
     assert changed[12] == f"Changed your label #{rec.label_id}."
     [rec2] = [r for r in store.label_records() if r.annotator == "bob"]
-    assert (rec2.label_id, rec2.chosen, rec2.strength, rec2.comment) == (rec.label_id, task.true_choice("left"), "better", "changed")
+    assert ((rec2.label_id, rec2.chosen, rec2.strength, rec2.comment)
+            == (rec.label_id, task.true_choice("left"), "better", "changed"))
     assert (rec2.safe_a, rec2.safe_b) == task.true_safety(True, False)
     assert len(store.label_records()) == n_labels
     assert bob.predict(None, api_name="/change_label")[12] == "⚠️ Pick one of your recent labels first."
@@ -565,7 +571,8 @@ def test_annotator_page_fits_the_screen(layout_app, chromium, width, height, tou
 
     def on_screen(selector: str) -> bool:
         box = page.locator(selector).first.bounding_box()
-        return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= height and box["x"] >= 0 and box["x"] + box["width"] <= width
+        return (box is not None and box["y"] >= 0 and box["y"] + box["height"] <= height and box["x"] >= 0
+                and box["x"] + box["width"] <= width)
 
     if os.environ.get("ALIGN_UI_SCREENSHOTS"):
         out = Path(os.environ["ALIGN_UI_SCREENSHOTS"])
@@ -574,8 +581,10 @@ def test_annotator_page_fits_the_screen(layout_app, chromium, width, height, tou
     for selector in ("#choice", "#strength", "#submit-btn"):
         assert on_screen(selector), f"{selector} is not on screen at {width}x{height}"
     for pane in ("#left .resp", "#right .resp"):
-        scroll_h, client_h = page.evaluate(f"(() => {{ const r = document.querySelector('{pane}'); return [r.scrollHeight, r.clientHeight]; }})()")
-        assert scroll_h > client_h and client_h <= 0.35 * height, (pane, scroll_h, client_h)  # the pane scrolls, the page does not grow
+        scroll_h, client_h = page.evaluate(f"(() => {{ const r = document.querySelector('{pane}'); return [r.scrollHeight, "
+                                           f"r.clientHeight]; }})()")
+        # the pane scrolls, the page does not grow
+        assert scroll_h > client_h and client_h <= 0.35 * height, (pane, scroll_h, client_h)
     a_box, b_box = page.locator("#left .resp").bounding_box(), page.locator("#right .resp").bounding_box()
     if touch:
         assert b_box["y"] >= a_box["y"] + a_box["height"] - 1  # stacked on a phone

@@ -153,7 +153,8 @@ def render_response(task: LeasedTask | None, side: str) -> str:
     if task is None:
         return ""
     label, text = ("A", task.left) if side == "left" else ("B", task.right)
-    return f"<div class='resp' id='resp-{label.lower()}'><div class='resp-head'>Response {label}</div><div class='text'>{_text(text)}</div></div>"
+    return (f"<div class='resp' id='resp-{label.lower()}'><div class='resp-head'>Response {label}</div>"
+            f"<div class='text'>{_text(text)}</div></div>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,14 +255,16 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         else:
             task = call(store.task_for, token, name)
         true_safe_a, true_safe_b = task.true_safety(safe_a == "safe", safe_b == "safe")
-        judgement = Judgement(chosen=task.true_choice("left" if choice == "A" else "right"), strength=strength, safe_a=true_safe_a,
+        judgement = Judgement(chosen=task.true_choice("left" if choice == "A" else "right"),
+                              strength=strength, safe_a=true_safe_a,
                               safe_b=true_safe_b, both_bad=bool(both_bad), comment=comment or None)
         if editing:
             call(store.change_label, name, label_id, judgement)
             return task_outputs(name, call(store.next_task, name, round=round), f"Changed your label #{label_id}.")
         result = call(store.submit, token, name, judgement)  # committed (fsynced) before the page moves on
         nxt = call(store.next_task, name, round=round)
-        done = f"Saved label #{result.label_id}." if not result.duplicate else f"Already saved as label #{result.label_id} (submitted twice)."
+        done = (f"Saved label #{result.label_id}." if not result.duplicate
+                else f"Already saved as label #{result.label_id} (submitted twice).")
         return task_outputs(name, nxt, done)
 
     @inline
@@ -367,13 +370,15 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                     both_bad = gr.Checkbox(label="Both responses are bad", elem_id="both-bad")
                     comment = gr.Textbox(label="Comment (optional)", lines=1, elem_id="comment")
                 with gr.Row():
-                    reason = gr.Dropdown(SKIP_REASONS, value=None, label="Skip reason", allow_custom_value=True, elem_id="skip-reason")
+                    reason = gr.Dropdown(SKIP_REASONS, value=None, label="Skip reason",
+                                         allow_custom_value=True, elem_id="skip-reason")
                     skip = gr.Button("Skip this task", elem_id="skip-btn")
                 status = gr.Markdown(elem_id="status")
                 gr.HTML(f"<div class='keys'>{KEYS_HELP}</div>", js_on_load=None)
                 with gr.Accordion("My recent labels", open=False, elem_id="recent"):
                     with gr.Row():
-                        recent = gr.Dropdown([], value=None, label="Your last 10 labels (newest first)", elem_id="recent-pick", scale=4)
+                        recent = gr.Dropdown([], value=None, label="Your last 10 labels (newest first)",
+                                             elem_id="recent-pick", scale=4)
                         change = gr.Button("Change this label", elem_id="change-btn", scale=1)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 with gr.Row():
@@ -388,8 +393,8 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                 export_file = gr.File(label="Export file", elem_id="export-file")
 
         undo_armed = gr.State(0.0)
-        outs = [context, left, right, token, choice, strength, safe_a, safe_b, both_bad, comment, reason, header, status, submit, skip,
-                undo, undo_armed, recent]
+        outs = [context, left, right, token, choice, strength, safe_a, safe_b, both_bad, comment, reason,
+                header, status, submit, skip, undo, undo_armed, recent]
         assert len(outs) == N_OUTS and outs[STATUS_AT] is status
         demo.load(on_load, None, [*outs, admin_tab], api_name="load")
         submit.click(on_submit, [token, choice, strength, safe_a, safe_b, both_bad, comment], outs, api_name="submit")
@@ -422,12 +427,14 @@ def stats_markdown(st: dict) -> str:
     lines += ["", "**Strength:** " + " · ".join(f"{Strength(k).label} {pct(v, n_s)}" for k, v in st["strengths"].items())]
     bins = st["safety_bins"]
     n_b = sum(bins.values())
-    lines += ["", (f"**Safety bins** (Llama 2: 18% / 47% / 35%): chosen safe, other unsafe {pct(bins['chosen_safe_other_unsafe'], n_b)} · "
+    lines += ["", ("**Safety bins** (Llama 2: 18% / 47% / 35%): chosen safe, other unsafe "
+                   f"{pct(bins['chosen_safe_other_unsafe'], n_b)} · "
                   f"both safe {pct(bins['both_safe'], n_b)} · both unsafe {pct(bins['both_unsafe'], n_b)} · "
                   f"chosen unsafe, other safe (dropped from safety data) {pct(bins['chosen_unsafe_other_safe'], n_b)}")]
     pb = st["position_bias"]
     if pb["human_labels"]:
-        lines += ["", f"**Position bias** (people): the left response was chosen in {pct(pb['chose_left'], pb['human_labels'])} of labels"]
+        lines += ["", "**Position bias** (people): the left response was chosen in "
+                      f"{pct(pb['chose_left'], pb['human_labels'])} of labels"]
     ag = st["agreement"]
     lines += ["", (f"**Agreement** on {ag['overlapping_tasks']} tasks with 2+ labels: Krippendorff's alpha "
                   f"(choice, nominal) {_num(ag['krippendorff_alpha_choice'])} · (signed strength, interval) "

@@ -232,7 +232,8 @@ def _with_login_js(html: bytes) -> bytes:
 
 
 def _lax(cookie: bytes) -> bytes:
-    parts = [p for p in cookie.decode("latin-1").split(";") if p.strip().lower() not in ("samesite=none", "samesite=lax", "samesite=strict")]
+    parts = [p for p in cookie.decode("latin-1").split(";")
+             if p.strip().lower() not in ("samesite=none", "samesite=lax", "samesite=strict")]
     return ("; ".join(p.strip() for p in parts) + "; SameSite=Lax").encode("latin-1")
 
 
@@ -277,7 +278,8 @@ class SecurityMiddleware:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             method = scope.get("method", "GET")
             if (scope["type"] == "websocket" or method not in SAFE_METHODS) and not self._origin_ok(scope, headers):
-                log.warning("refused a %s %s from origin %s (address %s)", method, scope.get("path"), headers.get("origin"), address)
+                log.warning("refused a %s %s from origin %s (address %s)", method, scope.get("path"),
+                            headers.get("origin"), address)
                 await _refuse(scope, send, 403, "cross-origin request refused (align annotate serve --allowed-origin)")
                 return
             gr_app = scope.get("app")

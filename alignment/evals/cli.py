@@ -12,7 +12,8 @@ from alignment.evals.suite import BENCHMARKS
 EVALS: dict[str, tuple[str, str]] = {
     **{b.name: (b.module, b.help) for b in BENCHMARKS},
     "winrate": ("alignment.evals.winrate", "policy A vs baseline B judged by reward models or an LLM judge, bootstrap CI"),
-    "metrics": ("alignment.evals.metrics", "ROUGE, BLEU, perplexity, P/R/F1, embedding cosine, tag-set metrics of a predictions file"),
+    "metrics": ("alignment.evals.metrics",
+                "ROUGE, BLEU, perplexity, P/R/F1, embedding cosine, tag-set metrics of a predictions file"),
     "train-classifier": ("alignment.evals.toxicity", "train the offline toxicity classifier (MiniLM embeddings + logistic head)"),
 }
 
@@ -21,7 +22,8 @@ def usage() -> str:
     width = max(len(n) for n in EVALS)
     lines = ["usage: align eval <evaluation> [options]", "", "evaluations (align eval <evaluation> --help):"]
     lines += [f"  {n:<{width}}  {h}" for n, (_, h) in EVALS.items()]
-    lines += ["", "Each writes <out>/<name>.json (schema: docs/DEVELOPING.md); `align report --run runs/<project>` gathers rounds."]
+    lines += ["",
+              "Each writes <out>/<name>.json (schema: docs/DEVELOPING.md); `align report --run runs/<project>` gathers rounds."]
     return "\n".join(lines)
 
 

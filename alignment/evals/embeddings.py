@@ -69,7 +69,8 @@ class MiniLMEmbedder:
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
                 batch = list(texts[start:start + self.batch_size])
-                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt").to(self.device)
+                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=MAX_TOKENS,
+                                     return_tensors="pt").to(self.device)
                 hidden = self.model(**enc).last_hidden_state
                 out.append(torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros((0, DIM))

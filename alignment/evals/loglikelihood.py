@@ -175,7 +175,8 @@ def score_tokens(
     with_cache = [i for i in range(len(reqs)) if cached(i)]
     without = [i for i in range(len(reqs)) if not cached(i)]
     if P and without:
-        log.info("%d of %d requests do not start with the shared prefix's tokens; scored without the cache", len(without), len(reqs))
+        log.info("%d of %d requests do not start with the shared prefix's tokens; scored without the cache", len(without),
+                 len(reqs))
     scores = [0.0] * len(reqs)
     total, done = len(reqs), 0
     was_training = model.training

@@ -388,7 +388,8 @@ def run(predictions: str, *, out: str | Path, model: str | None = None, cosine: 
 
 
 def cli(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="align eval metrics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="align eval metrics", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--predictions", required=True, help="JSONL/JSON/CSV/Parquet file of rows with 'prediction' (see above)")
     p.add_argument("--model", help="also compute perplexity of the references under this model")
     p.add_argument("--out", default=None, help="output folder (default: the predictions file's folder)")

@@ -69,7 +69,8 @@ def collect(run: str | Path) -> list[Round]:
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
     rounds = []
-    dirs = sorted((p for p in run.iterdir() if p.is_dir() and _ROUND.match(p.name)), key=lambda p: int(_ROUND.match(p.name).group(1)))  # type: ignore[union-attr]
+    dirs = sorted((p for p in run.iterdir() if p.is_dir() and _ROUND.match(p.name)),
+                  key=lambda p: int(_ROUND.match(p.name).group(1)))  # type: ignore[union-attr]
     for d in dirs:
         r = Round(int(_ROUND.match(d.name).group(1)), d)  # type: ignore[union-attr]
         files = sorted((d / "eval").glob("*.json")) if (d / "eval").is_dir() else []
@@ -171,20 +172,22 @@ def plot_gold(rounds: Sequence[Round], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     x = list(range(len(pts)))
     y = [g["mean"] for _, g in pts]
-    ax.errorbar(x, y, yerr=[[g["mean"] - g["ci_low"] for _, g in pts], [g["ci_high"] - g["mean"] for _, g in pts]], fmt="o-", capsize=4)
+    ax.errorbar(x, y,
+                yerr=[[g["mean"] - g["ci_low"] for _, g in pts], [g["ci_high"] - g["mean"] for _, g in pts]], fmt="o-", capsize=4)
     for xi, yi in zip(x, y):
         ax.annotate(f"{yi:.3f}", (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xticks(x, [r.label for r, _ in pts])
     ax.set_ylabel("mean gold score (higher is better)")
-    ax.set_title(f"Gold reward of each round's answers to the held-out prompts\n(n={pts[-1][1]['n']} prompts; bars: 95% bootstrap CI)",
-                 fontsize=10)
+    ax.set_title(f"Gold reward of each round's answers to the held-out prompts\n(n={pts[-1][1]['n']} prompts; "
+                 "bars: 95% bootstrap CI)", fontsize=10)
     ax.grid(alpha=0.3)
     return save_png(fig, path)
 
 
 def _axes_of(res: dict) -> tuple[dict, dict, str, str] | None:
     if res.get("by_axis"):
-        return res["by_axis"]["helpfulness"], res["by_axis"]["harmlessness"], "Helpfulness win rate (%)", "Harmlessness win rate (%)"
+        return (res["by_axis"]["helpfulness"], res["by_axis"]["harmlessness"], "Helpfulness win rate (%)",
+                "Harmlessness win rate (%)")
     cats = res.get("by_category", {})
     if "helpfulness" in cats and "safety" in cats:
         return cats["helpfulness"], cats["safety"], "Win rate on helpfulness prompts (%)", "Win rate on safety prompts (%)"
@@ -284,8 +287,8 @@ def _wr(res: dict | None) -> str:
 
 def summary_table(rounds: Sequence[Round]) -> tuple[list[str], list[list[str]]]:
     benches = [b.load() for b in BENCHMARKS]
-    head = ["round", "gold reward [95% CI]", "vs SFT, gold judge [95% CI]", "vs previous, gold judge", "vs previous, RM judge (trained on)",
-            *[m.REPORT_COLUMN for m in benches], "RM accuracy"]
+    head = ["round", "gold reward [95% CI]", "vs SFT, gold judge [95% CI]", "vs previous, gold judge",
+            "vs previous, RM judge (trained on)", *[m.REPORT_COLUMN for m in benches], "RM accuracy"]
     rows = []
     for r in rounds:
         g = gold_of(rounds, r)
@@ -293,7 +296,8 @@ def summary_table(rounds: Sequence[Round]) -> tuple[list[str], list[list[str]]]:
         vs_sft = r.winrate("gold", "sft") or (None if r.number == 0 else r.first("winrate"))
         cells = [m.report_cell(res) if (res := r.first(b.name)) else "—" for b, m in zip(BENCHMARKS, benches)]
         rms = ", ".join(f"{label} {pct(res.get('accuracy'))}" for label, res in r.results.get("rm_eval", [])) or "—"
-        rows.append([r.label, gold, _wr(vs_sft), _wr(r.winrate("gold", "previous")), _wr(r.winrate("rm", "previous")), *cells, rms])
+        rows.append([r.label, gold, _wr(vs_sft), _wr(r.winrate("gold", "previous")),
+                     _wr(r.winrate("rm", "previous")), *cells, rms])
     return head, rows
 
 
@@ -302,14 +306,15 @@ def build_blocks(run: Path, rounds: Sequence[Round], images: dict[str, Path | No
                                      ("p", f"{len(rounds)} rounds under {run}: " + ", ".join(r.label for r in rounds) + ".")]
     blocks += [("h2", "Summary"), ("table", summary_table(rounds))]
     captions = {
-        "gold": ("Gold reward", ("Mean gold score of each round's greedy answers to the held-out prompts (never trained or sampled "
-                                 "on), with a 95% bootstrap CI; the gold judge labelled the pairs the reward models learned from, and "
-                                 "nothing else in the loop sees it.")),
-        "rewards": ("Reward distributions", ("Reward-model scores of the responses each round's policy (and its baseline) gave to "
-                                             "the held-out win-rate prompts.")),
+        "gold": ("Gold reward", ("Mean gold score of each round's greedy answers to the held-out prompts "
+                                 "(never trained or sampled on), with a 95% bootstrap CI; the gold judge labelled the pairs the "
+                                 "reward models learned from, and nothing else in the loop sees it.")),
+        "rewards": ("Reward distributions", ("Reward-model scores of the responses each round's policy "
+                                             "(and its baseline) gave to the held-out win-rate prompts.")),
         **{b.name: b.load().caption(rounds) for b in BENCHMARKS},
-        "winrate": ("Win rate across rounds", ("Each round's policy against the baseline (the SFT model when the gold judge ran), "
-                                               "judged pairwise on the held-out prompts; ties count half.")),
+        "winrate": ("Win rate across rounds", ("Each round's policy against the baseline (the SFT model "
+                                               "when the gold judge ran), judged pairwise on the held-out "
+                                               "prompts; ties count half.")),
         "rm_accuracy": ("Reward-model accuracy per strength", ("Share of test pairs where the reward model scores the chosen "
                                                                "response higher, per Llama 2 preference-strength bucket.")),
     }

@@ -65,7 +65,8 @@ class Benchmark:
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    Benchmark("truthfulqa", "alignment.evals.truthfulqa", "TruthfulQA MC1/MC2 (lm-eval scoring) and the BLEU/ROUGE generation variant"),
+    Benchmark("truthfulqa", "alignment.evals.truthfulqa",
+              "TruthfulQA MC1/MC2 (lm-eval scoring) and the BLEU/ROUGE generation variant"),
     Benchmark("toxigen", "alignment.evals.toxigen", "% toxic continuations of ToxiGen prompts, overall and per group"),
 )
 
@@ -74,9 +75,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
 class EvalSuiteConfig:
     """Step `eval`: what every round's policy is checked with (null switches one off)."""
 
-    heldout: int = option(64, "prompts drawn from sample.prompts when the project is created, held out of every stage; win rates and gold reward are measured on them")
-    judges: list[str] = option(factory=lambda: ["gold", "rm"], doc="win-rate judges: gold (the gold judge; needs prompts with reference answers), rm (this round's reward models, with the policy's reward rule); the first decides promotion")
-    truthfulqa: TruthfulQASettings | None = option(factory=TruthfulQASettings, doc="TruthfulQA MC (a bare list is its data); null = off")
+    heldout: int = option(64, "prompts drawn from sample.prompts when the project is created, held out of every stage; win rates "
+                              "and gold reward are measured on them")
+    judges: list[str] = option(factory=lambda: ["gold", "rm"],
+                               doc="win-rate judges: gold (the gold judge; needs prompts with reference answers), rm (this "
+                                   "round's reward models, with the policy's reward rule); the first decides promotion")
+    truthfulqa: TruthfulQASettings | None = option(factory=TruthfulQASettings,
+                                                   doc="TruthfulQA MC (a bare list is its data); null = off")
     toxigen: ToxiGenSettings | None = option(factory=ToxiGenSettings, doc="ToxiGen % toxic (a bare list is its data); null = off")
     max_new_tokens: int = option(128, "length limit of the answers to the held-out prompts")
     batch_size: int = option(16, "generation batch size")
@@ -108,7 +113,8 @@ def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: i
             return [r["response"] for r in rows]
         log.warning("%s: answers to other prompts; generating again", path)
     lm, tok = load_causal_lm(model), load_tokenizer(model)
-    gens = generate(lm, tok, [r.messages for r in records], max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, seed=seed)
+    gens = generate(lm, tok, [r.messages for r in records], max_new_tokens=max_new_tokens, temperature=0.0,
+                    batch_size=batch_size, seed=seed)
     del lm
     write_jsonl(path, [{"prompt": r.messages, "category": r.category, "response": g.text, "finished": g.finished, "model": model}
                        for r, g in zip(records, gens)], overwrite=True)
@@ -141,7 +147,8 @@ class RoundEval:
 
     def answers(self, model: str, records: Sequence[Any]) -> tuple[list[str], Path]:
         path = self.responses_path(model)
-        return respond(model, records, path, max_new_tokens=self.e.max_new_tokens, batch_size=self.e.batch_size, seed=self.cfg.seed), path
+        return respond(model, records, path, max_new_tokens=self.e.max_new_tokens, batch_size=self.e.batch_size,
+                       seed=self.cfg.seed), path
 
     def run(self) -> dict:
         from alignment.heldout import check_disjoint, stage_usage
@@ -181,9 +188,12 @@ class RoundEval:
         out["gold_reward"] = {name: {**mean_ci(scores[m].score, n_boot=self.e.bootstrap, seed=self.cfg.seed), "model": m,
                                      "parts": scores[m].means()}
                               for name, m in (("policy", policy), ("previous", previous), ("sft", sft))}
-        rows = [{"prompt": r.messages, "category": r.category, **{f"{name}_{k}": v for name, m in (("policy", policy), ("sft", sft))
-                                                                  for k, v in scores[m].row(i).items()}} for i, r in enumerate(records)]
-        write_json(self.out / "gold.json", header("gold", policy, judge=judge.describe(), n=len(records), heldout=str(self.p.heldout_path),
+        rows = [{"prompt": r.messages, "category": r.category, **{f"{name}_{k}": v
+                                                                  for name, m in (("policy", policy), ("sft", sft))
+                                                                  for k, v in scores[m].row(i).items()}}
+                for i, r in enumerate(records)]
+        write_json(self.out / "gold.json", header("gold", policy, judge=judge.describe(), n=len(records),
+                                                  heldout=str(self.p.heldout_path),
                                                   metrics={k: v["mean"] for k, v in out["gold_reward"].items()},
                                                   models=out["gold_reward"]), overwrite=True)
         write_jsonl(self.out / "gold_rows.jsonl", rows, overwrite=True)
@@ -193,7 +203,8 @@ class RoundEval:
                 out["winrate_gold_vs_sft"] = out["winrate_gold_vs_previous"]
                 continue
             res = winrate.run(policy, base, prompts=str(self.p.heldout_path), judge="rm", out=self.out, scorer=scorer,
-                              responses=str(answers[policy][1]), baseline_responses=str(answers[base][1]), tie_margin=self.cfg.gold.tie_margin,
+                              responses=str(answers[policy][1]), baseline_responses=str(answers[base][1]),
+                              tie_margin=self.cfg.gold.tie_margin,
                               n_boot=self.e.bootstrap, seed=self.cfg.seed, name=f"winrate-gold-vs-{label}", overwrite=True)
             out[f"winrate_gold_vs_{label}"] = _winrate_summary(res)
         return out
@@ -205,14 +216,16 @@ class RoundEval:
         reward = self.reward_config()
         rm, safety, rule = reward.helpful, reward.safety, reward.rule
         scorer, _ = build_scorer(reward)
-        scorer.helpful, scorer.safety = MemoScorer(scorer.helpful), MemoScorer(scorer.safety)  # the policy's answers are judged twice
+        # the policy's answers are judged twice
+        scorer.helpful, scorer.safety = MemoScorer(scorer.helpful), MemoScorer(scorer.safety)
         out: dict[str, Any] = {}
         for label, base in (("previous", previous), ("sft", sft)):
             if label == "sft" and base == previous:
                 out["winrate_rm_vs_sft"] = out["winrate_rm_vs_previous"]
                 continue
             res = winrate.run(policy, base, prompts=str(self.p.heldout_path), judge="rm", out=self.out, scorer=scorer, rm=str(rm),
-                              safety_rm=str(safety), rule=rule, responses=str(answers[policy][1]), baseline_responses=str(answers[base][1]),
+                              safety_rm=str(safety), rule=rule, responses=str(answers[policy][1]),
+                              baseline_responses=str(answers[base][1]),
                               n_boot=self.e.bootstrap, seed=self.cfg.seed, name=f"winrate-rm-vs-{label}", overwrite=True)
             out[f"winrate_rm_vs_{label}"] = _winrate_summary(res)
         return out

@@ -112,7 +112,8 @@ def accuracy(probs: Sequence[float], labels: Sequence[int], threshold: float = T
     return sum((p >= threshold) == bool(y) for p, y in zip(probs, labels)) / len(labels)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, balanced: bool = True, steps: int = 200) -> tuple[torch.Tensor, float]:
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, balanced: bool = True,
+                 steps: int = 200) -> tuple[torch.Tensor, float]:
     """L2-regularised logistic regression by full-batch L-BFGS.
 
     x: [N, D] features; y: [N] 0/1. Minimises mean weighted BCE + l2/2 * |w|^2 (bias not
@@ -129,12 +130,14 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, balanced
         weights = torch.where(y > 0, len(y) / (2 * n_pos), len(y) / (2 * n_neg))
     else:
         weights = torch.ones_like(y)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
         logits = x @ w + b
-        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * weights).mean() + 0.5 * l2 * (w @ w)
+        loss = ((torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * weights).mean()
+                + 0.5 * l2 * (w @ w))
         loss.backward()
         return loss
 
@@ -284,7 +287,8 @@ def train(data: str | Path, out: str | Path, *, l2: float = 1e-3, overwrite: boo
         heldout = {"protocol": "leave-one-group-out", "n": len(labels), "accuracy": accuracy(probs, labels),
                    "auc": roc_auc(probs, labels), "threshold": THRESHOLD, "per_group": per_group}
     else:
-        heldout = {"protocol": "none (a single group: no honest held-out split)", "n": len(statements), "accuracy": None, "auc": None}
+        heldout = {"protocol": "none (a single group: no honest held-out split)", "n": len(statements),
+                   "accuracy": None, "auc": None}
     w, b = fit_logistic(x, y, l2=l2)
     train_probs = predict_logistic(x, w, b)
     n_tox = int(y.sum())
@@ -319,24 +323,25 @@ def card_markdown(card: dict) -> str:
     lines = [f"# {card['name']}", "", card["description"] + ".", "",
              f"- labels: {card['labels']}",
              (f"- data: {data.get('folder') or data.get('path')} — {data['distinct']} distinct statements "
-              f"({counts['toxic']} toxic, {counts['benign']} benign; {data['dropped_conflicting']} dropped as labelled both ways), "
-              f"sha256 {data['sha256'][:16]}…"),
+              f"({counts['toxic']} toxic, {counts['benign']} benign; {data['dropped_conflicting']} dropped "
+              f"as labelled both ways), sha256 {data['sha256'][:16]}…"),
              f"- hyper-parameters: {json.dumps(card['hyperparameters'])}",
              f"- reproduce: `{card['command']}`", ""]
     if held.get("accuracy") is not None:
         lines += [f"## Held-out quality ({held['protocol']})", "",
-                  (f"Accuracy {100 * held['accuracy']:.1f}% and ROC AUC {held['auc']:.3f} on {held['n']} statements, each predicted "
-                   f"by a head that never saw its group. Training accuracy (all data): {100 * card['train_accuracy']:.1f}%. The default "
-                   "l2 (1e-3) was picked among 1e-4 … 1e-1 by this same leave-one-group-out AUC, so these numbers are slightly "
-                   "optimistic."),
+                  (f"Accuracy {100 * held['accuracy']:.1f}% and ROC AUC {held['auc']:.3f} on {held['n']} "
+                   "statements, each predicted by a head that never saw its group. Training accuracy (all data): "
+                   f"{100 * card['train_accuracy']:.1f}%. The default l2 (1e-3) was picked among 1e-4 … 1e-1 by this same "
+                   "leave-one-group-out AUC, so these numbers are slightly optimistic."),
                   "", "| group | statements | toxic | accuracy |", "|---|---:|---:|---:|"]
         lines += [f"| {g} | {v['n']} | {v['toxic']} | {100 * v['accuracy']:.1f}% |" for g, v in held["per_group"].items()]
     lines += ["", "## Limitations", "",
-              "- A proxy, far weaker than the RoBERTa classifier published with ToxiGen; never report its numbers as that classifier's.",
+              "- A proxy, far weaker than the RoBERTa classifier published with ToxiGen; never report its "
+              "numbers as that classifier's.",
               ("- Trained on short generated statements: model outputs that look different (long answers, refusals that name a "
                "group) are out of distribution, and its errors there are not measured by the numbers above."),
-              "- Labels are the generation intent of each file, so some 'hate' statements are mild and some 'neutral' ones are not.",
-              ""]
+              "- Labels are the generation intent of each file, so some 'hate' statements are mild and some "
+              "'neutral' ones are not.", ""]
     return "\n".join(lines)
 
 
@@ -422,16 +427,20 @@ def load_classifier(spec: str | None = None) -> ToxicityClassifier:
     if p.is_dir() and (p / "config.json").is_file():
         return HFToxicityClassifier(str(p))
     if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise FileNotFoundError(f"--classifier {spec!r}: not 'minilm', 'roberta', a folder with head.json or config.json, nor a Hub id")
+        raise FileNotFoundError(f"--classifier {spec!r}: not 'minilm', 'roberta', a folder with head.json or "
+                                "config.json, nor a Hub id")
     return HFToxicityClassifier(spec)
 
 
 def cli(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="align eval train-classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="ToxiGen prompts folder (hate_*/neutral_* files), a file of text,label[,group] rows, "
+    p = argparse.ArgumentParser(prog="align eval train-classifier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True,
+                   help="ToxiGen prompts folder (hate_*/neutral_* files), a file of text,label[,group] rows, "
                                                  "ToxiGen's annotated CSV, or hub:toxigen/toxigen-data")
     p.add_argument("--out", required=True, help="folder for head.json, card.json, README.md")
-    p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the logistic head (1e-3 had the best leave-one-group-out AUC of 1e-4 ... 1e-1)")
+    p.add_argument("--l2", type=float, default=1e-3,
+                   help="L2 penalty of the logistic head (1e-3 had the best leave-one-group-out AUC of 1e-4 ... 1e-1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing head in --out")
     a = p.parse_args(argv)
     from alignment.runs import setup_logging
@@ -439,5 +448,6 @@ def cli(argv: Sequence[str]) -> int:
     setup_logging()
     card = train(a.data, a.out, l2=a.l2, overwrite=a.overwrite)
     print(describe(card))
-    print(f"training accuracy {100 * card['train_accuracy']:.1f}% on {card['data']['distinct']} statements; wrote {a.out}/head.json")
+    print(f"training accuracy {100 * card['train_accuracy']:.1f}% on {card['data']['distinct']} statements; "
+          f"wrote {a.out}/head.json")
     return 0

@@ -113,17 +113,19 @@ def prompt_lists(source: str | Path) -> dict[tuple[str, str], tuple[str, list[tu
         where, rows = source_rows(source)
     else:
         raise DataError("ToxiGen prompts not found: expected a folder of hate_<group>_1k.txt / neutral_<group>_1k.txt files "
-                        "(microsoft/TOXIGEN prompts/), a local copy of the Hub dataset toxigen/toxigen-data (train/train-*.parquet), "
-                        "or hub:toxigen/toxigen-data", path=source)
+                        "(microsoft/TOXIGEN prompts/), a local copy of the Hub dataset toxigen/toxigen-data "
+                        "(train/train-*.parquet), or hub:toxigen/toxigen-data", path=source)
     lists: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
     for lineno, row in rows:
         for key in ("prompt", "prompt_label"):
             if key not in row:
-                raise DataError("missing column (a ToxiGen prompt row has prompt, group, prompt_label)", path=where, line=lineno, key=key)
+                raise DataError("missing column (a ToxiGen prompt row has prompt, group, prompt_label)",
+                                path=where, line=lineno, key=key)
         group = row.get("group", row.get("target_group"))
         label = row["prompt_label"]
         if label not in (0, 1, "0", "1") or not isinstance(row["prompt"], str) or not group:
-            raise DataError(f"expected prompt text, a group and prompt_label 0/1, got {label!r}", path=where, line=lineno, key="prompt_label")
+            raise DataError(f"expected prompt text, a group and prompt_label 0/1, got {label!r}", path=where,
+                            line=lineno, key="prompt_label")
         lists[("hate" if int(label) == 1 else "neutral", str(group))].append((lineno, row["prompt"]))
     if not lists:
         raise DataError("no prompts", path=where)
@@ -199,7 +201,8 @@ def continue_prompts(model: Any, tokenizer: Any, prompts: Sequence[ToxiGenPrompt
     from alignment.generation import generate, generate_completions
 
     if mode == "completion":
-        outs = generate_completions(model, tokenizer, [p.text for p in prompts], max_new_tokens=max_new_tokens, temperature=temperature,
+        outs = generate_completions(model, tokenizer, [p.text for p in prompts],
+                                    max_new_tokens=max_new_tokens, temperature=temperature,
                                     batch_size=batch_size, seed=seed, stop=["\n"])
         return [first_line(o) for o in outs]
     if not getattr(tokenizer, "chat_template", None):
@@ -240,7 +243,8 @@ def run(model: str, *, prompts: str, out: str | Path | None = None, classifier: 
              "p_toxic": pt, "toxic": bool(c.strip()) and pt >= THRESHOLD} for p, c, pt in zip(sample, conts, probs)]
     summary = summarise(rows)
     result = header("toxigen", model, prompts=str(prompts),
-                    settings={"per_group": per_group, "types": list(types), "groups": list(groups) if groups else "all", "mode": mode,
+                    settings={"per_group": per_group, "types": list(types),
+                              "groups": list(groups) if groups else "all", "mode": mode,
                               "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "threshold": THRESHOLD},
                     classifier={**clf.card, "summary": describe(clf.card)}, n=len(rows),
                     metrics={"pct_toxic": summary["overall"]["pct_toxic"], "mean_p_toxic": summary["overall"]["mean_p_toxic"],
@@ -266,7 +270,8 @@ class RoundSettings:
     SHORTHAND: ClassVar[str] = "data"
 
     data: list[str] = option(factory=lambda: ["../shared/data/toxigen/prompts"],
-                             doc="ToxiGen prompts, the first that exists (a folder of hate_*/neutral_* files, or a local copy of the Hub dataset); skipped with a note when none does")
+                             doc="ToxiGen prompts, the first that exists (a folder of hate_*/neutral_* files, or a local copy of "
+                                 "the Hub dataset); skipped with a note when none does")
     per_group: int = option(4, "prompts per group and type (hate, neutral); under 4 (8 per group) reports call it a smoke check")
     max_new_tokens: int = option(48, "length limit of the continuations")
 
@@ -348,7 +353,8 @@ def plot(rounds: Sequence[Any], path: Path) -> Path | None:
     ax.set_ylim(0, max(10.0, 1.2 * max(y)))
     clf = pts[-1][1].get("classifier", {})
     held = clf.get("heldout") or {}
-    acc = f"held-out acc {100 * held['accuracy']:.0f}%, AUC {held['auc']:.2f}" if held.get("accuracy") is not None else "accuracy not measured"
+    acc = (f"held-out acc {100 * held['accuracy']:.0f}%, AUC {held['auc']:.2f}" if held.get("accuracy") is not None
+           else "accuracy not measured")
     short = "MiniLM proxy classifier" if clf.get("kind") == "minilm-logistic" else str(clf.get("path", "classifier"))
     ax.set_title(f"ToxiGen: % toxic per round ({size_label(pts[-1][1])})\nclassifier: {short} ({acc})", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
@@ -364,24 +370,29 @@ def report_blocks(rounds: Sequence[Any]) -> list[tuple[str, Any]]:
     return [("h2", "ToxiGen % toxic per group"),
             ("p", "Classifier: " + (pts[-1][1].get("classifier") or {}).get("summary", "?")),
             ("table", (["group"] + [r.label for r, _ in pts],
-                       [[g] + [f"{res['by_group'][g]['pct_toxic']:.1f}%" if g in res.get("by_group", {}) else "—" for _, res in pts]
+                       [[g] + [f"{res['by_group'][g]['pct_toxic']:.1f}%" if g in res.get("by_group", {}) else "—"
+                               for _, res in pts]
                         for g in groups]))]
 
 
 def cli(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="align eval toxigen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="align eval toxigen", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model name, folder, stage output or Hub id")
     p.add_argument("--prompts", required=True, help="folder of ToxiGen prompt files (microsoft/TOXIGEN prompts/)")
-    p.add_argument("--classifier", default="minilm", help="minilm (offline proxy, default), roberta (ToxiGen RoBERTa, Hub), a folder, or a Hub id")
+    p.add_argument("--classifier", default="minilm",
+                   help="minilm (offline proxy, default), roberta (ToxiGen RoBERTa, Hub), a folder, or a Hub id")
     p.add_argument("--per-group", type=int, default=20, help="prompts sampled from each prompt file (seeded)")
     p.add_argument("--types", default="hate,neutral", help="prompt types: hate, neutral or both (comma-separated)")
     p.add_argument("--groups", help="comma-separated groups (default: all in the folder)")
-    p.add_argument("--mode", default="chat", choices=["chat", "completion"], help="chat template (user message) or raw continuation")
+    p.add_argument("--mode", default="chat", choices=["chat", "completion"],
+                   help="chat template (user message) or raw continuation")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default: the eval/ folder beside a stage output, e.g. runs/p/round-2/eval, else runs/eval/<model>)")
+    p.add_argument("--out", help="output folder (default: the eval/ folder beside a stage output, e.g. runs/p/round-2/eval, "
+                                 "else runs/eval/<model>)")
     p.add_argument("--name", default="toxigen", help="file stem of the outputs")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
@@ -392,7 +403,8 @@ def cli(argv: Sequence[str]) -> int:
 
     setup_logging()
     res = run(a.model, prompts=a.prompts, out=a.out, classifier=a.classifier, per_group=a.per_group,
-              types=[t.strip() for t in a.types.split(",") if t.strip()], groups=a.groups.split(",") if a.groups else None, mode=a.mode,
+              types=[t.strip() for t in a.types.split(",") if t.strip()],
+              groups=a.groups.split(",") if a.groups else None, mode=a.mode,
               max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size, seed=a.seed, name=a.name,
               overwrite=a.overwrite, device=a.device)
     print(f"ToxiGen % toxic: {res['metrics']['pct_toxic']:.1f}% of {res['n']} continuations ({a.mode} mode)")

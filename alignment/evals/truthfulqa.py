@@ -274,8 +274,8 @@ def _load_gen_items(source: str, *, limit: int | None = None) -> list[GenItem]:
         if Path(name).is_file() and (Path(name).parent / "TruthfulQA.csv").is_file():
             return _load_gen_items(str(Path(name).parent / "TruthfulQA.csv"), limit=limit)
         items = load_items(source, limit=limit)
-        return [gen_item(it.question, [a for a, v in it.mc2_targets.items() if v], [a for a, v in it.mc2_targets.items() if not v],
-                         it.category) for it in items]
+        return [gen_item(it.question, [a for a, v in it.mc2_targets.items() if v],
+                         [a for a, v in it.mc2_targets.items() if not v], it.category) for it in items]
     out = []
     for lineno, row in rows:
         try:
@@ -362,7 +362,8 @@ def evaluate_gen(model: Any, tokenizer: Any, items: Sequence[GenItem], *, batch_
         rouges = [rouge_t5(r, ans) for r in refs]
         for name, vals in [("bleu", bleu)] + [(k, [x[k] for x in rouges]) for k in ("rouge1", "rouge2", "rougeL")]:
             best_true, best_false = max(vals[:n_true]), max(vals[n_true:]) if len(vals) > n_true else 0.0
-            row[f"{name}_max"], row[f"{name}_diff"], row[f"{name}_acc"] = best_true, best_true - best_false, float(best_true > best_false)
+            row[f"{name}_max"], row[f"{name}_diff"], row[f"{name}_acc"] = (best_true, best_true - best_false,
+                                                                           float(best_true > best_false))
         rows.append(row)
     keys = [f"{m}_{s}" for m in ("bleu", "rouge1", "rouge2", "rougeL") for s in ("max", "diff", "acc")]
     metrics = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
@@ -370,7 +371,8 @@ def evaluate_gen(model: Any, tokenizer: Any, items: Sequence[GenItem], *, batch_
 
 
 def run(model: str, *, data: str = HUB_ID, out: str | Path | None = None, variant: str = "mc", categories: str | None = None,
-        limit: int | None = None, sample: int | None = None, seed: int = 0, batch_size: int = 16, use_cache: bool = True, add_bos: bool = False, max_new_tokens: int = 64,
+        limit: int | None = None, sample: int | None = None, seed: int = 0, batch_size: int = 16, use_cache: bool = True,
+        add_bos: bool = False, max_new_tokens: int = 64,
         name: str = "truthfulqa", overwrite: bool = False, device: str = "auto") -> dict:
     """Evaluate ``model`` and write ``<out>/<name>.json`` (+ ``<name>_rows.jsonl``). Returns the result."""
     from alignment.evals.results import check_free, default_out, header, write_json
@@ -388,7 +390,8 @@ def run(model: str, *, data: str = HUB_ID, out: str | Path | None = None, varian
     lm, tok = load_causal_lm(model, device=device), load_tokenizer(model)
     result = header("truthfulqa", model, data=data, variant=variant,
                     settings={"primer": "TruthfulQA presets.py QA_PRIMER (6-shot)", "add_bos": add_bos, "kv_cache": use_cache,
-                              "batch_size": batch_size, "chat_template": False, "mc2_true_rule": "lm-eval (choices before the first 0)",
+                              "batch_size": batch_size, "chat_template": False,
+                              "mc2_true_rule": "lm-eval (choices before the first 0)",
                               "dtype": str(next(lm.parameters()).dtype), "device": str(select_device(device))})
     rows: list[dict] = []
     timing: dict[str, float] = {}
@@ -429,7 +432,8 @@ class RoundSettings:
     SHORTHAND: ClassVar[str] = "data"
 
     data: list[str] = option(factory=lambda: ["../shared/data/truthfulqa/mc_task.json", "bundled:truthfulness"],
-                             doc="TruthfulQA MC data, the first that exists: mc_task.json, a local copy of the Hub dataset (folder), truthful_qa (Hub), or bundled:truthfulness (a 50-item probe, not TruthfulQA)")
+                             doc="TruthfulQA MC data, the first that exists: mc_task.json, a local copy of the Hub dataset "
+                                 "(folder), truthful_qa (Hub), or bundled:truthfulness (a 50-item probe, not TruthfulQA)")
     sample: int | None = option(200, "a seeded sample of this many questions (null = all)")
 
     def __post_init__(self) -> None:
@@ -508,7 +512,8 @@ def plot(rounds: Sequence[Any], path: Path) -> Path | None:
     ax.set_xticks(x, [r.label for r, _ in pts])
     ax.set_ylabel("score (%), ± 1 standard error")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{truthfulness_label(pts[-1][1])} per round\n(higher is better; data: {Path(str(pts[-1][1].get('data'))).name})",
+    ax.set_title(f"{truthfulness_label(pts[-1][1])} per round\n"
+                 f"(higher is better; data: {Path(str(pts[-1][1].get('data'))).name})",
                  fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -528,12 +533,15 @@ def report_blocks(rounds: Sequence[Any]) -> list[tuple[str, Any]]:
 
 
 def cli(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="align eval truthfulqa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="align eval truthfulqa", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model name, folder, stage output (runs/<run>/round-N/policy) or Hub id")
-    p.add_argument("--data", default=HUB_ID, help="truthful_qa (Hub), a mc_task.json / TruthfulQA.csv path, or bundled:truthfulness")
+    p.add_argument("--data", default=HUB_ID,
+                   help="truthful_qa (Hub), a mc_task.json / TruthfulQA.csv path, or bundled:truthfulness")
     p.add_argument("--variant", default="mc", choices=["mc", "gen", "both"], help="multiple choice, generation, or both")
     p.add_argument("--categories", help="TruthfulQA.csv to take categories from (default: the CSV beside --data, if any)")
-    p.add_argument("--out", help="output folder (default: the eval/ folder beside a stage output, e.g. runs/p/round-2/eval, else runs/eval/<model>)")
+    p.add_argument("--out", help="output folder (default: the eval/ folder beside a stage output, e.g. runs/p/round-2/eval, "
+                                 "else runs/eval/<model>)")
     p.add_argument("--name", default="truthfulqa", help="file stem of the outputs")
     p.add_argument("--limit", type=int, help="first N questions only")
     p.add_argument("--sample", type=int, help="a seeded random sample of N questions (--seed), e.g. 200 of the 817")
@@ -548,8 +556,8 @@ def cli(argv: Sequence[str]) -> int:
     from alignment.runs import setup_logging
 
     setup_logging()
-    res = run(a.model, data=a.data, out=a.out, variant=a.variant, categories=a.categories, limit=a.limit, sample=a.sample, seed=a.seed,
-              batch_size=a.batch_size,
+    res = run(a.model, data=a.data, out=a.out, variant=a.variant, categories=a.categories, limit=a.limit,
+              sample=a.sample, seed=a.seed, batch_size=a.batch_size,
               use_cache=not a.no_cache, add_bos=a.add_bos, max_new_tokens=a.max_new_tokens, name=a.name, overwrite=a.overwrite,
               device=a.device)
     m = res.get("metrics", {})

@@ -1,4 +1,5 @@
-"""PPO's config: prompts, reward, critic, the PPO objective, sampling, ``train`` (iterations and AdamW), evaluation, PPO-Lagrangian."""
+"""PPO's config: prompts, reward, critic, the PPO objective, sampling, ``train`` (iterations and AdamW), evaluation,
+PPO-Lagrangian."""
 
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ STAGE = "ppo"
 class PPODataConfig:
     """Prompts to sample responses for."""
 
-    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")], doc="prompt datasets to mix (each prompt's category picks the safety or helpfulness reward)")
+    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")],
+                                       doc="prompt datasets to mix (each prompt's category picks the safety "
+                                           "or helpfulness reward)")
     val_fraction: float = option(0.15, "share of prompts held out for evaluation and early stopping (by a hash of the prompt)")
     max_prompt_tokens: int = option(256, "skip prompts longer than this many tokens (chat template included)")
 
     def __post_init__(self) -> None:
         check(bool(self.sources), "sources", "needs at least one data source")
-        check(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1): held-out prompts drive evaluation, got {self.val_fraction}")
+        check(0 < self.val_fraction < 1, "val_fraction",
+              f"must be in (0, 1): held-out prompts drive evaluation, got {self.val_fraction}")
         check(self.max_prompt_tokens >= 8, "max_prompt_tokens", f"must be >= 8, got {self.max_prompt_tokens}")
 
 
@@ -39,9 +43,12 @@ class PPODataConfig:
 class PPORewardConfig(RewardConfig):
     """The reward (reward.config.RewardConfig) and how PPO normalises it."""
 
-    normalize: Literal["batch", "running", "none"] = option("batch", "normalise the combined score: batch = whiten over each iteration's global batch (Llama 2), running = running mean/std, none")
+    normalize: Literal["batch", "running", "none"] = option("batch",
+                                                            "normalise the combined score: batch = whiten over each iteration's "
+                                                            "global batch (Llama 2), running = running mean/std, none")
     clip: float = option(5.0, "clip normalised scores to [-clip, clip]; 0 = no clipping")
-    missing_eos_penalty: float = option(1.0, "subtracted from the (normalised) score of responses that hit max_new_tokens without EOS")
+    missing_eos_penalty: float = option(1.0,
+                                        "subtracted from the (normalised) score of responses that hit max_new_tokens without EOS")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,8 +60,11 @@ class PPORewardConfig(RewardConfig):
 class CriticConfig:
     """The value model."""
 
-    init: Literal["reward_model", "policy"] = option("reward_model", "start from the helpfulness reward model (OpenRLHF; shares its weights) or from the policy's base with a zero value head")
-    lora: bool = option(True, "train a LoRA adapter (settings of `adapter`) + value head over the shared frozen weights; false = a full trainable copy")
+    init: Literal["reward_model", "policy"] = option("reward_model",
+                                                     "start from the helpfulness reward model (OpenRLHF; shares its weights) or "
+                                                     "from the policy's base with a zero value head")
+    lora: bool = option(True, "train a LoRA adapter (settings of `adapter`) + value head over the shared frozen weights; false "
+                              "= a full trainable copy")
     lr: float = option(5e-5, "critic learning rate")
     value_clip: float | None = option(0.2, "clip new values to old +/- this in the value loss; null = unclipped")
     vf_coef: float = option(0.1, "weight of the value loss")
@@ -76,8 +86,10 @@ class PPOAlgoConfig:
     clip: float = option(0.2, "policy ratio clip epsilon")
     gamma: float = option(1.0, "discount")
     lam: float = option(0.95, "GAE lambda")
-    kl_coef: float = option(0.05, "beta: weight of the per-token KL penalty (Llama 2: 0.01 for 7B/13B); initial value when adaptive")
-    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", "per-token KL estimator for the penalty (k1 = log ratio, k3 = low-variance, non-negative)")
+    kl_coef: float = option(0.05,
+                            "beta: weight of the per-token KL penalty (Llama 2: 0.01 for 7B/13B); initial value when adaptive")
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", "per-token KL estimator for the penalty (k1 = log ratio, k3 = "
+                                                           "low-variance, non-negative)")
     kl_clamp: float = option(10.0, "clamp the per-token log-ratio to +/- this before the estimator")
     kl_target: float | None = option(None, "adaptive KL controller target (KL per sequence, nats); null = fixed beta")
     kl_horizon: int = option(10000, "adaptive KL controller horizon (samples)")
@@ -129,7 +141,8 @@ class OptimConfig:
     adam_beta1: float = option(0.9, "AdamW beta1 (Llama 2: 0.9)")
     adam_beta2: float = option(0.95, "AdamW beta2 (Llama 2: 0.95)")
     adam_epsilon: float = option(1e-5, "AdamW epsilon (Llama 2: 1e-5)")
-    max_grad_norm: float = option(1.0, "clip each model's gradient norm to this (under DeepSpeed: both models' norm together); 0 = off")
+    max_grad_norm: float = option(1.0, "clip each model's gradient norm to this (under DeepSpeed: both models' "
+                                       "norm together); 0 = off")
     lr_scheduler: Literal["constant", "linear", "cosine"] = option("constant", "schedule after warm-up (Llama 2: constant)")
     warmup_steps: int = option(0, "optimiser steps of linear warm-up")
     gradient_checkpointing: bool | None = option(None, "recompute activations in backward; null = on for GPUs, off on CPU")
@@ -146,7 +159,8 @@ class OptimConfig:
 class PPOLagrangianConfig:
     """PPO-Lagrangian (reward.rule=safe_rlhf): λ learned by dual ascent so the mean cost stays under a limit."""
 
-    cost_limit: float = option(0.0, "d: the mean episode cost (cost = -safety score) to stay under; λ rises while the cost is above it (0 = the safety RM's safe/unsafe boundary)")
+    cost_limit: float = option(0.0, "d: the mean episode cost (cost = -safety score) to stay under; λ rises while the cost is "
+                                    "above it (0 = the safety RM's safe/unsafe boundary)")
     lambda_lr: float = option(0.1, "learning rate of log λ (safe-rlhf: 0.1); λ starts at reward.cost_weight")
     lambda_optimizer: Literal["sgd", "adam"] = option("sgd", "optimiser of log λ (safe-rlhf: sgd)")
     lambda_max: float | None = option(None, "cap on λ; null = none")
@@ -189,8 +203,10 @@ class PPOConfig:
     RENAMED: ClassVar[dict[str, str]] = {"ppo.iterations": "train.max_steps", "optim": "train"}  # until the next release
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
-    model: ModelConfig = option(factory=ModelConfig, doc="the policy to start from (an SFT output: its LoRA adapter is merged first)")
-    adapter: AdapterConfig = option(factory=lambda: AdapterConfig(dropout=0.0), doc="what is trained: lora (reference = adapter off) or full (reference = a frozen copy)")
+    model: ModelConfig = option(factory=ModelConfig,
+                                doc="the policy to start from (an SFT output: its LoRA adapter is merged first)")
+    adapter: AdapterConfig = option(factory=lambda: AdapterConfig(dropout=0.0),
+                                    doc="what is trained: lora (reference = adapter off) or full (reference = a frozen copy)")
     data: PPODataConfig = option(factory=PPODataConfig, doc="prompts")
     reward: PPORewardConfig = option(factory=PPORewardConfig, doc="reward models and normalisation")
     critic: CriticConfig = option(factory=CriticConfig, doc="value model")
@@ -198,7 +214,8 @@ class PPOConfig:
     sampling: SamplingConfig = option(factory=SamplingConfig, doc="response sampling")
     train: OptimConfig = option(factory=OptimConfig, doc="iterations, optimiser and schedule")
     eval: PPOEvalConfig = option(factory=PPOEvalConfig, doc="held-out evaluation, early stopping, samples, checkpoints")
-    lagrangian: PPOLagrangianConfig = option(factory=PPOLagrangianConfig, doc="PPO-Lagrangian's multiplier (used with reward.rule=safe_rlhf)")
+    lagrangian: PPOLagrangianConfig = option(factory=PPOLagrangianConfig,
+                                             doc="PPO-Lagrangian's multiplier (used with reward.rule=safe_rlhf)")
 
     def __post_init__(self) -> None:
         check(self.adapter.method in ("lora", "full"), "adapter.method", f"PPO trains lora or full, got {self.adapter.method!r}")
@@ -206,10 +223,13 @@ class PPOConfig:
               "reward_model needs reward.helpful; use critic.init=policy with a reward function")
         if self.reward.rule == "safe_rlhf":
             check(self.reward.function is None and self.reward.safety is not None, "reward.rule",
-                  "safe_rlhf (PPO-Lagrangian) needs both reward models: reward.helpful (the reward) and reward.safety (cost = -safety score)")
+                  "safe_rlhf (PPO-Lagrangian) needs both reward models: reward.helpful (the reward) and reward.safety "
+                  "(cost = -safety score)")
             check(self.reward.cost_weight > 0, "reward.cost_weight",
-                  f"PPO-Lagrangian learns λ in log space starting from cost_weight: it must be > 0, got {self.reward.cost_weight}")
-            check(self.lagrangian.lambda_max is None or self.lagrangian.lambda_max >= self.reward.cost_weight, "lagrangian.lambda_max",
+                  "PPO-Lagrangian learns λ in log space starting from cost_weight: it must be > 0, "
+                  f"got {self.reward.cost_weight}")
+            check(self.lagrangian.lambda_max is None or self.lagrangian.lambda_max >= self.reward.cost_weight,
+                  "lagrangian.lambda_max",
                   f"must be >= the initial λ (reward.cost_weight = {self.reward.cost_weight}), got {self.lagrangian.lambda_max}")
 
 

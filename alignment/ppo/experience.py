@@ -34,7 +34,8 @@ def load_prompts(cfg: PPODataConfig, tokenizer: Any, seed: int) -> tuple[list, l
         log.warning("skipped %d prompts longer than data.max_prompt_tokens=%d", len(records) - len(kept), cfg.max_prompt_tokens)
     train, val, _ = split(kept, val_fraction=cfg.val_fraction, seed=seed, at_least_one_val=True)
     if not train or not val:
-        raise ValueError(f"need both training and held-out prompts, got {len(train)} and {len(val)}; check data.sources and data.val_fraction")
+        raise ValueError(f"need both training and held-out prompts, got {len(train)} and {len(val)}; check "
+                         "data.sources and data.val_fraction")
     return train, val
 
 
@@ -92,7 +93,8 @@ def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any], *, 
         critic = critic_from_causal_lm(critic_source, lora=critic_lora, share=share)
     if cfg.reward.rule == "safe_rlhf":  # PPO-Lagrangian: a cost critic too (from the safety RM, negated: cost = -safety)
         cost_critic = (critic_from_reward_model(reward_models["rm_safety"], lora=critic_lora, share=share, sign=-1.0)
-                       if cfg.critic.init == "reward_model" else critic_from_causal_lm(critic_source, lora=critic_lora, share=share))
+                       if cfg.critic.init == "reward_model"
+                       else critic_from_causal_lm(critic_source, lora=critic_lora, share=share))
         critic = critic_pair(critic, cost_critic)
     policy = get_peft_model(base, peft_config(cfg.adapter, "CAUSAL_LM")) if cfg.adapter.method == "lora" else base
     grad_ckpt = cfg.train.gradient_checkpointing if cfg.train.gradient_checkpointing is not None else device.startswith("cuda")
@@ -200,7 +202,8 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
     t0 = time.perf_counter()
     # a response is never empty: generate() stops a row at a sampled pad token, which is then the response
     responses = [g.response_ids or [ctx.tokenizer.pad_token_id] for g in gens]
-    input_ids, attention_mask, response_mask = build_sequences([g.prompt_ids for g in gens], responses, ctx.tokenizer.pad_token_id)
+    input_ids, attention_mask, response_mask = build_sequences([g.prompt_ids for g in gens], responses,
+                                                               ctx.tokenizer.pad_token_id)
     input_ids, attention_mask, response_mask = (t.to(acc.device) for t in (input_ids, attention_mask, response_mask))
     B, R = response_mask.shape
     # the no-grad passes run over micro-batches of similar length, each cut to its own width

@@ -57,7 +57,8 @@ class Context:
         import torch
 
         want = torch.device(self.accelerator.device)  # cpu processes may say cpu:0; cuda:N must match
-        if t.device.type != want.type or (want.type != "cpu" and None not in (t.device.index, want.index) and t.device.index != want.index):
+        if t.device.type != want.type or (want.type != "cpu" and None not in (t.device.index, want.index)
+                                          and t.device.index != want.index):
             raise RuntimeError(f"a tensor on {t.device} reached a cross-process reduction, but the processes run on "
                                f"{self.accelerator.device}: move it to accelerator.device first")
         return self.accelerator.reduce(t, "sum")
@@ -89,13 +90,16 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
     optimizer, scheduler = build_optimizer(cfg, policy, critic, steps)
     # the scheduler is not prepared: accelerate would step it once per process
     models = prepare_models(accelerator, policy, reference, critic, optimizer, micro_batch_size=cfg.ppo.micro_batch_size,
-                            accumulation_steps=cfg.ppo.minibatch_size // cfg.ppo.micro_batch_size, max_grad_norm=cfg.train.max_grad_norm)
+                            accumulation_steps=cfg.ppo.minibatch_size // cfg.ppo.micro_batch_size,
+                            max_grad_norm=cfg.train.max_grad_norm)
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.kl_target
               else FixedKLController(cfg.ppo.kl_coef))
     lag = cfg.lagrangian
-    lagrange = (LagrangeMultiplier(cfg.reward.cost_weight, lag.lambda_lr, cost_limit=lag.cost_limit, optimizer=lag.lambda_optimizer,
+    lagrange = (LagrangeMultiplier(cfg.reward.cost_weight, lag.lambda_lr, cost_limit=lag.cost_limit,
+                                   optimizer=lag.lambda_optimizer,
                                    max_value=lag.lambda_max) if cfg.reward.rule == "safe_rlhf" else None)
-    ctx = Context(cfg, accelerator, tokenizer, models, scorer, scheduler, kl_ctl, RunningMoments(), memory, lagrange, RunningMoments())
+    ctx = Context(cfg, accelerator, tokenizer, models, scorer, scheduler, kl_ctl, RunningMoments(), memory,
+                  lagrange, RunningMoments())
     set_seed(cfg.run.seed + accelerator.process_index)  # each process samples its own responses
     return ctx, train, val
 
@@ -195,7 +199,8 @@ def save_policy(ctx: Context, folder: Path) -> None:
 
 def _drop_samples_after(path: Path, iteration: int) -> None:
     if path.is_file():
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["iteration"] <= iteration]
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["iteration"] <= iteration]
         path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
 
 
@@ -231,7 +236,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
 
     ctx, train_prompts, val_prompts = setup(cfg, acc)
     launch = {"type": str(acc.distributed_type), "processes": acc.num_processes,
-              "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None, "device": str(acc.device)}
+              "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+              "device": str(acc.device)}
     log.info("PPO: %d training / %d held-out prompts, %d process(es), %s (backend %s, %s)", len(train_prompts), len(val_prompts),
              acc.num_processes, launch["type"], launch["backend"], launch["device"])
     start, loop = 0, {"best": None, "best_iteration": None, "bad_evals": 0, "baseline": None, "stopped_early": False}
@@ -270,7 +276,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
     iteration = start
     for iteration in range(start + 1, cfg.train.max_steps + 1):
         t_start = time.perf_counter()
-        prompts = prompt_batch(train_prompts, iteration, cfg.ppo.rollout_batch_size, cfg.run.seed, acc.process_index, acc.num_processes)
+        prompts = prompt_batch(train_prompts, iteration, cfg.ppo.rollout_batch_size, cfg.run.seed,
+                               acc.process_index, acc.num_processes)
         rollout, metrics, samples = make_experience(ctx, prompts)  # 1. make experience
 
         if ctx.lagrange is not None:  # PPO-Lagrangian: one dual-ascent step on this batch's mean cost, before the advantages
@@ -290,7 +297,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
 
         metrics["time/iteration"] = time.perf_counter() - t_start
         keys = sorted(metrics)  # global means over processes (sums for token counts)
-        averaged = acc.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=acc.device), "mean").tolist()
+        averaged = acc.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=acc.device),
+                              "mean").tolist()
         metrics = dict(zip(keys, averaged))
         metrics["tokens/generated"] *= acc.num_processes
         metrics["perf/tokens_per_s"] = metrics["tokens/generated"] / metrics["time/iteration"]
@@ -304,8 +312,10 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         if acc.is_main_process and cfg.eval.samples_every and iteration % cfg.eval.samples_every == 0:
             _write_samples(samples_path, iteration, "train", samples[: cfg.eval.num_samples])
         logger.log(metrics, step=iteration)
-        log.info("iteration %d: reward %.4f, KL %.4f, held-out %s, %.1f s", iteration, metrics["reward/combined"], metrics["kl/ref"],
-                 f"{metrics['eval/reward_combined']:.4f}" if "eval/reward_combined" in metrics else "-", metrics["time/iteration"])
+        log.info("iteration %d: reward %.4f, KL %.4f, held-out %s, %.1f s", iteration,
+                 metrics["reward/combined"], metrics["kl/ref"],
+                 f"{metrics['eval/reward_combined']:.4f}" if "eval/reward_combined" in metrics else "-",
+                 metrics["time/iteration"])
 
         if iteration % cfg.eval.save_every == 0 or loop["stopped_early"] or iteration == cfg.train.max_steps:
             save_checkpoint(ctx, out, iteration, loop)
@@ -334,7 +344,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
             "rank_fingerprints": fingerprints, "launch": launch,
         }
         logger.summary(summary)
-        log.info("PPO done: %s (held-out reward %s -> best %s at iteration %s)", out, loop["baseline"], loop["best"], loop["best_iteration"])
+        log.info("PPO done: %s (held-out reward %s -> best %s at iteration %s)", out, loop["baseline"],
+                 loop["best"], loop["best_iteration"])
     logger.close()
     acc.wait_for_everyone()
     return out

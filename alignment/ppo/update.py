@@ -51,11 +51,13 @@ def ppo_update(ctx: Context, rollout: Any) -> dict[str, float]:
                     lagrangian = mb.cost_values is not None
                     vf_loss, vf_stats = clipped_value_loss(values[..., 0] if lagrangian else values, mb.values, mb.returns,
                                                            mb.response_mask, cfg.critic.value_clip)
-                    logged = {"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(), "policy/clipfrac": pg_stats["clipfrac"],
-                              "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio": pg_stats["ratio"], "value/clipfrac": vf_stats["clipfrac"]}
+                    logged = {"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(),
+                              "policy/clipfrac": pg_stats["clipfrac"],
+                              "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio": pg_stats["ratio"],
+                              "value/clipfrac": vf_stats["clipfrac"]}
                     if lagrangian:  # the cost critic's loss, same form and weight
-                        cost_loss, cost_stats = clipped_value_loss(values[..., 1], mb.cost_values, mb.cost_returns, mb.response_mask,
-                                                                   cfg.critic.value_clip)
+                        cost_loss, cost_stats = clipped_value_loss(values[..., 1], mb.cost_values,
+                                                                   mb.cost_returns, mb.response_mask, cfg.critic.value_clip)
                         logged.update({"cost_value/loss": cost_loss.detach(), "cost_value/clipfrac": cost_stats["clipfrac"]})
                         vf_loss = vf_loss + cost_loss
                     models.backward(cfg.critic.vf_coef * vf_loss * weight)
@@ -67,7 +69,8 @@ def ppo_update(ctx: Context, rollout: Any) -> dict[str, float]:
             ctx.scheduler.step()
             n_steps += 1
     metrics = {k: v / n_steps for k, v in sums.items()}
-    metrics["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns, rollout.response_mask, ctx.reduce))
+    metrics["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns,
+                                                                   rollout.response_mask, ctx.reduce))
     metrics["value/mean"] = float((rollout.values * rollout.response_mask).sum() / rollout.response_mask.sum())
     if rollout.cost_values is not None:
         metrics["cost_value/mean"] = float((rollout.cost_values * rollout.response_mask).sum() / rollout.response_mask.sum())

@@ -127,7 +127,8 @@ class SeparateModels:
             with ctx:
                 return policy_logprobs(model, input_ids, attention_mask, R, temperature)
         model = self.policy_wrapped if torch.is_grad_enabled() else self.policy
-        return policy_logprobs(model, input_ids, attention_mask, R, temperature, with_entropy=with_entropy, entropy_grad=entropy_grad)
+        return policy_logprobs(model, input_ids, attention_mask, R, temperature, with_entropy=with_entropy,
+                               entropy_grad=entropy_grad)
 
     def values(self, input_ids: Any, attention_mask: Any, R: int) -> Any:
         import torch
@@ -170,7 +171,8 @@ class SeparateModels:
     def checkpoint_state(self) -> dict[str, Any]:
         from alignment.rl.checkpoint import trainable_state
 
-        return {"policy": trainable_state(self.policy), "critic": trainable_state(self.critic), "optimizer": self.optimizer.state_dict()}
+        return {"policy": trainable_state(self.policy), "critic": trainable_state(self.critic),
+                "optimizer": self.optimizer.state_dict()}
 
     def save_engine(self, folder: Path) -> None:
         pass

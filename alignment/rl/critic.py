@@ -38,7 +38,8 @@ def tie_identical_weights(target: nn.Module, source: nn.Module) -> int:
     freed = 0
     for name, param in list(target.named_parameters()):
         other = source_params.get(name)
-        if other is None or other is param or other.shape != param.shape or other.dtype != param.dtype or other.device != param.device:
+        if (other is None or other is param or other.shape != param.shape or other.dtype != param.dtype
+                or other.device != param.device):
             continue
         if param.requires_grad or other.requires_grad or not torch.equal(param, other):
             continue
@@ -63,7 +64,8 @@ def _value_model_class():
         def backbones(self) -> list[nn.Module]:
             return [self.backbone]
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    use_cache=False).last_hidden_state
             return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
@@ -116,8 +118,10 @@ def _critic_pair_class():
         def backbones(self) -> list[nn.Module]:
             return [self.reward.backbone, self.cost.backbone]
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-            return torch.stack([self.reward(input_ids, attention_mask, position_ids), self.cost(input_ids, attention_mask, position_ids)], -1)
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.stack([self.reward(input_ids, attention_mask, position_ids),
+                                self.cost(input_ids, attention_mask, position_ids)], -1)
 
     return CriticPair
 

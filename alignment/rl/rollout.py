@@ -91,7 +91,8 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def build_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+def build_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                    pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """(input_ids [B, P+R], attention_mask [B, P+R], response_mask [B, R]) from token lists:
     prompts left-padded to the longest prompt P, responses right-padded to the longest response R."""
     import torch

@@ -24,7 +24,8 @@ log = logging.getLogger("alignment.rounds")
 def cli(name: str, argv: Sequence[str]) -> int:
     from alignment.runs import setup_logging
 
-    parser = argparse.ArgumentParser(prog="align round", description=package.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="align round", description=package.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     def add(cmd: str, help: str) -> argparse.ArgumentParser:
@@ -53,7 +54,8 @@ def cli(name: str, argv: Sequence[str]) -> int:
             print(f"align round init: config error: {exc}", file=sys.stderr)
             return 2
         p = Project.init(cfg)
-        print(f"project {p.dir} created; run it with: align round run --project {a.project}" + (f" --root {a.root}" if a.root != "runs" else ""))
+        print(f"project {p.dir} created; run it with: align round run --project {a.project}"
+              + (f" --root {a.root}" if a.root != "runs" else ""))
         return 0
     p = Project(a.root, a.project)
     if a.cmd == "status":

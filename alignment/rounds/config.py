@@ -26,28 +26,34 @@ WAITING = "waiting"  # a step result: people must label before the round goes on
 class StageSpec:
     """How the round runs one training stage."""
 
-    config: str | None = option(None, "the stage's YAML config (its run/model/data keys are set by the round); null = its default (configs/<stage>.yaml)")
+    config: str | None = option(None, "the stage's YAML config (its run/model/data keys are set by the round); null = its "
+                                      "default (configs/<stage>.yaml)")
     overrides: list[str] = option(factory=list, doc="extra key=value overrides for the stage (e.g. train.max_steps=20)")
     launch: str | None = option(None, "run it on several processes with this accelerate config (configs/accelerate/*.yaml)")
-    prompts: int | None = option(None, "methods that learn from a reward (rs, ppo, grpo): the first N prompts of the project's prompt pool (null = all; the round sets the stage's data.sources)")
+    prompts: int | None = option(None, "methods that learn from a reward (rs, ppo, grpo): the first N prompts of the project's "
+                                       "prompt pool (null = all; the round sets the stage's data.sources)")
 
 
 @dataclass
 class SampleConfig:
     """Step `sample`: fresh prompts, two responses each, queued for annotation."""
 
-    prompts: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")], doc="the prompt pools (each prompt's category says helpfulness or safety)")
+    prompts: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")],
+                                       doc="the prompt pools (each prompt's category says helpfulness or safety)")
     per_round: int = option(64, "prompts drawn per round (none used by an earlier round)")
     safety_share: float | None = option(0.3, "share of safety prompts in a round's draw; null = as they come in the pool")
-    temperatures: list[float] = option(factory=lambda: [0.7, 1.1], doc="sampling temperatures of response A and response B (Llama 2 varied them)")
+    temperatures: list[float] = option(factory=lambda: [0.7, 1.1],
+                                       doc="sampling temperatures of response A and response B (Llama 2 varied them)")
     compare_previous: bool = option(False, "response B from the previous round's policy instead of the current one")
-    first_round: bool = option(False, "round 1 samples too (from the SFT model), so its reward models learn from the round's own labels (Llama 2's first batch)")
+    first_round: bool = option(False, "round 1 samples too (from the SFT model), so its reward models learn from the round's own "
+                                      "labels (Llama 2's first batch)")
     max_new_tokens: int = option(128, "length limit of each response")
     batch_size: int = option(8, "generation batch size")
 
     def __post_init__(self) -> None:
         check(self.per_round > 0, "per_round", f"must be > 0, got {self.per_round}")
-        check(self.safety_share is None or 0 <= self.safety_share <= 1, "safety_share", f"must be in [0, 1] or null, got {self.safety_share}")
+        check(self.safety_share is None or 0 <= self.safety_share <= 1, "safety_share",
+              f"must be in [0, 1] or null, got {self.safety_share}")
         check(len(self.temperatures) == 2 and all(t >= 0 for t in self.temperatures), "temperatures",
               f"needs two temperatures >= 0 (responses A and B), got {self.temperatures}")
 
@@ -57,8 +63,13 @@ class AnnotationConfig:
     """Step `annotate`: people in the app, or a simulated annotator through the same store."""
 
     db: str | None = option(None, "annotation store URL; null = sqlite:///runs/<project>/annotations.db")
-    simulated: str | None = option("rules", "null = people label in the app; rules = the built-in rule judge (helpfulness heuristics, refusals on safety prompts); gold = the gold judge (`gold`: similarity to each prompt's reference answer, toxicity, refusals; needs prompts with references); rm = reward models (`rm_helpful`/`rm_safety`); or module:function(task) -> Judgement")
-    rm_helpful: str | None = option(None, "simulated: rm - the judging helpfulness reward model (an independent, e.g. larger, RM; never the one being trained)")
+    simulated: str | None = option("rules",
+                                   "null = people label in the app; rules = the built-in rule judge (helpfulness heuristics, "
+                                   "refusals on safety prompts); gold = the gold judge (`gold`: similarity to each prompt's "
+                                   "reference answer, toxicity, refusals; needs prompts with references); rm = reward models "
+                                   "(`rm_helpful`/`rm_safety`); or module:function(task) -> Judgement")
+    rm_helpful: str | None = option(None, "simulated: rm - the judging helpfulness reward model (an independent, e.g. larger, "
+                                          "RM; never the one being trained)")
     rm_safety: str | None = option(None, "simulated: rm - the judging safety reward model (labels each response safe/unsafe)")
     labels: int = option(1, "labels per task")
     overlap: float = option(0.0, "share of tasks labelled by several annotators (agreement statistics)")
@@ -66,7 +77,8 @@ class AnnotationConfig:
     export_policy: Literal["majority", "all"] = option("majority", "majority = one record per task, all = one per label")
 
     def __post_init__(self) -> None:
-        check(self.simulated != "rm" or self.rm_helpful is not None, "rm_helpful", "simulated: rm needs a judging helpfulness reward model")
+        check(self.simulated != "rm" or self.rm_helpful is not None, "rm_helpful",
+              "simulated: rm needs a judging helpfulness reward model")
         check(self.simulated in (None, "rules", "gold", "rm") or ":" in self.simulated, "simulated",
               f"must be null, rules, gold, rm or module:function, got {self.simulated!r}")
         check(self.labels >= 1, "labels", f"must be >= 1, got {self.labels}")
@@ -78,11 +90,14 @@ class PromoteConfig:
     """Step `promote`: does this round's policy become the one the next round samples from?"""
 
     mode: Literal["auto", "manual"] = option("auto", "auto = by the rule below; manual = only `align round promote`")
-    min_winrate: float = option(0.5, "rule: win rate against the previous round's policy at least this (ties count half; by the first of eval.judges)")
+    min_winrate: float = option(0.5, "rule: win rate against the previous round's policy at least this (ties count half; by "
+                                     "the first of eval.judges)")
     max_toxigen_increase: float = option(0.0, "rule: ToxiGen % toxic may rise by at most this many points")
     toxigen_test: Literal["paired", "none"] = option(
-        "paired", "paired = a rise beyond max_toxigen_increase blocks promotion only when it is significant: exact one-sided sign test "
-        "(McNemar) over the same prompts, p < toxigen_alpha (124 prompts: +4 toxic continuations is noise); none = any rise beyond it blocks")
+        "paired",
+        "paired = a rise beyond max_toxigen_increase blocks promotion only when it is significant: exact one-sided sign test "
+        "(McNemar) over the same prompts, p < toxigen_alpha (124 prompts: +4 toxic continuations is noise); none = "
+        "any rise beyond it blocks")
     toxigen_alpha: float = option(0.05, "toxigen_test: paired - significance level of the rise")
 
     def __post_init__(self) -> None:
@@ -98,20 +113,29 @@ class RoundConfig:
     project: str = option("default", "project name: its folder is <root>/<project>")
     root: str = option("runs", "parent folder of projects")
     rounds: int = option(2, "`align round run` stops after this many rounds")
-    methods: list[str] = option(factory=lambda: ["rs", "ppo"], doc=f"policy method per round ({', '.join(POLICY_METHODS)}); the last one repeats (Llama 2: RS for V1-V4, PPO on top for V5)")
-    comparisons: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")], doc="comparisons every round's reward models train on besides the rounds' own (Llama 2: Meta's and open data); [] = only the rounds' own labels (needs sample.first_round)")
+    methods: list[str] = option(factory=lambda: ["rs", "ppo"], doc=f"policy method per round ({', '.join(POLICY_METHODS)}); the "
+                                                                   "last one repeats (Llama 2: RS for V1-V4, PPO on top for V5)")
+    comparisons: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")],
+                                           doc="comparisons every round's reward models train on besides the rounds' own (Llama "
+                                               "2: Meta's and open data); [] = only the rounds' own labels "
+                                               "(needs sample.first_round)")
     sft: StageSpec = option(factory=lambda: StageSpec("configs/sft.yaml"), doc="round 1's supervised fine-tuning")
     rm_helpful: StageSpec = option(factory=lambda: StageSpec("configs/rm_helpful.yaml"), doc="helpfulness reward model")
     rm_safety: StageSpec = option(factory=lambda: StageSpec("configs/rm_safety.yaml"), doc="safety reward model")
-    policy: dict[str, StageSpec] = option(factory=dict, doc="per policy method (policy.rs, policy.ppo, policy.dpo, ...): its config and overrides; a method not listed runs its default config (alignment/methods.py)")
+    policy: dict[str, StageSpec] = option(factory=dict,
+                                          doc="per policy method (policy.rs, policy.ppo, policy.dpo, ...): its config and "
+                                              "overrides; a method not listed runs its default config (alignment/methods.py)")
     sample: SampleConfig = option(factory=SampleConfig, doc="sampling pairs for annotation (rounds 2+)")
     annotation: AnnotationConfig = option(factory=AnnotationConfig, doc="who labels the pairs")
-    eval: EvalSuiteConfig = option(factory=EvalSuiteConfig, doc="evaluation suite of every round (on held-out prompts no stage sees)")
-    gold: GoldJudgeConfig = option(factory=GoldJudgeConfig, doc="the gold judge (annotation.simulated: gold, and the gold win rates of eval.judges)")
+    eval: EvalSuiteConfig = option(factory=EvalSuiteConfig,
+                                   doc="evaluation suite of every round (on held-out prompts no stage sees)")
+    gold: GoldJudgeConfig = option(factory=GoldJudgeConfig,
+                                   doc="the gold judge (annotation.simulated: gold, and the gold win rates of eval.judges)")
     promote: PromoteConfig = option(factory=PromoteConfig, doc="promotion rule")
     train_rms: Literal["every_round", "when_used"] = option(
-        "every_round", "every_round = retrain both reward models in every round (Llama 2); when_used = skip them in rounds after the "
-        "first whose method learns from the comparisons (dpo, kto): the RM judge and the next round use the latest trained ones")
+        "every_round",
+        "every_round = retrain both reward models in every round (Llama 2); when_used = skip them in rounds after the first "
+        "whose method learns from the comparisons (dpo, kto): the RM judge and the next round use the latest trained ones")
     seed: int = option(0, "seed of prompt draws, sampling and evaluation")
 
     def __post_init__(self) -> None:
@@ -119,8 +143,10 @@ class RoundConfig:
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         check(bool(self.methods), "methods", "needs at least one method")
         for m in [*self.methods, *self.policy]:
-            check(m in METHODS, "methods" if m in self.methods else f"policy.{m}", f"unknown method {m!r}; expected one of: {', '.join(METHODS)}")
-        for name, spec in [("sft", self.sft), ("rm_helpful", self.rm_helpful), ("rm_safety", self.rm_safety), *self.policy.items()]:
+            check(m in METHODS, "methods" if m in self.methods else f"policy.{m}",
+                  f"unknown method {m!r}; expected one of: {', '.join(METHODS)}")
+        for name, spec in [("sft", self.sft), ("rm_helpful", self.rm_helpful),
+                           ("rm_safety", self.rm_safety), *self.policy.items()]:
             spec.config = spec.config or (POLICY_METHODS[name].config if name in POLICY_METHODS else f"configs/{name}.yaml")
         check(self.eval.heldout > 0 or not self.eval.judges, "eval.heldout", "win rates (eval.judges) need held-out prompts")
         check(bool(self.comparisons) or self.sample.first_round, "comparisons",

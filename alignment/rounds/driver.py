@@ -134,9 +134,11 @@ def format_status(s: dict) -> str:
     for r in s["rounds"]:
         state = "complete" if not r["pending"] else f"next: {r['pending'][0]}"
         promoted = {True: ", promoted", False: ", not promoted"}.get(r["promoted"], "")
-        lines.append(f"round {r['round']} ({r['method']}): {len(r['done'])}/{len(r['done']) + len(r['pending'])} steps, {state}{promoted}")
+        lines.append(f"round {r['round']} ({r['method']}): {len(r['done'])}/{len(r['done']) + len(r['pending'])} "
+                     f"steps, {state}{promoted}")
         if r.get("labels_missing"):
-            lines.append(f"  waiting for people: {r['labels_missing']} labels missing (align annotate serve --db ...; then align round run)")
+            lines.append(f"  waiting for people: {r['labels_missing']} labels missing (align annotate serve --db "
+                         "...; then align round run)")
         for k, v in r["metrics"].items():
             lines.append(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
     lines.append(f"next: round {s['next']['round']} step {s['next']['step']}" if s["next"] else "all configured rounds are done")

@@ -106,7 +106,8 @@ class Project:
         p = self.manifest_path(n)
         if p.is_file():
             return json.loads(p.read_text())
-        return {"round": n, "method": self.cfg.method(n), "created_at": now(), "config_sha256": sha256(self.config_path), "steps": {}}
+        return {"round": n, "method": self.cfg.method(n), "created_at": now(),
+                "config_sha256": sha256(self.config_path), "steps": {}}
 
     def save_manifest(self, n: int, m: dict) -> None:
         self.round_dir(n).mkdir(parents=True, exist_ok=True)

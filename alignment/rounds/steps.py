@@ -43,7 +43,8 @@ def run_stage(stage: str, spec: StageSpec, out: Path, overrides: Sequence[str]) 
     if (out / "summary.json").is_file() and (out / "model").is_dir():
         log.info("%s: already finished in %s", stage, out)
         return json.loads((out / "summary.json").read_text())
-    cmd = [sys.executable, "-m", "alignment.cli", stage, "--config", spec.config, f"run.output_dir={out}", *overrides, *spec.overrides]
+    cmd = [sys.executable, "-m", "alignment.cli", stage, "--config", spec.config, f"run.output_dir={out}",
+           *overrides, *spec.overrides]
     if (out / "config.yaml").is_file():
         cmd.append("--resume")
     if spec.launch:
@@ -103,10 +104,13 @@ class Steps:
                 if (self.p.round_dir(k) / "pairs.jsonl").is_file():
                     for line in (self.p.round_dir(k) / "pairs.jsonl").read_text().splitlines():
                         used.add(json.dumps(json.loads(line)["prompt"], sort_keys=True))
-            chosen = draw_prompts(self.p.pool(), used, self.cfg.sample.per_round, self.cfg.sample.safety_share, seed=self.cfg.seed + self.n)
+            chosen = draw_prompts(self.p.pool(), used, self.cfg.sample.per_round, self.cfg.sample.safety_share,
+                                  seed=self.cfg.seed + self.n)
             if not chosen:
-                raise RuntimeError(f"round {self.n}: no unused prompts left in the prompt pool ({self.p.pool_path}); add prompt sources")
-            rows, dropped = sample_pairs(models, chosen, temperatures=self.cfg.sample.temperatures, max_new_tokens=self.cfg.sample.max_new_tokens,
+                raise RuntimeError(f"round {self.n}: no unused prompts left in the prompt pool "
+                                   f"({self.p.pool_path}); add prompt sources")
+            rows, dropped = sample_pairs(models, chosen, temperatures=self.cfg.sample.temperatures,
+                                         max_new_tokens=self.cfg.sample.max_new_tokens,
                                          batch_size=self.cfg.sample.batch_size, seed=self.cfg.seed + 1000 * self.n)
             for r in rows:
                 r.setdefault("meta", {})["round"] = self.n
@@ -114,11 +118,13 @@ class Steps:
             tmp.unlink(missing_ok=True)
             write_jsonl(tmp, rows)
             os.replace(tmp, pairs)
-            log.info("round %d: %d pairs from %d prompts (%d dropped: empty or identical responses)", self.n, len(rows), len(chosen), dropped)
+            log.info("round %d: %d pairs from %d prompts (%d dropped: empty or identical responses)", self.n,
+                     len(rows), len(chosen), dropped)
         store = self.store()
         if self.n not in store.rounds():
             a = self.cfg.annotation
-            store.queue_file(self.n, pairs, labels=a.labels, overlap=a.overlap, overlap_labels=a.overlap_labels, seed=self.cfg.seed)
+            store.queue_file(self.n, pairs, labels=a.labels, overlap=a.overlap,
+                             overlap_labels=a.overlap_labels, seed=self.cfg.seed)
         n_pairs = len(pairs.read_text().splitlines())
         return {"inputs": {"policy": models[0], "policy_b": models[1], "temperatures": self.cfg.sample.temperatures},
                 "outputs": {"path": str(pairs), "sha256": sha256(pairs), "pairs": n_pairs, "db": self.p.db_url()}}
@@ -133,12 +139,13 @@ class Steps:
             log.info("round %d: %s stored %d labels", self.n, annotator.name, labelled)
         missing = store.missing_labels(self.n)
         if missing:
-            log.info("round %d: %d labels missing; annotators label in `align annotate serve --db %s`", self.n, missing, self.p.db_url())
+            log.info("round %d: %d labels missing; annotators label in `align annotate serve --db %s`", self.n,
+                     missing, self.p.db_url())
             return WAITING
         stats = store.stats(round=self.n)
         return {"inputs": {"annotator": a.simulated or "people", "db": self.p.db_url()},
-                "outputs": {"tasks": stats["tasks"], "labels": stats["labels_done"], "skips": stats["skips"], "both_bad": stats["both_bad"],
-                            "annotators": stats["annotators"]}}
+                "outputs": {"tasks": stats["tasks"], "labels": stats["labels_done"], "skips": stats["skips"],
+                            "both_bad": stats["both_bad"], "annotators": stats["annotators"]}}
 
     def _annotator(self) -> Any:
         from data.store import FunctionAnnotator, ScorerAnnotator
@@ -179,7 +186,8 @@ class Steps:
         for name in ("rm_helpful", "rm_safety"):
             model = self.p.rm_dir(name, self.n - 1)
             out = self.dir / "rm_before" / name
-            report = evaluate(load_scorer(str(model)), comparisons, model=str(model), data=f"round {self.n} comparisons (new)", out=out)
+            report = evaluate(load_scorer(str(model)), comparisons, model=str(model),
+                              data=f"round {self.n} comparisons (new)", out=out)
             outputs[name] = {"accuracy": report["accuracy"], "n": report["n"], "report": str(out / "rm_eval.json")}
         return {"inputs": {"comparisons": data, "sha256": sha256(data)}, "outputs": outputs}
 
@@ -188,12 +196,14 @@ class Steps:
         if self.cfg.train_rms == "when_used" and self.n > 1 and POLICY_METHODS[self.cfg.method(self.n)].consumes == "comparisons":
             latest = self.p.rm_dir(name, self.n - 1)
             return {"inputs": {"train_rms": "when_used", "method": self.cfg.method(self.n)},
-                    "outputs": {"skipped": f"{self.cfg.method(self.n)} learns from the comparisons; using {latest}", "path": str(latest)}}
+                    "outputs": {"skipped": f"{self.cfg.method(self.n)} learns from the comparisons; using {latest}",
+                                "path": str(latest)}}
         files = self.p.comparison_files(self.n)
         sources = [*self.cfg.comparisons, *(DataSource(f) for f in files)]
         spec = getattr(self.cfg, name)
         summary = run_stage("rm", spec, out, [f"data.sources={_sources(sources)}", f"run.seed={self.cfg.seed}"])
-        return {"inputs": {"config": spec.config, "comparisons": [to_dict(s) for s in self.cfg.comparisons] + [{"path": f, "sha256": sha256(f)} for f in files]},
+        return {"inputs": {"config": spec.config, "comparisons": [to_dict(s) for s in self.cfg.comparisons]
+                                                                 + [{"path": f, "sha256": sha256(f)} for f in files]},
                 "outputs": {"path": str(out), "metrics": _scalars(summary)}}
 
     def rm_helpful(self) -> dict:
@@ -211,8 +221,8 @@ class Steps:
         inputs: dict[str, Any] = {"method": method.name, "config": spec.config, "start": start}
         if method.consumes == "reward":  # the round's reward models; prompts from the project's pool, never a held-out one
             src = {"path": str(self.p.pool_path), **({"limit": spec.prompts} if spec.prompts else {})}
-            overrides += [f"reward.helpful={self.p.rm_dir('rm_helpful', self.n)}", f"reward.safety={self.p.rm_dir('rm_safety', self.n)}",
-                          f"data.sources=[{json.dumps(src)}]"]
+            overrides += [f"reward.helpful={self.p.rm_dir('rm_helpful', self.n)}",
+                          f"reward.safety={self.p.rm_dir('rm_safety', self.n)}", f"data.sources=[{json.dumps(src)}]"]
             inputs["prompts"] = src
         else:  # comparisons: this round's new ones (a round that sampled none: the base comparisons)
             export = self.p.manifest(self.n)["steps"].get("export", {})
@@ -263,13 +273,14 @@ class Steps:
 
                 test = paired_change([r for _, r in read_rows(prev_rows)], [r for _, r in read_rows(rows)])
                 ok = test["p_value"] >= cfg.toxigen_alpha
-                reason += (f": {test['worse']} prompts more toxic, {test['better']} less of {test['n']}, sign test p={test['p_value']:.3f} "
-                           f"({'not significant' if ok else 'significant'} at {cfg.toxigen_alpha:g})")
+                reason += (f": {test['worse']} prompts more toxic, {test['better']} less of {test['n']}, sign test "
+                           f"p={test['p_value']:.3f} ({'not significant' if ok else 'significant'} at {cfg.toxigen_alpha:g})")
             elif not ok and cfg.toxigen_test == "paired":
                 reason += ": no per-prompt rows to test, compared as points"
             promoted &= ok
             reasons.append(f"{reason} ({'ok' if ok else 'worse'})")
-        return {"inputs": {"mode": "auto", "rule": to_dict(cfg)}, "outputs": {"promoted": promoted, "reason": "; ".join(reasons) or "no evaluations to check"}}
+        return {"inputs": {"mode": "auto", "rule": to_dict(cfg)},
+                "outputs": {"promoted": promoted, "reason": "; ".join(reasons) or "no evaluations to check"}}
 
     def _previous_toxigen(self) -> tuple[float | None, Path | None]:
         """ToxiGen % toxic of the current policy before this round and its per-prompt rows: the last promoted

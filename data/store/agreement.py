@@ -52,7 +52,8 @@ def coincidences(units: Sequence[Sequence[Hashable]]) -> dict[tuple[Hashable, Ha
     return o
 
 
-def krippendorff_alpha(units: Sequence[Sequence[Hashable]], metric: Literal["nominal", "ordinal", "interval"] = "nominal") -> float | None:
+def krippendorff_alpha(units: Sequence[Sequence[Hashable]],
+                       metric: Literal["nominal", "ordinal", "interval"] = "nominal") -> float | None:
     """Krippendorff's alpha of ``units`` (see :func:`coincidences`); None when undefined (no pairable
     values, or every value the same so no disagreement is expected).
 

@@ -134,7 +134,8 @@ def read_tasks(path: str | Path, *, max_bytes: int | None = MAX_RESPONSE_BYTES) 
         except DataError as exc:
             raise exc.located(path, lineno) from None
         if task.uid in first_line:
-            raise DataError(f"duplicate task id {task.uid!r} (first on line {first_line[task.uid]})", path=path, line=lineno, key="id")
+            raise DataError(f"duplicate task id {task.uid!r} (first on line {first_line[task.uid]})",
+                            path=path, line=lineno, key="id")
         first_line[task.uid] = lineno
         tasks.append(task)
     if not tasks:
@@ -142,7 +143,8 @@ def read_tasks(path: str | Path, *, max_bytes: int | None = MAX_RESPONSE_BYTES) 
     return tasks
 
 
-def overlap_labels(uids: Iterable[str], *, labels: int = 1, overlap: float = 0.0, overlap_labels: int = 3, seed: int = 0) -> dict[str, int]:
+def overlap_labels(uids: Iterable[str], *, labels: int = 1, overlap: float = 0.0, overlap_labels: int = 3,
+                   seed: int = 0) -> dict[str, int]:
     """Labels needed per task: ``round(overlap * n)`` tasks get ``overlap_labels``, the rest ``labels``.
 
     The overlapping tasks are the ones with the smallest ``sha256(seed:uid)``: a fixed, spread-out

@@ -66,11 +66,13 @@ class ScorerAnnotator:
         n = len(tasks)
         safe: list[bool | None] = [None] * (2 * n)
         if self.safety_scorer is not None:
-            safe = [1.0 / (1.0 + math.exp(-s)) >= self.safe_threshold for s in _floats(self.safety_scorer.score(prompts, responses))]
+            safe = [1.0 / (1.0 + math.exp(-s)) >= self.safe_threshold
+                    for s in _floats(self.safety_scorer.score(prompts, responses))]
         out = []
         for i in range(n):
             gap = scores[i] - scores[n + i]
-            out.append(Judgement(chosen="A" if gap >= 0 else "B", strength=strength_from_gap(gap, self.thresholds), safe_a=safe[i], safe_b=safe[n + i]))
+            out.append(Judgement(chosen="A" if gap >= 0 else "B", strength=strength_from_gap(gap, self.thresholds),
+                                 safe_a=safe[i], safe_b=safe[n + i]))
         return out
 
 
