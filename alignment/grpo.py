@@ -133,7 +133,8 @@ def build_trainer(cfg: GroupRLConfig, out: Path, logger: MetricsLogger | None = 
 
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     train, val = load_prompts(cfg.data, tokenizer, cfg.run.seed)
-    to_ds = lambda rs: datasets.Dataset.from_list([{"prompt": r.messages, "is_safety": r.is_safety} for r in rs])
+    def to_ds(rs):
+        return datasets.Dataset.from_list([{"prompt": r.messages, "is_safety": r.is_safety} for r in rs])
     model = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision,
                            attn_implementation=cfg.model.attn_implementation)
     scorer, _ = build_scorer(cfg.reward, str(select_device(cfg.model.device)))

@@ -1,5 +1,7 @@
 """Rejection-sampling fine-tuning (Llama 2, section 3.2.3): best-of-K by reward, then SFT on the best.
 
+Length (~460 lines): one stage read top to bottom: sample, score, select, fine-tune, evaluate, resume.
+
     align rs --config configs/rs.yaml [key=value ...] [--resume]
 
 One round:
@@ -433,7 +435,8 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
         tokenizer.save_pretrained(model_dir)
         if cfg.adapter.method != "full":
             set_adapter_base(model_dir, cfg.model.name)
-        brief = lambda ev: {k: v for k, v in ev.items() if k != "responses"}
+        def brief(ev):
+            return {k: v for k, v in ev.items() if k != "responses"}
         logger.summary({
             "round": cfg.pool.round, "prompts_train": len(train_prompts), "prompts_eval": len(eval_prompts),
             "num_samples": cfg.sampling.num_samples, "temperature": cfg.sampling.temperature, **sampling,

@@ -156,7 +156,8 @@ def load_data(cfg: RMDataConfig, objective: str, seed: int) -> tuple[list[Compar
     info: dict = {"dropped_chosen_unsafe": 0}
     drop = cfg.drop_chosen_unsafe if cfg.drop_chosen_unsafe is not None else objective == "safety"
     if drop:
-        keep = lambda c: c.safety_bin != SafetyBin.CHOSEN_UNSAFE_OTHER_SAFE
+        def keep(c):
+            return c.safety_bin != SafetyBin.CHOSEN_UNSAFE_OTHER_SAFE
         info["dropped_chosen_unsafe"] = sum(not keep(c) for c in pool) + sum(not keep(c) for c in val)
         pool, val = [c for c in pool if keep(c)], [c for c in val if keep(c)]
     if cfg.focus_share is None:

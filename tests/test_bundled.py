@@ -8,7 +8,6 @@ import csv
 import gzip
 import json
 
-import pytest
 
 from data.loaders import BUNDLED_DIR, load_comparisons, load_prompts, load_sft, load_truthfulness
 from data.schemas import SafetyBin, Strength

@@ -249,9 +249,11 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
-    loss = lambda d: {m["step"]: m["loss"] for m in read_metrics(d) if "loss" in m}
+    def loss(d):
+        return {m["step"]: m["loss"] for m in read_metrics(d) if "loss" in m}
     assert loss(cut) == pytest.approx(loss(whole), rel=1e-4) and max(loss(cut)) == 16
-    after = lambda d: json.loads((d / "eval.json").read_text())["after"]
+    def after(d):
+        return json.loads((d / "eval.json").read_text())["after"]
     assert ((after(cut)["margin"], after(cut)["accuracy"])
             == pytest.approx((after(whole)["margin"], after(whole)["accuracy"]), abs=1e-5))
 

@@ -10,6 +10,7 @@ import ast
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 PACKAGES = ("alignment", "reward", "data", "ui")
@@ -130,3 +131,17 @@ def test_long_modules_say_why_at_the_top():
     long = [f"{path.relative_to(REPO)} ({n} lines)" for path in modules(REPO).values()
             if (n := len(path.read_text().splitlines())) > 450 and "Length (" not in path.read_text()[:2000]]
     assert long == []
+
+
+def test_lint_is_clean():
+    """`make lint` (ruff with the rules pinned in pyproject.toml, lines <= 130 characters) passes."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e .[dev])")
+    res = subprocess.run([ruff, "check", "alignment", "reward", "data", "ui", "tests", "benchmarks"], cwd=REPO,
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]

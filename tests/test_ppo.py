@@ -196,7 +196,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_curve(tmp_path, tiny_model
         assert cut[step].keys() == whole[step].keys(), step
         for key, value in whole[step].items():
             assert cut[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
-    samples = lambda run: [json.loads(x)["iteration"] for x in (runs / run / "ppo" / "samples.jsonl").read_text().splitlines()]
+    def samples(run):
+        return [json.loads(x)["iteration"] for x in (runs / run / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert samples("cut") == samples("whole")
 
 

@@ -410,7 +410,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     assert cut.keys() == whole.keys()
     for k in cut:
         assert torch.allclose(cut[k], whole[k], atol=1e-5), k
-    loss = lambda o: {m["step"]: m["loss"] for m in read_metrics(o) if "loss" in m}
+    def loss(o):
+        return {m["step"]: m["loss"] for m in read_metrics(o) if "loss" in m}
     assert loss(out) == pytest.approx(loss(whole_out), rel=1e-4)
     assert json.loads((out / "model" / "reward_stats.json").read_text())["mean"] == pytest.approx(
         json.loads((whole_out / "model" / "reward_stats.json").read_text())["mean"], abs=1e-5)

@@ -1,5 +1,7 @@
 """Toxicity classifiers for the ToxiGen evaluation, and the training of the offline one.
 
+Length (~450 lines): two classifiers behind one interface, plus training and measuring the offline one.
+
     align eval train-classifier --data ../shared/data/toxigen/prompts --out runs/toxicity-minilm
 
 Two classifiers, one interface (``predict_proba(texts) -> [P(toxic)]`` plus a ``card`` that

@@ -101,7 +101,8 @@ def evaluate(ctx: Context, prompts: Sequence) -> tuple[dict[str, float], list[di
              "length": len(g.response_ids), **{f"reward_{k}": float(v[i]) for k, v in raw.items()}}
             for i, (p, g) in enumerate(zip(shard, gens))]
     rows = gather_object(rows)
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
     metrics = {f"eval/{k}": mean([r[k] for r in rows]) for k in rows[0] if k.startswith("reward_")}
     for category in sorted({r["category"] for r in rows}):
         metrics[f"eval/reward_combined_{category}"] = mean([r["reward_combined"] for r in rows if r["category"] == category])

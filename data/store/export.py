@@ -60,7 +60,8 @@ def _iso(t: dt.datetime) -> str:
 
 def label_comparison(r: LabelRecord) -> Comparison:
     """One label as a comparison (policy ``all``)."""
-    meta = {"task": r.task_uid, "shown_left": "B" if r.swapped else "A", "annotator_kind": r.annotator_kind, "labels": r.labels_done,
+    meta = {"task": r.task_uid, "shown_left": "B" if r.swapped else "A",
+            "annotator_kind": r.annotator_kind, "labels": r.labels_done,
             **{k: getattr(r, k) for k in META_FIELDS if getattr(r, k) is not None}}
     if r.seconds is not None:
         meta["seconds"] = round(r.seconds, 1)

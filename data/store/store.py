@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from data.errors import DataError
-from data.schemas import Message, Strength
+from data.schemas import Message
 from data.store.export import POLICIES, ExportPlan, LabelRecord, Policy, plan_export
 from data.store.label import AnnotationError, Judgement
 from data.store.pairs import MAX_RESPONSE_BYTES, TaskSpec, overlap_labels, parse_task, read_tasks
@@ -199,7 +199,8 @@ class AnnotationStore:
                 raise ValueError(f"sqlite_synchronous must be FULL, NORMAL or EXTRA, got {sqlite_synchronous!r}")
             db = parsed.database
             if not db or db == ":memory:":
-                raise ValueError("the annotation store needs a file (sqlite:///path.db); an in-memory database is not shared between threads")
+                raise ValueError("the annotation store needs a file (sqlite:///path.db); an in-memory database is not "
+                                 "shared between threads")
             Path(db).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(self.url, echo=echo, pool_size=10, max_overflow=40,
                                         connect_args={"check_same_thread": False, "timeout": 60})
@@ -270,7 +271,8 @@ class AnnotationStore:
         """Create a user. Humans need a password (only its salted scrypt hash is stored); simulated
         annotators have none and cannot log in to the web app."""
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # fullmatch: "ann1\n" is not "ann1"
-            raise AnnotationError(f"invalid user name {name!r}: use 1-100 letters, digits and _ . : @ + - (starting with a letter or digit)")
+            raise AnnotationError(f"invalid user name {name!r}: use 1-100 letters, digits and _ . : @ + - (starting "
+                                  "with a letter or digit)")
         if role not in ROLES:
             raise AnnotationError(f"unknown role {role!r}; expected one of: {', '.join(ROLES)}")
         if kind not in KINDS:
@@ -628,7 +630,8 @@ class AnnotationStore:
             if round is not None:
                 q = q.where(Label.round == round)
             rows = s.execute(q.order_by(Label.created_at.desc(), Label.id.desc()).limit(n)).all()
-            return [RecentLabel(label.id, t.uid, t.round, next((m["content"] for m in reversed(t.prompt) if m["role"] == "user"), ""),
+            return [RecentLabel(label.id, t.uid, t.round,
+                                next((m["content"] for m in reversed(t.prompt) if m["role"] == "user"), ""),
                                 label.chosen, label.strength, label.created_at, t.round not in closed) for label, t in rows]
 
     def label_task(self, user: str, label_id: int) -> tuple[LeasedTask, Judgement]:
@@ -673,7 +676,8 @@ class AnnotationStore:
         if info is None:
             self.add_user(annotator.name, kind="simulated")
         elif info.kind != "simulated":
-            raise AnnotationError(f"{annotator.name!r} is a human user; a simulated annotator needs its own name (e.g. 'sim:...')")
+            raise AnnotationError(f"{annotator.name!r} is a human user; "
+                                  "a simulated annotator needs its own name (e.g. 'sim:...')")
         stored = 0
         while limit is None or stored < limit:
             n = batch_size if limit is None else min(batch_size, limit - stored)
@@ -695,7 +699,8 @@ class AnnotationStore:
     def missing_labels(self, round: int | None = None) -> int:
         """Labels the round (or every round) still needs from anyone."""
         with self._tx(write=False) as s:
-            q = select(func.coalesce(func.sum(Task.labels_needed - Task.labels_done), 0)).where(Task.labels_done < Task.labels_needed)
+            q = (select(func.coalesce(func.sum(Task.labels_needed - Task.labels_done), 0))
+                 .where(Task.labels_done < Task.labels_needed))
             if round is not None:
                 q = q.where(Task.round == round)
             return int(s.scalar(q) or 0)
@@ -712,10 +717,12 @@ class AnnotationStore:
             mine_round = mine if round is None else mine.where(Label.round == round)
             # open tasks this user has labelled or skipped: one index range over their own assignments
             closed_q = select(func.count(Assignment.id)).join(Task, Task.id == Assignment.task_id).where(
-                Assignment.user_id == u.id, Assignment.status.in_(("submitted", "skipped")), Task.labels_done < Task.labels_needed)
+                Assignment.user_id == u.id, Assignment.status.in_(("submitted", "skipped")),
+                Task.labels_done < Task.labels_needed)
             if round is not None:
                 closed_q = closed_q.where(Task.round == round)
-            today, in_round, closed = (int(s.scalar(q) or 0) for q in (mine.where(Label.created_at >= midnight), mine_round, closed_q))
+            today, in_round, closed = (int(s.scalar(q) or 0)
+                                       for q in (mine.where(Label.created_at >= midnight), mine_round, closed_q))
             missing, open_tasks = self._round_counts(s, round, max_age)
         return Progress(today, in_round, missing, max(0, open_tasks - closed))
 
@@ -742,16 +749,20 @@ class AnnotationStore:
         with self._tx(write=False) as s:
             q = (select(Label, Task.id, Task.uid, Task.round, Task.source_a, Task.source_b, Task.category, Task.labels_needed,
                         Task.labels_done, User.name, User.kind, *text_cols)
-                 .join(Task, Task.id == Label.task_id).join(User, User.id == Label.user_id).order_by(Task.round, Task.seq, Label.id))
+                 .join(Task, Task.id == Label.task_id).join(User, User.id == Label.user_id).order_by(Task.round, Task.seq,
+                                                                                                     Label.id))
             if round is not None:
                 q = q.where(Label.round == round)
             out = []
             for lab, tid, uid, rnd, src_a, src_b, cat, needed, done, name, kind, *rest in s.execute(q):
                 prompt, a, b, meta = rest if texts else ([], "", "", {})
                 out.append(LabelRecord(
-                    **Judgement.of(lab).columns(), label_id=lab.id, task_id=tid, task_uid=uid, round=rnd, prompt=prompt, response_a=a,
-                    response_b=b, source_a=src_a, source_b=src_b, category=cat, labels_needed=needed, labels_done=done, annotator=name,
-                    annotator_kind=kind, swapped=lab.swapped, seconds=lab.seconds, created_at=lab.created_at, task_meta=meta or {}))
+                    **Judgement.of(lab).columns(), label_id=lab.id, task_id=tid, task_uid=uid, round=rnd,
+                    prompt=prompt, response_a=a,
+                    response_b=b, source_a=src_a, source_b=src_b, category=cat, labels_needed=needed,
+                    labels_done=done, annotator=name,
+                    annotator_kind=kind, swapped=lab.swapped, seconds=lab.seconds,
+                    created_at=lab.created_at, task_meta=meta or {}))
             return out
 
     def comparisons(self, round: int, *, policy: Policy = "majority", complete_only: bool = False,
@@ -820,7 +831,8 @@ class AnnotationStore:
         records = self.label_records(round, texts=False)
         now = self.clock()
         with self._tx(write=False) as s:
-            tq = select(func.count(Task.id), func.coalesce(func.sum(Task.labels_needed), 0), func.coalesce(func.sum(Task.labels_done), 0))
+            tq = select(func.count(Task.id), func.coalesce(func.sum(Task.labels_needed), 0),
+                        func.coalesce(func.sum(Task.labels_done), 0))
             cq = select(func.count(Task.id)).where(Task.labels_done >= Task.labels_needed)
             oq = select(func.count(Task.id)).where(Task.labels_needed > 1)
             sq = (select(User.name, User.kind, func.count(Assignment.id)).join(User, User.id == Assignment.user_id)
