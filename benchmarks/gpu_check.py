@@ -50,8 +50,8 @@ CAPS = {"env": 60, "models": 120, "sft": 120, "ppo": 150, "ppo_ddp": 150, "dpo_d
 ENV_PROBE = """
 import json, platform, torch, transformers, trl, peft, accelerate
 info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__, \
-"accelerate": accelerate.__version__,
+        "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
         "cuda_available": torch.cuda.is_available(), "nccl": torch.distributed.is_nccl_available()}
 if torch.cuda.is_available():
     info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported(),
