@@ -44,13 +44,12 @@ Rules the store guarantees (tested on SQLite and PostgreSQL):
 from data.store.export import LabelRecord, plan_export
 from data.store.pairs import TaskSpec, read_tasks
 from data.store.simulated import FunctionAnnotator, ScorerAnnotator
-from data.store.store import (
+from data.store.label import AnnotationError, Judgement
+from data.store.store import AnnotationStore
+from data.store.values import (
     DEFAULT_DB,
     DEFAULT_EXPORT_DIR,
-    AnnotationError,
-    AnnotationStore,
     ExportResult,
-    Judgement,
     LeasedTask,
     LeaseLost,
     Progress,

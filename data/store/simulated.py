@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from data.heuristics import CAUTION, REFUSALS, repetition
-from data.store.store import Judgement, LeasedTask
+from data.store.label import Judgement
+from data.store.values import LeasedTask
 
 
 @dataclass
