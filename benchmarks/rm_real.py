@@ -37,6 +37,19 @@ def length_baseline(pairs: list) -> float:
     return sum(wins) / len(wins)
 
 
+def by_length(chosen: list[float], rejected: list[float], pairs: list) -> dict:
+    """The RM's accuracy where the chosen response is the longer one and where it is the shorter one (characters;
+    equal lengths left out): an RM that only learned "longer is better" scores ~100% / ~0% here."""
+    out = {}
+    for name, keep in (("chosen_longer", lambda c: len(c.chosen_response) > len(c.rejected_response)),
+                       ("chosen_shorter", lambda c: len(c.chosen_response) < len(c.rejected_response))):
+        idx = [i for i, c in enumerate(pairs) if keep(c)]
+        right = sum(chosen[i] > rejected[i] for i in idx)
+        out[name] = {"n": len(idx), "accuracy": right / len(idx) if idx else None,
+                     "length_baseline": 1.0 if name == "chosen_longer" else 0.0}
+    return out
+
+
 def curve(metrics_path: Path, pairs_per_step: int) -> list[dict]:
     """(step, pairs seen, held-out accuracy, loss) from the RM stage's metrics.jsonl evaluation rows."""
     out = []
@@ -88,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--out", default=str(REPO / "runs" / "bench-rm-real"), help="the RM stage's output folder (replaced)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true",
+                   help="score the RM already trained in --out (same settings) instead of training again")
     a = p.parse_args(argv)
     if not Path(a.data).exists():
         return {"skipped": f"{a.data} not found (HH-RLHF helpful-base; ../shared/data or a local copy)"}
@@ -96,7 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     train, held, _ = split(pairs, val_fraction=a.val_fraction, seed=a.seed)
     print(f"{len(pairs)} pairs: {len(train)} train, {len(held)} held out (disjoint prompts)", flush=True)
     out = Path(a.out)
-    if out.exists():
+    reuse = a.reuse and (out / "summary.json").is_file()
+    if a.reuse and not reuse:
+        print(f"--reuse: {out} holds no finished RM; training it", flush=True)
+    if out.exists() and not reuse:
         import shutil
 
         shutil.rmtree(out)
@@ -109,9 +127,22 @@ def main(argv: list[str] | None = None) -> dict:
            "train.logging_steps=10",
            f"adapter.r={a.lora_r}", f"adapter.alpha={2 * a.lora_r}", "eval_batch_size=16", "run.wandb=disabled"]
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+    if not reuse:
+        subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
     seconds = time.time() - t0
     summary = json.loads((out / "summary.json").read_text())
+    if reuse:  # the training run's wall time: from its earlier result with the same settings, else the RM stage's own
+        seconds = float(summary.get("train_seconds") or 0.0)
+        prev = RESULTS / "rm_real.json"
+        mine = {k: v for k, v in vars(a).items() if k not in ("out", "reuse")}
+        same = prev.is_file() and json.loads(prev.read_text()).get("settings") == mine
+        if same:
+            seconds = float(json.loads(prev.read_text())["seconds"])
+    from reward import load_scorer
+    from reward.evaluate import score_pairs
+
+    chosen, rejected = score_pairs(load_scorer(str(out / "model")), held)
+    split_by_length = by_length(chosen.tolist(), rejected.tolist(), held)
     points = curve(out / "metrics.jsonl", a.batch)
     final = summary["held_out_accuracy"]
     baseline = length_baseline(held)
@@ -120,11 +151,15 @@ def main(argv: list[str] | None = None) -> dict:
     plot(points, final, baseline, RESULTS / "rm_real.png", title)
     result = {"data": a.data, "pairs": len(pairs), "train_pairs": len(train), "held_out_pairs": summary["held_out_pairs"],
               "held_out_accuracy": final, "length_baseline": baseline, "target": 0.60, "target_met": final >= 0.60,
-              "curve": points, "train_seconds": summary.get("train_seconds"), "seconds": round(seconds, 1),
-              "settings": {k: v for k, v in vars(a).items() if k != "out"}, "model": "smollm2-135m + LoRA",
+              "by_length": split_by_length, "curve": points, "train_seconds": summary.get("train_seconds"),
+              "seconds": round(seconds, 1), "reused": reuse,
+              "settings": {k: v for k, v in vars(a).items() if k not in ("out", "reuse")}, "model": "smollm2-135m + LoRA",
               "llama2_reference": "Llama 2 helpfulness RM (70B): 72.0 on Anthropic Helpful (Table 7)"}
     print(table([["helpfulness RM, held out", f"{100 * final:.1f}%", f"n={summary['held_out_pairs']}"],
                  ["length baseline (longer wins)", f"{100 * baseline:.1f}%", f"n={len(held)}"],
+                 *[[f"RM where the chosen response is {k.split('_')[1]}", f"{100 * v['accuracy']:.1f}%",
+                    f"n={v['n']}; length baseline {100 * v['length_baseline']:.0f}%"]
+                   for k, v in split_by_length.items() if v["accuracy"] is not None],
                  *[[f"after {pt['pairs_seen']} pairs", f"{100 * pt['accuracy']:.1f}%", f"step {pt['step']}"] for pt in points]],
                 ["measurement", "accuracy", "note"]))
     print(f"target >= 60%: {'met' if result['target_met'] else 'NOT met'}; {seconds / 60:.1f} min")
