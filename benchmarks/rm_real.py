@@ -69,12 +69,13 @@ def plot(points: list[dict], final: float, baseline: float, path: Path, title: s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.plot([0] + [p["pairs_seen"] for p in points], [50.0] + [100 * p["accuracy"] for p in points], "o-",
-            label="helpfulness RM (held out)")
+    # measured points only (the untrained RM is not evaluated; chance is drawn as a line)
+    ax.plot([p["pairs_seen"] for p in points], [100 * p["accuracy"] for p in points], "o-", label="helpfulness RM (held out)")
     ax.axhline(100 * baseline, ls="--", color="tab:orange", label=f"length baseline {100 * baseline:.1f}%")
     ax.axhline(50, ls=":", color="grey", label="chance")
     ax.axhline(60, ls="-.", color="tab:green", lw=1, label="target 60%")
     ax.set_xlabel("training pairs seen")
+    ax.set_xlim(0, None)
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_ylim(40, 80)
     ax.set_title(f"{title}\nfinal {100 * final:.1f}%", fontsize=10)
