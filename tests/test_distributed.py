@@ -32,10 +32,30 @@ def _weights(stage_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 2e-5) -> None:
+def _initial_weights() -> dict[str, torch.Tensor]:
+    from alignment.models import builtin_path
+
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(builtin_path("tiny-llama")).glob("*.safetensors")):
+        weights.update(load_file(f))
+    return weights
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-3) -> None:
+    """Every tensor of the two runs agrees to ``rtol`` of what training changed in it (``|a - b| <= rtol |a - init|``;
+    a new head, absent from the initial model, against its own size).
+
+    Not elementwise: the ranks sum gradients in another order than one process, and Adam divides by sqrt(v), so a
+    weight whose gradient is ~0 can move by ~lr on one machine and not on the other. Measured on an Intel Xeon
+    (2026-12-02): the RM's worst tensor differs by 1.8e-4 of its update (one of 8,192 weights by 3.7e-5); a wrong
+    gradient average or a mis-sharded batch differs by O(1)."""
     assert a.keys() == b.keys()
+    init = _initial_weights()
     for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
+        x, y = a[k].float(), b[k].float()
+        ref = init.get(k)
+        scale = (x - ref.float()).norm() if ref is not None and ref.shape == x.shape else x.norm()
+        assert (x - y).norm() <= rtol * scale + 1e-6, f"{k}: |a - b| = {(x - y).norm():.3g}, update {scale:.3g}"
 
 
 def _run(stage: str, args: list[str], *extra: str, layout: str | None = None,

@@ -359,7 +359,10 @@ def test_cli_help_lists_reward_commands():
 def test_logged_eval_accuracy_is_over_pairs_not_a_mean_of_batch_means(tmp_path, tiny_model):
     """The held-out batches are n-1 pairs and 1 pair: the logged eval accuracy is still right/n, the number the stage's
     own scoring of the same split reports (a mean of the two batch means would weigh the lone pair as much as the rest)."""
-    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(60))
+    rows = pair_rows(60)
+    for row in rows[::3]:  # every third preference reversed: no model gets every held-out pair right, or every one wrong
+        row["chosen"] = "B" if row["chosen"] == "A" else "A"
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     probe = make_cfg(tmp_path, data, "data.val_fraction=0.25")
     n_val = len(load_data(probe.data, "helpfulness", probe.run.seed)[1])
     assert n_val >= 4
@@ -372,7 +375,7 @@ def test_logged_eval_accuracy_is_over_pairs_not_a_mean_of_batch_means(tmp_path, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["held_out_pairs"] == n_val
     # strictly between 0 and 1, the two ways of averaging cannot agree: (a/(n-1) + b)/2 = (a+b)/n only at 0 or 1
-    assert 0 < summary["held_out_accuracy"] < 1
+    assert 0 < summary["held_out_accuracy"] < 1, summary["held_out_accuracy"]
     assert logged == pytest.approx(summary["held_out_accuracy"], abs=1e-6)
 
 
