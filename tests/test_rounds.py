@@ -315,6 +315,10 @@ def test_status_and_manual_promote(whole, tmp_path):
     assert [r["round"] for r in s["rounds"]] == [1, 2] and s["next"] is None
     assert s["rounds"][1]["metrics"]["rm_helpful_accuracy_on_new_before_training"] == \
         _manifests(whole)[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["accuracy"]
+    before_n = _manifests(whole)[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["n"]
+    assert s["rounds"][1]["metrics"]["rm_helpful_accuracy_on_new_before_training_n"] == before_n
+    assert s["rounds"][1]["metrics"]["rm_helpful_accuracy_n"] == \
+        _manifests(whole)[2]["steps"]["rm_helpful"]["outputs"]["metrics"]["held_out_pairs"]
     # promote by hand on a copy (the fixture is shared)
     copy = tmp_path / "copy"
     shutil.copytree(whole, copy)

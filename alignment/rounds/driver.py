@@ -97,12 +97,14 @@ def status(p: Project) -> dict:
                "pending": p.pending(n), "promoted": m.get("promoted")}
         metrics: dict[str, Any] = {}
         for rm in ("rm_helpful", "rm_safety"):
-            acc = steps.get(rm, {}).get("outputs", {}).get("metrics", {}).get("held_out_accuracy")
-            if acc is not None:
-                metrics[f"{rm}_accuracy"] = acc
-            before = steps.get("rm_before", {}).get("outputs", {}).get(rm, {}).get("accuracy")
-            if before is not None:
-                metrics[f"{rm}_accuracy_on_new_before_training"] = before
+            rm_metrics = steps.get(rm, {}).get("outputs", {}).get("metrics", {})
+            if rm_metrics.get("held_out_accuracy") is not None:  # with its n: a handful of validation pairs is noise
+                metrics[f"{rm}_accuracy"] = rm_metrics["held_out_accuracy"]
+                metrics[f"{rm}_accuracy_n"] = rm_metrics.get("held_out_pairs")
+            before = steps.get("rm_before", {}).get("outputs", {}).get(rm, {})
+            if before.get("accuracy") is not None:
+                metrics[f"{rm}_accuracy_on_new_before_training"] = before["accuracy"]
+                metrics[f"{rm}_accuracy_on_new_before_training_n"] = before.get("n")
         pol = steps.get("policy", {}).get("outputs", {}).get("metrics", {})
         for k in ("reward_before", "reward_after", "eval_reward_baseline", "eval_reward_best"):
             if pol.get(k) is not None:
