@@ -159,8 +159,6 @@ class _Builder:
         args = typing.get_args(tp)
         fail = ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}", where=self.where(key))
         if dataclasses.is_dataclass(tp):
-            if value is not None and not isinstance(value, dict) and getattr(tp, "SHORTHAND", None):
-                value = {tp.SHORTHAND: value}
             return self.build(tp, value, key + ".")
         if origin in (typing.Union, types.UnionType):
             if value is None and type(None) in args:
@@ -420,6 +418,7 @@ def load_config(
                         text.split("=", 1)[0].strip(), key)
         _set_dotted(data, key, value, cls)
         lines.pop(key, None)
+    _expand_shorthands(cls, data)  # a bare value an override gave a section
     builder = _Builder(source if not overrides else f"{source} (+ command-line overrides)", lines)
     return builder.build(cls, data, "")
 

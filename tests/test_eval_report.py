@@ -176,7 +176,7 @@ def test_round_eval_step_runs_every_registered_benchmark(tmp_path, monkeypatch):
         monkeypatch.setattr(f"alignment.evals.{name}.run_round",
                             lambda model, out, s, *, seed, batch_size, name=name: done.append(name) or {"n": 1})
     e = suite.EvalSuiteConfig(toxigen=None, batch_size=3)
-    object.__setattr__(e, "fake", "fake settings")
+    e.fake = "fake settings"  # the settings a real benchmark's eval.<name> field would hold
     ev = suite.RoundEval.__new__(suite.RoundEval)
     ev.e, ev.n, ev.cfg = e, 2, SimpleNamespace(seed=11)
     out = ev.benchmarks("m", tmp_path, "policy")

@@ -33,7 +33,6 @@ from typing import Any, ClassVar
 from alignment.config import check, option
 from alignment.evals.toxigen import RoundSettings as ToxiGenSettings
 from alignment.evals.truthfulqa import RoundSettings as TruthfulQASettings
-from alignment.evals.results import first_existing  # noqa: F401  (where callers found it before)
 
 log = logging.getLogger(__name__)
 

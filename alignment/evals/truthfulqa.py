@@ -1,6 +1,6 @@
 """TruthfulQA: MC1 / MC2 exactly as lm-evaluation-harness scores them, and the generation variant.
 
-Length (~540 lines): MC1/MC2 scoring, the generation variant, their data layouts and the round/report interface: one evaluation.
+Length (~570 lines): MC1/MC2 scoring, the generation variant, their data layouts and the round/report interface: one evaluation.
 
     align eval truthfulqa --model runs/<run>/round-2/policy [--data truthful_qa | mc_task.json | bundled:truthfulness]
                           [--variant mc|gen|both] [--out DIR]
