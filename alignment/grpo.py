@@ -126,6 +126,49 @@ def reward_function(scorer: Any, missing_eos_penalty: float, eos_ids: set[int]) 
     return combined
 
 
+def engine_trainer(base: type) -> type:
+    """``base`` (TRL's GRPOTrainer or RLOOTrainer) with its transformers generation replaced by our
+    engine (:mod:`alignment.generation`: merged adapter, shared prefill of the group's identical
+    prompts, finished rows leaving the batch). Where the engine does not implement what TRL was asked
+    for (vLLM, TRL's continuous batching, images, min_p, a repetition penalty, extra generation
+    kwargs) TRL's own path runs. Logs ``time/generate`` and ``perf/gen_tokens_per_s``."""
+
+    class EngineTrainer(base):  # type: ignore[misc, valid-type]
+        def _engine_supported(self, images: Any, multimodal_fields: Any) -> bool:
+            return not (self.use_vllm or getattr(self, "use_transformers_continuous_batching", False) or images
+                        or multimodal_fields or self.min_p is not None or self.repetition_penalty != 1.0
+                        or self.args.generation_kwargs)
+
+        def _generate_single_turn(self, prompt_ids: Any, images: Any, multimodal_fields: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self._engine_supported(images, multimodal_fields):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+            from trl.models import unwrap_model_for_generation
+
+            from alignment.generation import Engine, SamplingParams
+
+            params = SamplingParams(max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                                    top_p=self.top_p, top_k=self.top_k or 0)
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                             gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as model, \
+                    self._dist.summon_full_params(self.model_wrapped, recurse=False):
+                engine = Engine(model, self._tokenizer, batch_size=max(1, len(prompt_ids)), eos_token_ids=self.eos_token_ids,
+                                stop_at_pad=False)
+                outputs, stats = engine.run([list(p) for p in prompt_ids], params)
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["time/generate"].append(stats.seconds)
+            self._metrics[mode]["perf/gen_tokens_per_s"].append(stats.tokens_per_s)
+            completions = [o.response_ids for o in outputs]
+            return (completions, None) if self._returns_logprobs else completions
+
+    EngineTrainer.__name__ = EngineTrainer.__qualname__ = f"Engine{base.__name__}"
+    import inspect
+
+    # TRL's GRPO returns (completion ids, logprobs) and takes num_generations; its RLOO returns the ids alone
+    EngineTrainer._returns_logprobs = "num_generations" in inspect.signature(base._generate_single_turn).parameters
+    return EngineTrainer
+
+
 def build_trainer(cfg: GroupRLConfig, out: Path, logger: MetricsLogger | None = None) -> Any:
     import datasets
 
@@ -150,12 +193,12 @@ def build_trainer(cfg: GroupRLConfig, out: Path, logger: MetricsLogger | None = 
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(**common, loss_type=cfg.grpo.loss_type, scale_rewards=cfg.grpo.scale_rewards)
-        trainer_cls = GRPOTrainer
+        trainer_cls = engine_trainer(GRPOTrainer)
     else:
         from trl import RLOOConfig, RLOOTrainer
 
         args = RLOOConfig(**common)
-        trainer_cls = RLOOTrainer
+        trainer_cls = engine_trainer(RLOOTrainer)
     return trainer_cls(
         model=model, reward_funcs=reward_fn, args=args, train_dataset=to_ds(train), eval_dataset=to_ds(val[:32]),
         processing_class=tokenizer, peft_config=peft_config(cfg.adapter, "CAUSAL_LM"),

@@ -300,7 +300,7 @@ def sample_round(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[Prom
     if len(pending) < len(prompts):
         log.info("sampling: %d of %d prompts already done, %d to go", len(prompts) - len(pending), len(prompts), len(pending))
     per_call = max(1, cfg.batch_size // k)
-    t0, new_tokens = time.time(), 0
+    t0, new_tokens, prefill, decode = time.time(), 0, 0.0, 0.0
     for start in range(0, len(pending), per_call):
         chunk = pending[start:start + per_call]
         convs = [p.messages for p in chunk for _ in range(k)]
@@ -310,6 +310,7 @@ def sample_round(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[Prom
                         top_p=cfg.top_p, batch_size=cfg.batch_size, seed=chunk_seed)
         scores = score(scorer, convs, [g.text for g in gens], [p.is_safety for p in chunk for _ in range(k)])
         new_tokens += sum(len(g.response_ids) for g in gens)
+        prefill, decode = prefill + gens.stats.seconds_prefill, decode + gens.stats.seconds_decode
         for j, p in enumerate(chunk):
             rows = range(j * k, (j + 1) * k)
             sampled = [{"response": gens[i].text, "finished": gens[i].finished, "tokens": len(gens[i].response_ids),
@@ -321,7 +322,8 @@ def sample_round(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[Prom
                  new_tokens / max(time.time() - t0, 1e-9))
     seconds = time.time() - t0
     return {"prompts_sampled": len(pending), "prompts_already_done": len(prompts) - len(pending),
-            "sampling_seconds": round(seconds, 2),
+            "sampling_seconds": round(seconds, 2), "sampling_prefill_seconds": round(prefill, 2),
+            "sampling_decode_seconds": round(decode, 2),
             "sampling_tokens_per_second": round(new_tokens / seconds, 2) if seconds > 0 else None}
 
 

@@ -6,6 +6,7 @@
 
 Parts: overhead (our SFT/RM/DPO step vs a hand-written PyTorch loop), mfu (tokens/s vs measured
 matmul FLOP/s), ppo (PPO iteration split, rollout generation vs model.generate, memory vs SFT-LoRA),
+generate (the generation engine vs model.generate and the compute bound, batch 8-128),
 defaults (fp32 vs bf16 autocast, activation checkpointing), scaling (SFT on 1 vs 2 processes), gpu
 (SFT and PPO in bf16 on a CUDA GPU: throughput, memory, MFU; skipped without one). Two long parts run
 only when named: alignment (three RLHF rounds judged by the gold judge, ~90 min) and rm_real (a
@@ -53,6 +54,12 @@ def _ppo(argv: list[str]) -> dict:
     return ppo_speed.main(argv)
 
 
+def _generate(argv: list[str]) -> dict:
+    from benchmarks import generate
+
+    return generate.main(argv)
+
+
 def _defaults(argv: list[str]) -> dict:
     from benchmarks import defaults
 
@@ -83,7 +90,7 @@ def _rm_real(argv: list[str]) -> dict:
     return rm_real.main(argv)
 
 
-PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo,
+PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo, "generate": _generate,
                                                  "defaults": _defaults, "scaling": _scaling,
                                                    "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real}
 LONG = ("alignment", "rm_real")  # an hour or more each: run by name only, never in the all-parts run
@@ -110,6 +117,10 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
         if r.get("memory"):
             rows.append(["ppo", "peak RSS, PPO / SFT-LoRA", r["memory"]["ratio"], "<= 2"])
         return rows
+    if name == "generate":
+        return [["generate", f"batch {r['batch_size']}: engine tokens/s (share of bound), x model.generate",
+                 f"{r['engine']['tokens_per_s']:.0f} ({100 * r['engine']['share_of_bound']:.0f}%), "
+                 + (f"{r['speedup']:.2f}x" if "speedup" in r else "no baseline"), ">= 40% at batch >= 32"] for r in r["rows"]]
     if name == "defaults":
         return [["defaults", f"SFT-LoRA step, {x['setting']} / default", x["vs_default"], ""] for x in r["rows"][1:]]
     if name == "scaling":

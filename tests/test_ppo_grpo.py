@@ -60,6 +60,8 @@ def test_rloo_with_lora_writes_a_loadable_adapter(tmp_path, tiny_model):
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, by_hand(ids).logits, atol=1e-5)
     assert any("reward" in k for m in read_metrics(out) for k in m)
+    # the answers came from our engine, not TRL's model.generate path (it logs its own timings)
+    assert any(m.get("perf/gen_tokens_per_s", 0) > 0 and "time/generate" in m for m in read_metrics(out))
 
 
 def test_reward_function_combines_and_penalises_missing_eos():

@@ -192,6 +192,7 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
         gens = generate(policy, ctx.tokenizer, [p.messages for p in prompts], max_new_tokens=cfg.sampling.max_new_tokens,
                         temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, batch_size=cfg.sampling.batch_size)
     times["time/generate"] = time.perf_counter() - t0
+    times["time/generate_prefill"], times["time/generate_decode"] = gens.stats.seconds_prefill, gens.stats.seconds_decode
 
     t0 = time.perf_counter()
     texts = [g.text for g in gens]
