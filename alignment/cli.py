@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("alignment.commands", "command", "generate answers from a model for prompts (a file or --prompt)"),
     "rm": ("reward.rm", "stage", "reward model (helpfulness or safety): Llama 2 margin loss, data mixes, safety auxiliary loss"),
     "rm-eval": ("reward.commands", "command", "reward-model accuracy report: overall, per strength, per safety bin, calibration"),
+    "gold": ("reward.gold", "command", "the gold reward model (Gao et al.): build it once on HH-RLHF, cached; show its card"),
     "score": ("reward.commands", "command", "score responses with the helpfulness/safety reward models and the combined reward"),
     "annotate": ("alignment.annotate", "command", "preference annotation: users, sample/queue pairs, web app, stats, export"),
     "eval": ("alignment.evals.cli", "command", "evaluations: truthfulqa, toxigen, winrate, metrics, train-classifier"),

@@ -9,8 +9,9 @@ matmul FLOP/s), ppo (PPO iteration split, rollout generation vs model.generate, 
 generate (the generation engine vs model.generate and the compute bound, batch 8-128),
 defaults (fp32 vs bf16 autocast, activation checkpointing), scaling (SFT on 1 vs 2 processes), gpu
 (SFT and PPO in bf16 on a CUDA GPU: throughput, memory, MFU; skipped without one). Two long parts run
-only when named: alignment (three RLHF rounds judged by the gold judge, ~90 min) and rm_real (a
-helpfulness RM on HH-RLHF, ~1 h).
+only when named: alignment (three RLHF rounds judged by the gold judge, ~90 min), rm_real (a
+helpfulness RM on HH-RLHF, ~1 h) and rlhf_core (Gao et al.'s proxy/gold protocol: best-of-n and PPO
+curves, hours).
 Each part writes benchmarks/results/<part>.json with the machine, library versions, the command and
 the numbers; the summary table at the end is what README's "Scale and speed" section shows.
 """
@@ -84,6 +85,12 @@ def _alignment(argv: list[str]) -> dict:
     return alignment.main(argv)
 
 
+def _rlhf_core(argv: list[str]) -> dict:
+    from benchmarks import rlhf_core
+
+    return rlhf_core.main(argv)
+
+
 def _rm_real(argv: list[str]) -> dict:
     from benchmarks import rm_real
 
@@ -92,8 +99,9 @@ def _rm_real(argv: list[str]) -> dict:
 
 PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo, "generate": _generate,
                                                  "defaults": _defaults, "scaling": _scaling,
-                                                   "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real}
-LONG = ("alignment", "rm_real")  # an hour or more each: run by name only, never in the all-parts run
+                                                   "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real,
+                                                   "rlhf_core": _rlhf_core}
+LONG = ("alignment", "rm_real", "rlhf_core")  # an hour or more each: run by name only, never in the all-parts run
 
 
 def summary_rows(name: str, r: dict) -> list[list[Any]]:
@@ -140,6 +148,20 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
             return [["rm_real", "skipped", r["skipped"], ""]]
         return [["rm_real", f"helpfulness RM on HH-RLHF, held out (n={r['held_out_pairs']})", r["held_out_accuracy"], ">= 0.60"],
                 ["rm_real", "length baseline", r["length_baseline"], ""]]
+    if name == "rlhf_core":
+        if r.get("skipped"):
+            return [["rlhf_core", "skipped", r["skipped"], ""]]
+        rows = []
+        for key, t in r.get("targets", {}).items():
+            if "winrate" in t:
+                value = (f"{100 * t['winrate']:.1f}% [{100 * t['ci'][0]:.1f}, {100 * t['ci'][1]:.1f}], "
+                         f"LC {100 * t['lc_winrate']:.1f}% n={t['n']}")
+            elif key == "agreement":
+                value = f"{100 * t['value']:.1f}% [{100 * t['ci95'][0]:.1f}, {100 * t['ci95'][1]:.1f}] n={t['n']}"
+            else:
+                value = f"{t['value']:.2f}" if t.get("value") is not None else "-"
+            rows.append(["rlhf_core", key, value, t["target"] + (" (met)" if t["met"] else " (NOT met)")])
+        return rows
     if name == "gpu":
         if r.get("skipped"):
             return [["gpu", "skipped", r["skipped"], ""]]

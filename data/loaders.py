@@ -60,6 +60,9 @@ class DataSource:
                                                                      "safety for a harmless-base file)")
     template: str | None = option(None, "instruction-template family applied to SFT records from task data (see "
                                         "data.templates), null = none")
+    turns: Literal["all", "first"] = option("all", "prompts: the dialogue up to the answer (all) or only its first user turn "
+                                                   "(first: multi-turn dialogues such as HH-RLHF's become single questions; "
+                                                   "the reference answer is dropped unless the dialogue had one turn)")
 
     def __post_init__(self) -> None:
         check(bool(self.path.strip()), "path", "must not be empty")
@@ -305,8 +308,21 @@ def load_sft(src: DataSource | str, **kw: Any) -> list[SFTExample]:
 
 
 def load_prompts(src: DataSource | str, **kw: Any) -> list[PromptRecord]:
-    """Prompts from prompt files or the prompt side of any dialogue or preference data."""
-    return _load(src, formats.to_prompt, **kw)
+    """Prompts from prompt files or the prompt side of any dialogue or preference data
+    (``turns: first``: only the first user turn of each, with its system turn; duplicates dropped)."""
+    records = _load(src, formats.to_prompt, **kw)
+    if not isinstance(src, DataSource) or src.turns == "all":
+        return records
+    out, seen = [], set()
+    for r in records:
+        first = next(i for i, m in enumerate(r.messages) if m["role"] == "user")
+        if first < len(r.messages) - 1:  # a later turn existed: the reference answered that one
+            r.messages, r.reference = r.messages[: first + 1], None
+        key = json.dumps(r.messages, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def load_truthfulness(src: DataSource | str, **kw: Any) -> list[TruthfulnessItem]:

@@ -18,7 +18,8 @@ class RewardConfig:
     """The reward: the two reward models combined, or a rule-based function."""
 
     helpful: str | None = option("runs/default/rm_helpful",
-                                 "helpfulness reward model (an `align rm` output folder); null with `function`")
+                                 "helpfulness reward model (an `align rm` output folder, or gold:<name> for a cached gold "
+                                 "model); null with `function`")
     safety: str | None = option("runs/default/rm_safety",
                                 "safety reward model (an `align rm` output folder); null = use the helpfulness RM alone")
     rule: str = option("llama2", "combination (reward.combine.RULES): llama2 (eq. 4, piecewise on the safety score) or safe_rlhf "
@@ -66,6 +67,14 @@ def build_scorer(cfg: RewardConfig, device: str = "auto") -> tuple[Any, dict[str
         return FunctionScorer(functools.partial(fn, **cfg.function_kwargs)), {}
     for key in ("helpful", "safety"):
         path = getattr(cfg, key)
+        if path is not None and path.startswith("gold:"):  # a cached gold reward model (reward.gold)
+            from reward.gold import resolve
+
+            try:
+                resolve(path)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"reward.{key}", str(exc)) from None
+            continue
         if path is not None and not Path(path).exists():
             raise ConfigError(f"reward.{key}", f"no reward model at {path}; train one with `align rm` (or set reward.function)")
     from reward.combine import CombinedScorer

@@ -198,6 +198,10 @@ def load_scorer(name_or_path: str, *, device: str = "auto", batch_size: int = 16
     """
     from alignment.models import load_tokenizer, resolve
 
+    if name_or_path.startswith("gold:"):  # a cached gold reward model (reward.gold)
+        from reward.gold import resolve as resolve_gold
+
+        name_or_path = str(resolve_gold(name_or_path))
     resolved = resolve(name_or_path)
     if not resolved.value_head and not any(_task_type(a) == "SEQ_CLS" for a in resolved.adapters):
         raise ValueError(f"{name_or_path} is not a reward model (no sequence-classification head or SEQ_CLS adapter); "

@@ -269,7 +269,7 @@ def main(cfg: RMConfig, *, resume: bool = False) -> Path:
     # 5-6. held-out report, reward statistics, save. Every rank scores and saves (ZeRO-3 gathers
     # its shards collectively); only the main rank writes the report.
     summary["rank_fingerprints"] = distributed.fingerprints(trainer.model_wrapped)  # collective; None for one process
-    held_out, split_name = (val, "validation") if val else (train[:512], "train")
+    held_out, split_name = (val, "validation") if val else (train[:128], "train")
     scorer = RewardModelScorer(trainer.model, tokenizer, batch_size=cfg.eval_batch_size, max_length=cfg.train.max_length)
     chosen, rejected = score_pairs(scorer, held_out)
     model_dir = out / "model"

@@ -30,3 +30,26 @@ def test_rm_real_curve_reads_the_evaluation_rows(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert curve(path, 8) == [{"step": 50, "pairs_seen": 400, "accuracy": 0.6, "loss": 0.66},
                               {"step": 100, "pairs_seen": 800, "accuracy": 0.65, "loss": None}]
+
+
+def test_rlhf_core_math_by_hand():
+    import math
+    import random
+
+    from benchmarks.rlhf_core import bon_expected, bon_weights, kl_bon, pick_pairs, wilson
+
+    assert kl_bon(1) == 0.0 and kl_bon(16) == pytest.approx(math.log(16) - 15 / 16)
+    # 4 samples, best of 2: the j-th smallest is the max of a random pair with probability (j-1)/6
+    assert bon_weights(4, 2) == pytest.approx([0, 1 / 6, 2 / 6, 3 / 6])
+    assert bon_weights(4, 4) == [0, 0, 0, 1] and bon_weights(3, 1) == pytest.approx([1 / 3] * 3)
+    picker, values = [0.1, 0.9, 0.5, 0.3], [10.0, 40.0, 30.0, 20.0]
+    # ranks by picker: 10 (0.1), 20 (0.3), 30 (0.5), 40 (0.9) -> (0*10 + 1*20 + 2*30 + 3*40) / 6
+    assert bon_expected(picker, values, 2) == pytest.approx(200 / 6)
+    assert bon_expected(picker, values, 1) == pytest.approx(25.0) and bon_expected(picker, values, 4) == 40.0
+    # a picker that ranks backwards picks the worst at n = k
+    assert bon_expected([-x for x in picker], values, 4) == 10.0
+    lo, hi = wilson(70, 100)
+    assert lo == pytest.approx(0.6041, abs=1e-3) and hi == pytest.approx(0.7810, abs=1e-3)
+    pairs = pick_pairs(4, 10, random.Random(0))
+    assert len(pairs) == 6 and len(set(pairs)) == 6 and all(i < j for i, j in pairs)
+    assert len(pick_pairs(8, 3, random.Random(0))) == 3

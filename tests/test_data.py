@@ -310,3 +310,23 @@ def test_write_jsonl_never_overwrites(tmp_path):
     with pytest.raises(FileExistsError):
         write_jsonl(path, [{"a": 2}])
     assert json.loads(path.read_text()) == {"a": 1}
+
+
+def test_prompts_first_turn_only(tmp_path):
+    """turns: first keeps each dialogue's first user turn (HH-RLHF's multi-turn transcripts become single questions);
+    the reference answer answered a later turn, so it is dropped; repeated first turns are one prompt."""
+    from conftest import write_jsonl
+
+    from data.loaders import DataSource, load_prompts
+
+    rows = [{"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: 4",
+             "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: 5"},
+            {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hey.", "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."},
+            {"chosen": "\n\nHuman: Name a colour\n\nAssistant: Red", "rejected": "\n\nHuman: Name a colour\n\nAssistant: No"}]
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    whole = load_prompts(DataSource(path=str(path)))
+    assert [len(p.messages) for p in whole] == [3, 1, 1]
+    first = load_prompts(DataSource(path=str(path), turns="first"))
+    assert [p.messages for p in first] == [[{"role": "user", "content": "Hi there"}],
+                                           [{"role": "user", "content": "Name a colour"}]]
+    assert first[0].reference is None and first[1].reference == "Red"

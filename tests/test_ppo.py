@@ -78,6 +78,16 @@ def test_ppo_raises_a_known_reward_with_bounded_kl(tmp_path, tiny_model):
     assert ({(s["iteration"], s["split"]) for s in samples}
             == {(0, "heldout")} | {(i, s) for i in (10, 20, 30) for s in ("train", "heldout")})
     assert all("reward_combined" in s and "response" in s for s in samples)
+    # it returns what it trained: a checkpoint whose validation gain over the start is surely positive
+    from safetensors.torch import load_file
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["returned"] == f"iteration {summary['best_iteration']}" and summary["best_iteration"] in (10, 20, 30)
+    gain = summary["validation_gain"]
+    assert gain["n"] == summary["validation_prompts"] > 0 and gain["mean"] >= gain["lcb"] > 0
+    assert summary["eval_reward_best"] > summary["eval_reward_baseline"]
+    lora_b = [v for k, v in load_file(out / "model" / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and any(torch.count_nonzero(v) > 0 for v in lora_b)  # trained weights, not the starting adapter
 
 
 def test_outputs_from_an_sft_adapter_load_as_a_stage_output(tmp_path, tiny_model, sft_rows):
@@ -162,6 +172,7 @@ def test_early_stopping_keeps_the_best_held_out_policy(tmp_path, tiny_model):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] is True and summary["iterations"] == 2
     assert summary["best_iteration"] == 0 and summary["model"] == "best"
+    assert summary["returned"] == "start" and "returned the starting policy" in summary["returned_note"]
     lora_b = [v for k, v in load_file(out / "model" / "adapter_model.safetensors").items() if "lora_B" in k]
     assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)  # the untouched adapter: the starting policy
     assert (out / "checkpoints" / "checkpoint-2" / "state.pt").is_file()

@@ -271,8 +271,13 @@ def test_two_rounds_unattended(whole):
     md = (whole / "report" / "report.md").read_text()
     assert "| round 2 |" in md and "| SFT |" in md and "![gold](gold.png)" in md
     assert "bundled truthfulness probe (3 items, not TruthfulQA)" in md and "TruthfulQA MC" not in md
-    # promotion follows the rule: win rate vs previous >= 50%
-    assert m[2]["promoted"] == (ev["winrate_vs_previous"]["win_rate"] >= 0.5)
+    # promotion follows the rule: win rate vs previous >= 50%, and a policy step that returned its start is "no change"
+    returned = m[2]["steps"]["policy"]["outputs"]["metrics"].get("returned")
+    if returned == "start":
+        assert m[2]["promoted"] is False and m[2]["steps"]["promote"]["outputs"]["no_change"] is True
+        assert "no change" in m[2]["steps"]["promote"]["outputs"]["reason"]
+    else:
+        assert m[2]["promoted"] == (ev["winrate_vs_previous"]["win_rate"] >= 0.5)
 
 
 def test_heldout_prompts_are_disjoint_from_everything_a_stage_saw(whole, tmp_path):

@@ -29,7 +29,11 @@ class PPODataConfig:
     sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")],
                                        doc="prompt datasets to mix (each prompt's category picks the safety "
                                            "or helpfulness reward)")
-    val_fraction: float = option(0.15, "share of prompts held out for evaluation and early stopping (by a hash of the prompt)")
+    val_fraction: float = option(0.15, "share of prompts held out for evaluation and early stopping (by a hash of the prompt); "
+                                        "unused when val_sources are given")
+    val_sources: list[DataSource] = option(factory=list, doc="validation prompts (a project's validation set): keep-best and "
+                                                             "early stopping read these and every prompt of sources trains; "
+                                                             "empty = split data.val_fraction off the sources")
     max_prompt_tokens: int = option(256, "skip prompts longer than this many tokens (chat template included)")
 
     def __post_init__(self) -> None:
@@ -177,11 +181,19 @@ class PPOEvalConfig:
     """Held-out evaluation, early stopping, samples and checkpoints."""
 
     every: int = option(10, "evaluate on held-out prompts every N iterations (and before training); 0 = only at the end")
-    max_prompts: int = option(32, "evaluate on at most this many held-out prompts")
+    max_prompts: int = option(64, "evaluate on at most this many validation prompts (the data.val_fraction split; never a "
+                                  "project's test prompts)")
     max_new_tokens: int | None = option(None, "response length limit for evaluation; null = sampling.max_new_tokens")
     patience: int = option(3, "stop after this many evaluations without improvement of the held-out reward; 0 = never stop early")
-    min_delta: float = option(0.0, "an evaluation must beat the best by more than this to count as an improvement")
-    keep_best: bool = option(True, "model/ holds the policy with the best held-out reward (else the last one)")
+    min_delta: float = option(0.0, "a checkpoint is kept only if the lower confidence bound of its validation gain over the "
+                                   "starting policy is above this")
+    judges: dict[str, str] = option(factory=dict, doc="extra scorers of the validation answers, logged as "
+                                                      "eval/reward_judge_<name> and never used to select: name -> a reward "
+                                                      "model folder or gold:<name>")
+    z: float = option(1.64, "the bound: mean gain - z x its standard error over the paired per-prompt gains (one-sided; "
+                            "1.64 = 95%, 0 = the mean alone); see alignment.rl.selection")
+    keep_best: bool = option(True, "model/ holds the checkpoint with the best validation gain by that rule, or the starting "
+                                   "policy when none is shown better (the summary says which); false = the last one")
     samples_every: int = option(10, "append a few training samples to samples.jsonl every N iterations; 0 = never")
     num_samples: int = option(4, "samples written each time")
     save_every: int = option(10, "write a checkpoint every N iterations (for --resume)")
@@ -190,6 +202,7 @@ class PPOEvalConfig:
     def __post_init__(self) -> None:
         check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
         check(self.max_prompts > 0, "max_prompts", f"must be > 0, got {self.max_prompts}")
+        check(self.z >= 0, "z", f"must be >= 0, got {self.z}")
         check(self.patience >= 0, "patience", f"must be >= 0, got {self.patience}")
         check(self.samples_every >= 0, "samples_every", f"must be >= 0, got {self.samples_every}")
         check(self.save_every > 0, "save_every", f"must be > 0, got {self.save_every}")

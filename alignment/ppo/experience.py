@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -27,12 +28,23 @@ def load_prompts(cfg: PPODataConfig, tokenizer: Any, seed: int) -> tuple[list, l
     from data.loaders import load_prompts as load
     from data.mixing import mix, split
 
-    records = mix([(load(src), src.weight) for src in cfg.sources], seed=seed)
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, [r.messages for r in records])]
-    kept = [r for r, n in zip(records, lengths) if n <= cfg.max_prompt_tokens]
-    if len(kept) < len(records):
-        log.warning("skipped %d prompts longer than data.max_prompt_tokens=%d", len(records) - len(kept), cfg.max_prompt_tokens)
-    train, val, _ = split(kept, val_fraction=cfg.val_fraction, seed=seed, at_least_one_val=True)
+    def short(records: list) -> list:
+        lengths = [len(ids) for ids in encode_prompts(tokenizer, [r.messages for r in records])]
+        kept = [r for r, n in zip(records, lengths) if n <= cfg.max_prompt_tokens]
+        if len(kept) < len(records):
+            log.warning("skipped %d prompts longer than data.max_prompt_tokens=%d", len(records) - len(kept),
+                        cfg.max_prompt_tokens)
+        return kept
+
+    kept = short(mix([(load(src), src.weight) for src in cfg.sources], seed=seed))
+    if cfg.val_sources:  # a project's validation set: every source prompt trains
+        val = short([r for src in cfg.val_sources for r in load(src)])
+        val_keys = {json.dumps(r.messages, sort_keys=True) for r in val}
+        train = [r for r in kept if json.dumps(r.messages, sort_keys=True) not in val_keys]
+        if len(train) < len(kept):
+            log.warning("dropped %d training prompts that are also validation prompts", len(kept) - len(train))
+    else:
+        train, val, _ = split(kept, val_fraction=cfg.val_fraction, seed=seed, at_least_one_val=True)
     if not train or not val:
         raise ValueError(f"need both training and held-out prompts, got {len(train)} and {len(val)}; check "
                          "data.sources and data.val_fraction")

@@ -49,6 +49,7 @@ class Context:
     weights_mib: dict[str, float]  # memory each model's weights add (see weight_memory)
     lagrange: Any = None  # PPO-Lagrangian's multiplier (alignment.rl.lagrangian), or None
     running_cost: Any = None  # running statistics of the cost (reward.normalize=running)
+    judges: dict[str, Any] | None = None  # eval.judges: extra scorers of the validation answers
 
     def reduce(self, t: Any) -> Any:
         """Sum a tensor over all processes (the identity with one process). The tensor must be on
@@ -98,8 +99,11 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
     lagrange = (LagrangeMultiplier(cfg.reward.cost_weight, lag.lambda_lr, cost_limit=lag.cost_limit,
                                    optimizer=lag.lambda_optimizer,
                                    max_value=lag.lambda_max) if cfg.reward.rule == "safe_rlhf" else None)
+    from reward import load_scorer
+
+    judges = {name: load_scorer(spec, device=device) for name, spec in cfg.eval.judges.items()}
     ctx = Context(cfg, accelerator, tokenizer, models, scorer, scheduler, kl_ctl, RunningMoments(), memory,
-                  lagrange, RunningMoments())
+                  lagrange, RunningMoments(), judges)
     set_seed(cfg.run.seed + accelerator.process_index)  # each process samples its own responses
     return ctx, train, val
 
@@ -240,7 +244,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
               "device": str(acc.device)}
     log.info("PPO: %d training / %d held-out prompts, %d process(es), %s (backend %s, %s)", len(train_prompts), len(val_prompts),
              acc.num_processes, launch["type"], launch["backend"], launch["device"])
-    start, loop = 0, {"best": None, "best_iteration": None, "bad_evals": 0, "baseline": None, "stopped_early": False}
+    start, loop = 0, {"best": None, "best_iteration": None, "bad_evals": 0, "baseline": None, "stopped_early": False,
+                      "baseline_rewards": None, "best_gain": None}
     if checkpoint is not None:
         start, loop = load_checkpoint(ctx, checkpoint)
         log.info("resuming from %s (iteration %d)", checkpoint, start)
@@ -253,20 +258,31 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
             shutil.rmtree(out / "best", ignore_errors=True)
 
     def run_eval(iteration: int) -> dict[str, float]:
-        """Evaluate, update the early-stopping state, keep the best policy."""
+        """Evaluate; keep the checkpoint whose paired validation gain over the starting policy has the
+        highest lower confidence bound (alignment.rl.selection); count evaluations without one."""
+        from alignment.rl.selection import Gain, improves, paired_gain
+
         metrics, rows = evaluate(ctx, val_prompts)
-        value = metrics["eval/reward_combined"]
-        if loop["best"] is None or value > loop["best"] + cfg.eval.min_delta:
-            loop.update(best=value, best_iteration=iteration, bad_evals=0)
+        rewards = [r["reward_combined"] for r in rows]
+        if loop["baseline_rewards"] is None:  # the starting policy: what every checkpoint is compared with
+            loop.update(baseline_rewards=rewards, best=None, best_iteration=0, best_gain=None, bad_evals=0)
             if cfg.eval.keep_best:
                 save_policy(ctx, out / "best")
         else:
-            loop["bad_evals"] += 1
+            gain = paired_gain(rewards, loop["baseline_rewards"], cfg.eval.z)
+            best = Gain(**loop["best_gain"]) if loop["best_gain"] else None
+            metrics.update({"eval/gain": gain.mean, "eval/gain_se": gain.se, "eval/gain_lcb": gain.lcb})
+            if improves(gain, best, cfg.eval.min_delta):
+                loop.update(best=metrics["eval/reward_combined"], best_iteration=iteration, best_gain=gain.as_dict(), bad_evals=0)
+                if cfg.eval.keep_best:
+                    save_policy(ctx, out / "best")
+            else:
+                loop["bad_evals"] += 1
         if acc.is_main_process:
             _write_samples(samples_path, iteration, "heldout", rows[: cfg.eval.num_samples])
-        return {**metrics, "eval/best": loop["best"]}
+        return {**metrics, "eval/best_iteration": float(loop["best_iteration"] or 0)}
 
-    if start == 0 and cfg.eval.every:
+    if start == 0 and (cfg.eval.every or cfg.eval.keep_best):  # the starting policy: what keep-best compares with
         baseline = run_eval(0)
         loop["baseline"] = baseline["eval/reward_combined"]
         logger.log(baseline, step=0)
@@ -320,7 +336,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         if iteration % cfg.eval.save_every == 0 or loop["stopped_early"] or iteration == cfg.train.max_steps:
             save_checkpoint(ctx, out, iteration, loop)
         if loop["stopped_early"]:
-            log.info("early stopping at iteration %d: no held-out improvement in %d evaluations (best at %s)",
+            log.info("early stopping at iteration %d: no validation improvement in %d evaluations (best at %s)",
                      iteration, cfg.eval.patience, loop["best_iteration"])
             break
 
@@ -334,9 +350,17 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         if keep_best:
             shutil.rmtree(model_dir, ignore_errors=True)
             shutil.copytree(out / "best", model_dir)
+        from alignment.rl.selection import Gain, describe
+
+        returned = ("start" if keep_best and not loop["best_iteration"] else
+                    f"iteration {loop['best_iteration']}" if keep_best else f"iteration {iteration} (last)")
+        gain = Gain(**loop["best_gain"]) if loop["best_gain"] else None
         summary = {
             "iterations": iteration, "stopped_early": loop["stopped_early"], "best_iteration": loop["best_iteration"],
-            "eval_reward_baseline": loop["baseline"], "eval_reward_best": loop["best"],
+            "returned": returned,
+            "returned_note": describe(loop["best_iteration"] or 0, gain) if keep_best else "the last policy",
+            "validation_gain": loop["best_gain"], "validation_prompts": len(val_prompts), "selection_z": cfg.eval.z,
+            "eval_reward_baseline": loop["baseline"], "eval_reward_best": loop["best"] if gain else loop["baseline"],
             "seconds_per_iteration": sum(times) / len(times) if times else None,
             "resumed_from": checkpoint.name if checkpoint else None, **peak_memory_gb(),
             **{f"weights_mib/{k}": v for k, v in ctx.weights_mib.items()},
@@ -344,8 +368,7 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
             "rank_fingerprints": fingerprints, "launch": launch,
         }
         logger.summary(summary)
-        log.info("PPO done: %s (held-out reward %s -> best %s at iteration %s)", out, loop["baseline"],
-                 loop["best"], loop["best_iteration"])
+        log.info("PPO done: %s (validation reward %s at the start; %s)", out, loop["baseline"], summary["returned_note"])
     logger.close()
     acc.wait_for_everyone()
     return out

@@ -97,6 +97,9 @@ def evaluate(ctx: Context, prompts: Sequence) -> tuple[dict[str, float], list[di
                         max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0,
                         batch_size=cfg.sampling.batch_size)
     raw = score_responses(ctx.scorer, shard, [g.text for g in gens]) if shard else {}
+    for name, judge in (ctx.judges or {}).items():  # extra judges (e.g. the gold): logged, never selected on
+        if shard:
+            raw[f"judge_{name}"] = judge.score([p.messages for p in shard], [g.text for g in gens]).float()
     rows = [{"prompt": p.messages, "category": p.category, "response": g.text, "finished": g.finished,
              "length": len(g.response_ids), **{f"reward_{k}": float(v[i]) for k, v in raw.items()}}
             for i, (p, g) in enumerate(zip(shard, gens))]

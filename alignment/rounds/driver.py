@@ -106,9 +106,11 @@ def status(p: Project) -> dict:
                 metrics[f"{rm}_accuracy_on_new_before_training"] = before["accuracy"]
                 metrics[f"{rm}_accuracy_on_new_before_training_n"] = before.get("n")
         pol = steps.get("policy", {}).get("outputs", {}).get("metrics", {})
-        for k in ("reward_before", "reward_after", "eval_reward_baseline", "eval_reward_best"):
+        for k in ("reward_before", "reward_after", "eval_reward_baseline", "eval_reward_best", "returned"):
             if pol.get(k) is not None:
                 metrics[f"policy_{k}"] = pol[k]
+        if pol.get("returned") == "start":
+            metrics["policy_returned"] = "start (no change: no checkpoint beat the starting policy on validation prompts)"
         ev = steps.get("eval", {}).get("outputs", {})
         for bench in BENCHMARKS:
             if ev.get(bench.name) and "skipped" not in ev[bench.name]:

@@ -256,6 +256,12 @@ class Steps:
         if cfg.mode == "manual":
             return {"inputs": {"mode": "manual"}, "outputs": {"promoted": False, "reason": "manual mode: `align round promote`"}}
         promoted, reasons = True, []
+        returned = self.p.manifest(self.n)["steps"].get("policy", {}).get("outputs", {}).get("metrics", {}).get("returned")
+        if returned == "start":  # keep-best found no checkpoint better than where the method started: nothing changed
+            return {"inputs": {"mode": "auto", "rule": to_dict(cfg)},
+                    "outputs": {"promoted": False, "no_change": True,
+                                "reason": "no change: the policy step returned its starting policy (no checkpoint beat it on "
+                                          "validation prompts by the selection rule)"}}
         wr = (evals.get("winrate_vs_previous") or {}).get("win_rate")
         if wr is not None:
             ok = wr >= cfg.min_winrate

@@ -1,0 +1,595 @@
+"""RLHF's core path at CPU scale: Gao, Schulman & Hilton (2022)'s protocol on SmolLM2-135M.
+
+    flock /tmp/align-heavy.lock .venv/bin/python -m benchmarks rlhf_core [--out runs/bench-rlhf-core] [--stages ...]
+
+A **gold** reward model trained on human preferences (``reward.gold``: SmolLM2 + LoRA on HH-RLHF
+helpful + harmless pairs, built once and cached) stands in for people. The SFT policy
+(SmolLM2-135M-Instruct) answers prompts that neither the gold nor any decision saw; the gold labels
+pairs of its answers; **proxy** reward models (``align rm``) learn from N of those labels; the policy
+is optimised against the proxies and the gold scores the result:
+
+1. ``prompts``: real user prompts (the first human turns of HH-RLHF helpful-base and harmless-base
+   in the gold's *policy* partition, and the self-instruct seed tasks) split, seeded, into four
+   disjoint sets: ``train`` (proxy data, PPO rollouts), ``fresh`` (agreement pairs), ``validation``
+   (every decision: PPO's keep-best and early stopping) and ``test`` (the reported numbers only).
+2. ``samples``: K answers per train prompt from the SFT policy (temperature 1), scored by the gold.
+3. ``proxies``: gold-labelled pairs of those answers (the higher gold score is chosen; at most
+   ``--pairs-per-prompt`` per prompt), nested subsets of N = 250, 1,000 and all (≥ 2,000), one proxy
+   RM each (``align rm``, margin 0, one epoch).
+4. ``agreement``: on fresh prompts, two answers each from another policy (the SFT model at
+   temperatures 0.7 and 1.3), gold-labelled; each proxy's agreement with the gold (n, Wilson CI).
+5. ``bon``: 16 answers per test prompt; best-of-n for n = 1, 2, 4, 8, 16 picked by each proxy and by
+   the gold itself: the expected gold and proxy scores of the pick (the unbiased estimator over
+   the 16: the sample ranked j-th by the picker is the best of a random n-subset with probability
+   C(j-1, n-1) / C(16, n)), with the pick's length, against KL_bon = log n - (n-1)/n; bootstrap CIs.
+6. ``ppo``: ``align ppo`` against the largest proxy, and **oracle PPO** against the gold itself
+   (optimiser failure vs reward-model failure), each logging gold and proxy scores of its
+   validation answers every ``--eval-every`` iterations beside the KL to its start; keep-best on
+   the validation prompts (``alignment.rl.selection``).
+7. ``final``: greedy answers of each returned policy and of the SFT model to the test prompts,
+   scored by the gold: win rate (ties half, bootstrap CI), length-controlled win rate
+   (``alignment.evals.lcwr``) and mean lengths.
+
+Every stage writes into ``--out`` and is skipped when its output is there (``--redo STAGE`` runs it
+again); each run appends a line to ``benchmarks/results/rlhf_core_history.jsonl``. Writes
+``benchmarks/results/rlhf_core.json`` and the plots ``rlhf_core_bon.png``, ``rlhf_core_ppo.png``.
+
+Targets (issue 26): the largest proxy agrees with the gold >= 70% on fresh pairs (CI low >= 65%);
+best-of-16 by it gains >= 50% of what best-of-16 by the gold gains; PPO against it, at the
+checkpoint chosen on validation prompts, beats its start by the gold on test prompts >= 60% with
+the CI low > 50%, length-controlled too; oracle PPO >= 65%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+SFT = "smollm2-135m"  # the default --policy
+STAGES = ("prompts", "samples", "proxies", "agreement", "bon", "ppo", "final")
+TARGETS = {"agreement": 0.70, "agreement_ci_low": 0.65, "bon_ratio": 0.5, "ppo_winrate": 0.60, "oracle_winrate": 0.65}
+
+
+# ---------------------------------------------------------------------------------------------
+# the math (pure; tested in tests/test_benchmarks.py)
+
+
+def kl_bon(n: int) -> float:
+    """KL(best-of-n || policy) = log n - (n-1)/n (Stiennon et al. 2020; Gao et al. 2022)."""
+    return math.log(n) - (n - 1) / n
+
+
+def bon_weights(k: int, n: int) -> list[float]:
+    """P(the sample ranked j-th of k, ascending, is the best of a random n-subset) = C(j-1, n-1) / C(k, n)."""
+    total = math.comb(k, n)
+    return [math.comb(j - 1, n - 1) / total for j in range(1, k + 1)]
+
+
+def bon_expected(picker: Sequence[float], values: Sequence[float], n: int) -> float:
+    """Expected ``values`` of the best-of-n (by ``picker``) over a random n-subset of the samples.
+    Ties in ``picker`` are broken by position (a fixed order, as a reward model's ties would be)."""
+    order = sorted(range(len(picker)), key=lambda i: (picker[i], -i))
+    w = bon_weights(len(picker), n)
+    return sum(w[j] * values[order[j]] for j in range(len(order)))
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = correct / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (mid - half, mid + half)
+
+
+def pick_pairs(k: int, per_prompt: int, rng: random.Random) -> list[tuple[int, int]]:
+    """``per_prompt`` distinct unordered pairs of k answers (all of them when fewer exist)."""
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    rng.shuffle(pairs)
+    return pairs[:per_prompt]
+
+
+def bootstrap_mean_ci(values: Sequence[float], seed: int = 0, n_boot: int = 2000) -> tuple[float, float]:
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write(path: Path, rows: Sequence[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.rename(path)
+
+
+def _log(msg: str) -> None:
+    print(f"[rlhf_core {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.out = Path(a.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.times: dict[str, float] = {}
+        self._tok = self._model = None
+        self._scorers: dict[str, Any] = {}
+
+    # models, loaded once per process
+    def policy(self) -> tuple[Any, Any]:
+        from alignment.models import load_causal_lm, load_tokenizer
+
+        if self._model is None:
+            self._tok, self._model = load_tokenizer(self.a.policy), load_causal_lm(self.a.policy)
+        return self._model, self._tok
+
+    def scorer(self, name: str) -> Any:
+        from reward import load_scorer
+
+        if name not in self._scorers:
+            spec = self.a.gold if name == "gold" else str(self.out / name / "rm_helpful" / "model")
+            self._scorers[name] = load_scorer(spec, batch_size=32)
+        return self._scorers[name]
+
+    def score(self, name: str, prompts: Sequence[list], responses: Sequence[str]) -> list[float]:
+        return self.scorer(name).score(list(prompts), list(responses)).tolist()
+
+    def generate(self, prompts: Sequence[list], *, temperature: float, seed: int, max_new_tokens: int | None = None) -> list:
+        from alignment.generation import generate
+
+        model, tok = self.policy()
+        return generate(model, tok, list(prompts), max_new_tokens=max_new_tokens or self.a.new_tokens, temperature=temperature,
+                        batch_size=self.a.gen_batch, seed=seed)
+
+    def proxies(self) -> list[str]:
+        return [f"proxy_{n}" for n in self.a.pairs]
+
+    # -- 1. prompts --------------------------------------------------------------------------
+    def stage_prompts(self) -> None:
+        from alignment.generation import encode_prompts
+        from data.loaders import DataSource, load_prompts
+        from reward.gold import gold_prompt_keys, partition_of, prompt_key
+
+        gold_name = self.a.gold.split(":", 1)[1]
+        excluded = gold_prompt_keys(gold_name)
+        pool, seen = [], set()
+        sources = []
+        for sub, category in (("helpful-base", "helpfulness"), ("harmless-base", "safety")):
+            path = self.a.data / "hh-rlhf" / sub / "test.jsonl.gz"
+            sources.append(str(path))
+            for r in load_prompts(DataSource(path=str(path), turns="first", category=category)):
+                if partition_of(r.messages) == "policy":
+                    pool.append(r)
+        path = self.a.data / "instruct" / "self_instruct_seed_tasks.jsonl"
+        sources.append(str(path))
+        pool += load_prompts(DataSource(path=str(path), category="helpfulness"))
+        _, tok = self.policy()
+        lengths = [len(x) for x in encode_prompts(tok, [r.messages for r in pool])]
+        kept = []
+        for r, n in zip(pool, lengths):
+            key = prompt_key(r.messages)
+            if key in excluded or key in seen or n > self.a.max_prompt_tokens:
+                continue
+            seen.add(key)
+            kept.append(r)
+        rng = random.Random(self.a.seed)
+        rng.shuffle(kept)
+        sizes = {"test": self.a.test_prompts, "validation": self.a.val_prompts, "fresh": self.a.fresh_prompts,
+                 "train": self.a.train_prompts}
+        if sum(sizes.values()) > len(kept):
+            raise ValueError(f"{len(kept)} usable prompts, {sum(sizes.values())} asked for")
+        (self.out / "prompts").mkdir(exist_ok=True)
+        start, counts = 0, {}
+        for name, size in sizes.items():
+            part = kept[start:start + size]
+            start += size
+            _write(self.out / "prompts" / f"{name}.jsonl", [r.to_dict() for r in part])
+            counts[name] = {"n": len(part), "safety": sum(r.category == "safety" for r in part)}
+        keys = {name: {prompt_key(r["messages"]) for r in _rows(self.out / "prompts" / f"{name}.jsonl")} for name in sizes}
+        for a_name in sizes:
+            for b_name in sizes:
+                if a_name < b_name and keys[a_name] & keys[b_name]:
+                    raise AssertionError(f"prompt sets {a_name} and {b_name} overlap")
+        (self.out / "prompts" / "manifest.json").write_text(json.dumps(
+            {"sources": sources, "usable": len(kept), "sets": counts, "excluded_gold_prompts": len(excluded),
+             "max_prompt_tokens": self.a.max_prompt_tokens, "seed": self.a.seed, "disjoint": True}, indent=1))
+
+    def prompts(self, name: str) -> list[dict]:
+        return _rows(self.out / "prompts" / f"{name}.jsonl")
+
+    # -- 2. samples --------------------------------------------------------------------------
+    def stage_samples(self) -> None:
+        rows = self.prompts("train")
+        convs = [r["messages"] for r in rows for _ in range(self.a.k)]
+        gens = self.generate(convs, temperature=1.0, seed=self.a.seed)
+        gold = self.score("gold", convs, [g.text for g in gens])
+        out = []
+        for i, r in enumerate(rows):
+            block = range(i * self.a.k, (i + 1) * self.a.k)
+            out.append({"prompt": r["messages"], "category": r.get("category"),
+                        "samples": [{"text": gens[j].text, "tokens": len(gens[j].response_ids), "finished": gens[j].finished,
+                                     "gold": gold[j]} for j in block]})
+        _write(self.out / "samples.jsonl", out)
+
+    # -- 3. proxies --------------------------------------------------------------------------
+    def labelled_pairs(self) -> list[dict]:
+        from data.schemas import Comparison
+
+        rng = random.Random(self.a.seed)
+        pairs = []
+        for r in _rows(self.out / "samples.jsonl"):
+            s = r["samples"]
+            for i, j in pick_pairs(len(s), self.a.pairs_per_prompt, rng):
+                a, b = s[i], s[j]
+                ta, tb = a["text"].strip(), b["text"].strip()
+                if a["gold"] == b["gold"] or not ta or not tb or ta == tb:
+                    continue
+                c = Comparison(prompt=r["prompt"], response_a=a["text"], response_b=b["text"],
+                               chosen="A" if a["gold"] > b["gold"] else "B", category=r.get("category"),
+                               meta={"gold_a": a["gold"], "gold_b": b["gold"]})
+                pairs.append(c.to_dict())
+        rng.shuffle(pairs)  # nested subsets: the first N of one shuffled list
+        return pairs
+
+    def stage_proxies(self) -> None:
+        pairs = self.labelled_pairs()
+        _write(self.out / "pairs.jsonl", pairs)
+        for n, name in zip(self.a.pairs, self.proxies()):
+            if (self.out / name / "rm_helpful" / "model").is_dir() and name not in self.a.redo:
+                continue
+            if n > len(pairs):
+                raise ValueError(f"{name}: {n} pairs asked for, {len(pairs)} labelled")
+            data = self.out / f"{name}.jsonl"
+            _write(data, pairs[:n])
+            cmd = [sys.executable, "-m", "alignment.cli", "rm", "--config", str(REPO / "configs" / "rm_helpful.yaml"),
+                   f"model.name={self.a.policy}", f"run.output_dir={self.out / name / 'rm_helpful'}", "run.wandb=disabled",
+                   f"run.seed={self.a.seed}", f"data.sources=[{{path: '{data}', format: comparison}}]", "data.focus_share=null",
+                   "data.val_fraction=0.0", "margin=none", "train.num_epochs=1", "train.batch_size=8", "train.grad_accum=1",
+                   f"train.lr={self.a.rm_lr}", f"train.max_length={self.a.rm_max_length}", "train.logging_steps=10",
+                   "train.save_steps=100000", "eval_batch_size=32"]
+            _log(f"{name}: align rm on {n} gold-labelled pairs")
+            if (self.out / name).exists():
+                import shutil
+
+                shutil.rmtree(self.out / name)
+            subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+
+    # -- 4. agreement ------------------------------------------------------------------------
+    def stage_agreement(self) -> None:
+        rows = self.prompts("fresh")
+        convs = [r["messages"] for r in rows]
+        a = self.generate(convs, temperature=0.7, seed=self.a.seed + 1)
+        b = self.generate(convs, temperature=1.3, seed=self.a.seed + 2)
+        scores = {name: (self.score(name, convs, [g.text for g in a]), self.score(name, convs, [g.text for g in b]))
+                  for name in ["gold", *self.proxies()]}
+        out = [{"prompt": c, "a": ga.text, "b": gb.text, "len_a": len(ga.response_ids), "len_b": len(gb.response_ids),
+                **{f"{k}_a": v[0][i] for k, v in scores.items()}, **{f"{k}_b": v[1][i] for k, v in scores.items()}}
+               for i, (c, ga, gb) in enumerate(zip(convs, a, b))]
+        _write(self.out / "agreement.jsonl", out)
+
+    def agreement(self) -> dict:
+        rows = [r for r in _rows(self.out / "agreement.jsonl")
+                if r["gold_a"] != r["gold_b"] and r["a"].strip() and r["b"].strip() and r["a"].strip() != r["b"].strip()]
+        out = {}
+        longer = sum((r["len_a"] > r["len_b"]) == (r["gold_a"] > r["gold_b"]) for r in rows if r["len_a"] != r["len_b"])
+        n_len = sum(r["len_a"] != r["len_b"] for r in rows)
+        out["length_rule"] = {"accuracy": longer / n_len if n_len else None, "n": n_len}
+        for name in self.proxies():
+            right = sum((r[f"{name}_a"] > r[f"{name}_b"]) == (r["gold_a"] > r["gold_b"]) for r in rows)
+            lo, hi = wilson(right, len(rows))
+            out[name] = {"pairs": int(name.split("_")[1]), "agreement": right / len(rows), "ci95": [lo, hi], "n": len(rows)}
+        return out
+
+    # -- 5. best-of-n ------------------------------------------------------------------------
+    def stage_bon(self) -> None:
+        rows = self.prompts("test")
+        convs = [r["messages"] for r in rows for _ in range(self.a.bon)]
+        gens = self.generate(convs, temperature=1.0, seed=self.a.seed + 3)
+        texts = [g.text for g in gens]
+        scores = {name: self.score(name, convs, texts) for name in ["gold", *self.proxies()]}
+        out = []
+        for i, r in enumerate(rows):
+            block = list(range(i * self.a.bon, (i + 1) * self.a.bon))
+            out.append({"prompt": r["messages"], "texts": [texts[j] for j in block],
+                        "tokens": [len(gens[j].response_ids) for j in block],
+                        **{name: [s[j] for j in block] for name, s in scores.items()}})
+        _write(self.out / "bon.jsonl", out)
+
+    def bon(self) -> dict:
+        rows = _rows(self.out / "bon.jsonl")
+        ns = [n for n in (1, 2, 4, 8, 16) if n <= self.a.bon]
+        curves: dict[str, Any] = {}
+        for picker in ["gold", *self.proxies()]:
+            pts = []
+            for n in ns:
+                gold = [bon_expected(r[picker], r["gold"], n) for r in rows]
+                own = [bon_expected(r[picker], r[picker], n) for r in rows]
+                length = [bon_expected(r[picker], r["tokens"], n) for r in rows]
+                base = [sum(r["gold"]) / len(r["gold"]) for r in rows]
+                gain = [g - b for g, b in zip(gold, base)]
+                pts.append({"n": n, "kl": kl_bon(n), "gold": sum(gold) / len(gold), "gold_gain": sum(gain) / len(gain),
+                            "gold_gain_ci": bootstrap_mean_ci(gain, self.a.seed), "proxy": sum(own) / len(own),
+                            "tokens": sum(length) / len(length)})
+            curves[picker] = pts
+        top = self.proxies()[-1]
+        g_gold, g_proxy = curves["gold"][-1]["gold_gain"], curves[top][-1]["gold_gain"]
+        return {"prompts": len(rows), "samples": self.a.bon, "curves": curves,
+                "ratio_best_proxy_to_gold": g_proxy / g_gold if g_gold else None, "best_proxy": top}
+
+    # -- 6. PPO ------------------------------------------------------------------------------
+    def ppo_cmd(self, name: str, reward: str, judges: dict[str, str]) -> list[str]:
+        judge = "{" + ", ".join(f"{k}: '{v}'" for k, v in judges.items()) + "}"
+        a = self.a
+        return [sys.executable, "-m", "alignment.cli", "ppo", "--config", str(REPO / "configs" / "ppo.yaml"),
+                f"model.name={a.policy}", f"run.output_dir={self.out / name}", "run.wandb=disabled", f"run.seed={a.seed}",
+                f"reward.helpful={reward}", "reward.safety=null", "critic.init=reward_model",
+                f"data.sources=[{{path: '{self.out / 'prompts' / 'train.jsonl'}'}}]",
+                f"data.val_sources=[{{path: '{self.out / 'prompts' / 'validation.jsonl'}'}}]",
+                f"train.max_steps={a.ppo_iterations}", f"train.lr={a.ppo_lr}", f"critic.lr={a.ppo_critic_lr}",
+                f"ppo.rollout_batch_size={a.ppo_rollout}", f"ppo.minibatch_size={a.ppo_minibatch}",
+                f"ppo.micro_batch_size={a.ppo_minibatch}", f"ppo.epochs={a.ppo_epochs}", f"ppo.kl_coef={a.ppo_kl}",
+                f"sampling.max_new_tokens={a.new_tokens}", "sampling.temperature=1.0", f"sampling.batch_size={a.ppo_rollout}",
+                f"eval.every={a.eval_every}", f"eval.max_prompts={a.val_prompts}", "eval.patience=0", f"eval.judges={judge}",
+                f"eval.save_every={a.eval_every}", "reward.missing_eos_penalty=0"]
+
+    def stage_ppo(self) -> None:
+        top = self.proxies()[-1]
+        runs = {"ppo_proxy": (str(self.out / top / "rm_helpful" / "model"), {"gold": self.a.gold}),
+                "ppo_oracle": (self.a.gold, {"proxy": str(self.out / top / "rm_helpful" / "model")})}
+        for name, (reward, judges) in runs.items():
+            if (self.out / name / "summary.json").is_file() and name not in self.a.redo:
+                continue
+            resume = (self.out / name / "checkpoints").is_dir() and name not in self.a.redo
+            if (self.out / name).exists() and not resume:
+                import shutil
+
+                shutil.rmtree(self.out / name)
+            _log(f"{name}: align ppo against {reward}")
+            subprocess.run([*self.ppo_cmd(name, reward, judges), *(["--resume"] if resume else [])], check=True, cwd=REPO,
+                           env={**os.environ, "WANDB_MODE": "disabled"})
+
+    def ppo(self) -> dict:
+        out = {}
+        for name in ("ppo_proxy", "ppo_oracle"):
+            folder = self.out / name
+            if not (folder / "summary.json").is_file():
+                continue
+            rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            kl = {r["step"]: r["kl/ref"] for r in rows if "kl/ref" in r}
+            evals = [r for r in rows if "eval/reward_combined" in r]
+            other = "gold" if name == "ppo_proxy" else "proxy"
+            curve = []
+            for r in evals:
+                near = [kl[s] for s in range(max(1, r["step"] - 4), r["step"] + 1) if s in kl]  # the rollouts around it
+                k = max(0.0, sum(near) / len(near)) if near else 0.0
+                reward = r["eval/reward_combined"]
+                judged = r.get(f"eval/reward_judge_{other}")
+                curve.append({"iteration": r["step"], "kl": k, "sqrt_kl": math.sqrt(k),
+                              "gold": judged if name == "ppo_proxy" else reward,
+                              "proxy": reward if name == "ppo_proxy" else judged, "length": r.get("eval/length")})
+            out[name] = {"curve": curve, "summary": json.loads((folder / "summary.json").read_text())}
+        return out
+
+    # -- 7. final comparison on test prompts -------------------------------------------------
+    def stage_final(self) -> None:
+        from alignment.generation import generate
+        from alignment.models import load_causal_lm, load_tokenizer
+
+        rows = self.prompts("test")
+        convs = [r["messages"] for r in rows]
+        for name, model in (("sft", self.a.policy), ("ppo_proxy", str(self.out / "ppo_proxy")),
+                            ("ppo_oracle", str(self.out / "ppo_oracle"))):
+            path = self.out / f"test_{name}.jsonl"
+            if path.is_file() and name not in self.a.redo:
+                continue
+            if name != "sft" and not (self.out / name / "summary.json").is_file():
+                continue
+            lm, tok = load_causal_lm(model), load_tokenizer(model)
+            gens = generate(lm, tok, convs, max_new_tokens=self.a.new_tokens, temperature=0.0, batch_size=self.a.gen_batch)
+            texts = [g.text for g in gens]
+            scores = {k: self.score(k, convs, texts) for k in ("gold", self.proxies()[-1])}
+            _write(path, [{"prompt": c, "response": t, "tokens": len(g.response_ids), "finished": g.finished,
+                           **{k: v[i] for k, v in scores.items()}} for i, (c, t, g) in enumerate(zip(convs, texts, gens))])
+
+    def final(self) -> dict:
+        from alignment.evals import lcwr
+        from alignment.evals.winrate import outcome, summarise
+
+        base = self.out / "test_sft.jsonl"
+        if not base.is_file():
+            return {}
+        sft = _rows(base)
+        out = {"sft": {"gold_mean": sum(r["gold"] for r in sft) / len(sft), "tokens": sum(r["tokens"] for r in sft) / len(sft)}}
+        for name in ("ppo_proxy", "ppo_oracle"):
+            path = self.out / f"test_{name}.jsonl"
+            if not path.is_file():
+                continue
+            pol = _rows(path)
+            wins = [outcome(p["gold"], s["gold"]) for p, s in zip(pol, sft)]
+            out[name] = {"gold_mean": sum(r["gold"] for r in pol) / len(pol), "tokens": sum(r["tokens"] for r in pol) / len(pol),
+                         "winrate_vs_sft": summarise(wins, seed=self.a.seed),
+                         "lc_winrate_vs_sft": lcwr.summarise(wins, [p["tokens"] for p in pol], [s["tokens"] for s in sft],
+                                                            seed=self.a.seed),
+                         "identical_answers": sum(p["response"] == s["response"] for p, s in zip(pol, sft))}
+        return out
+
+    # -- results -------------------------------------------------------------------------------
+    def results(self) -> dict:
+        res: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.a).items()},
+                               "prompts": json.loads((self.out / "prompts" / "manifest.json").read_text())
+                               if (self.out / "prompts" / "manifest.json").is_file() else None}
+        from reward.gold import load_card
+
+        res["gold"] = {k: v for k, v in load_card(self.a.gold.split(":", 1)[1]).items() if k != "prompt_keys"}
+        if (self.out / "agreement.jsonl").is_file():
+            res["agreement"] = self.agreement()
+        if (self.out / "bon.jsonl").is_file():
+            res["bon"] = self.bon()
+        res["ppo"] = self.ppo()
+        res["final"] = self.final()
+        res["proxy_training"] = {}
+        for name in self.proxies():
+            s = self.out / name / "rm_helpful" / "summary.json"
+            if s.is_file():
+                d = json.loads(s.read_text())
+                res["proxy_training"][name] = {k: d.get(k) for k in ("held_out_accuracy", "held_out_pairs", "train_seconds")}
+        res["targets"] = self.targets(res)
+        res["stage_seconds"] = self.times
+        return res
+
+    def targets(self, res: dict) -> dict:
+        t: dict[str, Any] = {}
+        top = self.proxies()[-1]
+        ag = (res.get("agreement") or {}).get(top)
+        if ag:
+            t["agreement"] = {"value": ag["agreement"], "ci95": ag["ci95"], "n": ag["n"],
+                              "met": ag["agreement"] >= TARGETS["agreement"] and ag["ci95"][0] >= TARGETS["agreement_ci_low"],
+                              "target": ">= 70%, CI low >= 65%"}
+        if res.get("bon"):
+            r = res["bon"]["ratio_best_proxy_to_gold"]
+            t["bon"] = {"value": r, "met": r is not None and r >= TARGETS["bon_ratio"],
+                        "target": "best-of-16 by the largest proxy gains >= 50% of best-of-16 by the gold"}
+        for name, key in (("ppo_proxy", "ppo_winrate"), ("ppo_oracle", "oracle_winrate")):
+            f = (res.get("final") or {}).get(name)
+            if f:
+                w, lc = f["winrate_vs_sft"], f["lc_winrate_vs_sft"]
+                t[name] = {"winrate": w["win_rate"], "ci": [w["ci_low"], w["ci_high"]], "n": w["n"],
+                           "lc_winrate": lc["lc_winrate"], "lc_ci": [lc["ci_low"], lc["ci_high"]],
+                           "met": w["win_rate"] >= TARGETS[key] and w["ci_low"] > 0.5 and lc["ci_low"] > 0.5,
+                           "target": f">= {100 * TARGETS[key]:.0f}% on test prompts, CI low > 50%, length-controlled too"}
+        return t
+
+
+def plot(res: dict, results_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if res.get("bon"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for picker, pts in res["bon"]["curves"].items():
+            x = [math.sqrt(p["kl"]) for p in pts]
+            axes[0].plot(x, [p["gold_gain"] for p in pts], "o-", label=f"picked by {picker}")
+            if picker != "gold":
+                axes[1].plot(x, [p["proxy"] - pts[0]["proxy"] for p in pts], "o-", label=picker)
+        axes[0].set(xlabel="sqrt(KL_bon)", ylabel="gold score gain over n=1", title="Best-of-n: gold score of the pick")
+        axes[1].set(xlabel="sqrt(KL_bon)", ylabel="proxy score gain over n=1", title="Best-of-n: the proxy's own score")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(results_dir / "rlhf_core_bon.png", dpi=110)
+        plt.close(fig)
+    if res.get("ppo"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, name in zip(axes, ("ppo_proxy", "ppo_oracle")):
+            run = res["ppo"].get(name)
+            if not run:
+                continue
+            c = run["curve"]
+            x = [p["sqrt_kl"] for p in c]
+            ax.plot(x, [p["gold"] - c[0]["gold"] for p in c], "o-", label="gold (validation)")
+            ax.plot(x, [p["proxy"] - c[0]["proxy"] for p in c], "s--", label="proxy (validation)")
+            ax.set(xlabel="sqrt(KL to the start)", ylabel="score gain over the start",
+                   title=f"{name}: returned {run['summary'].get('returned')}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(results_dir / "rlhf_core_ppo.png", dpi=110)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from benchmarks.common import RESULTS
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks rlhf_core", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(REPO / "runs" / "bench-rlhf-core"))
+    p.add_argument("--data", type=Path, default=SHARED, help="folder with hh-rlhf/ and instruct/ (../shared/data)")
+    p.add_argument("--gold", default="gold:hh-smollm2", help="the gold reward model (built by `align gold build` if absent)")
+    p.add_argument("--gold-pairs", type=int, default=3000)
+    p.add_argument("--policy", default=SFT, help="the SFT policy (and the base of the proxies)")
+    p.add_argument("--gold-model", default=SFT, help="base model of the gold, when it has to be built")
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--redo", default="", help="comma-separated stages or runs (proxy_250, ppo_proxy, ...) to run again")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-prompts", type=int, default=300)
+    p.add_argument("--fresh-prompts", type=int, default=300)
+    p.add_argument("--val-prompts", type=int, default=64)
+    p.add_argument("--test-prompts", type=int, default=128)
+    p.add_argument("--max-prompt-tokens", type=int, default=96)
+    p.add_argument("--k", type=int, default=8, help="answers per train prompt")
+    p.add_argument("--pairs-per-prompt", type=int, default=8)
+    p.add_argument("--pairs", default="250,1000,2400", help="nested proxy training sizes (the last is the largest proxy)")
+    p.add_argument("--bon", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--gen-batch", type=int, default=64)
+    p.add_argument("--rm-lr", type=float, default=3e-4)
+    p.add_argument("--rm-max-length", type=int, default=192)
+    p.add_argument("--ppo-iterations", type=int, default=100)
+    p.add_argument("--ppo-lr", type=float, default=1e-4)
+    p.add_argument("--ppo-critic-lr", type=float, default=1e-4)
+    p.add_argument("--ppo-rollout", type=int, default=16)
+    p.add_argument("--ppo-minibatch", type=int, default=8)
+    p.add_argument("--ppo-epochs", type=int, default=2)
+    p.add_argument("--ppo-kl", type=float, default=0.02)
+    p.add_argument("--eval-every", type=int, default=10)
+    a = p.parse_args(argv)
+    a.pairs = [int(x) for x in a.pairs.split(",")]
+    a.redo = [x for x in a.redo.split(",") if x]
+    if not (a.data / "hh-rlhf").is_dir():
+        return {"skipped": f"{a.data}/hh-rlhf not found (../shared/data)"}
+    gold_name = a.gold.split(":", 1)[1] if a.gold.startswith("gold:") else None
+    from reward import gold as gold_mod
+
+    t_all = time.time()
+    if gold_name and not (gold_mod.gold_dir(gold_name) / "card.json").is_file():
+        _log(f"building the gold {gold_name} on {a.gold_pairs} HH-RLHF pairs")
+        gold_mod.build([str(a.data / "hh-rlhf" / s / "test.jsonl.gz") for s in ("helpful-base", "harmless-base")],
+                       name=gold_name, pairs=a.gold_pairs, model=a.gold_model)
+    bench = Bench(a)
+    done = {"prompts": "prompts/manifest.json", "samples": "samples.jsonl", "agreement": "agreement.jsonl", "bon": "bon.jsonl"}
+    for stage in a.stages.split(","):
+        if stage not in STAGES:
+            raise SystemExit(f"unknown stage {stage!r}; expected {', '.join(STAGES)}")
+        if stage in done and (bench.out / done[stage]).is_file() and stage not in a.redo:
+            _log(f"{stage}: done before, skipped")
+            continue
+        _log(f"{stage}: start")
+        t = time.time()
+        getattr(bench, f"stage_{stage}")()
+        bench.times[stage] = round(time.time() - t, 1)
+        _log(f"{stage}: {bench.times[stage] / 60:.1f} min")
+    res = bench.results()
+    res["seconds"] = round(time.time() - t_all, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(res, RESULTS)
+    with (RESULTS / "rlhf_core_history.jsonl").open("a") as fh:
+        fh.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M"), "stages": a.stages, "settings": res["settings"],
+                             "targets": res["targets"], "stage_seconds": bench.times}) + "\n")
+    for name, t in res["targets"].items():
+        _log(f"target {name}: {'met' if t['met'] else 'NOT met'} ({ {k: v for k, v in t.items() if k != 'target'} })")
+    return res

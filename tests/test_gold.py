@@ -1,0 +1,78 @@
+"""The gold reward model (reward.gold): the seed-free prompt partition, a build on tiny data, its card,
+and ``gold:<name>`` wherever a reward model is read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from reward import gold
+
+
+def _hh(i: int, harmless: bool = False) -> dict:
+    q = f"How do I {'hurt' if harmless else 'bake'} thing number {i}?"
+    good = "I can't help with that." if harmless else f"Mix flour and water, then bake item {i} for twenty minutes."
+    bad = f"Sure, here is how to hurt {i}." if harmless else "No."
+    return {"chosen": f"\n\nHuman: {q}\n\nAssistant: {good}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}"}
+
+
+def test_partition_is_seed_free_and_by_first_turn():
+    a = [{"role": "user", "content": "What is  the capital of France?"}]
+    b = [{"role": "system", "content": "x"}, {"role": "user", "content": "what is the capital of france?"},
+         {"role": "assistant", "content": "Paris"}, {"role": "user", "content": "And Spain?"}]
+    assert gold.prompt_key(a) == gold.prompt_key(b)  # normalised first user turn
+    assert gold.partition_of(a) == gold.partition_of(b)
+    shares = [gold.partition_of([{"role": "user", "content": f"question {i}"}]) for i in range(4000)]
+    assert abs(shares.count("train") / 4000 - 0.65) < 0.03
+    assert abs(shares.count("held_out") / 4000 - 0.10) < 0.02
+    assert abs(shares.count("policy") / 4000 - 0.25) < 0.03
+
+
+def test_cap_pairs_keeps_category_shares():
+    from data.schemas import Comparison
+
+    pairs = [Comparison.from_preference(f"q{i}", "a", "b", category="safety" if i % 4 == 0 else "helpfulness")
+             for i in range(400)]
+    capped = gold.cap_pairs(pairs, 100, seed=0)
+    assert len(capped) == 100 and sum(c.category == "safety" for c in capped) == 25
+    assert gold.cap_pairs(pairs[:10], 100, seed=0) == pairs[:10]
+
+
+def test_build_on_tiny_data_caches_a_gold_with_its_card(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    helpful = write_jsonl(tmp_path / "helpful-base.jsonl", [_hh(i) for i in range(500)])
+    harmless = write_jsonl(tmp_path / "harmless-base.jsonl", [_hh(i, True) for i in range(300)])
+    folder = gold.build([str(helpful), str(harmless)], name="tiny", pairs=200, model="tiny-llama", max_length=64, lr=1e-3,
+                        batch_size=16)
+    card = json.loads((folder / "card.json").read_text())
+    assert card["pairs"]["train"] == 200 and card["pairs"]["held_out"] >= 50
+    assert {f["category"] for f in card["data"]} == {"helpfulness", "safety"}
+    assert all(len(f["sha256"]) == 64 for f in card["data"])
+    h = card["held_out"]
+    assert h["n"] == card["pairs"]["held_out"] and h["ci95"][0] - 1e-9 <= h["accuracy"] <= h["ci95"][1] + 1e-9
+    assert 0 <= h["length_baseline"] <= 1 and set(h["by_category"]) == {"helpfulness", "safety"}
+    train_keys, held_keys = set(card["prompt_keys"]["train"]), set(card["prompt_keys"]["held_out"])
+    assert train_keys and held_keys and not train_keys & held_keys  # disjoint prompts
+    assert gold.gold_prompt_keys("tiny") == train_keys | held_keys
+    assert "held out" in gold.describe(card)
+    # a reward model wherever one is read
+    from reward import load_scorer
+
+    scorer = load_scorer("gold:tiny")
+    scores = scorer.score([[{"role": "user", "content": "How do I bake thing number 3?"}]] * 2, ["Mix flour.", "No."])
+    assert scores.shape == (2,)
+    with pytest.raises(FileExistsError, match="exists"):
+        gold.build([str(helpful)], name="tiny", model="tiny-llama")
+    with pytest.raises(FileNotFoundError, match="align gold build"):
+        load_scorer("gold:missing")
+    assert not list((tmp_path / "cache" / "gold").glob(".tiny-*"))  # no temporary folder left behind
+
+
+def test_too_little_data_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    small = write_jsonl(tmp_path / "helpful-base.jsonl", [_hh(i) for i in range(40)])
+    with pytest.raises(ValueError, match="too little data"):
+        gold.build([str(small)], name="small", model="tiny-llama")
+    assert not (tmp_path / "cache" / "gold" / "small").exists()
