@@ -30,6 +30,9 @@ class AdapterConfig:
     dropout: float = option(0.05, "LoRA dropout")
     target_modules: list[str] = option(factory=lambda: list(ALL_LINEAR),
                                        doc="modules that get LoRA adapters (Llama names; all linear layers by default)")
+    layers: list[int] | None = option(None, "LoRA only in these transformer layers (indices from 0, e.g. [22, 23, ..., 29] "
+                                            "for SmolLM2's top 8 of 30); null = every layer. Backward passes stop below the "
+                                            "lowest adapted layer, so top layers only train much faster on a CPU")
     num_virtual_tokens: int = option(16, "prompt tuning: number of soft-prompt tokens")
     prompt_init_text: str | None = option("You are a helpful, honest and harmless assistant.",
                                           "prompt tuning: initialise soft prompts from this text's embeddings (null = random)")
@@ -40,6 +43,7 @@ class AdapterConfig:
         check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(bool(self.target_modules), "target_modules", "must name at least one module")
         check(self.num_virtual_tokens > 0, "num_virtual_tokens", f"must be > 0, got {self.num_virtual_tokens}")
+        check(self.layers is None or len(self.layers) > 0, "layers", "must list at least one layer, or be null for all")
 
 
 def peft_config(cfg: AdapterConfig, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None) -> Any:
@@ -49,8 +53,10 @@ def peft_config(cfg: AdapterConfig, task_type: str = "CAUSAL_LM", tokenizer_path
     import peft
 
     if cfg.method in ("lora", "qlora"):
+        extra = {"layers_to_transform": list(cfg.layers)} if cfg.layers is not None else {}
         return peft.LoraConfig(
             task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+            **extra,
         )
     init_text = cfg.prompt_init_text if tokenizer_path else None
     return peft.PromptTuningConfig(

@@ -476,7 +476,7 @@ class Bench:
             if f:
                 w, lc = f["winrate_vs_sft"], f["lc_winrate_vs_sft"]
                 t[name] = {"winrate": w["win_rate"], "ci": [w["ci_low"], w["ci_high"]], "n": w["n"],
-                           "lc_winrate": lc["lc_winrate"], "lc_ci": [lc["ci_low"], lc["ci_high"]],
+                           "lc_winrate": lc["lc_win_rate"], "lc_ci": [lc["ci_low"], lc["ci_high"]],
                            "met": w["win_rate"] >= TARGETS[key] and w["ci_low"] > 0.5 and lc["ci_low"] > 0.5,
                            "target": f">= {100 * TARGETS[key]:.0f}% on test prompts, CI low > 50%, length-controlled too"}
         return t
@@ -557,6 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--ppo-kl", type=float, default=0.02)
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--results", type=Path, default=None, help="where the JSON's plots and history go (benchmarks/results)")
     a = p.parse_args(argv)
     a.pairs = [int(x) for x in a.pairs.split(",")]
     a.redo = [x for x in a.redo.split(",") if x]
@@ -585,9 +586,10 @@ def main(argv: list[str] | None = None) -> dict:
         _log(f"{stage}: {bench.times[stage] / 60:.1f} min")
     res = bench.results()
     res["seconds"] = round(time.time() - t_all, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(res, RESULTS)
-    with (RESULTS / "rlhf_core_history.jsonl").open("a") as fh:
+    results = a.results or RESULTS
+    results.mkdir(parents=True, exist_ok=True)
+    plot(res, results)
+    with (results / "rlhf_core_history.jsonl").open("a") as fh:
         fh.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M"), "stages": a.stages, "settings": res["settings"],
                              "targets": res["targets"], "stage_seconds": bench.times}) + "\n")
     for name, t in res["targets"].items():

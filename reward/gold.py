@@ -159,10 +159,23 @@ def length_split(chosen: Sequence[float], rejected: Sequence[float], pairs: Sequ
     return out
 
 
+def top_layers(model: str, n: int | None) -> list[int] | None:
+    """The indices of ``model``'s top ``n`` transformer layers (None: all layers)."""
+    if not n:
+        return None
+    from transformers import AutoConfig
+
+    from alignment.models import resolve as resolve_model
+
+    total = AutoConfig.from_pretrained(resolve_model(model).path).num_hidden_layers
+    return list(range(max(0, total - n), total))
+
+
 def build(data: Sequence[str], *, name: str = DEFAULT_NAME, pairs: int = 3000, model: str = "smollm2-135m",
           max_length: int = 256, lr: float = 3e-4, batch_size: int = 8, lora_r: int = 16, seed: int = 0,
-          force: bool = False) -> Path:
-    """Train the gold on ``data`` (HH-RLHF files, folders or hub specs) and cache it; returns its folder."""
+          layers: int | None = None, force: bool = False) -> Path:
+    """Train the gold on ``data`` (HH-RLHF files, folders or hub specs) and cache it; returns its folder.
+    ``layers``: LoRA in the top this many layers only (None: all)."""
     from alignment.config import load_config
     from data.loaders import load_comparisons, write_jsonl
     from reward import load_scorer, rm
@@ -198,7 +211,8 @@ def build(data: Sequence[str], *, name: str = DEFAULT_NAME, pairs: int = 3000, m
             f"data.sources=[{{path: '{tmp / 'train.jsonl'}', format: comparison}}]", "data.focus_share=null",
             "data.val_fraction=0.0", "margin=none", "train.num_epochs=1", f"train.batch_size={batch_size}",
             "train.grad_accum=1", f"train.lr={lr}", f"train.max_length={max_length}", "train.logging_steps=10",
-            "train.save_steps=100000", f"adapter.r={lora_r}", f"adapter.alpha={2 * lora_r}", "eval_batch_size=16"], stage="rm")
+            "train.save_steps=100000", f"adapter.r={lora_r}", f"adapter.alpha={2 * lora_r}", "eval_batch_size=16",
+            f"adapter.layers={json.dumps(top_layers(model, layers))}"], stage="rm")
         out = rm.main(cfg)
         shutil.move(str(out / "model"), str(tmp / "model"))
         summary = json.loads((out / "summary.json").read_text())
@@ -213,7 +227,8 @@ def build(data: Sequence[str], *, name: str = DEFAULT_NAME, pairs: int = 3000, m
             idx = [i for i, c in enumerate(held) if (c.category or "") == cat]
             by_cat[cat] = {"n": len(idx), "accuracy": sum(chosen[i] > rejected[i] for i in idx) / len(idx)}
         card = {
-            "name": name, "build_version": BUILD_VERSION, "base_model": model, "adapter": f"LoRA r{lora_r}",
+            "name": name, "build_version": BUILD_VERSION, "base_model": model,
+            "adapter": f"LoRA r{lora_r}" + (f" in the top {layers} layers" if layers else ""),
             "data": files, "partition": {k: v for k, v in PARTITION} | {"policy": round(1 - sum(v for _, v in PARTITION), 4)},
             "pairs": {"train": len(train), "train_available": len(parts["train"]), "held_out": len(held),
                       "policy_partition": len(parts["policy"])},
@@ -268,6 +283,7 @@ def cli(name: str, argv: Sequence[str]) -> int:
     b.add_argument("--lr", type=float, default=3e-4)
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--lora-r", type=int, default=16)
+    b.add_argument("--top-layers", type=int, default=None, help="LoRA in the top N layers only (much faster on a CPU)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild over an existing gold of this name")
     s = sub.add_parser("show", help="print a built gold model's card")
@@ -278,7 +294,7 @@ def cli(name: str, argv: Sequence[str]) -> int:
     if a.cmd == "build":
         try:
             folder = build(a.data or list(HUB_SOURCES), name=a.name, pairs=a.pairs, model=a.model, max_length=a.max_length,
-                           lr=a.lr, batch_size=a.batch_size, lora_r=a.lora_r, seed=a.seed, force=a.force)
+                           lr=a.lr, batch_size=a.batch_size, lora_r=a.lora_r, seed=a.seed, layers=a.top_layers, force=a.force)
         except (FileExistsError, ValueError) as exc:
             print(f"align gold build: {exc}", file=sys.stderr)
             return 2

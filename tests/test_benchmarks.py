@@ -53,3 +53,50 @@ def test_rlhf_core_math_by_hand():
     pairs = pick_pairs(4, 10, random.Random(0))
     assert len(pairs) == 6 and len(set(pairs)) == 6 and all(i < j for i, j in pairs)
     assert len(pick_pairs(8, 3, random.Random(0))) == 3
+
+
+def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_model):
+    """The whole protocol on tiny models and synthetic HH-style data: disjoint prompt sets, K samples
+    scored by the gold, nested proxies, agreement, best-of-n, PPO against the proxy and the gold,
+    the test comparison, and a results file with every target checked."""
+    import gzip
+
+    from benchmarks import rlhf_core
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    for sub, n in (("helpful-base", 900), ("harmless-base", 300)):
+        (data / "hh-rlhf" / sub).mkdir(parents=True)
+        rows = [{"chosen": f"\n\nHuman: Tell me about topic {sub} {i}\n\nAssistant: Topic {i} is about things and stuff.",
+                 "rejected": f"\n\nHuman: Tell me about topic {sub} {i}\n\nAssistant: No."} for i in range(n)]
+        with gzip.open(data / "hh-rlhf" / sub / "test.jsonl.gz", "wt") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "instruct").mkdir()
+    (data / "instruct" / "self_instruct_seed_tasks.jsonl").write_text("".join(
+        json.dumps({"id": f"seed_task_{i}", "name": f"t{i}", "instruction": f"Write a word about {i}.",
+                    "instances": [{"input": "", "output": f"word{i}"}], "is_classification": False}) + "\n" for i in range(20)))
+    out = tmp_path / "bench"
+    common = ["--out", str(out), "--data", str(data), "--gold", "gold:tiny", "--policy", "tiny-llama", "--train-prompts", "12",
+              "--fresh-prompts", "10", "--val-prompts", "6", "--test-prompts", "6", "--k", "4", "--pairs-per-prompt", "4",
+              "--pairs", "10,20,40", "--bon", "4", "--new-tokens", "8", "--gen-batch", "16", "--ppo-iterations", "2",
+              "--ppo-rollout", "4", "--ppo-minibatch", "4", "--eval-every", "1", "--rm-max-length", "64",
+              "--results", str(tmp_path / "results")]
+    res = rlhf_core.main([*common, "--gold-pairs", "200", "--gold-model", "tiny-llama"])
+    manifest = json.loads((out / "prompts" / "manifest.json").read_text())
+    assert manifest["disjoint"] and {k: v["n"] for k, v in manifest["sets"].items()} == {
+        "test": 6, "validation": 6, "fresh": 10, "train": 12}
+    assert res["agreement"]["proxy_40"]["n"] > 0 and 0 <= res["agreement"]["proxy_40"]["agreement"] <= 1
+    curves = res["bon"]["curves"]
+    assert set(curves) == {"gold", "proxy_10", "proxy_20", "proxy_40"} and [p["n"] for p in curves["gold"]] == [1, 2, 4]
+    gains = [p["gold_gain"] for p in curves["gold"]]
+    assert gains[0] == pytest.approx(0.0, abs=1e-6) and gains == sorted(gains)  # picking by the gold itself never hurts
+    assert set(res["ppo"]) == {"ppo_proxy", "ppo_oracle"}
+    assert all(p["gold"] is not None and p["proxy"] is not None for p in res["ppo"]["ppo_proxy"]["curve"])
+    assert set(res["final"]) == {"sft", "ppo_proxy", "ppo_oracle"}
+    final = res["final"]["ppo_proxy"]
+    assert final["winrate_vs_sft"]["n"] == 6 and "lc_win_rate" in final["lc_winrate_vs_sft"]
+    assert set(res["targets"]) == {"agreement", "bon", "ppo_proxy", "ppo_oracle"}
+    assert (tmp_path / "results" / "rlhf_core_bon.png").is_file()
+    assert (tmp_path / "results" / "rlhf_core_history.jsonl").is_file()
+    again = rlhf_core.main(common)
+    assert again["stage_seconds"].keys() <= {"proxies", "ppo", "final"}  # done stages are not run again
