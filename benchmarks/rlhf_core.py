@@ -163,6 +163,11 @@ class Bench:
         return generate(model, tok, list(prompts), max_new_tokens=max_new_tokens or self.a.new_tokens, temperature=temperature,
                         batch_size=self.a.gen_batch, seed=seed)
 
+    def layers(self, top: int | None) -> str:
+        from reward.gold import top_layers
+
+        return json.dumps(top_layers(self.a.policy, top))
+
     def proxies(self) -> list[str]:
         return [f"proxy_{n}" for n in self.a.pairs]
 
@@ -268,7 +273,7 @@ class Bench:
                    f"run.seed={self.a.seed}", f"data.sources=[{{path: '{data}', format: comparison}}]", "data.focus_share=null",
                    "data.val_fraction=0.0", "margin=none", "train.num_epochs=1", "train.batch_size=8", "train.grad_accum=1",
                    f"train.lr={self.a.rm_lr}", f"train.max_length={self.a.rm_max_length}", "train.logging_steps=10",
-                   "train.save_steps=100000", "eval_batch_size=32"]
+                   "train.save_steps=100000", "eval_batch_size=32", f"adapter.layers={self.layers(self.a.proxy_layers)}"]
             _log(f"{name}: align rm on {n} gold-labelled pairs")
             if (self.out / name).exists():
                 import shutil
@@ -352,7 +357,7 @@ class Bench:
                 f"ppo.micro_batch_size={a.ppo_minibatch}", f"ppo.epochs={a.ppo_epochs}", f"ppo.kl_coef={a.ppo_kl}",
                 f"sampling.max_new_tokens={a.new_tokens}", "sampling.temperature=1.0", f"sampling.batch_size={a.ppo_rollout}",
                 f"eval.every={a.eval_every}", f"eval.max_prompts={a.val_prompts}", "eval.patience=0", f"eval.judges={judge}",
-                f"eval.save_every={a.eval_every}", "reward.missing_eos_penalty=0"]
+                f"eval.save_every={a.eval_every}", "reward.missing_eos_penalty=0", f"adapter.layers={self.layers(a.ppo_layers)}"]
 
     def stage_ppo(self) -> None:
         top = self.proxies()[-1]
@@ -557,6 +562,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--ppo-kl", type=float, default=0.02)
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--proxy-layers", type=int, default=10, help="proxies: LoRA in the top N layers (0 = all)")
+    p.add_argument("--ppo-layers", type=int, default=10, help="PPO policy and critic: LoRA in the top N layers (0 = all)")
+    p.add_argument("--gold-layers", type=int, default=10, help="the gold, when built here: LoRA in the top N layers (0 = all)")
     p.add_argument("--results", type=Path, default=None, help="where the JSON's plots and history go (benchmarks/results)")
     a = p.parse_args(argv)
     a.pairs = [int(x) for x in a.pairs.split(",")]
@@ -570,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
     if gold_name and not (gold_mod.gold_dir(gold_name) / "card.json").is_file():
         _log(f"building the gold {gold_name} on {a.gold_pairs} HH-RLHF pairs")
         gold_mod.build([str(a.data / "hh-rlhf" / s / "test.jsonl.gz") for s in ("helpful-base", "harmless-base")],
-                       name=gold_name, pairs=a.gold_pairs, model=a.gold_model)
+                       name=gold_name, pairs=a.gold_pairs, model=a.gold_model, max_length=192, layers=a.gold_layers or None)
     bench = Bench(a)
     done = {"prompts": "prompts/manifest.json", "samples": "samples.jsonl", "agreement": "agreement.jsonl", "bon": "bon.jsonl"}
     for stage in a.stages.split(","):
