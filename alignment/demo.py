@@ -30,8 +30,22 @@ def _ci(x: dict | None, pct: bool = True) -> str:
     if not x:
         return "-"
     if pct:
-        return f"{100 * x['win_rate']:.1f}% [{100 * x['ci_low']:.1f}, {100 * x['ci_high']:.1f}] n={x['n']}"
+        text = f"{100 * x['win_rate']:.1f}% [{100 * x['ci_low']:.1f}, {100 * x['ci_high']:.1f}] n={x['n']}"
+        if x.get("lc_win_rate") is not None:
+            text += f", LC {100 * x['lc_win_rate']:.1f}%"
+        return text
     return f"{x['mean']:.3f} [{x['ci_low']:.3f}, {x['ci_high']:.3f}] n={x['n']}"
+
+
+def _returned(proj: Any, n: int) -> str:
+    """What round n's policy step handed back: trained weights, or its starting policy (no change)."""
+    m = proj.manifest(n)["steps"]
+    returned = m.get("policy", {}).get("outputs", {}).get("metrics", {}).get("returned")
+    promoted = m.get("promote", {}).get("outputs", {}).get("promoted")
+    if returned == "start":
+        return "its starting policy: no change"
+    what = f"trained ({returned})" if returned else "trained"
+    return what + ("" if promoted is None else ", promoted" if promoted else ", not promoted")
 
 
 def changes(proj: Any) -> list[str]:
@@ -44,11 +58,14 @@ def changes(proj: Any) -> list[str]:
     tq = next((e["truthfulqa"] for e in evals.values() if (e.get("truthfulqa") or {}).get("dataset")), None)
     tg = next((e["toxigen"] for e in evals.values() if (e.get("toxigen") or {}).get("pct_toxic") is not None), None)
     rows = [
-        ("gold reward, held-out [95% CI]", _ci((first.get("gold_reward") or {}).get("sft"), pct=False),
+        ("gold reward, test prompts [95% CI]", _ci((first.get("gold_reward") or {}).get("sft"), pct=False),
          [_ci((e.get("gold_reward") or {}).get("policy"), pct=False) for e in evals.values()]),
-        ("gold-judge win rate vs SFT [95% CI]", "", [_ci(e.get("winrate_gold_vs_sft")) for e in evals.values()]),
+        ("gold-judge win rate vs SFT [95% CI], test", "", [_ci(e.get("winrate_gold_vs_sft")) for e in evals.values()]),
         ("gold-judge win rate vs previous", "", [_ci(e.get("winrate_gold_vs_previous")) for e in evals.values()]),
         ("RM-judged win rate vs previous (its own RMs)", "", [_ci(e.get("winrate_rm_vs_previous")) for e in evals.values()]),
+        ("validation win rate vs previous (decides promotion)", "",
+         [_ci((e.get("validation") or {}).get("winrate_vs_previous")) for e in evals.values()]),
+        ("the policy step returned", "", [_returned(proj, n) for n in evals]),
         (f"MC2, {tq['dataset'] if tq else 'truthfulness'}",
          f"{100 * first['truthfulqa_sft']['mc2']:.1f}%" if first.get("truthfulqa_sft", {}).get("mc2") is not None else "-",
          [f"{100 * e['truthfulqa']['mc2']:.1f}%" if (e.get("truthfulqa") or {}).get("mc2") is not None else "-"
@@ -72,7 +89,8 @@ def data_note(cfg: Any) -> str:
 
     parts = [b.load().describe_settings(s) if (s := getattr(cfg.eval, b.name)) is not None
              else f"{b.name} off" for b in BENCHMARKS]
-    return f"evaluation data: {'; '.join(parts)}; {cfg.eval.heldout} held-out prompts judged by {', '.join(cfg.eval.judges)}"
+    return (f"evaluation data: {'; '.join(parts)}; {cfg.eval.heldout} test prompts (reported numbers) and "
+            f"{cfg.eval.validation} validation prompts (decisions), judged by {', '.join(cfg.eval.judges)}")
 
 
 def cli(name: str, argv: Sequence[str]) -> int:

@@ -74,6 +74,24 @@ def split_pool(pool: Sequence[Any], size: int, safety_share: float | None, *, se
     return heldout, rest
 
 
+def split_three(pool: Sequence[Any], test: int, validation: int, safety_share: float | None, *,
+                seed: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """(test, validation, pool): ``test`` prompts drawn first, then ``validation`` from the rest, each
+    tagged (``split:test`` / ``split:validation``, see ``data.splits``); the pool drops every prompt
+    that shares a user turn with either."""
+    from data.splits import TEST_TAG, VALIDATION_TAG
+
+    held, rest = split_pool(pool, test, safety_share, seed=seed)
+    try:
+        val, rest = split_pool(rest, validation, safety_share, seed=seed + 1)
+    except ValueError as exc:
+        raise ValueError(f"eval.validation: {exc}") from None
+    for records, tag in ((held, TEST_TAG), (val, VALIDATION_TAG)):
+        for r in records:
+            r.tags = [t for t in (r.tags or []) if not t.startswith("split:")] + [tag]
+    return held, val, rest
+
+
 def sources_of(stage_dir: Path) -> list[Any]:
     """The data sources a stage read, from its resolved ``config.yaml`` (``data.sources``; ``prompts.sources`` in RS configs
     saved before the rename)."""

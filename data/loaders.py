@@ -310,7 +310,10 @@ def load_sft(src: DataSource | str, **kw: Any) -> list[SFTExample]:
 def load_prompts(src: DataSource | str, **kw: Any) -> list[PromptRecord]:
     """Prompts from prompt files or the prompt side of any dialogue or preference data
     (``turns: first``: only the first user turn of each, with its system turn; duplicates dropped)."""
+    from data.splits import check_not_test
+
     records = _load(src, formats.to_prompt, **kw)
+    check_not_test([r.tags for r in records], src.path if isinstance(src, DataSource) else str(src))
     if not isinstance(src, DataSource) or src.turns == "all":
         return records
     out, seen = [], set()

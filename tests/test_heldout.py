@@ -57,3 +57,53 @@ def test_stage_usage_reads_each_stage_config_and_the_sampled_pairs(tmp_path):
     assert check_disjoint(pool(5), used)  # questions 0-4 are not used
     with pytest.raises(HeldOutLeak, match="round-1/pairs.jsonl"):
         check_disjoint(pool(12)[11:], used)
+
+
+def test_three_sets_are_disjoint_and_tagged():
+    from alignment.heldout import split_three
+    from data.splits import TEST_TAG, VALIDATION_TAG
+
+    test, val, rest = split_three(pool(60), 8, 12, 0.25, seed=1)
+    assert len(test) == 8 and len(val) == 12 and len(rest) == 40
+    assert all(r.tags == [TEST_TAG] for r in test) and all(r.tags == [VALIDATION_TAG] for r in val)
+    turns = [{r.messages[-1]["content"] for r in s} for s in (test, val, rest)]
+    assert not (turns[0] & turns[1]) and not (turns[0] & turns[2]) and not (turns[1] & turns[2])
+    with pytest.raises(ValueError, match="eval.validation"):
+        split_three(pool(20), 8, 20, None, seed=0)
+
+
+def test_a_decision_cannot_read_the_test_prompts(tmp_path):
+    """Loading test prompts inside a decision (promotion, keep-best) is refused, naming both; reporting reads them."""
+    from alignment.heldout import split_three
+    from data.loaders import load_prompts, write_jsonl
+    from data.splits import TestSetRead, selecting
+
+    test, val, _ = split_three(pool(30), 5, 5, None, seed=0)
+    test_file = write_jsonl(tmp_path / "heldout.jsonl", [r.to_dict() for r in test])
+    val_file = write_jsonl(tmp_path / "validation.jsonl", [r.to_dict() for r in val])
+    assert len(load_prompts(str(test_file))) == 5  # the reported numbers read them
+    with selecting("round 2's promotion"):
+        assert len(load_prompts(str(val_file))) == 5
+        with pytest.raises(TestSetRead, match=r"round 2's promotion read test prompts \(.*heldout.jsonl\)"):
+            load_prompts(str(test_file))
+    assert len(load_prompts(str(test_file))) == 5  # the block ended
+
+
+def test_ppo_refuses_test_prompts_as_its_validation_set(tmp_path, tiny_model):
+    from alignment.config import load_config
+    from alignment.heldout import split_three
+    from alignment.ppo import PPOConfig, main
+    from conftest import REPO
+    from data.loaders import write_jsonl
+    from data.splits import TestSetRead
+
+    test, _, rest = split_three(pool(30), 5, 5, None, seed=0)
+    test_file = write_jsonl(tmp_path / "heldout.jsonl", [r.to_dict() for r in test])
+    pool_file = write_jsonl(tmp_path / "pool.jsonl", [r.to_dict() for r in rest])
+    cfg = load_config(PPOConfig, REPO / "configs/ppo.yaml", [
+        "model.name=tiny-llama", "run.wandb=disabled", f"run.root={tmp_path / 'runs'}", "reward.helpful=null",
+        "reward.safety=null", "critic.init=policy", "reward.function=alignment.rl.rule_rewards:target_length",
+        f"data.sources=[{{path: '{pool_file}'}}]", f"data.val_sources=[{{path: '{test_file}'}}]", "train.max_steps=1"],
+        stage="ppo")
+    with pytest.raises(TestSetRead, match="keep-best"):
+        main(cfg)

@@ -276,8 +276,11 @@ def test_two_rounds_unattended(whole):
     if returned == "start":
         assert m[2]["promoted"] is False and m[2]["steps"]["promote"]["outputs"]["no_change"] is True
         assert "no change" in m[2]["steps"]["promote"]["outputs"]["reason"]
-    else:
-        assert m[2]["promoted"] == (ev["winrate_vs_previous"]["win_rate"] >= 0.5)
+    else:  # decided on the validation prompts, never the test prompts the numbers above are reported on
+        assert m[2]["promoted"] == (ev["validation"]["winrate_vs_previous"]["win_rate"] >= 0.5)
+        assert "6 validation prompts" in m[2]["steps"]["promote"]["outputs"]["reason"]
+    assert m[1]["steps"]["promote"]["outputs"]["reason"].count("on 6 validation prompts") == 1
+    assert ev["validation"]["path"].endswith("validation.jsonl") and ev["validation"]["judge"] == "gold"
 
 
 def test_heldout_prompts_are_disjoint_from_everything_a_stage_saw(whole, tmp_path):
@@ -437,6 +440,14 @@ def test_demo_prints_what_changed_with_cis(whole):
     assert "SFT" in lines[0] and "V1 (rs)" in lines[0] and "V2 (ppo)" in lines[0]
     row = next(line for line in lines if "gold-judge win rate vs SFT" in line)
     assert f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.1f}, {100 * w['ci_high']:.1f}] n=6" in row
+    assert f", LC {100 * w['lc_win_rate']:.1f}%" in row  # the length-controlled companion beside it
     assert any("MC2, bundled truthfulness probe (3 items, not TruthfulQA)" in line for line in lines)
+    val = ev["validation"]["winrate_vs_previous"]
+    row = next(line for line in lines if "validation win rate vs previous (decides promotion)" in line)
+    assert f"{100 * val['win_rate']:.1f}%" in row and val["n"] == 6
+    row = next(line for line in lines if "the policy step returned" in line)
+    returned = _manifests(whole)[2]["steps"]["policy"]["outputs"]["metrics"]["returned"]
+    assert ("its starting policy: no change" if returned == "start" else f"trained ({returned})") in row
     assert data_note(proj.cfg) == ("evaluation data: the bundled truthfulness probe (50 items, not TruthfulQA: no "
-                                   "TruthfulQA data found); toxigen off; 6 held-out prompts judged by gold, rm")
+                                   "TruthfulQA data found); toxigen off; 6 test prompts (reported numbers) and 6 validation "
+                                   "prompts (decisions), judged by gold, rm")

@@ -36,7 +36,7 @@ from alignment.evals.truthfulqa import RoundSettings as TruthfulQASettings
 
 log = logging.getLogger(__name__)
 
-JUDGES = ("gold", "rm")
+JUDGES = ("gold", "gold_rm", "rm")
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,18 @@ BENCHMARKS: tuple[Benchmark, ...] = (
 class EvalSuiteConfig:
     """Step `eval`: what every round's policy is checked with (null switches one off)."""
 
-    heldout: int = option(64, "prompts drawn from sample.prompts when the project is created, held out of every stage; win rates "
-                              "and gold reward are measured on them")
+    heldout: int = option(64, "test prompts drawn from sample.prompts when the project is created, held out of every stage and "
+                              "of every decision: the reported win rates and gold reward are measured on them")
+    validation: int = option(64, "validation prompts drawn next (disjoint): what decisions read: promotion's win rate "
+                                 "against the previous policy, PPO/GRPO keep-best and early stopping; 0 = none (then "
+                                 "promotion has no win-rate gate)")
     judges: list[str] = option(factory=lambda: ["gold", "rm"],
-                               doc="win-rate judges: gold (the gold judge; needs prompts with reference answers), rm (this "
-                                   "round's reward models, with the policy's reward rule); the first decides promotion")
+                               doc="win-rate judges: gold (the reference judge of alignment.evals.gold; needs prompts with "
+                                   "reference answers), gold_rm (the gold reward model trained on human preferences, "
+                                   "eval.gold_model), rm (this round's reward models, with the policy's reward rule); the "
+                                   "first decides promotion, on the validation prompts")
+    gold_model: str = option("gold:hh-smollm2", "the gold_rm judge's reward model: gold:<name> (reward.gold, `align gold "
+                                                "build`) or a reward-model folder")
     truthfulqa: TruthfulQASettings | None = option(factory=TruthfulQASettings,
                                                    doc="TruthfulQA MC (a bare list is its data); null = off")
     toxigen: ToxiGenSettings | None = option(factory=ToxiGenSettings, doc="ToxiGen % toxic (a bare list is its data); null = off")
@@ -92,6 +99,7 @@ class EvalSuiteConfig:
 
     def __post_init__(self) -> None:
         check(self.heldout >= 0, "heldout", f"must be >= 0, got {self.heldout}")
+        check(self.validation >= 0, "validation", f"must be >= 0, got {self.validation}")
         for j in self.judges:
             check(j in JUDGES, "judges", f"unknown judge {j!r}; expected some of: {', '.join(JUDGES)}")
 
@@ -121,9 +129,13 @@ def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: i
 
 
 def _winrate_summary(res: dict) -> dict:
-    m = res["metrics"]
-    return {"win_rate": m["win_rate"], "ci_low": m["ci_low"], "ci_high": m["ci_high"], "n": m["n"], "wins": m["wins"],
-            "ties": m["ties"], "losses": m["losses"], "baseline": res["baseline"]}
+    m, lc = res["metrics"], res.get("length_controlled") or {}
+    out = {"win_rate": m["win_rate"], "ci_low": m["ci_low"], "ci_high": m["ci_high"], "n": m["n"], "wins": m["wins"],
+           "ties": m["ties"], "losses": m["losses"], "baseline": res["baseline"]}
+    if lc:
+        out.update(lc_win_rate=lc["lc_win_rate"], lc_ci_low=lc["ci_low"], lc_ci_high=lc["ci_high"],
+                   mean_chars=lc["mean_len_a"], baseline_mean_chars=lc["mean_len_b"])
+    return out
 
 
 class RoundEval:
@@ -136,16 +148,16 @@ class RoundEval:
         self.sft_out = project.round_dir(1) / "eval" / "sft"
 
     # -- responses of each model, cached where the model's own round keeps them
-    def responses_path(self, model: str) -> Path:
+    def responses_path(self, model: str, split: str = "heldout") -> Path:
         if model == self.p.sft_model():
-            return self.sft_out / "heldout_responses.jsonl"
+            return self.sft_out / f"{split}_responses.jsonl"
         for k in self.p.rounds():
             if model == self.p.policy_of(k):
-                return self.p.round_dir(k) / "eval" / "heldout_responses.jsonl"
+                return self.p.round_dir(k) / "eval" / f"{split}_responses.jsonl"
         raise ValueError(f"{model} is neither the SFT model nor a round's policy")
 
-    def answers(self, model: str, records: Sequence[Any]) -> tuple[list[str], Path]:
-        path = self.responses_path(model)
+    def answers(self, model: str, records: Sequence[Any], split: str = "heldout") -> tuple[list[str], Path]:
+        path = self.responses_path(model, split)
         return respond(model, records, path, max_new_tokens=self.e.max_new_tokens, batch_size=self.e.batch_size,
                        seed=self.cfg.seed), path
 
@@ -164,11 +176,16 @@ class RoundEval:
             answers = {m: self.answers(m, records) for m in dict.fromkeys([policy, previous, sft])}
             if "gold" in self.e.judges:
                 outputs.update(self.gold(records, answers, policy, previous, sft))
+            if "gold_rm" in self.e.judges:
+                outputs.update(self.gold_rm(answers, policy, previous, sft))
             if "rm" in self.e.judges:
                 outputs.update(self.rm_winrates(answers, policy, previous, sft))
             first = self.e.judges[0] if self.e.judges else None
             if first:
                 outputs["winrate_vs_previous"] = {**outputs[f"winrate_{first}_vs_previous"], "judge": first}
+        validation = self.p.validation()
+        if validation and self.e.judges:
+            outputs["validation"] = self.validation(validation, policy, previous)
         outputs.update(self.benchmarks(policy, self.out, "policy"))
         if self.n == 1:
             outputs.update({f"{k}_sft": v for k, v in self.benchmarks(sft, self.sft_out, "SFT model").items()})
@@ -206,6 +223,60 @@ class RoundEval:
                               tie_margin=self.cfg.gold.tie_margin,
                               n_boot=self.e.bootstrap, seed=self.cfg.seed, name=f"winrate-gold-vs-{label}", overwrite=True)
             out[f"winrate_gold_vs_{label}"] = _winrate_summary(res)
+        return out
+
+    def judge_scorer(self, judge: str, records: Sequence[Any]) -> Any:
+        """A reward-like scorer for ``judge`` (gold: the reference judge on ``records``' references)."""
+        if judge == "gold":
+            from alignment.evals.gold import GoldJudge, GoldScorer
+
+            return GoldScorer(GoldJudge(self.cfg.gold), records)
+        if judge == "gold_rm":
+            from reward import load_scorer
+
+            return MemoScorer(load_scorer(self.e.gold_model))
+        from reward.config import build_scorer
+
+        scorer, _ = build_scorer(self.reward_config())
+        return scorer
+
+    def validation(self, records: Sequence[Any], policy: str, previous: str) -> dict:
+        """The decision set: this round's policy against the previous one on the validation prompts, by
+        the first judge (what promotion reads; the test prompts are not read here)."""
+        from alignment.evals import winrate
+        from data.splits import selecting
+
+        judge = self.e.judges[0]
+        with selecting(f"round {self.n}'s promotion evidence"):
+            answers = {m: self.answers(m, records, "validation") for m in dict.fromkeys([policy, previous])}
+            res = winrate.run(policy, previous, prompts=str(self.p.validation_path), judge="rm", out=self.out,
+                              scorer=self.judge_scorer(judge, records), responses=str(answers[policy][1]),
+                              baseline_responses=str(answers[previous][1]),
+                              tie_margin=self.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=self.e.bootstrap,
+                              seed=self.cfg.seed, name=f"validation-winrate-{judge}-vs-previous", overwrite=True)
+        return {"n": len(records), "path": str(self.p.validation_path), "judge": judge,
+                "winrate_vs_previous": {**_winrate_summary(res), "judge": judge}}
+
+    def gold_rm(self, answers: dict, policy: str, previous: str, sft: str) -> dict:
+        """Win rates and mean scores by the gold reward model (trained on human preferences)."""
+        from alignment.evals import winrate
+        from alignment.evals.gold import mean_ci
+
+        records = self.p.heldout()
+        scorer = self.judge_scorer("gold_rm", records)
+        out: dict[str, Any] = {}
+        convs = [r.messages for r in records]
+        out["gold_rm_reward"] = {name: {**mean_ci(scorer.score(convs, answers[m][0]).tolist(), n_boot=self.e.bootstrap,
+                                                  seed=self.cfg.seed), "model": m}
+                                 for name, m in (("policy", policy), ("previous", previous), ("sft", sft))}
+        for label, base in (("previous", previous), ("sft", sft)):
+            if label == "sft" and base == previous:
+                out["winrate_gold_rm_vs_sft"] = out["winrate_gold_rm_vs_previous"]
+                continue
+            res = winrate.run(policy, base, prompts=str(self.p.heldout_path), judge="rm", out=self.out, scorer=scorer,
+                              responses=str(answers[policy][1]), baseline_responses=str(answers[base][1]),
+                              n_boot=self.e.bootstrap, seed=self.cfg.seed, name=f"winrate-gold_rm-vs-{label}", overwrite=True)
+            out[f"winrate_gold_rm_vs_{label}"] = _winrate_summary(res)
         return out
 
     def rm_winrates(self, answers: dict, policy: str, previous: str, sft: str) -> dict:

@@ -290,6 +290,10 @@ def run(model: str, baseline: str, *, prompts: str, judge: str = "rm", out: str 
                     timing={"seconds": round(time.time() - t0, 2), "generation_seconds": round(t_gen, 2)})
     if "axes" in judged:
         result["by_axis"] = {k: summarise(v, n_boot=n_boot, seed=seed) for k, v in judged["axes"].items()}
+    from alignment.evals import lcwr  # the win rate at equal length (characters), beside every raw one
+
+    result["length_controlled"] = {**lcwr.summarise(outcomes, [len(x) for x in resp_a], [len(x) for x in resp_b],
+                                                    n_boot=min(n_boot, 1000), seed=seed), "unit": "characters"}
     if judge == "rm":
         result["scores"] = {"policy": judged["scores_a"]["score"], "baseline": judged["scores_b"]["score"]}
     rows = []

@@ -38,7 +38,10 @@ def load_prompts(cfg: PPODataConfig, tokenizer: Any, seed: int) -> tuple[list, l
 
     kept = short(mix([(load(src), src.weight) for src in cfg.sources], seed=seed))
     if cfg.val_sources:  # a project's validation set: every source prompt trains
-        val = short([r for src in cfg.val_sources for r in load(src)])
+        from data.splits import selecting
+
+        with selecting("keep-best and early stopping (data.val_sources)"):  # a test set here is refused
+            val = short([r for src in cfg.val_sources for r in load(src)])
         val_keys = {json.dumps(r.messages, sort_keys=True) for r in val}
         train = [r for r in kept if json.dumps(r.messages, sort_keys=True) not in val_keys]
         if len(train) < len(kept):

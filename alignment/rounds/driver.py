@@ -118,10 +118,20 @@ def status(p: Project) -> dict:
         gold = (ev.get("gold_reward") or {}).get("policy")
         if gold:
             metrics["gold_reward"] = f"{gold['mean']:.4f} [{gold['ci_low']:.4f}, {gold['ci_high']:.4f}] (n={gold['n']})"
+        def show(v: dict) -> str:
+            text = (f"{100 * v['win_rate']:.1f}% [{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}] "
+                    f"(n={v['n']}, ties {100 * v['ties']:.0f}%)")
+            if v.get("lc_win_rate") is not None:
+                text += (f"; length-controlled {100 * v['lc_win_rate']:.1f}% [{100 * v['lc_ci_low']:.1f}, "
+                         f"{100 * v['lc_ci_high']:.1f}], mean {v['mean_chars']:.0f} vs {v['baseline_mean_chars']:.0f} chars")
+            return text
+
         for k, v in ev.items():
             if k.startswith("winrate_") and k != "winrate_vs_previous":
-                metrics[k] = (f"{100 * v['win_rate']:.1f}% [{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}] "
-                              f"(n={v['n']}, ties {100 * v['ties']:.0f}%)")
+                metrics[f"test_{k}"] = show(v)
+        val = (ev.get("validation") or {}).get("winrate_vs_previous")
+        if val:
+            metrics["validation_winrate_vs_previous"] = f"{show(val)} by {val['judge']}: what promotion reads"
         row["metrics"] = metrics
         if "annotate" in row["pending"] and steps.get("sample", {}).get("status") == "done":
             from data.store import AnnotationStore

@@ -55,31 +55,46 @@ class Project:
         d = Path(cfg.root) / cfg.project
         if (d / "round.yaml").exists():
             raise FileExistsError(f"{d} already holds a project; `align round run --project {cfg.project}` continues it")
-        heldout, pool = Project.split_prompts(cfg)  # loads the prompt pool: bad sources fail before anything is written
+        heldout, validation, pool = Project.split_prompts(cfg)  # bad sources fail before anything is written
         d.mkdir(parents=True, exist_ok=True)
         from data.loaders import write_jsonl
 
         write_jsonl(d / "heldout.jsonl", [r.to_dict() for r in heldout], overwrite=True)
+        write_jsonl(d / "validation.jsonl", [r.to_dict() for r in validation], overwrite=True)
         write_jsonl(d / "prompt_pool.jsonl", [r.to_dict() for r in pool], overwrite=True)
         save_config(cfg, d / "round.yaml", stage="round")
         return Project(cfg.root, cfg.project)
 
     @staticmethod
-    def split_prompts(cfg: RoundConfig) -> tuple[list, list]:
-        """(held-out prompts, the pool every stage samples from) out of ``sample.prompts``."""
-        from alignment.heldout import split_pool
+    def split_prompts(cfg: RoundConfig) -> tuple[list, list, list]:
+        """(test prompts, validation prompts, the pool every stage samples from) out of ``sample.prompts``
+        (``data.splits``: the test set for reported numbers only, validation for decisions)."""
+        from alignment.heldout import split_three
         from data.loaders import load_prompts
 
         pool = [p for src in cfg.sample.prompts for p in load_prompts(src)]
         try:
-            return split_pool(pool, cfg.eval.heldout, cfg.sample.safety_share, seed=cfg.seed)
+            return split_three(pool, cfg.eval.heldout, cfg.eval.validation, cfg.sample.safety_share, seed=cfg.seed)
         except ValueError as exc:
-            raise ConfigError("eval.heldout", str(exc), show_key=False) from None
+            key = "eval.validation" if str(exc).startswith("eval.validation") else "eval.heldout"
+            raise ConfigError(key, str(exc), show_key=False) from None
 
-    # -- prompts: held out (evaluation only) and the pool (everything else)
+    # -- prompts: test (reported numbers only), validation (decisions) and the pool (everything else)
     @property
     def heldout_path(self) -> Path:
+        """The test prompts (called held-out since the first release)."""
         return self.dir / "heldout.jsonl"
+
+    @property
+    def validation_path(self) -> Path:
+        return self.dir / "validation.jsonl"
+
+    def validation(self) -> list:
+        """The validation prompts ([] for a project created before they existed)."""
+        from data.loaders import load_prompts
+
+        path = self.validation_path
+        return load_prompts(str(path)) if path.is_file() and path.stat().st_size else []
 
     @property
     def pool_path(self) -> Path:

@@ -224,6 +224,9 @@ class Steps:
             overrides += [f"reward.helpful={self.p.rm_dir('rm_helpful', self.n)}",
                           f"reward.safety={self.p.rm_dir('rm_safety', self.n)}", f"data.sources=[{json.dumps(src)}]"]
             inputs["prompts"] = src
+            if method.name in ("ppo", "grpo") and self.p.validation_path.is_file():  # keep-best reads the validation set
+                overrides.append(f"data.val_sources=[{json.dumps({'path': str(self.p.validation_path)})}]")
+                inputs["validation"] = str(self.p.validation_path)
         else:  # comparisons: this round's new ones (a round that sampled none: the base comparisons)
             export = self.p.manifest(self.n)["steps"].get("export", {})
             files = [export["outputs"]["path"]] if export.get("status") == "done" else []
@@ -255,6 +258,12 @@ class Steps:
         evals = self.p.manifest(self.n)["steps"]["eval"]["outputs"]
         if cfg.mode == "manual":
             return {"inputs": {"mode": "manual"}, "outputs": {"promoted": False, "reason": "manual mode: `align round promote`"}}
+        from data.splits import selecting
+
+        with selecting(f"round {self.n}'s promotion"):
+            return self._promote(cfg, evals)
+
+    def _promote(self, cfg: Any, evals: dict) -> dict:
         promoted, reasons = True, []
         returned = self.p.manifest(self.n)["steps"].get("policy", {}).get("outputs", {}).get("metrics", {}).get("returned")
         if returned == "start":  # keep-best found no checkpoint better than where the method started: nothing changed
@@ -262,11 +271,15 @@ class Steps:
                     "outputs": {"promoted": False, "no_change": True,
                                 "reason": "no change: the policy step returned its starting policy (no checkpoint beat it on "
                                           "validation prompts by the selection rule)"}}
-        wr = (evals.get("winrate_vs_previous") or {}).get("win_rate")
+        # the decision reads the validation prompts; a project made before they existed has only its test prompts
+        val = (evals.get("validation") or {}).get("winrate_vs_previous")
+        wr = (val or evals.get("winrate_vs_previous") or {}).get("win_rate")
+        where = (f"on {evals['validation']['n']} validation prompts" if val
+                 else "on the test prompts (this project has no validation set)")
         if wr is not None:
             ok = wr >= cfg.min_winrate
             promoted &= ok
-            reasons.append(f"win rate vs previous {100 * wr:.1f}% {'>=' if ok else '<'} {100 * cfg.min_winrate:.0f}%")
+            reasons.append(f"win rate vs previous {100 * wr:.1f}% {'>=' if ok else '<'} {100 * cfg.min_winrate:.0f}% {where}")
         tox = (evals.get("toxigen") or {}).get("pct_toxic")
         prev, prev_rows = self._previous_toxigen()
         if tox is not None and prev is not None:
