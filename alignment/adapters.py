@@ -16,6 +16,7 @@ from alignment.config import check, option
 log = logging.getLogger(__name__)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LAYER_PATTERNS = ("layers", "h", "blocks", "layer")  # the transformer-layer list names of Llama/Qwen/Mistral, GPT-2, MPT, BERT
 
 
 @dataclass
@@ -53,7 +54,10 @@ def peft_config(cfg: AdapterConfig, task_type: str = "CAUSAL_LM", tokenizer_path
     import peft
 
     if cfg.method in ("lora", "qlora"):
-        extra = {"layers_to_transform": list(cfg.layers)} if cfg.layers is not None else {}
+        # layers_pattern: peft's default pattern needs a parent before "layers." and so finds nothing in a
+        # bare backbone (the critic's LlamaModel names its modules "layers.0.self_attn...")
+        extra = ({"layers_to_transform": list(cfg.layers), "layers_pattern": list(LAYER_PATTERNS)}
+                 if cfg.layers is not None else {})
         return peft.LoraConfig(
             task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
             **extra,

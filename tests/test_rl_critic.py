@@ -118,3 +118,19 @@ def test_tie_identical_weights_keeps_one_copy_of_equal_frozen_tensors(tiny_model
     assert freed == total - changed.numel() * 4
     with torch.no_grad():
         assert torch.equal(tiny_rm(input_ids=IDS, attention_mask=MASK).logits, before)
+
+
+@pytest.mark.parametrize("on", ["critic", "policy"])
+def test_adapter_layers_put_lora_only_in_the_chosen_layers(tiny_rm, tiny_model, on):
+    """adapter.layers on a bare backbone (the critic: modules named "layers.0....") and on a causal LM."""
+    from alignment.adapters import AdapterConfig, peft_config
+    from alignment.models import load_causal_lm
+
+    cfg = peft_config(AdapterConfig(method="lora", r=4, alpha=8, layers=[1]))
+    if on == "critic":
+        model = critic_from_reward_model(tiny_rm, lora=cfg)
+    else:
+        model = peft.get_peft_model(load_causal_lm(tiny_model, device="cpu"), cfg)
+    adapted = sorted({n.split(".layers.")[-1].split(".")[0] if ".layers." in n else n.split("layers.")[1].split(".")[0]
+                      for n, _ in model.named_parameters() if "lora_A" in n})
+    assert adapted == ["1"]
