@@ -28,6 +28,7 @@ from data.store import (
     Judgement,
     LeaseLost,
     SchemaError,
+    SCHEMA_VERSION,
     ScorerAnnotator,
 )
 
@@ -92,9 +93,9 @@ def test_schema_version_recorded_and_reopen_keeps_data(db_url):
     s.queue(1, tasks(2))
     s.close()
     s = AnnotationStore(db_url)
-    assert s.schema_version == 1
+    assert s.schema_version == SCHEMA_VERSION == 2
     with s.engine.connect() as c:
-        assert c.execute(text("select version from schema_version")).scalars().all() == [1]
+        assert c.execute(text("select version from schema_version order by version")).scalars().all() == [1, 2]
     assert s.user("alice").role == "annotator" and s.missing_labels(1) == 2
     s.close()
 
@@ -115,7 +116,7 @@ def test_concurrent_first_opens_migrate_once(db_url):
         th.join(timeout=60)
     assert not errors, errors
     with stores[0].engine.connect() as c:
-        assert c.execute(text("select count(*) from schema_version")).scalar() == 1
+        assert c.execute(text("select count(*) from schema_version")).scalar() == SCHEMA_VERSION
     for st in stores:
         st.close()
 
@@ -324,6 +325,54 @@ def test_undo_deletes_the_last_label_and_leases_its_task_again(store):
     assert detail["chosen"] == "B" and detail["strength"] == "slightly_better"  # the audit log keeps it
     assert done == {"t0": 1, "t1": 1, "t2": 0}
     assert store.undo_last("carol") is None
+
+
+def test_label_ids_are_never_reused_after_an_undo(store):
+    """Label #2 undone: the next label is #3, so the audit log's label ids name one judgement each."""
+    store.queue(1, tasks(3))
+    first = store.submit(store.next_task("alice").token, "alice", chosen="A")
+    second = store.submit(store.next_task("alice").token, "alice", chosen="B")
+    back = store.undo_last("alice")
+    third = store.submit(back.token, "alice", chosen="A")
+    assert third.label_id not in (first.label_id, second.label_id) and third.label_id > second.label_id
+    with store.engine.connect() as c:
+        referenced = [json.loads(d)["label"] for d in c.execute(text("select detail from events where action in "
+                                                                      "('submit', 'undo') order by id")).scalars()]
+    assert referenced == [first.label_id, second.label_id, second.label_id, third.label_id]
+
+
+def test_a_version_1_sqlite_store_migrates_and_stops_reusing_label_ids(tmp_path):
+    """Stores written before ids were kept unique (schema 1, SQLite without AUTOINCREMENT): opening one
+    migrates it (labels kept) and the next id is above every id the audit log ever named."""
+    from sqlalchemy import create_engine
+
+    from data.store import tables
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    s = AnnotationStore(url)
+    s.add_user("alice", password="alice-password")
+    s.queue(1, tasks(3))
+    kept = s.submit(s.next_task("alice").token, "alice", chosen="A")
+    gone = s.submit(s.next_task("alice").token, "alice", chosen="B")
+    s.undo_last("alice")  # label #2 gone: an old store would hand out #2 again
+    s.close()
+    engine = create_engine(url)  # make it a version-1 store: the labels table as schema 1 created it
+    with engine.begin() as c:
+        c.execute(text("delete from schema_version where version > 1"))
+        c.execute(text("alter table labels rename to labels_new"))
+        c.execute(text("drop index if exists ix_labels_round"))
+        c.execute(text(str(__import__("sqlalchemy").schema.CreateTable(tables.Label.__table__).compile(engine))
+                       .replace("AUTOINCREMENT", "")))
+        c.execute(text("insert into labels select * from labels_new"))
+        c.execute(text("drop table labels_new"))
+        c.execute(text("delete from sqlite_sequence where name = 'labels'"))
+    engine.dispose()
+    s = AnnotationStore(url)
+    assert s.schema_version == tables.SCHEMA_VERSION
+    assert [r.chosen for r in s.label_records(1)] == ["A"] and s.label_records(1)[0].label_id == kept.label_id
+    again = s.submit(s.next_task("alice").token, "alice", chosen="A")
+    assert again.label_id > gone.label_id
+    s.close()
 
 
 def test_concurrent_annotators_never_share_a_single_label_task(store):

@@ -48,7 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class UTCDateTime(TypeDecorator):
@@ -148,7 +148,10 @@ class Assignment(Base):
 
 class Label(Base):
     __tablename__ = "labels"
-    __table_args__ = (UniqueConstraint("task_id", "user_id", name="uq_labels_task_user"), Index("ix_labels_round", "round"))
+    # sqlite_autoincrement: an undone label's id is never handed out again (SQLite reuses the highest
+    # rowid otherwise), so every label id in the audit log names one judgement; PostgreSQL never reuses
+    __table_args__ = (UniqueConstraint("task_id", "user_id", name="uq_labels_task_user"), Index("ix_labels_round", "round"),
+                      {"sqlite_autoincrement": True})
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
@@ -197,9 +200,33 @@ def _v1_initial(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
 
+def _v2_label_ids_never_reused(conn: Connection) -> None:
+    """SQLite: rebuild ``labels`` with AUTOINCREMENT and start its sequence above every label id that the
+    table or the audit log ever named (an id undone before this migration is not handed out again)."""
+    if conn.dialect.name != "sqlite":
+        return  # PostgreSQL's sequences never hand an id out twice
+    sql = conn.execute(text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'labels'")).scalar() or ""
+    if "AUTOINCREMENT" not in sql.upper():
+        cols = ", ".join(c.name for c in Label.__table__.columns)
+        conn.execute(text("ALTER TABLE labels RENAME TO labels_v1"))
+        conn.execute(text("DROP INDEX IF EXISTS ix_labels_round"))
+        Label.__table__.create(conn)
+        conn.execute(text(f"INSERT INTO labels ({cols}) SELECT {cols} FROM labels_v1"))
+        conn.execute(text("DROP TABLE labels_v1"))
+    highest = conn.execute(text("SELECT max(id) FROM labels")).scalar() or 0
+    for detail in conn.execute(text("SELECT detail FROM events WHERE detail LIKE '%\"label\"%'")).scalars():
+        named = json.loads(detail or "{}").get("label")
+        if isinstance(named, int):
+            highest = max(highest, named)
+    conn.execute(text("DELETE FROM sqlite_sequence WHERE name = 'labels'"))
+    conn.execute(text("INSERT INTO sqlite_sequence (name, seq) VALUES ('labels', :seq)"), {"seq": highest})
+
+
 # version -> (note, function). Append new versions; never edit a released one.
 MIGRATIONS: dict[int, tuple[str, Callable[[Connection], None]]] = {
     1: ("initial schema: users, tasks, assignments, labels, events, exports", _v1_initial),
+    2: ("label ids are never reused (SQLite AUTOINCREMENT, sequence above every id the audit log named)",
+        _v2_label_ids_never_reused),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
 
