@@ -7,8 +7,13 @@
     align annotate stats --round 1                          # progress, per annotator, agreement
     align annotate export --round 1 --out comparisons-r1.jsonl   # what the reward models train on
 
-Every subcommand takes ``--db URL`` (default ``$ALIGN_ANNOTATION_DB`` or
+Every subcommand takes ``--project P`` (the database of the round project ``runs/P``; ``--root``
+for another parent folder) or ``--db URL`` (default ``$ALIGN_ANNOTATION_DB`` or
 ``sqlite:///runs/annotations.db``; ``postgresql://user@host/db`` for a team server).
+
+When a round waits:  ``align round status --project P`` names each task it waits for and why;
+``align annotate release`` frees a task someone holds, ``set-labels`` lowers how many labels a task
+needs, ``drop-task`` stops waiting for it.
 
 ``sample`` generates two responses per prompt, as Llama 2 did, from one policy at two
 temperatures or from two policies (``--model-b``), with batched generation, and writes the
@@ -106,7 +111,58 @@ def cmd_queue(a: argparse.Namespace) -> int:
     n = store.queue_file(a.round, a.pairs, labels=a.labels, overlap=a.overlap, overlap_labels=a.overlap_labels, seed=a.seed,
                          max_response_bytes=max_bytes)
     print(f"queued {n} tasks in round {a.round}; the round needs {store.missing_labels(a.round)} more labels")
+    warning = team_warning(store, a.round)
+    if warning:
+        print(f"align annotate queue: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def team_warning(store: Any, round: int) -> str | None:
+    """A warning when some task of ``round`` needs more labels than there are active annotators."""
+    waits = store.task_waits(round)
+    team = store.active_annotators()
+    most = max((w.missing for w in waits), default=0)
+    if most <= len(team):
+        return None
+    short = sum(w.missing > len(team) for w in waits)
+    return (f"{short} task(s) of round {round} need up to {most} labels but there are {len(team)} active annotators "
+            f"({', '.join(team) or 'none'}); each will be settled with fewer labels once every annotator has labelled "
+            "or skipped it. Add annotators (align annotate add-user) or queue fewer labels (--overlap-labels)")
+
+
+def cmd_waits(a: argparse.Namespace) -> int:
+    waits = _store(a.db).task_waits(a.round)
+    if not waits:
+        print(f"round {a.round}: no task needs labels")
+    for w in waits:
+        print(f"{w.uid}\t{w.why()}")
+    return 0
+
+
+def cmd_release(a: argparse.Namespace) -> int:
+    n = _store(a.db).release_leases(user=a.user, round=a.round, task=a.task, by=getpass.getuser())
+    print(f"released {n} lease(s): the task(s) went back to the queue")
+    return 0
+
+
+def cmd_set_labels(a: argparse.Namespace) -> int:
+    store = _store(a.db)
+    if a.cmd == "drop-task":
+        with_labels = store.set_labels_needed(a.round, a.task, _labels_done(store, a.round, a.task), by=getpass.getuser())
+        print(f"task {a.task!r} of round {a.round} dropped from what the round waits for (it keeps its {with_labels} labels)")
+    else:
+        store.set_labels_needed(a.round, a.task, a.labels, by=getpass.getuser())
+        print(f"task {a.task!r} of round {a.round} now needs {a.labels} labels")
+    return 0
+
+
+def _labels_done(store: Any, round: int, task: str) -> int:
+    for w in store.task_waits(round):
+        if w.uid == task:
+            return len(w.labelled)
+    from data.store import AnnotationError
+
+    raise AnnotationError(f"round {round} has no task {task!r} that still needs labels")
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -132,6 +188,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    if a.dry_run:
+        plan = _store(a.db).comparisons(a.round, policy=a.policy, complete_only=a.complete_only,
+                                        drop_both_bad=a.drop_both_bad)
+        print(f"would write {len(plan.comparisons)} comparisons from {plan.tasks} labelled tasks (round {a.round}, "
+              f"policy {a.policy}; {plan.ties_dropped} ties dropped, {plan.incomplete_skipped} incomplete skipped); "
+              "nothing written, no export version used")
+        return 0
     res = _store(a.db).export(a.round, a.out, out_dir=a.out_dir, policy=a.policy, complete_only=a.complete_only,
                               drop_both_bad=a.drop_both_bad, by=getpass.getuser())
     print(f"wrote {res.records} comparisons from {res.tasks} labelled tasks (round {res.round}, export version {res.version}, "
@@ -186,11 +249,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True,
                            metavar="{add-user,queue,serve,export,stats,sample,passwd,deactivate,activate,close-round,"
-                                   "reopen-round,users}")
+                                   "reopen-round,users,waits,release,set-labels,drop-task}")
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("--db", default=_db_default(), help=DB_HELP)
+        sp.add_argument("--db", default=None, help=DB_HELP)
+        sp.add_argument("--project", help="a round project: use its database (runs/<project>/annotations.db or its "
+                                          "annotation.db); instead of --db")
+        sp.add_argument("--root", default="runs", help="parent folder of projects (with --project; default: runs)")
         sp.set_defaults(fn=fn)
         return sp
 
@@ -220,6 +286,20 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--round", type=int, required=True)
 
     add("users", cmd_users, "list users")
+
+    sp = add("waits", cmd_waits, "the tasks of a round that still need labels: who could label each, who holds it")
+    sp.add_argument("--round", type=int, required=True)
+    sp = add("release", cmd_release, "give leased tasks back to the queue: all of a user's, or one task's")
+    sp.add_argument("--user", help="release every task this user holds")
+    sp.add_argument("--round", type=int, help="the task's round (with --task)")
+    sp.add_argument("--task", help="release this task (its id in the pairs file)")
+    sp = add("set-labels", cmd_set_labels, "change how many labels one task needs (never below the labels it has)")
+    sp.add_argument("--round", type=int, required=True)
+    sp.add_argument("--task", required=True, help="the task's id in the pairs file")
+    sp.add_argument("--labels", type=int, required=True)
+    sp = add("drop-task", cmd_set_labels, "stop waiting for one task: it keeps the labels it has and needs no more")
+    sp.add_argument("--round", type=int, required=True)
+    sp.add_argument("--task", required=True, help="the task's id in the pairs file")
 
     sp = add("queue", cmd_queue, "queue comparison tasks (prompt + two responses) for a round")
     sp.add_argument("--round", type=int, required=True)
@@ -252,10 +332,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--round", type=int, required=True)
     sp.add_argument("--out", help="output file (must not exist); default <out-dir>/round-N/comparisons-v<version>.jsonl")
     sp.add_argument("--out-dir", default="runs/annotations/exports")
-    sp.add_argument("--policy", choices=["majority", "all"], default="majority",
-                    help="disagreements: majority vote per task (ties dropped) or every label")
+    sp.add_argument("--policy", choices=["majority", "weighted", "all"], default="majority",
+                    help="disagreements: majority vote per task (an even split is a tie: dropped), weighted (even splits "
+                         "broken by the votes' strengths: significantly 4 ... negligibly 1), or every label")
     sp.add_argument("--complete-only", action="store_true", help="only tasks that have all their labels")
     sp.add_argument("--drop-both-bad", action="store_true", help="leave out labels flagged 'both responses are bad'")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="only say what would be exported: write nothing, use no export version")
 
     sp = add("stats", cmd_stats, "progress, per-annotator counts and speed, distributions, agreement")
     sp.add_argument("--round", type=int, default=None)
@@ -278,7 +361,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cli(name: str, argv: Sequence[str]) -> int:
-    a = _parser().parse_args(argv)
+    parser = _parser()
+    a = parser.parse_args(argv)
+    if a.project:
+        if a.db:
+            parser.error(f"{a.cmd}: give --project or --db, not both")
+        from alignment.rounds.project import Project
+
+        try:
+            a.db = Project(a.root, a.project).db_url()
+        except FileNotFoundError as exc:
+            parser.error(f"{a.cmd}: {exc}")
+    elif a.db is None:
+        a.db = _db_default()
     from data.store import AnnotationError, SchemaError
 
     try:

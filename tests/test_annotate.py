@@ -135,3 +135,49 @@ def test_sample_pairs_in_process_batches_one_model_at_two_temperatures(tiny_mode
     assert again == rows  # seeded
     for r in rows:
         assert r["source_a"]["temperature"] == 0.8 and r["source_b"]["temperature"] == 1.4
+
+
+def test_project_flag_uses_the_projects_database_and_admin_commands_unblock_a_round(tmp_path):
+    """`--project P` reaches the round project's database (accounts made without it used to land in
+    runs/annotations.db); a task two annotators cannot finish is named, released, lowered or dropped."""
+    root = tmp_path / "runs"
+    init = run_align("round", "init", "--project", "team", "--root", str(root),
+                     "--config", str(REPO / "configs" / "round_tiny.yaml"))
+    assert init.returncode == 0, init.stderr
+    flags = ("--project", "team", "--root", str(root))
+    for name in ("alice", "bob"):
+        res = run_align("annotate", "add-user", name, "--password-stdin", *flags, input=f"{name}-password\n")
+        assert res.returncode == 0, res.stderr
+    store = AnnotationStore(f"sqlite:///{root / 'team' / 'annotations.db'}")
+    assert [u.name for u in store.users()] == ["alice", "bob"]
+    both = run_align("annotate", "users", "--db", "sqlite:///x.db", *flags)
+    assert both.returncode == 2 and "--project or --db, not both" in both.stderr
+    missing = run_align("annotate", "users", "--project", "nope", "--root", str(root))
+    assert missing.returncode == 2 and "no project here" in missing.stderr
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs(3))
+    res = run_align("annotate", "queue", "--round", "5", "--pairs", str(path), "--labels", "3", *flags)
+    assert res.returncode == 0, res.stderr
+    assert "3 task(s) of round 5 need up to 3 labels but there are 2 active annotators (alice, bob)" in res.stderr
+    held = store.next_task("alice", round=5)
+    waits = run_align("annotate", "waits", "--round", "5", *flags)
+    assert f"{held.uid}\tneeds 3 more label(s), from: alice, bob; held by alice since" in waits.stdout
+    assert "only 2 can still label it" in waits.stdout
+    res = run_align("annotate", "release", "--user", "alice", *flags)
+    assert res.returncode == 0 and "released 1 lease(s)" in res.stdout and store.leases(5) == []
+    assert "Held now" not in run_align("annotate", "stats", "--round", "5", *flags).stdout
+    store.next_task("bob", round=5)
+    assert "| bob | p0 | 5 |" in run_align("annotate", "stats", "--round", "5", *flags).stdout
+    res = run_align("annotate", "set-labels", "--round", "5", "--task", "p1", "--labels", "2", *flags)
+    assert res.returncode == 0 and "now needs 2 labels" in res.stdout
+    res = run_align("annotate", "drop-task", "--round", "5", "--task", "p2", *flags)
+    assert res.returncode == 0 and "dropped" in res.stdout
+    assert [(w.uid, w.missing) for w in store.task_waits(5)] == [("p0", 3), ("p1", 2)]
+    bad = run_align("annotate", "set-labels", "--round", "5", "--task", "p9", "--labels", "1", *flags)
+    assert bad.returncode == 2 and "round 5 has no task 'p9'" in bad.stderr
+
+    t = store.next_task("alice", round=5)
+    store.submit(t.token, "alice", chosen="A")
+    dry = run_align("annotate", "export", "--round", "5", "--dry-run", "--out-dir", str(tmp_path / "ex"), *flags)
+    assert dry.returncode == 0 and "would write 1 comparisons from 1 labelled tasks" in dry.stdout
+    assert not (tmp_path / "ex").exists() and store.exports(5) == []

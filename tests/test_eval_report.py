@@ -182,3 +182,35 @@ def test_round_eval_step_runs_every_registered_benchmark(tmp_path, monkeypatch):
     out = ev.benchmarks("m", tmp_path, "policy")
     assert out == {"truthfulqa": {"n": 1}, "fake": {"score": 0.25}}  # toxigen: null, not run
     assert done == ["truthfulqa"] and calls == [("m", tmp_path, "fake settings", 11, 3)]
+
+
+def test_annotation_section_names_who_labelled_each_round(tmp_path):
+    """People in round 2, a simulated judge in round 1: the report says so (it used to credit the gold judge)."""
+    run = make_two_round_run(tmp_path)
+    people = [{"annotator": "alice", "kind": "human", "labels": 7}, {"annotator": "bob", "kind": "human", "labels": 5}]
+    manifests = {
+        1: {"annotate": {"status": "done", "inputs": {"annotator": "rules"},
+                         "outputs": {"tasks": 8, "labels": 8, "skips": 0, "annotators": [
+                             {"annotator": "sim:rules", "kind": "simulated", "labels": 8}]}}},
+        2: {"annotate": {"status": "done", "inputs": {"annotator": "people"},
+                         "outputs": {"tasks": 10, "labels": 12, "skips": 1, "annotators": people,
+                                     "settled_short": [{"task": "t3", "labels": 1, "missing": 1, "skipped_by": ["bob"]}],
+                                     "agreement": {"overlapping_tasks": 2, "krippendorff_alpha_choice": 0.5,
+                                                   "cohen_kappa": [{"a": "alice", "b": "bob", "kappa": 0.25}]},
+                                     "position_bias": {"human_labels": 12, "chose_left": 6, "share_left": 0.5}}},
+            "export": {"status": "done", "outputs": {"ties_dropped": 1}}},
+    }
+    for n, steps in manifests.items():
+        (run / f"round-{n}" / "manifest.json").write_text(json.dumps({"steps": steps}))
+    paths = report.build(run)
+    md = paths["markdown"].read_text()
+    assert "## Annotation" in md and _png(paths["annotators"])
+    assert "| round 1 | simulated: rules | 8 | 8 | 0 | 0 | — | — (0) | — | — |" in md
+    assert "| round 2 | people (2 annotators) | 10 | 12 | 1 | 1 | 1 | 0.50 (2) | 0.25 | 50.0% of 12 |" in md
+    annotation = report.annotation_of(run)
+    blocks = report.build_blocks(run, report.collect(run), {"gold": paths["annotators"]}, annotation)
+    gold_caption = next(v for k, v in blocks if k == "p" and v.startswith("Mean gold score"))
+    assert "is under Annotation" in gold_caption and "the gold judge labelled" not in gold_caption
+    only_gold = [{**a, "by": "simulated: gold"} for a in annotation]
+    blocks = report.build_blocks(run, report.collect(run), {"gold": paths["annotators"]}, only_gold)
+    assert "the gold judge labelled the pairs" in next(v for k, v in blocks if k == "p" and v.startswith("Mean gold score"))

@@ -64,7 +64,7 @@ def test_a_round_hands_kto_its_comparisons(tmp_path, monkeypatch):
     the round's export (not reward models or prompts) and its default config."""
     from alignment.rounds import Project, RoundConfig, Steps, steps
 
-    cfg = load_config(RoundConfig, REPO / "tests" / "round_tiny.yaml",
+    cfg = load_config(RoundConfig, REPO / "configs" / "round_tiny.yaml",
                       [f"root={tmp_path}", "project=k", "methods=[kto]"], stage="round")
     p = Project.init(cfg)
     export = tmp_path / "comparisons-v1.jsonl"

@@ -21,7 +21,7 @@ from alignment.config import ConfigError, load_config
 from alignment.rounds import Project, RoundConfig, draw_prompts, repetition, rule_judgement, rule_scores, status
 from data.schemas import PromptRecord
 
-TINY = REPO / "tests" / "round_tiny.yaml"
+TINY = REPO / "configs" / "round_tiny.yaml"
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -270,6 +270,7 @@ def test_two_rounds_unattended(whole):
     assert (whole / "report" / "report.md").is_file() and (whole / "report" / "report.html").is_file()
     md = (whole / "report" / "report.md").read_text()
     assert "| round 2 |" in md and "| SFT |" in md and "![gold](gold.png)" in md
+    assert "## Annotation" in md and "| round 2 | simulated: rules |" in md  # who labelled each round
     assert "bundled truthfulness probe (3 items, not TruthfulQA)" in md and "TruthfulQA MC" not in md
     # promotion follows the rule: win rate vs previous >= 50%, and a policy step that returned its start is "no change"
     returned = m[2]["steps"]["policy"]["outputs"]["metrics"].get("returned")
@@ -399,7 +400,7 @@ def test_killed_in_a_step_resumes_to_the_same_result(whole, tmp_path):
 def test_people_in_the_loop(whole, tmp_path):
     """Without a simulated annotator the run stops at `annotate`; status says what is missing;
     labels submitted through the store (as the web app does) let it go on."""
-    from data.store import AnnotationStore, Judgement
+    from data.store import AnnotationError, AnnotationStore, Judgement
 
     _init(tmp_path, "people", "annotation.simulated=null")
     project = tmp_path / "people"
@@ -411,7 +412,12 @@ def test_people_in_the_loop(whole, tmp_path):
     s = status(Project(tmp_path, "people"))
     assert s["rounds"][1]["labels_missing"] == pairs and s["next"] == {"round": 2, "step": "annotate"}
     res = run_align("round", "status", "--project", "people", "--root", str(tmp_path))
-    assert f"{pairs} labels missing" in res.stdout
+    assert f"{pairs} labels missing on {pairs} tasks (active annotators: no annotator accounts yet)" in res.stdout
+    assert "no active annotator account can label it" in res.stdout
+    for command in (f"align annotate add-user NAME --project people --root {tmp_path}",
+                    f"align annotate serve --project people --root {tmp_path}",
+                    f"align round run --project people --root {tmp_path}"):
+        assert command in res.stdout
 
     store = AnnotationStore(f"sqlite:///{project / 'annotations.db'}")
     store.add_user("alice", role="annotator", password="pw-alice-123")
@@ -420,14 +426,23 @@ def test_people_in_the_loop(whole, tmp_path):
         store.submit(task.token, "alice", Judgement(chosen=task.true_choice("left"), strength="better", safe_a=True, safe_b=True))
     res = run_align("round", "next", "--project", "people", "--root", str(tmp_path))
     assert "round 2: annotate waiting" in res.stdout and status(Project(tmp_path, "people"))["rounds"][1]["labels_missing"] == 1
+    assert "needs 1 more label(s), from: alice" in run_align("round", "status", "--project", "people", "--root",
+                                                             str(tmp_path)).stdout
     task = store.next_task("alice", round=2)
-    store.submit(task.token, "alice", Judgement(chosen="A", strength="slightly_better", safe_a=True, safe_b=False))
+    store.skip(task.token, "alice", "cannot judge this one")  # the only annotator skipped it: settled, not waited for
     for step in ("annotate", "export"):
         res = run_align("round", "next", "--project", "people", "--root", str(tmp_path))
         assert f"round 2: {step} done" in res.stdout, res.stderr[-3000:]
-    export = json.loads((project / "round-2" / "manifest.json").read_text())["steps"]["export"]["outputs"]
-    rows = [json.loads(line) for line in Path(export["path"]).read_text().splitlines()]
-    assert len(rows) == pairs and {r["annotator"] for r in rows} == {"alice"}
+    manifest = json.loads((project / "round-2" / "manifest.json").read_text())["steps"]
+    assert manifest["annotate"]["outputs"]["settled_short"] == [
+        {"task": task.uid, "labels": 0, "missing": 1, "skipped_by": ["alice"]}]
+    rows = [json.loads(line) for line in Path(manifest["export"]["outputs"]["path"]).read_text().splitlines()]
+    assert len(rows) == pairs - 1 and {r["annotator"] for r in rows} == {"alice"}
+    # the export closed the round: a change now would never reach the reward models, so it is refused
+    label = store.recent_labels("alice", 1, round=2)[0]
+    assert not label.changeable
+    with pytest.raises(AnnotationError, match="round 2 is closed"):
+        store.change_label("alice", label.label_id, chosen="B", strength="better", safe_a=True, safe_b=True)
 
 
 def test_demo_prints_what_changed_with_cis(whole):

@@ -584,3 +584,76 @@ def test_progress_counts_today_and_remaining(store, clock):
     assert store.progress("bob", round=1, max_age=60).missing == 1  # the round's count may lag by max_age
     assert store.progress("bob", round=1).missing == 0  # max_age=0: exact
     assert store.progress("bob", round=1).done_round == 1  # the user's own counts are always exact
+
+
+# -- what a round waits for (issue 22: a round a small team can always finish) -----------------
+
+
+def test_a_task_that_every_annotator_labelled_or_skipped_is_settled_not_waited_for(db_url, clock):
+    """Two annotators, overlap 2: one skip used to leave a task nobody could label and the round waited forever."""
+    s = AnnotationStore(db_url, clock=clock, lease_seconds=600)
+    for name in ("alice", "bob"):
+        s.add_user(name, password=f"{name}-password")
+    s.add_user("root", role="admin", password="root-password")
+    s.queue(1, tasks(2, labels=2))
+    t = s.next_task("alice", round=1)
+    s.skip(t.token, "alice", "unclear prompt")
+    s.submit(s.next_task("alice", round=1).token, "alice", chosen="A")  # alice: t1
+    waits = {w.uid: w for w in s.task_waits(1)}
+    # the admin took no part: not waited for; bob can still label both
+    assert waits["t0"].eligible == ("bob",) and waits["t0"].skipped == ("alice",) and not waits["t0"].settled
+    assert "needs 2 more label(s), from: bob" in waits["t0"].why() and "only 1 can still label it" in waits["t0"].why()
+    assert waits["t1"].labelled == ("alice",) and waits["t1"].missing == 1
+    held = s.next_task("bob", round=1)
+    assert {w.uid: w.held for w in s.task_waits(1)}[held.uid] == (("bob", clock.now),)
+    s.submit(held.token, "bob", chosen="B")
+    s.submit(s.next_task("bob", round=1).token, "bob", chosen="A")
+    assert s.next_task("bob", round=1) is None and s.next_task("alice", round=1) is None
+    waits = s.task_waits(1)
+    assert [w.uid for w in waits] == ["t0"] and waits[0].settled and waits[0].missing == 1
+    assert "settled with 1 label(s), 1 short" in waits[0].why()
+    assert s.missing_labels(1) == 1  # still honest about the count
+    s.close()
+
+
+def test_a_round_with_no_annotators_waits_and_says_why(store):
+    store.set_active("alice", False)
+    for name in ("bob", "carol", "dave"):
+        store.set_active(name, False)
+    store.queue(1, tasks(1))
+    (w,) = store.task_waits(1)
+    assert not w.settled and w.eligible == () and "no active annotator account" in w.why()
+
+
+def test_admin_release_set_labels_and_drop_task(store, clock):
+    store.queue(1, tasks(3, labels=3))
+    a = store.next_task("alice", round=1)
+    store.next_task("bob", round=1)
+    assert [(h["user"], h["task"]) for h in store.leases(1)] == [("alice", "t0"), ("bob", "t0")]
+    assert store.release_leases(user="alice", by="root") == 1
+    assert [h["user"] for h in store.leases(1)] == ["bob"]
+    with pytest.raises(AnnotationError, match="give the round too"):
+        store.release_leases(task="t0")
+    assert store.release_leases(round=1, task="t0") == 1 and store.leases(1) == []
+    store.submit(a.token, "alice", chosen="A")  # a released lease whose slot is still free stores the label
+    with pytest.raises(AnnotationError, match="already has 1 labels"):
+        store.set_labels_needed(1, "t0", 0)
+    store.set_labels_needed(1, "t0", 1)
+    store.set_labels_needed(1, "t1", 0)  # drop: it keeps its (zero) labels and needs no more
+    with pytest.raises(AnnotationError, match="no task 'nope'"):
+        store.set_labels_needed(1, "nope", 1)
+    assert [w.uid for w in store.task_waits(1)] == ["t2"] and store.missing_labels(1) == 3
+    with store.engine.connect() as c:
+        assert c.execute(text("select count(*) from events where action = 'set-labels'")).scalar() == 2
+
+
+def test_closed_rounds_leave_the_queue_and_counts_match_what_a_lease_offers(store):
+    """A closed round's tasks are not handed out (every submit would be refused), and "open to you" never
+    counts a task that others' leases fill (the page said "nothing left" beside "3 tasks open to you")."""
+    store.queue(1, tasks(2))
+    store.queue(2, [{**t, "id": f"r2-{t['id']}"} for t in tasks(2)])
+    store.close_round(1)
+    assert store.next_task("alice").round == 2
+    store.next_task("bob")  # bob holds the other round-2 task
+    assert store.progress("carol").available == 0 and store.next_task("carol") is None
+    assert store.progress("alice").available == 1  # the one alice holds

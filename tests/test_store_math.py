@@ -98,6 +98,24 @@ def test_plan_export_policies():
         plan_export(recs, policy="best")  # type: ignore[arg-type]
 
 
+def test_weighted_policy_breaks_even_splits_by_strength_and_comments_carry_the_screen_order():
+    """Two labels per overlap task split 1-1: majority drops them as ties; weighted keeps the stronger side."""
+    recs = [record(1, "x", "A", "slightly_better", labels_needed=2), record(1, "y", "B", "significantly_better", labels_needed=2),
+            record(2, "x", "A", "better", labels_needed=2), record(2, "y", "B", "better", labels_needed=2),
+            record(3, "x", "B", None, labels_needed=2, comment="A is clearly more on topic", swapped=True),
+            record(3, "y", "B", "better", labels_needed=2)]
+    assert [c.id for c in plan_export(recs).comparisons] == ["r3-t3"] and plan_export(recs).ties_dropped == 2
+    w = plan_export(recs, policy="weighted")
+    assert [c.id for c in w.comparisons] == ["r3-t1", "r3-t3"] and w.ties_dropped == 1  # 4 vs 2 wins; 3 vs 3 stays a tie
+    t1 = w.comparisons[0]
+    assert t1.chosen == "B" and t1.strength.value == "significantly_better" and t1.meta["tie_broken_by_strength"]
+    # x saw the true B on the left and wrote "A": the export says which response that was
+    assert w.comparisons[1].meta["comments"] == ["x (screen A = response_b, screen B = response_a): A is clearly more on topic"]
+    every = {c.annotator: c for c in plan_export(recs, policy="all").comparisons if c.id.startswith("r3-t3")}
+    assert every["x"].meta["comment_positions"] == "screen A = response_b, screen B = response_a"
+    assert "comment_positions" not in every["y"].meta
+
+
 def test_overlap_choice_is_exact_stable_and_order_free():
     uids = [f"u{i}" for i in range(50)]
     a = overlap_labels(uids, labels=1, overlap=0.1, overlap_labels=3)

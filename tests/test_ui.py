@@ -595,3 +595,21 @@ def test_annotator_page_fits_the_screen(layout_app, chromium, width, height, tou
     page.locator("#choice").get_by_text("B", exact=True).click(timeout=5_000)
     assert page.locator("#choice input:checked").get_attribute("value") == "B"
     ctx.close()
+
+
+@pytest.mark.browser
+def test_an_admin_opening_the_page_holds_no_task_until_asking(app, chromium):
+    """Opening the page used to lease a task for 30 minutes: an admin who only looked at progress held the
+    round's last task while both annotators saw nothing to label."""
+    store: AnnotationStore = app["store"]
+    page = chromium.new_page()
+    page.goto(app["url"])
+    _log_in(page, "root")
+    page.wait_for_selector("#status:has-text('Get a task')", timeout=30_000)
+    assert [h for h in store.leases() if h["user"] == "root"] == []
+    page.locator("#next-btn").click()
+    page.wait_for_selector("#context .conv", timeout=30_000)
+    held = [h for h in store.leases() if h["user"] == "root"]
+    assert len(held) == 1 and held[0]["task"] == page.locator("#context .conv").get_attribute("data-task")
+    assert store.release_leases(user="root") == 1
+    page.close()

@@ -230,11 +230,22 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
     def on_load(request: gr.Request) -> tuple:
         name = user_of(request)
         info = store.user(name)
+        is_admin = bool(info and info.is_admin)
+        if is_admin:  # an admin who only looks at progress must not hold a task for the lease's 30 minutes
+            return (*task_outputs(name, None, "Admins get a task only when they ask: press **Get a task** to label."),
+                    gr.Tab(visible=True))
         try:
             task = call(store.next_task, name, round=round)
         except Refused as exc:
-            return (*refused(str(exc)), gr.Tab(visible=bool(info and info.is_admin)))
-        return (*task_outputs(name, task, ""), gr.Tab(visible=bool(info and info.is_admin)))
+            return (*refused(str(exc)), gr.Tab(visible=is_admin))
+        return (*task_outputs(name, task, ""), gr.Tab(visible=is_admin))
+
+    @inline
+    def on_next(request: gr.Request) -> tuple:
+        """The task to label now (the one already held, or a new lease)."""
+        name = user_of(request)
+        task = call(store.next_task, name, round=round)
+        return task_outputs(name, task, "" if task else "No task for you right now.")
 
     @inline
     def on_submit(token: str, choice: str | None, strength: str | None, safe_a: str | None, safe_b: str | None,
@@ -373,6 +384,7 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                     reason = gr.Dropdown(SKIP_REASONS, value=None, label="Skip reason",
                                          allow_custom_value=True, elem_id="skip-reason")
                     skip = gr.Button("Skip this task", elem_id="skip-btn")
+                    next_btn = gr.Button("Get a task", elem_id="next-btn", size="sm")
                 status = gr.Markdown(elem_id="status")
                 gr.HTML(f"<div class='keys'>{KEYS_HELP}</div>", js_on_load=None)
                 with gr.Accordion("My recent labels", open=False, elem_id="recent"):
@@ -386,7 +398,8 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                     refresh = gr.Button("Refresh", elem_id="admin-refresh")
                 stats_md = gr.Markdown(elem_id="admin-stats")
                 with gr.Row():
-                    policy = gr.Radio([("Majority vote per task", "majority"), ("Every label", "all")], value="majority",
+                    policy = gr.Radio([("Majority vote per task", "majority"), ("Majority, even splits by strength", "weighted"),
+                                       ("Every label", "all")], value="majority",
                                       label="Disagreements", elem_id="export-policy")
                     export_btn = gr.Button("Export comparisons", elem_id="export-btn")
                 export_md = gr.Markdown(elem_id="export-status")
@@ -399,6 +412,7 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         demo.load(on_load, None, [*outs, admin_tab], api_name="load")
         submit.click(on_submit, [token, choice, strength, safe_a, safe_b, both_bad, comment], outs, api_name="submit")
         skip.click(on_skip, [token, reason], outs, api_name="skip")
+        next_btn.click(on_next, None, outs, api_name="next_task")
         undo.click(on_undo, [undo_armed], outs, api_name="undo")
         change.click(on_change_label, [recent], outs, api_name="change_label")
         refresh.click(on_admin_stats, [round_pick], [stats_md, round_pick], api_name="admin_stats")
@@ -443,6 +457,11 @@ def stats_markdown(st: dict) -> str:
         lines += ["", "| annotators | shared tasks | agreement | Cohen's kappa |", "|---|---:|---:|---:|"]
         lines += [f"| {_md(p['a'])} · {_md(p['b'])} | {p['tasks']} | {100 * p['agreement']:.0f}% | {_num(p['kappa'])} |"
                   for p in ag["cohen_kappa"]]
+    if st.get("leases"):
+        lines += ["", "**Held now** (a lease returns to the queue when it expires, or with `align annotate release`):", "",
+                  "| annotator | task | round | since (UTC) | until |", "|---|---|---:|---|---|"]
+        lines += [f"| {_md(h['user'])} | {_md(h['task'])} | {h['round']} | {h['since'][:16].replace('T', ' ')} | "
+                  f"{h['expires'][11:16]} |" for h in st["leases"]]
     return "\n".join(lines)
 
 

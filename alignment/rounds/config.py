@@ -74,7 +74,9 @@ class AnnotationConfig:
     labels: int = option(1, "labels per task")
     overlap: float = option(0.0, "share of tasks labelled by several annotators (agreement statistics)")
     overlap_labels: int = option(3, "labels per overlapping task")
-    export_policy: Literal["majority", "all"] = option("majority", "majority = one record per task, all = one per label")
+    export_policy: Literal["majority", "weighted", "all"] = option(
+        "majority", "majority = one record per task (an even split is a tie and is dropped), weighted = majority with "
+                    "even splits broken by the votes' strengths, all = one record per label")
 
     def __post_init__(self) -> None:
         check(self.simulated != "rm" or self.rm_helpful is not None, "rm_helpful",

@@ -136,7 +136,18 @@ def status(p: Project) -> dict:
         if "annotate" in row["pending"] and steps.get("sample", {}).get("status") == "done":
             from data.store import AnnotationStore
 
-            row["labels_missing"] = AnnotationStore(p.db_url()).missing_labels(n)
+            store = AnnotationStore(p.db_url())
+            row["labels_missing"] = store.missing_labels(n)
+            waits = store.task_waits(n)
+            row["waiting_for"] = [{"task": w.uid, "why": w.why()} for w in waits if not w.settled]
+            row["settled_short"] = [{"task": w.uid, "why": w.why()} for w in waits if w.settled]
+            row["annotators"] = store.active_annotators()
+            flags = f"--project {p.dir.name}{p.root_flag()}"
+            row["commands"] = ([f"align annotate add-user NAME {flags}   # for each annotator (asks for a password)"]
+                               if not row["annotators"] else []) + [
+                f"align annotate serve {flags}   # annotators log in and label",
+                f"align round status {flags}   # what the round still waits for",
+                f"align round run {flags}   # continues once every task is labelled or settled"]
         out["rounds"].append(row)
     nxt = next_step(p)
     out["next"] = None if nxt[0] > p.cfg.rounds else {"round": nxt[0], "step": nxt[1]}
@@ -150,9 +161,17 @@ def format_status(s: dict) -> str:
         promoted = {True: ", promoted", False: ", not promoted"}.get(r["promoted"], "")
         lines.append(f"round {r['round']} ({r['method']}): {len(r['done'])}/{len(r['done']) + len(r['pending'])} "
                      f"steps, {state}{promoted}")
-        if r.get("labels_missing"):
-            lines.append(f"  waiting for people: {r['labels_missing']} labels missing (align annotate serve --db "
-                         "...; then align round run)")
+        if r.get("waiting_for") is not None and (r["waiting_for"] or r.get("labels_missing")):
+            team = ", ".join(r["annotators"]) or "no annotator accounts yet"
+            lines.append(f"  waiting for people: {r['labels_missing']} labels missing on {len(r['waiting_for'])} tasks "
+                         f"(active annotators: {team})")
+            for w in r["waiting_for"][:10]:
+                lines.append(f"    task {w['task']}: {w['why']}")
+            if len(r["waiting_for"]) > 10:
+                lines.append(f"    ... and {len(r['waiting_for']) - 10} more (align annotate waits --round {r['round']})")
+            for w in r["settled_short"]:
+                lines.append(f"    task {w['task']}: {w['why']}")
+            lines += [f"  {c}" for c in r["commands"]]
         for k, v in r["metrics"].items():
             lines.append(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
     lines.append(f"next: round {s['next']['round']} step {s['next']['step']}" if s["next"] else "all configured rounds are done")

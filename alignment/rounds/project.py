@@ -140,6 +140,10 @@ class Project:
         done = self.manifest(n)["steps"]
         return [s for s in self.steps(n) if done.get(s, {}).get("status") != "done"]
 
+    def root_flag(self) -> str:
+        """`` --root R`` for commands a user copies, when the project is not under ``runs/``."""
+        return "" if self.dir.parent == Path("runs") else f" --root {self.dir.parent}"
+
     def db_url(self) -> str:
         return self.cfg.annotation.db or f"sqlite:///{self.dir / 'annotations.db'}"
 

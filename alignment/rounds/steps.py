@@ -125,6 +125,12 @@ class Steps:
             a = self.cfg.annotation
             store.queue_file(self.n, pairs, labels=a.labels, overlap=a.overlap,
                              overlap_labels=a.overlap_labels, seed=self.cfg.seed)
+            if a.simulated is None:
+                from alignment.annotate import team_warning
+
+                warning = team_warning(store, self.n)
+                if warning:
+                    log.warning("round %d: %s", self.n, warning)
         n_pairs = len(pairs.read_text().splitlines())
         return {"inputs": {"policy": models[0], "policy_b": models[1], "temperatures": self.cfg.sample.temperatures},
                 "outputs": {"path": str(pairs), "sha256": sha256(pairs), "pairs": n_pairs, "db": self.p.db_url()}}
@@ -137,15 +143,27 @@ class Steps:
             annotator = self._annotator()
             labelled = store.label_with(annotator, round=self.n)
             log.info("round %d: %s stored %d labels", self.n, annotator.name, labelled)
-        missing = store.missing_labels(self.n)
-        if missing:
-            log.info("round %d: %d labels missing; annotators label in `align annotate serve --db %s`", self.n,
-                     missing, self.p.db_url())
+        waits = store.task_waits(self.n)
+        waiting = [w for w in waits if not w.settled]
+        if waiting:
+            log.info("round %d: waiting for %d labels on %d tasks; annotators label in `align annotate serve "
+                     "--project %s%s`; `align round status` says why each task waits", self.n,
+                     sum(w.missing for w in waiting), len(waiting), self.p.dir.name, self.p.root_flag())
+            for w in waiting[:5]:
+                log.info("round %d: task %s %s", self.n, w.uid, w.why())
             return WAITING
+        settled = [w for w in waits if w.settled]
+        for w in settled:
+            log.warning("round %d: task %s %s", self.n, w.uid, w.why())
         stats = store.stats(round=self.n)
         return {"inputs": {"annotator": a.simulated or "people", "db": self.p.db_url()},
                 "outputs": {"tasks": stats["tasks"], "labels": stats["labels_done"], "skips": stats["skips"],
-                            "both_bad": stats["both_bad"], "annotators": stats["annotators"]}}
+                            "both_bad": stats["both_bad"], "annotators": stats["annotators"],
+                            "agreement": {k: stats["agreement"][k] for k in
+                                          ("overlapping_tasks", "krippendorff_alpha_choice", "cohen_kappa")},
+                            "position_bias": stats["position_bias"],
+                            "settled_short": [{"task": w.uid, "labels": len(w.labelled), "missing": w.missing,
+                                               "skipped_by": list(w.skipped)} for w in settled]}}
 
     def _annotator(self) -> Any:
         from data.store import FunctionAnnotator, ScorerAnnotator
@@ -169,10 +187,17 @@ class Steps:
 
     def export(self) -> dict:
         store = self.store()
+        # the export closes the round: a label or change after it would be confirmed to the annotator and never used
+        if self.n not in store.closed_rounds():
+            store.close_round(self.n, by=None)
         res = store.export(self.n, out_dir=self.dir / "exports", policy=self.cfg.annotation.export_policy, by="align round")
         path = Path(res.path)
+        if res.ties_dropped:
+            log.warning("round %d: the %s export dropped %d task(s) whose annotators split evenly (ties); "
+                        "annotation.export_policy=weighted breaks ties by the strengths", self.n, res.policy, res.ties_dropped)
         return {"inputs": {"db": self.p.db_url(), "policy": self.cfg.annotation.export_policy},
-                "outputs": {"path": str(path), "sha256": sha256(path), "records": res.records, "version": res.version}}
+                "outputs": {"path": str(path), "sha256": sha256(path), "records": res.records, "version": res.version,
+                            "tasks": res.tasks, "ties_dropped": res.ties_dropped}}
 
     def rm_before(self) -> dict:
         """Last round's reward models on this round's new comparisons, before training on them."""

@@ -56,6 +56,7 @@ from data.store.values import (
     RecentLabel,
     SimulatedAnnotator,
     SubmitResult,
+    TaskWait,
     UserInfo,
 )
 from data.store.tables import SCHEMA_VERSION, SchemaError
@@ -79,6 +80,7 @@ __all__ = [
     "SimulatedAnnotator",
     "SubmitResult",
     "TaskSpec",
+    "TaskWait",
     "UserInfo",
     "plan_export",
     "read_tasks",

@@ -16,8 +16,8 @@ from typing import Literal
 from data.schemas import Comparison, ResponseSource, Strength
 from data.store.label import META_FIELDS, Judgement
 
-Policy = Literal["majority", "all"]
-POLICIES: tuple[str, ...] = ("majority", "all")
+Policy = Literal["majority", "weighted", "all"]
+POLICIES: tuple[str, ...] = ("majority", "weighted", "all")
 # strongest first; index = how weak the preference is
 STRENGTH_ORDER = [s.value for s in Strength]
 
@@ -63,6 +63,8 @@ def label_comparison(r: LabelRecord) -> Comparison:
     meta = {"task": r.task_uid, "shown_left": "B" if r.swapped else "A",
             "annotator_kind": r.annotator_kind, "labels": r.labels_done,
             **{k: getattr(r, k) for k in META_FIELDS if getattr(r, k) is not None}}
+    if r.comment:
+        meta["comment_positions"] = shown_as(r)  # "A"/"B" in the comment are screen positions
     if r.seconds is not None:
         meta["seconds"] = round(r.seconds, 1)
     if r.task_meta:
@@ -96,8 +98,20 @@ def majority_vote(values: Sequence[bool | None], *, tie: bool = False) -> bool |
     return tie if 2 * yes == len(known) else 2 * yes > len(known)
 
 
-def majority_comparison(labels: Sequence[LabelRecord]) -> Comparison | None:
+def strength_weight(strength: str | None) -> int:
+    """A vote's weight under policy ``weighted``: 4 significantly better ... 1 negligibly better (1 if missing)."""
+    return len(STRENGTH_ORDER) - STRENGTH_ORDER.index(strength) if strength in STRENGTH_ORDER else 1
+
+
+def shown_as(r: LabelRecord) -> str:
+    """What the annotator's screen called A and B (comments name screen positions; records use true A/B)."""
+    return "screen A = response_b, screen B = response_a" if r.swapped else "screen A = response_a, screen B = response_b"
+
+
+def majority_comparison(labels: Sequence[LabelRecord], *, weighted: bool = False) -> Comparison | None:
     """One comparison for a task from all its labels (policy ``majority``); None on a tie of A against B.
+    ``weighted`` (policy ``weighted``) breaks an even split by the summed strengths of each side's votes
+    (:func:`strength_weight`); only an even split of equal strengths stays a tie.
 
     - chosen: the response most annotators preferred;
     - strength: :func:`weaker_median` of the winners' strengths;
@@ -108,19 +122,27 @@ def majority_comparison(labels: Sequence[LabelRecord]) -> Comparison | None:
         return None
     votes = Counter(r.chosen for r in labels)
     if votes["A"] == votes["B"]:
-        return None
-    winner = "A" if votes["A"] > votes["B"] else "B"
+        if not weighted:
+            return None
+        side = {c: sum(strength_weight(r.strength) for r in labels if r.chosen == c) for c in "AB"}
+        if side["A"] == side["B"]:
+            return None
+        winner = "A" if side["A"] > side["B"] else "B"
+    else:
+        winner = "A" if votes["A"] > votes["B"] else "B"
     first = labels[0]
     winners = [r for r in labels if r.chosen == winner]
     names = sorted(r.annotator for r in labels)
     meta: dict = {"task": first.task_uid, "votes": {"A": votes["A"], "B": votes["B"]}, "annotators": names,
                   "agreement": round(len(winners) / len(labels), 4), "labels": len(labels),
                   "both_bad": sum(r.both_bad for r in labels)}
-    comments = [f"{r.annotator}: {r.comment}" for r in labels if r.comment]
+    comments = [f"{r.annotator} ({shown_as(r)}): {r.comment}" for r in labels if r.comment]
     if comments:
         meta["comments"] = comments
     if first.task_meta:
         meta["task_meta"] = first.task_meta
+    if votes["A"] == votes["B"]:
+        meta["tie_broken_by_strength"] = True
     strength = weaker_median([r.strength for r in winners])
     return Comparison(
         prompt=first.prompt, response_a=first.response_a, response_b=first.response_b, chosen=winner,  # type: ignore[arg-type]
@@ -164,7 +186,7 @@ def plan_export(records: Iterable[LabelRecord], *, policy: Policy = "majority", 
         if policy == "all":
             out.extend(label_comparison(r) for r in labels)
         else:
-            c = majority_comparison(labels)
+            c = majority_comparison(labels, weighted=policy == "weighted")
             if c is None:
                 ties += 1
             else:

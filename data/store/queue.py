@@ -27,6 +27,7 @@ from data.store.values import (
     RecentLabel,
     SimulatedAnnotator,
     SubmitResult,
+    TaskWait,
 )
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,9 @@ class QueueStore(StoreBase):
                 Assignment.user_id == u.id, Assignment.status == "leased", Assignment.expires_at > now)
             if round is not None:
                 held = held.where(Task.round == round)
+            closed = self._closed(s)  # a closed round's tasks leave the queue: every submit would be refused
+            if closed:
+                held = held.where(Task.round.not_in(closed))
             for a, t in s.execute(held.order_by(Assignment.issued_at, Assignment.id).limit(n)):
                 out.append(self._view(a, t))
             mine_done = exists().where(Assignment.task_id == Task.id, Assignment.user_id == u.id,
@@ -143,6 +147,8 @@ class QueueStore(StoreBase):
                                       Task.labels_done + others < Task.labels_needed)
             if round is not None:
                 base = base.where(Task.round == round)
+            if closed:
+                base = base.where(Task.round.not_in(closed))
             passed: list[int] = [v.task_id for v in out]
             while len(out) < n:
                 q = base.where(Task.id.not_in(passed)) if passed else base
@@ -381,6 +387,108 @@ class QueueStore(StoreBase):
                     stored += 1
         return stored
 
+    # -- what a round waits for; an admin's fixes ---------------------------------------------------
+
+    def active_annotators(self) -> list[str]:
+        """Active human accounts with the annotator role (the people a round can wait for)."""
+        with self._tx(write=False) as s:
+            return list(s.scalars(select(User.name).where(User.active, User.kind == "human", User.role == "annotator")
+                                  .order_by(User.name)))
+
+    def task_waits(self, round: int) -> list[TaskWait]:
+        """Every task of ``round`` that still needs labels, with who labelled, skipped or holds it and
+        who could still label it: active human annotators, and active admins who took part in the round
+        (admins label only when they choose to). Simulated annotators label when the round runs them."""
+        now = self.clock()
+        with self._tx(write=False) as s:
+            tasks = s.execute(select(Task.id, Task.uid, Task.labels_needed - Task.labels_done)
+                              .where(Task.round == round, Task.labels_done < Task.labels_needed)
+                              .order_by(Task.seq)).all()
+            if not tasks:
+                return []
+            users = {u.id: u for u in s.scalars(select(User))}
+            rows = s.execute(select(Assignment.task_id, Assignment.user_id, Assignment.status, Assignment.expires_at,
+                                    Assignment.issued_at).join(Task, Task.id == Assignment.task_id)
+                             .where(Task.round == round)).all()
+        took_part = {r.user_id for r in rows if r.status in ("submitted", "skipped", "leased")}
+        pool = [u for u in users.values() if u.active and u.kind == "human"
+                and (u.role == "annotator" or u.id in took_part)]
+        by_task: dict[int, list[Any]] = {}
+        for r in rows:
+            by_task.setdefault(r.task_id, []).append(r)
+        out = []
+        for task_id, uid, missing in tasks:
+            mine = by_task.get(task_id, [])
+            done = {r.user_id for r in mine if r.status in ("submitted", "skipped")}
+            out.append(TaskWait(
+                uid=uid, round=round, missing=int(missing),
+                labelled=tuple(sorted(users[r.user_id].name for r in mine if r.status == "submitted")),
+                skipped=tuple(sorted(users[r.user_id].name for r in mine if r.status == "skipped")),
+                held=tuple(sorted((users[r.user_id].name, r.issued_at) for r in mine
+                                  if r.status == "leased" and r.expires_at > now)),
+                eligible=tuple(sorted(u.name for u in pool if u.id not in done))))
+        return out
+
+    def leases(self, round: int | None = None) -> list[dict]:
+        """Live leases: who holds which task since when (JSON-ready)."""
+        now = self.clock()
+        with self._tx(write=False) as s:
+            q = (select(User.name, Task.uid, Task.round, Assignment.issued_at, Assignment.expires_at)
+                 .join(User, User.id == Assignment.user_id).join(Task, Task.id == Assignment.task_id)
+                 .where(Assignment.status == "leased", Assignment.expires_at > now))
+            if round is not None:
+                q = q.where(Task.round == round)
+            return [{"user": n, "task": uid, "round": r, "since": since.isoformat(), "expires": exp.isoformat()}
+                    for n, uid, r, since, exp in s.execute(q.order_by(Assignment.issued_at))]
+
+    def release_leases(self, *, user: str | None = None, round: int | None = None, task: str | None = None,
+                       by: str | None = None) -> int:
+        """An admin's release: the live leases of ``user`` and/or of one ``task`` (its uid in ``round``)
+        go back to the queue. Returns how many."""
+        if user is None and task is None:
+            raise AnnotationError("release what? name a user, a task (with its round), or both")
+        if task is not None and round is None:
+            raise AnnotationError("a task is named by its round and its id: give the round too")
+        now = self.clock()
+        with self._tx() as s:
+            q = select(Assignment).where(Assignment.status == "leased", Assignment.expires_at > now)
+            if user is not None:
+                q = q.where(Assignment.user_id == self._user(s, user).id)
+            if task is not None:
+                q = q.where(Assignment.task_id == self._task(s, round, task).id)  # type: ignore[arg-type]
+            held = list(s.scalars(q))
+            for a in held:
+                a.status, a.finished_at = "released", now
+                self._event(s, "release", None, a.task_id, by=by, admin=True)
+            return len(held)
+
+    def set_labels_needed(self, round: int, task: str, labels: int, *, by: str | None = None) -> int:
+        """Lower (or raise) how many labels one task needs; never below the labels it has. ``labels`` equal
+        to its labels so far drops it from what the round waits for (``align annotate drop-task``).
+        Live leases beyond the new count return to the queue. Returns the task's labels so far."""
+        if not isinstance(labels, int) or isinstance(labels, bool) or labels < 0:
+            raise AnnotationError(f"labels must be an integer >= 0, got {labels!r}")
+        with self._tx() as s:
+            self._check_open(s, round)
+            t = self._task(s, round, task, lock=True)
+            if labels < t.labels_done:
+                raise AnnotationError(f"task {task!r} of round {round} already has {t.labels_done} labels; it cannot need "
+                                      f"fewer (undoing labels is the annotators' call)")
+            old, t.labels_needed = t.labels_needed, labels
+            if t.labels_done >= labels:
+                for a in s.scalars(select(Assignment).where(Assignment.task_id == t.id, Assignment.status == "leased")):
+                    a.status = "released"
+            self._event(s, "set-labels", None, t.id, round=round, old=old, new=labels, by=by)
+            return t.labels_done
+
+    @staticmethod
+    def _task(s: Session, round: int | None, uid: str, *, lock: bool = False) -> Task:
+        q = select(Task).where(Task.round == round, Task.uid == uid)
+        t = s.scalars(q.with_for_update() if lock else q).first()
+        if t is None:
+            raise AnnotationError(f"round {round} has no task {uid!r}")
+        return t
+
     # -- progress ---------------------------------------------------------------------------------
 
     def missing_labels(self, round: int | None = None) -> int:
@@ -402,16 +510,21 @@ class QueueStore(StoreBase):
             u = self._user(s, user)
             mine = select(func.count(Label.id)).where(Label.user_id == u.id)
             mine_round = mine if round is None else mine.where(Label.round == round)
-            # open tasks this user has labelled or skipped: one index range over their own assignments
-            closed_q = select(func.count(Assignment.id)).join(Task, Task.id == Assignment.task_id).where(
-                Assignment.user_id == u.id, Assignment.status.in_(("submitted", "skipped")),
-                Task.labels_done < Task.labels_needed)
+            today, in_round = (int(s.scalar(q) or 0) for q in (mine.where(Label.created_at >= midnight), mine_round))
+            missing, _ = self._round_counts(s, round, max_age)
+            # tasks open to this user: what a lease would offer (not the ones others' leases fill) + the ones they hold
+            mine_done = exists().where(Assignment.task_id == Task.id, Assignment.user_id == u.id,
+                                       Assignment.status.in_(("submitted", "skipped")))
+            others = self._live_leases(Task.id, now, except_user=u.id).scalar_subquery()
+            open_q = select(func.count(Task.id)).where(Task.labels_done < Task.labels_needed, ~mine_done,
+                                                        Task.labels_done + others < Task.labels_needed)
             if round is not None:
-                closed_q = closed_q.where(Task.round == round)
-            today, in_round, closed = (int(s.scalar(q) or 0)
-                                       for q in (mine.where(Label.created_at >= midnight), mine_round, closed_q))
-            missing, open_tasks = self._round_counts(s, round, max_age)
-        return Progress(today, in_round, missing, max(0, open_tasks - closed))
+                open_q = open_q.where(Task.round == round)
+            closed_rounds = self._closed(s)
+            if closed_rounds:
+                open_q = open_q.where(Task.round.not_in(closed_rounds))
+            available = int(s.scalar(open_q) or 0)
+        return Progress(today, in_round, missing, available)
 
     def _round_counts(self, s: Session, round: int | None, max_age: float) -> tuple[int, int]:
         """(labels missing, open tasks) of a round (None: all), cached for ``max_age`` seconds."""

@@ -145,5 +145,7 @@ class AnnotationStore(QueueStore):
             n_tasks, needed, done = s.execute(tq).one()
             complete, overlap_tasks = s.scalar(cq), s.scalar(oq)
             skips = {(name, kind): n for name, kind, n in s.execute(sq)}
-        return summarize(records, round=round, now=now, tasks=n_tasks, labels_needed=int(needed), labels_done=int(done),
-                         missing=self.missing_labels(round), complete_tasks=complete, overlap_tasks=overlap_tasks, skips=skips)
+        out = summarize(records, round=round, now=now, tasks=n_tasks, labels_needed=int(needed), labels_done=int(done),
+                        missing=self.missing_labels(round), complete_tasks=complete, overlap_tasks=overlap_tasks, skips=skips)
+        out["leases"] = self.leases(round)  # who holds which task since when
+        return out

@@ -124,6 +124,40 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class TaskWait:
+    """An unfinished task of a round, and who could still label it (:meth:`AnnotationStore.task_waits`)."""
+
+    uid: str
+    round: int
+    missing: int  # labels it still needs
+    labelled: tuple[str, ...]  # who labelled it
+    skipped: tuple[str, ...]  # who skipped it
+    held: tuple[tuple[str, dt.datetime], ...]  # live leases: (user, since)
+    eligible: tuple[str, ...]  # active annotators who have neither labelled nor skipped it
+
+    @property
+    def settled(self) -> bool:
+        """Nobody is left who could label it, and someone labelled or skipped it: the round counts it as
+        done with the labels it has (a round never waits for labels that no account can give)."""
+        return not self.eligible and bool(self.labelled or self.skipped)
+
+    def why(self) -> str:
+        """Why the round waits for this task (or why it no longer does), in words."""
+        if self.settled:
+            return (f"settled with {len(self.labelled)} label(s), {self.missing} short: every active annotator has "
+                    f"labelled or skipped it")
+        if not self.eligible:
+            return "no active annotator account can label it (align annotate add-user NAME --project ...)"
+        text = f"needs {self.missing} more label(s), from: {', '.join(self.eligible)}"
+        if self.held:
+            text += "; held by " + ", ".join(f"{u} since {t:%H:%M} UTC" for u, t in self.held)
+        if len(self.eligible) < self.missing:
+            text += (f" (only {len(self.eligible)} can still label it: it will be settled short once they have, "
+                     "or lower its count: align annotate set-labels / drop-task)")
+        return text
+
+
+@dataclass(frozen=True)
 class ExportResult:
     path: Path
     round: int
