@@ -84,6 +84,12 @@ def cmd_set_active(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unlock(a: argparse.Namespace) -> int:
+    _store(a.db).unlock(a.name, by=getpass.getuser())
+    print(f"login locks of {a.name!r} cleared (a running server sees it within a second)")
+    return 0
+
+
 def cmd_round_state(a: argparse.Namespace) -> int:
     store = _store(a.db)
     if a.cmd == "close-round":
@@ -183,7 +189,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     policy = SecurityPolicy(session_hours=a.session_hours, max_failures=a.max_login_failures,
                             lockout_seconds=a.login_lockout_seconds, allowed_origins=list(a.allowed_origin))
     launch(store, host=a.host, port=a.port, guidelines=guidelines, round=a.round, export_dir=a.export_dir,
-           concurrency=a.concurrency, security=policy)
+           concurrency=a.concurrency, security=policy, forwarded_allow_ips=",".join(a.forwarded_allow_ips))
     return 0
 
 
@@ -249,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True,
                            metavar="{add-user,queue,serve,export,stats,sample,passwd,deactivate,activate,close-round,"
-                                   "reopen-round,users,waits,release,set-labels,drop-task}")
+                                   "reopen-round,users,waits,release,set-labels,drop-task,unlock}")
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
@@ -280,6 +286,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("activate", "reactivate a deactivated user")):
         sp = add(verb, cmd_set_active, what)
         sp.add_argument("name")
+    sp = add("unlock", cmd_unlock, "clear a user's login locks after failed logins")
+    sp.add_argument("name")
     for verb, what in (("close-round", "close a round: annotators can no longer label, undo or change labels in it"),
                        ("reopen-round", "reopen a closed round")):
         sp = add(verb, cmd_round_state, what)
@@ -321,9 +329,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="FULL: a label survives a power cut; NORMAL: survives a killed server only (faster)")
     sp.add_argument("--session-hours", type=float, default=12.0, help="a login session ends after this long (default 12)")
     sp.add_argument("--max-login-failures", type=int, default=5,
-                    help="failed logins per user, and per client address, before logins are refused for a while (default 5)")
+                    help="failed logins for one name from one address before that is refused for a while (default 5; "
+                         "an address gets 10x, a name over all addresses 4x)")
     sp.add_argument("--login-lockout-seconds", type=float, default=300.0,
                     help="how long logins are refused after too many failures")
+    sp.add_argument("--forwarded-allow-ips", action="append", default=[], metavar="ADDRESS",
+                    help="a reverse proxy's address whose X-Forwarded-For header names the client (repeatable); by "
+                         "default no forwarded header is believed, so login throttling sees the real peer address")
     sp.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
                     help="another origin (scheme://host[:port]) whose pages may call the app, e.g. a reverse proxy's; "
                          "requests from any other origin are refused (repeatable)")

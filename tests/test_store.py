@@ -657,3 +657,42 @@ def test_closed_rounds_leave_the_queue_and_counts_match_what_a_lease_offers(stor
     store.next_task("bob")  # bob holds the other round-2 task
     assert store.progress("carol").available == 0 and store.next_task("carol") is None
     assert store.progress("alice").available == 1  # the one alice holds
+
+
+# -- login throttling (ui/security.py LoginThrottle: pure logic, a fake clock) ------------------
+
+
+def test_login_throttle_cannot_be_turned_against_others(store, clock):
+    from ui.security import LoginThrottle
+
+    now = [1000.0]
+    t = LoginThrottle(3, 60.0, clock=lambda: now[0], unlocked_at=lambda u: (store.unlocked_at(u).timestamp()
+                                                                            if store.unlocked_at(u) else None))
+    t.success("alice", "10.0.0.1")  # alice's usual address
+    for _ in range(3):
+        t.failure("alice", "6.6.6.6")
+    assert t.locked_for("alice", "6.6.6.6") == 60.0  # the guessing pair is locked
+    assert t.locked_for("alice", "10.0.0.2") == 0 and t.locked_for("bob", "6.6.6.6") == 0  # nobody else is
+    # a botnet: 12 failures for alice from 12 addresses lock the name ... except from alice's usual address
+    for k in range(12):
+        t.failure("alice", f"7.7.7.{k}")
+    assert t.locked_for("alice", "8.8.8.8") == 60.0 and t.locked_for("alice", "10.0.0.1") == 0
+    # one address behind a NAT: 29 failures across names lock nobody else there; the 30th locks the address
+    for k in range(29):
+        t.failure(f"typo{k}", "192.168.1.1")
+    assert t.locked_for("carol", "192.168.1.1") == 0
+    t.failure("typo29", "192.168.1.1")
+    assert t.locked_for("carol", "192.168.1.1") == 60.0
+    now[0] += 61
+    assert t.locked_for("carol", "192.168.1.1") == 0 and t.locked_for("alice", "8.8.8.8") == 0
+    # an admin clears a lock (align annotate unlock): the lock began before the unlock
+    now[0] = clock.now.timestamp() - 10  # the store's clock
+    for _ in range(3):
+        t.failure("bob", "6.6.6.6")
+    now[0] += 11
+    assert t.locked_for("bob", "6.6.6.6") == 49.0
+    store.unlock("bob", by="root")
+    now[0] += 1.5  # the throttle caches unlock times for a second
+    assert t.locked_for("bob", "6.6.6.6") == 0
+    with pytest.raises(AnnotationError, match="unknown user"):
+        store.unlock("nobody")

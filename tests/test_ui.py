@@ -394,7 +394,7 @@ def secure_app(tmp_path_factory):
     root = tmp_path_factory.mktemp("secure")
     db = f"sqlite:///{root}/ann.db"
     store = AnnotationStore(db)
-    for name in ("dora", "erin", "fay", "hana", "jill"):
+    for name in ("dora", "erin", "fay", "hana", "jill", "kim", "lea"):
         store.add_user(name, password=f"{name}-password")
     store.queue(1, [{"id": f"s{i}", "prompt": f"Q{i}?", "response_a": f"A{i}", "response_b": f"B{i}"} for i in range(4)])
     proc, url, log = _serve(root, db, "--session-hours", str(SESSION_SECONDS / 3600), "--max-login-failures", "3",
@@ -476,15 +476,24 @@ def test_failed_logins_are_throttled_and_logged(secure_app):
     assert locked.status_code == 429 and "Too many failed logins" in locked.json()["detail"]
     time.sleep(6.5)
     assert _login(url, "fay", "fay-password")[1].status_code == 200  # the lockout is over
-    # per client address: three names that do not exist lock this address for every name
-    for name in ("nobody1", "nobody2", "nobody3"):
-        assert _login(url, name, "x")[1].status_code == 400
+    # per client address: far more failures (10 x 3 here, any names) lock the address for every name
+    for k in range(29):
+        assert _login(url, f"nobody{k}", "x")[1].status_code == 400
+    assert _login(url, "erin", "erin-password")[1].status_code == 200  # 29 failures: erin still logs in
+    assert _login(url, "nobody29", "x")[1].status_code == 400
     assert _login(url, "erin", "erin-password")[1].status_code == 429
+    # a forwarded header from an untrusted peer (here 127.0.0.1, which uvicorn trusts by default) changes nothing
+    spoofed = httpx.post(url + "login", data={"username": "erin", "password": "erin-password"},
+                         headers={"X-Forwarded-For": "10.9.9.9"})
+    assert spoofed.status_code == 429
+    assert httpx.post(url + "login", data={"username": "nobody4", "password": "x"},
+                      headers={"X-Forwarded-For": "10.9.9.9"}).status_code == 429
     time.sleep(6.5)
     assert _login(url, "erin", "erin-password")[1].status_code == 200
     log = (secure_app["root"] / "serve.log").read_text()
     assert log.count("failed login: user='fay' address=127.0.0.1") == 3 and "failed login: user='nobody2'" in log
     assert "login refused, too many failures: user='fay'" in log
+    assert "10.9.9.9" not in log
 
 
 def _fill_login(page: Any, user: str, password: str) -> None:
@@ -613,3 +622,53 @@ def test_an_admin_opening_the_page_holds_no_task_until_asking(app, chromium):
     assert len(held) == 1 and held[0]["task"] == page.locator("#context .conv").get_attribute("data-task")
     assert store.release_leases(user="root") == 1
     page.close()
+
+
+def _login_when_unlocked(url: str, user: str, password: str) -> tuple[httpx.Client, httpx.Response]:
+    """A login that waits out an address lockout left by an earlier test (same client address)."""
+    deadline = time.time() + 10
+    while True:
+        client, r = _login(url, user, password)
+        if r.status_code != 429 or time.time() > deadline:
+            return client, r
+        time.sleep(1)
+
+
+def test_an_ended_session_stays_ended_whatever_the_cookie_header_looks_like(secure_app):
+    """The session check used to parse only the last Cookie header with SimpleCookie, which gives up on input
+    that Starlette (Gradio's parser) reads leniently: such a cookie kept an ended session alive."""
+    url, store = secure_app["url"], secure_app["store"]
+    shapes = ["path=/; {c}", 'x="a; {c}', "a=b c; {c}", "{{=1; {c}", "{c}\n{c}", "{c}"]  # \n: two Cookie headers
+    for k, shape in enumerate(shapes):
+        kim, r = _login_when_unlocked(url, "kim", f"kim-password-{k}" if k else "kim-password")
+        assert r.status_code == 200, shape
+        cookie = next(f"{c.name}={c.value}" for c in kim.cookies.jar if c.name.startswith("access-token-unsecure"))
+        headers = [("Cookie", h) for h in shape.format(c=cookie).split("\n")]
+        assert httpx.get(url + "gradio_api/login_check", headers=headers).status_code == 200, shape  # the app reads it
+        store.set_password("kim", f"kim-password-{k + 1}")  # as `align annotate passwd` does: the session is over
+        time.sleep(1.2)  # the server caches a user's credential for 1 s
+        assert httpx.get(url + "gradio_api/login_check", headers=headers).status_code == 401, shape
+
+
+def test_reactivating_an_account_revives_no_session(secure_app):
+    url, db = secure_app["url"], secure_app["db"]
+    lea, r = _login_when_unlocked(url, "lea", "lea-password")
+    assert r.status_code == 200 and lea.get("gradio_api/login_check").status_code == 200
+    for verb in ("deactivate", "activate"):  # no request in between: the session must still be over
+        subprocess.run([sys.executable, "-m", "alignment.cli", "annotate", verb, "lea", "--db", db], check=True, cwd=REPO,
+                       capture_output=True)
+    time.sleep(1.2)
+    assert lea.get("gradio_api/login_check").status_code == 401
+    lea, r = _login_when_unlocked(url, "lea", "lea-password")  # a new login works
+    assert r.status_code == 200 and lea.get("gradio_api/login_check").status_code == 200
+
+
+def test_logout_cannot_be_triggered_from_another_site(secure_app):
+    url = secure_app["url"]
+    erin, r = _login_when_unlocked(url, "erin", "erin-password")
+    assert r.status_code == 200
+    for site in ("cross-site", "same-site"):  # a link on another site, or on another local port
+        assert erin.get("logout", headers={"Sec-Fetch-Site": site}).status_code == 403
+    assert erin.get("gradio_api/login_check").status_code == 200  # still logged in
+    erin.get("logout", headers={"Sec-Fetch-Site": "same-origin"})  # the app's own logout works
+    assert erin.get("gradio_api/login_check").status_code == 401

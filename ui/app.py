@@ -475,12 +475,16 @@ def _md(s: str) -> str:
 
 def launch(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 7860, guidelines: str = "", round: int | None = None,
            export_dir: str | Path | None = None, concurrency: int = 16, prevent_thread_lock: bool = False,
-           security: Any = None) -> Any:
+           security: Any = None, forwarded_allow_ips: str = "") -> Any:
     """Serve the app with login against the store's users (sessions, login throttling, SameSite cookies and the
     origin check of :mod:`ui.security`, with ``security`` a :class:`ui.security.SecurityPolicy`). Blocks unless
-    ``prevent_thread_lock``."""
+    ``prevent_thread_lock``. ``forwarded_allow_ips``: comma-separated proxy addresses whose ``X-Forwarded-For``
+    is believed (default none: the address is the TCP peer's)."""
     from ui.security import SecurityPolicy, middleware
 
+    # X-Forwarded-For / -Proto are believed only from these proxies (uvicorn reads FORWARDED_ALLOW_IPS when gradio
+    # builds its server; uvicorn's own default trusts 127.0.0.1, so any local process could pose as any address)
+    os.environ["FORWARDED_ALLOW_IPS"] = forwarded_allow_ips
     demo = build_app(store, guidelines=guidelines, round=round, export_dir=export_dir)
     demo.queue(default_concurrency_limit=concurrency)
     guard, auth = middleware(store, security or SecurityPolicy())

@@ -7,13 +7,18 @@ origin when the server listens on a non-loopback address, and sets its cookie ``
 - **sessions end** after ``session_hours`` (default 12), when the user's password changes
   (``align annotate passwd``) or the account is deactivated (``align annotate deactivate``): the
   next request finds its token gone and the page asks for a login again;
-- **logins are throttled**: after ``max_failures`` failed logins for one user name, or from one
-  client address, within ``lockout_seconds``, logins for that name or from that address are
-  refused (HTTP 429) for ``lockout_seconds``, before the password is checked; every failed or
+- **logins are throttled** (:class:`LoginThrottle`): ``max_failures`` failed logins for one user name
+  from one address within ``lockout_seconds`` refuse that name from that address (HTTP 429) for
+  ``lockout_seconds``, before the password is checked; an address and a name have far higher
+  ceilings, and a name's owner logging in from an address they used before is not locked out by
+  guesses from elsewhere; ``align annotate unlock NAME`` clears a name's locks; every failed or
   refused login is logged with the name and the address. Gradio's login page shows a message only
   for HTTP 400 (wrong credentials), so the middleware adds :data:`LOGIN_PAGE_JS` to the app's HTML:
   a refused login shows "Too many failed logins; try again in N s." above the Login button;
-- **cookies** are ``SameSite=Lax``;
+- **cookies** are ``SameSite=Lax``; a logout that another site's link or redirect navigates to
+  (``Sec-Fetch-Site: cross-site`` or ``same-site``, e.g. a page on another local port) is refused;
+- **forwarded headers** (``X-Forwarded-For``) are believed only from the proxies named by
+  ``align annotate serve --forwarded-allow-ips`` (none by default), so throttling and the log see the real peer;
 - **cross-origin requests** that change state (every method but GET/HEAD/OPTIONS, and websockets)
   are refused (403) when their ``Origin`` is not the app's own and not in ``allowed_origins``
   (``--allowed-origin``, e.g. a reverse proxy's public URL). Clients that send no ``Origin``
@@ -32,7 +37,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -66,38 +70,76 @@ class SecurityPolicy:
 
 
 class LoginThrottle:
-    """Failed logins per user name and per client address; ``max_failures`` within ``lockout_seconds`` locks that
-    name or address for ``lockout_seconds``."""
+    """Failed logins, counted so that an attacker cannot cheaply lock out others (as django-axes and similar
+    throttles do):
 
-    def __init__(self, max_failures: int, lockout_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    - per user name **and** address: ``max_failures`` within ``lockout_seconds`` lock that pair (the usual
+      password-guessing case; the same name from another address, e.g. the real annotator, still logs in);
+    - per address: ``address_factor`` x ``max_failures`` failures (any names) lock the address, so annotators
+      behind one proxy or NAT are not all refused because of a few typos;
+    - per user name over all addresses: ``name_factor`` x ``max_failures`` failures lock the name, except from
+      addresses that have logged in as that name before (a guessing botnet cannot lock out the account's owner);
+    - ``align annotate unlock NAME`` (``unlocked_at``: the time of the latest unlock) clears a name's locks.
+    """
+
+    def __init__(self, max_failures: int, lockout_seconds: float, clock: Callable[[], float] = time.time, *,
+                 address_factor: int = 10, name_factor: int = 4,
+                 unlocked_at: Callable[[str], float | None] | None = None, cache_seconds: float = 1.0) -> None:
         self.max_failures, self.lockout_seconds, self.clock = max_failures, lockout_seconds, clock
-        self._failures: dict[tuple[str, str], list[float]] = {}
-        self._locked_until: dict[tuple[str, str], float] = {}
+        self.address_factor, self.name_factor = address_factor, name_factor
+        self.unlocked_at, self.cache_seconds = unlocked_at, cache_seconds
+        self._failures: dict[tuple, list[float]] = {}
+        self._locked: dict[tuple, tuple[float, float]] = {}  # key -> (locked at, locked until)
+        self._known: dict[str, set[str]] = {}  # name -> addresses it logged in from
+        self._unlocks: dict[str, tuple[float, float | None]] = {}  # name -> (checked at, unlocked at)
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _keys(user: str, address: str) -> tuple[tuple[str, str], tuple[str, str]]:
-        return ("user", user.strip()), ("address", address)
+    def _limits(self, user: str, address: str) -> list[tuple[tuple, int]]:
+        user = user.strip()
+        return [(("pair", user, address), self.max_failures), (("address", address), self.max_failures * self.address_factor),
+                (("user", user), self.max_failures * self.name_factor)]
+
+    def _unlocked(self, user: str, now: float) -> float | None:
+        if self.unlocked_at is None:
+            return None
+        hit = self._unlocks.get(user)
+        if hit is None or now - hit[0] >= self.cache_seconds:
+            hit = (now, self.unlocked_at(user))
+            self._unlocks[user] = hit
+        return hit[1]
 
     def locked_for(self, user: str, address: str) -> float:
         """Seconds until a login for ``user`` from ``address`` is accepted again (0: now)."""
-        now = self.clock()
+        now, user = self.clock(), user.strip()
+        unlocked = self._unlocked(user, now)
         with self._lock:
-            return max(0.0, *(self._locked_until.get(k, now) - now for k in self._keys(user, address)))
+            wait = 0.0
+            for key, _ in self._limits(user, address):
+                if key[0] == "user" and address in self._known.get(user, ()):
+                    continue  # the owner's usual address is not locked out by guesses from elsewhere
+                at, until = self._locked.get(key, (now, now))
+                if unlocked is not None and key[0] != "address" and at <= unlocked:
+                    self._locked.pop(key, None)  # an admin unlocked the name after this lock began
+                    self._failures.pop(key, None)
+                    continue
+                wait = max(wait, until - now)
+            return wait
 
     def failure(self, user: str, address: str) -> None:
         now = self.clock()
         with self._lock:
-            for k in self._keys(user, address):
-                recent = [t for t in self._failures.get(k, []) if now - t < self.lockout_seconds] + [now]
-                if len(recent) >= self.max_failures:
-                    self._locked_until[k] = now + self.lockout_seconds
+            for key, limit in self._limits(user, address):
+                recent = [t for t in self._failures.get(key, []) if now - t < self.lockout_seconds] + [now]
+                if len(recent) >= limit:
+                    self._locked[key] = (now, now + self.lockout_seconds)
                     recent = []
-                self._failures[k] = recent
+                self._failures[key] = recent
 
     def success(self, user: str, address: str) -> None:
+        user = user.strip()
         with self._lock:
-            self._failures.pop(("user", user.strip()), None)
+            self._failures.pop(("pair", user, address), None)
+            self._known.setdefault(user, set()).add(address)
 
 
 class Sessions:
@@ -252,21 +294,27 @@ class SecurityMiddleware:
         own = f"{scheme}://{headers.get('host', '')}".lower()
         return origin == own or origin in self.policy.allowed_origins
 
-    def _check_session(self, gr_app: Any, headers: dict[str, str]) -> None:
+    def _check_session(self, gr_app: Any, scope: dict) -> None:
+        """End the session behind every access token this request carries, if it is over. The cookies are
+        read exactly as Starlette reads them for Gradio (every ``Cookie`` header, its lenient parser, the
+        last value of a name winning), so a token the app would accept is a token checked here."""
         tokens = getattr(gr_app, "tokens", None)
-        if not isinstance(tokens, dict) or "cookie" not in headers:
+        if not isinstance(tokens, dict):
             return
-        try:
-            cookies = SimpleCookie(headers["cookie"])
-        except CookieError:
-            return
+        from starlette.requests import cookie_parser
+
+        cookies: dict[str, str] = {}
+        for k, v in scope.get("headers", []):
+            if k.lower() == b"cookie":
+                cookies.update(cookie_parser(v.decode("latin-1")))
         cookie_id = getattr(gr_app, "cookie_id", "")
         for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
-            if name in cookies:
-                token = cookies[name].value
-                user = tokens.get(token)
-                if user is not None and not self.sessions.valid(token, user):
-                    tokens.pop(token, None)
+            token = cookies.get(name)
+            if token is None:
+                continue
+            user = tokens.get(token)
+            if user is not None and not self.sessions.valid(token, user):
+                tokens.pop(token, None)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -282,8 +330,15 @@ class SecurityMiddleware:
                             headers.get("origin"), address)
                 await _refuse(scope, send, 403, "cross-origin request refused (align annotate serve --allowed-origin)")
                 return
+            if (scope["type"] == "http" and scope.get("path", "").rstrip("/").endswith("/logout")
+                    and headers.get("sec-fetch-site") in ("cross-site", "same-site")):
+                # a link or a redirect from another page (SameSite=Lax lets top-level GETs carry the cookie):
+                # only the app's own pages, a typed URL or a non-browser client may end the session
+                log.warning("refused a logout navigated to from another site (address %s)", address)
+                await _refuse(scope, send, 403, "logout from another site refused; use the app's own Logout")
+                return
             gr_app = scope.get("app")
-            self._check_session(gr_app, headers)
+            self._check_session(gr_app, scope)
             login = method == "POST" and scope.get("path", "").rstrip("/").endswith("/login")
             if login:
                 body = await _read_body(receive)
@@ -334,6 +389,10 @@ def middleware(store: Any, policy: SecurityPolicy) -> tuple[Any, Callable[[str, 
     """(the Starlette ``Middleware`` entry for ``app_kwargs``, the ``auth`` callable) sharing one throttle."""
     from starlette.middleware import Middleware
 
-    throttle = LoginThrottle(policy.max_failures, policy.lockout_seconds)
+    def unlocked_at(user: str) -> float | None:
+        t = store.unlocked_at(user)
+        return None if t is None else t.timestamp()
+
+    throttle = LoginThrottle(policy.max_failures, policy.lockout_seconds, unlocked_at=unlocked_at)
     sessions = Sessions(store, policy.session_hours)
     return Middleware(SecurityMiddleware, policy=policy, sessions=sessions, throttle=throttle), guarded_auth(store, throttle)

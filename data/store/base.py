@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
-from sqlalchemy import create_engine, event, select, update
+from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -170,9 +170,23 @@ class StoreBase:
         the account deactivated) is over."""
         with self._tx(write=False) as s:
             user = s.scalars(select(User).where(User.name == name)).first()
+            # the account's session epoch: every (de)activation starts a new one, so `activate` revives no session
+            epoch = None if user is None else s.scalar(select(func.max(Event.id)).where(
+                Event.user_id == user.id, Event.action == "set-active"))
         if user is None or not user.active or user.kind != "human" or not user.password_hash:
             return None
-        return hashlib.sha256(user.password_hash.encode()).hexdigest()[:32]
+        return hashlib.sha256(f"{user.password_hash}|{epoch or 0}".encode()).hexdigest()[:32]
+
+    def unlock(self, name: str, *, by: str | None = None) -> None:
+        """Clear the login locks of ``name`` (a running server sees it within a second)."""
+        with self._tx() as s:
+            self._event(s, "unlock", self._user(s, name), by=by)
+
+    def unlocked_at(self, name: str) -> dt.datetime | None:
+        """When an admin last cleared ``name``'s login locks (None: never)."""
+        with self._tx(write=False) as s:
+            return s.scalar(select(func.max(Event.at)).join(User, User.id == Event.user_id)
+                            .where(User.name == name, Event.action == "unlock"))
 
     def authenticate(self, name: str, password: str) -> bool:
         """True for an active human user with this password. Takes the same time for unknown users."""
