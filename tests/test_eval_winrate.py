@@ -175,3 +175,17 @@ def test_cli_with_the_gold_judge(tiny_model, tmp_path):
     proc = run_cli("eval", "winrate", "--model", tiny_model, "--baseline", tiny_model, "--prompts",
                    str(no_ref), "--judge", "gold", "--out", str(tmp_path / "o2"))
     assert proc.returncode == 2 and "needs a reference answer for every prompt; 3 of 3 have none" in proc.stderr
+
+
+def test_rule_choices_come_from_the_registry(monkeypatch, capsys):
+    """A rule registered in reward.combine.RULES is accepted by `align eval winrate --rule` (it was hard-coded)."""
+    from alignment.evals import winrate
+    from reward.combine import RULES
+
+    monkeypatch.setitem(RULES, "my_rule", RULES["llama2"])
+    with pytest.raises(SystemExit):
+        winrate.cli(["--model", "m", "--baseline", "b", "--prompts", "p", "--rule", "nope"])
+    assert "my_rule" in capsys.readouterr().err  # listed among the choices
+    with pytest.raises(Exception) as err:  # accepted: it fails later, on the missing model, not in argparse
+        winrate.cli(["--model", "no-such-model", "--baseline", "b", "--prompts", "no-such-file.jsonl", "--rule", "my_rule"])
+    assert not isinstance(err.value, SystemExit) or err.value.code != 2

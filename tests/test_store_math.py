@@ -181,3 +181,13 @@ def test_the_label_fields_are_declared_once():
     assert (c.chosen, c.strength.value, c.safe_a, c.safe_b) == ("B", "better", True, None)
     assert c.meta["both_bad"] is True and c.meta["comment"] == "both vague"
     assert "comment" not in label_comparison(dataclasses.replace(rec, comment=None)).meta
+
+
+def test_majority_export_keeps_a_new_label_field(monkeypatch):
+    """A field added to META_FIELDS reaches the majority export's meta (it used to name every field itself)."""
+    import data.store.export as export
+
+    monkeypatch.setattr(export, "META_FIELDS", (*export.META_FIELDS, "seconds"))  # stand-in for a new label field
+    recs = [record(1, "x", "A", seconds=5.0), record(1, "y", "A", seconds=None), record(1, "z", "B", seconds=9.0)]
+    (c,) = plan_export(recs).comparisons
+    assert c.meta["seconds"] == {"x": 5.0, "z": 9.0}

@@ -324,7 +324,9 @@ def cli(argv: Sequence[str]) -> int:
                         "(similarity to each prompt's reference answer, toxicity, refusals; --prompts need references)")
     p.add_argument("--rm", help="reward model (helpfulness RM stage output or folder)")
     p.add_argument("--safety-rm", help="safety reward model: judge by the combined reward of --rm and this")
-    p.add_argument("--rule", default="llama2", choices=["llama2", "safe_rlhf"], help="how the two RMs combine")
+    from reward.combine import RULES  # the registry: a rule added there is accepted here
+
+    p.add_argument("--rule", default="llama2", choices=sorted(RULES), help="how the two RMs combine")
     p.add_argument("--reward-fn",
                    help="judge with a rule-based reward instead: module:function(prompt_messages, response) -> float")
     p.add_argument("--judge-model", default="smollm2-135m", help="chat model for --judge llm")

@@ -139,6 +139,12 @@ def majority_comparison(labels: Sequence[LabelRecord], *, weighted: bool = False
     comments = [f"{r.annotator} ({shown_as(r)}): {r.comment}" for r in labels if r.comment]
     if comments:
         meta["comments"] = comments
+    for name in META_FIELDS:  # any other label field: each annotator's value (a new field is never dropped)
+        if name in ("both_bad", "comment"):
+            continue  # counted / quoted above
+        values = {r.annotator: getattr(r, name) for r in labels if getattr(r, name) is not None}
+        if values:
+            meta[name] = values
     if first.task_meta:
         meta["task_meta"] = first.task_meta
     if votes["A"] == votes["B"]:
