@@ -117,23 +117,10 @@ def cmd_queue(a: argparse.Namespace) -> int:
     n = store.queue_file(a.round, a.pairs, labels=a.labels, overlap=a.overlap, overlap_labels=a.overlap_labels, seed=a.seed,
                          max_response_bytes=max_bytes)
     print(f"queued {n} tasks in round {a.round}; the round needs {store.missing_labels(a.round)} more labels")
-    warning = team_warning(store, a.round)
+    warning = store.team_warning(a.round)
     if warning:
         print(f"align annotate queue: warning: {warning}", file=sys.stderr)
     return 0
-
-
-def team_warning(store: Any, round: int) -> str | None:
-    """A warning when some task of ``round`` needs more labels than there are active annotators."""
-    waits = store.task_waits(round)
-    team = store.active_annotators()
-    most = max((w.missing for w in waits), default=0)
-    if most <= len(team):
-        return None
-    short = sum(w.missing > len(team) for w in waits)
-    return (f"{short} task(s) of round {round} need up to {most} labels but there are {len(team)} active annotators "
-            f"({', '.join(team) or 'none'}); each will be settled with fewer labels once every annotator has labelled "
-            "or skipped it. Add annotators (align annotate add-user) or queue fewer labels (--overlap-labels)")
 
 
 def cmd_waits(a: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import json
 import pytest
 from eval_helpers import make_two_round_run, run_cli, truthfulqa_result
 
-from alignment.evals import report
+from alignment.evals import report, report_annotation
 
 
 def _png(path) -> bool:
@@ -207,7 +207,7 @@ def test_annotation_section_names_who_labelled_each_round(tmp_path):
     assert "## Annotation" in md and _png(paths["annotators"])
     assert "| round 1 | simulated: rules | 8 | 8 | 0 | 0 | — | — (0) | — | — |" in md
     assert "| round 2 | people (2 annotators) | 10 | 12 | 1 | 1 | 1 | 0.50 (2) | 0.25 | 50.0% of 12 |" in md
-    annotation = report.annotation_of(run)
+    annotation = report_annotation.annotation_of(run)
     blocks = report.build_blocks(run, report.collect(run), {"gold": paths["annotators"]}, annotation)
     gold_caption = next(v for k, v in blocks if k == "p" and v.startswith("Mean gold score"))
     assert "is under Annotation" in gold_caption and "the gold judge labelled" not in gold_caption

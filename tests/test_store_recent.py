@@ -27,14 +27,15 @@ def test_recent_labels_change_and_closed_rounds(tmp_path):
         store.change_label("other", ids[3], Judgement(chosen="A", strength="better", safe_a=True, safe_b=True))
     with pytest.raises(AnnotationError, match="not one of 'other'"):
         store.label_task("other", ids[3])
+    t = store.next_task("ann")  # leased before the round closes
     store.close_round(1)
     assert store.closed_rounds() == {1} and not any(r.changeable for r in store.recent_labels("ann"))
+    assert store.next_task("ann") is None and store.next_task("other") is None  # a closed round's tasks leave the queue
     with pytest.raises(AnnotationError, match="round 1 is closed"):
         store.change_label("ann", ids[4], Judgement(chosen="B", strength="better", safe_a=True, safe_b=True))
     with pytest.raises(AnnotationError, match="round 1 is closed"):
         store.undo_last("ann")
-    t = store.next_task("ann")
-    with pytest.raises(AnnotationError, match="round 1 is closed"):
+    with pytest.raises(AnnotationError, match="round 1 is closed"):  # the lease taken before closing
         store.submit(t.token, "ann", Judgement(chosen="A", strength="better", safe_a=True, safe_b=True))
     store.reopen_round(1)
     assert store.closed_rounds() == set()

@@ -126,9 +126,7 @@ class Steps:
             store.queue_file(self.n, pairs, labels=a.labels, overlap=a.overlap,
                              overlap_labels=a.overlap_labels, seed=self.cfg.seed)
             if a.simulated is None:
-                from alignment.annotate import team_warning
-
-                warning = team_warning(store, self.n)
+                warning = store.team_warning(self.n)
                 if warning:
                     log.warning("round %d: %s", self.n, warning)
         n_pairs = len(pairs.read_text().splitlines())

@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from data.store.export import POLICIES, ExportPlan, LabelRecord, Policy, plan_export
 from data.store.label import AnnotationError, Judgement
-from data.store.queue import QueueStore
+from data.store.rounds import RoundStore
 from data.store.stats import summarize
 from data.store.tables import Assignment, Export, Label, Task, User
 from data.store.values import (
@@ -37,7 +37,7 @@ from data.store.values import (
 log = logging.getLogger(__name__)
 
 
-class AnnotationStore(QueueStore):
+class AnnotationStore(RoundStore):
     """The annotation database. Thread-safe: every method opens its own short transaction.
 
     Its parts: connection, transactions and users (:class:`data.store.base.StoreBase`), the task queue and
