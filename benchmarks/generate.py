@@ -20,7 +20,7 @@ pair sampling run it), fp32 on CPU.
   MKL's ``F.linear``, the transposed GEMM, prepacked oneDNN.
 - **Greedy check**: greedy answers of the engine and of ``model.generate`` on 16 prompts.
 
-Writes ``benchmarks/results/generate.json``; the README's "Generation speed" table is read from it.
+Writes ``benchmarks/results/generate.json``; the README's "Generation" section reports it.
 """
 
 from __future__ import annotations

@@ -696,3 +696,15 @@ def test_login_throttle_cannot_be_turned_against_others(store, clock):
     assert t.locked_for("bob", "6.6.6.6") == 0
     with pytest.raises(AnnotationError, match="unknown user"):
         store.unlock("nobody")
+
+
+def test_the_round_count_is_fresh_when_nothing_is_left_for_the_user(store):
+    """The page's count may lag by max_age seconds, except when the user has nothing left: then it is exact
+    (it used to say "remaining 1" beside "nothing left" after the round's last label)."""
+    store.queue(1, tasks(2))
+    assert store.progress("alice", round=1, max_age=60).missing == 2  # cached from here on
+    store.submit(store.next_task("alice", round=1).token, "alice", chosen="A")
+    assert store.progress("alice", round=1, max_age=60).missing == 2  # lags, but alice still has a task
+    store.submit(store.next_task("alice", round=1).token, "alice", chosen="B")
+    p = store.progress("alice", round=1, max_age=60)
+    assert p.available == 0 and p.missing == 0

@@ -273,6 +273,20 @@ def _with_login_js(html: bytes) -> bytes:
     return html.replace(b"</head>", LOGIN_PAGE_JS + b"</head>", 1)
 
 
+def _login_name(content_type: str, body: bytes) -> str:
+    """The user name a login form posts: URL-encoded (scripts) or multipart (the browser's login page)."""
+    if content_type.lower().startswith("multipart/form-data"):
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        msg = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body)
+        for part in msg.iter_parts() if msg.is_multipart() else ():
+            if part.get_param("name", header="content-disposition") == "username":
+                return str(part.get_content()).strip()
+        return ""
+    return parse_qs(body.decode("utf-8", "replace")).get("username", [""])[0].strip()
+
+
 def _lax(cookie: bytes) -> bytes:
     parts = [p for p in cookie.decode("latin-1").split(";")
              if p.strip().lower() not in ("samesite=none", "samesite=lax", "samesite=strict")]
@@ -342,7 +356,7 @@ class SecurityMiddleware:
             login = method == "POST" and scope.get("path", "").rstrip("/").endswith("/login")
             if login:
                 body = await _read_body(receive)
-                user = parse_qs(body.decode("utf-8", "replace")).get("username", [""])[0].strip()
+                user = _login_name(headers.get("content-type", ""), body)
                 wait = self.throttle.locked_for(user, address)
                 if wait > 0:
                     log.warning("login refused, too many failures: user=%r address=%s (%.0f s left)", user, address, wait)

@@ -421,6 +421,8 @@ class QueueStore(StoreBase):
             if closed_rounds:
                 open_q = open_q.where(Task.round.not_in(closed_rounds))
             available = int(s.scalar(open_q) or 0)
+            if not available and missing and max_age > 0:  # "nothing left to label" must not sit beside a stale count
+                missing, _ = self._round_counts(s, round, 0.0)
         return Progress(today, in_round, missing, available)
 
     def _round_counts(self, s: Session, round: int | None, max_age: float) -> tuple[int, int]:
