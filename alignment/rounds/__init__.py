@@ -9,16 +9,21 @@
 A round's steps (``runs/<project>/round-<N>/``):
 
   round 1: sft -> rm_helpful -> rm_safety -> policy -> eval -> promote
+           (with ``sample.first_round: true``: sft -> sample -> annotate -> export -> rm_helpful -> ...,
+           so round 1's reward models learn from its own labelled pairs too)
   round N: sample -> annotate -> export -> rm_before -> rm_helpful -> rm_safety -> policy -> eval -> promote
 
 - **sample**: a fresh draw of prompts (never used by an earlier round; ``sample.safety_share`` of
   them from the safety pool) answered twice by the current policy (or by it and the previous
   round's policy, ``sample.compare_previous``) at two temperatures; ``pairs.jsonl``, queued in the
   annotation store (``runs/<project>/annotations.db`` by default).
-- **annotate**: people label in the app (``align annotate serve --db ...``), or a simulated
-  annotator labels through the same store API (``annotation.simulated``: ``rules``, a reward
-  model, or ``module:function``); ``run`` stops here while labels are missing.
-- **export**: the round's comparisons, as a numbered, hashed export of the store.
+- **annotate**: people label in the app (``align annotate serve --project P``), or a simulated
+  annotator labels through the same store API (``annotation.simulated``: ``rules``, ``gold``, a reward
+  model, or ``module:function``); ``run`` stops here while a task still needs labels that an active
+  annotator could give (``align round status`` names each such task and why); a task every active
+  annotator labelled or skipped is settled with the labels it has.
+- **export**: the round's comparisons, as a numbered, hashed export of the store; it closes the round
+  first (later labels and changes are refused, so none is confirmed and then ignored).
 - **rm_before**: the previous round's reward models scored on this round's NEW comparisons
   before they train on them (how well last round's RM generalises to the new policy's outputs).
 - **rm_helpful / rm_safety**: retrained on ALL comparisons so far (``comparisons`` + every round's
