@@ -107,3 +107,23 @@ def test_ppo_refuses_test_prompts_as_its_validation_set(tmp_path, tiny_model):
         stage="ppo")
     with pytest.raises(TestSetRead, match="keep-best"):
         main(cfg)
+
+
+def test_a_project_judged_by_the_gold_rm_leaves_out_the_gold_models_prompts(tmp_path, monkeypatch):
+    """Every prompt set of a project (test, validation, pool) is disjoint from what the gold reward model
+    trained or was measured on; without the gold model the project is refused, naming the key."""
+    from alignment.config import ConfigError
+    from alignment.rounds.project import Project
+    from reward.gold import prompt_key
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    prompts = pool(40)
+    with pytest.raises(ConfigError, match="gold_rm judge needs its gold model.*align gold build --name g"):
+        Project.without_gold_prompts(prompts, "g")
+    seen = [prompts[i].messages for i in (0, 5, 9)]  # the gold trained on two of them, held out one
+    card = tmp_path / "cache" / "gold" / "g" / "card.json"
+    card.parent.mkdir(parents=True)
+    card.write_text(json.dumps({"prompt_keys": {"train": [prompt_key(m) for m in seen[:2]],
+                                                "held_out": [prompt_key(seen[2])]}}))
+    kept = Project.without_gold_prompts(prompts, "g")
+    assert len(kept) == 37 and not {prompt_key(m) for m in seen} & {prompt_key(p.messages) for p in kept}

@@ -73,11 +73,30 @@ class Project:
         from data.loaders import load_prompts
 
         pool = [p for src in cfg.sample.prompts for p in load_prompts(src)]
+        if "gold_rm" in cfg.eval.judges and cfg.eval.gold_model.startswith("gold:"):
+            pool = Project.without_gold_prompts(pool, cfg.eval.gold_model.split(":", 1)[1])
         try:
             return split_three(pool, cfg.eval.heldout, cfg.eval.validation, cfg.sample.safety_share, seed=cfg.seed)
         except ValueError as exc:
             key = "eval.validation" if str(exc).startswith("eval.validation") else "eval.heldout"
             raise ConfigError(key, str(exc), show_key=False) from None
+
+    @staticmethod
+    def without_gold_prompts(pool: list, name: str) -> list:
+        """``pool`` less every prompt the gold reward model ``name`` trained or was measured on (by its first
+        user turn, :func:`reward.gold.prompt_key`): a judge must not grade answers to prompts it learned."""
+        from reward.gold import gold_prompt_keys, prompt_key
+
+        try:
+            keys = gold_prompt_keys(name)
+        except FileNotFoundError as exc:
+            raise ConfigError("eval.gold_model", f"the gold_rm judge needs its gold model, to keep its prompts out of the "
+                                                 f"project: {exc}", show_key=False) from None
+        kept = [p for p in pool if prompt_key(p.messages) not in keys]
+        if len(kept) < len(pool):
+            log.info("left out %d of %d prompts: the gold model %r trained or was measured on them",
+                     len(pool) - len(kept), len(pool), name)
+        return kept
 
     # -- prompts: test (reported numbers only), validation (decisions) and the pool (everything else)
     @property
