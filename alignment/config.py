@@ -22,8 +22,9 @@ Shorthand: a section class may declare ``SHORTHAND: ClassVar[str]``, the field a
 (``eval.truthfulqa: [a.json]`` is ``eval.truthfulqa: {data: [a.json]}``).
 
 Renamed keys: a config class or section may declare ``RENAMED: ClassVar[dict[str, str]]`` (old dotted
-key or section -> new one, relative to it). Files and overrides that use an old name still load, for one release,
-with a warning naming the new key; giving both the old and the new name is an error.
+key or section -> new one, relative to it). Files and overrides that use an old name still load, up to version
+:data:`RENAMES_END` (then they are refused), with a warning naming the new key; giving both the old and the new
+name is an error.
 """
 
 from __future__ import annotations
@@ -334,6 +335,26 @@ def all_renames(cls: type, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# Old names load, with a warning, up to this version; from it on they are refused (an unknown key, with
+# the new name in the message). The project has not released yet: 0.1.0 is the first release.
+RENAMES_END = (0, 2, 0)
+
+
+def _installed_version() -> tuple[int, ...]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(x) for x in version("align-rlhf").split(".")[:3] if x.isdigit())
+    except PackageNotFoundError:
+        return (0, 0, 0)
+
+
+def _check_rename_allowed(old: str, new: str, where: str) -> None:
+    if _installed_version() >= RENAMES_END:
+        raise ConfigError(old, f"'{old}' was renamed '{new}' before {'.'.join(map(str, RENAMES_END))}, which no longer "
+                               "reads the old name; use the new one", where=where)
+
+
 def renamed_key(key: str, renames: dict[str, str]) -> tuple[str, str | None]:
     """(the current name of dotted ``key``, the old name it matched or None)."""
     for old, new in renames.items():
@@ -353,7 +374,9 @@ def _apply_renames(data: dict, lines: dict[str, int], renames: dict[str, str], s
             continue
         value = node.pop(leaf)
         where = f"{source}:{lines.get(old, '?')}"
-        log.warning("%s: '%s' is now '%s'; the old name still works in this release", where, old, new)
+        _check_rename_allowed(old, new, where)
+        log.warning("%s: '%s' is now '%s'; the old name works until version %s", where, old, new,
+                    ".".join(map(str, RENAMES_END)))
         *nparents, nleaf = new.split(".")
         target = data
         for part in nparents:
@@ -414,8 +437,9 @@ def load_config(
         key, value = _parse_override(text)
         key, old = renamed_key(key, renames)
         if old:
-            log.warning("command line: '%s' is now '%s'; the old name still works in this release",
-                        text.split("=", 1)[0].strip(), key)
+            _check_rename_allowed(text.split("=", 1)[0].strip(), key, "command line")
+            log.warning("command line: '%s' is now '%s'; the old name works until version %s",
+                        text.split("=", 1)[0].strip(), key, ".".join(map(str, RENAMES_END)))
         _set_dotted(data, key, value, cls)
         lines.pop(key, None)
     _expand_shorthands(cls, data)  # a bare value an override gave a section

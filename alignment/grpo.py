@@ -77,7 +77,7 @@ class GroupAlgoConfig:
 class GroupRLConfig:
     """GRPO / RLOO with TRL and our reward."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"algo": "grpo"}  # until the next release
+    RENAMED: ClassVar[dict[str, str]] = {"algo": "grpo"}  # old names load until alignment.config.RENAMES_END (0.2.0)
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig,

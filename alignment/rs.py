@@ -133,7 +133,7 @@ class RSEvalConfig:
 class RSConfig:
     """Rejection-sampling fine-tuning."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"prompts": "data"}  # until the next release
+    RENAMED: ClassVar[dict[str, str]] = {"prompts": "data"}  # old names load until alignment.config.RENAMES_END (0.2.0)
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig, doc="the policy: sampled, then fine-tuned on the pool")

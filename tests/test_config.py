@@ -206,3 +206,18 @@ def test_benchmark_sections_of_a_round_and_their_old_flat_keys(tmp_path, caplog)
     both.write_text("eval:\n  truthfulqa: {data: [a.json], sample: 3}\n  truthfulqa_sample: 4\n")
     with pytest.raises(ConfigError, match="both 'eval.truthfulqa_sample' and its new name 'eval.truthfulqa.sample' are set"):
         load_config(RoundConfig, both)
+
+
+def test_renamed_keys_have_an_end(tmp_path, monkeypatch):
+    """Old names load with a warning up to RENAMES_END; from that version on they are refused, naming the new one."""
+    import alignment.config as config
+    from alignment.ppo import PPOConfig
+
+    monkeypatch.setattr(config, "_installed_version", lambda: config.RENAMES_END)
+    with pytest.raises(ConfigError, match="'ppo.iterations' was renamed 'train.max_steps' before 0.2.0"):
+        load_config(PPOConfig, REPO / "configs/ppo.yaml", ["ppo.iterations=7"], stage="ppo")
+    old = tmp_path / "old.yaml"
+    old.write_text("stage: ppo\noptim:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError, match="'optim' was renamed 'train'"):
+        load_config(PPOConfig, old, stage="ppo")
+    assert load_config(PPOConfig, REPO / "configs/ppo.yaml", ["train.max_steps=7"], stage="ppo").train.max_steps == 7

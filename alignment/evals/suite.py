@@ -93,7 +93,7 @@ class EvalSuiteConfig:
     batch_size: int = option(16, "generation batch size")
     bootstrap: int = option(2000, "bootstrap resamples of the confidence intervals")
 
-    # keys of an older release (a section's RENAMED applies below it wherever the section sits)
+    # earlier names, loaded until alignment.config.RENAMES_END (a section's RENAMED applies below it wherever the section sits)
     RENAMED: ClassVar[dict[str, str]] = {"truthfulqa_sample": "truthfulqa.sample", "toxigen_per_group": "toxigen.per_group",
                                          "toxigen_max_new_tokens": "toxigen.max_new_tokens"}
 

@@ -213,7 +213,8 @@ class PPOEvalConfig:
 class PPOConfig:
     """PPO with a reward model (or rule-based reward), reference policy and critic."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"ppo.iterations": "train.max_steps", "optim": "train"}  # until the next release
+    # old names load until alignment.config.RENAMES_END (0.2.0)
+    RENAMED: ClassVar[dict[str, str]] = {"ppo.iterations": "train.max_steps", "optim": "train"}
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig,

@@ -110,7 +110,8 @@ class PromoteConfig:
 class RoundConfig:
     """A project of iterative RLHF rounds."""
 
-    RENAMED: ClassVar[dict[str, str]] = {m: f"policy.{m}" for m in ("rs", "ppo", "dpo")}  # until the next release
+    # old names load until alignment.config.RENAMES_END (0.2.0)
+    RENAMED: ClassVar[dict[str, str]] = {m: f"policy.{m}" for m in ("rs", "ppo", "dpo")}
 
     project: str = option("default", "project name: its folder is <root>/<project>")
     root: str = option("runs", "parent folder of projects")
