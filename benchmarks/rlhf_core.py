@@ -226,17 +226,33 @@ class Bench:
 
     # -- 2. samples --------------------------------------------------------------------------
     def stage_samples(self) -> None:
+        """K answers per train prompt, scored by the gold; in chunks of ``--sample-chunk`` prompts appended to
+        ``samples.partial.jsonl`` (a killed run continues after the last whole chunk; chunk c samples with
+        seed + c, so the result does not depend on where a run was killed)."""
         rows = self.prompts("train")
-        convs = [r["messages"] for r in rows for _ in range(self.a.k)]
-        gens = self.generate(convs, temperature=1.0, seed=self.a.seed)
-        gold = self.score("gold", convs, [g.text for g in gens])
-        out = []
-        for i, r in enumerate(rows):
-            block = range(i * self.a.k, (i + 1) * self.a.k)
-            out.append({"prompt": r["messages"], "category": r.get("category"),
-                        "samples": [{"text": gens[j].text, "tokens": len(gens[j].response_ids), "finished": gens[j].finished,
-                                     "gold": gold[j]} for j in block]})
+        partial = self.out / "samples.partial.jsonl"
+        if "samples" in self.a.redo:
+            partial.unlink(missing_ok=True)
+        out = _rows(partial) if partial.is_file() else []
+        if out and [r["prompt"] for r in out] != [r["messages"] for r in rows[: len(out)]]:
+            raise RuntimeError(f"{partial} holds other prompts than prompts/train.jsonl: delete it or use --redo samples")
+        chunk = self.a.sample_chunk
+        for start in range((len(out) // chunk) * chunk, len(rows), chunk):
+            part = rows[start:start + chunk]
+            convs = [r["messages"] for r in part for _ in range(self.a.k)]
+            gens = self.generate(convs, temperature=1.0, seed=self.a.seed + start // chunk)
+            gold = self.score("gold", convs, [g.text for g in gens])
+            done = []
+            for i, r in enumerate(part):
+                block = range(i * self.a.k, (i + 1) * self.a.k)
+                done.append({"prompt": r["messages"], "category": r.get("category"),
+                             "samples": [{"text": gens[j].text, "tokens": len(gens[j].response_ids),
+                                          "finished": gens[j].finished, "gold": gold[j]} for j in block]})
+            out = out[:start] + done
+            _write(partial, out)
+            _log(f"samples: {len(out)}/{len(rows)} prompts")
         _write(self.out / "samples.jsonl", out)
+        partial.unlink()
 
     # -- 3. proxies --------------------------------------------------------------------------
     def labelled_pairs(self) -> list[dict]:
@@ -548,6 +564,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-prompt-tokens", type=int, default=96)
     p.add_argument("--k", type=int, default=8, help="answers per train prompt")
     p.add_argument("--pairs-per-prompt", type=int, default=8)
+    p.add_argument("--sample-chunk", type=int, default=25, help="train prompts per saved chunk of the samples stage")
     p.add_argument("--pairs", default="250,1000,2400", help="nested proxy training sizes (the last is the largest proxy)")
     p.add_argument("--bon", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)

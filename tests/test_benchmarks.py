@@ -77,11 +77,14 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
                     "instances": [{"input": "", "output": f"word{i}"}], "is_classification": False}) + "\n" for i in range(20)))
     out = tmp_path / "bench"
     common = ["--out", str(out), "--data", str(data), "--gold", "gold:tiny", "--policy", "tiny-llama", "--train-prompts", "12",
-              "--fresh-prompts", "10", "--val-prompts", "6", "--test-prompts", "6", "--k", "4", "--pairs-per-prompt", "4",
+              "--fresh-prompts", "10", "--val-prompts", "6", "--test-prompts", "6", "--k", "4",
+              "--sample-chunk", "5", "--pairs-per-prompt", "4",
               "--pairs", "10,20,40", "--bon", "4", "--new-tokens", "8", "--gen-batch", "16", "--ppo-iterations", "2",
               "--ppo-rollout", "4", "--ppo-minibatch", "4", "--eval-every", "1", "--rm-max-length", "64",
               "--results", str(tmp_path / "results")]
     res = rlhf_core.main([*common, "--gold-pairs", "200", "--gold-model", "tiny-llama"])
+    assert len(json.loads((out / "samples.jsonl").read_text().splitlines()[0])["samples"]) == 4
+    assert not (out / "samples.partial.jsonl").exists()  # 12 prompts in chunks of 5: whole, and the partial file gone
     manifest = json.loads((out / "prompts" / "manifest.json").read_text())
     assert manifest["disjoint"] and {k: v["n"] for k, v in manifest["sets"].items()} == {
         "test": 6, "validation": 6, "fresh": 10, "train": 12}
