@@ -581,7 +581,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--proxy-layers", type=int, default=10, help="proxies: LoRA in the top N layers (0 = all)")
     p.add_argument("--ppo-layers", type=int, default=10, help="PPO policy and critic: LoRA in the top N layers (0 = all)")
-    p.add_argument("--gold-layers", type=int, default=10, help="the gold, when built here: LoRA in the top N layers (0 = all)")
+    p.add_argument("--gold-layers", type=int, default=0,
+                   help="the gold, when built here: LoRA in the top N layers (0 = all; top 6 at 128 tokens learned nothing)")
+    p.add_argument("--gold-max-length", type=int, default=320, help="the gold, when built here: tokens per sequence")
     p.add_argument("--results", type=Path, default=None, help="where the JSON's plots and history go (benchmarks/results)")
     a = p.parse_args(argv)
     a.pairs = [int(x) for x in a.pairs.split(",")]
@@ -595,7 +597,8 @@ def main(argv: list[str] | None = None) -> dict:
     if gold_name and not (gold_mod.gold_dir(gold_name) / "card.json").is_file():
         _log(f"building the gold {gold_name} on {a.gold_pairs} HH-RLHF pairs")
         gold_mod.build([str(a.data / "hh-rlhf" / s / "test.jsonl.gz") for s in ("helpful-base", "harmless-base")],
-                       name=gold_name, pairs=a.gold_pairs, model=a.gold_model, max_length=192, layers=a.gold_layers or None)
+                       name=gold_name, pairs=a.gold_pairs, model=a.gold_model, max_length=a.gold_max_length,
+                       layers=a.gold_layers or None)
     bench = Bench(a)
     done = {"prompts": "prompts/manifest.json", "samples": "samples.jsonl", "agreement": "agreement.jsonl", "bon": "bon.jsonl"}
     for stage in a.stages.split(","):

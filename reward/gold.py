@@ -90,7 +90,24 @@ def resolve(name_or_path: str) -> Path:
     if not folder.is_dir():
         hint = f"build it with `align gold build --name {name}`" if name else "no such folder"
         raise FileNotFoundError(f"gold model {name_or_path!r} is not built ({folder}): {hint}")
+    card_path = folder.parent / "card.json"
+    if card_path.is_file():
+        weak = weakness(json.loads(card_path.read_text()))
+        if weak:
+            raise ValueError(f"gold model {name_or_path!r} is not a gold: {weak}")
     return folder
+
+
+def weakness(card: dict) -> str | None:
+    """Why a built gold may not judge anything (None: it may): its held-out accuracy on human labels must
+    be above chance with 95% confidence. A gold at chance would make every curve measured against it noise."""
+    h = card.get("held_out") or {}
+    lo = (h.get("ci95") or [None])[0]
+    if lo is None or lo > 0.5:
+        return None
+    return (f"its held-out accuracy on human preferences is {100 * h['accuracy']:.1f}% [{100 * lo:.1f}, "
+            f"{100 * h['ci95'][1]:.1f}] (n={h.get('n')}), not above chance; rebuild it (align gold build --force; "
+            f"the recipe that learns: LoRA in every layer, --max-length 320)")
 
 
 def load_card(name: str = DEFAULT_NAME) -> dict:
@@ -172,7 +189,7 @@ def top_layers(model: str, n: int | None) -> list[int] | None:
 
 
 def build(data: Sequence[str], *, name: str = DEFAULT_NAME, pairs: int = 3000, model: str = "smollm2-135m",
-          max_length: int = 256, lr: float = 3e-4, batch_size: int = 8, lora_r: int = 16, seed: int = 0,
+          max_length: int = 320, lr: float = 3e-4, batch_size: int = 8, lora_r: int = 16, seed: int = 0,
           layers: int | None = None, force: bool = False) -> Path:
     """Train the gold on ``data`` (HH-RLHF files, folders or hub specs) and cache it; returns its folder.
     ``layers``: LoRA in the top this many layers only (None: all)."""
@@ -279,11 +296,14 @@ def cli(name: str, argv: Sequence[str]) -> int:
     b.add_argument("--name", default=DEFAULT_NAME)
     b.add_argument("--pairs", type=int, default=3000, help="training pairs at most (a seeded draw, each category in its share)")
     b.add_argument("--model", default="smollm2-135m", help="base model of the gold")
-    b.add_argument("--max-length", type=int, default=256)
+    b.add_argument("--max-length", type=int, default=320,
+                   help="tokens per sequence, cut from the left (the response stays); 320 keeps most HH dialogues")
     b.add_argument("--lr", type=float, default=3e-4)
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--lora-r", type=int, default=16)
-    b.add_argument("--top-layers", type=int, default=None, help="LoRA in the top N layers only (much faster on a CPU)")
+    b.add_argument("--top-layers", type=int, default=None,
+                   help="LoRA in the top N layers only (faster on a CPU; top 6 at --max-length 128 learned nothing: "
+                        "49.3%% held out, benchmarks/results/gold_hh-smollm2_attempt1.json)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild over an existing gold of this name")
     s = sub.add_parser("show", help="print a built gold model's card")

@@ -76,3 +76,19 @@ def test_too_little_data_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="too little data"):
         gold.build([str(small)], name="small", model="tiny-llama")
     assert not (tmp_path / "cache" / "gold" / "small").exists()
+
+
+def test_a_gold_at_chance_is_refused_wherever_it_would_judge(tmp_path, monkeypatch):
+    """Attempt 1 on HH-RLHF scored 49.3% [44.7, 54.0] on held-out human labels: such a gold is refused by name,
+    with its numbers, instead of silently judging."""
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    folder = gold.gold_dir("weak")
+    (folder / "model").mkdir(parents=True)
+    card = {"held_out": {"accuracy": 0.4933, "ci95": [0.4471, 0.5396], "n": 446}}
+    (folder / "card.json").write_text(json.dumps(card))
+    assert "49.3% [44.7, 54.0] (n=446), not above chance" in gold.weakness(card)
+    with pytest.raises(ValueError, match="'gold:weak' is not a gold: its held-out accuracy"):
+        gold.resolve("gold:weak")
+    card["held_out"] = {"accuracy": 0.667, "ci95": [0.615, 0.715], "n": 342}
+    (folder / "card.json").write_text(json.dumps(card))
+    assert gold.weakness(card) is None and gold.resolve("gold:weak") == folder / "model"
