@@ -35,7 +35,6 @@ import logging
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -220,17 +219,31 @@ def build(data: Sequence[str], *, name: str = DEFAULT_NAME, pairs: int = 3000, m
         raise ValueError(f"too little data for a gold model: {len(train)} training and {len(held)} held-out pairs")
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    # a fixed work folder with checkpoints every 25 steps: a build killed (a session ending, a reboot) continues
+    # from its last checkpoint when run again with the same arguments; other arguments start it afresh
+    tmp = root / f".{name}-build"
+    settings = {"data": [f.get("sha256", f["path"]) for f in files], "pairs": pairs, "model": model, "max_length": max_length,
+                "lr": lr, "batch_size": batch_size, "lora_r": lora_r, "seed": seed, "layers": layers}
+    same = (tmp / "settings.json").is_file() and json.loads((tmp / "settings.json").read_text()) == settings
+    resume = same and bool(list((tmp / "rm" / "checkpoints").glob("checkpoint-*")))
+    if not same:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "settings.json").write_text(json.dumps(settings))
+    elif resume:
+        log.info("continuing the build in %s from its last checkpoint", tmp)
+    else:
+        shutil.rmtree(tmp / "rm", ignore_errors=True)  # killed before its first checkpoint: start the training again
     try:
-        write_jsonl(tmp / "train.jsonl", [c.to_dict() for c in train])
+        write_jsonl(tmp / "train.jsonl", [c.to_dict() for c in train], overwrite=True)
         cfg = load_config(rm.RMConfig, Path(__file__).resolve().parents[1] / "configs" / "rm_helpful.yaml", [
             f"model.name={model}", f"run.output_dir={tmp / 'rm'}", "run.wandb=disabled", f"run.seed={seed}",
             f"data.sources=[{{path: '{tmp / 'train.jsonl'}', format: comparison}}]", "data.focus_share=null",
             "data.val_fraction=0.0", "margin=none", "train.num_epochs=1", f"train.batch_size={batch_size}",
             "train.grad_accum=1", f"train.lr={lr}", f"train.max_length={max_length}", "train.logging_steps=10",
-            "train.save_steps=100000", f"adapter.r={lora_r}", f"adapter.alpha={2 * lora_r}", "eval_batch_size=16",
+            "train.save_steps=25", f"adapter.r={lora_r}", f"adapter.alpha={2 * lora_r}", "eval_batch_size=16",
             f"adapter.layers={json.dumps(top_layers(model, layers))}"], stage="rm")
-        out = rm.main(cfg)
+        out = rm.main(cfg, resume=resume)
         shutil.move(str(out / "model"), str(tmp / "model"))
         summary = json.loads((out / "summary.json").read_text())
         scorer = load_scorer(str(tmp / "model"))
@@ -261,11 +274,12 @@ def build(data: Sequence[str], *, name: str = DEFAULT_NAME, pairs: int = 3000, m
         (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
         shutil.rmtree(tmp / "rm", ignore_errors=True)
         (tmp / "train.jsonl").unlink()
+        (tmp / "settings.json").unlink()
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (ValueError, TypeError):
+        shutil.rmtree(tmp, ignore_errors=True)  # bad input: nothing worth continuing
         raise
     return final
 

@@ -92,3 +92,28 @@ def test_a_gold_at_chance_is_refused_wherever_it_would_judge(tmp_path, monkeypat
     card["held_out"] = {"accuracy": 0.667, "ci95": [0.615, 0.715], "n": 342}
     (folder / "card.json").write_text(json.dumps(card))
     assert gold.weakness(card) is None and gold.resolve("gold:weak") == folder / "model"
+
+
+def test_a_killed_build_continues_from_its_last_checkpoint(tmp_path, monkeypatch, tiny_model):
+    """A gold build takes an hour or more on a CPU: killed, it continues from its checkpoint when run again."""
+    from reward import rm
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    helpful = write_jsonl(tmp_path / "helpful-base.jsonl", [_hh(i) for i in range(500)])
+    calls, real = [], rm.main
+
+    def killed_once(cfg, resume=False):
+        calls.append(resume)
+        out = real(cfg, resume=resume)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed after its checkpoints were written
+        return out
+
+    monkeypatch.setattr(rm, "main", killed_once)
+    args = dict(name="tiny", pairs=100, model="tiny-llama", max_length=64, lr=1e-3, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        gold.build([str(helpful)], **args)
+    work = tmp_path / "cache" / "gold" / ".tiny-build"
+    assert sorted(p.name for p in (work / "rm" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-25"]
+    folder = gold.build([str(helpful)], **args)
+    assert calls == [False, True] and (folder / "card.json").is_file() and not work.exists()
