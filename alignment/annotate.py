@@ -141,21 +141,12 @@ def cmd_release(a: argparse.Namespace) -> int:
 def cmd_set_labels(a: argparse.Namespace) -> int:
     store = _store(a.db)
     if a.cmd == "drop-task":
-        with_labels = store.set_labels_needed(a.round, a.task, _labels_done(store, a.round, a.task), by=getpass.getuser())
-        print(f"task {a.task!r} of round {a.round} dropped from what the round waits for (it keeps its {with_labels} labels)")
+        kept = store.set_labels_needed(a.round, a.task, None, by=getpass.getuser())
+        print(f"task {a.task!r} of round {a.round} dropped from what the round waits for (it keeps its {kept} labels)")
     else:
         store.set_labels_needed(a.round, a.task, a.labels, by=getpass.getuser())
         print(f"task {a.task!r} of round {a.round} now needs {a.labels} labels")
     return 0
-
-
-def _labels_done(store: Any, round: int, task: str) -> int:
-    for w in store.task_waits(round):
-        if w.uid == task:
-            return len(w.labelled)
-    from data.store import AnnotationError
-
-    raise AnnotationError(f"round {round} has no task {task!r} that still needs labels")
 
 
 def cmd_serve(a: argparse.Namespace) -> int:

@@ -230,15 +230,14 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
     def on_load(request: gr.Request) -> tuple:
         name = user_of(request)
         info = store.user(name)
-        is_admin = bool(info and info.is_admin)
-        if is_admin:  # an admin who only looks at progress must not hold a task for the lease's 30 minutes
+        if info and info.is_admin:  # an admin who only looks at progress must not hold a task for the lease's 30 minutes
             return (*task_outputs(name, None, "Admins get a task only when they ask: press **Get a task** to label."),
                     gr.Tab(visible=True))
         try:
             task = call(store.next_task, name, round=round)
         except Refused as exc:
-            return (*refused(str(exc)), gr.Tab(visible=is_admin))
-        return (*task_outputs(name, task, ""), gr.Tab(visible=is_admin))
+            return (*refused(str(exc)), gr.Tab(visible=False))
+        return (*task_outputs(name, task, ""), gr.Tab(visible=False))
 
     @inline
     def on_next(request: gr.Request) -> tuple:

@@ -60,7 +60,7 @@ class StoreBase:
         else:
             self.engine = create_engine(self.url, echo=echo, pool_size=10, max_overflow=40, pool_pre_ping=True)
         self._write_engine = self.engine.execution_options(immediate=True)
-        self._counts_cache: dict[int | None, tuple[float, tuple[int, int]]] = {}  # see progress(max_age=)
+        self._counts_cache: dict[int | None, tuple[float, int]] = {}  # see progress(max_age=)
         try:
             with self._tx() as s:
                 self.schema_version = migrate(s.connection(), self.clock(), self._safe_url())

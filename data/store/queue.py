@@ -408,7 +408,7 @@ class QueueStore(StoreBase):
             mine = select(func.count(Label.id)).where(Label.user_id == u.id)
             mine_round = mine if round is None else mine.where(Label.round == round)
             today, in_round = (int(s.scalar(q) or 0) for q in (mine.where(Label.created_at >= midnight), mine_round))
-            missing, _ = self._round_counts(s, round, max_age)
+            missing = self._round_missing(s, round, max_age)
             # tasks open to this user: what a lease would offer (not the ones others' leases fill) + the ones they hold
             mine_done = exists().where(Assignment.task_id == Task.id, Assignment.user_id == u.id,
                                        Assignment.status.in_(("submitted", "skipped")))
@@ -422,22 +422,22 @@ class QueueStore(StoreBase):
                 open_q = open_q.where(Task.round.not_in(closed_rounds))
             available = int(s.scalar(open_q) or 0)
             if not available and missing and max_age > 0:  # "nothing left to label" must not sit beside a stale count
-                missing, _ = self._round_counts(s, round, 0.0)
+                missing = self._round_missing(s, round, 0.0)
         return Progress(today, in_round, missing, available)
 
-    def _round_counts(self, s: Session, round: int | None, max_age: float) -> tuple[int, int]:
-        """(labels missing, open tasks) of a round (None: all), cached for ``max_age`` seconds."""
+    def _round_missing(self, s: Session, round: int | None, max_age: float) -> int:
+        """Labels a round (None: all) still needs, cached for ``max_age`` seconds."""
         at = time.monotonic()
         hit = self._counts_cache.get(round)
         if hit is not None and at - hit[0] <= max_age:
             return hit[1]
-        q = select(func.coalesce(func.sum(Task.labels_needed - Task.labels_done), 0), func.count()).where(
+        q = select(func.coalesce(func.sum(Task.labels_needed - Task.labels_done), 0)).where(
             Task.labels_done < Task.labels_needed)
         if round is not None:
             q = q.where(Task.round == round)
-        missing, open_tasks = s.execute(q).one()
-        self._counts_cache[round] = (at, (int(missing), int(open_tasks)))
-        return int(missing), int(open_tasks)
+        missing = int(s.scalar(q) or 0)
+        self._counts_cache[round] = (at, missing)
+        return missing
 
 
 def overlap_labels_fn(specs: Sequence[TaskSpec], labels: int, overlap: float, overlap_n: int, seed: int) -> list[int]:

@@ -103,15 +103,16 @@ class RoundStore(QueueStore):
                 self._event(s, "release", None, a.task_id, by=by, admin=True)
             return len(held)
 
-    def set_labels_needed(self, round: int, task: str, labels: int, *, by: str | None = None) -> int:
-        """Lower (or raise) how many labels one task needs; never below the labels it has. ``labels`` equal
-        to its labels so far drops it from what the round waits for (``align annotate drop-task``).
+    def set_labels_needed(self, round: int, task: str, labels: int | None, *, by: str | None = None) -> int:
+        """Lower (or raise) how many labels one task needs; never below the labels it has. ``labels`` None
+        (or equal to its labels so far) drops it from what the round waits for (``align annotate drop-task``).
         Live leases beyond the new count return to the queue. Returns the task's labels so far."""
-        if not isinstance(labels, int) or isinstance(labels, bool) or labels < 0:
+        if labels is not None and (not isinstance(labels, int) or isinstance(labels, bool) or labels < 0):
             raise AnnotationError(f"labels must be an integer >= 0, got {labels!r}")
         with self._tx() as s:
             self._check_open(s, round)
             t = self._task(s, round, task, lock=True)
+            labels = t.labels_done if labels is None else labels
             if labels < t.labels_done:
                 raise AnnotationError(f"task {task!r} of round {round} already has {t.labels_done} labels; it cannot need "
                                       f"fewer (undoing labels is the annotators' call)")
