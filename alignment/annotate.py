@@ -159,15 +159,22 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.guidelines and not path.is_file():
         raise FileNotFoundError(f"guidelines file {path} not found")
     guidelines = read_text_file(path) if path.is_file() else ""
+    from data.store import AnnotationError
+
+    if a.page_lease_seconds < 0 or not a.lease_minutes > 0:
+        raise AnnotationError("--page-lease-seconds must be >= 0 and --lease-minutes > 0")
     store = _store(a.db, lease_seconds=a.lease_minutes * 60, sqlite_synchronous=a.sqlite_synchronous)
     if not any(u.is_admin and u.kind == "human" for u in store.users()):
         print("align annotate serve: note: no admin user yet (align annotate add-user NAME --role admin)", file=sys.stderr)
     from ui.security import SecurityPolicy
 
     policy = SecurityPolicy(session_hours=a.session_hours, max_failures=a.max_login_failures,
-                            lockout_seconds=a.login_lockout_seconds, allowed_origins=list(a.allowed_origin))
+                            lockout_seconds=a.login_lockout_seconds, allowed_origins=list(a.allowed_origin),
+                            max_request_bytes=int(a.max_request_kb * 1024), max_comment_chars=a.max_comment_chars,
+                            max_reason_chars=a.max_skip_reason_chars, server_host=a.host)
     launch(store, host=a.host, port=a.port, guidelines=guidelines, round=a.round, export_dir=a.export_dir,
-           concurrency=a.concurrency, security=policy, forwarded_allow_ips=",".join(a.forwarded_allow_ips))
+           concurrency=a.concurrency, security=policy, forwarded_allow_ips=",".join(a.forwarded_allow_ips),
+           page_hold=a.page_lease_seconds or None)
     return 0
 
 
@@ -300,7 +307,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=7860)
     sp.add_argument("--guidelines", help="Markdown shown in the Guidelines panel (default configs/guidelines.md)")
     sp.add_argument("--round", type=int, default=None, help="serve only this round (default: every round, oldest first)")
-    sp.add_argument("--lease-minutes", type=float, default=30.0, help="a task returns to the queue after this long unlabelled")
+    sp.add_argument("--lease-minutes", type=float, default=30.0,
+                    help="the longest one annotator holds a task unlabelled, even with the page open (default 30)")
+    sp.add_argument("--page-lease-seconds", type=float, default=180.0,
+                    help="a task shown on a page is held this long after the page's last sign of life (it renews every "
+                         "quarter of this while open), so a page only opened, or closed, gives its task back soon "
+                         "(default 180; 0: hold for the whole --lease-minutes)")
     sp.add_argument("--export-dir", default="runs/annotations/exports", help="where the admin tab's export button writes")
     sp.add_argument("--concurrency", type=int, default=16, help="requests handled at once")
     sp.add_argument("--sqlite-synchronous", choices=["FULL", "NORMAL"], default="FULL",
@@ -316,7 +328,12 @@ def _parser() -> argparse.ArgumentParser:
                          "default no forwarded header is believed, so login throttling sees the real peer address")
     sp.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
                     help="another origin (scheme://host[:port]) whose pages may call the app, e.g. a reverse proxy's; "
-                         "requests from any other origin are refused (repeatable)")
+                         "requests from any other origin are refused (repeatable). A host NAME the app is reached by "
+                         "(not an IP address or localhost) must be the --host or one of these")
+    sp.add_argument("--max-request-kb", type=float, default=1024.0,
+                    help="refuse a request body (an upload too) over this many KiB with HTTP 413 (default 1024)")
+    sp.add_argument("--max-comment-chars", type=int, default=5000, help="the longest comment a label may carry (default 5000)")
+    sp.add_argument("--max-skip-reason-chars", type=int, default=500, help="the longest skip reason (default 500)")
 
     sp = add("export", cmd_export, "write a round's comparisons for the reward models (never overwrites)")
     sp.add_argument("--round", type=int, required=True)

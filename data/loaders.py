@@ -127,6 +127,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=path, line=lineno) from None
+                except RecursionError:
+                    raise DataError("JSON nested too deeply to read", path=path, line=lineno) from None
                 if not isinstance(row, dict):
                     raise DataError(f"expected a JSON object, got {type(row).__name__}", path=path, line=lineno)
                 yield lineno, row
@@ -136,6 +138,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"malformed JSON: {exc.msg}", path=path, line=exc.lineno) from None
+        except RecursionError:
+            raise DataError("JSON nested too deeply to read", path=path) from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):

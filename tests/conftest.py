@@ -80,3 +80,22 @@ def sft_rows() -> list[dict]:
         rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                                   {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
     return rows
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def chromium():
+    """Debian's Chromium driven by Playwright (never `playwright install`), or skip with what to install."""
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("/usr/bin/chromium not found: apt-get install -y chromium chromium-driver (.ci/run does)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright missing: pip install -e '.[browser]'")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

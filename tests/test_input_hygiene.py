@@ -92,6 +92,28 @@ def test_queue_refuses_long_responses_nul_and_nan_naming_file_line_and_key(tmp_p
         assert res.returncode == 2 and f"{pairs}:2: {where}" in res.stderr, (row, res.stderr)
 
 
+def test_queue_refuses_lone_surrogates_and_deep_nesting_naming_file_and_line(tmp_path):
+    """Both crashed `align annotate queue` with a traceback (UnicodeEncodeError, RecursionError)."""
+    from data.store import AnnotationStore
+    from data.store.pairs import MAX_DEPTH, read_tasks
+
+    ok = '{"prompt": "Q1", "response_a": "a", "response_b": "b"}\n'
+    pairs, db, res = _queue(tmp_path, ok + '{"prompt": "Q", "response_a": "A\\ud800", "response_b": "B"}\n')
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{pairs}:2: response_a: contains a lone surrogate '\\ud800' (at position 1)" in res.stderr, res.stderr
+    assert AnnotationStore(db).rounds() == []
+    deep = '{"prompt": "Q", "response_a": "A", "response_b": "B", "meta": %s1%s}\n'
+    f = tmp_path / "deep.jsonl"
+    f.write_text(ok + deep % ('{"x": ' * 100_000, "}" * 100_000))
+    with pytest.raises(DataError, match=r"deep.jsonl:2: JSON nested too deeply to read"):
+        read_tasks(f)
+    f.write_text(ok + deep % ('{"x": ' * (MAX_DEPTH + 1), "}" * (MAX_DEPTH + 1)))
+    with pytest.raises(DataError, match=rf"deep.jsonl:2: meta(\.x)+: nested more than {MAX_DEPTH} levels deep"):
+        read_tasks(f)
+    f.write_text(ok + deep % ('{"x": ' * (MAX_DEPTH - 1), "}" * (MAX_DEPTH - 1)))
+    assert len(read_tasks(f)) == 2  # nesting within the limit is kept
+
+
 def test_user_names_with_a_trailing_newline_or_space_are_refused(tmp_path):
     from data.store import AnnotationError, AnnotationStore
 

@@ -3,6 +3,7 @@ killed in the middle of a step and resumed, against an uninterrupted run; people
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_align
+from sqlalchemy import text
 from safetensors.torch import load_file
 
 from alignment.config import ConfigError, load_config
@@ -443,6 +445,105 @@ def test_people_in_the_loop(whole, tmp_path):
     assert not label.changeable
     with pytest.raises(AnnotationError, match="round 2 is closed"):
         store.change_label("alice", label.label_id, chosen="B", strength="better", safe_a=True, safe_b=True)
+
+
+@pytest.mark.browser
+def test_a_whole_round_with_two_annotators_and_an_admin_in_browsers(whole, tmp_path, chromium):
+    """Issue 22's round with people: two annotators and an admin in Chromium, a skip on an overlap task (with a
+    team of two, nobody else can label it: settled, not waited for), the admin only opening the page (no task
+    held), the round's run killed after its export, a label change after the export refused on the page, and
+    the round finished: the RMs train on exactly the labels that stand, and the report shows who gave them."""
+    from test_ui import _log_in, _serve
+
+    from data.store import AnnotationStore
+
+    _init(tmp_path, "team", "annotation.simulated=null", "annotation.overlap=0.25", "annotation.overlap_labels=2",
+          "annotation.export_policy=all")
+    project = tmp_path / "team"
+    shutil.copytree(whole / "round-1", project / "round-1")
+    res = run_align("round", "run", "--project", "team", "--root", str(tmp_path))
+    assert res.returncode == 0 and "waiting for annotations" in res.stdout, res.stderr[-3000:]
+    db = f"sqlite:///{project / 'annotations.db'}"
+    store = AnnotationStore(db)
+    for name, role in (("alice", "annotator"), ("bob", "annotator"), ("root", "admin")):
+        store.add_user(name, role=role, password=f"{name}-password")
+    with store.engine.connect() as c:
+        overlap = set(c.execute(text("select uid from tasks where round = 2 and labels_needed = 2")).scalars())
+    assert len(overlap) == 2
+    proc, url, log = _serve(project, db, "--page-lease-seconds", "6")
+    try:
+        admin = chromium.new_context().new_page()
+        admin.goto(url)
+        _log_in(admin, "root", admin=True)
+        pages = {}
+        for name in ("alice", "bob"):
+            pages[name] = chromium.new_context().new_page()
+            pages[name].goto(url)
+            _log_in(pages[name], name)
+        assert sorted(h["user"] for h in store.leases()) == ["alice", "bob"]  # the admin's open page holds nothing
+
+        def current(page) -> str | None:
+            conv = page.locator("#context .conv")
+            return conv.get_attribute("data-task") if conv.count() else None
+
+        skipped = None
+        while any(current(p) for p in pages.values()):
+            for name, page in pages.items():
+                uid = current(page)
+                if uid is None:
+                    continue
+                if name == "bob" and uid in overlap and skipped is None:
+                    page.locator("#skip-reason input").fill("I lack the expertise for this topic")
+                    page.locator("#skip-reason input").press("Enter")
+                    page.locator("#skip-btn").click()
+                    skipped = uid
+                else:
+                    page.locator("#progress").click()
+                    for key in ("a", "2", "q", "o"):
+                        page.keyboard.press(key)
+                    page.keyboard.press("Enter")
+                page.wait_for_function("(document.querySelector('#context .conv') || {dataset: {}}).dataset.task "
+                                       f"!== '{uid}'", timeout=30_000)
+        assert skipped is not None and store.leases() == []
+        labels = sorted((r.task_uid, r.annotator, r.chosen) for r in store.label_records() if r.round == 2)
+        assert {a for _, a, _ in labels} == {"alice", "bob"} and skipped not in {t for t, a, _ in labels if a == "bob"}
+
+        env = {**os.environ, "WANDB_MODE": "disabled"}
+        run = subprocess.Popen([sys.executable, "-m", "alignment.cli", "round", "run", "--project", "team", "--root",
+                                str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(project / "round-2" / "rm_helpful" / "checkpoints" / "checkpoint-2" / "trainer_state.json", run)
+        run.send_signal(signal.SIGKILL)  # killed while the helpfulness RM trains on the export
+        run.wait()
+        page = pages["alice"]  # alice wants to change a label now: refused on the page, nothing changes
+        page.get_by_text("My recent labels").click()
+        page.locator("#recent-pick input").click()
+        page.get_by_role("option").first.click()
+        page.locator("#change-btn").click()
+        page.wait_for_selector("#status:has-text('can no longer change')", timeout=30_000)
+        assert "Round 2 is closed" in page.locator("#status").inner_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+    res = run_align("round", "run", "--project", "team", "--root", str(tmp_path), timeout=900)
+    assert res.returncode == 0 and "all configured rounds are done" in res.stdout, res.stderr[-5000:]
+    steps = json.loads((project / "round-2" / "manifest.json").read_text())["steps"]
+    assert all(s["status"] == "done" for s in steps.values())
+    assert steps["annotate"]["outputs"]["settled_short"] == [
+        {"task": skipped, "labels": 1, "missing": 1, "skipped_by": ["bob"]}]
+    export = Path(steps["export"]["outputs"]["path"])
+    rows = [json.loads(line) for line in export.read_text().splitlines()]
+    assert sorted((r["meta"]["task"], r["annotator"], r["chosen"]) for r in rows) == labels  # exactly the labels that stand
+    for rm in ("rm_helpful", "rm_safety"):  # the reward models read this very file, unchanged since the export
+        entry = next(c for c in steps[rm]["inputs"]["comparisons"] if c.get("path") == str(export))
+        assert entry["sha256"] == hashlib.sha256(export.read_bytes()).hexdigest()
+    res = run_align("report", "--run", str(project))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = (project / "report" / "report.md").read_text()
+    assert "people (2 annotators)" in report and (project / "report" / "annotators.png").exists()
+    row = next(line for line in report.splitlines() if line.startswith("| round 2 |"))
+    assert f"| {len(labels)} |" in row
 
 
 def test_demo_prints_what_changed_with_cis(whole):

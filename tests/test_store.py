@@ -269,6 +269,35 @@ def test_expired_lease_returns_to_the_queue(store, clock):
     assert store.missing_labels(1) == 0
 
 
+def test_a_page_hold_is_short_renewed_while_open_and_capped_by_the_lease(store, clock):
+    """Issue 22 (2): opening the page held a task for the whole 30-minute lease. A page's hold is short and
+    renewed while the page lives, never past the lease; a page that stops renewing gives the task back."""
+    store.queue(1, tasks(2))
+    a = store.next_task("alice", hold=60)
+    issued = a.expires_at - dt.timedelta(seconds=60)
+    clock.advance(seconds=50)
+    assert store.renew(a.token, "alice", 60)
+    assert store.leases()[0]["expires"] == (issued + dt.timedelta(seconds=110)).isoformat()
+    for _ in range(10):  # an open page renewing every 50 s: held until the lease (600 s) runs out, not longer
+        clock.advance(seconds=50)
+        assert store.renew(a.token, "alice", 60)
+    assert store.leases()[0]["expires"] == (issued + dt.timedelta(seconds=600)).isoformat()
+    clock.advance(seconds=51)
+    assert not store.renew(a.token, "alice", 60) and store.leases() == []
+    assert store.next_task("bob").uid == a.uid  # back in the queue
+    b = store.next_task("carol", hold=60)  # the other task
+    clock.advance(seconds=61)  # carol's page closed: nothing renewed it
+    assert store.next_task("dave").uid == b.uid
+    assert not store.renew(b.token, "carol", 60)
+    with pytest.raises(AnnotationError, match="not assigned"):
+        store.renew(b.token, "dave", 60)
+    store.queue(2, [{"id": "long", "prompt": "Q?", "response_a": "a", "response_b": "b"}])
+    c = store.next_task("carol", hold=10_000)
+    assert c.uid == "long" and c.expires_at == clock() + dt.timedelta(seconds=600)  # a hold never exceeds the lease
+    with pytest.raises(AnnotationError, match="hold must be > 0"):
+        store.next_task("carol", hold=0)
+
+
 def test_late_submit_is_kept_when_nobody_took_the_task(store, clock):
     store.queue(1, tasks(1))
     a = store.next_task("alice")

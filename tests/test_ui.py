@@ -23,8 +23,6 @@ from ui.app import render_conversation, render_response
 
 XSS_A = '<img src=x onerror="window.__xss=1;alert(1)"> look, an image'
 XSS_B = "<script>window.__xss=2;alert(2)</script> ${window.__xss=3} {{constructor.constructor('window.__xss=4')()}}"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 
 # -- rendering (no server) -------------------------------------------------------------------------
@@ -59,21 +57,6 @@ def test_rendering_shows_the_conversation_and_the_randomised_sides():
 
 
 # -- a served app ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def chromium():
-    """Debian's Chromium driven by Playwright (never `playwright install`), or skip with what to install."""
-    if not os.path.exists("/usr/bin/chromium"):
-        pytest.skip("/usr/bin/chromium not found: apt-get install -y chromium chromium-driver (.ci/run does)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright missing: pip install -e '.[browser]'")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def _log_in(page: Any, user: str, *, admin: bool = False) -> None:
@@ -477,22 +460,16 @@ def test_failed_logins_are_throttled_and_logged(secure_app):
     assert locked.status_code == 429 and "Too many failed logins" in locked.json()["detail"]
     time.sleep(6.5)
     assert _login(url, "fay", "fay-password")[1].status_code == 200  # the lockout is over
-    # per client address: far more failures (10 x 3 here, any names) lock the address for every name
-    for k in range(29):
-        assert _login(url, f"nobody{k}", "x")[1].status_code == 400
-    assert _login(url, "erin", "erin-password")[1].status_code == 200  # 29 failures: erin still logs in
-    assert _login(url, "nobody29", "x")[1].status_code == 400
-    assert _login(url, "erin", "erin-password")[1].status_code == 429
-    # a forwarded header from an untrusted peer (here 127.0.0.1, which uvicorn trusts by default) changes nothing
-    spoofed = httpx.post(url + "login", data={"username": "erin", "password": "erin-password"},
-                         headers={"X-Forwarded-For": "10.9.9.9"})
-    assert spoofed.status_code == 429
-    assert httpx.post(url + "login", data={"username": "nobody4", "password": "x"},
-                      headers={"X-Forwarded-For": "10.9.9.9"}).status_code == 429
+    # a forwarded header from an untrusted peer (here 127.0.0.1, which uvicorn trusts by default) changes nothing:
+    # guesses "from 10.9.9.9" lock the pair (fay, 127.0.0.1), and 10.9.9.9 is never logged
+    for _ in range(3):
+        assert httpx.post(url + "login", data={"username": "fay", "password": "wrong"},
+                          headers={"X-Forwarded-For": "10.9.9.9"}).status_code == 400
+    assert _login(url, "fay", "fay-password")[1].status_code == 429
     time.sleep(6.5)
-    assert _login(url, "erin", "erin-password")[1].status_code == 200
+    assert _login(url, "fay", "fay-password")[1].status_code == 200
     log = (secure_app["root"] / "serve.log").read_text()
-    assert log.count("failed login: user='fay' address=127.0.0.1") == 3 and "failed login: user='nobody2'" in log
+    assert log.count("failed login: user='fay' address=127.0.0.1") == 6
     assert "login refused, too many failures: user='fay'" in log
     assert "10.9.9.9" not in log
 

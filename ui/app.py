@@ -30,10 +30,12 @@ A refused annotator action returns its message in the status output (index 12, s
 and leaves every other output unchanged.
 """
 
+import atexit
 import functools
 import html
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -48,6 +50,10 @@ log = logging.getLogger(__name__)
 CHOICES = ["A", "B"]
 UNDO_LABEL, UNDO_CONFIRM, UNDO_CONFIRM_SECONDS = "Undo last submission", "Confirm undo", 15
 EDIT_PREFIX = "edit:"  # the form's token while an earlier label is being changed
+EDIT_TOKEN = re.compile(r"edit:(\d{1,18})")
+RECENT_LABELS = 10  # "My recent labels" offers (and the server lets change) this many of the annotator's newest labels
+PAGE_HOLD_SECONDS = 180.0  # a task on a page that stops renewing (closed, asleep) returns to the queue after this
+ADMIN_ENDPOINTS = ("/admin_stats", "/export")  # left out of the API description an annotator can read
 N_OUTS, STATUS_AT = 18, 12  # what every annotator action returns, where its status line is (build_app's ``outs``)
 STRENGTHS = [(s.label, s.value) for s in Strength]
 SAFETY = [("Safe", "safe"), ("Unsafe", "unsafe")]
@@ -137,6 +143,17 @@ def _text(s: str) -> str:
     return html.escape(s, quote=True).replace("$", "&#36;").replace("{", "&#123;").replace("}", "&#125;")
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]()!#|~{}])")  # < > & are HTML-escaped first
+
+
+def md_text(value: Any) -> str:
+    """A value shown inside Markdown (status line, progress, tables) as plain text: HTML-escaped and every
+    Markdown-active character backslash-escaped, so a task id like ``<img src=x>`` or ``[x](javascript:...)``
+    shows as typed."""
+    text = " ".join(str(value).split())  # no line breaks: a value cannot start a heading or a list
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
+
+
 def render_conversation(task: LeasedTask | None) -> str:
     if task is None:
         return "<div class='empty'>Nothing left to label here. Thank you!</div>"
@@ -161,12 +178,21 @@ def render_response(task: LeasedTask | None, side: str) -> str:
 
 
 def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None = None,
-              export_dir: str | Path | None = None) -> Any:
-    """The Blocks app; launch it with :func:`launch` (login, CSS and keyboard shortcuts are set there)."""
+              export_dir: str | Path | None = None, max_comment_chars: int = 5000, max_reason_chars: int = 500,
+              page_hold: float | None = PAGE_HOLD_SECONDS) -> Any:
+    """The Blocks app; launch it with :func:`launch` (login, CSS and keyboard shortcuts are set there).
+    A comment or a skip reason longer than ``max_comment_chars`` / ``max_reason_chars`` is refused.
+
+    A task shown on a page is held for ``page_hold`` seconds, and the open page renews that every
+    ``page_hold / 4`` s (``/renew``), up to the store's lease (``--lease-minutes``) after it was handed out:
+    a page that was only opened, then closed, gives its task back within ``page_hold`` seconds.
+    ``None``: the store's full lease, no renewal."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     export_dir = Path(export_dir) if export_dir else Path("runs/annotations/exports")
+    downloads = Path(tempfile.mkdtemp(prefix="align-export-"))  # the admin's download copies: one at a time
+    atexit.register(shutil.rmtree, downloads, ignore_errors=True)
 
     def user_of(request: gr.Request) -> str:
         name = getattr(request, "username", None)
@@ -184,7 +210,7 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
     def progress_md(name: str) -> str:
         p = store.progress(name, round=round, max_age=2.0)  # the round's total may lag by 2 s; the user's own counts are exact
         scope = f"round {round}" if round is not None else "all rounds"
-        return (f"**{name}** · done today: **{p.done_today}** · remaining in {scope}: **{p.missing}** labels "
+        return (f"**{md_text(name)}** · done today: **{p.done_today}** · remaining in {scope}: **{p.missing}** labels "
                 f"({p.available} {'task' if p.available == 1 else 'tasks'} open to you)")
 
     def task_outputs(name: str, task: LeasedTask | None, status: str) -> tuple:
@@ -195,7 +221,7 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
 
     def recent_choices(name: str) -> list[tuple[str, str]]:
         out = []
-        for r in store.recent_labels(name, 10, round=round):
+        for r in store.recent_labels(name, RECENT_LABELS, round=round):
             prompt = " ".join(r.prompt.split())
             prompt = prompt if len(prompt) <= 48 else prompt[:47] + "…"
             strength = Strength(r.strength).label if r.strength else "-"
@@ -215,7 +241,23 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         try:
             return fn(*args, **kw)
         except AnnotationError as exc:
-            raise Refused(str(exc)) from None
+            raise Refused(md_text(exc)) from None  # the store's messages quote task ids and names: shown as typed
+
+    def edited_label(token: str, name: str) -> int:
+        """The label id an ``edit:<id>`` token names, if it is one of the user's last RECENT_LABELS (what the page
+        offers; the server enforces it, whatever a client sends)."""
+        m = EDIT_TOKEN.fullmatch(token)
+        if m is None:
+            raise Refused("Unknown task token; reload the page.")
+        label_id = int(m.group(1))
+        if label_id not in {r.label_id for r in store.recent_labels(name, RECENT_LABELS, round=round)}:
+            raise Refused(f"Only your last {RECENT_LABELS} labels can be changed here; label #{label_id} is not one of them.")
+        return label_id
+
+    def limited(text: str | None, limit: int, what: str) -> str | None:
+        if text is not None and len(text) > limit:
+            raise Refused(f"The {what} is {len(text)} characters long; the limit is {limit}. Shorten it and try again.")
+        return text
 
     def inline(handler: Any) -> Any:
         """Run an annotator action; a refusal (bad input, the store says no) becomes an inline message."""
@@ -234,7 +276,7 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
             return (*task_outputs(name, None, "Admins get a task only when they ask: press **Get a task** to label."),
                     gr.Tab(visible=True))
         try:
-            task = call(store.next_task, name, round=round)
+            task = call(store.next_task, name, round=round, hold=page_hold)
         except Refused as exc:
             return (*refused(str(exc)), gr.Tab(visible=False))
         return (*task_outputs(name, task, ""), gr.Tab(visible=False))
@@ -243,8 +285,32 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
     def on_next(request: gr.Request) -> tuple:
         """The task to label now (the one already held, or a new lease)."""
         name = user_of(request)
-        task = call(store.next_task, name, round=round)
+        task = call(store.next_task, name, round=round, hold=page_hold)
         return task_outputs(name, task, "" if task else "No task for you right now.")
+
+    def on_renew(token: str, request: gr.Request) -> tuple:
+        """The open page's heartbeat: keep holding its task. If the hold lapsed (the computer slept), take the
+        task again when it is still free (a new token, the form untouched), else show the next one."""
+        nothing = tuple([gr.skip()] * N_OUTS)
+        if not token or token.startswith(EDIT_PREFIX) or page_hold is None:
+            return nothing
+        name = user_of(request)
+        try:
+            if store.renew(token, name, page_hold):
+                return nothing
+            was = store.task_for(token, name)
+            if was.round in store.closed_rounds():
+                return nothing  # a submit will say so
+            task = store.next_task(name, round=round, hold=page_hold)
+        except AnnotationError:
+            return nothing
+        if task is not None and task.uid == was.uid and task.round == was.round:
+            if task.swapped == was.swapped:  # the same task, shown the same way: only its token changes
+                return (*[gr.skip()] * 3, task.token, *[gr.skip()] * (N_OUTS - 4))
+            return task_outputs(name, task, "⚠️ Your hold on this task lapsed while the page was idle; it is yours "
+                                            "again, with A and B drawn anew: please check your choices.")
+        return task_outputs(name, task, "⚠️ Your hold on that task lapsed while the page was idle and it went to "
+                                        "someone else; here is the next one.")
 
     @inline
     def on_submit(token: str, choice: str | None, strength: str | None, safe_a: str | None, safe_b: str | None,
@@ -258,9 +324,10 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
             raise Refused("Please choose " + ", ".join(missing) + ".")
         if choice not in CHOICES or strength not in [v for _, v in STRENGTHS] or {safe_a, safe_b} - {"safe", "unsafe"}:
             raise Refused("Unknown choice.")
+        comment = limited(comment, max_comment_chars, "comment")
         editing = token.startswith(EDIT_PREFIX)
         if editing:
-            label_id = int(token[len(EDIT_PREFIX):])
+            label_id = edited_label(token, name)
             task, _ = call(store.label_task, name, label_id)
         else:
             task = call(store.task_for, token, name)
@@ -270,9 +337,10 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                               safe_b=true_safe_b, both_bad=bool(both_bad), comment=comment or None)
         if editing:
             call(store.change_label, name, label_id, judgement)
-            return task_outputs(name, call(store.next_task, name, round=round), f"Changed your label #{label_id}.")
+            nxt = call(store.next_task, name, round=round, hold=page_hold)
+            return task_outputs(name, nxt, f"Changed your label #{label_id}.")
         result = call(store.submit, token, name, judgement)  # committed (fsynced) before the page moves on
-        nxt = call(store.next_task, name, round=round)
+        nxt = call(store.next_task, name, round=round, hold=page_hold)
         done = (f"Saved label #{result.label_id}." if not result.duplicate
                 else f"Already saved as label #{result.label_id} (submitted twice).")
         return task_outputs(name, nxt, done)
@@ -286,8 +354,9 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
             raise Refused("You are changing an earlier label: Submit the change, or reload the page to leave it as it was.")
         if not reason or not reason.strip():
             raise Refused("Please give a reason for skipping.")
+        limited(reason, max_reason_chars, "skip reason")
         call(store.skip, token, name, reason)
-        nxt = call(store.next_task, name, round=round)
+        nxt = call(store.next_task, name, round=round, hold=page_hold)
         return task_outputs(name, nxt, "Skipped.")
 
     @inline
@@ -302,7 +371,7 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         task = call(store.undo_last, name, round=round)
         if task is None:
             raise Refused("Nothing to undo.")
-        return task_outputs(name, task, f"Undid your last label (task {task.uid}); label it again.")
+        return task_outputs(name, task, f"Undid your last label (task {md_text(task.uid)}); label it again.")
 
     @inline
     def on_change_label(picked_label: str | None, request: gr.Request) -> tuple:
@@ -310,7 +379,7 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         name = user_of(request)
         if not picked_label:
             raise Refused("Pick one of your recent labels first.")
-        task, j = call(store.label_task, name, int(picked_label))
+        task, j = call(store.label_task, name, edited_label(f"{EDIT_PREFIX}{picked_label}", name))
         if task.round in store.closed_rounds():
             raise Refused(f"Round {task.round} is closed: label #{picked_label} can no longer change.")
         safe_left, safe_right = task.true_safety(j.safe_a, j.safe_b)  # the swap is its own inverse
@@ -318,8 +387,8 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         def shown(v: bool | None) -> str | None:
             return None if v is None else "safe" if v else "unsafe"
 
-        out = list(task_outputs(name, task, f"Changing your label #{picked_label} (task {task.uid}): change what you want, "
-                                            "then Submit. Reload the page to leave it as it was."))
+        out = list(task_outputs(name, task, f"Changing your label #{picked_label} (task {md_text(task.uid)}): change what you "
+                                            "want, then Submit. Reload the page to leave it as it was."))
         out[3:10] = [f"{EDIT_PREFIX}{picked_label}", "A" if j.chosen == task.true_choice("left") else "B", j.strength,
                      shown(safe_left), shown(safe_right), bool(j.both_bad), j.comment or ""]
         return tuple(out)
@@ -351,11 +420,13 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                f"`{res.path}`; {res.ties_dropped} ties dropped.")
         # The export folder is never served (anyone logged in could fetch it by path): the admin's download is
         # a copy that gradio moves into its cache under a content-hash URL only this response names.
-        copy = Path(tempfile.mkdtemp(prefix="align-export-")) / Path(res.path).name
+        for old in downloads.iterdir():  # gradio has moved the earlier copy into its cache (cleared hourly)
+            old.unlink(missing_ok=True)
+        copy = downloads / Path(res.path).name
         shutil.copyfile(res.path, copy)
         return msg, str(copy)
 
-    with gr.Blocks(title="align · annotation") as demo:
+    with gr.Blocks(title="align · annotation", delete_cache=(3600, 3600)) as demo:
         header = gr.Markdown(elem_id="progress")
         with gr.Accordion("Guidelines", open=False, elem_id="guidelines"):
             gr.Markdown(guidelines or "_No guidelines were given for this round._")
@@ -405,6 +476,7 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
                 export_file = gr.File(label="Export file", elem_id="export-file")
 
         undo_armed = gr.State(0.0)
+        heartbeat = gr.Timer(value=max(1.0, (page_hold or 0) / 4), active=page_hold is not None)
         outs = [context, left, right, token, choice, strength, safe_a, safe_b, both_bad, comment, reason,
                 header, status, submit, skip, undo, undo_armed, recent]
         assert len(outs) == N_OUTS and outs[STATUS_AT] is status
@@ -412,11 +484,13 @@ def build_app(store: AnnotationStore, *, guidelines: str = "", round: int | None
         submit.click(on_submit, [token, choice, strength, safe_a, safe_b, both_bad, comment], outs, api_name="submit")
         skip.click(on_skip, [token, reason], outs, api_name="skip")
         next_btn.click(on_next, None, outs, api_name="next_task")
+        heartbeat.tick(on_renew, [token], outs, api_name="renew", show_progress="hidden", queue=False)
         undo.click(on_undo, [undo_armed], outs, api_name="undo")
         change.click(on_change_label, [recent], outs, api_name="change_label")
-        refresh.click(on_admin_stats, [round_pick], [stats_md, round_pick], api_name="admin_stats")
+        refresh.click(on_admin_stats, [round_pick], [stats_md, round_pick], api_name="admin_stats", api_visibility="undocumented")
         admin_tab.select(on_admin_stats, [round_pick], [stats_md, round_pick], api_name=False)
-        export_btn.click(on_export, [round_pick, policy], [export_md, export_file], api_name="export")
+        export_btn.click(on_export, [round_pick, policy], [export_md, export_file], api_name="export",
+                         api_visibility="undocumented")
     return demo
 
 
@@ -468,13 +542,12 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _md(s: str) -> str:
-    return html.escape(s).replace("|", "\\|")
+_md = md_text
 
 
 def launch(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 7860, guidelines: str = "", round: int | None = None,
            export_dir: str | Path | None = None, concurrency: int = 16, prevent_thread_lock: bool = False,
-           security: Any = None, forwarded_allow_ips: str = "") -> Any:
+           security: Any = None, forwarded_allow_ips: str = "", page_hold: float | None = PAGE_HOLD_SECONDS) -> Any:
     """Serve the app with login against the store's users (sessions, login throttling, SameSite cookies and the
     origin check of :mod:`ui.security`, with ``security`` a :class:`ui.security.SecurityPolicy`). Blocks unless
     ``prevent_thread_lock``. ``forwarded_allow_ips``: comma-separated proxy addresses whose ``X-Forwarded-For``
@@ -484,11 +557,15 @@ def launch(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 7860,
     # X-Forwarded-For / -Proto are believed only from these proxies (uvicorn reads FORWARDED_ALLOW_IPS when gradio
     # builds its server; uvicorn's own default trusts 127.0.0.1, so any local process could pose as any address)
     os.environ["FORWARDED_ALLOW_IPS"] = forwarded_allow_ips
-    demo = build_app(store, guidelines=guidelines, round=round, export_dir=export_dir)
+    policy = security or SecurityPolicy()
+    policy.server_host = policy.server_host or host
+    demo = build_app(store, guidelines=guidelines, round=round, export_dir=export_dir,
+                     max_comment_chars=policy.max_comment_chars, max_reason_chars=policy.max_reason_chars, page_hold=page_hold)
     demo.queue(default_concurrency_limit=concurrency)
-    guard, auth = middleware(store, security or SecurityPolicy())
+    guard, auth = middleware(store, policy, admin_endpoints=ADMIN_ENDPOINTS)
     demo.launch(server_name=host, server_port=port, auth=auth, auth_message="Log in with the account your admin created.",
                 css=CSS, js=JS, footer_links=["settings"], prevent_thread_lock=prevent_thread_lock, quiet=False,
+                max_file_size=policy.max_request_bytes,
                 blocked_paths=[str(Path(export_dir or "runs/annotations/exports").resolve())],
                 app_kwargs={"middleware": [guard]})
     return demo

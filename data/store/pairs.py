@@ -72,24 +72,33 @@ def _source(value: Any, key: str) -> dict | None:
 
 
 MAX_RESPONSE_BYTES = 32 * 1024  # a response longer than this is refused at queue time (configurable)
+MAX_DEPTH = 32  # objects and lists nested deeper than this in a row are refused (the store and exports recurse)
 
 
-def _check_values(value: Any, key: str) -> None:
-    """No NUL characters in text and no NaN/infinity in numbers anywhere in a row: exports stay valid JSON
-    (and PostgreSQL text columns accept every string)."""
+def _check_values(value: Any, key: str, depth: int = 0) -> None:
+    """No NUL characters or lone surrogates in text, no NaN/infinity in numbers, no nesting deeper than
+    :data:`MAX_DEPTH` anywhere in a row: exports stay valid UTF-8 JSON (and PostgreSQL text columns accept
+    every string)."""
+    if depth > MAX_DEPTH:
+        raise DataError(f"nested more than {MAX_DEPTH} levels deep", key=key)
     if isinstance(value, str):
         if "\x00" in value:
             raise DataError(f"contains a NUL character (at position {value.index(chr(0))})", key=key)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"contains a lone surrogate {value[exc.start]!r} (at position {exc.start}), "
+                            "which is not valid UTF-8", key=key) from None
     elif isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
             raise DataError(f"not a finite number: {value!r}", key=key)
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_values(k, key)
-            _check_values(v, f"{key}.{k}")
+            _check_values(k, key, depth + 1)
+            _check_values(v, f"{key}.{k}", depth + 1)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _check_values(v, f"{key}[{i}]")
+            _check_values(v, f"{key}[{i}]", depth + 1)
 
 
 def parse_task(row: dict, *, max_bytes: int | None = MAX_RESPONSE_BYTES) -> TaskSpec:

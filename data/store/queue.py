@@ -109,23 +109,37 @@ class QueueStore(StoreBase):
             q = q.where(Assignment.user_id != except_user)
         return q
 
-    def lease_tasks(self, user: str, n: int = 1, *, round: int | None = None) -> list[LeasedTask]:
+    def lease_tasks(self, user: str, n: int = 1, *, round: int | None = None, hold: float | None = None) -> list[LeasedTask]:
         """Up to ``n`` tasks for ``user``: the live leases they hold first, then new ones in queue order.
 
         A task is offered only if it still needs labels once every live lease counts as one, and the
-        user has neither labelled nor skipped it. A lease lasts ``lease_seconds``; an expired one
-        frees its slot for others.
+        user has neither labelled nor skipped it. A lease lasts ``lease_seconds``, or ``hold`` seconds when
+        given (a page that renews it while open, :meth:`renew`); an expired one frees its slot for others.
         """
         if n < 1:
             raise AnnotationError(f"n must be >= 1, got {n}")
-        return self._retrying(lambda: self._lease(user, n, round))
+        if hold is not None and not hold > 0:
+            raise AnnotationError(f"hold must be > 0 seconds, got {hold}")
+        return self._retrying(lambda: self._lease(user, n, round, hold))
 
-    def next_task(self, user: str, *, round: int | None = None) -> LeasedTask | None:
+    def next_task(self, user: str, *, round: int | None = None, hold: float | None = None) -> LeasedTask | None:
         """The task ``user`` should label now (the one they already hold, or a new lease); None when done."""
-        got = self.lease_tasks(user, 1, round=round)
+        got = self.lease_tasks(user, 1, round=round, hold=hold)
         return got[0] if got else None
 
-    def _lease(self, name: str, n: int, round: int | None) -> list[LeasedTask]:
+    def renew(self, token: str, user: str, hold: float) -> bool:
+        """Keep a lease ``user`` still holds for ``hold`` more seconds (a page that is still open says so), but
+        never past ``lease_seconds`` after it was issued: a task open on a page nobody works on goes back to
+        the queue then. False when the lease is no longer theirs (labelled, skipped, released or expired)."""
+        now = self.clock()
+        with self._tx() as s:
+            a = self._assignment(s, token, self._user(s, user, active=True))
+            if a.status != "leased" or a.expires_at <= now:
+                return False
+            a.expires_at = max(a.expires_at, min(now + dt.timedelta(seconds=hold), a.issued_at + self.lease))
+            return True
+
+    def _lease(self, name: str, n: int, round: int | None, hold: float | None = None) -> list[LeasedTask]:
         now = self.clock()
         out: list[LeasedTask] = []
         with self._tx() as s:
@@ -170,7 +184,8 @@ class QueueStore(StoreBase):
                     s.add(a)
                 a.token = secrets.token_urlsafe(18)
                 a.swapped = secrets.randbelow(2) == 1
-                a.status, a.issued_at, a.expires_at, a.finished_at = "leased", now, now + self.lease, None
+                span = self.lease if hold is None else min(self.lease, dt.timedelta(seconds=hold))
+                a.status, a.issued_at, a.expires_at, a.finished_at = "leased", now, now + span, None
                 s.flush()
                 self._event(s, "lease", u, t.id, token=a.token, swapped=a.swapped)
                 out.append(self._view(a, t))
