@@ -54,9 +54,9 @@ from alignment import distributed
 from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
 from alignment.config import check, option
 from alignment.models import ModelConfig
+from alignment.preferences import PreferenceDataConfig, load_data, on_disk
 from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
 from alignment.training import TrainConfig, mean_logged_loss, metrics_callback, trainer_kwargs
-from data.loaders import DataSource
 
 if TYPE_CHECKING:
     import torch
@@ -76,23 +76,6 @@ MARGIN_TABLES: dict[str, dict[str, float]] = {
     "small": {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0},
     "large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligibly_better": 0.0},
 }
-
-
-@dataclass
-class DPODataConfig:
-    """Preference pairs."""
-
-    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:comparisons")],
-                                       doc="preference datasets to mix: our comparisons, HH-RLHF, PKU-SafeRLHF or TRL "
-                                           "prompt/chosen/rejected (see data.loaders.DataSource)")
-    val_fraction: float = option(0.1, "share of pairs held out for evaluation (chosen by a hash of the prompt)")
-    drop_chosen_unsafe: bool = option(True, "drop pairs whose chosen response is labelled unsafe and the rejected one safe "
-                                            "(Llama 2 drops them from safety data)")
-
-    def __post_init__(self) -> None:
-        check(bool(self.sources), "sources", "needs at least one data source")
-        check(0 < self.val_fraction < 1, "val_fraction",
-              f"must be in (0, 1): the held-out pairs measure the result, got {self.val_fraction}")
 
 
 @dataclass
@@ -132,7 +115,7 @@ class DPOConfig:
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig, doc="policy to optimise (and, frozen, the reference)")
-    data: DPODataConfig = option(factory=DPODataConfig, doc="preference pairs")
+    data: PreferenceDataConfig = option(factory=PreferenceDataConfig, doc="preference pairs")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-4), doc="optimisation (batch_size counts pairs; lr 1e-4 suits "
                                                                           "LoRA, use ~5e-7 to 5e-6 for full fine-tuning)")
     adapter: AdapterConfig = option(factory=AdapterConfig,
@@ -171,25 +154,6 @@ def preference_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict
 
 # ---------------------------------------------------------------------------------------------
 # setup
-
-
-def load_data(cfg: DPODataConfig, seed: int) -> tuple[list[Comparison], list[Comparison]]:
-    """(1) (train, held-out) comparisons from the configured mixture."""
-    from data.loaders import load_comparisons
-    from data.mixing import mix, split
-    from data.schemas import SafetyBin
-
-    pairs = mix([(load_comparisons(src), src.weight) for src in cfg.sources], seed=seed)
-    if cfg.drop_chosen_unsafe:
-        kept = [c for c in pairs if c.safety_bin is not SafetyBin.CHOSEN_UNSAFE_OTHER_SAFE]
-        if len(kept) < len(pairs):
-            log.info("dropped %d pairs whose chosen response is unsafe and rejected one safe", len(pairs) - len(kept))
-        pairs = kept
-    train, val, _ = split(pairs, val_fraction=cfg.val_fraction, seed=seed, at_least_one_val=True)
-    if not train or not val:
-        raise ValueError(f"{len(pairs)} pairs give {len(train)} for training and {len(val)} held out; "
-                         "add data or change data.val_fraction")
-    return train, val
 
 
 def to_rows(pairs: Sequence[Comparison], margin_mode: str) -> list[dict]:
@@ -238,8 +202,8 @@ def build_trainer(cfg: DPOConfig, out: Path, train: list, val: list, logger: Met
     )
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_cfg,
-        train_dataset=_on_disk(to_rows(train, cfg.dpo.margin), out / "datasets" / "train"),
-        eval_dataset=_on_disk(to_rows(val, "none"), out / "datasets" / "eval"),
+        train_dataset=on_disk(to_rows(train, cfg.dpo.margin), out / "datasets" / "train"),
+        eval_dataset=on_disk(to_rows(val, "none"), out / "datasets" / "eval"),
         callbacks=[metrics_callback(logger)] if logger else None,
     )
     if cfg.dpo.margin != "none":
@@ -249,18 +213,6 @@ def build_trainer(cfg: DPOConfig, out: Path, train: list, val: list, logger: Met
             trainer.train_dataset = trainer.train_dataset.map(
                 lambda ex: {"ref_chosen_logps": ex["ref_chosen_logps"] + ex["margin"] / beta}, desc="Applying per-pair margins")
     return trainer
-
-
-def _on_disk(rows: list[dict], folder: Path):
-    """The pairs as an on-disk dataset. TRL caches tokenised pairs and precomputed reference log-probs
-    next to a dataset's files: every rank of a multi-process run must find them (an in-memory
-    dataset would cache into a per-process temporary folder), and a resumed run reuses them."""
-    import datasets
-
-    if distributed.is_main() and not (folder / "state.json").is_file():
-        datasets.Dataset.from_list(rows).save_to_disk(str(folder))
-    distributed.barrier()
-    return datasets.load_from_disk(str(folder))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Literal
 from alignment import distributed
 from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
 from alignment.config import check, option
-from alignment.dpo import DPODataConfig, _on_disk, load_data
 from alignment.models import ModelConfig
+from alignment.preferences import PreferenceDataConfig, load_data, on_disk
 from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
 from alignment.training import TrainConfig, mean_logged_loss, metrics_callback, trainer_kwargs
 
@@ -63,7 +63,8 @@ class KTOConfig:
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig, doc="policy to optimise (and, frozen, the reference)")
-    data: DPODataConfig = option(factory=DPODataConfig, doc="preference pairs, unpaired into desirable / undesirable answers")
+    data: PreferenceDataConfig = option(factory=PreferenceDataConfig,
+                                        doc="preference pairs, unpaired into desirable / undesirable answers")
     train: TrainConfig = option(factory=lambda: TrainConfig(lr=1e-4),
                                 doc="optimisation (batch_size counts answers, >= 2 for the KL estimate)")
     adapter: AdapterConfig = option(factory=AdapterConfig, doc="full fine-tuning or LoRA (reference = adapter disabled)")
@@ -107,8 +108,8 @@ def build_trainer(cfg: KTOConfig, out: Path, train: list, val: list, logger: Met
                         loss_type=cfg.kto.loss_type, desirable_weight=cfg.kto.desirable_weight,
                         undesirable_weight=cfg.kto.undesirable_weight)
     return KTOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_cfg,
-                      train_dataset=_on_disk(to_rows(train), out / "datasets" / "train"),
-                      eval_dataset=_on_disk(to_rows(val), out / "datasets" / "eval"),
+                      train_dataset=on_disk(to_rows(train), out / "datasets" / "train"),
+                      eval_dataset=on_disk(to_rows(val), out / "datasets" / "eval"),
                       callbacks=[metrics_callback(logger)] if logger else None)
 
 

@@ -68,7 +68,7 @@ def build_scorer(cfg: RewardConfig, device: str = "auto") -> tuple[Any, dict[str
     for key in ("helpful", "safety"):
         path = getattr(cfg, key)
         if path is not None and path.startswith("gold:"):  # a cached gold reward model (reward.gold)
-            from reward.gold import resolve
+            from reward.gold_cache import resolve
 
             try:
                 resolve(path)

@@ -199,7 +199,7 @@ def load_scorer(name_or_path: str, *, device: str = "auto", batch_size: int = 16
     from alignment.models import load_tokenizer, resolve
 
     if name_or_path.startswith("gold:"):  # a cached gold reward model (reward.gold)
-        from reward.gold import resolve as resolve_gold
+        from reward.gold_cache import resolve as resolve_gold
 
         name_or_path = str(resolve_gold(name_or_path))
     resolved = resolve(name_or_path)

@@ -21,12 +21,12 @@ from alignment.dpo import (
     DPOConfig,
     build_trainer,
     implicit_rewards,
-    load_data,
     main,
     pair_margin,
     preference_metrics,
     to_rows,
 )
+from alignment.preferences import load_data
 from alignment.runs import read_metrics
 from data.schemas import Comparison
 

@@ -1,6 +1,6 @@
 """The annotation web app (Gradio 6). It only calls :class:`data.store.AnnotationStore`.
 
-Length (~460 lines): one page (layout, CSS, keyboard JS, callbacks) that must be read together; security is ui/security.py.
+Length (~570 lines): one page (layout, CSS, keyboard JS, callbacks) that must be read together; security is ui/security.py.
 
     align annotate serve --db sqlite:///runs/annotations.db --host 127.0.0.1 --port 7860 \\
         --guidelines configs/guidelines.md

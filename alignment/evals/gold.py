@@ -232,7 +232,7 @@ class GoldScorer(_ByPrompt):
 
 def mean_ci(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0) -> dict:
     """{n, mean, ci_low, ci_high}: the mean with a 95% percentile bootstrap CI."""
-    from alignment.evals.winrate import bootstrap_ci
+    from alignment.evals.results import bootstrap_ci
 
     lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed)
     return {"n": len(values), "mean": sum(values) / len(values), "ci_low": lo, "ci_high": hi}

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,15 @@ def save_png(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
     return path
+
+
+def bootstrap_ci(outcomes: Sequence[float], *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean outcome: resample prompts with replacement ``n_boot`` times."""
+    import numpy as np
+
+    x = np.asarray(outcomes, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("no outcomes")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))

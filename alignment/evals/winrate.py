@@ -39,6 +39,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from alignment.evals.results import bootstrap_ci
+
 log = logging.getLogger(__name__)
 
 JUDGE_SYSTEM = ("Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the "
@@ -79,18 +81,6 @@ def combine_orders(first: str, second: str) -> float:
     if a_in_first == a_in_second == 0.0:
         return 0.0
     return 0.5
-
-
-def bootstrap_ci(outcomes: Sequence[float], *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean outcome: resample prompts with replacement ``n_boot`` times."""
-    import numpy as np
-
-    x = np.asarray(outcomes, dtype=np.float64)
-    if x.size == 0:
-        raise ValueError("no outcomes")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
 def summarise(outcomes: Sequence[float], *, n_boot: int = 2000, seed: int = 0) -> dict:

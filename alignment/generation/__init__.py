@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from alignment.generation.batching import left_pad
 from alignment.generation.engine import Engine, GenerationStats, Output, SamplingParams
 
 if TYPE_CHECKING:  # types only: the foundation does not import the data layer at run time
-    import torch
 
     from data.schemas import Message
 
@@ -56,18 +56,6 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Sequence[Message]]) -> list
     return out
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """(ids [B, T], attention_mask [B, T]) with sequences right-aligned."""
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 def generate(

@@ -407,7 +407,7 @@ class Engine:
     def _hf_batch(self, batch: list[_Row], params: SamplingParams, generator: Any, stats: GenerationStats) -> None:
         import torch
 
-        from alignment.generation import left_pad
+        from alignment.generation.batching import left_pad
 
         t0 = time.perf_counter()
         device = next(self.model.parameters()).device

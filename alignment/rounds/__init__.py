@@ -34,7 +34,9 @@ A round's steps (``runs/<project>/round-<N>/``):
   from the current policy; ``policy.<method>`` says how it runs.
 - **eval**: TruthfulQA MC, ToxiGen, win rate against the previous round's policy and the SFT
   model (judged by this round's reward models); then ``runs/<project>/report/``.
-- **promote**: by ``promote.rule`` (automatic) or by hand (``align round promote``).
+- **promote**: automatically (``promote.mode: auto``) when the validation win rate against the previous
+  policy reaches ``promote.min_winrate`` and ToxiGen does not rise significantly
+  (``promote.max_toxigen_increase``), or by hand (``align round promote``).
 
 The registry is one ``manifest.json`` per round: every finished step with its inputs (config,
 parent checkpoints, data files with SHA-256) and outputs (paths, metrics), written atomically
@@ -62,18 +64,16 @@ from alignment.rounds.config import (
 from alignment.rounds.driver import current_round, format_status, next_step, promote, run, run_step, status
 from alignment.rounds.project import Project, now, sha256
 from alignment.rounds.steps import StageFailed, Steps, draw_prompts, run_stage
-from data.heuristics import repetition
-from data.store.simulated import rule_judgement, rule_scores
 
 
 def cli(name: str, argv: list[str]) -> int:
     """``align round ...`` (alignment/rounds/cli.py)."""
     from alignment.rounds.cli import cli as round_cli
 
-    return round_cli(name, argv)
+    return round_cli(name, argv, description=__doc__)
 
 
 __all__ = ["FIRST_ROUND", "FIRST_ROUND_SAMPLED", "LATER_ROUND", "METHODS", "WAITING", "AnnotationConfig", "Config", "HeldOutLeak",
            "Project", "PromoteConfig", "RoundConfig", "SampleConfig", "StageFailed", "StageSpec", "Steps", "cli", "current_round",
-           "draw_prompts", "format_status", "next_step", "now", "promote", "repetition", "rule_judgement", "rule_scores", "run",
+           "draw_prompts", "format_status", "next_step", "now", "promote", "run",
            "run_stage", "run_step", "sha256", "status"]

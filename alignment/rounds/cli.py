@@ -8,7 +8,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import alignment.rounds as package
 from alignment.config import ConfigError, load_config
 from alignment.heldout import HeldOutLeak
 from alignment.rounds.config import WAITING, RoundConfig
@@ -21,10 +20,11 @@ log = logging.getLogger("alignment.rounds")
 # CLI
 
 
-def cli(name: str, argv: Sequence[str]) -> int:
+def cli(name: str, argv: Sequence[str], description: str | None = None) -> int:
+    """``align round ...``; ``description``: the help's text (alignment.rounds' docstring)."""
     from alignment.runs import setup_logging
 
-    parser = argparse.ArgumentParser(prog="align round", description=package.__doc__,
+    parser = argparse.ArgumentParser(prog="align round", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 

@@ -84,8 +84,8 @@ class Project:
     @staticmethod
     def without_gold_prompts(pool: list, name: str) -> list:
         """``pool`` less every prompt the gold reward model ``name`` trained or was measured on (by its first
-        user turn, :func:`reward.gold.prompt_key`): a judge must not grade answers to prompts it learned."""
-        from reward.gold import gold_prompt_keys, prompt_key
+        user turn, :func:`reward.gold_cache.prompt_key`): a judge must not grade answers to prompts it learned."""
+        from reward.gold_cache import gold_prompt_keys, prompt_key
 
         try:
             keys = gold_prompt_keys(name)

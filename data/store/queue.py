@@ -1,5 +1,8 @@
 """The annotation store's task queue: queueing pairs, leases, labels (submit, skip, undo, change), closing
 rounds, simulated annotators and progress. The transaction rules are in :mod:`data.store.store`.
+
+Length (~460 lines): leasing, labelling and counting share one transaction discipline (which row is locked,
+which count is exact when) and are read together.
 """
 
 from __future__ import annotations
