@@ -55,6 +55,19 @@ class ConfigError(ValueError):
         super().__init__(f"{prefix}{key}: {message}" if key and show_key else f"{prefix}{message}")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where the bundled configs/ are (an editable install, a checkout)
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` as given when it exists; else a relative path such as ``configs/sft.yaml`` found in the
+    repository's own ``configs/`` (the bundled configs a round config names), so commands work from any folder."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    bundled = REPO_ROOT / p
+    return bundled if bundled.is_file() else p
+
+
 def option(default: Any = _MISSING, doc: str = "", *, factory: Any = _MISSING) -> Any:
     """A config field with a one-line doc. Use ``factory=`` for lists, dicts and sub-configs."""
     if not doc:
@@ -409,10 +422,11 @@ def load_config(
     lines: dict[str, int] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
+        p = find_config(path)
         source = str(path)
         if not p.is_file():
-            raise ConfigError("", f"config file not found: {path}")
+            raise ConfigError("", f"config file not found: {path}" + ("" if Path(path).is_absolute() else
+                                                                      f" (nor {REPO_ROOT / path})"))
         raw = p.read_bytes()
         try:
             text = raw.decode("utf-8-sig")

@@ -51,7 +51,9 @@ def _load(config: Path) -> dict:
 def launch_command(config: str | Path, argv: Sequence[str],
                    nproc: int | None = None) -> tuple[list[str], dict[str, str], str | None]:
     """(command, environment, temp config to delete) for running ``align <argv>`` under ``config``."""
-    path = Path(config)
+    from alignment.config import find_config
+
+    path = find_config(config)
     data = _load(path)
     env = dict(os.environ)
     env["ALIGN_LAUNCHED"] = "1"

@@ -221,3 +221,21 @@ def test_renamed_keys_have_an_end(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="'optim' was renamed 'train'"):
         load_config(PPOConfig, old, stage="ppo")
     assert load_config(PPOConfig, REPO / "configs/ppo.yaml", ["train.max_steps=7"], stage="ppo").train.max_steps == 7
+
+
+def test_bundled_configs_are_found_from_any_folder(tmp_path, monkeypatch):
+    """A round config names its stages' configs as configs/<stage>.yaml: run from another folder (the README's
+    walkthrough tried from /tmp), `align round run` failed with "config file not found: configs/sft.yaml"."""
+    from alignment.config import REPO_ROOT
+    from alignment.launch import launch_command
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(SFTConfig, "configs/sft.yaml", ["train.max_steps=3"])
+    assert cfg.train.max_steps == 3
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "sft.yaml").write_text("train:\n  max_steps: 7\n")
+    assert load_config(SFTConfig, "configs/sft.yaml").train.max_steps == 7  # the folder's own file comes first
+    with pytest.raises(ConfigError, match=f"config file not found: configs/nope.yaml \\(nor {REPO_ROOT}/configs/nope.yaml\\)"):
+        load_config(SFTConfig, "configs/nope.yaml")
+    cmd, _, _ = launch_command("configs/accelerate/ddp.yaml", ["sft"], nproc=2)
+    assert str(REPO_ROOT / "configs" / "accelerate" / "ddp.yaml") in cmd or any("align-accelerate-" in c for c in cmd)

@@ -30,12 +30,11 @@ Steps:
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,30 +150,23 @@ def judge_with_llm(model: Any, tokenizer: Any, questions: Sequence[str], a: Sequ
 # inputs
 
 
-def load_function(spec: str) -> Callable:
-    """``package.module:function`` -> the function."""
-    if ":" not in spec:
-        raise ValueError(f"--reward-fn {spec!r}: expected module:function")
-    mod, fn = spec.split(":", 1)
-    try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"--reward-fn {spec!r}: {exc}") from None
-
-
 def build_reward_scorer(rm: str | None, safety_rm: str | None = None, *, rule: str = "llama2", threshold: float = 0.15,
                         lam: float = 1.0, reward_fn: str | None = None) -> Any:
-    """A RewardScorer: a rule-based function, one reward model, or the combined helpfulness + safety reward
-    (built by ``reward.config.build_scorer``, like every stage's reward)."""
-    if reward_fn:
-        from reward.scorer import FunctionScorer
-
-        return FunctionScorer(load_function(reward_fn))
-    if not rm:
-        raise ValueError("--judge rm needs --rm PATH (a reward model) or --reward-fn module:function")
+    """A RewardScorer: a rule-based function, one reward model, or the combined helpfulness + safety reward,
+    built by ``reward.config.build_scorer`` like every stage's reward (its errors name this command's flags)."""
+    from alignment.config import ConfigError
     from reward.config import RewardConfig, build_scorer
 
-    return build_scorer(RewardConfig(helpful=rm, safety=safety_rm, rule=rule, safety_threshold=threshold, cost_weight=lam))[0]
+    if not rm and not reward_fn:
+        raise ValueError("--judge rm needs --rm PATH (a reward model) or --reward-fn module:function")
+    flags = {"function": "--reward-fn", "helpful": "--rm", "safety": "--safety-rm", "rule": "--rule"}
+    try:
+        cfg = (RewardConfig(helpful=None, safety=None, function=reward_fn) if reward_fn else
+               RewardConfig(helpful=rm, safety=safety_rm, rule=rule, safety_threshold=threshold, cost_weight=lam))
+        return build_scorer(cfg)[0]
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0].strip().rsplit(".", 1)[-1]
+        raise ValueError(f"{flags.get(key, key)}: {str(exc).split(':', 1)[-1].strip()}") from None
 
 
 def load_responses(path: str, prompts: Sequence[Any]) -> list[str]:
