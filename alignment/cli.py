@@ -63,7 +63,13 @@ def run_stage(name: str, module_name: str, help_text: str, argv: Sequence[str]) 
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
     parser.add_argument("--launch", metavar="ACCELERATE_CONFIG",
                         help="run on several processes with this accelerate config (configs/accelerate/*.yaml)")
-    parser.add_argument("--nproc", type=int, help="with --launch: override the config's num_processes")
+    parser.add_argument("--nproc", type=int, help="with --launch: processes on this machine (default: the config's)")
+    machines = parser.add_argument_group("several machines (with --launch; run the same command on each machine, "
+                                         "with its own --machine-rank; run.root on a filesystem every machine shares)")
+    machines.add_argument("--num-machines", type=int, help="machines in the run (default: the config's, else 1)")
+    machines.add_argument("--machine-rank", type=int, help="this machine's rank, 0 .. num-machines - 1 (0 is the main one)")
+    machines.add_argument("--main-process-ip", help="address of machine 0, reachable from every machine")
+    machines.add_argument("--main-process-port", type=int, help="a free port on machine 0 (default: the config's, else 29500)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.max_steps=5")
     args = parser.parse_args(argv)
     try:
@@ -75,15 +81,18 @@ def run_stage(name: str, module_name: str, help_text: str, argv: Sequence[str]) 
         from alignment import launch
 
         rest, skip = [], False
-        for arg in argv:  # the same command minus --launch/--nproc (both `--x v` and `--x=v`)
+        launch_flags = ("--launch", "--nproc", "--num-machines", "--machine-rank", "--main-process-ip", "--main-process-port")
+        for arg in argv:  # the same command minus the launch flags (both `--x v` and `--x=v`)
             if skip:
                 skip = False
-            elif arg in ("--launch", "--nproc"):
+            elif arg in launch_flags:
                 skip = True
-            elif not arg.startswith(("--launch=", "--nproc=")):
+            elif not arg.startswith(tuple(f"{f}=" for f in launch_flags)):
                 rest.append(arg)
         try:
-            return launch.run(args.launch, [name, *rest], nproc=args.nproc)
+            machines_given = launch.Machines(args.num_machines, args.machine_rank, args.main_process_ip,
+                                             args.main_process_port)
+            return launch.run(args.launch, [name, *rest], nproc=args.nproc, machines=machines_given)
         except launch.LaunchError as exc:
             print(f"align {name}: {exc}", file=sys.stderr)
             return 2

@@ -94,6 +94,43 @@ def barrier() -> None:
         init().wait_for_everyone()
 
 
+def machines() -> int:
+    """How many machines the launch spans (torchrun's ``GROUP_WORLD_SIZE``, else world / local world size)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
+    return int(os.environ.get("GROUP_WORLD_SIZE", str(max(1, world_size() // max(1, local)))))
+
+
+def check_shared_folder(folder: Any) -> None:
+    """On several machines, every rank must see the run folder the main rank writes (checkpoints, the
+    on-disk datasets that ranks share, the final model): the main rank writes a random token there and
+    every rank reads it back, or the stage stops with what to do."""
+    if not is_distributed() or machines() < 2:
+        return
+    import secrets
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    token_file = Path(folder) / ".shared-folder-check"
+    box = [secrets.token_hex(8) if is_main() else None]
+    if is_main():
+        token_file.write_text(box[0])
+    dist.broadcast_object_list(box, src=0)
+    barrier()
+    seen = token_file.read_text() if token_file.is_file() else None
+    ok = [seen == box[0]]
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, ok[0])
+    barrier()
+    if is_main():
+        token_file.unlink(missing_ok=True)
+    if not all(everyone):
+        missing = [r for r, v in enumerate(everyone) if not v]
+        raise RuntimeError(f"ranks {missing} do not see {folder}: a run on several machines needs run.root on a "
+                           "filesystem every machine shares (NFS, Lustre, a cluster's home), for checkpoints, the "
+                           "datasets the ranks share on disk and the final model")
+
+
 def shutdown() -> None:
     """End the process group before the interpreter exits.
 

@@ -21,12 +21,47 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
 KNOWN_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP")
+
+
+@dataclass
+class Machines:
+    """``--num-machines/--machine-rank/--main-process-ip/--main-process-port``: None keeps the config's value."""
+
+    num: int | None = None
+    rank: int | None = None
+    ip: str | None = None
+    port: int | None = None
+
+    def apply(self, data: dict) -> dict:
+        """The accelerate config with these values; errors name the flag."""
+        out = dict(data)
+        for key, value in (("num_machines", self.num), ("machine_rank", self.rank), ("main_process_ip", self.ip),
+                           ("main_process_port", self.port)):
+            if value is not None:
+                out[key] = value
+        n, rank = int(out.get("num_machines", 1)), int(out.get("machine_rank", 0))
+        if n < 1:
+            raise LaunchError(f"--num-machines must be >= 1, got {n}")
+        if not 0 <= rank < n:
+            raise LaunchError(f"--machine-rank must be in 0 .. {n - 1} (--num-machines {n}), got {rank}")
+        if n > 1 and not out.get("main_process_ip"):
+            raise LaunchError(f"--num-machines {n} needs --main-process-ip (the address of machine 0)")
+        if n > 1 and str(out.get("distributed_type", "NO")) == "NO":
+            out["distributed_type"] = "MULTI_GPU"  # several machines are a multi-process run, whatever the config
+        if n > 1:
+            out.setdefault("main_process_port", 29500)
+            out.setdefault("rdzv_backend", "static")
+            out.setdefault("same_network", True)
+            if isinstance(out.get("deepspeed_config"), dict):  # one launcher per machine (torchrun), not pdsh over ssh
+                out["deepspeed_config"] = {"deepspeed_multinode_launcher": "standard", **out["deepspeed_config"]}
+        return out
 
 
 class LaunchError(ValueError):
@@ -48,9 +83,10 @@ def _load(config: Path) -> dict:
     return data
 
 
-def launch_command(config: str | Path, argv: Sequence[str],
-                   nproc: int | None = None) -> tuple[list[str], dict[str, str], str | None]:
-    """(command, environment, temp config to delete) for running ``align <argv>`` under ``config``."""
+def launch_command(config: str | Path, argv: Sequence[str], nproc: int | None = None,
+                   machines: Machines | None = None) -> tuple[list[str], dict[str, str], str | None]:
+    """(command, environment, temp config to delete) for running ``align <argv>`` under ``config``.
+    ``nproc``: processes on this machine; accelerate's ``num_processes`` counts every machine's."""
     from alignment.config import find_config
 
     path = find_config(config)
@@ -58,11 +94,13 @@ def launch_command(config: str | Path, argv: Sequence[str],
     env = dict(os.environ)
     env["ALIGN_LAUNCHED"] = "1"
     tmp = None
-    n = int(nproc or data.get("num_processes", 1))
-    kind = str(data.get("distributed_type", "NO"))
-    changed = dict(data)
-    if nproc is not None:
-        changed["num_processes"] = nproc
+    changed = (machines or Machines()).apply(data)
+    n_machines = int(changed.get("num_machines", 1))
+    per_machine = nproc if nproc is not None else int(data.get("num_processes", 1)) // max(1, int(data.get("num_machines", 1)))
+    n = max(1, per_machine) * n_machines
+    kind = str(changed.get("distributed_type", "NO"))
+    if nproc is not None or n_machines > 1:
+        changed["num_processes"] = n
     if data.get("use_cpu") and n > 1:
         # accelerate's CPU path runs a single process: take the multi-process path; the stage's
         # process group then uses gloo because no GPU is present.
@@ -82,11 +120,11 @@ def launch_command(config: str | Path, argv: Sequence[str],
     return cmd, env, tmp
 
 
-def run(config: str | Path, argv: Sequence[str], nproc: int | None = None) -> int:
+def run(config: str | Path, argv: Sequence[str], nproc: int | None = None, machines: Machines | None = None) -> int:
     """Run ``align <argv>`` under ``config``."""
     if os.environ.get("ALIGN_LAUNCHED"):
         raise LaunchError("--launch inside a launched process: remove --launch (the stage is already distributed)")
-    cmd, env, tmp = launch_command(config, argv, nproc)
+    cmd, env, tmp = launch_command(config, argv, nproc, machines)
     print("launching: " + " ".join(cmd[2:] if cmd[1] == "-m" else cmd), file=sys.stderr)
     try:
         return subprocess.call(cmd, env=env)

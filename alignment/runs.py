@@ -193,6 +193,7 @@ def start_stage(cfg: Any, stage: str, *, resume: bool, folder: str | None = None
     if distributed.is_main():
         save_config(cfg, out / "config.yaml", stage=stage)
     distributed.barrier()
+    distributed.check_shared_folder(out)
     return out
 
 

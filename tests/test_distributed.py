@@ -112,6 +112,66 @@ def test_sft_matches_single_process(layout, tmp_path, sft_data, sft_single):
     assert summary["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
 
 
+def _two_machines(stage: str, args: list[str], layout: str = "ddp", env: dict | None = None) -> None:
+    """``align <stage>`` as two "machines" on this host: two launcher invocations, machine ranks 0 and 1, one
+    process each (gloo), meeting at 127.0.0.1; both must succeed."""
+    import os
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **ONE_THREAD, "WANDB_MODE": "disabled", **(env or {})}
+    procs = [subprocess.Popen([sys.executable, "-m", "alignment.cli", stage, *args, "--launch",
+                               str(REPO / f"configs/accelerate/{layout}.yaml"), "--nproc", "1", "--num-machines", "2",
+                               "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1", "--main-process-port",
+                               str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"machine {rank}:\n{out[-3000:]}"
+
+
+def test_two_machines_train_sft_to_the_weights_of_one_process(tmp_path, sft_data, sft_single):
+    """Multi-node through the same launcher: 2 machines x 1 process (micro-batch 2) == 1 process x 4."""
+    _two_machines("sft", [*_sft_args(sft_data, tmp_path), "train.batch_size=2"])
+    out = tmp_path / "default" / "sft"
+    _ranks_agree(out)
+    _assert_same(_weights(out), _weights(sft_single))
+
+
+def test_two_machines_train_dpo_and_ppo_to_the_weights_of_one_process(tmp_path, dpo_data, dpo_single, ppo_single):
+    _two_machines("dpo", [*_dpo_args(dpo_data, tmp_path / "dpo"), "train.batch_size=2"])
+    out = tmp_path / "dpo" / "default" / "dpo"
+    _ranks_agree(out)
+    _assert_same(_weights(out), _weights(dpo_single))
+    _two_machines("ppo", [*PPO, "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", f"run.root={tmp_path / 'ppo'}"],
+                  env=PPO_ENV)
+    _assert_same_run(ppo_single, tmp_path / "ppo" / "default" / "ppo", [1, 2])
+
+
+def test_machine_flags_are_checked(tmp_path, sft_data):
+    from alignment.launch import LaunchError, Machines, launch_command
+
+    cmd, _, tmp = launch_command(REPO / "configs/accelerate/ddp.yaml", ["sft"], nproc=4,
+                                 machines=Machines(num=2, rank=1, ip="10.0.0.1", port=29511))
+    import yaml
+
+    written = yaml.safe_load(Path(tmp).read_text())
+    Path(tmp).unlink()
+    assert (written["num_processes"], written["num_machines"], written["machine_rank"]) == (8, 2, 1)
+    assert (written["main_process_ip"], written["main_process_port"]) == ("10.0.0.1", 29511)
+    for machines, message in [(Machines(num=2, rank=2, ip="10.0.0.1"), "--machine-rank must be in 0 .. 1"),
+                              (Machines(num=2, rank=0), "needs --main-process-ip"),
+                              (Machines(num=0), "--num-machines must be >= 1")]:
+        with pytest.raises(LaunchError, match=message):
+            launch_command(REPO / "configs/accelerate/ddp.yaml", ["sft"], machines=machines)
+    res = run_align("sft", *_sft_args(sft_data, tmp_path), "--launch", "configs/accelerate/ddp.yaml", "--num-machines", "2",
+                    "--machine-rank", "0")
+    assert res.returncode == 2 and "needs --main-process-ip" in res.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs fsdp.yaml runs FSDP")
 def test_fsdp_on_a_cpu_says_it_runs_as_ddp(tmp_path, sft_data, sft_single):
     """accelerate runs FSDP on GPUs only: on a CPU the launch is plain data parallel, and says so."""
