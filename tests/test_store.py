@@ -635,8 +635,10 @@ def test_a_task_that_every_annotator_labelled_or_skipped_is_settled_not_waited_f
     assert waits["t0"].eligible == ("bob",) and waits["t0"].skipped == ("alice",) and not waits["t0"].settled
     assert "needs 2 more label(s), from: bob" in waits["t0"].why() and "only 1 can still label it" in waits["t0"].why()
     assert waits["t1"].labelled == ("alice",) and waits["t1"].missing == 1
-    held = s.next_task("bob", round=1)
-    assert {w.uid: w.held for w in s.task_waits(1)}[held.uid] == (("bob", clock.now),)
+    held = s.next_task("bob", round=1, hold=120)
+    wait = {w.uid: w for w in s.task_waits(1)}[held.uid]
+    assert wait.held == (("bob", clock.now, clock.now + dt.timedelta(seconds=120)),)
+    assert f"held by bob since {clock.now:%H:%M} UTC (returns to the queue at " in wait.why()
     s.submit(held.token, "bob", chosen="B")
     s.submit(s.next_task("bob", round=1).token, "bob", chosen="A")
     assert s.next_task("bob", round=1) is None and s.next_task("alice", round=1) is None

@@ -65,7 +65,7 @@ class RoundStore(QueueStore):
                 uid=uid, round=round, missing=int(missing),
                 labelled=tuple(sorted(users[r.user_id].name for r in mine if r.status == "submitted")),
                 skipped=tuple(sorted(users[r.user_id].name for r in mine if r.status == "skipped")),
-                held=tuple(sorted((users[r.user_id].name, r.issued_at) for r in mine
+                held=tuple(sorted((users[r.user_id].name, r.issued_at, r.expires_at) for r in mine
                                   if r.status == "leased" and r.expires_at > now)),
                 eligible=tuple(sorted(u.name for u in pool if u.id not in done))))
         return out

@@ -132,7 +132,7 @@ class TaskWait:
     missing: int  # labels it still needs
     labelled: tuple[str, ...]  # who labelled it
     skipped: tuple[str, ...]  # who skipped it
-    held: tuple[tuple[str, dt.datetime], ...]  # live leases: (user, since)
+    held: tuple[tuple[str, dt.datetime, dt.datetime], ...]  # live leases: (user, since, until)
     eligible: tuple[str, ...]  # active annotators who have neither labelled nor skipped it
 
     @property
@@ -150,7 +150,8 @@ class TaskWait:
             return "no active annotator account can label it (align annotate add-user NAME --project ...)"
         text = f"needs {self.missing} more label(s), from: {', '.join(self.eligible)}"
         if self.held:
-            text += "; held by " + ", ".join(f"{u} since {t:%H:%M} UTC" for u, t in self.held)
+            text += "; held by " + ", ".join(f"{u} since {t:%H:%M} UTC (returns to the queue at {end:%H:%M} unless labelled "
+                                             "or renewed by an open page)" for u, t, end in self.held)
         if len(self.eligible) < self.missing:
             text += (f" (only {len(self.eligible)} can still label it: it will be settled short once they have, "
                      "or lower its count: align annotate set-labels / drop-task)")
