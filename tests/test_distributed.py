@@ -334,3 +334,26 @@ def test_shutdown_destroys_the_process_group(tmp_path):
     shutdown()
     assert not dist.is_initialized()
     shutdown()  # nothing to end: a no-op
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_under_zero3_saves_the_gathered_weights_from_every_rank(tmp_path, tiny_model):
+    """A ZeRO-3 save is collective (the partitions are gathered): with rank 0 alone calling save_model it waited
+    for the other rank forever. Every rank calls it; the saved weights are whole and match every rank's."""
+    args = ["--config", str(REPO / "configs/grpo.yaml"), "model.name=tiny-llama", "adapter.method=full", "run.wandb=disabled",
+            "run.log_level=warning", "reward.helpful=null", "reward.safety=null",
+            "reward.function=alignment.rl.rule_rewards:char_fraction", "reward.function_kwargs={chars: aeiou}",
+            "reward.missing_eos_penalty=0", "grpo.max_new_tokens=8", "train.max_steps=2", "train.batch_size=4",
+            "train.eval_steps=100", "train.save_steps=100", "data.val_fraction=0.02", f"run.root={tmp_path}"]
+    res = run_align("grpo", *args, "--launch", str(REPO / "configs/accelerate/zero3.yaml"), env=ONE_THREAD, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "default" / "grpo"
+    summary = _ranks_agree(out)
+    assert summary["global_step"] == 2
+    saved, init = _weights(out), _initial_weights()
+    assert set(saved) == set(init)
+    for name, tensor in saved.items():
+        assert tensor.shape == init[name].shape, name  # gathered, not a rank's empty partition
+    assert any(not torch.equal(saved[k], init[k]) for k in saved)  # and trained
