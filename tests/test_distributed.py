@@ -307,6 +307,24 @@ def test_ppo_resumes_under_zero3(tmp_path, tiny_model):
     _assert_same_run(whole, cut, [1, 2, 3])
 
 
+def test_ppo_under_fsdp_is_refused_before_any_work(tmp_path):
+    """accelerate's FSDP2 prepares one model per Accelerator and PPO trains two (policy and critic): the launch is
+    refused before any process starts, naming the config and the layouts that work; a process started under FSDP
+    another way (accelerate launch --config_file fsdp.yaml) refuses too, before it writes anything."""
+    from alignment.launch import launch_command
+
+    cfg = REPO / "configs/accelerate/fsdp.yaml"
+    res = run_align("ppo", *PPO, f"run.root={tmp_path}", "--launch", str(cfg), env=PPO_ENV)
+    assert res.returncode == 2 and "launching:" not in res.stderr, res.stderr[-2000:]
+    assert f"--launch {cfg}: align ppo cannot run under distributed_type FSDP" in res.stderr and "zero3.yaml" in res.stderr
+    assert not (tmp_path / "default").exists()
+    res = run_align("ppo", *PPO, f"run.root={tmp_path}", env={**PPO_ENV, "ACCELERATE_USE_FSDP": "true"})
+    assert res.returncode == 2 and "align ppo cannot run under FSDP" in res.stderr and "zero3.yaml" in res.stderr
+    assert not (tmp_path / "default").exists()
+    cmd, env, tmp = launch_command(cfg, ["sft"])  # the one-model stages still launch under it
+    assert "accelerate.commands.launch" in cmd and env["ALIGN_LAUNCH_CONFIG"] == str(cfg)
+
+
 @pytest.mark.parametrize("layout", ["ddp", "zero3"])
 def test_ppo_lagrangian_matches_single_process(layout, tmp_path, tiny_reward_models):
     """PPO-Lagrangian (two critics in one module; under ZeRO-3 both get their own backbone copies):
