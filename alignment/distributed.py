@@ -97,6 +97,26 @@ def whole_weights() -> Iterator[None]:
         AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()
 
 
+def all_gather(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` for one process. A collective call."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    init()
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def shard(n: int) -> range:
+    """This process's contiguous share of ``n`` items (the first ``n % world`` processes take one more)."""
+    w, r = world_size(), rank()
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return range(start, start + base + (r < extra))
+
+
 def barrier() -> None:
     if is_distributed():
         init().wait_for_everyone()
