@@ -1,6 +1,6 @@
 """Rejection-sampling fine-tuning (Llama 2, section 3.2.3): best-of-K by reward, then SFT on the best.
 
-Length (~460 lines): one stage read top to bottom: sample, score, select, fine-tune, evaluate, resume.
+Length (~520 lines): one stage read top to bottom: sample, score, select, fine-tune, evaluate, resume.
 
     align rs --config configs/rs.yaml [key=value ...] [--resume]
 
@@ -22,6 +22,9 @@ One round:
   5. Fine-tune on the pool with the SFT stage's trainer (``alignment.sft.build_trainer``:
      assistant-only loss, LoRA or full, checkpoints and ``--resume``).
   6. Evaluate again with the same prompts, decoding and seed; ``summary.json`` holds both.
+
+Under ``--launch`` (several processes) the sampling batches and the held-out prompts are shared out and
+the results gathered (the first process writes the files): the same samples and pool as one process.
 
 Outputs (``runs/<run>/rs/``): ``samples.jsonl`` (every sample with its reward), ``pool.jsonl``,
 ``eval_before.json`` / ``eval_after.json`` (responses and rewards), ``model/`` (the fine-tuned
