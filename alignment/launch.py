@@ -28,6 +28,12 @@ from typing import Sequence
 import yaml
 
 KNOWN_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP")
+# (stage, distributed_type) pairs that cannot run, and why: refused before any process starts
+UNSUPPORTED = {
+    ("ppo", "FSDP"): "PPO trains two models (policy and critic) and accelerate's FSDP2 prepares one model per "
+                     "Accelerator; use configs/accelerate/zero3.yaml (ZeRO-3 shards parameters, gradients and optimizer "
+                     "state like FSDP, with policy and critic in one engine) or configs/accelerate/ddp.yaml",
+}
 
 
 @dataclass
@@ -91,8 +97,14 @@ def launch_command(config: str | Path, argv: Sequence[str], nproc: int | None = 
 
     path = find_config(config)
     data = _load(path)
+    kind = str(data.get("distributed_type", "NO"))
+    stage = argv[0] if argv else ""
+    if (stage, kind) in UNSUPPORTED:
+        raise LaunchError(f"--launch {config}: align {stage} cannot run under distributed_type {kind}: "
+                          f"{UNSUPPORTED[stage, kind]}")
     env = dict(os.environ)
     env["ALIGN_LAUNCHED"] = "1"
+    env["ALIGN_LAUNCH_CONFIG"] = str(config)
     tmp = None
     changed = (machines or Machines()).apply(data)
     n_machines = int(changed.get("num_machines", 1))

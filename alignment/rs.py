@@ -1,6 +1,6 @@
 """Rejection-sampling fine-tuning (Llama 2, section 3.2.3): best-of-K by reward, then SFT on the best.
 
-Length (~460 lines): one stage read top to bottom: sample, score, select, fine-tune, evaluate, resume.
+Length (~520 lines): one stage read top to bottom: sample, score, select, fine-tune, evaluate, resume.
 
     align rs --config configs/rs.yaml [key=value ...] [--resume]
 
@@ -23,6 +23,9 @@ One round:
      assistant-only loss, LoRA or full, checkpoints and ``--resume``).
   6. Evaluate again with the same prompts, decoding and seed; ``summary.json`` holds both.
 
+Under ``--launch`` (several processes) the sampling batches and the held-out prompts are shared out and
+the results gathered (the first process writes the files): the same samples and pool as one process.
+
 Outputs (``runs/<run>/rs/``): ``samples.jsonl`` (every sample with its reward), ``pool.jsonl``,
 ``eval_before.json`` / ``eval_after.json`` (responses and rewards), ``model/`` (the fine-tuned
 policy: ``model.name=runs/<run>/rs`` samples the next round), ``checkpoints/``, ``metrics.jsonl``
@@ -38,12 +41,13 @@ mid-sentence. Llama 2 fine-tunes from the previous round's checkpoint; here the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -239,17 +243,31 @@ def load_prompts(cfg: RSPromptsConfig, seed: int) -> tuple[list[PromptRecord], l
 
 
 def evaluate(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[PromptRecord], cfg: RSEvalConfig, seed: int) -> dict:
-    """(2, 6) Mean reward of the policy's responses to held-out prompts (same decoding and seed before and after)."""
+    """(2, 6) Mean reward of the policy's responses to held-out prompts (same decoding and seed before and after).
+
+    Under several processes each process answers a contiguous share of the prompts and the shares are
+    gathered in order (greedy decoding, the default, gives one process's responses; sampled ones are
+    drawn per share). A collective call: every process makes it."""
     from alignment.generation import generate
 
     convs = [p.messages for p in prompts for _ in range(cfg.samples)]
-    gens = generate(model, tokenizer, convs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                    batch_size=cfg.batch_size, seed=seed)
-    texts = [g.text for g in gens]
-    scores = score(scorer, convs, texts, [p.is_safety for p in prompts for _ in range(cfg.samples)])
+    flags = [p.is_safety for p in prompts for _ in range(cfg.samples)]
+    mine = distributed.shard(len(convs))
+    part: dict[str, Any] = {"texts": [], "finished": [], "tokens": [], "scores": {}}
+    if len(mine):
+        gens = generate(model, tokenizer, [convs[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed)
+        texts = [g.text for g in gens]
+        part = {"texts": texts, "finished": [g.finished for g in gens], "tokens": [len(g.response_ids) for g in gens],
+                "scores": score(scorer, [convs[i] for i in mine], texts, [flags[i] for i in mine])}
+    parts = distributed.all_gather(part)
+    texts = [t for q in parts for t in q["texts"]]
+    keys = next((list(q["scores"]) for q in parts if q["scores"]), [])
+    scores = {key: [v for q in parts for v in q["scores"].get(key, [])] for key in keys}
     n = len(texts)
     result: dict[str, Any] = {f"mean_{k}": sum(v) / n for k, v in scores.items()}
-    result.update(n=n, finished=sum(g.finished for g in gens) / n, mean_tokens=sum(len(g.response_ids) for g in gens) / n)
+    result.update(n=n, finished=sum(f for q in parts for f in q["finished"]) / n,
+                  mean_tokens=sum(t for q in parts for t in q["tokens"]) / n)
     result["responses"] = [{"prompt": c, "response": t, **{k: v[i] for k, v in scores.items()}}
                            for i, (c, t) in enumerate(zip(convs, texts))]
     return result
@@ -259,11 +277,13 @@ class SampleLog:
     """``samples.jsonl``: one line per prompt, appended and flushed as soon as the prompt is scored.
 
     Opening it drops a last line left half-written by a killed run; ``done`` holds the prompt keys
-    already there, which a resumed run skips.
+    already there, which a resumed run skips. ``writer=False`` (every process but the first, under a
+    multi-process launch): the file is only read, and ``append`` keeps the record in memory.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, writer: bool = True) -> None:
         self.path = path
+        self.writer = writer
         self.records: list[dict] = []
         if path.is_file():
             raw = path.read_bytes()
@@ -275,56 +295,74 @@ class SampleLog:
                         self.records.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg}); the sample log is damaged") from None
-            if tail:
+            if tail and writer:
                 log.warning("%s: dropping a half-written last line (%d bytes) from a killed run", path, len(tail))
                 with path.open("r+b") as fh:
                     fh.truncate(len(raw) - len(tail))
         self.done = {r["key"] for r in self.records}
 
     def append(self, record: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        if self.writer:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
         self.records.append(record)
         self.done.add(record["key"])
 
 
 def sample_round(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[PromptRecord], cfg: SamplingConfig,
                  samples: SampleLog, seed: int) -> dict:
-    """(3) K samples per pending prompt, scored; each prompt's record appended when its batch is done."""
-    from alignment.generation import generate
+    """(3) K samples per pending prompt, scored; each prompt's record appended when its batch is done.
 
+    The pending prompts go in batches of ``batch_size // K`` prompts, each batch with its own seed (from its
+    first prompt). Under several processes the batches are dealt out in rounds, one per process; each round's
+    records are gathered and appended in batch order by every process (written to the file by the first), so
+    the samples, and the pool, are the ones one process draws. Prefill and decode seconds add up the processes'."""
     k = cfg.num_samples
     pending = [p for p in prompts if prompt_key(p.messages) not in samples.done]
     if len(pending) < len(prompts):
         log.info("sampling: %d of %d prompts already done, %d to go", len(prompts) - len(pending), len(prompts), len(pending))
     per_call = max(1, cfg.batch_size // k)
-    t0, new_tokens, prefill, decode = time.time(), 0, 0.0, 0.0
-    for start in range(0, len(pending), per_call):
-        chunk = pending[start:start + per_call]
-        convs = [p.messages for p in chunk for _ in range(k)]
-        # a seed per chunk (from its first prompt), so a resumed run samples its chunks as a fresh one would
-        chunk_seed = int(prompt_key(chunk[0].messages), 16) % (2**31) ^ seed
-        gens = generate(model, tokenizer, convs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, batch_size=cfg.batch_size, seed=chunk_seed)
-        scores = score(scorer, convs, [g.text for g in gens], [p.is_safety for p in chunk for _ in range(k)])
-        new_tokens += sum(len(g.response_ids) for g in gens)
-        prefill, decode = prefill + gens.stats.seconds_prefill, decode + gens.stats.seconds_decode
-        for j, p in enumerate(chunk):
-            rows = range(j * k, (j + 1) * k)
-            sampled = [{"response": gens[i].text, "finished": gens[i].finished, "tokens": len(gens[i].response_ids),
-                        **{name: vals[i] for name, vals in scores.items()}} for i in rows]
-            eligible = [bool(s["response"].strip()) and (s["finished"] or not cfg.require_eos) for s in sampled]
-            samples.append({"key": prompt_key(p.messages), "id": p.id, "prompt": p.messages, "category": p.category,
-                            "samples": sampled, "best": best_of([s["reward"] for s in sampled], eligible)})
-        log.info("sampled %d / %d prompts (%.1f new tokens/s)", start + len(chunk), len(pending),
-                 new_tokens / max(time.time() - t0, 1e-9))
+    chunks = [pending[i:i + per_call] for i in range(0, len(pending), per_call)]
+    world, rank = distributed.world_size(), distributed.rank()
+    t0, new_tokens, prefill, decode, done = time.time(), 0, 0.0, 0.0, 0
+    for first in range(0, len(chunks), world):
+        mine = chunks[first + rank] if first + rank < len(chunks) else []
+        part = _sample_chunk(model, tokenizer, scorer, mine, cfg, seed) if mine else ([], 0, 0.0, 0.0)
+        for records, tokens, pre, dec in distributed.all_gather(part):  # rank order is batch order
+            for record in records:
+                samples.append(record)
+            new_tokens, prefill, decode, done = new_tokens + tokens, prefill + pre, decode + dec, done + len(records)
+        log.info("sampled %d / %d prompts (%.1f new tokens/s)", done, len(pending), new_tokens / max(time.time() - t0, 1e-9))
     seconds = time.time() - t0
     return {"prompts_sampled": len(pending), "prompts_already_done": len(prompts) - len(pending),
             "sampling_seconds": round(seconds, 2), "sampling_prefill_seconds": round(prefill, 2),
             "sampling_decode_seconds": round(decode, 2),
             "sampling_tokens_per_second": round(new_tokens / seconds, 2) if seconds > 0 else None}
+
+
+def _sample_chunk(model: Any, tokenizer: Any, scorer: Any, chunk: Sequence[PromptRecord], cfg: SamplingConfig,
+                  seed: int) -> tuple[list[dict], int, float, float]:
+    """One generate call: K samples for each prompt of ``chunk``, scored; (records, new tokens, prefill s, decode s)."""
+    from alignment.generation import generate
+
+    k = cfg.num_samples
+    convs = [p.messages for p in chunk for _ in range(k)]
+    # a seed per chunk (from its first prompt), so a resumed run (or another process) samples it as a fresh one would
+    chunk_seed = int(prompt_key(chunk[0].messages), 16) % (2**31) ^ seed
+    gens = generate(model, tokenizer, convs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                    top_p=cfg.top_p, batch_size=cfg.batch_size, seed=chunk_seed)
+    scores = score(scorer, convs, [g.text for g in gens], [p.is_safety for p in chunk for _ in range(k)])
+    records = []
+    for j, p in enumerate(chunk):
+        rows = range(j * k, (j + 1) * k)
+        sampled = [{"response": gens[i].text, "finished": gens[i].finished, "tokens": len(gens[i].response_ids),
+                    **{name: vals[i] for name, vals in scores.items()}} for i in rows]
+        eligible = [bool(s["response"].strip()) and (s["finished"] or not cfg.require_eos) for s in sampled]
+        records.append({"key": prompt_key(p.messages), "id": p.id, "prompt": p.messages, "category": p.category,
+                        "samples": sampled, "best": best_of([s["reward"] for s in sampled], eligible)})
+    return records, sum(len(g.response_ids) for g in gens), gens.stats.seconds_prefill, gens.stats.seconds_decode
 
 
 def read_pool(path: str) -> list[dict]:
@@ -355,9 +393,8 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
     from alignment.training import mean_logged_loss
     from data.loaders import load_sft, write_jsonl
 
-    if distributed.is_distributed():
-        raise RuntimeError("align rs samples, scores and appends to its sample log from one process; run it without --launch")
     out = start_stage(cfg, STAGE, resume=resume)
+    main_process = distributed.is_main()
     torch.manual_seed(cfg.run.seed)
 
     # 1. prompts, earlier pools (read first: a bad file stops the run before any work)
@@ -380,24 +417,27 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
             t0 = time.time()
             before = evaluate(model, tokenizer, scorer, eval_prompts, cfg.eval, cfg.run.seed)
             timings["eval_before_seconds"] = round(time.time() - t0, 2)
-            before_path.write_text(json.dumps(before, indent=2, ensure_ascii=False) + "\n")
-        samples = SampleLog(out / "samples.jsonl")
+            if main_process:
+                before_path.write_text(json.dumps(before, indent=2, ensure_ascii=False) + "\n")
+        samples = _open_samples(out / "samples.jsonl")
         sampling = sample_round(model, tokenizer, scorer, train_prompts, cfg.sampling, samples, cfg.run.seed)
         del model
         gc.collect()
+    distributed.barrier()  # the first process has written eval_before.json and every sample
     before = json.loads(before_path.read_text())
     log.info("held-out reward before: %.4f", before["mean_reward"])
 
     # 4. the pool: all earlier rounds + this round's best
-    samples = SampleLog(out / "samples.jsonl")
+    samples = _open_samples(out / "samples.jsonl")
     keys = {prompt_key(p.messages) for p in train_prompts}
     this_round = [r for r in samples.records if r["key"] in keys]
     new = [pool_record(PromptRecord(r["prompt"], r["category"], r["id"]), r["samples"][r["best"]]["response"],
                        r["samples"][r["best"]]["reward"], cfg.pool.round,
                        temperature=cfg.sampling.temperature, model=cfg.model.name)
            for r in this_round if r["best"] is not None]
-    if not pool_path.is_file():
+    if main_process and not pool_path.is_file():
         write_jsonl(pool_path, merge_pools(earlier, new))
+    distributed.barrier()
     pool = load_sft(str(pool_path))
     all_rewards = [s["reward"] for r in this_round for s in r["samples"]]
     sampling.update(
@@ -413,7 +453,7 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
 
     # 5. SFT on the pool, with the SFT stage's trainer
     checkpoint = last_checkpoint(out) if resume else None
-    logger = MetricsLogger(out, run=cfg.run, stage=STAGE, config=cfg,
+    logger = MetricsLogger(out, run=cfg.run, stage=STAGE, config=cfg, enabled=main_process,
                            resume_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None)
     sft_cfg = SFTConfig(run=cfg.run, model=cfg.model, train=cfg.train, adapter=cfg.adapter, assistant_only_loss=True)
     trainer = build_trainer(sft_cfg, out, pool, [], logger)
@@ -426,13 +466,15 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
     # 6. evaluate after, save
     tokenizer = trainer.processing_class
     t0 = time.time()
-    after = evaluate(trainer.model, tokenizer, scorer, eval_prompts, cfg.eval, cfg.run.seed)
+    with _whole_model(trainer) as policy:
+        after = evaluate(policy, tokenizer, scorer, eval_prompts, cfg.eval, cfg.run.seed)
     timings["eval_after_seconds"] = round(time.time() - t0, 2)
     log.info("held-out reward: %.4f before -> %.4f after", before["mean_reward"], after["mean_reward"])
+    summary_fingerprints = distributed.fingerprints(trainer.model_wrapped)  # collective; None for one process
+    model_dir = out / "model"
+    trainer.save_model(str(model_dir))  # every process: under ZeRO-3 it gathers the partitions; the first writes
     if trainer.is_world_process_zero():
         (out / "eval_after.json").write_text(json.dumps(after, indent=2, ensure_ascii=False) + "\n")
-        model_dir = out / "model"
-        trainer.save_model(str(model_dir))
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(model_dir)
         if cfg.adapter.method != "full":
@@ -447,10 +489,30 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
             "reward_before": before["mean_reward"], "reward_after": after["mean_reward"],
             **{f"eval_before_{k}": v for k, v in brief(before).items()},
             **{f"eval_after_{k}": v for k, v in brief(after).items()}, **timings, **model_summary(trainer.model),
+            "processes": distributed.world_size(), "rank_fingerprints": summary_fingerprints,
         })
         log.info("RS done: %s", out)
     logger.close()
     return out
+
+
+def _open_samples(path: Path) -> SampleLog:
+    """The sample log: the first process opens it (dropping a half-written last line), then the others read it."""
+    samples = SampleLog(path) if distributed.is_main() else None
+    distributed.barrier()
+    return samples if samples is not None else SampleLog(path, writer=False)
+
+
+@contextlib.contextmanager
+def _whole_model(trainer: Any) -> Iterator[Any]:
+    """The trained policy with every weight on this process, to generate from (under ZeRO-3 TRL gathers them)."""
+    if not distributed.uses_deepspeed():
+        yield trainer.model
+        return
+    from trl.models import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator, gather_deepspeed3_params=True) as model:
+        yield model
 
 
 def _count_by_round(pool_path: Path) -> dict[str, int]:

@@ -9,6 +9,7 @@ on CPUs without native bf16; see benchmarks/).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -81,6 +82,25 @@ def precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def checkpointing_kwargs(enabled: bool, fields: Collection[str] | None = None) -> dict[str, Any]:
+    """The TrainingArguments fields that turn activation checkpointing on or off, under the names this transformers
+    knows: ``activation_checkpointing[_kwargs]`` in the pinned 5.23, ``gradient_checkpointing[_kwargs]`` before that
+    (the GPU check's machine has 5.17). ``fields``: TrainingArguments' field names (default: read them)."""
+    if fields is None:
+        import dataclasses
+
+        from transformers import TrainingArguments
+
+        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    if name not in fields:
+        raise RuntimeError("this transformers' TrainingArguments has neither activation_checkpointing nor gradient_checkpointing")
+    out: dict[str, Any] = {name: enabled}
+    if enabled:
+        out[f"{name}_kwargs"] = {"use_reentrant": False}
+    return out
+
+
 def trainer_kwargs(train: TrainConfig, run: RunConfig, out: Path, *, has_eval: bool) -> dict[str, Any]:
     """``TrainingArguments`` fields for a TRL config class (SFTConfig, RewardConfig, DPOConfig)."""
     scheduler = train.lr_scheduler
@@ -111,7 +131,6 @@ def trainer_kwargs(train: TrainConfig, run: RunConfig, out: Path, *, has_eval: b
         save_total_limit=train.save_total_limit,
         eval_strategy=("steps" if train.eval_steps else "no") if has_eval else "no",
         eval_steps=train.eval_steps if has_eval else None,
-        activation_checkpointing=grad_ckpt,
         seed=run.seed,
         data_seed=run.seed,
         dataloader_num_workers=train.dataloader_workers,
@@ -122,9 +141,8 @@ def trainer_kwargs(train: TrainConfig, run: RunConfig, out: Path, *, has_eval: b
         ddp_find_unused_parameters=False,
         **precision_flags(train.precision),
         **distributed.trainer_state_kwargs(),
+        **checkpointing_kwargs(grad_ckpt),
     )
-    if grad_ckpt:
-        kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     if kwargs["bf16"] and not on_gpu():
         kwargs["use_cpu"] = True  # bf16 autocast on CPU: transformers refuses it unless told it runs on the CPU
     return kwargs

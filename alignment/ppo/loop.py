@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -232,6 +233,12 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
     import torch
     from accelerate import Accelerator
 
+    if distributed.uses_fsdp():  # before any work: accelerate's FSDP2 would refuse prepare(policy, critic, optimizer)
+        from alignment.config import ConfigError
+        from alignment.launch import UNSUPPORTED
+
+        where = os.environ.get("ALIGN_LAUNCH_CONFIG") or "this launch (ACCELERATE_USE_FSDP=true)"
+        raise ConfigError("--launch", f"{where}: align ppo cannot run under FSDP: {UNSUPPORTED['ppo', 'FSDP']}", show_key=False)
     out = start_stage(cfg, STAGE, resume=resume)  # process group (if launched on several), logging, output folder
     # cpu=True also on machines without a GPU: only then does accelerate wrap models in DDP over gloo;
     # DeepSpeed runs only with cpu=False (on CPU through the gloo state distributed.init created)

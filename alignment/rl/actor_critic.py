@@ -192,6 +192,29 @@ class SeparateModels:
 # DeepSpeed ZeRO-2/3
 
 
+def one_trainable_dtype(module: Any) -> Any:
+    """Cast the trainable weights of ``module`` to one dtype, the one most of them have (by count); returns it.
+
+    A ZeRO optimiser flattens every trainable weight into one buffer and refuses mixed dtypes. With
+    LoRA, policy and critic adapters and the value heads are all fp32 (nothing changes); with full
+    fine-tuning in bf16 the fp32 value head joins the bf16 backbones."""
+    import logging
+
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    counts: dict[Any, int] = {}
+    for p in trainable:
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if len(counts) <= 1:
+        return next(iter(counts), None)
+    dtype = max(counts, key=counts.__getitem__)
+    cast = [p for p in trainable if p.dtype != dtype]
+    for p in cast:
+        p.data = p.data.to(dtype)
+    logging.getLogger(__name__).info("DeepSpeed trains one dtype: %d trainable tensors (%d weights) cast to %s",
+                                     len(cast), sum(p.numel() for p in cast), dtype)
+    return dtype
+
+
 class DeepSpeedModels:
     """Policy and critic in one :class:`ActorCritic` module, trained by one DeepSpeed engine."""
 
@@ -210,7 +233,9 @@ class DeepSpeedModels:
         self.accelerator = accelerator
         self.zero_stage = int(plugin.zero_stage)
         self.reference = reference
-        self.engine, self.optimizer = accelerator.prepare(_actor_critic_class()(policy, critic), optimizer)
+        module = _actor_critic_class()(policy, critic)
+        one_trainable_dtype(module)
+        self.engine, self.optimizer = accelerator.prepare(module, optimizer)
 
     @property
     def module(self) -> Any:

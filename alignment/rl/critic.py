@@ -153,6 +153,7 @@ def _trainable_backbone(backbone: nn.Module, lora: Any | None, share: bool = Tru
             p.requires_grad_(True)
         return copy_
     import peft
+    import torch
 
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -160,4 +161,8 @@ def _trainable_backbone(backbone: nn.Module, lora: Any | None, share: bool = Tru
     copy_ = peft.inject_adapter_in_model(lora, copy_, adapter_name="critic")
     for name, p in copy_.named_parameters():
         p.requires_grad_("lora_" in name)
+        if "lora_" in name and p.is_floating_point() and p.dtype != torch.float32:
+            # as peft does for the policy's adapter (autocast_adapter_dtype): the adapter trains in fp32 over a
+            # bf16/fp16 backbone; it also keeps every trainable weight of the actor-critic one dtype (DeepSpeed needs that)
+            p.data = p.data.float()
     return copy_
