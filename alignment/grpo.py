@@ -37,7 +37,8 @@ from alignment import distributed
 from alignment.adapters import AdapterConfig, peft_config, set_adapter_base
 from alignment.config import check, option
 from alignment.models import ModelConfig
-from alignment.ppo import PPODataConfig, PPORewardConfig, build_scorer, load_prompts, score_responses
+from alignment.ppo import build_scorer, load_prompts, score_responses
+from alignment.rl.config import OnlineRewardConfig, PromptDataConfig
 from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
 from alignment.training import TrainConfig, metrics_callback, trainer_kwargs
 
@@ -84,8 +85,9 @@ class GroupRLConfig:
     model: ModelConfig = option(factory=ModelConfig,
                                 doc="the policy to start from (an SFT output: its LoRA adapter is merged first)")
     adapter: AdapterConfig = option(factory=lambda: AdapterConfig(dropout=0.0), doc="lora (reference = adapter off) or full")
-    data: PPODataConfig = option(factory=PPODataConfig, doc="prompts (held-out ones are scored every train.eval_steps)")
-    reward: PPORewardConfig = option(factory=PPORewardConfig, doc="reward models or rule-based reward (as for PPO)")
+    data: PromptDataConfig = option(factory=PromptDataConfig, doc="prompts (held-out ones are scored every train.eval_steps)")
+    reward: OnlineRewardConfig = option(factory=OnlineRewardConfig,
+                                        doc="reward models or rule-based reward (as for PPO, without its normalisation)")
     grpo: GroupAlgoConfig = option(factory=GroupAlgoConfig, doc="GRPO or RLOO, and their sampling")
     train: TrainConfig = option(factory=lambda: TrainConfig(batch_size=8, lr=1e-5, lr_scheduler="constant", warmup_ratio=0.0,
                                                             max_steps=100, logging_steps=1),

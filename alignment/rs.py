@@ -389,7 +389,7 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
 
     from alignment.adapters import set_adapter_base
     from alignment.models import load_causal_lm, load_tokenizer, model_summary
-    from alignment.sft import SFTConfig, build_trainer
+    from alignment.sft import trainer_for
     from alignment.training import mean_logged_loss
     from data.loaders import load_sft, write_jsonl
 
@@ -455,8 +455,7 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
     checkpoint = last_checkpoint(out) if resume else None
     logger = MetricsLogger(out, run=cfg.run, stage=STAGE, config=cfg, enabled=main_process,
                            resume_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None)
-    sft_cfg = SFTConfig(run=cfg.run, model=cfg.model, train=cfg.train, adapter=cfg.adapter, assistant_only_loss=True)
-    trainer = build_trainer(sft_cfg, out, pool, [], logger)
+    trainer = trainer_for(cfg.run, cfg.model, cfg.train, cfg.adapter, out, pool, [], logger)
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     t0 = time.time()

@@ -86,6 +86,14 @@ def load_data(cfg: SFTDataConfig, seed: int) -> tuple[list, list]:
     return train, val
 
 
+def trainer_for(run: RunConfig, model: ModelConfig, train_cfg: TrainConfig, adapter: AdapterConfig, out: Path, train: list,
+                val: list, logger: MetricsLogger | None = None):
+    """The SFT trainer for another stage's settings (rejection sampling fine-tunes on its pool this way), the loss
+    on assistant turns only, as in :func:`build_trainer`."""
+    return build_trainer(SFTConfig(run=run, model=model, train=train_cfg, adapter=adapter, assistant_only_loss=True),
+                         out, train, val, logger)
+
+
 def build_trainer(cfg: SFTConfig, out: Path, train: list, val: list, logger: MetricsLogger | None = None):
     """(2) model and tokenizer, and the TRL SFTTrainer that trains them."""
     import datasets

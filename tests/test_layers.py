@@ -223,6 +223,10 @@ def test_a_planted_back_edge_is_reported(tmp_path):
     assert back_edges(tmp_path) == []
 
 
+def test_no_stage_borrows_a_siblings_private_names_or_config_classes():
+    assert sibling_borrowing(REPO) == []
+
+
 def test_no_import_circles():
     assert circles(REPO) == []
 

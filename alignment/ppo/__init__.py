@@ -72,7 +72,7 @@ from alignment.ppo.config import (
     OptimConfig,
     PPOAlgoConfig,
     PPOConfig,
-    PPODataConfig,
+    PromptDataConfig,
     PPOEvalConfig,
     PPOLagrangianConfig,
     PPORewardConfig,
@@ -97,7 +97,7 @@ Config = PPOConfig
 STAGE = "ppo"
 
 __all__ = ["STAGE", "Config", "Context", "CriticConfig", "OptimConfig", "PPOAlgoConfig", "PPOConfig",
-           "PPODataConfig", "PPOEvalConfig",
+           "PromptDataConfig", "PPOEvalConfig",
            "PPOLagrangianConfig", "PPORewardConfig", "SamplingConfig", "build_models", "build_optimizer", "build_scorer",
            "compute_advantages", "evaluate", "load_checkpoint", "load_prompts", "main", "make_experience", "normalize_scores",
            "ppo_update", "prompt_batch", "save_checkpoint", "save_policy", "score_batch", "score_responses", "setup"]

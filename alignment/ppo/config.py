@@ -11,8 +11,7 @@ from alignment.adapters import AdapterConfig
 from alignment.config import check, option
 from alignment.models import ModelConfig
 from alignment.runs import RunConfig
-from data.loaders import DataSource
-from reward.config import RewardConfig
+from alignment.rl.config import OnlineRewardConfig, PromptDataConfig
 
 log = logging.getLogger("alignment.ppo")
 STAGE = "ppo"
@@ -23,41 +22,17 @@ STAGE = "ppo"
 
 
 @dataclass
-class PPODataConfig:
-    """Prompts to sample responses for."""
-
-    sources: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")],
-                                       doc="prompt datasets to mix (each prompt's category picks the safety "
-                                           "or helpfulness reward)")
-    val_fraction: float = option(0.15, "share of prompts held out for evaluation and early stopping (by a hash of the prompt); "
-                                        "unused when val_sources are given")
-    val_sources: list[DataSource] = option(factory=list, doc="validation prompts (a project's validation set): keep-best and "
-                                                             "early stopping read these and every prompt of sources trains; "
-                                                             "empty = split data.val_fraction off the sources")
-    max_prompt_tokens: int = option(256, "skip prompts longer than this many tokens (chat template included)")
-
-    def __post_init__(self) -> None:
-        check(bool(self.sources), "sources", "needs at least one data source")
-        check(0 < self.val_fraction < 1, "val_fraction",
-              f"must be in (0, 1): held-out prompts drive evaluation, got {self.val_fraction}")
-        check(self.max_prompt_tokens >= 8, "max_prompt_tokens", f"must be >= 8, got {self.max_prompt_tokens}")
-
-
-@dataclass
-class PPORewardConfig(RewardConfig):
+class PPORewardConfig(OnlineRewardConfig):
     """The reward (reward.config.RewardConfig) and how PPO normalises it."""
 
     normalize: Literal["batch", "running", "none"] = option("batch",
                                                             "normalise the combined score: batch = whiten over each iteration's "
                                                             "global batch (Llama 2), running = running mean/std, none")
     clip: float = option(5.0, "clip normalised scores to [-clip, clip]; 0 = no clipping")
-    missing_eos_penalty: float = option(1.0,
-                                        "subtracted from the (normalised) score of responses that hit max_new_tokens without EOS")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.clip >= 0, "clip", f"must be >= 0, got {self.clip}")
-        check(self.missing_eos_penalty >= 0, "missing_eos_penalty", f"must be >= 0, got {self.missing_eos_penalty}")
 
 
 @dataclass
@@ -221,7 +196,7 @@ class PPOConfig:
                                 doc="the policy to start from (an SFT output: its LoRA adapter is merged first)")
     adapter: AdapterConfig = option(factory=lambda: AdapterConfig(dropout=0.0),
                                     doc="what is trained: lora (reference = adapter off) or full (reference = a frozen copy)")
-    data: PPODataConfig = option(factory=PPODataConfig, doc="prompts")
+    data: PromptDataConfig = option(factory=PromptDataConfig, doc="prompts")
     reward: PPORewardConfig = option(factory=PPORewardConfig, doc="reward models and normalisation")
     critic: CriticConfig = option(factory=CriticConfig, doc="value model")
     ppo: PPOAlgoConfig = option(factory=PPOAlgoConfig, doc="PPO objective and batches")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from alignment.ppo.config import PPOAlgoConfig, PPOConfig, PPODataConfig, PPORewardConfig
+from alignment.ppo.config import PPOAlgoConfig, PPOConfig, PromptDataConfig, PPORewardConfig
 
 if TYPE_CHECKING:
     from alignment.ppo.loop import Context
@@ -22,7 +22,7 @@ STAGE = "ppo"
 # setup
 
 
-def load_prompts(cfg: PPODataConfig, tokenizer: Any, seed: int) -> tuple[list, list]:
+def load_prompts(cfg: PromptDataConfig, tokenizer: Any, seed: int) -> tuple[list, list]:
     """(train, held-out) prompts; prompts longer than max_prompt_tokens are skipped."""
     from alignment.generation import encode_prompts
     from data.loaders import load_prompts as load
