@@ -172,11 +172,12 @@ def build_trainer(cfg: DPOConfig, out: Path, train: list, val: list, logger: Met
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from alignment.models import load_causal_lm, load_tokenizer, resolve
+    from alignment.models import load_causal_lm, load_tokenizer, master_dtype, resolve
 
-    def load_model():
+    def load_model(trained: bool = True):
         return load_causal_lm(
-            cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision,
+            cfg.model.name, dtype=master_dtype(cfg.model.dtype, cfg.adapter.method if trained else "frozen", cfg.model.device),
+            device=cfg.model.device, revision=cfg.model.revision,
             attn_implementation=cfg.model.attn_implementation, quantization_config=quantization_config(cfg.adapter),
         )
 
@@ -189,7 +190,7 @@ def build_trainer(cfg: DPOConfig, out: Path, train: list, val: list, logger: Met
     peft_cfg = peft_config(cfg.adapter, "CAUSAL_LM", tokenizer_path=resolve(cfg.model.name).path)
     # Full fine-tuning without precomputed reference log-probs needs a frozen copy; load it the way we
     # load the policy (TRL would otherwise re-read config.name_or_path, which may not resolve here).
-    ref_model = load_model().eval() if peft_cfg is None and not cfg.dpo.precompute_ref else None
+    ref_model = load_model(trained=False).eval() if peft_cfg is None and not cfg.dpo.precompute_ref else None
     args = TRLDPOConfig(
         **trainer_kwargs(cfg.train, cfg.run, out, has_eval=True),
         max_length=cfg.train.max_length,

@@ -175,13 +175,14 @@ def engine_trainer(base: type) -> type:
 def build_trainer(cfg: GroupRLConfig, out: Path, logger: MetricsLogger | None = None) -> Any:
     import datasets
 
-    from alignment.models import load_causal_lm, load_tokenizer, select_device
+    from alignment.models import load_causal_lm, load_tokenizer, master_dtype, select_device
 
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     train, val = load_prompts(cfg.data, tokenizer, cfg.run.seed)
     def to_ds(rs):
         return datasets.Dataset.from_list([{"prompt": r.messages, "is_safety": r.is_safety} for r in rs])
-    model = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision,
+    model = load_causal_lm(cfg.model.name, dtype=master_dtype(cfg.model.dtype, cfg.adapter.method, cfg.model.device),
+                           device=cfg.model.device, revision=cfg.model.revision,
                            attn_implementation=cfg.model.attn_implementation)
     scorer, _ = build_scorer(cfg.reward, str(select_device(cfg.model.device)))
     eos = model.generation_config.eos_token_id

@@ -92,10 +92,11 @@ def build_trainer(cfg: KTOConfig, out: Path, train: list, val: list, logger: Met
     from trl import KTOConfig as TRLKTOConfig
     from trl import KTOTrainer
 
-    from alignment.models import load_causal_lm, load_tokenizer, resolve
+    from alignment.models import load_causal_lm, load_tokenizer, master_dtype, resolve
 
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
-    model = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision,
+    model = load_causal_lm(cfg.model.name, dtype=master_dtype(cfg.model.dtype, cfg.adapter.method, cfg.model.device),
+                           device=cfg.model.device, revision=cfg.model.revision,
                            attn_implementation=cfg.model.attn_implementation,
                            quantization_config=quantization_config(cfg.adapter))
     peft_cfg = peft_config(cfg.adapter, "CAUSAL_LM", tokenizer_path=resolve(cfg.model.name).path)

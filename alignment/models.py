@@ -319,6 +319,21 @@ def select_dtype(dtype: str = "auto", device: "torch.device | str | None" = None
     return torch.float32
 
 
+def master_dtype(dtype: str, method: str, device: "torch.device | str | None" = None) -> str:
+    """The dtype to load a model whose weights train (``method``: the adapter method). ``auto`` is bf16 on GPUs;
+    weights trained in full then load in fp32 instead: they are the optimiser's master copy (AdamW on bf16 weights
+    loses small updates), and bf16 compute comes from ``train.precision``'s autocast (mixed precision, as
+    TRL and accelerate do it). LoRA trains fp32 adapters over a frozen bf16 base, so it keeps ``auto``; an
+    explicit dtype is kept as given."""
+    import torch
+
+    if isinstance(device, str):
+        device = select_device(device)  # "auto", "cpu", "cuda:1"
+    if method == "full" and dtype == "auto" and select_dtype(dtype, device) != torch.float32:
+        return "float32"
+    return dtype
+
+
 # ---------------------------------------------------------------------------------------------
 # loading
 

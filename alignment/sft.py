@@ -100,14 +100,15 @@ def build_trainer(cfg: SFTConfig, out: Path, train: list, val: list, logger: Met
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from alignment.models import load_causal_lm, load_tokenizer, resolve
+    from alignment.models import load_causal_lm, load_tokenizer, master_dtype, resolve
 
     train_ds = datasets.Dataset.from_list([{"messages": ex.messages} for ex in train])
     val_ds = datasets.Dataset.from_list([{"messages": ex.messages} for ex in val]) if val else None
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     tokenizer.padding_side = "right"  # training pads on the right; generation switches to left
     model = load_causal_lm(
-        cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision,
+        cfg.model.name, dtype=master_dtype(cfg.model.dtype, cfg.adapter.method, cfg.model.device), device=cfg.model.device,
+        revision=cfg.model.revision,
         attn_implementation=cfg.model.attn_implementation, quantization_config=quantization_config(cfg.adapter),
     )
     if cfg.adapter.method == "qlora":

@@ -199,13 +199,14 @@ def build_trainer(cfg: RMConfig, out: Path, train: list[Comparison], val: list[C
     """The reward model (new scalar head on the chat model) and the trainer that trains it."""
     from trl import RewardConfig
 
-    from alignment.models import load_tokenizer, resolve
+    from alignment.models import load_tokenizer, master_dtype, resolve
     from reward.model import load_reward_model
     from reward.trainer import LlamaRewardTrainer, PairCollator
 
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     tokenizer.padding_side = "right"
-    model = load_reward_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision,
+    model = load_reward_model(cfg.model.name, dtype=master_dtype(cfg.model.dtype, cfg.adapter.method, cfg.model.device),
+                              device=cfg.model.device, revision=cfg.model.revision,
                               attn_implementation=cfg.model.attn_implementation,
                               quantization_config=quantization_config(cfg.adapter))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from alignment import models
 from alignment.generation import generate, left_pad
@@ -113,3 +114,38 @@ def test_batched_generation_matches_one_by_one(tiny_model):
     single = [generate(model, tok, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
     assert [g.response_ids for g in batched] == [g.response_ids for g in single]
     assert all(len(g.response_ids) <= 8 for g in batched)
+
+
+def test_weights_trained_in_full_load_in_fp32_where_auto_would_be_bf16(monkeypatch):
+    """Issue 24 (F): on a GPU `auto` loads bf16, and full fine-tuning then ran AdamW on bf16 weights (no fp32
+    master copy). Weights that train in full now load in fp32 there; bf16 compute comes from train.precision's
+    autocast. LoRA (a frozen bf16 base), frozen models and explicit dtypes are unchanged."""
+    import torch
+
+    from alignment import models
+
+    monkeypatch.setattr(models, "select_dtype", lambda dtype="auto", device=None: torch.bfloat16 if dtype == "auto"
+                        else getattr(torch, dtype))  # as on a GPU with bf16
+    assert models.master_dtype("auto", "full", "cuda") == "float32"
+    assert models.master_dtype("auto", "lora", "cuda") == "auto"
+    assert models.master_dtype("auto", "frozen", "cuda") == "auto"
+    assert models.master_dtype("bfloat16", "full", "cuda") == "bfloat16"  # asked for explicitly
+    monkeypatch.undo()
+    assert models.master_dtype("auto", "full", "cpu") == "auto"  # fp32 on a CPU anyway
+
+
+def test_full_sft_with_bf16_autocast_keeps_fp32_weights_and_optimizer_state(tmp_path, tiny_model):
+    """The optimiser's state is fp32 when training runs in bf16 autocast (train.precision=bf16)."""
+    from alignment.config import load_config
+    from alignment.sft import SFTConfig, build_trainer, load_data
+
+    cfg = load_config(SFTConfig, REPO / "configs/sft.yaml", [
+        "model.name=tiny-llama", "adapter.method=full", "train.precision=bf16", "train.max_steps=1", "train.batch_size=2",
+        "train.grad_accum=1", "data.sample_prompts=0", "data.sources=[{path: 'bundled:sft', limit: 8}]", "run.wandb=disabled",
+        f"run.root={tmp_path}"], stage="sft")
+    trainer = build_trainer(cfg, tmp_path / "out", *load_data(cfg.data, 0))
+    trainer.train()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    states = [s for s in trainer.optimizer.state.values() if "exp_avg" in s]
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)

@@ -80,10 +80,11 @@ def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any], *, 
     from peft import get_peft_model
 
     from alignment.adapters import peft_config
-    from alignment.models import load_causal_lm
+    from alignment.models import load_causal_lm, master_dtype
     from alignment.rl.critic import critic_from_causal_lm, critic_from_reward_model, critic_pair, tie_identical_weights
 
-    base = load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision,
+    base = load_causal_lm(cfg.model.name, dtype=master_dtype(cfg.model.dtype, cfg.adapter.method, device), device=device,
+                          revision=cfg.model.revision,
                           attn_implementation=cfg.model.attn_implementation)
     critic_lora = peft_config(cfg.adapter, None) if cfg.critic.lora else None
     if cfg.adapter.method == "lora":
