@@ -269,8 +269,8 @@ def test_cli_lists_and_documents_dpo():
 def test_dpo_runs_on_smollm2_with_the_bundled_comparisons(tmp_path):
     """The real model and data, a few steps: the stage runs end to end (numbers: README, benchmarks)."""
     cfg = load_config(DPOConfig, REPO / "configs/dpo.yaml", [
-        f"run.root={tmp_path}", "run.wandb=disabled", "data.sources=[{path: 'bundled:comparisons', limit: 24}]",
-        "data.val_fraction=0.25", "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1", "train.max_length=256",
+        f"run.root={tmp_path}", "run.wandb=disabled", "data.sources=[{path: 'bundled:comparisons', limit: 12}]",
+        "data.val_fraction=0.25", "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1", "train.max_length=128",
         "dpo.margin=small"], stage="dpo")
     out = main(cfg)
     result = json.loads((out / "eval.json").read_text())
