@@ -31,7 +31,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from alignment import distributed
 from alignment.adapters import AdapterConfig, peft_config, set_adapter_base
@@ -78,8 +78,6 @@ class GroupAlgoConfig:
 @dataclass
 class GroupRLConfig:
     """GRPO / RLOO with TRL and our reward."""
-
-    RENAMED: ClassVar[dict[str, str]] = {"algo": "grpo"}  # old names load until alignment.config.RENAMES_END (0.2.0)
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig,

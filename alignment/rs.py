@@ -50,7 +50,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from alignment import distributed
 from alignment.adapters import AdapterConfig
@@ -136,8 +136,6 @@ class RSEvalConfig:
 @dataclass
 class RSConfig:
     """Rejection-sampling fine-tuning."""
-
-    RENAMED: ClassVar[dict[str, str]] = {"prompts": "data"}  # old names load until alignment.config.RENAMES_END (0.2.0)
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig, doc="the policy: sampled, then fine-tuned on the pool")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -155,72 +156,91 @@ def test_every_stage_reads_train_max_steps_and_train_lr():
         assert "data" in {f.name for f in dataclasses.fields(cls)}, f"{name}: its inputs are data.sources"
 
 
-def test_renamed_keys_still_load_with_a_warning_naming_the_new_one(tmp_path, caplog):
-    from alignment.grpo import GroupRLConfig
-    from alignment.ppo import PPOConfig
-    from alignment.rounds import RoundConfig
-    from alignment.rs import RSConfig
+@dataclasses.dataclass
+class _Train:
+    lr: float = option(0.1, "learning rate")
+    max_steps: int = option(1, "steps")
 
-    cfg = load_config(PPOConfig, REPO / "configs/ppo.yaml", ["ppo.iterations=7", "optim.lr=0.02"], stage="ppo")
+
+@dataclasses.dataclass
+class _Algo:
+    clip: float = option(0.2, "clip")
+
+
+@dataclasses.dataclass
+class _Renamed:
+    """A config whose keys were renamed in a release (the mechanism; no shipped config has old names yet)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"algo.iterations": "train.max_steps", "optim": "train"}
+
+    train: _Train = option(factory=_Train, doc="optimisation")
+    algo: _Algo = option(factory=_Algo, doc="the algorithm")
+
+
+def test_renamed_keys_still_load_with_a_warning_naming_the_new_one(tmp_path, caplog):
+    cfg = load_config(_Renamed, None, ["algo.iterations=7", "optim.lr=0.02"])
     assert (cfg.train.max_steps, cfg.train.lr) == (7, 0.02)
-    assert "'ppo.iterations' is now 'train.max_steps'" in caplog.text and "'optim.lr' is now 'train.lr'" in caplog.text
+    assert "'algo.iterations' is now 'train.max_steps'" in caplog.text and "'optim.lr' is now 'train.lr'" in caplog.text
     old = tmp_path / "old.yaml"
-    old.write_text("stage: ppo\nppo:\n  iterations: 5\n  clip: 0.3\noptim:\n  lr: 0.01\n")
-    cfg = load_config(PPOConfig, old, stage="ppo")
-    assert (cfg.train.max_steps, cfg.train.lr, cfg.ppo.clip) == (5, 0.01, 0.3)
-    assert (f"{old}:3: 'ppo.iterations' is now 'train.max_steps'" in caplog.text
-            and f"{old}:5: 'optim' is now 'train'" in caplog.text)
-    assert load_config(GroupRLConfig, REPO / "configs/grpo.yaml", ["algo.algorithm=rloo"], stage="grpo").grpo.algorithm == "rloo"
-    assert load_config(RSConfig, REPO / "configs/rs.yaml", ["prompts.val_fraction=0.3"], stage="rs").data.val_fraction == 0.3
-    assert load_config(RoundConfig, REPO / "configs/round.yaml", ["ppo.prompts=9"], stage="round").policy["ppo"].prompts == 9
+    old.write_text("algo:\n  iterations: 5\n  clip: 0.3\noptim:\n  lr: 0.01\n")
+    cfg = load_config(_Renamed, old)
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.algo.clip) == (5, 0.01, 0.3)
+    assert f"{old}:2: 'algo.iterations' is now 'train.max_steps'" in caplog.text
+    assert f"{old}:4: 'optim' is now 'train'" in caplog.text
     # the old and the new name together: which one wins would be a guess
     both = tmp_path / "both.yaml"
-    both.write_text("stage: ppo\noptim:\n  lr: 0.01\ntrain:\n  lr: 0.02\n")
+    both.write_text("optim:\n  lr: 0.01\ntrain:\n  lr: 0.02\n")
     with pytest.raises(ConfigError, match="both 'optim.lr' and its new name 'train.lr' are set; keep the new one"):
-        load_config(PPOConfig, both, stage="ppo")
+        load_config(_Renamed, both)
 
 
-def test_benchmark_sections_of_a_round_and_their_old_flat_keys(tmp_path, caplog):
-    """eval.<benchmark> is a section; a bare list is its data; the flat keys of the last release load with a warning."""
+def test_no_shipped_config_carries_renamed_keys():
+    """Nothing was released under the earlier names, so no config class keeps a map of them (issue 25)."""
+    from alignment.cli import COMMANDS
+    from alignment.config import all_renames
+
+    for name, (module, _, _) in COMMANDS.items():
+        cls = getattr(importlib.import_module(module), "Config", None)
+        if cls is not None:
+            assert all_renames(cls) == {}, name
+
+
+def test_benchmark_sections_of_a_round(tmp_path):
+    """eval.<benchmark> is a section; a bare list is its data."""
     from alignment.rounds import RoundConfig
 
-    old = tmp_path / "old.yaml"
-    old.write_text("stage: round\neval:\n  truthfulqa: [a.json, bundled:truthfulness]\n  truthfulqa_sample: 7\n"
-                   "  toxigen: [prompts]\n  toxigen_per_group: 2\n  toxigen_max_new_tokens: 9\n")
-    cfg = load_config(RoundConfig, old, stage="round")
-    assert (cfg.eval.truthfulqa.data, cfg.eval.truthfulqa.sample) == (["a.json", "bundled:truthfulness"], 7)
+    cfg_file = tmp_path / "round.yaml"
+    cfg_file.write_text("stage: round\neval:\n  truthfulqa: [a.json, bundled:truthfulness]\n"
+                        "  toxigen: {data: [prompts], per_group: 2, max_new_tokens: 9}\n")
+    cfg = load_config(RoundConfig, cfg_file, stage="round")
+    assert cfg.eval.truthfulqa.data == ["a.json", "bundled:truthfulness"]
     assert (cfg.eval.toxigen.data, cfg.eval.toxigen.per_group, cfg.eval.toxigen.max_new_tokens) == (["prompts"], 2, 9)
-    assert f"{old}:4: 'eval.truthfulqa_sample' is now 'eval.truthfulqa.sample'" in caplog.text
-    assert f"{old}:6: 'eval.toxigen_per_group' is now 'eval.toxigen.per_group'" in caplog.text
-    # overrides: a bare list sets the data and keeps the section's other keys; old names work on the command line too
-    cfg = load_config(RoundConfig, old,
-                      ["eval.truthfulqa=[b.json]", "eval.toxigen_per_group=3", "eval.toxigen=null"], stage="round")
+    # overrides: a bare list sets the data and keeps the section's other keys
+    cfg = load_config(RoundConfig, cfg_file, ["eval.truthfulqa.sample=7", "eval.truthfulqa=[b.json]", "eval.toxigen=null"],
+                      stage="round")
     assert (cfg.eval.truthfulqa.data, cfg.eval.truthfulqa.sample, cfg.eval.toxigen) == (["b.json"], 7, None)
     cfg = load_config(RoundConfig, None, ["eval.truthfulqa.sample=5"])
     assert cfg.eval.truthfulqa.sample == 5 and cfg.eval.truthfulqa.data[-1] == "bundled:truthfulness"
     with pytest.raises(ConfigError, match=r"unknown key 'eval.toxigen.per_grup' \(did you mean 'eval.toxigen.per_group'\?\)"):
-        load_config(RoundConfig, old, ["eval.toxigen.per_grup=3"])
+        load_config(RoundConfig, cfg_file, ["eval.toxigen.per_grup=3"])
     with pytest.raises(ConfigError, match="eval.truthfulqa.sample: must be > 0 or null"):
-        load_config(RoundConfig, old, ["eval.truthfulqa.sample=0"])
-    both = tmp_path / "both.yaml"
-    both.write_text("eval:\n  truthfulqa: {data: [a.json], sample: 3}\n  truthfulqa_sample: 4\n")
-    with pytest.raises(ConfigError, match="both 'eval.truthfulqa_sample' and its new name 'eval.truthfulqa.sample' are set"):
-        load_config(RoundConfig, both)
+        load_config(RoundConfig, cfg_file, ["eval.truthfulqa.sample=0"])
+    with pytest.raises(ConfigError, match="unknown key 'eval.truthfulqa_sample'"):  # the pre-section name is gone
+        load_config(RoundConfig, cfg_file, ["eval.truthfulqa_sample=4"])
 
 
 def test_renamed_keys_have_an_end(tmp_path, monkeypatch):
     """Old names load with a warning up to RENAMES_END; from that version on they are refused, naming the new one."""
     import alignment.config as config
-    from alignment.ppo import PPOConfig
 
     monkeypatch.setattr(config, "_installed_version", lambda: config.RENAMES_END)
-    with pytest.raises(ConfigError, match="'ppo.iterations' was renamed 'train.max_steps' before 0.2.0"):
-        load_config(PPOConfig, REPO / "configs/ppo.yaml", ["ppo.iterations=7"], stage="ppo")
+    with pytest.raises(ConfigError, match="'algo.iterations' was renamed 'train.max_steps' before 0.2.0"):
+        load_config(_Renamed, None, ["algo.iterations=7"])
     old = tmp_path / "old.yaml"
-    old.write_text("stage: ppo\noptim:\n  lr: 0.01\n")
+    old.write_text("optim:\n  lr: 0.01\n")
     with pytest.raises(ConfigError, match="'optim' was renamed 'train'"):
-        load_config(PPOConfig, old, stage="ppo")
-    assert load_config(PPOConfig, REPO / "configs/ppo.yaml", ["train.max_steps=7"], stage="ppo").train.max_steps == 7
+        load_config(_Renamed, old)
+    assert load_config(_Renamed, None, ["train.max_steps=7"]).train.max_steps == 7
 
 
 def test_bundled_configs_are_found_from_any_folder(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from alignment.config import check, option
 from alignment.evals.toxigen import RoundSettings as ToxiGenSettings
@@ -92,10 +92,6 @@ class EvalSuiteConfig:
     max_new_tokens: int = option(128, "length limit of the answers to the held-out prompts")
     batch_size: int = option(16, "generation batch size")
     bootstrap: int = option(2000, "bootstrap resamples of the confidence intervals")
-
-    # earlier names, loaded until alignment.config.RENAMES_END (a section's RENAMED applies below it wherever the section sits)
-    RENAMED: ClassVar[dict[str, str]] = {"truthfulqa_sample": "truthfulqa.sample", "toxigen_per_group": "toxigen.per_group",
-                                         "toxigen_max_new_tokens": "toxigen.max_new_tokens"}
 
     def __post_init__(self) -> None:
         check(self.heldout >= 0, "heldout", f"must be >= 0, got {self.heldout}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 from alignment.adapters import AdapterConfig
 from alignment.config import check, option
@@ -187,9 +187,6 @@ class PPOEvalConfig:
 @dataclass
 class PPOConfig:
     """PPO with a reward model (or rule-based reward), reference policy and critic."""
-
-    # old names load until alignment.config.RENAMES_END (0.2.0)
-    RENAMED: ClassVar[dict[str, str]] = {"ppo.iterations": "train.max_steps", "optim": "train"}
 
     run: RunConfig = option(factory=RunConfig, doc="run name, output folder, seed, tracking")
     model: ModelConfig = option(factory=ModelConfig,

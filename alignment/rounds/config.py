@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 from alignment.config import check, option
 from alignment.evals.gold import GoldJudgeConfig
@@ -109,9 +109,6 @@ class PromoteConfig:
 @dataclass
 class RoundConfig:
     """A project of iterative RLHF rounds."""
-
-    # old names load until alignment.config.RENAMES_END (0.2.0)
-    RENAMED: ClassVar[dict[str, str]] = {m: f"policy.{m}" for m in ("rs", "ppo", "dpo")}
 
     project: str = option("default", "project name: its folder is <root>/<project>")
     root: str = option("runs", "parent folder of projects")
