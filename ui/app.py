@@ -25,7 +25,10 @@ an export button. Every admin handler checks the role on the server; hiding the 
 cosmetic.
 
 API (what the page calls; also usable with ``gradio_client.Client(url, auth=(user, password))``):
-``/load`` -> the current task, ``/submit``, ``/skip``, ``/undo`` (call it twice), ``/admin_stats``, ``/export``.
+``/load`` -> the current task, ``/submit``, ``/skip``, ``/undo`` (call it twice), ``/next_task``, ``/change_label``,
+``/renew`` (keeps the task held: the open page calls it every quarter of ``--page-lease-seconds``; a script that
+takes longer than that between ``/load`` and ``/submit`` calls it too, or its task may go to someone else),
+``/admin_stats``, ``/export`` (admins; left out of an annotator's ``/gradio_api/info``).
 A refused annotator action returns its message in the status output (index 12, starting with "⚠️")
 and leaves every other output unchanged.
 """
