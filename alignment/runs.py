@@ -204,3 +204,14 @@ def _check_output(out: Path, *, resume: bool) -> None:
         raise OutputExistsError(f"{out} already holds a run; pass --resume to continue it")
     if resume and not has_run:
         raise OutputExistsError(f"--resume: {out} holds no run to resume")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (manifests, cards and bundles record inputs by it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -39,6 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from alignment.runs import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "gpu-bundle"
@@ -117,14 +118,6 @@ def _version(name: str) -> str:
         raise BundleError(f"{name} is not installed here: the bundle carries the versions CI tests (make install)") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _pip(args: list[str], env: dict | None = None) -> None:
     cmd = [sys.executable, "-m", "pip", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
@@ -183,7 +176,7 @@ def build(out: Path = DEFAULT_OUT, *, transformers: bool = True, repo: Path = RE
         manifest: dict[str, Any] = {
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "python": PYTHON_VERSION,
             "wheels": [{"file": f.name, "name": _wheel_name(f), "version": versions[_wheel_name(f)], "bytes": f.stat().st_size,
-                        "sha256": _sha256(f), "why": why[_wheel_name(f)]} for f in files],
+                        "sha256": file_sha256(f), "why": why[_wheel_name(f)]} for f in files],
             "model": {**model, "bytes": folder_bytes(tmp / MODEL)},
             "install": "python3 -m pip install --no-index --no-deps --target DIR wheels/*.whl; PYTHONPATH=DIR",
         }

@@ -92,17 +92,9 @@ if torch is not None:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported(),
                     memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}")
-        n, reps = 8192, 20
-        a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-        b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-        for _ in range(3):
-            a @ b
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        torch.cuda.synchronize()
-        info["matmul_bf16_tflops"] = round(2 * n**3 * reps / (time.perf_counter() - t) / 1e12, 1)
+        from benchmarks.gpu import matmul_flops_cuda  # the measurement the GPU benchmark's MFU reads
+
+        info["matmul_bf16_tflops"] = round(matmul_flops_cuda() / 1e12, 1)
 else:
     info["cuda_available"] = False
 print(json.dumps(info))

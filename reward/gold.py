@@ -29,7 +29,6 @@ gold in minutes (``--model`` another base, ``--pairs`` more; the card records wh
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
@@ -57,14 +56,6 @@ log = logging.getLogger(__name__)
 
 HUB_SOURCES = ("hub:Anthropic/hh-rlhf@helpful-base", "hub:Anthropic/hh-rlhf@harmless-base")
 BUILD_VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _source(spec: str) -> Any:
@@ -130,6 +121,7 @@ def build(data: Sequence[str], *, name: str = DEFAULT_NAME, pairs: int = 3000, m
     """Train the gold on ``data`` (HH-RLHF files, folders or hub specs) and cache it; returns its folder.
     ``layers``: LoRA in the top this many layers only (None: all)."""
     from alignment.config import load_config
+    from alignment.runs import file_sha256
     from data.loaders import load_comparisons, write_jsonl
     from reward import rm
     from reward.model import load_scorer
@@ -147,7 +139,7 @@ def build(data: Sequence[str], *, name: str = DEFAULT_NAME, pairs: int = 3000, m
         every += got
         p = Path(spec)
         if p.is_file():
-            files.append({"path": str(p.resolve()), "sha256": _sha256(p), "pairs": len(got), "category": src.category})
+            files.append({"path": str(p.resolve()), "sha256": file_sha256(p), "pairs": len(got), "category": src.category})
         else:
             files.append({"path": spec, "pairs": len(got), "category": src.category})
     parts = split_pairs(every)

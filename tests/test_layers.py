@@ -211,9 +211,7 @@ def test_every_module_imports_only_downwards():
 
 
 def test_a_planted_back_edge_is_reported(tmp_path):
-    for pkg in PACKAGES:
-        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.bin", "*.safetensors"))
-    loaders = tmp_path / "data" / "loaders.py"
+    loaders = _copy(tmp_path) / "data" / "loaders.py"
     lines = loaders.read_text().splitlines()
     n = len(lines) + 3
     loaders.write_text("\n".join(lines) + "\n\n\ndef _planted():\n    from alignment.rounds import Project  # noqa\n")

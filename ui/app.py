@@ -510,7 +510,8 @@ def stats_markdown(st: dict) -> str:
              "| annotator | kind | labels | today | skips | both bad | chose left | median s | labels/h |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for a in st["annotators"]:
-        lines.append(f"| {_md(a['annotator'])} | {a['kind']} | {a['labels']} | {a['today']} | {a['skips']} | {a['both_bad']} | "
+        lines.append(f"| {md_text(a['annotator'])} | {a['kind']} | {a['labels']} | {a['today']} | {a['skips']} | "
+                     f"{a['both_bad']} | "
                      f"{a['chose_left']} | {a['median_seconds'] if a['median_seconds'] is not None else '-'} | "
                      f"{a['labels_per_hour'] if a['labels_per_hour'] is not None else '-'} |")
     n_s = sum(st["strengths"].values())
@@ -531,12 +532,12 @@ def stats_markdown(st: dict) -> str:
                   f"{_num(ag['krippendorff_alpha_preference'])}")]
     if ag["cohen_kappa"]:
         lines += ["", "| annotators | shared tasks | agreement | Cohen's kappa |", "|---|---:|---:|---:|"]
-        lines += [f"| {_md(p['a'])} · {_md(p['b'])} | {p['tasks']} | {100 * p['agreement']:.0f}% | {_num(p['kappa'])} |"
+        lines += [f"| {md_text(p['a'])} · {md_text(p['b'])} | {p['tasks']} | {100 * p['agreement']:.0f}% | {_num(p['kappa'])} |"
                   for p in ag["cohen_kappa"]]
     if st.get("leases"):
         lines += ["", "**Held now** (a lease returns to the queue when it expires, or with `align annotate release`):", "",
                   "| annotator | task | round | since (UTC) | until |", "|---|---|---:|---|---|"]
-        lines += [f"| {_md(h['user'])} | {_md(h['task'])} | {h['round']} | {h['since'][:16].replace('T', ' ')} | "
+        lines += [f"| {md_text(h['user'])} | {md_text(h['task'])} | {h['round']} | {h['since'][:16].replace('T', ' ')} | "
                   f"{h['expires'][11:16]} |" for h in st["leases"]]
     return "\n".join(lines)
 
@@ -545,7 +546,6 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-_md = md_text
 
 
 def launch(store: AnnotationStore, *, host: str = "127.0.0.1", port: int = 7860, guidelines: str = "", round: int | None = None,

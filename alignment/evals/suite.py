@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.config import check, option
+from alignment.runs import file_sha256
 from alignment.evals.toxigen import RoundSettings as ToxiGenSettings
 from alignment.evals.truthfulqa import RoundSettings as TruthfulQASettings
 
@@ -167,7 +168,7 @@ class RoundEval:
         if records:
             used = stage_usage([self.p.round_dir(k) for k in range(1, self.n + 1)], STAGE_DIRS)
             checked = check_disjoint(records, used)
-            outputs["heldout"] = {"n": len(records), "path": str(self.p.heldout_path), "sha256": _sha256(self.p.heldout_path),
+            outputs["heldout"] = {"n": len(records), "path": str(self.p.heldout_path), "sha256": file_sha256(self.p.heldout_path),
                                   "disjoint_from": checked}
             answers = {m: self.answers(m, records) for m in dict.fromkeys([policy, previous, sft])}
             if "gold" in self.e.judges:
@@ -341,12 +342,6 @@ class MemoScorer:
             new = self.inner.score([prompts[first[k]] for k in todo], [k[1] for k in todo])
             self.cache.update(zip(todo, new.float().cpu().tolist()))
         return torch.tensor([self.cache[k] for k in keys], dtype=torch.float32)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _to_dict(cfg: Any) -> dict:

@@ -165,8 +165,8 @@ def build_reward_scorer(rm: str | None, safety_rm: str | None = None, *, rule: s
                RewardConfig(helpful=rm, safety=safety_rm, rule=rule, safety_threshold=threshold, cost_weight=lam))
         return build_scorer(cfg)[0]
     except ConfigError as exc:
-        key = str(exc).split(":", 1)[0].strip().rsplit(".", 1)[-1]
-        raise ValueError(f"{flags.get(key, key)}: {str(exc).split(':', 1)[-1].strip()}") from None
+        key = exc.key.rsplit(".", 1)[-1]
+        raise ValueError(f"{flags.get(key, exc.key)}: {exc.message}") from None
 
 
 def load_responses(path: str, prompts: Sequence[Any]) -> list[str]:

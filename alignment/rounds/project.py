@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -24,14 +23,10 @@ def now() -> str:
 
 
 def sha256(path: str | Path) -> str | None:
+    from alignment.runs import file_sha256
+
     p = Path(path)
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(p) if p.is_file() else None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
