@@ -168,10 +168,19 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print("align annotate serve: note: no admin user yet (align annotate add-user NAME --role admin)", file=sys.stderr)
     from ui.security import SecurityPolicy
 
-    policy = SecurityPolicy(session_hours=a.session_hours, max_failures=a.max_login_failures,
-                            lockout_seconds=a.login_lockout_seconds, allowed_origins=list(a.allowed_origin),
-                            max_request_bytes=int(a.max_request_kb * 1024), max_comment_chars=a.max_comment_chars,
-                            max_reason_chars=a.max_skip_reason_chars, server_host=a.host)
+    try:
+        policy = SecurityPolicy(session_hours=a.session_hours, max_failures=a.max_login_failures,
+                                lockout_seconds=a.login_lockout_seconds, allowed_origins=list(a.allowed_origin),
+                                max_request_bytes=int(a.max_request_kb * 1024), max_comment_chars=a.max_comment_chars,
+                                max_reason_chars=a.max_skip_reason_chars, server_host=a.host)
+    except ValueError as exc:  # a bad serve option: name its flag, before anything starts
+        message = str(exc)
+        for field, flag in (("max_request_bytes", "--max-request-kb (in bytes)"), ("max_comment_chars", "--max-comment-chars"),
+                            ("max_reason_chars", "--max-skip-reason-chars"), ("session_hours", "--session-hours"),
+                            ("max_failures", "--max-login-failures"), ("lockout_seconds", "--login-lockout-seconds"),
+                            ("allowed origin", "--allowed-origin")):
+            message = message.replace(field, flag)
+        raise AnnotationError(message) from None
     launch(store, host=a.host, port=a.port, guidelines=guidelines, round=a.round, export_dir=a.export_dir,
            concurrency=a.concurrency, security=policy, forwarded_allow_ips=",".join(a.forwarded_allow_ips),
            page_hold=a.page_lease_seconds or None)

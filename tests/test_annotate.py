@@ -181,3 +181,13 @@ def test_project_flag_uses_the_projects_database_and_admin_commands_unblock_a_ro
     dry = run_align("annotate", "export", "--round", "5", "--dry-run", "--out-dir", str(tmp_path / "ex"), *flags)
     assert dry.returncode == 0 and "would write 1 comparisons from 1 labelled tasks" in dry.stdout
     assert not (tmp_path / "ex").exists() and store.exports(5) == []
+
+
+def test_serve_refuses_bad_options_naming_the_flag(tmp_path):
+    db = f"sqlite:///{tmp_path}/a.db"
+    for args, message in [(["--max-comment-chars", "0"], "--max-comment-chars must be >= 1, got 0"),
+                          (["--max-request-kb", "0"], "--max-request-kb (in bytes) must be >= 1, got 0"),
+                          (["--page-lease-seconds", "-1"], "--page-lease-seconds must be >= 0"),
+                          (["--allowed-origin", "annotate.example.org"], "--allowed-origin 'annotate.example.org'")]:
+        res = run_align("annotate", "serve", "--db", db, *args)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
