@@ -39,7 +39,7 @@ gpu-bundle: install
 	$(BIN)/python -m benchmarks.gpu_bundle $(GPU_BUNDLE_ARGS)
 
 lint: install
-	$(BIN)/ruff check alignment reward data ui tests benchmarks
+	$(BIN)/ruff check foundation alignment reward data ui tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -150,7 +150,7 @@ def cmd_set_labels(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
     from data.loaders import read_text_file
     from ui.app import DEFAULT_GUIDELINES, launch
 
@@ -207,14 +207,14 @@ def cmd_stats(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(st, indent=2))
     else:
-        from ui.app import stats_markdown  # plain Markdown text; importing ui.app does not import gradio
+        from ui.render import stats_markdown  # plain Markdown text; ui.render does not import gradio
 
         print(stats_markdown(st))
     return 0
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
     from data.loaders import DataSource, load_prompts, write_jsonl
     from data.store import read_tasks
     from data.store.sampling import sample_pairs
@@ -229,8 +229,12 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if models[0] == models[1] and temps[0] == temps[1] == 0:
         raise SystemExit("align annotate sample: one model at temperature 0 twice gives identical responses; "
                          "use two temperatures or --model-b")
+    if a.samples < 2:
+        raise SystemExit(f"align annotate sample: --samples must be >= 2 (a pair needs two responses), got {a.samples}")
+    if a.pairs_per_prompt is not None and a.pairs_per_prompt < 1:
+        raise SystemExit(f"align annotate sample: --pairs-per-prompt must be >= 1, got {a.pairs_per_prompt}")
     rows, dropped = sample_pairs(models, prompts, temperatures=temps, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                                 batch_size=a.batch_size, seed=a.seed)
+                                 batch_size=a.batch_size, seed=a.seed, samples=a.samples, pairs_per_prompt=a.pairs_per_prompt)
     if not rows:
         raise SystemExit(f"align annotate sample: all {len(prompts)} pairs had an empty or identical response; nothing written")
     write_jsonl(out, rows)
@@ -370,6 +374,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--max-new-tokens", type=int, default=256)
     sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--samples", type=int, default=2,
+                    help="responses per prompt, alternating A's and B's model and temperature; every two distinct ones "
+                         "make a pair (K give up to K(K-1)/2)")
+    sp.add_argument("--pairs-per-prompt", type=int, default=None, help="keep at most this many of a prompt's pairs (seeded)")
     sp.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     sp.add_argument("--round", type=int, default=None, help="also queue the pairs in this round")
     overlap_args(sp)

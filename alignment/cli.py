@@ -20,10 +20,10 @@ from typing import Sequence
 from alignment.methods import METHODS
 
 # name -> (module, kind, one-line help). kind: "stage" (typed config) or "command" (own argparse).
-# The policy methods come from their registry (alignment/methods.py); importing it imports no stage.
+# The policy methods come from their registry (alignment/methods.py, read when a command runs); importing it
+# imports no stage.
+SFT = {"sft": ("alignment.sft", "stage", "supervised fine-tuning: full, LoRA, prompt tuning or QLoRA, assistant-only loss")}
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "sft": ("alignment.sft", "stage", "supervised fine-tuning: full, LoRA, prompt tuning or QLoRA, assistant-only loss"),
-    **{m.name: (m.module, "stage", m.help) for m in METHODS.values()},
     "round": ("alignment.rounds", "command", "iterative RLHF rounds V1..Vn: init, next, run, status, promote"),
     "demo": ("alignment.demo", "command",
              "the main job: RLHF-V1 and V2 on the embedded SmolLM2, unattended (simulated annotator), then the report"),
@@ -41,18 +41,24 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def commands() -> dict[str, tuple[str, str, str]]:
+    """Every command: SFT, the registered policy methods, then the rest."""
+    return {**SFT, **{m.name: (m.module, "stage", m.help) for m in METHODS.values()}, **COMMANDS}
+
+
 def _usage() -> str:
-    width = max(len(n) for n in COMMANDS)
+    table = commands()
+    width = max(len(n) for n in table)
     lines = ["usage: align <command> [options]", "", "stages (align <stage> --config FILE [--resume] [key=value ...]):"]
-    lines += [f"  {n:<{width}}  {h}" for n, (_, kind, h) in COMMANDS.items() if kind == "stage"]
+    lines += [f"  {n:<{width}}  {h}" for n, (_, kind, h) in table.items() if kind == "stage"]
     lines += ["", "commands (align <command> --help):"]
-    lines += [f"  {n:<{width}}  {h}" for n, (_, kind, h) in COMMANDS.items() if kind == "command"]
+    lines += [f"  {n:<{width}}  {h}" for n, (_, kind, h) in table.items() if kind == "command"]
     lines += ["", "Run `align <stage> --help` for every config field of a stage."]
     return "\n".join(lines)
 
 
 def run_stage(name: str, module_name: str, help_text: str, argv: Sequence[str]) -> int:
-    from alignment.config import ConfigError, format_help, load_config
+    from foundation.config import ConfigError, format_help, load_config
 
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(
@@ -78,7 +84,7 @@ def run_stage(name: str, module_name: str, help_text: str, argv: Sequence[str]) 
         print(f"align {name}: config error: {exc}", file=sys.stderr)
         return 2
     if args.launch:  # validated above; now re-run the same command on every process
-        from alignment import launch
+        from foundation import launch
 
         rest, skip = [], False
         launch_flags = ("--launch", "--nproc", "--num-machines", "--machine-rank", "--main-process-ip", "--main-process-port")
@@ -112,16 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
+    table = commands()
+    if name not in table:
         import difflib
 
-        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        close = difflib.get_close_matches(name, list(table), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"align: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name, kind, help_text = COMMANDS[name]
-    from alignment.config import ConfigError
-    from alignment.runs import OutputExistsError
+    module_name, kind, help_text = table[name]
+    from foundation.config import ConfigError
+    from foundation.runs import OutputExistsError
     from data.errors import DataError
 
     try:
@@ -133,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, OutputExistsError, FileNotFoundError, FileExistsError) as exc:
         print(f"align {name}: error: {exc}", file=sys.stderr)
         return 2
-    from alignment.distributed import shutdown
+    from foundation.distributed import shutdown
 
     shutdown()  # under a multi-process launch: end the process group before exit (no SIGABRT at teardown)
     return code

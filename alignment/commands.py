@@ -16,8 +16,8 @@ def cmd_merge(argv: Sequence[str]) -> int:
     p.add_argument("--out", required=True, help="new folder for the merged checkpoint (must not exist or be empty)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     a = p.parse_args(argv)
-    from alignment.adapters import merge
-    from alignment.runs import setup_logging
+    from foundation.adapters import merge
+    from foundation.runs import setup_logging
 
     setup_logging()
     out = merge(a.adapter, a.out, dtype=a.dtype)
@@ -30,8 +30,8 @@ def cmd_models(argv: Sequence[str]) -> int:
                                 description="Build (if needed) and list the built-in models in the cache ($ALIGN_CACHE).")
     p.add_argument("names", nargs="*", default=["smollm2-135m", "tiny-llama"], help="built-ins to build")
     a = p.parse_args(argv)
-    from alignment.models import SMOLLM2, TINY, builtin_path, cache_root
-    from alignment.runs import setup_logging
+    from foundation.models import SMOLLM2, TINY, builtin_path, cache_root
+    from foundation.runs import setup_logging
 
     setup_logging()
     for name in a.names:
@@ -56,8 +56,8 @@ def cmd_generate(argv: Sequence[str]) -> int:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from alignment.generation import generate
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.generation import generate
+    from foundation.models import load_causal_lm, load_tokenizer
     from data.loaders import DataSource, load_prompts, write_jsonl
 
     convs = [[{"role": "user", "content": t}] for t in a.prompt]

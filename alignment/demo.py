@@ -50,13 +50,13 @@ def _returned(proj: Any, n: int) -> str:
 
 def changes(proj: Any) -> list[str]:
     """One line per key number: the SFT model's and each round's (the demo's "what changed")."""
+    from alignment.evals.suite import BENCHMARKS
+
     evals = {n: proj.manifest(n)["steps"].get("eval", {}).get("outputs", {}) for n in proj.rounds()}
     if not evals:
         return []
     first = evals[min(evals)]
     cols = ["SFT"] + [f"V{n} ({proj.manifest(n).get('method')})" for n in evals]
-    tq = next((e["truthfulqa"] for e in evals.values() if (e.get("truthfulqa") or {}).get("dataset")), None)
-    tg = next((e["toxigen"] for e in evals.values() if (e.get("toxigen") or {}).get("pct_toxic") is not None), None)
     rows = [
         ("gold reward, test prompts [95% CI]", _ci((first.get("gold_reward") or {}).get("sft"), pct=False),
          [_ci((e.get("gold_reward") or {}).get("policy"), pct=False) for e in evals.values()]),
@@ -66,15 +66,12 @@ def changes(proj: Any) -> list[str]:
         ("validation win rate vs previous (decides promotion)", "",
          [_ci((e.get("validation") or {}).get("winrate_vs_previous")) for e in evals.values()]),
         ("the policy step returned", "", [_returned(proj, n) for n in evals]),
-        (f"MC2, {tq['dataset'] if tq else 'truthfulness'}",
-         f"{100 * first['truthfulqa_sft']['mc2']:.1f}%" if first.get("truthfulqa_sft", {}).get("mc2") is not None else "-",
-         [f"{100 * e['truthfulqa']['mc2']:.1f}%" if (e.get("truthfulqa") or {}).get("mc2") is not None else "-"
-          for e in evals.values()]),
-        (f"ToxiGen % toxic ({tg['n']} prompts{', a smoke check' if tg.get('smoke_check') else ''})" if tg else "ToxiGen % toxic",
-         f"{first['toxigen_sft']['pct_toxic']:.1f}%" if (first.get("toxigen_sft") or {}).get("pct_toxic") is not None else "-",
-         [f"{e['toxigen']['pct_toxic']:.1f}%" if (e.get("toxigen") or {}).get("pct_toxic") is not None else "-"
-          for e in evals.values()]),
     ]
+    for bench in BENCHMARKS:  # one row each: its own label and cells (the round keeps <name> and, in round 1, <name>_sft)
+        mod = bench.load()
+        sft, per_round = first.get(f"{bench.name}_sft"), [e.get(bench.name) for e in evals.values()]
+        rows.append((mod.demo_label([s for s in (sft, *per_round) if s]), mod.demo_cell(sft),
+                     [mod.demo_cell(s) for s in per_round]))
     width = max(len(r[0]) for r in rows)
     colw = [max(len(c), *(len(r[1] if i == 0 else r[2][i - 1]) for r in rows)) for i, c in enumerate(cols)]
     lines = ["  " + " " * width + "  " + "  ".join(c.ljust(w) for c, w in zip(cols, colw))]
@@ -102,8 +99,8 @@ def cli(name: str, argv: Sequence[str]) -> int:
     a = p.parse_args(argv)
 
     from alignment import rounds
-    from alignment.config import load_config
-    from alignment.runs import setup_logging
+    from foundation.config import load_config
+    from foundation.runs import setup_logging
 
     setup_logging()
     project = a.project or time.strftime("demo-%Y%m%d-%H%M%S")

@@ -50,13 +50,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from alignment import distributed
-from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
-from alignment.config import check, option
-from alignment.models import ModelConfig
+from foundation import distributed
+from foundation.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
+from foundation.config import check, option
+from foundation.models import ModelConfig
 from alignment.preferences import PreferenceDataConfig, load_data, on_disk
-from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
-from alignment.training import TrainConfig, mean_logged_loss, metrics_callback, trainer_kwargs
+from foundation.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
+from foundation.training import TrainConfig, mean_logged_loss, metrics_callback, train_resumed, trainer_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -172,7 +172,7 @@ def build_trainer(cfg: DPOConfig, out: Path, train: list, val: list, logger: Met
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from alignment.models import load_causal_lm, load_tokenizer, master_dtype, resolve
+    from foundation.models import load_causal_lm, load_tokenizer, master_dtype, resolve
 
     def load_model(trained: bool = True):
         return load_causal_lm(
@@ -273,7 +273,7 @@ def evaluate_pairs(trainer, beta: float) -> dict:
 def main(cfg: DPOConfig, *, resume: bool = False) -> Path:
     import torch
 
-    from alignment.models import model_summary
+    from foundation.models import model_summary
 
     out = start_stage(cfg, STAGE, resume=resume)
     checkpoint = last_checkpoint(out) if resume else None
@@ -307,7 +307,7 @@ def main(cfg: DPOConfig, *, resume: bool = False) -> Path:
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_resumed(trainer, checkpoint)
     train_seconds = time.time() - t0
 
     # 5. held-out implicit rewards after training

@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from alignment import distributed
-from alignment.adapters import AdapterConfig, peft_config, set_adapter_base
-from alignment.config import check, option
-from alignment.models import ModelConfig
+from foundation import distributed
+from foundation.adapters import AdapterConfig, peft_config, set_adapter_base
+from foundation.config import check, option
+from foundation.models import ModelConfig
 from alignment.ppo import build_scorer, load_prompts, score_responses
 from alignment.rl.config import OnlineRewardConfig, PromptDataConfig
-from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
-from alignment.training import TrainConfig, metrics_callback, trainer_kwargs
+from foundation.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
+from foundation.training import TrainConfig, metrics_callback, train_resumed, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "grpo"
@@ -129,7 +129,7 @@ def reward_function(scorer: Any, missing_eos_penalty: float, eos_ids: set[int]) 
 
 def engine_trainer(base: type) -> type:
     """``base`` (TRL's GRPOTrainer or RLOOTrainer) with its transformers generation replaced by our
-    engine (:mod:`alignment.generation`: merged adapter, shared prefill of the group's identical
+    engine (:mod:`foundation.generation`: merged adapter, shared prefill of the group's identical
     prompts, finished rows leaving the batch). Where the engine does not implement what TRL was asked
     for (vLLM, TRL's continuous batching, images, min_p, a repetition penalty, extra generation
     kwargs) TRL's own path runs. Logs ``time/generate`` and ``perf/gen_tokens_per_s``."""
@@ -145,7 +145,7 @@ def engine_trainer(base: type) -> type:
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
             from trl.models import unwrap_model_for_generation
 
-            from alignment.generation import Engine, SamplingParams
+            from foundation.generation import Engine, SamplingParams
 
             params = SamplingParams(max_new_tokens=self.max_completion_length, temperature=self.temperature,
                                     top_p=self.top_p, top_k=self.top_k or 0)
@@ -173,7 +173,7 @@ def engine_trainer(base: type) -> type:
 def build_trainer(cfg: GroupRLConfig, out: Path, logger: MetricsLogger | None = None) -> Any:
     import datasets
 
-    from alignment.models import load_causal_lm, load_tokenizer, master_dtype, select_device
+    from foundation.models import load_causal_lm, load_tokenizer, master_dtype, select_device
 
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     train, val = load_prompts(cfg.data, tokenizer, cfg.run.seed)
@@ -220,7 +220,7 @@ def main(cfg: GroupRLConfig, *, resume: bool = False) -> Path:
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result = train_resumed(trainer, checkpoint)
     seconds = time.time() - t0
     summary: dict[str, Any] = {"algorithm": cfg.grpo.algorithm, "train_loss": result.training_loss,
                                "global_step": trainer.state.global_step,

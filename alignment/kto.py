@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from alignment import distributed
-from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
-from alignment.config import check, option
-from alignment.models import ModelConfig
+from foundation import distributed
+from foundation.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
+from foundation.config import check, option
+from foundation.models import ModelConfig
 from alignment.preferences import PreferenceDataConfig, load_data, on_disk
-from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
-from alignment.training import TrainConfig, mean_logged_loss, metrics_callback, trainer_kwargs
+from foundation.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
+from foundation.training import TrainConfig, mean_logged_loss, metrics_callback, train_resumed, trainer_kwargs
 
 if TYPE_CHECKING:
     from data.schemas import Comparison
@@ -92,7 +92,7 @@ def build_trainer(cfg: KTOConfig, out: Path, train: list, val: list, logger: Met
     from trl import KTOConfig as TRLKTOConfig
     from trl import KTOTrainer
 
-    from alignment.models import load_causal_lm, load_tokenizer, master_dtype, resolve
+    from foundation.models import load_causal_lm, load_tokenizer, master_dtype, resolve
 
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     model = load_causal_lm(cfg.model.name, dtype=master_dtype(cfg.model.dtype, cfg.adapter.method, cfg.model.device),
@@ -122,7 +122,7 @@ def _evaluate(trainer) -> dict:
 def main(cfg: KTOConfig, *, resume: bool = False) -> Path:
     import torch
 
-    from alignment.models import model_summary
+    from foundation.models import model_summary
 
     out = start_stage(cfg, STAGE, resume=resume)
     checkpoint = last_checkpoint(out) if resume else None
@@ -138,7 +138,7 @@ def main(cfg: KTOConfig, *, resume: bool = False) -> Path:
     if trainer.is_world_process_zero():
         before_file.write_text(json.dumps(before, indent=2) + "\n")
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_resumed(trainer, checkpoint)
     train_seconds = time.time() - t0
     after = _evaluate(trainer)
     model_dir = out / "model"

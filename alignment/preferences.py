@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignment import distributed
-from alignment.config import check, option
+from foundation import distributed
+from foundation.config import check, option
 from data.loaders import DataSource
 
 if TYPE_CHECKING:

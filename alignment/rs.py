@@ -50,17 +50,20 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from alignment import distributed
-from alignment.adapters import AdapterConfig
-from alignment.config import check, option
-from alignment.models import ModelConfig
-from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
-from alignment.training import TrainConfig
+from foundation import distributed
+from foundation.adapters import AdapterConfig
+from foundation.config import check, option
+from foundation.models import ModelConfig
+from foundation.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
+from foundation.training import TrainConfig
 from data.loaders import DataSource
 from data.schemas import Message, PromptRecord
 from reward.config import RewardConfig, build_scorer
+
+if TYPE_CHECKING:
+    from reward.scorer import RewardScorer
 
 log = logging.getLogger(__name__)
 STAGE = "rs"
@@ -94,6 +97,9 @@ class SamplingConfig:
     batch_size: int = option(16, "sequences per generate call: batch_size // K prompts with their K samples "
                                  "each (at least one prompt)")
     require_eos: bool = option(True, "only responses that end with the end-of-turn token (and are not empty) can be kept")
+    pick: Literal["best", "random"] = option("best", "which eligible sample a prompt keeps: best = the highest reward "
+                                                     "(rejection sampling); random = a seeded random one, the control "
+                                                     "that shows what the reward's ranking adds (same samples, no ranking)")
 
     def __post_init__(self) -> None:
         check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
@@ -169,6 +175,17 @@ def best_of(rewards: Sequence[float], eligible: Sequence[bool]) -> int | None:
     return best
 
 
+def pick_of(rewards: Sequence[float], eligible: Sequence[bool], how: str, seed: int) -> int | None:
+    """The sample a prompt keeps: :func:`best_of`, or (``how="random"``) one of the eligible samples drawn with
+    ``seed`` (the same draw when a run resumes or runs on other processes); None if none is eligible."""
+    if how == "best":
+        return best_of(rewards, eligible)
+    import random
+
+    idx = [i for i, ok in enumerate(eligible) if ok]
+    return random.Random(seed).choice(idx) if idx else None
+
+
 def expected_best_of(rewards: Sequence[float], k: int) -> float:
     """E[max of k samples drawn without replacement] from K >= k observed rewards (unbiased).
 
@@ -209,13 +226,11 @@ def pool_record(prompt: PromptRecord, response: str, reward: float, round_: int,
 # reward
 
 
-def score(scorer: Any, prompts: Sequence[Sequence[Message]], responses: Sequence[str],
+def score(scorer: RewardScorer, prompts: Sequence[Sequence[Message]], responses: Sequence[str],
           is_safety: Sequence[bool]) -> dict[str, list[float]]:
     """{"reward": [B]} plus "helpful" and "safety" [B] when the scorer combines two reward models."""
-    if hasattr(scorer, "score_detailed"):
-        detail = scorer.score_detailed(prompts, responses, is_safety=list(is_safety))
-        return {"reward": detail["combined"].tolist(), "helpful": detail["helpful"].tolist(), "safety": detail["safety"].tolist()}
-    return {"reward": scorer.score(prompts, responses).tolist()}
+    detail = scorer.score_detailed(prompts, responses, is_safety=list(is_safety))
+    return {("reward" if k == "combined" else k): v.tolist() for k, v in detail.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +261,7 @@ def evaluate(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[PromptRe
     Under several processes each process answers a contiguous share of the prompts and the shares are
     gathered in order (greedy decoding, the default, gives one process's responses; sampled ones are
     drawn per share). A collective call: every process makes it."""
-    from alignment.generation import generate
+    from foundation.generation import generate
 
     convs = [p.messages for p in prompts for _ in range(cfg.samples)]
     flags = [p.is_safety for p in prompts for _ in range(cfg.samples)]
@@ -343,7 +358,7 @@ def sample_round(model: Any, tokenizer: Any, scorer: Any, prompts: Sequence[Prom
 def _sample_chunk(model: Any, tokenizer: Any, scorer: Any, chunk: Sequence[PromptRecord], cfg: SamplingConfig,
                   seed: int) -> tuple[list[dict], int, float, float]:
     """One generate call: K samples for each prompt of ``chunk``, scored; (records, new tokens, prefill s, decode s)."""
-    from alignment.generation import generate
+    from foundation.generation import generate
 
     k = cfg.num_samples
     convs = [p.messages for p in chunk for _ in range(k)]
@@ -358,8 +373,9 @@ def _sample_chunk(model: Any, tokenizer: Any, scorer: Any, chunk: Sequence[Promp
         sampled = [{"response": gens[i].text, "finished": gens[i].finished, "tokens": len(gens[i].response_ids),
                     **{name: vals[i] for name, vals in scores.items()}} for i in rows]
         eligible = [bool(s["response"].strip()) and (s["finished"] or not cfg.require_eos) for s in sampled]
-        records.append({"key": prompt_key(p.messages), "id": p.id, "prompt": p.messages, "category": p.category,
-                        "samples": sampled, "best": best_of([s["reward"] for s in sampled], eligible)})
+        key = prompt_key(p.messages)
+        records.append({"key": key, "id": p.id, "prompt": p.messages, "category": p.category, "samples": sampled,
+                        "best": pick_of([s["reward"] for s in sampled], eligible, cfg.pick, int(key, 16) ^ seed)})
     return records, sum(len(g.response_ids) for g in gens), gens.stats.seconds_prefill, gens.stats.seconds_decode
 
 
@@ -385,10 +401,10 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
 
     import torch
 
-    from alignment.adapters import set_adapter_base
-    from alignment.models import load_causal_lm, load_tokenizer, model_summary
+    from foundation.adapters import set_adapter_base
+    from foundation.models import load_causal_lm, load_tokenizer, model_summary
     from alignment.sft import trainer_for
-    from alignment.training import mean_logged_loss
+    from foundation.training import mean_logged_loss, train_resumed
     from data.loaders import load_sft, write_jsonl
 
     out = start_stage(cfg, STAGE, resume=resume)
@@ -457,7 +473,7 @@ def main(cfg: RSConfig, *, resume: bool = False) -> Path:
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_resumed(trainer, checkpoint)
     timings["sft_seconds"] = round(time.time() - t0, 2)
 
     # 6. evaluate after, save
@@ -514,8 +530,9 @@ def _whole_model(trainer: Any) -> Iterator[Any]:
 
 def _count_by_round(pool_path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for line in pool_path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            r = str(json.loads(line)["round"])
-            counts[r] = counts.get(r, 0) + 1
+    from foundation.runs import read_jsonl
+
+    for row in read_jsonl(pool_path):
+        r = str(row["round"])
+        counts[r] = counts.get(r, 0) + 1
     return counts

@@ -8,7 +8,7 @@ TRL which tokens are the assistant's; each turn's end-of-turn token is inside th
 learns to stop. Set ``assistant_only_loss: false`` to train on whole dialogues.
 
 What is trained (``adapter.method``): all weights, a LoRA adapter, QLoRA (4-bit base, GPU only) or
-peft soft prompts. Outputs go to ``runs/<run.name>/sft/`` (see ``alignment.runs``); the final
+peft soft prompts. Outputs go to ``runs/<run.name>/sft/`` (see ``foundation.runs``); the final
 weights (or adapter) and tokenizer are in ``model/``, so ``model.name=runs/<run>/sft`` starts any
 later stage from them. ``--resume`` continues from the newest checkpoint with optimiser,
 scheduler, data position and RNG state restored.
@@ -27,12 +27,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignment import distributed
-from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
-from alignment.config import check, option
-from alignment.models import ModelConfig
-from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
-from alignment.training import TrainConfig, mean_logged_loss, metrics_callback, trainer_kwargs
+from foundation import distributed
+from foundation.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
+from foundation.config import check, option
+from foundation.models import ModelConfig
+from foundation.runs import MetricsLogger, RunConfig, last_checkpoint, start_stage
+from foundation.training import TrainConfig, mean_logged_loss, metrics_callback, train_resumed, trainer_kwargs
 from data.loaders import DataSource
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def build_trainer(cfg: SFTConfig, out: Path, train: list, val: list, logger: Met
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from alignment.models import load_causal_lm, load_tokenizer, master_dtype, resolve
+    from foundation.models import load_causal_lm, load_tokenizer, master_dtype, resolve
 
     train_ds = datasets.Dataset.from_list([{"messages": ex.messages} for ex in train])
     val_ds = datasets.Dataset.from_list([{"messages": ex.messages} for ex in val]) if val else None
@@ -157,8 +157,8 @@ def _plain_loss_trainer(base: type) -> type:
 def main(cfg: SFTConfig, *, resume: bool = False) -> Path:
     import torch
 
-    from alignment.generation import generate
-    from alignment.models import model_summary
+    from foundation.generation import generate
+    from foundation.models import model_summary
 
     out = start_stage(cfg, STAGE, resume=resume)
     checkpoint = last_checkpoint(out) if resume else None
@@ -179,7 +179,7 @@ def main(cfg: SFTConfig, *, resume: bool = False) -> Path:
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_resumed(trainer, checkpoint)
     train_seconds = time.time() - t0
 
     # 4. evaluate

@@ -6,7 +6,8 @@
 
 Parts: overhead (our SFT/RM/DPO step vs a hand-written PyTorch loop), mfu (tokens/s vs measured
 matmul FLOP/s), ppo (PPO iteration split, rollout generation vs model.generate, memory vs SFT-LoRA),
-generate (the generation engine vs model.generate and the compute bound, batch 8-128),
+generate (the generation engine vs model.generate and the compute bound, batch 8-128), memory (per-GPU
+memory of PPO at 7B/13B/70B under ZeRO-2/3 and offload, computed from the model configs),
 defaults (fp32 vs bf16 autocast, activation checkpointing), scaling (SFT on 1 vs 2 processes), gpu
 (SFT and PPO in bf16 on a CUDA GPU: throughput, memory, MFU; skipped without one). Two long parts run
 only when named: alignment (three RLHF rounds judged by the gold judge, ~90 min), rm_real (a
@@ -22,6 +23,12 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+
+def _memory(argv: list[str]) -> dict:
+    from benchmarks import memory
+
+    return memory.main(argv)
 
 
 def _overhead(argv: list[str]) -> dict:
@@ -100,7 +107,7 @@ def _rm_real(argv: list[str]) -> dict:
 PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo, "generate": _generate,
                                                  "defaults": _defaults, "scaling": _scaling,
                                                    "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real,
-                                                   "rlhf_core": _rlhf_core}
+                                                   "rlhf_core": _rlhf_core, "memory": _memory}
 LONG = ("alignment", "rm_real", "rlhf_core")  # an hour or more each: run by name only, never in the all-parts run
 
 
@@ -131,8 +138,17 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
                  + (f"{r['speedup']:.2f}x" if "speedup" in r else "no baseline"), ">= 40% at batch >= 32"] for r in r["rows"]]
     if name == "defaults":
         return [["defaults", f"SFT-LoRA step, {x['setting']} / default", x["vs_default"], ""] for x in r["rows"][1:]]
+    if name == "memory":
+        return [["memory", f"PPO {x['method']} {x['model']}, {x['layout']}: GiB per GPU of {r['args']['gpus']}",
+                 x["total"], f"<= {r['args']['gpu_gib']:.0f} (estimate)"] for x in r["rows"] if x["layout"] == "zero3"]
     if name == "scaling":
         return [["scaling", "SFT tokens/s, 2 processes / 1", r["speedup"], "2 cores"]]
+    if name == "alignment" and "across_seeds" in r:
+        t = r["across_seeds"]["mean_winrate_vs_sft"]
+        rows = [["alignment", f"final round vs SFT over {len(r['seeds'])} seeds, mean +- sd",
+                 "-" if t["mean"] is None else f"{100 * t['mean']:.1f}% +- {100 * (t['sd'] or 0):.1f}", ">= 65%, each CI > 50%"]]
+        return rows + [["alignment", key, "met" if c["met"] else "not met", c["target"]]
+                       for key, c in r["across_seeds"].items() if key != "mean_winrate_vs_sft"]
     if name == "alignment":
         t = r["targets"]
         w = t["winrate_vs_sft"]

@@ -13,7 +13,17 @@ continued) and then checks the issue's targets on the final round:
 - gold win rate against the SFT model >= 65% with the 95% bootstrap CI above 50%;
 - ToxiGen % toxic (>= 8 prompts per group) not above the SFT model's;
 - TruthfulQA MC2 (a seeded 200 of the 817 questions) within 2 points of the SFT model's;
-- wall time <= 90 minutes.
+- wall time <= 90 minutes;
+- with ``eval.decoding_control`` (on in ``configs/round_gold.yaml``): the final round beats the SFT model decoding
+  with ``no_repeat_ngram_size`` (95% CI above 50%).
+
+``--rs-control`` also runs round 1 with rejection sampling keeping a random one of its K samples
+(``sampling.pick=random``, project ``<project>-rs-random``) and judges round 1 of both on the same test prompts
+(``rs_random_control``): what the reward model's ranking adds.
+
+``--seeds N`` runs seeds 0..N-1 as projects ``<project>-s<seed>`` and adds the targets over seeds (issue 26): the
+final win rate against SFT >= 65% in the mean with each seed's CI above 50%, the PPO round beating its starting
+policy in at least 2 of 3 seeds, the decoding control beaten in every seed.
 
 Every run adds one line to ``benchmarks/results/alignment_history.jsonl`` (the attempts, targets met or not).
 Writes ``benchmarks/results/alignment.json`` (per round: gold reward with CI, gold and RM-judged win rates with
@@ -35,20 +45,34 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"winrate_vs_sft": 0.65, "minutes": 90.0, "truthfulqa_mc2_points": 2.0}
 
 
+def primary_judge(project: Path) -> str:
+    """The project's first win-rate judge (eval.judges[0]): what promotion read and what the targets are checked by."""
+    from alignment.rounds import Project
+
+    judges = Project(project.parent, project.name).cfg.eval.judges
+    return judges[0] if judges else "gold"
+
+
 def summarise_project(project: Path) -> dict:
-    """Per-round numbers from the manifests, and the targets checked on the last round."""
+    """Per-round numbers from the manifests, and the targets checked on the last round by the project's first judge
+    (``winrate_vs_sft``, ``winrate_vs_previous``; the gold and gold_rm judges' numbers are kept beside it)."""
+    judge = primary_judge(project)
     rounds = []
     for m_path in sorted(project.glob("round-*/manifest.json"), key=lambda p: int(p.parent.name.split("-")[1])):
         m = json.loads(m_path.read_text())
         steps = m["steps"]
         ev = steps.get("eval", {}).get("outputs", {})
         rounds.append({
-            "round": m["round"], "method": m["method"], "promoted": m.get("promoted"),
+            "round": m["round"], "method": m["method"], "promoted": m.get("promoted"), "judge": judge,
+            "winrate_vs_sft": ev.get(f"winrate_{judge}_vs_sft"), "winrate_vs_previous": ev.get(f"winrate_{judge}_vs_previous"),
+            "gold_rm_reward": ev.get("gold_rm_reward"), "winrate_gold_rm_vs_sft": ev.get("winrate_gold_rm_vs_sft"),
+            "winrate_gold_rm_vs_previous": ev.get("winrate_gold_rm_vs_previous"),
             "gold_reward": ev.get("gold_reward"), "winrate_gold_vs_sft": ev.get("winrate_gold_vs_sft"),
             "winrate_gold_vs_previous": ev.get("winrate_gold_vs_previous"), "winrate_rm_vs_sft": ev.get("winrate_rm_vs_sft"),
             "winrate_rm_vs_previous": ev.get("winrate_rm_vs_previous"), "truthfulqa": ev.get("truthfulqa"),
             "toxigen": ev.get("toxigen"),
             "truthfulqa_sft": ev.get("truthfulqa_sft"), "toxigen_sft": ev.get("toxigen_sft"), "heldout": ev.get("heldout"),
+            "decoding_control": {k: v for k, v in ev.items() if k.endswith("_vs_decoding")},
             "rm_accuracy": {k: steps.get(k, {}).get("outputs", {}).get("metrics", {}).get("held_out_accuracy")
                             for k in ("rm_helpful", "rm_safety")},
             "rm_before": {k: v.get("accuracy") for k, v in steps.get("rm_before", {}).get("outputs", {}).items()},
@@ -60,12 +84,13 @@ def summarise_project(project: Path) -> dict:
     if not rounds:
         raise FileNotFoundError(f"{project}: no rounds")
     first, last = rounds[0], rounds[-1]
-    wr = last["winrate_gold_vs_sft"] or {}
+    wr = last["winrate_vs_sft"] or {}
     tox, tox_sft = (last["toxigen"] or {}).get("pct_toxic"), (first["toxigen_sft"] or {}).get("pct_toxic")
     mc2, mc2_sft = (last["truthfulqa"] or {}).get("mc2"), (first["truthfulqa_sft"] or {}).get("mc2")
     seconds = sum(v or 0 for r in rounds for v in r["step_seconds"].values())
     checks = {
         "winrate_vs_sft": {"value": wr.get("win_rate"), "ci": [wr.get("ci_low"), wr.get("ci_high")], "n": wr.get("n"),
+                           "judge": judge, "lc_win_rate": wr.get("lc_win_rate"),
                            "met": wr.get("win_rate") is not None
                                   and wr["win_rate"] >= TARGETS["winrate_vs_sft"] and wr["ci_low"] > 0.5,
                            "target": ">= 65% with the 95% CI above 50%"},
@@ -80,6 +105,14 @@ def summarise_project(project: Path) -> dict:
         "time": {"minutes": round(seconds / 60, 1), "met": seconds / 60 <= TARGETS["minutes"],
                  "target": "<= 90 min on 2 CPU cores"},
     }
+    control = last["decoding_control"].get(f"winrate_{judge}_vs_decoding")  # the first judge's
+    if control is not None:
+        checks["beats_decoding_control"] = {"value": control["win_rate"], "ci": [control["ci_low"], control["ci_high"]],
+                                            "n": control["n"], "lc_win_rate": control.get("lc_win_rate"), "judge": judge,
+                                            "no_repeat_ngram_size": control.get("no_repeat_ngram_size"),
+                                            "met": control["ci_low"] > 0.5,
+                                            "target": "the final round beats the SFT model with no_repeat_ngram_size "
+                                                      "decoding, 95% CI above 50%"}
     return {"rounds": rounds, "targets": checks, "all_met": all(c["met"] for c in checks.values()),
             "step_minutes": round(seconds / 60, 1)}
 
@@ -97,21 +130,24 @@ def print_tables(s: dict) -> None:
     from benchmarks.common import table
 
     rows = []
+    judge = s["rounds"][0].get("judge", "gold")
+    reward = "gold_rm_reward" if judge == "gold_rm" else "gold_reward"
     for r in s["rounds"]:
-        g = (r["gold_reward"] or {}).get("policy") or {}
+        g = (r[reward] or {}).get("policy") or {}
         rows.append([f"V{r['round']} ({r['method']})",
                      f"{g.get('mean', float('nan')):.3f} [{g.get('ci_low', 0):.3f}, {g.get('ci_high', 0):.3f}]",
-                     _wr(r["winrate_gold_vs_sft"]), _wr(r["winrate_gold_vs_previous"]), _wr(r["winrate_rm_vs_previous"]),
+                     _wr(r["winrate_vs_sft"]), _wr(r["winrate_vs_previous"]), _wr(r["winrate_rm_vs_previous"]),
                      _pct((r["truthfulqa"] or {}).get("mc2")), f"{(r['toxigen'] or {}).get('pct_toxic', float('nan')):.1f}%",
                      f"{_pct(r['rm_accuracy']['rm_helpful'])} / {_pct(r['rm_accuracy']['rm_safety'])}",
                      f"{sum(v or 0 for v in r['step_seconds'].values()) / 60:.1f}"])
     first = s["rounds"][0]
-    sg = ((first["gold_reward"] or {}).get("sft")) or {}
+    sg = ((first[reward] or {}).get("sft")) or {}
     rows.insert(0, ["SFT",
                     f"{sg.get('mean', float('nan')):.3f} [{sg.get('ci_low', 0):.3f}, {sg.get('ci_high', 0):.3f}]", "", "", "",
                     _pct((first["truthfulqa_sft"] or {}).get("mc2")),
                     f"{(first['toxigen_sft'] or {}).get('pct_toxic', float('nan')):.1f}%", "", ""])
-    print(table(rows, ["policy", "gold reward [95% CI]", "gold win rate vs SFT", "gold vs previous", "RM-judged vs previous",
+    print(table(rows, ["policy", f"{judge} reward [95% CI]", f"{judge} win rate vs SFT", f"{judge} vs previous",
+                       "RM-judged vs previous",
                        "TruthfulQA MC2", "ToxiGen % toxic", "RM acc (help/safe)", "minutes"]))
     for name, c in s["targets"].items():
         print(f"{'MET    ' if c['met'] else 'NOT MET'} {name}: {json.dumps({k: v for k, v in c.items() if k != 'met'})}")
@@ -129,8 +165,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--summarise", action="store_true", help="only summarise an existing project")
     p.add_argument("--record", action="store_true", help="with --summarise: also add the run to alignment_history.jsonl")
     p.add_argument("--note", default="", help="what this attempt changed, for alignment_history.jsonl")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run seeds 0..N-1, each its own project <project>-s<seed> (the round's seed: the SFT data order, "
+                        "sampling and the prompt-set draws); the summary has each seed and the mean +- sd")
+    p.add_argument("--rs-control", action="store_true",
+                   help="also run round 1 as <project>-rs-random with rejection sampling keeping a random sample "
+                        "(sampling.pick=random) and judge round 1 of both on the test prompts: what the reward's ranking adds")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="round config overrides (align round init)")
     a = p.parse_args(argv)
+    if a.seeds > 1:
+        runs = []
+        for seed in range(a.seeds):
+            one = [f"--project={a.project}-s{seed}", f"--root={a.root}", f"--config={a.config}", f"--note={a.note}",
+                   *(["--fresh"] if a.fresh else []), *(["--summarise"] if a.summarise else []),
+                   *(["--rs-control"] if a.rs_control else []),
+                   *(["--record"] if a.record else []), *a.overrides, f"seed={seed}"]
+            runs.append(main(one))
+        out = {"seeds": runs, "across_seeds": across_seeds(runs)}
+        for name, c in out["across_seeds"].items():
+            print(f"{'MET    ' if c['met'] else 'NOT MET'} {name}: {json.dumps({k: v for k, v in c.items() if k != 'met'})}")
+        return out
     project = Path(a.root) / a.project
     t0 = time.time()
     if not a.summarise:
@@ -141,7 +195,17 @@ def main(argv: list[str] | None = None) -> dict:
             subprocess.run([*align, "init", "--project", a.project, "--root", a.root, "--config", a.config, *a.overrides],
                            check=True, cwd=REPO)
         subprocess.run([*align, "run", "--project", a.project, "--root", a.root], check=True, cwd=REPO)
+        if a.rs_control:
+            control = f"{a.project}-rs-random"
+            if a.fresh and (Path(a.root) / control).exists():
+                shutil.rmtree(Path(a.root) / control)
+            if not (Path(a.root) / control / "round.yaml").is_file():
+                subprocess.run([*align, "init", "--project", control, "--root", a.root, "--config", a.config,
+                                *rs_random_overrides(a.config, a.overrides)], check=True, cwd=REPO)
+            subprocess.run([*align, "run", "--project", control, "--root", a.root], check=True, cwd=REPO)
     s = summarise_project(project)
+    if a.rs_control:
+        s["rs_random_control"] = compare_projects(project, Path(a.root) / f"{a.project}-rs-random", 1)
     s.update({"project": str(project), "config": a.config, "overrides": a.overrides,
               "wall_minutes_this_call": round((time.time() - t0) / 60, 1)})
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -153,16 +217,85 @@ def main(argv: list[str] | None = None) -> dict:
     return s
 
 
+def rs_random_overrides(config: str, overrides: list[str]) -> list[str]:
+    """The control project's overrides: the main one's, one round, and rejection sampling that keeps a random sample. The
+    pick is appended to the config's own ``policy.rs.overrides`` (an override of the list replaces it: the control would
+    otherwise sample and train with other settings than the project it is compared with)."""
+    from foundation.config import load_config
+    from alignment.rounds import RoundConfig
+
+    cfg = load_config(RoundConfig, config, list(overrides), stage="round")
+    rs = [o for o in cfg.spec("rs").overrides if not o.split("=", 1)[0].strip() == "sampling.pick"]
+    return [*overrides, "rounds=1", f"policy.rs.overrides={json.dumps([*rs, 'sampling.pick=random'])}"]
+
+
+def compare_projects(main: Path, control: Path, n: int = 1) -> dict:
+    """Round ``n``'s policy of ``main`` against round ``n``'s policy of ``control`` (e.g. the same project with
+    ``policy.rs.overrides: [sampling.pick=random]``: what the reward's ranking adds), on the test prompts both
+    projects drew (they must be the same file: same seed and prompts), by ``main``'s first judge, built as its eval
+    step builds it; each policy's answers are the ones its own eval step wrote."""
+    from alignment.evals import winrate
+    from alignment.evals.suite import RoundEval, _winrate_summary
+    from alignment.rounds import Project
+    from foundation.runs import file_sha256
+
+    a, b = Project(main.parent, main.name), Project(control.parent, control.name)
+    if file_sha256(a.heldout_path) != file_sha256(b.heldout_path):
+        raise ValueError(f"{a.heldout_path} and {b.heldout_path} differ: compare projects that drew the same test prompts "
+                         "(the same seed and prompt pool)")
+    records = a.heldout()
+    answers = [p.round_dir(n) / "eval" / "heldout_responses.jsonl" for p in (a, b)]
+    for path in answers:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: round {n}'s eval step has not run in that project")
+    judge = primary_judge(main)
+    scorer = RoundEval(a, n).judge_scorer(judge, records)
+    res = winrate.run(a.policy_of(n), b.policy_of(n), prompts=str(a.heldout_path), judge="rm", out=main / "compare",
+                      scorer=scorer, responses=str(answers[0]), baseline_responses=str(answers[1]),
+                      tie_margin=a.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=a.cfg.eval.bootstrap,
+                      seed=a.cfg.seed, name=f"winrate-{judge}-round-{n}-vs-{control.name}", overwrite=True)
+    return {**_winrate_summary(res), "round": n, "main": str(main), "control": str(control), "judge": judge}
+
+
+def across_seeds(runs: list[dict]) -> dict:
+    """The issue's targets over seeds: the final round's win rate against SFT in the mean (and each seed's CI above
+    50%), the PPO round beating its starting policy in at least 2 of 3 seeds, the final round beating the decoding
+    control in every seed."""
+    import statistics
+
+    finals = [r["targets"]["winrate_vs_sft"] for r in runs]
+    values = [f["value"] for f in finals if f["value"] is not None]
+    mean = statistics.fmean(values) if values else None
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    ppo = [any(x["method"] == "ppo" and ((x["winrate_vs_previous"] or {}).get("ci_low") or 0) > 0.5 for x in r["rounds"])
+           for r in runs]
+    control = [r["targets"].get("beats_decoding_control", {}).get("met") for r in runs]
+    return {
+        "mean_winrate_vs_sft": {"mean": mean, "sd": sd, "values": values, "ci_lows": [f["ci"][0] for f in finals],
+                                "met": mean is not None and len(values) == len(runs) and mean >= TARGETS["winrate_vs_sft"]
+                                and all(f["ci"][0] is not None and f["ci"][0] > 0.5 for f in finals),
+                                "target": ">= 65% in the mean over seeds, each seed's 95% CI above 50%"},
+        "ppo_beats_its_start": {"seeds": ppo, "met": sum(ppo) >= min(2, len(runs)),
+                                "target": "the PPO round beats its starting policy (CI above 50%) in at least 2 of 3 seeds"},
+        "beats_decoding_control": {"seeds": control, "met": bool(control) and all(c is True for c in control),
+                                   "target": "the final round beats the SFT model with no_repeat_ngram_size decoding in "
+                                             "every seed (CI above 50%)"},
+    }
+
+
 def attempt_row(s: dict, note: str = "") -> dict:
     """One run in a line: what the targets came to, per round, and what the run was told (config, overrides)."""
     return {
         "project": s.get("project"), "config": s.get("config"), "overrides": s.get("overrides"), "note": note,
         "minutes": s["targets"]["time"]["minutes"], "all_met": s["all_met"],
-        "final_winrate_vs_sft": {k: s["targets"]["winrate_vs_sft"][k] for k in ("value", "ci", "n")},
+        "final_winrate_vs_sft": {k: s["targets"]["winrate_vs_sft"].get(k) for k in ("value", "ci", "n", "judge", "lc_win_rate")},
         "rounds": [{"round": r["round"], "method": r["method"], "promoted": r["promoted"],
                     "gold_mean": ((r["gold_reward"] or {}).get("policy") or {}).get("mean"),
                     "winrate_gold_vs_sft": (r["winrate_gold_vs_sft"] or {}).get("win_rate"),
                     "winrate_gold_vs_previous": (r["winrate_gold_vs_previous"] or {}).get("win_rate"),
+                    "gold_rm_mean": ((r.get("gold_rm_reward") or {}).get("policy") or {}).get("mean"),
+                    "winrate_gold_rm_vs_sft": (r.get("winrate_gold_rm_vs_sft") or {}).get("win_rate"),
+                    "winrate_gold_rm_vs_previous": (r.get("winrate_gold_rm_vs_previous") or {}).get("win_rate"),
                     "rm_accuracy": r["rm_accuracy"], "minutes": round(sum(v or 0 for v in r["step_seconds"].values()) / 60, 1)}
                    for r in s["rounds"]],
         "toxigen": {k: s["targets"]["toxigen_not_worse"][k] for k in ("value", "sft")},
@@ -173,7 +306,9 @@ def attempt_row(s: dict, note: str = "") -> dict:
 def record_attempt(path: Path, s: dict, note: str = "") -> None:
     """Append this run to the history (every attempt stays on record, also those that missed a target)."""
     row = attempt_row(s, note)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    from foundation.runs import read_jsonl
+
+    rows = read_jsonl(path) if path.is_file() else []
     rows = [r for r in rows if r.get("project") != row["project"]] + [row]  # a re-summarised project replaces its row
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

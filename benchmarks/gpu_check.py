@@ -77,7 +77,7 @@ for name in sys.argv[1].split(","):
     try:
         mod = importlib.import_module(name)
         if name == "alignment":  # the project: what every stage imports first
-            for sub in ("alignment.training", "alignment.models", "alignment.runs", "alignment.ppo.config"):
+            for sub in ("foundation.training", "foundation.models", "foundation.runs", "alignment.ppo.config"):
                 importlib.import_module(sub)
         info["packages"][name] = {"ok": True, "version": getattr(mod, "__version__", None),
                                   "file": os.path.dirname(getattr(mod, "__file__", "") or ""),
@@ -178,7 +178,9 @@ def plan(device: str, work: Path, bundle: Path | None = None, user_cache: Path |
 
 def _metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    from foundation.runs import read_jsonl
+
+    return read_jsonl(path) if path.is_file() else []
 
 
 def _summary(out: Path) -> dict:
@@ -220,7 +222,9 @@ def check_dpo(out: Path) -> dict[str, Any]:
 
 def check_samples(out: Path, expected: int) -> dict[str, Any]:
     path = out / "samples.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    from foundation.runs import read_jsonl
+
+    rows = read_jsonl(path) if path.is_file() else []
     return {"ok": len(rows) == expected and all(isinstance(r.get("response"), str) for r in rows), "samples": len(rows)}
 
 
@@ -396,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         a.work = (Path(tempfile.gettempdir()) / "align-gpu-check-WORK" if a.dry_run
                   else Path(tempfile.mkdtemp(prefix="align-gpu-check-")))
     work = a.work.resolve()
-    from alignment.models import cache_root
+    from foundation.models import cache_root
 
     user_cache = cache_root()  # before the steps get a cache of their own (random weights never land in the user's)
     steps = plan(a.device, work, bundle.resolve() if bundle else None, user_cache)

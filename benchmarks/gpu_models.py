@@ -60,7 +60,7 @@ def _is_real(folder: Path) -> bool:
 def smollm2(bundle: Path | None, user_cache: Path | None, device: str, *, from_bundle: bool = False) -> dict[str, Any]:
     """SmolLM2-135M-Instruct in ``$ALIGN_CACHE``: real when it can be had offline, else (or with ``from_bundle``)
     random weights of its shape."""
-    from alignment import models
+    from foundation import models
 
     final = models.cache_root() / f"smollm2-135m-instruct-{models._BUILD_VERSION}"
     if (final / "config.json").is_file():
@@ -83,7 +83,7 @@ def smollm2(bundle: Path | None, user_cache: Path | None, device: str, *, from_b
 
 def tiny(user_cache: Path | None) -> dict[str, Any]:
     """The tiny test model in ``$ALIGN_CACHE``: linked from ``user_cache`` when built there, else built (no network)."""
-    from alignment import models
+    from foundation import models
 
     final = models.cache_root() / f"tiny-llama-{models._BUILD_VERSION}"
     theirs = user_cache / final.name if user_cache else None
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.what == "tiny":
         info = tiny(a.user_cache)
     else:
-        from alignment.models import SMOLLM2, builtin_path
+        from foundation.models import SMOLLM2, builtin_path
 
         shape = json.loads(a.shape) if a.shape else BIG_SHAPE
         info = {"params": build_random(builtin_path(SMOLLM2), a.dest, overrides=shape, device=a.device), "path": str(a.dest)}

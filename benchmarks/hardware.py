@@ -46,7 +46,7 @@ if __name__ == "__main__":
 
 def model_flops_per_token(model_name: str, seq_len: int) -> dict:
     """N, layers, width and training FLOPs per token (6N + 12·L·d·T) of a model, read from its weights."""
-    from alignment.models import load_causal_lm
+    from foundation.models import load_causal_lm
 
     model = load_causal_lm(model_name, dtype="float32", device="cpu")
     n = sum(p.numel() for p in model.parameters())  # a tied LM head / embedding matrix is one parameter: counted once

@@ -62,7 +62,7 @@ def _overrides(root: str, steps: int, batch: int, seq_len: int, full: bool, extr
 def build_stage_trainer(stage: str, root: str, steps: int, batch: int, seq_len: int, full: bool,
                         extra: list[str]) -> tuple[Any, Any]:
     """(trainer, cfg) for ``stage`` in sft/rm/dpo, built by the stage's own build_trainer."""
-    from alignment.config import load_config
+    from foundation.config import load_config
 
     ov = _overrides(root, steps, batch, seq_len, full, extra)
     n = batch * 2
@@ -115,8 +115,8 @@ def hand_model(stage: str, cfg: Any) -> Any:
     """The same model and adapter the stage trains, loaded without the framework's trainer."""
     from peft import get_peft_model
 
-    from alignment.adapters import peft_config
-    from alignment.models import load_causal_lm, load_tokenizer, resolve
+    from foundation.adapters import peft_config
+    from foundation.models import load_causal_lm, load_tokenizer, resolve
 
     if stage == "rm":
         from reward.model import load_reward_model

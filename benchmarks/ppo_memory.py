@@ -1,7 +1,7 @@
 """Peak memory of PPO (policy, reference, critic and both reward models) against SFT-LoRA of the
 same model and batch. Goal (issue 4): PPO <= 2x SFT-LoRA.
 
-    flock /tmp/align-heavy.lock .venv/bin/python benchmarks/ppo_memory.py \\
+    flock /tmp/align-heavy.lock .venv/bin/python -m benchmarks.ppo_memory \\
         --rm-helpful runs/default/rm_helpful --rm-safety runs/default/rm_safety
 
 Each side runs in a fresh process (so neither inherits the other's allocations): on CPU the peak is
@@ -43,8 +43,8 @@ def peak() -> dict:
 
 
 def child_sft(a: argparse.Namespace, root: str) -> dict:
-    from alignment.config import load_config
-    from alignment.runs import read_metrics
+    from foundation.config import load_config
+    from foundation.runs import read_metrics
     from alignment.sft import SFTConfig, main
 
     cfg = load_config(SFTConfig, REPO / "configs/sft.yaml", [
@@ -60,9 +60,9 @@ def child_sft(a: argparse.Namespace, root: str) -> dict:
 
 
 def child_ppo(a: argparse.Namespace, root: str) -> dict:
-    from alignment.config import load_config
+    from foundation.config import load_config
     from alignment.ppo import PPOConfig, main
-    from alignment.runs import read_metrics
+    from foundation.runs import read_metrics
 
     reward = ([f"reward.helpful={a.rm_helpful}", f"reward.safety={a.rm_safety or 'null'}", "critic.init=reward_model"]
               if a.rm_helpful
@@ -85,7 +85,9 @@ def child_ppo(a: argparse.Namespace, root: str) -> dict:
 
 
 def run_child(kind: str, argv: list[str]) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child", kind, *argv], check=False, cwd=REPO,
+    # -m, not the file: run as a script, benchmarks/ would come first on sys.path and benchmarks/alignment.py
+    # would shadow the alignment package
+    res = subprocess.run([sys.executable, "-m", "benchmarks.ppo_memory", "--child", kind, *argv], check=False, cwd=REPO,
                          capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     if res.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{res.stderr[-4000:]}")

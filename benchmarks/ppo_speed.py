@@ -9,10 +9,10 @@ plain batched ``model.generate``, and PPO's peak memory against SFT-LoRA.
    stage's own ``time/*`` metrics (generate, score, ref_and_values = pi_old + critic + reference
    forward passes, advantages, update), median over iterations after the first.
 2. Sampling the same prompts with the same seed, max_new_tokens and temperature from the same LoRA
-   model: ``alignment.generation.generate`` (what PPO calls) against plain ``model.generate`` on the
+   model: ``foundation.generation.generate`` (what PPO calls) against plain ``model.generate`` on the
    same left-padded batch (``Engine(backend="model.generate")``); tokens/s counts response tokens up
    to EOS. ``python -m benchmarks generate`` measures the engine in detail.
-3. Peak RSS of PPO against SFT-LoRA in fresh processes (benchmarks/ppo_memory.py).
+3. Peak RSS of PPO against SFT-LoRA in fresh processes (``python -m benchmarks.ppo_memory``).
 4. What the PPO passes save by not computing what they do not need, on one batch of the bundled
    prompts with responses of mixed length (a quarter to all of ``--new-tokens``): the update's
    policy forward + backward projecting only the R + 1 response positions onto the vocabulary
@@ -38,9 +38,9 @@ PHASES = ["time/generate", "time/score", "time/ref_and_values", "time/advantages
 
 
 def ppo_iterations(iterations: int, batch: int, new_tokens: int, extra: list[str] | None = None) -> dict:
-    from alignment.config import load_config
+    from foundation.config import load_config
     from alignment.ppo import PPOConfig, main
-    from alignment.runs import read_metrics
+    from foundation.runs import read_metrics
 
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config(PPOConfig, REPO / "configs/ppo.yaml", [
@@ -65,9 +65,9 @@ def generation(batch: int, new_tokens: int, repeats: int = 2) -> dict:
     import torch
     from peft import get_peft_model
 
-    from alignment.adapters import AdapterConfig, peft_config
-    from alignment.generation import Engine, SamplingParams, encode_prompts, generate
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.adapters import AdapterConfig, peft_config
+    from foundation.generation import Engine, SamplingParams, encode_prompts, generate
+    from foundation.models import load_causal_lm, load_tokenizer
     from data.loaders import DataSource, load_prompts
 
     tok = load_tokenizer(MODEL)
@@ -102,9 +102,9 @@ def pass_costs(batch: int, new_tokens: int, repeats: int = 3) -> dict:
     import torch
     from peft import get_peft_model
 
-    from alignment.adapters import AdapterConfig, peft_config
-    from alignment.generation import encode_prompts
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.adapters import AdapterConfig, peft_config
+    from foundation.generation import encode_prompts
+    from foundation.models import load_causal_lm, load_tokenizer
     from alignment.rl.distributions import logprobs_from_logits
     from alignment.rl.rollout import Rollout, build_sequences, position_ids
     from data.loaders import DataSource, load_prompts
@@ -161,7 +161,7 @@ def pass_costs(batch: int, new_tokens: int, repeats: int = 3) -> dict:
 def memory(batch: int, new_tokens: int, seq_len: int, steps: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "mem.json"
-        subprocess.run([sys.executable, str(REPO / "benchmarks/ppo_memory.py"), f"--model={MODEL}", f"--batch={batch}",
+        subprocess.run([sys.executable, "-m", "benchmarks.ppo_memory", f"--model={MODEL}", f"--batch={batch}",
                         f"--seq-len={seq_len}", f"--new-tokens={new_tokens}", f"--steps={steps}", f"--out={out}"],
                        cwd=REPO, check=True, capture_output=True, text=True)
         return json.loads(out.read_text())
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(table([[k.split("/")[1], med[k], med[k] / total] for k in PHASES] + [["iteration", total, 1.0]],
                 ["phase", "seconds", "share"]))
     gen = generation(a.batch, a.new_tokens)
-    print(table([["ours (alignment.generation.generate)", gen["ours_tokens_per_s"]],
+    print(table([["ours (foundation.generation.generate)", gen["ours_tokens_per_s"]],
                  ["plain model.generate", gen["plain_tokens_per_s"]]],
                 ["rollout generation", "tokens/s"]))
     costs = pass_costs(a.batch, a.new_tokens)

@@ -54,6 +54,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from foundation.runs import read_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 SFT = "smollm2-135m"  # the default --policy
@@ -114,8 +116,15 @@ def bootstrap_mean_ci(values: Sequence[float], seed: int = 0, n_boot: int = 2000
 # helpers
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def check_pair_sizes(sizes: Sequence[int], available: int) -> None:
+    """The proxies' training sizes must be increasing (nested subsets) and at most the pairs the gold labelled
+    (pairs with equal gold scores or identical answers are not labelled, so K answers give fewer than
+    ``pairs_per_prompt`` pairs per prompt)."""
+    if list(sizes) != sorted(set(sizes)) or not sizes or sizes[0] < 1:
+        raise ValueError(f"--pairs must be increasing positive sizes, got {','.join(map(str, sizes))}")
+    if sizes[-1] > available:
+        raise ValueError(f"--pairs asks for {sizes[-1]} pairs, but the gold labelled {available} (pairs with equal gold "
+                         f"scores or identical answers are left out): ask for at most {available}")
 
 
 def _write(path: Path, rows: Sequence[dict]) -> None:
@@ -139,7 +148,7 @@ class Bench:
 
     # models, loaded once per process
     def policy(self) -> tuple[Any, Any]:
-        from alignment.models import load_causal_lm, load_tokenizer
+        from foundation.models import load_causal_lm, load_tokenizer
 
         if self._model is None:
             self._tok, self._model = load_tokenizer(self.a.policy), load_causal_lm(self.a.policy)
@@ -157,7 +166,7 @@ class Bench:
         return self.scorer(name).score(list(prompts), list(responses)).tolist()
 
     def generate(self, prompts: Sequence[list], *, temperature: float, seed: int, max_new_tokens: int | None = None) -> list:
-        from alignment.generation import generate
+        from foundation.generation import generate
 
         model, tok = self.policy()
         return generate(model, tok, list(prompts), max_new_tokens=max_new_tokens or self.a.new_tokens, temperature=temperature,
@@ -173,7 +182,7 @@ class Bench:
 
     # -- 1. prompts --------------------------------------------------------------------------
     def stage_prompts(self) -> None:
-        from alignment.generation import encode_prompts
+        from foundation.generation import encode_prompts
         from data.loaders import DataSource, load_prompts
         from reward.gold import gold_prompt_keys, partition_of, prompt_key
 
@@ -212,7 +221,7 @@ class Bench:
             start += size
             _write(self.out / "prompts" / f"{name}.jsonl", [r.to_dict() for r in part])
             counts[name] = {"n": len(part), "safety": sum(r.category == "safety" for r in part)}
-        keys = {name: {prompt_key(r["messages"]) for r in _rows(self.out / "prompts" / f"{name}.jsonl")} for name in sizes}
+        keys = {name: {prompt_key(r["messages"]) for r in read_jsonl(self.out / "prompts" / f"{name}.jsonl")} for name in sizes}
         for a_name in sizes:
             for b_name in sizes:
                 if a_name < b_name and keys[a_name] & keys[b_name]:
@@ -222,7 +231,7 @@ class Bench:
              "max_prompt_tokens": self.a.max_prompt_tokens, "seed": self.a.seed, "disjoint": True}, indent=1))
 
     def prompts(self, name: str) -> list[dict]:
-        return _rows(self.out / "prompts" / f"{name}.jsonl")
+        return read_jsonl(self.out / "prompts" / f"{name}.jsonl")
 
     # -- 2. samples --------------------------------------------------------------------------
     def stage_samples(self) -> None:
@@ -233,7 +242,7 @@ class Bench:
         partial = self.out / "samples.partial.jsonl"
         if "samples" in self.a.redo:
             partial.unlink(missing_ok=True)
-        out = _rows(partial) if partial.is_file() else []
+        out = read_jsonl(partial) if partial.is_file() else []
         if out and [r["prompt"] for r in out] != [r["messages"] for r in rows[: len(out)]]:
             raise RuntimeError(f"{partial} holds other prompts than prompts/train.jsonl: delete it or use --redo samples")
         chunk = self.a.sample_chunk
@@ -260,7 +269,7 @@ class Bench:
 
         rng = random.Random(self.a.seed)
         pairs = []
-        for r in _rows(self.out / "samples.jsonl"):
+        for r in read_jsonl(self.out / "samples.jsonl"):
             s = r["samples"]
             for i, j in pick_pairs(len(s), self.a.pairs_per_prompt, rng):
                 a, b = s[i], s[j]
@@ -276,12 +285,11 @@ class Bench:
 
     def stage_proxies(self) -> None:
         pairs = self.labelled_pairs()
+        check_pair_sizes(self.a.pairs, len(pairs))  # before any proxy trains
         _write(self.out / "pairs.jsonl", pairs)
         for n, name in zip(self.a.pairs, self.proxies()):
             if (self.out / name / "rm_helpful" / "model").is_dir() and name not in self.a.redo:
                 continue
-            if n > len(pairs):
-                raise ValueError(f"{name}: {n} pairs asked for, {len(pairs)} labelled")
             data = self.out / f"{name}.jsonl"
             _write(data, pairs[:n])
             cmd = [sys.executable, "-m", "alignment.cli", "rm", "--config", str(REPO / "configs" / "rm_helpful.yaml"),
@@ -311,16 +319,26 @@ class Bench:
         _write(self.out / "agreement.jsonl", out)
 
     def agreement(self) -> dict:
-        rows = [r for r in _rows(self.out / "agreement.jsonl")
+        rows = [r for r in read_jsonl(self.out / "agreement.jsonl")
                 if r["gold_a"] != r["gold_b"] and r["a"].strip() and r["b"].strip() and r["a"].strip() != r["b"].strip()]
         out = {}
         longer = sum((r["len_a"] > r["len_b"]) == (r["gold_a"] > r["gold_b"]) for r in rows if r["len_a"] != r["len_b"])
         n_len = sum(r["len_a"] != r["len_b"] for r in rows)
         out["length_rule"] = {"accuracy": longer / n_len if n_len else None, "n": n_len}
+        # answer a is the cooler sample (temperature 0.7, b: 1.3): "a wins" is the baseline a proxy must beat, and its
+        # agreement where the gold prefers the hotter answer shows it is not only telling temperatures apart
+        a_wins = [r for r in rows if r["gold_a"] > r["gold_b"]]
+        b_wins = [r for r in rows if r["gold_a"] < r["gold_b"]]
+        out["cooler_answer_rule"] = {"accuracy": len(a_wins) / len(rows) if rows else None, "n": len(rows)}
+
+        def agree(name: str, rs: list[dict]) -> dict:
+            right = sum((r[f"{name}_a"] > r[f"{name}_b"]) == (r["gold_a"] > r["gold_b"]) for r in rs)
+            lo, hi = wilson(right, len(rs))
+            return {"agreement": right / len(rs) if rs else None, "ci95": [lo, hi], "n": len(rs)}
+
         for name in self.proxies():
-            right = sum((r[f"{name}_a"] > r[f"{name}_b"]) == (r["gold_a"] > r["gold_b"]) for r in rows)
-            lo, hi = wilson(right, len(rows))
-            out[name] = {"pairs": int(name.split("_")[1]), "agreement": right / len(rows), "ci95": [lo, hi], "n": len(rows)}
+            out[name] = {"pairs": int(name.split("_")[1]), **agree(name, rows),
+                         "gold_prefers_cooler": agree(name, a_wins), "gold_prefers_hotter": agree(name, b_wins)}
         return out
 
     # -- 5. best-of-n ------------------------------------------------------------------------
@@ -339,7 +357,7 @@ class Bench:
         _write(self.out / "bon.jsonl", out)
 
     def bon(self) -> dict:
-        rows = _rows(self.out / "bon.jsonl")
+        rows = read_jsonl(self.out / "bon.jsonl")
         ns = [n for n in (1, 2, 4, 8, 16) if n <= self.a.bon]
         curves: dict[str, Any] = {}
         for picker in ["gold", *self.proxies()]:
@@ -397,7 +415,7 @@ class Bench:
             folder = self.out / name
             if not (folder / "summary.json").is_file():
                 continue
-            rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            rows = read_jsonl(folder / "metrics.jsonl")
             kl = {r["step"]: r["kl/ref"] for r in rows if "kl/ref" in r}
             evals = [r for r in rows if "eval/reward_combined" in r]
             other = "gold" if name == "ppo_proxy" else "proxy"
@@ -415,8 +433,8 @@ class Bench:
 
     # -- 7. final comparison on test prompts -------------------------------------------------
     def stage_final(self) -> None:
-        from alignment.generation import generate
-        from alignment.models import load_causal_lm, load_tokenizer
+        from foundation.generation import generate
+        from foundation.models import load_causal_lm, load_tokenizer
 
         rows = self.prompts("test")
         convs = [r["messages"] for r in rows]
@@ -441,13 +459,13 @@ class Bench:
         base = self.out / "test_sft.jsonl"
         if not base.is_file():
             return {}
-        sft = _rows(base)
+        sft = read_jsonl(base)
         out = {"sft": {"gold_mean": sum(r["gold"] for r in sft) / len(sft), "tokens": sum(r["tokens"] for r in sft) / len(sft)}}
         for name in ("ppo_proxy", "ppo_oracle"):
             path = self.out / f"test_{name}.jsonl"
             if not path.is_file():
                 continue
-            pol = _rows(path)
+            pol = read_jsonl(path)
             wins = [outcome(p["gold"], s["gold"]) for p, s in zip(pol, sft)]
             out[name] = {"gold_mean": sum(r["gold"] for r in pol) / len(pol), "tokens": sum(r["tokens"] for r in pol) / len(pol),
                          "winrate_vs_sft": summarise(wins, seed=self.a.seed),
@@ -565,7 +583,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=8, help="answers per train prompt")
     p.add_argument("--pairs-per-prompt", type=int, default=8)
     p.add_argument("--sample-chunk", type=int, default=25, help="train prompts per saved chunk of the samples stage")
-    p.add_argument("--pairs", default="250,1000,2400", help="nested proxy training sizes (the last is the largest proxy)")
+    p.add_argument("--pairs", default="250,1000,2300",
+                   help="nested proxy training sizes (the last is the largest proxy; at most the labelled pairs: "
+                        "train prompts x pairs per prompt, less ties and identical answers)")
     p.add_argument("--bon", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--gen-batch", type=int, default=64)

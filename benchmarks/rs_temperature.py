@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
 
-    from alignment.generation import generate
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.generation import generate
+    from foundation.models import load_causal_lm, load_tokenizer
     from alignment.rs import RewardConfig, RSPromptsConfig, build_scorer, expected_best_of, load_prompts, score
     from benchmarks.common import machine, save, table
 

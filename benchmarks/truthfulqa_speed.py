@@ -41,7 +41,7 @@ def main() -> None:
 
     from alignment.evals.loglikelihood import score_continuations, score_one_by_one
     from alignment.evals.truthfulqa import QA_PRIMER, load_items, mc_context
-    from alignment.models import load_causal_lm, load_tokenizer, resolve
+    from foundation.models import load_causal_lm, load_tokenizer, resolve
 
     tok, model = load_tokenizer(a.model), load_causal_lm(a.model)
     items = load_items(a.data, limit=a.questions)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, TypeVar
 
-from alignment.config import check, option
+from foundation.config import check, option
 from data import formats
 from data.errors import DataError
 from data.schemas import Comparison, PromptRecord, SFTExample, TruthfulnessItem

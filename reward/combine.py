@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from data.schemas import Message
-from reward.scorer import RewardScorer
+from reward.scorer import RewardScorer, Scorer
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +115,7 @@ RULES: dict[str, Rule] = {
 }
 
 
-class CombinedScorer:
+class CombinedScorer(Scorer):
     """A :class:`~reward.scorer.RewardScorer` over a helpfulness and a safety scorer.
 
     ``rule="llama2"``: :func:`llama2_combined` (safety prompts and clearly unsafe responses are

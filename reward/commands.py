@@ -39,7 +39,7 @@ def _default_out(model: str, data: str | None) -> Path:
 
 def held_out_comparisons(model: str) -> tuple[list, str]:
     """The validation split of the run that trained ``model`` (a stage output folder), rebuilt from its config."""
-    from alignment.config import load_config
+    from foundation.config import load_config
     from reward.rm import RMConfig, load_data
 
     config = Path(model) / "config.yaml"
@@ -77,7 +77,7 @@ def cmd_rm_eval(argv: Sequence[str]) -> int:
     p.add_argument("--max-length", type=int, help="truncate longer sequences from the start (default: the training max_length)")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
     from data.loaders import DataSource, load_comparisons
     from reward.evaluate import evaluate, to_markdown
     from reward.model import load_scorer
@@ -150,7 +150,7 @@ def cmd_score(argv: Sequence[str]) -> int:
     a = p.parse_args(argv)
     if not (a.helpful or a.safety):
         p.error("give --helpful MODEL, --safety MODEL, or both")
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
     from data.loaders import read_rows, write_jsonl
     from reward.combine import CombinedScorer
     from reward.model import load_scorer

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignment.config import ConfigError, check, option
+from foundation.config import ConfigError, check, option
 
 
 @dataclass
@@ -52,7 +52,7 @@ class RewardConfig:
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
 
 
-def build_scorer(cfg: RewardConfig, device: str = "auto") -> tuple[Any, dict[str, Any]]:
+def build_scorer(cfg: RewardConfig, device: str = "auto", dtype: str = "auto") -> tuple[Any, dict[str, Any]]:
     """(scorer, {"rm_helpful": model, "rm_safety": model} for the reward models loaded). The scorer
     implements reward.scorer.RewardScorer; with both models it is Llama 2's combined reward (its
     ``score_detailed`` also gives each model's score)."""
@@ -80,9 +80,9 @@ def build_scorer(cfg: RewardConfig, device: str = "auto") -> tuple[Any, dict[str
     from reward.combine import CombinedScorer
     from reward.model import load_scorer
 
-    helpful = load_scorer(cfg.helpful, device=device, batch_size=cfg.batch_size)
+    helpful = load_scorer(cfg.helpful, device=device, batch_size=cfg.batch_size, dtype=dtype)
     if cfg.safety is None:
         return helpful, {"rm_helpful": helpful.model}
-    safety = load_scorer(cfg.safety, device=device, batch_size=cfg.batch_size)
+    safety = load_scorer(cfg.safety, device=device, batch_size=cfg.batch_size, dtype=dtype)
     combined = CombinedScorer(helpful, safety, rule=cfg.rule, threshold=cfg.safety_threshold, lam=cfg.cost_weight)
     return combined, {"rm_helpful": helpful.model, "rm_safety": safety.model}

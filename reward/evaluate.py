@@ -239,11 +239,13 @@ def plot_rewards(chosen: Sequence[float], rejected: Sequence[float], report: dic
     return path
 
 
-def write_report(report: dict, chosen: Sequence[float], rejected: Sequence[float], out: Path) -> Path:
-    """rm_eval.json, rm_eval.md and rewards.png in ``out``; refuses to replace an existing report."""
+def write_report(report: dict, chosen: Sequence[float], rejected: Sequence[float], out: Path, *,
+                 replace: bool = False) -> Path:
+    """rm_eval.json, rm_eval.md and rewards.png in ``out``; refuses to replace an existing report unless
+    ``replace`` (a resumed training run rewriting its own report)."""
     out = Path(out)
     for name in REPORT_FILES:
-        if (out / name).exists():
+        if (out / name).exists() and not replace:
             raise FileExistsError(f"{out / name} exists; refusing to overwrite it (choose another --out)")
     out.mkdir(parents=True, exist_ok=True)
     plot_rewards([float(x) for x in chosen], [float(x) for x in rejected], report, out / "rewards.png")

@@ -16,7 +16,7 @@ it, and the rest is ``policy``, the only HH prompts a project may use for its pr
 card (``card.json``) records the data files with SHA-256, the pair counts, the held-out accuracy
 with a Wilson 95% CI beside the length baseline (the longer answer wins) and the accuracy where the
 chosen answer is the longer / the shorter one, and the hashes of every train and held-out prompt,
-so :func:`gold_prompt_keys` lets a project drop them (``alignment.heldout`` does).
+so :func:`gold_prompt_keys` lets a project drop them (``data.heldout`` does).
 
 The cache: ``$ALIGN_CACHE/gold/<name>/`` (``model/`` is a reward model ``reward.load_scorer``
 reads; ``card.json``). Built into a temporary folder and renamed into place. ``gold:<name>``
@@ -109,7 +109,7 @@ def top_layers(model: str, n: int | None) -> list[int] | None:
         return None
     from transformers import AutoConfig
 
-    from alignment.models import resolve as resolve_model
+    from foundation.models import resolve as resolve_model
 
     total = AutoConfig.from_pretrained(resolve_model(model).path).num_hidden_layers
     return list(range(max(0, total - n), total))
@@ -120,8 +120,8 @@ def build(data: Sequence[str], *, name: str = DEFAULT_NAME, pairs: int = 3000, m
           layers: int | None = None, force: bool = False) -> Path:
     """Train the gold on ``data`` (HH-RLHF files, folders or hub specs) and cache it; returns its folder.
     ``layers``: LoRA in the top this many layers only (None: all)."""
-    from alignment.config import load_config
-    from alignment.runs import file_sha256
+    from foundation.config import load_config
+    from foundation.runs import file_sha256
     from data.loaders import load_comparisons, write_jsonl
     from reward import rm
     from reward.model import load_scorer
@@ -229,7 +229,7 @@ def _pct(block: dict) -> str:
 
 
 def cli(name: str, argv: Sequence[str]) -> int:
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
 
     p = argparse.ArgumentParser(prog="align gold", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

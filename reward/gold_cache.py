@@ -39,7 +39,7 @@ def partition_of(messages: Sequence[dict]) -> str:
 
 
 def gold_dir(name: str) -> Path:
-    from alignment.models import cache_root
+    from foundation.models import cache_root
 
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"a gold model name is a plain name, got {name!r}")

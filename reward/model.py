@@ -9,7 +9,7 @@ that function, so they cannot drift apart.
     scorer = reward.load_scorer("runs/demo/rm_helpful")        # full checkpoint or LoRA adapter
     scorer.score([[{"role": "user", "content": "Hi"}]], ["Hello! How can I help?"])   # tensor([0.83])
 
-:func:`load_reward_model` builds the model from anything ``alignment.models.resolve`` accepts:
+:func:`load_reward_model` builds the model from anything ``foundation.models.resolve`` accepts:
 a chat checkpoint (a new random head), an SFT output (its LoRA adapter is merged into the
 backbone first), or a trained reward model (full, or a peft SEQ_CLS adapter over its base).
 """
@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data.schemas import Message
+from reward.scorer import Scorer
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from foundation.models import ResolvedModel
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,8 @@ def _task_type(adapter: str) -> str | None:
 
 
 def load_reward_model(
-    name: str, *, dtype: str = "auto", device: str = "auto", merge_adapter: bool = True, quantization_config: Any = None,
+    name: str | ResolvedModel, *, dtype: str = "auto", device: str = "auto", merge_adapter: bool = True,
+    quantization_config: Any = None,
     revision: str | None = None, attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """A sequence-classification model with one output from a chat model, SFT output or reward model.
@@ -80,9 +84,10 @@ def load_reward_model(
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    from alignment.models import load_causal_lm, resolve, select_device, select_dtype
+    from foundation.models import ResolvedModel, load_causal_lm, resolve, select_device, select_dtype
 
     resolved = resolve(name)
+    name = resolved.name
     lm_adapters = [a for a in resolved.adapters if _task_type(a) != "SEQ_CLS"]
     rm_adapters = [a for a in resolved.adapters if _task_type(a) == "SEQ_CLS"]
     if lm_adapters and rm_adapters and resolved.adapters.index(rm_adapters[0]) < resolved.adapters.index(lm_adapters[-1]):
@@ -107,7 +112,7 @@ def load_reward_model(
     finally:
         transformers.logging.set_verbosity(level)
     if lm_adapters:  # an SFT LoRA output: fold its adapters into the backbone
-        causal = load_causal_lm(lm_adapters[-1], dtype=dtype, device="cpu")
+        causal = load_causal_lm(ResolvedModel(lm_adapters[-1], resolved.path, adapters=lm_adapters), dtype=dtype, device="cpu")
         prefix = model.base_model_prefix
         missing, unexpected = getattr(model, prefix).load_state_dict(getattr(causal, prefix).state_dict(), strict=False)
         if unexpected or missing:
@@ -125,9 +130,9 @@ def load_reward_model(
     return model
 
 
-def read_stats(name: str) -> dict | None:
+def read_stats(name: str | ResolvedModel) -> dict | None:
     """The ``reward_stats.json`` saved with a reward model, or None."""
-    from alignment.models import resolve
+    from foundation.models import resolve
 
     resolved = resolve(name)
     for folder in [resolved.adapter, resolved.path] if resolved.adapter else [resolved.path]:
@@ -137,7 +142,7 @@ def read_stats(name: str) -> dict | None:
     return None
 
 
-class RewardModelScorer:
+class RewardModelScorer(Scorer):
     """Batched scoring with a reward model (implements ``reward.scorer.RewardScorer``).
 
     Pairs are encoded with :func:`encode`, sorted by length and scored ``batch_size`` at a time,
@@ -157,31 +162,43 @@ class RewardModelScorer:
             raise ValueError("the tokenizer has no pad token")
         model.config.pad_token_id = tokenizer.pad_token_id  # where the head finds the last real token
 
-    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> torch.Tensor:
-        """[B] float32 rewards on CPU, in the order given."""
-        import torch
+    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], is_safety: Any = None) -> torch.Tensor:
+        """[B] float32 rewards on CPU, in the order given (``is_safety`` is for combination rules: ignored)."""
 
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         encoded = [encode(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
-        return self.score_ids(encoded) if encoded else torch.zeros(0, dtype=torch.float32)
+        return self.score_ids(encoded)
 
     def score_ids(self, encoded: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Scores of already encoded sequences (see :func:`encode`)."""
+        """Scores of already encoded sequences (see :func:`encode`).
+
+        A model partitioned over the processes (ZeRO-3, ``foundation.distributed.partition_frozen``)
+        gathers its weights in every forward, with every process: a process with fewer batches than
+        the others (uneven shards, an empty one) runs dummy forwards until all have run as many."""
         import torch
+
+        from foundation import distributed
 
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out = torch.zeros(len(encoded), dtype=torch.float32)
         device = next(self.model.parameters()).device
+        starts = range(0, len(order), self.batch_size)
+        dummies = distributed.forwards_to_match(len(starts), device) if distributed.partitioned(self.model) else 0
+        if not starts and not dummies:
+            return out
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for start in range(0, len(order), self.batch_size):
+                for start in starts:
                     idx = order[start:start + self.batch_size]
                     ids, mask = right_pad([encoded[i] for i in idx], self.tokenizer.pad_token_id)
                     logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
                     out[idx] = logits[:, 0].float().cpu()
+                one = torch.tensor([[self.tokenizer.pad_token_id]], device=device)
+                for _ in range(dummies):  # the other processes' remaining forwards gather weights from this one too
+                    self.model(input_ids=one, attention_mask=torch.ones_like(one), use_cache=False)
         finally:
             if was_training:
                 self.model.train()
@@ -196,19 +213,19 @@ def load_scorer(name_or_path: str, *, device: str = "auto", batch_size: int = 16
 
     ``max_length`` defaults to the length the model was trained with (saved in reward_stats.json).
     """
-    from alignment.models import load_tokenizer, resolve
+    from foundation.models import load_tokenizer, resolve
 
     if name_or_path.startswith("gold:"):  # a cached gold reward model (reward.gold)
         from reward.gold_cache import resolve as resolve_gold
 
         name_or_path = str(resolve_gold(name_or_path))
-    resolved = resolve(name_or_path)
+    resolved = resolve(name_or_path)  # once: the loaders below take the resolved model
     if not resolved.value_head and not any(_task_type(a) == "SEQ_CLS" for a in resolved.adapters):
         raise ValueError(f"{name_or_path} is not a reward model (no sequence-classification head or SEQ_CLS adapter); "
                          "train one with `align rm`")
-    stats = read_stats(name_or_path)
+    stats = read_stats(resolved)
     if max_length is None:
         max_length = int(stats.get("max_length", DEFAULT_MAX_LENGTH)) if stats else DEFAULT_MAX_LENGTH
-    model = load_reward_model(name_or_path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(name_or_path)
+    model = load_reward_model(resolved, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(resolved)
     return RewardModelScorer(model, tokenizer, batch_size=batch_size, max_length=max_length, stats=stats, normalize=normalize)

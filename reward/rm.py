@@ -45,11 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from alignment.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
-from alignment.config import ConfigError, check, option
-from alignment.models import ModelConfig
-from alignment.runs import MetricsLogger, RunConfig, last_checkpoint, setup_logging, start_stage
-from alignment.training import TrainConfig, metrics_callback, trainer_kwargs
+from foundation.adapters import AdapterConfig, peft_config, quantization_config, set_adapter_base
+from foundation.config import ConfigError, check, option
+from foundation.models import ModelConfig
+from foundation.runs import MetricsLogger, RunConfig, last_checkpoint, setup_logging, start_stage
+from foundation.training import TrainConfig, metrics_callback, train_resumed, trainer_kwargs
 from data.loaders import DataSource
 from data.schemas import Comparison, SafetyBin
 from reward.losses import MarginVariant, margin_for
@@ -199,7 +199,7 @@ def build_trainer(cfg: RMConfig, out: Path, train: list[Comparison], val: list[C
     """The reward model (new scalar head on the chat model) and the trainer that trains it."""
     from trl import RewardConfig
 
-    from alignment.models import load_tokenizer, master_dtype, resolve
+    from foundation.models import load_tokenizer, master_dtype, resolve
     from reward.model import load_reward_model
     from reward.trainer import LlamaRewardTrainer, PairCollator
 
@@ -210,6 +210,8 @@ def build_trainer(cfg: RMConfig, out: Path, train: list[Comparison], val: list[C
                               attn_implementation=cfg.model.attn_implementation,
                               quantization_config=quantization_config(cfg.adapter))
     model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.adapter.method == "full":  # a LoRA reward model it starts from (rm_start: previous) comes merged and frozen
+        model.requires_grad_(True)
     if cfg.adapter.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -235,8 +237,8 @@ def build_trainer(cfg: RMConfig, out: Path, train: list[Comparison], val: list[C
 def main(cfg: RMConfig, *, resume: bool = False) -> Path:
     import torch
 
-    from alignment import distributed
-    from alignment.models import model_summary
+    from foundation import distributed
+    from foundation.models import model_summary
     from reward.evaluate import pair_metrics, score_pairs, write_report
     from reward.losses import pairwise_loss, reward_stats
     from reward.model import STATS_FILE, RewardModelScorer
@@ -261,7 +263,7 @@ def main(cfg: RMConfig, *, resume: bool = False) -> Path:
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result = train_resumed(trainer, checkpoint)
     train_seconds = time.time() - t0
     summary = {"objective": cfg.objective, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
                "train_seconds": round(train_seconds, 2), "data": data_info,
@@ -281,7 +283,7 @@ def main(cfg: RMConfig, *, resume: bool = False) -> Path:
         report = {**pair_metrics(chosen, rejected, held_out), "model": str(model_dir),
                   "data": f"{split_name} split of {', '.join(s.path for s in cfg.data.sources)}"}
         if val:
-            write_report(report, chosen.tolist(), rejected.tolist(), out / "eval")
+            write_report(report, chosen.tolist(), rejected.tolist(), out / "eval", replace=resume)
         tokenizer.save_pretrained(model_dir)
         if cfg.adapter.method != "full":
             set_adapter_base(model_dir, cfg.model.name)

@@ -33,7 +33,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     """Build the tiny random Llama once per session (into the user cache)."""
-    from alignment.models import builtin_path
+    from foundation.models import builtin_path
 
     builtin_path("tiny-llama")
     return "tiny-llama"
@@ -56,7 +56,7 @@ def tiny_reward_models(tmp_path_factory, tiny_model) -> dict[str, Path]:
     """A helpfulness and a safety RM on the tiny model (`align rm`, LoRA, 2 steps each)."""
     import torch
 
-    from alignment.config import load_config
+    from foundation.config import load_config
     from reward import rm
 
     root = tmp_path_factory.mktemp("rms")

@@ -101,7 +101,7 @@ def test_queue_stats_export_roundtrip(db, tmp_path):
 
 
 def test_sample_generates_pairs_with_tiny_llama_and_queues_them(db, tmp_path, tiny_model):
-    from alignment.models import builtin_path
+    from foundation.models import builtin_path
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"id": f"q{i}", "prompt": f"Tell me about topic number {i}.", "category": "safety" if i == 0 else "helpfulness"}
@@ -135,6 +135,43 @@ def test_sample_pairs_in_process_batches_one_model_at_two_temperatures(tiny_mode
     assert again == rows  # seeded
     for r in rows:
         assert r["source_a"]["temperature"] == 0.8 and r["source_b"]["temperature"] == 1.4
+
+
+def test_k_samples_per_prompt_give_every_distinct_pair_and_count_the_rest_dropped(monkeypatch):
+    """K responses per prompt make up to K(K-1)/2 tasks; an empty or repeated response takes its pairs with it;
+    response i comes from models[i % 2] at temperatures[i % 3] with seed + i; pairs_per_prompt keeps a seeded subset."""
+    from types import SimpleNamespace
+
+    import foundation.generation
+    import foundation.models
+    from data.schemas import PromptRecord
+    from data.store.sampling import sample_pairs
+
+    texts = {"p1": ["a", "b", "a", "c"], "p2": ["x", " ", "y", "z"]}  # p1: sample 2 repeats 0; p2: sample 1 is empty
+    calls = []
+
+    def fake_generate(model, tok, convs, *, temperature, seed, **kw):
+        calls.append((model, temperature, seed))
+        i = seed - 10
+        return [SimpleNamespace(text=texts[c[0]["content"]][i], finished=i != 3) for c in convs]
+
+    monkeypatch.setattr(foundation.generation, "generate", fake_generate)
+    monkeypatch.setattr(foundation.models, "load_causal_lm", lambda name: f"model:{name}")
+    monkeypatch.setattr(foundation.models, "load_tokenizer", lambda name: None)
+    prompts = [PromptRecord([{"role": "user", "content": k}], id=k) for k in texts]
+    rows, dropped = sample_pairs(["m1", "m2"], prompts, temperatures=[0.7, 1.0, 1.3], seed=10, samples=4)
+    assert calls == [("model:m1", 0.7, 10), ("model:m2", 1.0, 11), ("model:m1", 1.3, 12), ("model:m2", 0.7, 13)]
+    got = [(r["meta"]["prompt_id"], r["response_a"], r["response_b"], r["meta"]["sample_a"], r["meta"]["sample_b"]) for r in rows]
+    assert got == [("p1", "a", "b", 0, 1), ("p1", "a", "c", 0, 3), ("p1", "b", "c", 1, 3),
+                   ("p2", "x", "y", 0, 2), ("p2", "x", "z", 0, 3), ("p2", "y", "z", 2, 3)]
+    assert dropped == (6 - 3) + (6 - 3)
+    assert rows[1]["source_b"] == {"model": "m2", "temperature": 0.7} and rows[1]["meta"]["finished_b"] is False
+    some, _ = sample_pairs(["m1"], prompts, temperatures=[0.7], seed=10, samples=4, pairs_per_prompt=2)
+    assert [r["meta"]["prompt_id"] for r in some] == ["p1", "p1", "p2", "p2"]
+    assert {(r["response_a"], r["response_b"]) for r in some} <= {g[1:3] for g in got}
+    assert some == sample_pairs(["m1"], prompts, temperatures=[0.7], seed=10, samples=4, pairs_per_prompt=2)[0]  # seeded
+    with pytest.raises(ValueError, match="samples must be >= 2"):
+        sample_pairs(["m1"], prompts, temperatures=[0.7], samples=1)
 
 
 def test_project_flag_uses_the_projects_database_and_admin_commands_unblock_a_round(tmp_path):

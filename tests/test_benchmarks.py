@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import REPO
+
 from benchmarks.rm_real import by_length, curve, length_baseline
 
 
@@ -103,3 +105,117 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     assert (tmp_path / "results" / "rlhf_core_history.jsonl").is_file()
     again = rlhf_core.main(common)
     assert again["stage_seconds"].keys() <= {"proxies", "ppo", "final"}  # done stages are not run again
+
+
+def test_ppo_memory_table_is_the_hand_computation():
+    """Llama-2-7B's parameter count from its config on the meta device, and PPO-LoRA under ZeRO-2 on 8 GPUs, part by
+    part: DeepSpeed's ZeRO-2 formula (2 bytes + 18 / N per trainable parameter) for the LoRA adapters and the value
+    head, the frozen bf16 base whole, two bf16 reward models whole (the LM head replaced by a one-output head) but for
+    their embeddings, tied to the base's; SmolLM2's tied LM head is counted once."""
+    from benchmarks import memory
+
+    s = memory.sizes(memory.SHAPES["7B"])
+    assert abs(s["params"] - 6_738_415_616) <= 256  # the Hub's Llama-2-7b (plus the rotary buffer)
+    smol = memory.sizes({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                         "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True})
+    assert abs(smol["params"] - 134_515_008) <= 256  # SmolLM2-135M: the tied head once
+    # one CPU process, fp32: the KV cache, the merged and the prepacked weight copies while generating; four
+    # vocabulary-sized tensors in the no-grad pass; per token and layer 7h + 2kv + 4i + 7r saved values in the update
+    cpu = memory.ppo_cpu(smol, rollout=8, prompt=97, response=64, micro=8, runtime=0)
+    assert cpu["generate"] == 4 * 2 * 30 * 192 * 8 * 161 + 4 * smol["linear"] + 4 * (smol["linear"] + 49152 * 576)
+    assert cpu["ref_and_values"] == 4 * 4 * 8 * 65 * 49152
+    trainable = 2 * smol["lora"] + 577
+    assert cpu["update"] == (4 * 8 * 161 * ((7 * 576 + 2 * 192 + 4 * 1536 + 7 * 16) * 30 + 2 * 576) + 4 * 4 * 8 * 65 * 49152
+                             + 12 * trainable)
+    assert cpu["loaded"] == 4 * smol["params"] + 8 * (smol["linear"] + 576) + 4 * trainable
+    assert s["lora"] == 32 * 16 * ((4096 + 4096) * 2 + (4096 + 4096) * 2 + (4096 + 11008) * 3)
+    got = memory.ppo_per_gpu(s, method="lora", layout="zero2", gpus=8, rollout=8, seq=1024, micro=1, response=512)
+    trainable = 2 * s["lora"] + 4096 + 1
+    rm = s["params"] - 32000 * 4096 + 4096
+    gib = 2**30
+    assert got["engine"] == round((2 * trainable + int(18 * trainable / 8) + 2 * s["params"]) / gib, 1)
+    assert got["reward_models_and_reference"] == round(4 * (rm - 32000 * 4096) / gib, 1)  # embeddings tied to the base
+    assert got["kv_cache"] == round(2 * 32 * 4096 * 2 * 8 * 1024 / gib, 1)
+    assert got["generation_gather"] == 0 and got["peak_phase"] == "generation"  # ZeRO-2: the policy is whole already
+    assert got["generation_merge"] == round(2 * s["linear"] / gib, 1)  # merged copies of the adapted weights, bf16
+    assert got["total"] == round((2 * trainable + int(18 * trainable / 8) + 2 * s["params"] + 4 * (rm - 32000 * 4096)
+                                  + 2 * 32 * 4096 * 2 * 8 * 1024 + 2 * s["linear"]) / gib, 1)
+    full3 = memory.ppo_per_gpu(s, method="full", layout="zero3", gpus=8, rollout=8, seq=1024, micro=1, response=512)
+    # ZeRO-3: the reward models and the fp32 reference partitioned over 8 GPUs; the fp32 policy gathered to generate
+    assert full3["reward_models_and_reference"] == round((4 * rm + 4 * s["params"]) // 8 / gib, 1)
+    assert full3["generation_gather"] == round((4 * s["params"] - 4 * s["params"] // 8) / gib, 1)
+    off = memory.ppo_per_gpu(s, method="full", layout="zero3_offload", gpus=8, rollout=8, seq=1024, micro=1, response=512)
+    assert off["reward_models_and_reference"] == 0 and off["generation_gather"] == round(4 * s["params"] / gib, 1)
+
+
+def test_alignment_targets_over_seeds_are_computed_from_each_seeds_summary():
+    """`benchmarks alignment --seeds 3`: the mean +- sd of the final win rates, each seed's CI, the PPO round against its
+    start in at least 2 of 3 seeds, and the decoding control in every seed."""
+    from benchmarks.alignment import across_seeds
+
+    def run(final, low, ppo_low, control_met):
+        return {"targets": {"winrate_vs_sft": {"value": final, "ci": [low, 0.9], "n": 96},
+                            "beats_decoding_control": {"met": control_met}},
+                "rounds": [{"method": "rs", "winrate_vs_previous": {"ci_low": 0.9}},
+                           {"method": "ppo", "winrate_vs_previous": {"ci_low": ppo_low}}]}
+
+    got = across_seeds([run(0.70, 0.60, 0.55, True), run(0.66, 0.55, 0.45, True), run(0.62, 0.52, 0.51, True)])
+    assert got["mean_winrate_vs_sft"]["mean"] == pytest.approx(0.66)
+    assert got["mean_winrate_vs_sft"]["sd"] == pytest.approx(0.04)  # sample sd of 0.70, 0.66, 0.62
+    assert got["mean_winrate_vs_sft"]["met"] is True
+    assert got["ppo_beats_its_start"] == {**got["ppo_beats_its_start"], "seeds": [True, False, True], "met": True}
+    assert got["beats_decoding_control"]["met"] is True
+    worse = across_seeds([run(0.70, 0.60, 0.45, True), run(0.66, 0.49, 0.45, False), run(0.62, 0.52, 0.51, True)])
+    assert not worse["mean_winrate_vs_sft"]["met"]  # one seed's CI reaches 50%
+    assert not worse["ppo_beats_its_start"]["met"] and not worse["beats_decoding_control"]["met"]
+
+
+def test_the_rs_random_control_keeps_the_projects_rs_settings_and_changes_only_the_pick():
+    from foundation.config import load_config
+    from alignment.rounds import RoundConfig
+    from benchmarks.alignment import rs_random_overrides
+
+    config = str(REPO / "configs" / "round_gold_rm.yaml")
+    main = load_config(RoundConfig, config, ["seed=2"], stage="round")
+    got = rs_random_overrides(config, ["seed=2"])
+    control = load_config(RoundConfig, config, got, stage="round")
+    assert control.seed == 2 and control.rounds == 1
+    assert control.spec("rs").overrides == [*main.spec("rs").overrides, "sampling.pick=random"]
+    assert "sampling.num_samples=4" in control.spec("rs").overrides  # the project's, not configs/rs.yaml's defaults
+
+
+def test_rlhf_core_checks_the_proxy_sizes_before_training_any():
+    """300 prompts x 8 pairs is 2,400 at most, less the pairs the gold scores equal: asking for 2,400 of 2,399 is refused
+    before the first proxy trains (it was found after two proxies, 25 minutes in)."""
+    from benchmarks.rlhf_core import check_pair_sizes
+
+    check_pair_sizes([250, 1000, 2300], 2399)
+    with pytest.raises(ValueError, match="asks for 2400 pairs, but the gold labelled 2399"):
+        check_pair_sizes([250, 1000, 2400], 2399)
+    with pytest.raises(ValueError, match="increasing"):
+        check_pair_sizes([1000, 250], 2399)
+
+
+def test_rlhf_core_agreement_has_the_cooler_answer_baseline_and_the_proxy_where_the_gold_prefers_the_hotter(tmp_path):
+    """On fresh pairs (a at temperature 0.7, b at 1.3) 'the cooler answer wins' is the baseline a proxy must beat;
+    the proxy's agreement where the gold preferred the hotter answer shows it does more than tell temperatures apart."""
+    from types import SimpleNamespace
+
+    from benchmarks.rlhf_core import Bench
+
+    rows = [  # gold prefers a in 3 of 4; the proxy agrees on 3 of those and on the one where b wins
+        {"gold_a": 1, "gold_b": 0, "proxy_5_a": 1, "proxy_5_b": 0},
+        {"gold_a": 1, "gold_b": 0, "proxy_5_a": 1, "proxy_5_b": 0},
+        {"gold_a": 1, "gold_b": 0, "proxy_5_a": 0, "proxy_5_b": 1},
+        {"gold_a": 0, "gold_b": 1, "proxy_5_a": 0, "proxy_5_b": 1},
+        {"gold_a": 1, "gold_b": 1, "proxy_5_a": 0, "proxy_5_b": 1},  # a gold tie: left out
+    ]
+    lines = [json.dumps({**r, "a": f"answer {i}", "b": f"other {i}", "len_a": 3 + i, "len_b": 4}) for i, r in enumerate(rows)]
+    (tmp_path / "agreement.jsonl").write_text("\n".join(lines) + "\n")
+    bench = Bench.__new__(Bench)
+    bench.a, bench.out = SimpleNamespace(pairs=[5]), tmp_path
+    got = bench.agreement()
+    assert got["cooler_answer_rule"] == {"accuracy": 0.75, "n": 4}
+    assert got["proxy_5"]["agreement"] == 0.75 and got["proxy_5"]["n"] == 4
+    assert got["proxy_5"]["gold_prefers_cooler"]["agreement"] == 2 / 3 and got["proxy_5"]["gold_prefers_cooler"]["n"] == 3
+    assert got["proxy_5"]["gold_prefers_hotter"] == {**got["proxy_5"]["gold_prefers_hotter"], "agreement": 1.0, "n": 1}

@@ -10,8 +10,8 @@ from typing import ClassVar
 import pytest
 import yaml
 
-from alignment.cli import COMMANDS
-from alignment.config import ConfigError, format_help, load_config, option, save_config
+from alignment.cli import commands
+from foundation.config import ConfigError, format_help, load_config, option, save_config
 from alignment.sft import SFTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_every_field_is_documented():
             if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else None):
                 walk(f.type)
 
-    for name, (module, kind, _) in COMMANDS.items():
+    for name, (module, kind, _) in commands().items():
         if kind == "stage":
             cls = importlib.import_module(module).Config
             help_text = format_help(cls)
@@ -131,7 +131,7 @@ def test_every_yaml_under_configs_loads():
         if path.parent.name == "accelerate":
             continue  # accelerate's own format, checked by the distributed tests
         assert isinstance(data, dict) and "stage" in data, f"{path} must declare `stage:`"
-        module, kind, _ = COMMANDS[data["stage"]]
+        module, kind, _ = commands()[data["stage"]]
         cfg = load_config(importlib.import_module(module).Config, path, stage=data["stage"])
         if kind == "command":  # a round config: the stage configs it names exist and declare their stage
             assert data["stage"] == "round"
@@ -148,7 +148,7 @@ def test_every_stage_reads_train_max_steps_and_train_lr():
     from alignment.methods import METHODS
 
     for name in ["sft", "rm", *METHODS]:
-        module, _, _ = COMMANDS[name]
+        module, _, _ = commands()[name]
         cls = importlib.import_module(module).Config
         config = REPO / "configs" / ("rm_helpful.yaml" if name == "rm" else f"{name}.yaml")
         cfg = load_config(cls, config, ["train.max_steps=2", "train.lr=0.003"], stage=name)
@@ -196,10 +196,10 @@ def test_renamed_keys_still_load_with_a_warning_naming_the_new_one(tmp_path, cap
 
 def test_no_shipped_config_carries_renamed_keys():
     """Nothing was released under the earlier names, so no config class keeps a map of them (issue 25)."""
-    from alignment.cli import COMMANDS
-    from alignment.config import all_renames
+    from alignment.cli import commands
+    from foundation.config import all_renames
 
-    for name, (module, _, _) in COMMANDS.items():
+    for name, (module, _, _) in commands().items():
         cls = getattr(importlib.import_module(module), "Config", None)
         if cls is not None:
             assert all_renames(cls) == {}, name
@@ -231,7 +231,7 @@ def test_benchmark_sections_of_a_round(tmp_path):
 
 def test_renamed_keys_have_an_end(tmp_path, monkeypatch):
     """Old names load with a warning up to RENAMES_END; from that version on they are refused, naming the new one."""
-    import alignment.config as config
+    import foundation.config as config
 
     monkeypatch.setattr(config, "_installed_version", lambda: config.RENAMES_END)
     with pytest.raises(ConfigError, match="'algo.iterations' was renamed 'train.max_steps' before 0.2.0"):
@@ -246,8 +246,8 @@ def test_renamed_keys_have_an_end(tmp_path, monkeypatch):
 def test_bundled_configs_are_found_from_any_folder(tmp_path, monkeypatch):
     """A round config names its stages' configs as configs/<stage>.yaml: run from another folder (the README's
     walkthrough tried from /tmp), `align round run` failed with "config file not found: configs/sft.yaml"."""
-    from alignment.config import REPO_ROOT
-    from alignment.launch import launch_command
+    from foundation.config import REPO_ROOT
+    from foundation.launch import launch_command
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(SFTConfig, "configs/sft.yaml", ["train.max_steps=3"])
@@ -259,3 +259,45 @@ def test_bundled_configs_are_found_from_any_folder(tmp_path, monkeypatch):
         load_config(SFTConfig, "configs/nope.yaml")
     cmd, _, _ = launch_command("configs/accelerate/ddp.yaml", ["sft"], nproc=2)
     assert str(REPO_ROOT / "configs" / "accelerate" / "ddp.yaml") in cmd or any("align-accelerate-" in c for c in cmd)
+
+
+@dataclasses.dataclass
+class _FakeKnobs:
+    beta: float = option(0.1, "the fake method's knob")
+
+
+@dataclasses.dataclass
+class _FakeConfig:
+    train: _Train = option(factory=_Train, doc="optimisation")
+    fake: _FakeKnobs = option(factory=_FakeKnobs, doc="the method's knobs")
+
+
+def test_a_method_added_to_the_registry_reaches_the_cli_and_the_rounds(tmp_path, monkeypatch, capsys):
+    """The policy-method recipe, walked: one Method line (plus its module and config) and `align --help` lists
+    it, `align <name> --config` runs its main with the typed config and overrides, a round config accepts it
+    in `methods` and `policy.<name>` and runs its default config, and a misspelt name is refused."""
+    import sys
+    import types
+
+    from alignment import cli, methods
+    from alignment.rounds.config import RoundConfig
+
+    ran = []
+    mod = types.ModuleType("fake_method")
+    mod.__doc__ = "A fake method: records its config."
+    mod.Config, mod.main = _FakeConfig, lambda cfg, resume=False: ran.append((cfg.fake.beta, cfg.train.max_steps, resume))
+    monkeypatch.setitem(sys.modules, "fake_method", mod)
+    yaml_file = tmp_path / "fake.yaml"
+    yaml_file.write_text("fake:\n  beta: 0.5\n")
+    monkeypatch.setitem(methods.METHODS, "fake", methods.Method("fake", "fake_method", "a fake method for a test",
+                                                                  "comparisons", str(yaml_file)))
+    assert cli.main(["--help"]) == 0
+    assert "fake" in capsys.readouterr().out.split("a fake method for a test")[0].splitlines()[-1]
+    assert cli.main(["fake", "--config", str(yaml_file), "train.max_steps=3", "--resume"]) == 0
+    assert ran == [(0.5, 3, True)]
+    assert cli.main(["fake", "--config", str(yaml_file), "fake.betta=1"]) == 2
+    assert "fake.betta" in capsys.readouterr().err
+    cfg = RoundConfig(methods=["dpo", "fake"])
+    assert cfg.method(2) == "fake" and cfg.spec("fake").config == str(yaml_file)
+    with pytest.raises(ConfigError, match="unknown method 'fakee'"):
+        RoundConfig(methods=["fakee"])

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, run_align, write_jsonl
 from safetensors.torch import load_file
 
-from alignment.runs import read_metrics
+from foundation.runs import read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -36,7 +36,7 @@ def _weights(stage_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _initial_weights() -> dict[str, torch.Tensor]:
-    from alignment.models import builtin_path
+    from foundation.models import builtin_path
 
     weights: dict[str, torch.Tensor] = {}
     for f in sorted(Path(builtin_path("tiny-llama")).glob("*.safetensors")):
@@ -151,8 +151,51 @@ def test_two_machines_train_dpo_and_ppo_to_the_weights_of_one_process(tmp_path, 
     _assert_same_run(ppo_single, tmp_path / "ppo" / "default" / "ppo", [1, 2])
 
 
+SHARED_CHECK = """
+import sys
+from foundation import distributed
+distributed.init()
+try:
+    distributed.check_shared_folder(sys.argv[1].format(rank=distributed.rank()))
+    print("OK")
+except RuntimeError as exc:
+    print("REFUSED", exc)
+distributed.shutdown()
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_two_machines_without_a_shared_run_folder_are_stopped_naming_the_ranks(tmp_path, shared):
+    """Checkpoints, the final model and the datasets the ranks share are written by the main rank: on two
+    machines whose run folders are not the same filesystem, every rank stops with what to do."""
+    import os
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder = str(tmp_path / ("run" if shared else "machine-{rank}"))
+    for rank in (0, 1):
+        Path(folder.format(rank=rank)).mkdir(exist_ok=True)
+    procs = [subprocess.Popen([sys.executable, "-c", SHARED_CHECK, folder], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env={**os.environ, **ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                                   "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    last = [out.strip().splitlines()[-1] for out in outs]
+    if shared:
+        assert last == ["OK", "OK"]
+        assert not (tmp_path / "run" / ".shared-folder-check").exists()  # the token is removed
+    else:
+        for line in last:
+            assert line.startswith("REFUSED ranks [1] do not see") and "filesystem every machine shares" in line, line
+
+
 def test_machine_flags_are_checked(tmp_path, sft_data):
-    from alignment.launch import LaunchError, Machines, launch_command
+    from foundation.launch import LaunchError, Machines, launch_command
 
     cmd, _, tmp = launch_command(REPO / "configs/accelerate/ddp.yaml", ["sft"], nproc=4,
                                  machines=Machines(num=2, rank=1, ip="10.0.0.1", port=29511))
@@ -194,7 +237,7 @@ def test_cpu_config_with_several_processes_is_rewritten():
     multi-process path instead."""
     import yaml
 
-    from alignment.launch import launch_command
+    from foundation.launch import launch_command
 
     cfg = Path(REPO / "configs/accelerate/ddp.yaml")
     cmd, env, tmp = launch_command(cfg, ["sft"], nproc=None)
@@ -332,20 +375,54 @@ def test_ppo_matches_single_process_with_global_statistics(layout, tmp_path, ppo
         assert {"grad_norm"} <= set(read_metrics(multi)[0]) and "policy/grad_norm" not in read_metrics(multi)[0]
 
 
+def test_ppo_generating_from_partitioned_weights_under_zero3_matches_single_process(tmp_path, tiny_model):
+    """sampling.gather_for_generation=false (a policy larger than one accelerator): each process generates from its
+    ZeRO-3 partitions, every forward gathering one layer at a time, and the one whose rollouts end sooner runs dummy
+    forwards until the other is done. The same samples, statistics, validation answers and weights as one process:
+    5 validation prompts generated 2 at a time are 3 and 2 per process, so one process decodes a third batch."""
+    evals = ["eval.every=1", "eval.max_prompts=5", "sampling.batch_size=2"]
+    one = _ppo(tmp_path / "single", 8, *evals)
+    multi = _ppo(tmp_path / "zero3", 4, "sampling.gather_for_generation=false", *evals, layout="zero3")
+    _assert_same_run(one, multi, [1, 2])
+    rows = [m for m in read_metrics(multi) if m["step"] > 0]
+    assert all("perf/generate_sync_forwards" in m for m in rows)  # the partitioned path ran, not the gathered one
+    synced = [m["eval/generate_sync_forwards"] for m in read_metrics(multi) if "eval/generate_sync_forwards" in m]
+    assert synced and min(synced) > 0  # the process with 2 prompts kept pace with the one with 3
+    for a, b in zip(read_metrics(one), read_metrics(multi)):
+        assert b["eval/reward_combined"] == pytest.approx(a["eval/reward_combined"], abs=1e-5)
+
+
 def test_ppo_with_reward_models_under_zero3_matches_single_process(tmp_path, tiny_reward_models):
-    """The real reward path under ZeRO-3: both RMs load whole outside the engine, the critic gets
-    its own copy of the helpfulness RM's backbone, the best policy is gathered and saved."""
-    rms = [f"reward.helpful={tiny_reward_models['helpful']}",
-           f"reward.safety={tiny_reward_models['safety']}", "reward.function=null",
+    """The real reward path under ZeRO-3 with full fine-tuning: both RMs, the judge and the frozen
+    reference are partitioned over the two processes by DeepSpeed inference engines (defect D), the
+    critic gets its own copy of the helpfulness RM's backbone, the best policy is gathered and saved.
+    Uneven validation shards (5 prompts: 3 and 2, scored 2 at a time) make one process run a dummy
+    forward so that the other's collective gathers finish."""
+    rms = ["adapter.method=full", "train.lr=1e-3", f"reward.helpful={tiny_reward_models['helpful']}",
+           f"reward.safety={tiny_reward_models['safety']}", "reward.function=null", "reward.batch_size=2",
+           f"eval.judges={{rm: {tiny_reward_models['helpful']}}}", "eval.max_prompts=5",
            "critic.init=reward_model", "eval.every=1", "eval.keep_best=true", "eval.patience=0"]
     one = _ppo(tmp_path / "single", 8, *rms)
     three = _ppo(tmp_path / "zero3", 4, *rms, layout="zero3")
     _assert_same_run(one, three, [1, 2])
     for a, b in zip(read_metrics(one), read_metrics(three)):
         assert b["eval/reward_combined"] == pytest.approx(a["eval/reward_combined"], abs=1e-5)
+        assert b["eval/reward_judge_rm"] == pytest.approx(a["eval/reward_judge_rm"], abs=1e-5)
     summaries = [json.loads((d / "summary.json").read_text()) for d in (one, three)]
     assert summaries[0]["best_iteration"] == summaries[1]["best_iteration"]
-    assert summaries[1]["model"] == "best" and "weights_mib/rm_helpful" in summaries[1]
+    assert summaries[1]["model"] == "best"
+    # each process holds half of every frozen reward model: the whole model's parameter bytes, counted here,
+    # against what rank 0 holds (norms and the score head, under the persistence threshold, stay whole: ~1%)
+    from foundation.models import load_causal_lm
+    from reward.model import load_reward_model
+
+    frozen = {f"rm_{name}": load_reward_model(str(tiny_reward_models[name]), device="cpu") for name in ("helpful", "safety")}
+    frozen["reference"] = load_causal_lm("tiny-llama", device="cpu")
+    for name, model in frozen.items():
+        whole = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        assert summaries[0][f"weights_mib/{name}"] <= whole + 1e-3  # one process: whole (less what it shares)
+        part = summaries[1][f"weights_mib/{name}"]
+        assert 0.49 * whole <= part <= 0.52 * whole, (name, whole, part)
 
 
 def test_ppo_resumes_under_zero3(tmp_path, tiny_model):
@@ -371,7 +448,7 @@ def test_ppo_under_fsdp_is_refused_before_any_work(tmp_path):
     """accelerate's FSDP2 prepares one model per Accelerator and PPO trains two (policy and critic): the launch is
     refused before any process starts, naming the config and the layouts that work; a process started under FSDP
     another way (accelerate launch --config_file fsdp.yaml) refuses too, before it writes anything."""
-    from alignment.launch import launch_command
+    from foundation.launch import launch_command
 
     cfg = REPO / "configs/accelerate/fsdp.yaml"
     res = run_align("ppo", *PPO, f"run.root={tmp_path}", "--launch", str(cfg), env=PPO_ENV)
@@ -405,7 +482,7 @@ def test_shutdown_destroys_the_process_group(tmp_path):
     threads can abort a finished rank with SIGABRT)."""
     import torch.distributed as dist
 
-    from alignment.distributed import shutdown
+    from foundation.distributed import shutdown
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     assert dist.is_initialized()
@@ -440,7 +517,8 @@ def test_grpo_under_zero3_saves_the_gathered_weights_from_every_rank(tmp_path, t
 # --------------------------------------------------------------------------- rejection sampling
 
 
-def test_rejection_sampling_on_two_processes_gives_the_pool_of_one(tmp_path, tiny_model):
+@pytest.mark.parametrize("layout", ["ddp", "zero3"])
+def test_rejection_sampling_on_two_processes_gives_the_pool_of_one(tmp_path, tiny_model, layout):
     """Defect G: align rs refused more than one process. The pending prompts are dealt out in batches (each with
     its own seed), the scored samples gathered in batch order: the same samples, pool and greedy held-out
     responses as one process, and the SFT on the pool (2 x 2 = 1 x 4) ends with the same weights."""
@@ -453,7 +531,7 @@ def test_rejection_sampling_on_two_processes_gives_the_pool_of_one(tmp_path, tin
             "sampling.max_new_tokens=8", "eval.max_new_tokens=8", "eval.temperature=0", "adapter.method=full", "train.lr=3e-3",
             "train.warmup_ratio=0", "train.grad_accum=1", "train.max_steps=2"]
     _run("rs", args, "train.batch_size=4", f"run.root={tmp_path / 'one'}", env=PPO_ENV)
-    _run("rs", args, "train.batch_size=2", f"run.root={tmp_path / 'two'}", layout="ddp", env=PPO_ENV)
+    _run("rs", args, "train.batch_size=2", f"run.root={tmp_path / 'two'}", layout=layout, env=PPO_ENV)
     one, two = tmp_path / "one" / "default" / "rs", tmp_path / "two" / "default" / "rs"
     s1, s2 = json.loads((one / "summary.json").read_text()), _ranks_agree(two)
     assert s1["processes"] == 1 and s2["processes"] == 2
@@ -467,3 +545,21 @@ def test_rejection_sampling_on_two_processes_gives_the_pool_of_one(tmp_path, tin
     assert [r["response"] for r in before[1]["responses"]] == [r["response"] for r in before[0]["responses"]]
     assert s2["reward_before"] == pytest.approx(s1["reward_before"], abs=1e-9)
     _assert_same(_weights(two), _weights(one))
+
+
+def test_frozen_models_load_on_the_cpu_in_the_dtype_of_their_accelerator_under_zero3(monkeypatch):
+    """Under ZeRO-3 a frozen model loads on the CPU and is partitioned onto the GPUs: in bf16 when its GPU would
+    load it in bf16 (not in the CPU's fp32, which would double what every GPU holds); elsewhere it loads as asked."""
+    import foundation.models as models
+    from foundation import distributed
+
+    monkeypatch.setattr(models, "select_device", lambda d="auto": torch.device(d))
+    monkeypatch.setattr(models, "select_dtype",
+                        lambda d="auto", dev=None: getattr(torch, d) if d != "auto" else
+                        (torch.bfloat16 if torch.device(dev).type == "cuda" else torch.float32))
+    monkeypatch.setattr(distributed, "zero3", lambda: False)
+    assert distributed.frozen_placement("cuda:0") == ("cuda:0", "auto")
+    monkeypatch.setattr(distributed, "zero3", lambda: True)
+    assert distributed.frozen_placement("cuda:1") == ("cpu", "bfloat16")
+    assert distributed.frozen_placement("cuda:1", "float16") == ("cpu", "float16")
+    assert distributed.frozen_placement("cpu") == ("cpu", "float32")

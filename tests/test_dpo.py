@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO, run_align, write_jsonl
 
-from alignment.config import ConfigError, load_config
+from foundation.config import ConfigError, load_config
 from alignment.dpo import (
     MARGIN_TABLES,
     DPOConfig,
@@ -27,7 +27,7 @@ from alignment.dpo import (
     to_rows,
 )
 from alignment.preferences import load_data
-from alignment.runs import read_metrics
+from foundation.runs import read_metrics
 from data.schemas import Comparison
 
 WORDS = ["fox", "dog", "capital", "France", "python", "language", "help", "request", "answer", "question", "quick", "lazy"]
@@ -142,7 +142,7 @@ def test_reference_policy_is_not_a_second_copy(tmp_path, tiny_model, method, pre
 def test_lora_reference_is_the_base_model_with_the_adapter_disabled(tmp_path, tiny_model):
     """The held-out rewards of a trained LoRA policy match beta * (log pi_adapter - log pi_base), both
     computed here independently from plain logits."""
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.models import load_causal_lm, load_tokenizer
 
     data = write_jsonl(tmp_path / "p.jsonl", marker_pairs(24))
     cfg = make_cfg(tmp_path, data, "adapter.method=lora", "train.max_steps=4", "train.lr=5e-3", "dpo.beta=0.2")
@@ -204,7 +204,7 @@ def test_dpo_learns_a_synthetic_preference(tmp_path, tiny_model):
     for name in ("config.yaml", "eval_before.json", "eval.json", "summary.json", "metrics.jsonl", "model/adapter_config.json",
                  "model/adapter_model.safetensors", "model/tokenizer.json"):
         assert (out / name).is_file(), name
-    from alignment.models import builtin_path
+    from foundation.models import builtin_path
 
     assert (json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
             == str(builtin_path("tiny-llama")))

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from alignment.config import ConfigError, load_config
+from foundation.config import ConfigError, load_config
 from alignment.evals.gold import GoldAnnotator, GoldJudge, GoldJudgeConfig, GoldScorer, combine, mean_ci, strength
 from alignment.evals.winrate import judge_with_reward
 from data.schemas import PromptRecord
+from reward.scorer import Scorer
 
 
 class StubEmbedder:
@@ -136,8 +137,8 @@ def test_memo_scorer_scores_each_pair_once():
 
     calls = []
 
-    class Counting:
-        def score(self, prompts, responses):
+    class Counting(Scorer):
+        def score(self, prompts, responses, is_safety=None):
             calls.append(list(responses))
             return torch.tensor([float(len(r)) for r in responses])
 

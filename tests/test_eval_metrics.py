@@ -103,7 +103,7 @@ def test_perplexity_hand_computed():
 def test_model_perplexity_matches_logits(tiny_model):
     import torch
 
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.models import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(tiny_model), load_causal_lm(tiny_model)
     text = "Paris is the capital of France."

@@ -134,6 +134,11 @@ def _fake_benchmark(monkeypatch, calls: list):
     mod.plot = lambda rounds, path: None
     mod.report_blocks = lambda rounds: [("h2", "Fake per item"), ("p", f"{len(rounds)} rounds seen")]
     mod.headline = lambda summary: {"score": summary["score"]}
+    mod.RoundSettings = type("RoundSettings", (), {})
+    mod.describe_settings = lambda settings: "fake settings"
+    mod.demo_label = lambda summaries: "fake score"
+    mod.demo_cell = lambda summary: f"{summary['score']:.2f}" if summary else "-"
+    mod.cli = lambda argv: 0
 
     def run_round(model, out, settings, *, seed, batch_size):
         calls.append((model, out, settings, seed, batch_size))
@@ -145,6 +150,22 @@ def _fake_benchmark(monkeypatch, calls: list):
     monkeypatch.setattr(suite, "BENCHMARKS", (*suite.BENCHMARKS, bench))
     monkeypatch.setattr(report, "BENCHMARKS", suite.BENCHMARKS)
     return bench
+
+
+def test_every_registered_benchmark_has_the_whole_interface(monkeypatch):
+    """Each module in BENCHMARKS is a BenchmarkModule; one lacking a part is refused at load, naming it."""
+    import sys
+    import types
+
+    from alignment.evals import suite
+
+    for bench in suite.BENCHMARKS:
+        assert isinstance(bench.load(), suite.BenchmarkModule), bench.name
+    half = types.ModuleType("half_bench")
+    half.REPORT_COLUMN, half.headline = "half", lambda summary: {}
+    monkeypatch.setitem(sys.modules, "half_bench", half)
+    with pytest.raises(TypeError, match=r"benchmark 'half': half_bench lacks RoundSettings, caption, cli, demo_cell"):
+        suite.Benchmark("half", "half_bench", "half a benchmark").load()
 
 
 def test_report_iterates_over_the_registered_benchmarks(tmp_path, monkeypatch):

@@ -89,7 +89,7 @@ def test_stderr_matches_sample_formula():
 
 
 def test_encode_pair_moves_trailing_space_and_splits_whole(tiny_model):
-    from alignment.models import load_tokenizer
+    from foundation.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     ctx, cont = loglikelihood.encode_pair(tok, "Q: What?\nA: ", "Paris.")
@@ -126,7 +126,7 @@ class _UniformLM:
 
 
 def test_score_is_sum_of_token_logprobs_hand_computed(tiny_model):
-    from alignment.models import load_tokenizer
+    from foundation.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     model = _UniformLM(512)
@@ -138,7 +138,7 @@ def test_score_is_sum_of_token_logprobs_hand_computed(tiny_model):
 
 
 def test_cached_batched_and_one_by_one_agree(tiny_model):
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.models import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(tiny_model), load_causal_lm(tiny_model)
     pairs = []
@@ -155,7 +155,7 @@ def test_cached_batched_and_one_by_one_agree(tiny_model):
 
 
 def test_prefix_that_does_not_tokenise_as_a_prefix_falls_back(tiny_model):
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.models import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(tiny_model), load_causal_lm(tiny_model)
     pairs = [("The quick brown fox", " jumps"), ("Another context", " entirely")]
@@ -242,7 +242,7 @@ def test_cli_reports_mc1_mc2(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_cached_scores_match_one_by_one(shared_data):
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.models import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer("smollm2-135m"), load_causal_lm("smollm2-135m")
     items = truthfulqa.load_items(str(shared_data / "truthfulqa" / "mc_task.json"), limit=2)

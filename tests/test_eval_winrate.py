@@ -69,7 +69,7 @@ def test_reward_judge_reports_helpfulness_and_harmlessness_axes():
 
 
 def test_llm_verdict_is_the_most_likely_letter(monkeypatch, tiny_model):
-    from alignment.models import load_tokenizer
+    from foundation.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
 
@@ -83,7 +83,7 @@ def test_llm_verdict_is_the_most_likely_letter(monkeypatch, tiny_model):
 
 
 def test_llm_judge_runs_both_orders(tiny_model):
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.models import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(tiny_model), load_causal_lm(tiny_model)
     res = winrate.judge_with_llm(model, tok, ["What is 2+2?", "Name a colour."], ["4", "Blue."], ["5", "Seven."])

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignment import models
-from alignment.generation import Engine, SamplingParams, encode_prompts, generate, generate_completions, left_pad
-from alignment.generation.batching import chunks, prefix_groups
-from alignment.generation.sampling import NGramBan, ban_ngrams, draw, warp
+from foundation import models
+from foundation.generation import Engine, SamplingParams, encode_prompts, generate, generate_completions, left_pad
+from foundation.generation.batching import chunks, prefix_groups
+from foundation.generation.sampling import NGramBan, ban_ngrams, draw, warp
 
 QUESTIONS = ["Hi", "What is the capital of France, please?", "2+2?", "Tell me a joke about cats and dogs.",
              "Name three colours.", "Why is the sky blue?", "Translate 'cat' into French.", "What is 7 times 8?",
@@ -140,6 +140,49 @@ def test_finished_rows_leave_the_batch(tiny):
     assert stats.decode_rows >= sum(len(o.response_ids) - 1 for o in kept)
 
 
+def test_synced_generation_asks_before_every_forward_and_keeps_pace_with_other_processes(tiny):
+    """Generation from ZeRO-3 partitions (Engine(sync=...)): every forward is collective, so the engine asks before each
+    one whether any process still generates, and once done runs one-token forwards while the (here simulated) other
+    processes go on; the answers are those of an unsynced run. A process with no prompts still keeps pace."""
+    model, tok = tiny
+    encoded = encode_prompts(tok, _prompts())
+    params = SamplingParams(max_new_tokens=6)
+    plain, _ = Engine(model, tok, batch_size=3).run(encoded, params)
+    forwards, calls = [0], []
+    original = model.forward
+
+    def counted(*a, **kw):
+        forwards[0] += 1
+        return original(*a, **kw)
+
+    def others_run_for(extra):
+        state = {"left": extra}
+
+        def sync(running):
+            calls.append((running, forwards[0]))
+            if running:
+                return True
+            state["left"] -= 1
+            return state["left"] >= 0  # the others need `extra` more forwards after this process is done
+
+        return sync
+
+    model.forward = counted
+    try:
+        synced, stats = Engine(model, tok, batch_size=3, sync=others_run_for(4)).run(encoded, params)
+        real = forwards[0] - 4
+        assert [o.response_ids for o in synced] == [o.response_ids for o in plain] and stats.sync_forwards == 4
+        # one sync before each real forward (the forward count had not yet moved), then 4 + 1 asks after the last
+        assert [c for c in calls if c[0]] == [(True, i) for i in range(real)]
+        assert [c for c in calls if not c[0]] == [(False, real + i) for i in range(5)]
+        calls.clear()
+        forwards[0] = 0
+        empty, stats = Engine(model, tok, batch_size=3, sync=others_run_for(2)).run([], params)
+        assert empty == [] and stats.sync_forwards == 2 and forwards[0] == 2
+    finally:
+        model.forward = original
+
+
 def test_waiting_rows_join_a_running_batch(tiny):
     """Continuous batching: with more prompts than the batch holds, rows that wait join once rows
     finish; every answer is what the prompt gets alone."""
@@ -164,7 +207,7 @@ def test_waiting_rows_join_a_running_batch(tiny):
 def test_lora_merged_for_generation_and_weights_bit_identical_after(tiny_model):
     from peft import get_peft_model
 
-    from alignment.adapters import AdapterConfig, peft_config
+    from foundation.adapters import AdapterConfig, peft_config
 
     tok = models.load_tokenizer(tiny_model)
     model = get_peft_model(_lively(models.load_causal_lm(tiny_model)), peft_config(AdapterConfig(dropout=0.0), "CAUSAL_LM"))
@@ -297,7 +340,7 @@ def test_prefill_chunks_by_hand():
 
 
 def test_buffer_cache_grows_and_selects():
-    from alignment.generation.fast import buffer_cache
+    from foundation.generation.fast import buffer_cache
 
     cache = buffer_cache(3)
     k = torch.arange(2 * 1 * 2 * 2, dtype=torch.float32).view(2, 1, 2, 2)
@@ -321,7 +364,7 @@ def test_bad_params_rejected():
 def test_prompt_tuning_falls_back_to_model_generate(tiny_model):
     from peft import get_peft_model
 
-    from alignment.adapters import AdapterConfig, peft_config
+    from foundation.adapters import AdapterConfig, peft_config
 
     tok = models.load_tokenizer(tiny_model)
     model = get_peft_model(models.load_causal_lm(tiny_model),
@@ -339,11 +382,11 @@ def test_greedy_matches_model_generate_smollm2():
 
     tok, model = models.load_tokenizer("smollm2-135m"), models.load_causal_lm("smollm2-135m")
     model.eval()
-    prompts = [p.messages for p in load_prompts(DataSource("bundled:prompts"))[::26]][:16]
+    prompts = [p.messages for p in load_prompts(DataSource("bundled:prompts"))[::26]][:12]
     encoded = encode_prompts(tok, prompts)
     eos = {model.generation_config.eos_token_id}
-    ref = _reference(model, tok, encoded, max_new_tokens=48, batch_size=8, eos=eos, do_sample=False)
-    ours = generate(model, tok, prompts, max_new_tokens=48, batch_size=8)
+    ref = _reference(model, tok, encoded, max_new_tokens=32, batch_size=4, eos=eos, do_sample=False)
+    ours = generate(model, tok, prompts, max_new_tokens=32, batch_size=4)  # three batches of four
     assert ours.stats.linear_kernel in ("onednn", "transposed")
     same = 0
     for e, r, g in zip(encoded, ref, ours):

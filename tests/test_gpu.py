@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, run_align, write_jsonl
 from safetensors.torch import load_file
 
-from alignment.runs import read_metrics
+from foundation.runs import read_metrics
 
 DEVICE = os.environ.get("ALIGN_GPU_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu,

@@ -170,7 +170,7 @@ def test_steps_that_do_not_fit_the_budget_are_skipped_and_said_so(tmp_path):
 
 def test_a_random_smollm2_shaped_model_is_built_from_a_config_and_tokenizer_alone(tmp_path, tiny_model):
     """What the GPU machine gets instead of the real weights: the bundle's config and tokenizer, random weights."""
-    from alignment.models import builtin_path, load_causal_lm, load_tokenizer
+    from foundation.models import builtin_path, load_causal_lm, load_tokenizer
     from benchmarks.gpu_models import RANDOM_MARK, build_random
 
     src = builtin_path("tiny-llama")
@@ -196,7 +196,7 @@ def test_steps_run_on_the_cpu_and_report_what_they_measured(tmp_path, tiny_model
     JSON, its output in the log. The single-process sft and ppo run the same arguments without --launch, ppo_ddp
     is ppo_zero3 under another config, bench measures nothing without a GPU and model_0p5b is GPU only: left out
     to keep this test's time (the dry run checks their commands)."""
-    from alignment.models import builtin_path
+    from foundation.models import builtin_path
 
     bundle = tmp_path / "bundle"
     (bundle / "smollm2-135m").mkdir(parents=True)

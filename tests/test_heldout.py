@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from alignment.heldout import HeldOutLeak, check_disjoint, split_pool, stage_usage, user_turns
+from data.heldout import HeldOutLeak, check_disjoint, split_pool, stage_usage, user_turns
 from data.schemas import PromptRecord
 
 
@@ -60,7 +60,7 @@ def test_stage_usage_reads_each_stage_config_and_the_sampled_pairs(tmp_path):
 
 
 def test_three_sets_are_disjoint_and_tagged():
-    from alignment.heldout import split_three
+    from data.heldout import split_three
     from data.splits import TEST_TAG, VALIDATION_TAG
 
     test, val, rest = split_three(pool(60), 8, 12, 0.25, seed=1)
@@ -74,7 +74,7 @@ def test_three_sets_are_disjoint_and_tagged():
 
 def test_a_decision_cannot_read_the_test_prompts(tmp_path):
     """Loading test prompts inside a decision (promotion, keep-best) is refused, naming both; reporting reads them."""
-    from alignment.heldout import split_three
+    from data.heldout import split_three
     from data.loaders import load_prompts, write_jsonl
     from data.splits import TestSetRead, selecting
 
@@ -90,8 +90,8 @@ def test_a_decision_cannot_read_the_test_prompts(tmp_path):
 
 
 def test_ppo_refuses_test_prompts_as_its_validation_set(tmp_path, tiny_model):
-    from alignment.config import load_config
-    from alignment.heldout import split_three
+    from foundation.config import load_config
+    from data.heldout import split_three
     from alignment.ppo import PPOConfig, main
     from conftest import REPO
     from data.loaders import write_jsonl
@@ -112,7 +112,7 @@ def test_ppo_refuses_test_prompts_as_its_validation_set(tmp_path, tiny_model):
 def test_a_project_judged_by_the_gold_rm_leaves_out_the_gold_models_prompts(tmp_path, monkeypatch):
     """Every prompt set of a project (test, validation, pool) is disjoint from what the gold reward model
     trained or was measured on; without the gold model the project is refused, naming the key."""
-    from alignment.config import ConfigError
+    from foundation.config import ConfigError
     from alignment.rounds.project import Project
     from reward.gold import prompt_key
 

@@ -5,7 +5,7 @@ import gzip
 
 import pytest
 
-from alignment.config import ConfigError, load_config
+from foundation.config import ConfigError, load_config
 from data.errors import DataError
 from data.loaders import read_rows, read_text_file
 from tests.conftest import run_align
@@ -123,3 +123,26 @@ def test_user_names_with_a_trailing_newline_or_space_are_refused(tmp_path):
         with pytest.raises(AnnotationError, match="invalid user name"):
             store.add_user(bad, password="pw-ann1-pw")
     assert [u.name for u in store.users()] == ["ann1"]
+
+
+SEPARATORS = "line\u2028sep\u2029para\x85nel\x0cff\x1cfs\x0bvt\rcr"  # all of these end a line for str.splitlines()
+
+
+def test_jsonl_rows_holding_unicode_line_separators_read_back_whole(tmp_path):
+    """json.dumps(..., ensure_ascii=False) leaves U+2028, U+0085, form feeds ... inside strings; a model can generate
+    them, and rlhf_core's samples, PPO's samples and RS's pool are written that way. Every reader of those files must
+    split at "\\n" only (str.splitlines() cut a row in two: rlhf_core stopped with a JSONDecodeError)."""
+    import json
+
+    from alignment.ppo.loop import _drop_samples_after
+    from alignment.rs import _count_by_round
+    from data.loaders import write_jsonl
+    from foundation.runs import read_jsonl
+
+    rows = [{"iteration": i, "round": 1 + i % 2, "text": f"{i} {SEPARATORS}"} for i in range(4)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert any(c in path.read_text(encoding="utf-8") for c in "\u2028\x85")  # written raw, not escaped
+    assert read_jsonl(path) == rows
+    assert _count_by_round(path) == {"1": 2, "2": 2}
+    _drop_samples_after(path, 1)
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line] == rows[:2]

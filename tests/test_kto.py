@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, run_align, write_jsonl
 from test_dpo import marker_pairs, one_thread  # noqa: F401 - one_thread: the DPO tests' autouse one-thread fixture
 
-from alignment.config import ConfigError, load_config
+from foundation.config import ConfigError, load_config
 from alignment.kto import KTOConfig, main, to_rows
 from data.schemas import Comparison
 

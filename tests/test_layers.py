@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-PACKAGES = ("alignment", "reward", "data", "ui")
+PACKAGES = ("foundation", "data", "ui", "reward", "alignment")  # the top-level packages, bottom to top
 
 # bottom to top; a module belongs to the layer of its longest listed prefix (a new alignment.<stage> module
 # is a policy stage without being listed)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("alignment.config", "alignment.runs", "alignment.models", "alignment.adapters", "alignment.training",
-                    "alignment.distributed", "alignment.launch", "alignment.generation")),
-    ("data", ("data", "alignment.heldout")),
+    ("foundation", ("foundation",)),
+    ("data", ("data",)),
     ("annotation", ("data.store",)),
     ("ui", ("ui",)),
     ("reward", ("reward",)),
@@ -119,7 +118,7 @@ def imports(path: Path, module: str, known: set[str], *, names_too: bool = False
             if node.level:
                 up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(up + ([node.module] if node.module else []))
-            for a in node.names:  # `from alignment import distributed` depends on alignment.distributed only
+            for a in node.names:  # `from foundation import distributed` depends on foundation.distributed only
                 sub = f"{base}.{a.name}"
                 add(sub, node.lineno) if sub in known else add(base, node.lineno, a.name)
         elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip
@@ -143,6 +142,22 @@ def back_edges(root: Path) -> list[str]:
             there = layer_of(target)
             if there != here and there not in ALLOWED[here]:
                 bad.append(f"{path.relative_to(root)}:{line}: {module} ({here}) imports {target} ({there})")
+    return bad
+
+
+def package_back_edges(root: Path) -> list[str]:
+    """Imports from a top-level package to one above it in ``PACKAGES`` (foundation < data < ui < reward <
+    alignment): drawn bottom to top, the packages' import graph has no arrow running back up."""
+    mods = modules(root)
+    known = set(mods)
+    rank = {pkg: i for i, pkg in enumerate(PACKAGES)}
+    bad = []
+    for module, path in mods.items():
+        here = module.split(".")[0]
+        for target, line in sorted(imports(path, module, known)):
+            there = target.split(".")[0]
+            if rank[there] > rank[here]:
+                bad.append(f"{path.relative_to(root)}:{line}: {here} imports {there} ({module} -> {target})")
     return bad
 
 
@@ -208,6 +223,19 @@ def circles(root: Path) -> list[list[str]]:
 
 def test_every_module_imports_only_downwards():
     assert back_edges(REPO) == []
+
+
+def test_the_top_level_packages_form_one_downward_chain():
+    assert package_back_edges(REPO) == []
+
+
+def test_a_planted_package_back_edge_is_reported(tmp_path):
+    root = _copy(tmp_path)
+    n = _plant(root, "foundation/runs.py", "def _planted():\n    from data.schemas import Message  # noqa")
+    m = _plant(root, "reward/combine.py", 'METHODS = {"x": "alignment.methods"}')
+    assert package_back_edges(root) == [
+        f"foundation/runs.py:{n + 1}: foundation imports data (foundation.runs -> data.schemas)",
+        f"reward/combine.py:{m}: reward imports alignment (reward.combine -> alignment.methods)"]
 
 
 def test_a_planted_back_edge_is_reported(tmp_path):
@@ -287,6 +315,6 @@ def test_lint_is_clean():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed (pip install -e .[dev])")
-    res = subprocess.run([ruff, "check", "alignment", "reward", "data", "ui", "tests", "benchmarks"], cwd=REPO,
+    res = subprocess.run([ruff, "check", *PACKAGES, "tests", "benchmarks"], cwd=REPO,
                          capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]

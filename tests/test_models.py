@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from alignment import models
-from alignment.generation import generate, left_pad
+from foundation import models
+from foundation.generation import generate, left_pad
 
 
 def test_tiny_llama_has_chat_template_with_generation_markers(tiny_model):
@@ -38,7 +38,7 @@ def test_concurrent_first_use_builds_one_intact_checkpoint(tmp_path):
     start = time.time() + 8  # both processes are importing by then and start together
     script = textwrap.dedent(f"""
         import time, os
-        from alignment import models
+        from foundation import models
         while time.time() < {start}: time.sleep(0.01)
         p = models.builtin_path("tiny-llama")
         m = models.load_causal_lm("tiny-llama")
@@ -122,7 +122,7 @@ def test_weights_trained_in_full_load_in_fp32_where_auto_would_be_bf16(monkeypat
     autocast. LoRA (a frozen bf16 base), frozen models and explicit dtypes are unchanged."""
     import torch
 
-    from alignment import models
+    from foundation import models
 
     monkeypatch.setattr(models, "select_dtype", lambda dtype="auto", device=None: torch.bfloat16 if dtype == "auto"
                         else getattr(torch, dtype))  # as on a GPU with bf16
@@ -136,7 +136,7 @@ def test_weights_trained_in_full_load_in_fp32_where_auto_would_be_bf16(monkeypat
 
 def test_full_sft_with_bf16_autocast_keeps_fp32_weights_and_optimizer_state(tmp_path, tiny_model):
     """The optimiser's state is fp32 when training runs in bf16 autocast (train.precision=bf16)."""
-    from alignment.config import load_config
+    from foundation.config import load_config
     from alignment.sft import SFTConfig, build_trainer, load_data
 
     cfg = load_config(SFTConfig, REPO / "configs/sft.yaml", [

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import REPO, write_jsonl
 
-from alignment.config import load_config
-from alignment.models import SMOLLM2_HUB_ID, builtin_path, load_causal_lm, portable_base, resolve
+from foundation.config import load_config
+from foundation.models import SMOLLM2_HUB_ID, builtin_path, load_causal_lm, portable_base, resolve
 
 IDS = [[1, 50, 60, 70, 80, 90, 2]]
 
@@ -36,7 +36,8 @@ with torch.no_grad():
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1)  # transformers applies the LoRA adapter
     rm.config.pad_token_id = AutoTokenizer.from_pretrained(rm_dir).pad_token_id
     out["rm"] = rm(ids).logits[0, 0].item()
-out["project_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("alignment", "reward", "data", "ui", "benchmarks"))
+ours = ("foundation", "alignment", "reward", "data", "ui", "benchmarks")
+out["project_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ours)
 print(json.dumps(out))
 """.replace("IDS", repr(IDS))
 

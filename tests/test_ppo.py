@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import REPO, run_align
 
-from alignment.config import ConfigError, load_config
+from foundation.config import ConfigError, load_config
 from alignment.ppo import PPOConfig, main
-from alignment.runs import OutputExistsError, read_metrics
+from foundation.runs import OutputExistsError, read_metrics
 
 # A reward with a known optimum: the share of vowels in the response (the tiny random model
 # starts near 0.23).
@@ -70,8 +70,12 @@ def test_ppo_raises_a_known_reward_with_bounded_kl(tmp_path, tiny_model):
     expected = {"reward/combined", "reward/normalized", "kl/ref", "kl/coef", "policy/entropy",
                 "policy/clipfrac", "policy/approx_kl",
                 "value/loss", "value/explained_variance", "response/length", "perf/tokens_per_s", "time/generate", "time/score",
-                "time/ref_and_values", "time/update", "perf/peak_rss_gb"}
+                "time/ref_and_values", "time/update", "perf/peak_rss_gb", "memory/generate_gb", "memory/score_gb",
+                "memory/ref_and_values_gb", "memory/update_gb", "memory/eval_gb", "memory/peak_rss_gb"}
     assert expected <= set(rows[0])
+    # each phase's peak is under the process's peak, and the weights alone are resident in every one
+    got = {k: rows[-1][f"memory/{k}_gb"] for k in ("generate", "score", "ref_and_values", "update", "eval", "peak_rss")}
+    assert all(0.05 < got[k] <= got["peak_rss"] + 1e-6 for k in got), sorted(got.items())
     evals = [m["step"] for m in read_metrics(out) if "eval/reward_combined" in m]
     assert evals == [0, 10, 20, 30]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -96,7 +100,7 @@ def test_outputs_from_an_sft_adapter_load_as_a_stage_output(tmp_path, tiny_model
     from conftest import write_jsonl
     from peft import PeftModel
 
-    from alignment.models import load_causal_lm
+    from foundation.models import load_causal_lm
     from alignment.sft import SFTConfig
     from alignment.sft import main as sft_main
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from alignment.config import ConfigError, load_config
+from foundation.config import ConfigError, load_config
 from alignment.grpo import GroupRLConfig, main, reward_function
-from alignment.runs import read_metrics
+from foundation.runs import read_metrics
 from reward.scorer import FunctionScorer
 
 TINY = [
@@ -43,12 +43,12 @@ def test_grpo_raises_a_known_reward(tmp_path, tiny_model):
 
 
 def test_rloo_with_lora_writes_a_loadable_adapter(tmp_path, tiny_model):
-    from alignment.models import load_causal_lm
+    from foundation.models import load_causal_lm
 
     out = main(make_cfg(tmp_path, "grpo.algorithm=rloo", "train.max_steps=2"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algorithm"] == "rloo" and summary["global_step"] == 2
-    from alignment.models import builtin_path
+    from foundation.models import builtin_path
 
     assert (json.loads((out / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
             == str(builtin_path("tiny-llama")))

@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from alignment.config import ConfigError, load_config
+from foundation.config import ConfigError, load_config
 from alignment.ppo import PPOConfig, compute_advantages, main
 from alignment.rl.lagrangian import LagrangeMultiplier, combine_advantages
 from alignment.rl.rollout import Rollout
-from alignment.runs import read_metrics
+from foundation.runs import read_metrics
 
 T = torch.tensor
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from alignment.config import load_config
+from foundation.config import load_config
 from alignment.ppo import Context, PPOAlgoConfig, PPOConfig, PPORewardConfig, compute_advantages, normalize_scores, score_batch
 from alignment.rl.rollout import Rollout, build_sequences
 from alignment.rl.stats import RunningMoments
@@ -158,7 +158,7 @@ def test_compute_advantages_end_to_end_by_hand():
 def test_policy_logprobs_and_critic_values_match_unpadded_single_row_forwards(tiny_model):
     """A left-padded batch (prompts of 3 and 1 tokens, responses of 2 and 4) gives, for each row,
     the log-probs and values that the same row gives alone without any padding."""
-    from alignment.models import load_causal_lm
+    from foundation.models import load_causal_lm
     from alignment.rl.actor_critic import critic_values, policy_logprobs
     from alignment.rl.critic import critic_from_causal_lm
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +15,12 @@ import torch
 from conftest import REPO, run_align, write_jsonl
 from safetensors.torch import load_file
 
-from alignment.config import ConfigError, load_config
-from alignment.runs import OutputExistsError, read_metrics
+from foundation.config import ConfigError, load_config
+from foundation.runs import OutputExistsError, read_metrics
 from data.errors import DataError
 from data.loaders import DataSource, load_comparisons
 from data.schemas import Comparison, SafetyBin
-from alignment.models import builtin_path
+from foundation.models import builtin_path
 from reward import load_scorer
 from reward.model import RewardModelScorer, encode, load_reward_model
 from reward.rm import RMConfig, RMDataConfig, focus_mix, load_data, main, to_dataset
@@ -144,8 +145,27 @@ def test_batched_scoring_matches_one_by_one_in_order(trained):
         scorer.score(prompts[:2], responses[:1])
 
 
+def test_one_scoring_protocol_and_one_resolution_per_load(trained, monkeypatch):
+    """Every consumer calls score, score_detailed and describe on any scorer (no probing); loading a LoRA reward
+    model resolves its name once (the loaders below load_scorer take the resolved model)."""
+    import foundation.models
+
+    calls = []
+    real = foundation.models.resolve
+    monkeypatch.setattr(foundation.models, "resolve", lambda name: calls.append(name) or real(name))
+    name = str(trained["lora"])
+    scorer = load_scorer(name)
+    assert calls.count(name) == 1, calls
+    p, r = [[{"role": "user", "content": "hi"}]] * 2, ["hello", "go away"]
+    plain = scorer.score(p, r)
+    assert scorer.score(p, r, is_safety=[True, False]).tolist() == plain.tolist()  # one model: the flag is accepted
+    assert scorer.score_detailed(p, r, is_safety=[True, False]).keys() == {"combined"}
+    assert scorer.score_detailed(p, r)["combined"].tolist() == plain.tolist()
+    assert scorer.describe() == {"kind": "rm", "scorer": "RewardModelScorer"}
+
+
 def test_score_is_read_at_the_end_of_turn_token(tiny_model):
-    from alignment.models import load_tokenizer
+    from foundation.models import load_tokenizer
 
     tok = load_tokenizer("tiny-llama")
     prompt = [{"role": "user", "content": "What is 2 plus 2?"}]
@@ -163,8 +183,8 @@ def test_load_scorer_refuses_a_chat_model(tiny_model):
 
 def test_reward_model_from_an_sft_lora_output(tmp_path, tiny_model, sft_rows):
     """Any SFT output works as the starting point: its LoRA adapter is merged into the backbone."""
-    from alignment.config import load_config as load
-    from alignment.models import load_causal_lm
+    from foundation.config import load_config as load
+    from foundation.models import load_causal_lm
     from alignment.sft import SFTConfig
     from alignment.sft import main as sft_main
 
@@ -221,7 +241,7 @@ def test_bundled_safety_data_drops_chosen_unsafe_pairs():
 
 
 def test_dataset_columns_margin_and_safety_labels(tiny_model):
-    from alignment.models import load_tokenizer
+    from foundation.models import load_tokenizer
 
     tok = load_tokenizer("tiny-llama")
     rows = pair_rows(4)
@@ -418,6 +438,35 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     assert loss(out) == pytest.approx(loss(whole_out), rel=1e-4)
     assert json.loads((out / "model" / "reward_stats.json").read_text())["mean"] == pytest.approx(
         json.loads((whole_out / "model" / "reward_stats.json").read_text())["mean"], abs=1e-5)
+
+
+def test_killed_after_its_last_checkpoint_resumes_without_an_extra_step(tmp_path, tiny_model):
+    """A run killed after its last checkpoint and its held-out report but before it saved the model (what CI's
+    round test hit): --resume trains no further step (transformers would train one more when max_steps ends inside
+    an epoch), rewrites its own report, and ends with the uninterrupted run's weights."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(40))
+    common = ["--config", str(REPO / "configs/rm_helpful.yaml"), "model.name=tiny-llama", "run.wandb=disabled",
+              f"data.sources=[{{path: {data}}}]", "adapter.method=full", "train.max_steps=3", "train.save_steps=3",
+              "train.batch_size=2", "train.grad_accum=1", "train.lr=1e-3", f"run.root={tmp_path / 'runs'}", "run.name=r"]
+    res = run_align("rm", *common)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "runs" / "r" / "rm_helpful"
+    whole = load_file(out / "model" / "model.safetensors")
+    before = json.loads((out / "summary.json").read_text())
+    assert before["global_step"] == 3 and (out / "checkpoints" / "checkpoint-3").is_dir()
+    assert (out / "eval" / "rm_eval.json").is_file()
+    shutil.rmtree(out / "model")
+    (out / "summary.json").unlink()  # the state of a kill between the report and the model
+
+    res = run_align("rm", "--resume", *common)
+    assert res.returncode == 0, res.stderr
+    after = json.loads((out / "summary.json").read_text())
+    assert after["resumed_from"] == "checkpoint-3" and after["global_step"] == 3
+    assert not (out / "checkpoints" / "checkpoint-4").exists()
+    assert after["held_out_accuracy"] == before["held_out_accuracy"]
+    assert after["reward_mean"] == pytest.approx(before["reward_mean"], abs=1e-6)
+    cut = load_file(out / "model" / "model.safetensors")
+    assert cut.keys() == whole.keys() and all(torch.equal(cut[k], whole[k]) for k in cut)
 
 
 # --------------------------------------------------------------------------- real data

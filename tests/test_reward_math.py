@@ -133,6 +133,7 @@ def test_combined_scorer_rules():
     detail = combined.score_detailed(prompts, responses, is_safety=[False, False, True])
     assert detail["helpful"].tolist() == [2.0, 2.0, 2.0] and detail["safety"].tolist() == [1.0, -3.0, 1.0]
     assert detail["combined"].tolist() == pytest.approx([2.0, -3.0, 1.0], abs=1e-5)
+    assert combined.describe() == {"kind": "rm", "scorer": "CombinedScorer"}
     assert combined.score(prompts, responses).tolist() == pytest.approx([2.0, -3.0, 2.0], abs=1e-5)  # no safety flags
     lagrangian = CombinedScorer(helpful, safety, rule="safe_rlhf", lam=0.5)  # 2 - 0.5 * cost, cost = -safety
     assert lagrangian.score(prompts, responses).tolist() == pytest.approx([2.5, 0.5, 2.5])
@@ -142,7 +143,7 @@ def test_combined_scorer_rules():
 
 def test_a_rule_added_to_the_registry_works_everywhere(monkeypatch):
     """A new combination rule is one function in reward.combine.RULES: the scorer and reward.rule accept it."""
-    from alignment.config import ConfigError, load_config
+    from foundation.config import ConfigError, load_config
     from reward import combine
     from reward.config import RewardConfig
 

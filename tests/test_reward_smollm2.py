@@ -14,7 +14,7 @@ def test_smollm2_lora_reward_model_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from conftest import REPO
 
-    from alignment.config import load_config
+    from foundation.config import load_config
     from reward import load_scorer
     from reward.model import encode
     from reward.rm import RMConfig, load_data, main

@@ -15,7 +15,7 @@ from alignment.rl.critic import critic_from_causal_lm, critic_from_reward_model,
 def tiny_rm(tiny_model):
     from transformers import AutoModelForSequenceClassification
 
-    from alignment.models import resolve
+    from foundation.models import resolve
 
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_pretrained(resolve(tiny_model).path, num_labels=1).eval()
@@ -74,7 +74,7 @@ def test_full_critic_gets_its_own_weights(tiny_rm):
 
 
 def test_critic_from_policy_base_starts_at_zero(tiny_model):
-    from alignment.models import load_causal_lm
+    from foundation.models import load_causal_lm
 
     base = load_causal_lm(tiny_model, device="cpu")
     critic = critic_from_causal_lm(base, lora=lora())
@@ -101,7 +101,7 @@ def test_trainable_state_round_trip(tiny_rm):
 def test_tie_identical_weights_keeps_one_copy_of_equal_frozen_tensors(tiny_model, tiny_rm):
     """An RM over the same base (here: a fresh head on tiny-llama, one layer changed) shares every
     tensor that is still equal to the base's; changed ones keep their own copy; scores do not move."""
-    from alignment.models import load_causal_lm
+    from foundation.models import load_causal_lm
 
     base = load_causal_lm(tiny_model, device="cpu")
     for p in base.parameters():
@@ -123,8 +123,8 @@ def test_tie_identical_weights_keeps_one_copy_of_equal_frozen_tensors(tiny_model
 @pytest.mark.parametrize("on", ["critic", "policy"])
 def test_adapter_layers_put_lora_only_in_the_chosen_layers(tiny_rm, tiny_model, on):
     """adapter.layers on a bare backbone (the critic: modules named "layers.0....") and on a causal LM."""
-    from alignment.adapters import AdapterConfig, peft_config
-    from alignment.models import load_causal_lm
+    from foundation.adapters import AdapterConfig, peft_config
+    from foundation.models import load_causal_lm
 
     cfg = peft_config(AdapterConfig(method="lora", r=4, alpha=8, layers=[1]))
     if on == "critic":
@@ -139,7 +139,7 @@ def test_adapter_layers_put_lora_only_in_the_chosen_layers(tiny_rm, tiny_model, 
 def test_a_bf16_critic_trains_fp32_adapters_and_deepspeed_gets_one_dtype(tiny_model):
     """Over a bf16 backbone the critic's LoRA weights are fp32, like the policy's (peft's autocast), so policy and
     critic give a ZeRO optimiser one dtype; with full fine-tuning the fp32 value head joins the bf16 majority."""
-    from alignment.models import load_causal_lm
+    from foundation.models import load_causal_lm
     from alignment.rl.actor_critic import one_trainable_dtype
 
     base = load_causal_lm(tiny_model, device="cpu", dtype="bfloat16")

@@ -19,7 +19,7 @@ from conftest import REPO, run_align
 from sqlalchemy import text
 from safetensors.torch import load_file
 
-from alignment.config import ConfigError, load_config
+from foundation.config import ConfigError, load_config
 from alignment.rounds import Project, RoundConfig, draw_prompts, status
 from data.heuristics import repetition
 from data.store.simulated import rule_judgement, rule_scores
@@ -77,7 +77,19 @@ def test_round_config_is_checked():
     with pytest.raises(ConfigError, match="methods.*unknown method 'sft'"):
         load_config(RoundConfig, None, ["methods=[rs, sft]"], stage="round")
     with pytest.raises(ConfigError, match="sample.temperatures"):
-        load_config(RoundConfig, None, ["sample.temperatures=[0.7]"], stage="round")
+        load_config(RoundConfig, None, ["sample.temperatures=[0.7, 0.9, 1.1]"], stage="round")  # three for two responses
+    with pytest.raises(ConfigError, match="sample.samples_per_prompt"):
+        load_config(RoundConfig, None, ["sample.samples_per_prompt=1"], stage="round")
+    with pytest.raises(ConfigError, match="sample.pairs_per_prompt"):
+        load_config(RoundConfig, None, ["sample.pairs_per_prompt=0"], stage="round")
+    with pytest.raises(ConfigError, match=r"policy.ppo.overrides.*model.name is set by the round \(the current policy\)"):
+        load_config(RoundConfig, None, ["policy.ppo.overrides=[train.lr=1e-4, model.name=smollm2-135m]"], stage="round")
+    with pytest.raises(ConfigError, match=r"rm_safety.overrides.*data.sources is set by the round"):
+        load_config(RoundConfig, None, ['rm_safety.overrides=["data.sources=[bundled:comparisons]"]'], stage="round")
+    assert load_config(RoundConfig, None, ["rm_safety.overrides=[model.name=tiny-llama]"], stage="round")  # the RM's base
+    with pytest.raises(ConfigError, match="rm_start"):
+        load_config(RoundConfig, None, ["rm_start=latest"], stage="round")
+    assert load_config(RoundConfig, None, ["sample.samples_per_prompt=4", "sample.temperatures=[0.8]"], stage="round")
     with pytest.raises(ConfigError, match="annotation.rm_helpful"):
         load_config(RoundConfig, None, ["annotation.simulated=rm"], stage="round")
     with pytest.raises(ConfigError, match="did you mean"):
@@ -89,8 +101,8 @@ def test_round_config_is_checked():
 def test_rs_pools_over_three_rounds_hold_each_round_once(tmp_path, tiny_model, tiny_reward_models):
     """Three rejection-sampling rounds through the orchestrator's policy step (the real `align rs` in
     a child process): every round's pool holds each earlier round's best samples exactly once."""
-    from alignment.config import load_config
-    from alignment.models import resolve
+    from foundation.config import load_config
+    from foundation.models import resolve
     from alignment.rounds import run_step
 
     p = Project.init(load_config(RoundConfig, TINY,
@@ -176,6 +188,56 @@ def test_train_rms_when_used_skips_them_in_dpo_rounds_and_later_rounds_use_the_l
     assert p.rm_dir("rm_helpful", 3) == p.round_dir(3) / "rm_helpful"
 
 
+def test_rm_start_previous_trains_the_last_reward_model_further_on_the_labels_it_has_not_seen(tmp_path, tiny_reward_models):
+    """rm_start: previous - round 2's helpfulness RM starts from round 1's (at a vanishing learning rate it still scores
+    as round 1's does) and reads round 2's labels only; a round with no new labels is refused, naming the round."""
+    from alignment.rounds import Steps
+    from reward.model import load_scorer
+
+    rows = (REPO / "data" / "bundled" / "comparisons.jsonl").read_text().splitlines()
+    exports = []
+    for n, part in ((1, rows[:12]), (2, rows[12:24])):
+        path = tmp_path / f"export-{n}.jsonl"
+        path.write_text("\n".join(part) + "\n")
+        exports.append(str(path))
+    tiny_rm = [o for o in load_config(RoundConfig, TINY, [], stage="round").rm_helpful.overrides if not o.startswith("train.lr")]
+    p = _project(tmp_path, "rounds=3", "rm_start=previous", f"rm_helpful.overrides=[{', '.join(tiny_rm)}, train.lr=1e-12]")
+    shutil.copytree(tiny_reward_models["helpful"], p.round_dir(1) / "rm_helpful")
+    _done(p, 1, export={"outputs": {"path": exports[0]}}, rm_helpful={"outputs": {"path": str(p.round_dir(1) / "rm_helpful")}})
+    _done(p, 2, export={"outputs": {"path": exports[1]}})
+    got = Steps(p, 2)._rm("rm_helpful")
+    assert got["inputs"]["start"] == str(p.round_dir(1) / "rm_helpful")
+    assert [c["path"] for c in got["inputs"]["comparisons"]] == [exports[1]]  # not bundled:comparisons, not round 1's
+    cfg = (p.round_dir(2) / "rm_helpful" / "config.yaml").read_text()
+    assert str(p.round_dir(1) / "rm_helpful") in cfg and exports[0] not in cfg
+    prompts = [[{"role": "user", "content": q}] for q in ("Hi there.", "What is 2 + 2?", "Name a colour.")]
+    answers = ["Hello! How can I help?", "4.", "Blue."]  # short: round 2 scores up to 128 tokens, round 1 further
+    before = load_scorer(str(p.round_dir(1) / "rm_helpful")).score(prompts, answers)
+    after = load_scorer(str(p.round_dir(2) / "rm_helpful")).score(prompts, answers)
+    assert torch.allclose(before, after, atol=1e-4), (before, after)  # a fresh score head would score otherwise
+    _done(p, 2, rm_helpful=got)
+    with pytest.raises(RuntimeError, match="round 3: rm_start=previous, but no round since round 2"):
+        Steps(p, 3)._rm("rm_helpful")
+
+
+def test_a_round_samples_k_answers_per_prompt_and_queues_every_distinct_pair(tmp_path, tiny_model):
+    """sample.samples_per_prompt: 3 - round 1 samples three answers per prompt and the annotator labels up to three
+    pairs of each; the export holds them all (the reward models see K(K-1)/2 pairs per prompt)."""
+    from collections import Counter
+
+    from alignment.rounds.driver import run
+
+    p = _project(tmp_path, "sample.samples_per_prompt=3", "sample.temperatures=[1.0]", "sample.max_new_tokens=8")
+    assert run(p, stop=lambda n, step: step == "rm_helpful") == "stopped"
+    m = p.manifest(1)["steps"]
+    rows = [json.loads(line) for line in (p.round_dir(1) / "pairs.jsonl").read_text(encoding="utf-8").split("\n") if line]
+    per_prompt = Counter(json.dumps(r["prompt"]) for r in rows)
+    assert m["sample"]["inputs"]["samples_per_prompt"] == 3 and m["sample"]["outputs"]["pairs"] == len(rows)
+    assert max(per_prompt.values()) == 3 and len(per_prompt) <= 8  # 8 prompts a round (round_tiny), 3 pairs each at most
+    assert all(r["meta"]["samples"] == 3 and r["meta"]["sample_a"] < r["meta"]["sample_b"] for r in rows)
+    assert m["annotate"]["outputs"]["labels"] == len(rows) and m["export"]["outputs"]["records"] <= len(rows)
+
+
 def test_the_rm_judge_scores_with_the_reward_the_policy_trained_on(tmp_path, monkeypatch):
     import reward.config
     from alignment.evals.suite import RoundEval
@@ -216,7 +278,7 @@ def _init(root: Path, name: str, *overrides: str) -> None:
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("rounds")
-    _init(root, "whole")
+    _init(root, "whole", "eval.decoding_control=3")
     res = run_align("round", "run", "--project", "whole", "--root", str(root), timeout=900)
     assert res.returncode == 0, res.stderr[-5000:]
     assert "all configured rounds are done" in res.stdout
@@ -268,6 +330,17 @@ def test_two_rounds_unattended(whole):
     assert ev["winrate_vs_previous"] == {**ev["winrate_gold_vs_previous"], "judge": "gold"}  # the first judge decides promotion
     assert ev["gold_reward"]["policy"]["n"] == 6 and ev["gold_reward"]["sft"]["model"] == str(whole / "round-1" / "sft")
     assert ev["truthfulqa"]["dataset"] == "bundled truthfulness probe (3 items, not TruthfulQA)"
+    # the decoding control (issue 26): the policy against SFT + no_repeat_ngram_size=3 on the test prompts, every judge
+    control = whole / "round-1" / "eval" / "sft" / "heldout_responses_no_repeat_3.jsonl"
+    assert control.is_file() and len(control.read_text().splitlines()) == 6
+    for judge in ("gold", "rm"):
+        w = ev[f"winrate_{judge}_vs_decoding"]
+        assert w["n"] == 6 and w["no_repeat_ngram_size"] == 3 and w["baseline"].endswith("(no_repeat_ngram_size=3)")
+        assert "lc_win_rate" in w  # with its length-controlled companion
+    from benchmarks.alignment import summarise_project
+
+    check = summarise_project(whole)["targets"]["beats_decoding_control"]
+    assert check["value"] == ev["winrate_gold_vs_decoding"]["win_rate"] and check["met"] == (check["ci"][0] > 0.5)
     # round 1 also evaluated the SFT model, the baseline of the report
     ev1 = m[1]["steps"]["eval"]["outputs"]
     assert ev1["truthfulqa_sft"]["n"] == 3 and (whole / "round-1" / "eval" / "sft" / "heldout_responses.jsonl").is_file()
@@ -288,8 +361,51 @@ def test_two_rounds_unattended(whole):
     assert ev["validation"]["path"].endswith("validation.jsonl") and ev["validation"]["judge"] == "gold"
 
 
+def test_two_projects_rounds_are_judged_against_each_other_on_the_same_test_prompts(whole, tmp_path):
+    """`benchmarks alignment --rs-control`'s comparison: round 1 of one project against round 1 of another on the test
+    prompts both drew, by the gold judge (here the project against a copy of itself: every pair ties); projects that
+    drew other test prompts are refused."""
+    import shutil
+
+    from benchmarks.alignment import compare_projects
+
+    twin = tmp_path / "twin"
+    (twin / "round-1" / "eval").mkdir(parents=True)
+    for rel in ("round.yaml", "heldout.jsonl", "round-1/eval/heldout_responses.jsonl"):
+        shutil.copy(whole / rel, twin / rel)
+    got = compare_projects(whole, twin, 1)
+    assert got["n"] == 6 and got["ties"] == 1.0 and got["win_rate"] == 0.5 and got["control"] == str(twin)
+    assert (whole / "compare" / "winrate-gold-round-1-vs-twin.json").is_file()
+    (twin / "heldout.jsonl").write_text("".join((whole / "heldout.jsonl").read_text().splitlines(keepends=True)[1:]))
+    with pytest.raises(ValueError, match="differ: compare projects that drew the same test prompts"):
+        compare_projects(whole, twin, 1)
+
+
+def test_the_alignment_summary_reads_the_projects_first_judge(whole, tmp_path):
+    """benchmarks alignment checks its targets by eval.judges[0] (the gold reward model in round_gold_rm.yaml), not by
+    the reference judge whatever the config says."""
+    import shutil
+
+    import yaml
+
+    from benchmarks.alignment import summarise_project
+
+    copy = tmp_path / "whole"
+    shutil.copytree(whole, copy, ignore=shutil.ignore_patterns("*.safetensors", "*.db", "checkpoints"))
+    ev = json.loads((whole / "round-2" / "manifest.json").read_text())["steps"]["eval"]["outputs"]
+    assert summarise_project(copy)["targets"]["winrate_vs_sft"]["value"] == ev["winrate_gold_vs_sft"]["win_rate"]
+    cfg = yaml.safe_load((copy / "round.yaml").read_text())
+    cfg["eval"]["judges"] = ["rm", "gold"]
+    (copy / "round.yaml").write_text(yaml.safe_dump(cfg))
+    s = summarise_project(copy)
+    assert s["targets"]["winrate_vs_sft"]["judge"] == "rm"
+    assert s["targets"]["winrate_vs_sft"]["value"] == ev["winrate_rm_vs_sft"]["win_rate"]
+    assert s["rounds"][1]["winrate_vs_previous"] == ev["winrate_rm_vs_previous"]
+    assert s["targets"]["beats_decoding_control"]["value"] == ev["winrate_rm_vs_decoding"]["win_rate"]
+
+
 def test_heldout_prompts_are_disjoint_from_everything_a_stage_saw(whole, tmp_path):
-    from alignment.heldout import normalise, user_turns
+    from data.heldout import normalise, user_turns
     from data.loaders import load_prompts
 
     held = load_prompts(str(whole / "heldout.jsonl"))
@@ -390,7 +506,8 @@ def test_killed_in_a_step_resumes_to_the_same_result(whole, tmp_path):
         a, b = cut[2]["steps"][name]["outputs"]["metrics"], ref[2]["steps"][name]["outputs"]["metrics"]
         assert a["global_step"] == b["global_step"] and a["held_out_accuracy"] == b["held_out_accuracy"]
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-4)
-    assert cut[2]["steps"]["rm_helpful"]["outputs"]["metrics"]["resumed_from"] == "checkpoint-2"
+    # killed at checkpoint-2 or, on a slow poll, just after checkpoint-4 (the last): either resumes to the same model
+    assert cut[2]["steps"]["rm_helpful"]["outputs"]["metrics"]["resumed_from"] in ("checkpoint-2", "checkpoint-4")
     assert (cut[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["accuracy"]
             == ref[2]["steps"]["rm_before"]["outputs"]["rm_helpful"]["accuracy"])
     for k in ("eval_reward_baseline", "eval_reward_best"):

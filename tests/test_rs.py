@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO, write_jsonl
 
-from alignment.config import ConfigError, load_config
+from foundation.config import ConfigError, load_config
 from alignment.rs import (
     RSConfig,
     SampleLog,
@@ -78,6 +78,19 @@ def test_best_of_picks_the_highest_eligible_reward():
     assert best_of([0.5, 0.2, 0.5], [True, True, True]) == 0  # ties: the first
     assert best_of([-3.0, -1.0], [True, True]) == 1
     assert best_of([0.3, 0.4], [False, False]) is None
+
+
+def test_the_random_pick_control_keeps_a_seeded_eligible_sample_whatever_its_reward():
+    """sampling.pick=random (issue 26's control: the same samples, no ranking): only eligible samples, the same one
+    for the same seed (a resumed run), every eligible one over seeds; pick=best is best_of."""
+    from alignment.rs import pick_of
+
+    rewards, eligible = [0.1, 0.9, 0.5, 0.3], [True, False, True, True]
+    assert pick_of(rewards, eligible, "best", 7) == best_of(rewards, eligible) == 2
+    picks = [pick_of(rewards, eligible, "random", seed) for seed in range(200)]
+    assert set(picks) == {0, 2, 3}  # never the ineligible one, whatever its reward
+    assert pick_of(rewards, eligible, "random", 11) == pick_of(rewards, eligible, "random", 11)
+    assert pick_of(rewards, [False] * 4, "random", 3) is None
 
 
 def test_prompt_key_is_content_based():
@@ -155,8 +168,8 @@ class RecordingScorer:
 
 
 def test_sampling_batches_prompts_and_passes_each_prompts_safety_flag(tmp_path, tiny_model, monkeypatch):
-    from alignment import generation
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation import generation
+    from foundation.models import load_causal_lm, load_tokenizer
 
     calls = []
     real = generation.generate

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment.config import load_config
-from alignment.runs import OutputExistsError, read_metrics
+from foundation.config import load_config
+from foundation.runs import OutputExistsError, read_metrics
 from alignment.sft import SFTConfig, build_trainer, main
 
 from conftest import REPO, run_align, write_jsonl
@@ -79,13 +79,13 @@ def test_assistant_only_loss_masks_user_tokens(tmp_path, tiny_model, sft_rows):
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
 def test_adapter_methods_train_and_reload(tmp_path, tiny_model, sft_rows, method):
-    from alignment.generation import generate_texts
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.generation import generate_texts
+    from foundation.models import load_causal_lm, load_tokenizer
 
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     out = main(make_cfg(tmp_path, data, f"adapter.method={method}", "train.max_steps=3", "adapter.num_virtual_tokens=4"))
     adapter_cfg = json.loads((out / "model" / "adapter_config.json").read_text())
-    from alignment.models import builtin_path
+    from foundation.models import builtin_path
 
     assert adapter_cfg["base_model_name_or_path"] == str(builtin_path("tiny-llama"))
     assert adapter_cfg["peft_type"] == {"lora": "LORA", "prompt_tuning": "PROMPT_TUNING"}[method]
@@ -94,7 +94,7 @@ def test_adapter_methods_train_and_reload(tmp_path, tiny_model, sft_rows, method
 
 
 def test_merge_command_folds_lora_into_full_checkpoint(tmp_path, tiny_model, sft_rows):
-    from alignment.models import load_causal_lm
+    from foundation.models import load_causal_lm
 
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     out = main(make_cfg(tmp_path, data, "adapter.method=lora", "train.max_steps=5", "train.lr=1e-2"))

@@ -9,8 +9,8 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_loads_offline_and_answers_coherently(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from alignment.generation import generate_texts
-    from alignment.models import load_causal_lm, load_tokenizer, resolve
+    from foundation.generation import generate_texts
+    from foundation.models import load_causal_lm, load_tokenizer, resolve
 
     resolved = resolve("smollm2-135m")
     assert resolved.path.endswith("smollm2-135m-instruct-v1")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignment.runs import RunConfig
-from alignment.training import TrainConfig, trainer_kwargs
+from foundation.runs import RunConfig
+from foundation.training import TrainConfig, trainer_kwargs
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults")
@@ -23,7 +23,7 @@ def test_cpu_defaults_and_bf16_autocast(tmp_path):
 def test_checkpointing_arguments_follow_what_transformers_knows(tmp_path):
     """transformers 5.23 (the pin) says activation_checkpointing; 5.17 (on the GPU check's machine) only
     gradient_checkpointing: the arguments are named after the fields TrainingArguments has."""
-    from alignment.training import checkpointing_kwargs
+    from foundation.training import checkpointing_kwargs
 
     old = {"gradient_checkpointing", "gradient_checkpointing_kwargs", "output_dir"}
     assert checkpointing_kwargs(True, old) == {"gradient_checkpointing": True,

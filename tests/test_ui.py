@@ -19,7 +19,7 @@ from conftest import REPO
 from sqlalchemy import text
 
 from data.store import AnnotationStore, FunctionAnnotator, Judgement, LeasedTask
-from ui.app import render_conversation, render_response
+from ui.render import render_conversation, render_response
 
 XSS_A = '<img src=x onerror="window.__xss=1;alert(1)"> look, an image'
 XSS_B = "<script>window.__xss=2;alert(2)</script> ${window.__xss=3} {{constructor.constructor('window.__xss=4')()}}"
@@ -54,6 +54,57 @@ def test_rendering_shows_the_conversation_and_the_randomised_sides():
     assert "second answer" in render_response(t, "left") and "Response A" in render_response(t, "left")
     assert "first answer" in render_response(t, "right")
     assert "Nothing left" in render_conversation(None)
+
+
+# -- the label form (no server) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["shown-in-order", "swapped"])
+def test_the_form_covers_every_label_field_and_round_trips_a_label(swapped):
+    """Each of Judgement's fields is set by exactly one control of ui.form.FORM, whatever the left/right order; a
+    saved label shown in the form comes back unchanged; what the page never offers is refused."""
+    from data.store.label import JUDGEMENT_FIELDS
+    from ui import form
+
+    t = leased([{"role": "user", "content": "q"}], swapped=swapped)
+    keys = [k for c in form.FORM for k in c.to_label(c.blank, t)]
+    assert sorted(keys) == sorted(JUDGEMENT_FIELDS)
+    j = Judgement(chosen="B", strength="slightly_better", safe_a=True, safe_b=False, both_bad=True, comment="meh")
+    values = form.shown(j, t)
+    assert values["choice"] == ("A" if swapped else "B")  # B shows on the left when swapped
+    assert (values["safe_a"], values["safe_b"]) == (("unsafe", "safe") if swapped else ("safe", "unsafe"))
+    assert form.judgement(values, t) == j
+    assert form.problems(values) is None
+    assert form.problems(form.blank()) == ("Please choose which response is better, how much better, safety of response A, "
+                                           "safety of response B.")
+    assert form.problems({**values, "choice": "C"}) == "Unknown choice."
+
+
+def test_a_control_added_to_the_form_reaches_the_page_and_the_api(monkeypatch, tmp_path):
+    """The annotation-field recipe, walked on the page: one Control appended to FORM is laid out, is an input of
+    /submit (after the token, in FORM's order), is an output of every action, and its value reaches the Judgement."""
+    import gradio as gr
+
+    import ui.app
+    from data.store import AnnotationStore
+    from ui import form
+
+    extra = form.Control("shouty", "", lambda: gr.Textbox(label="Shout", elem_id="shouty"),
+                         lambda v, t: {"comment": (v or "").upper() or None}, lambda j, t: (j.comment or "").lower())
+    # a stand-in for a new field: it writes Judgement's comment, so the comment control must give that way
+    shipped = tuple(c for c in form.FORM if c.key != "comment")
+    for mod in (form, ui.app):
+        monkeypatch.setattr(mod, "FORM", (*shipped, extra))
+        monkeypatch.setattr(mod, "KEYS", tuple(c.key for c in (*shipped, extra)))
+    monkeypatch.setattr(ui.app, "CONTROLS", {c.key: c for c in (*shipped, extra)})
+    demo = ui.app.build_app(AnnotationStore(f"sqlite:///{tmp_path / 'a.db'}"))
+    submit = next(fn for fn in demo.fns.values() if fn.api_name == "submit")
+    ids = [b.elem_id for b in submit.inputs]
+    assert ids == ["lease-token", "choice", "strength", "safe-a", "safe-b", "both-bad", "shouty"]
+    assert "shouty" in [b.elem_id for b in submit.outputs] and "comment" not in ids
+    t = leased([{"role": "user", "content": "q"}])
+    got = form.judgement({"choice": "A", "strength": "better", "safe_a": "safe", "safe_b": "safe", "shouty": "hey"}, t)
+    assert got.comment == "HEY" and form.shown(got, t)["shouty"] == "hey"
 
 
 # -- a served app ----------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import pytest
 from test_ui import _free_port, _log_in, _serve
 
 from data.store import AnnotationStore, Judgement
-from ui.app import RECENT_LABELS, md_text
+from ui.app import RECENT_LABELS
+from ui.render import md_text
 
 PAGE_HOLD = 6  # seconds a task shown on a page is held without the page renewing it (closed_app)
 ODD_ID = '<img src=x onerror="alert(1)"> [link](javascript:alert(2)) *bold*'

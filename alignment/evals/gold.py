@@ -40,8 +40,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignment.config import check, option
+from foundation.config import check, option
 from data.heuristics import refuses_or_warns, repetition
+from reward.scorer import Scorer
 
 
 def prompt_key(messages: Sequence[dict]) -> str:
@@ -140,7 +141,7 @@ class GoldJudge:
         return self._classifier
 
     def describe(self) -> dict:
-        from alignment.config import to_dict
+        from foundation.config import to_dict
 
         card = getattr(self.classifier, "card", {}) or {}
         return {"kind": "gold", "formula": "similarity*cos(e(y), e(ref)) - repetition*rep(y) - toxicity*max(0, 2 P_toxic(y) - 1) "
@@ -213,18 +214,18 @@ class GoldAnnotator(_ByPrompt):
         return [self.gold.judgement(s.score[i], s.score[n + i], s.safe[i], s.safe[n + i]) for i in range(n)]
 
 
-class GoldScorer(_ByPrompt):
-    """The gold judge as a ``RewardScorer`` (``score(prompts, responses)``) for win rates
-    (``alignment.evals.winrate``), over prompts that are among ``records``."""
+class GoldScorer(_ByPrompt, Scorer):
+    """The gold judge as a ``reward.scorer.RewardScorer`` for win rates (``alignment.evals.winrate``), over
+    prompts that are among ``records``; scores are float64 (the judge's formula, not a model's logit)."""
 
     def __init__(self, gold: GoldJudge, records: Sequence[Any]) -> None:
         super().__init__(records)
         self.gold = gold
 
-    def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> Any:
-        import numpy as np
+    def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], is_safety: Any = None) -> Any:
+        import torch
 
-        return np.asarray(self.gold.score([self.record(p) for p in prompts], responses).score, dtype=np.float64)
+        return torch.tensor(self.gold.score([self.record(p) for p in prompts], responses).score, dtype=torch.float64)
 
     def describe(self) -> dict:
         return self.gold.describe()

@@ -373,7 +373,7 @@ def run(predictions: str, *, out: str | Path, model: str | None = None, cosine: 
     t0 = time.time()
     lm = tok = None
     if model:
-        from alignment.models import load_causal_lm, load_tokenizer
+        from foundation.models import load_causal_lm, load_tokenizer
 
         lm, tok = load_causal_lm(model), load_tokenizer(model)
     metrics, per_row = evaluate_rows(rows, model=lm, tokenizer=tok, cosine=cosine, where=predictions)
@@ -397,7 +397,7 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--no-cosine", action="store_true", help="skip the embedding cosine (no MiniLM load)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     a = p.parse_args(argv)
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
 
     setup_logging()
     out = Path(a.out) if a.out else Path(a.predictions).resolve().parent

@@ -418,7 +418,7 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--out", help="output folder (default: <run>/report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     a = p.parse_args(argv)
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
 
     setup_logging()
     paths = build(a.run, a.out, overwrite=a.overwrite)

@@ -4,7 +4,7 @@ What ``eval`` (``alignment.rounds``) runs for round N, with the policy of round 
 
 1. **Held-out prompts** (``runs/<project>/heldout.jsonl``, drawn when the project was created): checked
    disjoint from every prompt any stage of rounds 1..N trained or sampled on
-   (:func:`alignment.heldout.check_disjoint`; a leak stops the step).
+   (:func:`data.heldout.check_disjoint`; a leak stops the step).
 2. **Responses**: one greedy answer per held-out prompt from the policy, the SFT model and the
    previous policy, each generated once per model and reused by later rounds
    (``round-<k>/eval/heldout_responses.jsonl``, ``round-1/eval/sft/heldout_responses.jsonl``).
@@ -28,16 +28,36 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from alignment.config import check, option
-from alignment.runs import file_sha256
+from foundation.config import check, option
+from foundation.runs import file_sha256
 from alignment.evals.toxigen import RoundSettings as ToxiGenSettings
 from alignment.evals.truthfulqa import RoundSettings as TruthfulQASettings
+from reward.scorer import RewardScorer, Scorer
 
 log = logging.getLogger(__name__)
 
 JUDGES = ("gold", "gold_rm", "rm")
+
+
+@runtime_checkable
+class BenchmarkModule(Protocol):
+    """What a benchmark's module exposes (``Benchmark``'s docstring says what each is for)."""
+
+    RoundSettings: type
+    REPORT_COLUMN: str
+
+    def run_round(self, model: str, out: Path, settings: Any, *, seed: int, batch_size: int) -> dict: ...
+    def headline(self, summary: dict) -> dict: ...
+    def describe_settings(self, settings: Any) -> str: ...
+    def demo_label(self, summaries: Sequence[dict]) -> str: ...
+    def demo_cell(self, summary: dict | None) -> str: ...
+    def report_cell(self, result: dict) -> str: ...
+    def caption(self, rounds: Sequence[Any]) -> tuple[str, str]: ...
+    def plot(self, rounds: Sequence[Any], path: Path) -> Path | None: ...
+    def report_blocks(self, rounds: Sequence[Any]) -> list[tuple[str, Any]]: ...
+    def cli(self, argv: Sequence[str]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +70,7 @@ class Benchmark:
       ``<out>/<name>.json`` and return the summary the round keeps (``{"skipped": why}`` without data);
     - ``headline(summary) -> dict``: what the round logs to its metrics, as ``<name>_<key>``;
     - ``describe_settings(settings) -> str``: what will run, in words;
+    - ``demo_label(summaries) -> str`` and ``demo_cell(summary) -> str``: its row of the demo's table;
     - for ``align report``: ``REPORT_COLUMN`` and ``report_cell(result)`` (its summary-table column),
       ``caption(rounds) -> (title, text)``, ``plot(rounds, path) -> Path | None`` and ``report_blocks(rounds)``;
     - ``cli(argv)``: ``align eval <name>``.
@@ -60,8 +81,14 @@ class Benchmark:
     module: str
     help: str
 
-    def load(self) -> Any:
-        return importlib.import_module(self.module)
+    def load(self) -> BenchmarkModule:
+        """Its module; one that lacks part of ``BenchmarkModule`` is refused, naming what is missing."""
+        mod = importlib.import_module(self.module)
+        if not isinstance(mod, BenchmarkModule):
+            members = {*BenchmarkModule.__annotations__, *(n for n in vars(BenchmarkModule) if not n.startswith("_"))}
+            missing = [m for m in members if not hasattr(mod, m)]
+            raise TypeError(f"benchmark {self.name!r}: {self.module} lacks {', '.join(sorted(missing))} (BenchmarkModule)")
+        return mod
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
@@ -93,9 +120,13 @@ class EvalSuiteConfig:
     max_new_tokens: int = option(128, "length limit of the answers to the held-out prompts")
     batch_size: int = option(16, "generation batch size")
     bootstrap: int = option(2000, "bootstrap resamples of the confidence intervals")
+    decoding_control: int = option(0, "also judge the policy, on the test prompts and by every judge, against the SFT model "
+                                      "decoding greedily with no_repeat_ngram_size=<this> (a decoding change instead of "
+                                      "training: what training has to beat); 0 = off")
 
     def __post_init__(self) -> None:
         check(self.heldout >= 0, "heldout", f"must be >= 0, got {self.heldout}")
+        check(self.decoding_control >= 0, "decoding_control", f"must be >= 0 (0 = off), got {self.decoding_control}")
         check(self.validation >= 0, "validation", f"must be >= 0, got {self.validation}")
         for j in self.judges:
             check(j in JUDGES, "judges", f"unknown judge {j!r}; expected some of: {', '.join(JUDGES)}")
@@ -105,10 +136,12 @@ class EvalSuiteConfig:
         return [(b, getattr(self, b.name)) for b in BENCHMARKS if getattr(self, b.name) is not None]
 
 
-def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: int, batch_size: int, seed: int) -> list[str]:
-    """Greedy answers of ``model`` to ``records``, written to ``path`` once and read back after."""
-    from alignment.generation import generate
-    from alignment.models import load_causal_lm, load_tokenizer
+def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: int, batch_size: int, seed: int,
+            no_repeat_ngram_size: int = 0) -> list[str]:
+    """Greedy answers of ``model`` to ``records`` (with ``no_repeat_ngram_size`` decoding when > 0), written to
+    ``path`` once and read back after."""
+    from foundation.generation import generate
+    from foundation.models import load_causal_lm, load_tokenizer
     from data.loaders import read_rows, write_jsonl
 
     if path.is_file():
@@ -118,7 +151,7 @@ def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: i
         log.warning("%s: answers to other prompts; generating again", path)
     lm, tok = load_causal_lm(model), load_tokenizer(model)
     gens = generate(lm, tok, [r.messages for r in records], max_new_tokens=max_new_tokens, temperature=0.0,
-                    batch_size=batch_size, seed=seed)
+                    batch_size=batch_size, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size)
     del lm
     write_jsonl(path, [{"prompt": r.messages, "category": r.category, "response": g.text, "finished": g.finished, "model": model}
                        for r, g in zip(records, gens)], overwrite=True)
@@ -159,7 +192,7 @@ class RoundEval:
                        seed=self.cfg.seed), path
 
     def run(self) -> dict:
-        from alignment.heldout import check_disjoint, stage_usage
+        from data.heldout import check_disjoint, stage_usage
 
         policy, sft = self.p.policy_of(self.n), self.p.sft_model()
         previous = self.p.current_policy(before=self.n) if self.n > 1 else sft
@@ -177,6 +210,8 @@ class RoundEval:
                 outputs.update(self.gold_rm(answers, policy, previous, sft))
             if "rm" in self.e.judges:
                 outputs.update(self.rm_winrates(answers, policy, previous, sft))
+            if self.e.decoding_control and self.e.judges:
+                outputs.update(self.decoding_control(records, policy, answers[policy][1]))
             first = self.e.judges[0] if self.e.judges else None
             if first:
                 outputs["winrate_vs_previous"] = {**outputs[f"winrate_{first}_vs_previous"], "judge": first}
@@ -220,6 +255,24 @@ class RoundEval:
                               tie_margin=self.cfg.gold.tie_margin,
                               n_boot=self.e.bootstrap, seed=self.cfg.seed, name=f"winrate-gold-vs-{label}", overwrite=True)
             out[f"winrate_gold_vs_{label}"] = _winrate_summary(res)
+        return out
+
+    def decoding_control(self, records: Sequence[Any], policy: str, policy_answers: Path) -> dict:
+        """The policy against the SFT model decoding with ``no_repeat_ngram_size``, on the test prompts, by every
+        judge (``winrate_<judge>_vs_decoding``). The control's answers are generated once per project."""
+        from alignment.evals import winrate
+
+        k, sft = self.e.decoding_control, self.p.sft_model()
+        path = self.sft_out / f"heldout_responses_no_repeat_{k}.jsonl"
+        respond(sft, records, path, max_new_tokens=self.e.max_new_tokens, batch_size=self.e.batch_size, seed=self.cfg.seed,
+                no_repeat_ngram_size=k)
+        out: dict[str, Any] = {}
+        for judge in self.e.judges:
+            res = winrate.run(policy, f"{sft} (no_repeat_ngram_size={k})", prompts=str(self.p.heldout_path), judge="rm",
+                              out=self.out, scorer=self.judge_scorer(judge, records), responses=str(policy_answers),
+                              baseline_responses=str(path), tie_margin=self.cfg.gold.tie_margin if judge == "gold" else 0.0,
+                              n_boot=self.e.bootstrap, seed=self.cfg.seed, name=f"winrate-{judge}-vs-decoding", overwrite=True)
+            out[f"winrate_{judge}_vs_decoding"] = {**_winrate_summary(res), "no_repeat_ngram_size": k}
         return out
 
     def judge_scorer(self, judge: str, records: Sequence[Any]) -> Any:
@@ -302,7 +355,7 @@ class RoundEval:
         else Llama 2's defaults, on the round's reward models: the RM judge scores what the policy optimised."""
         import yaml
 
-        from alignment.config import load_config
+        from foundation.config import load_config
         from reward.config import RewardConfig
 
         cfg_path = self.p.round_dir(self.n) / "policy" / "config.yaml"
@@ -324,13 +377,16 @@ class RoundEval:
 STAGE_DIRS = ("sft", "rm_helpful", "rm_safety", "policy")
 
 
-class MemoScorer:
+class MemoScorer(Scorer):
     """A reward model that scores each (prompt, response) once, however often it is asked."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: RewardScorer) -> None:
         self.inner, self.cache = inner, {}
 
-    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> Any:
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str], is_safety: Any = None) -> Any:
         import torch
 
         from alignment.evals.gold import prompt_key
@@ -345,6 +401,6 @@ class MemoScorer:
 
 
 def _to_dict(cfg: Any) -> dict:
-    from alignment.config import to_dict
+    from foundation.config import to_dict
 
     return to_dict(cfg)

@@ -378,7 +378,7 @@ class HFToxicityClassifier:
     def __init__(self, name: str, *, device: str = "auto", batch_size: int = 32, toxic_label: int | None = None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from alignment.models import select_device
+        from foundation.models import select_device
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)
@@ -445,7 +445,7 @@ def cli(argv: Sequence[str]) -> int:
                    help="L2 penalty of the logistic head (1e-3 had the best leave-one-group-out AUC of 1e-4 ... 1e-1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing head in --out")
     a = p.parse_args(argv)
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
 
     setup_logging()
     card = train(a.data, a.out, l2=a.l2, overwrite=a.overwrite)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignment.config import check, option
+from foundation.config import check, option
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def summarise(rows: Sequence[dict]) -> dict:
 
 def continue_prompts(model: Any, tokenizer: Any, prompts: Sequence[ToxiGenPrompt], *, mode: str, max_new_tokens: int,
                      temperature: float, batch_size: int, seed: int) -> list[str]:
-    from alignment.generation import generate, generate_completions
+    from foundation.generation import generate, generate_completions
 
     if mode == "completion":
         outs = generate_completions(model, tokenizer, [p.text for p in prompts],
@@ -219,7 +219,7 @@ def run(model: str, *, prompts: str, out: str | Path | None = None, classifier: 
     """Evaluate ``model`` and write ``<out>/<name>.json`` and ``<name>_rows.jsonl``."""
     from alignment.evals.results import check_free, default_out, header, write_json
     from alignment.evals.toxicity import THRESHOLD, describe, load_classifier
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.models import load_causal_lm, load_tokenizer
     from data.loaders import write_jsonl
 
     if mode not in ("chat", "completion"):
@@ -297,6 +297,17 @@ def run_round(model: str, out: Path, settings: RoundSettings, *, seed: int, batc
 def headline(summary: dict) -> dict:
     """The numbers a round logs (as ``toxigen_<key>``)."""
     return {"pct_toxic": summary["pct_toxic"]} if summary.get("pct_toxic") is not None else {}
+
+
+def demo_label(summaries: Sequence[dict]) -> str:
+    """The demo table's row label, from the summaries the rounds kept (``run_round``'s)."""
+    tg = next((s for s in summaries if s.get("pct_toxic") is not None), None)
+    return f"ToxiGen % toxic ({tg['n']} prompts{', a smoke check' if tg.get('smoke_check') else ''})" if tg else "ToxiGen % toxic"
+
+
+def demo_cell(summary: dict | None) -> str:
+    """One model's cell of the demo table."""
+    return f"{summary['pct_toxic']:.1f}%" if (summary or {}).get("pct_toxic") is not None else "-"
 
 
 def describe_settings(settings: RoundSettings) -> str:
@@ -399,7 +410,7 @@ def cli(argv: Sequence[str]) -> int:
     a = p.parse_args(argv)
     if a.per_group < 1:
         p.error("--per-group must be >= 1")
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
 
     setup_logging()
     res = run(a.model, prompts=a.prompts, out=a.out, classifier=a.classifier, per_group=a.per_group,

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignment.config import check, option
+from foundation.config import check, option
 from data.errors import DataError
 from data.schemas import TruthfulnessItem
 
@@ -348,7 +348,7 @@ def evaluate_mc(model: Any, tokenizer: Any, items: Sequence[TruthfulnessItem], *
 def evaluate_gen(model: Any, tokenizer: Any, items: Sequence[GenItem], *, batch_size: int = 8, max_new_tokens: int = 64) -> dict:
     """BLEU/ROUGE max, diff and acc of greedy answers (lm-eval ``truthfulqa_gen`` metrics)."""
     from alignment.evals.metrics import bleu_t5, rouge_t5
-    from alignment.generation import generate_completions
+    from foundation.generation import generate_completions
 
     answers = generate_completions(model, tokenizer, [mc_context(it.question) for it in items], max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, stop=["\n\n", "\nQ:"])
@@ -376,7 +376,7 @@ def run(model: str, *, data: str = HUB_ID, out: str | Path | None = None, varian
         name: str = "truthfulqa", overwrite: bool = False, device: str = "auto") -> dict:
     """Evaluate ``model`` and write ``<out>/<name>.json`` (+ ``<name>_rows.jsonl``). Returns the result."""
     from alignment.evals.results import check_free, default_out, header, write_json
-    from alignment.models import load_causal_lm, load_tokenizer, select_device
+    from foundation.models import load_causal_lm, load_tokenizer, select_device
     from data.loaders import write_jsonl
 
     if variant not in ("mc", "gen", "both"):
@@ -455,6 +455,17 @@ def run_round(model: str, out: Path, settings: RoundSettings, *, seed: int, batc
 def headline(summary: dict) -> dict:
     """The numbers a round logs (as ``truthfulqa_<key>``)."""
     return {k: v for k, v in summary.items() if k in ("mc1", "mc2", "dataset")}
+
+
+def demo_label(summaries: Sequence[dict]) -> str:
+    """The demo table's row label, from the summaries the rounds kept (``run_round``'s)."""
+    tq = next((s for s in summaries if s.get("dataset")), None)
+    return f"MC2, {tq['dataset'] if tq else 'truthfulness'}"
+
+
+def demo_cell(summary: dict | None) -> str:
+    """One model's cell of the demo table."""
+    return f"{100 * summary['mc2']:.1f}%" if (summary or {}).get("mc2") is not None else "-"
 
 
 def describe_settings(settings: RoundSettings) -> str:
@@ -553,7 +564,7 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     a = p.parse_args(argv)
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
 
     setup_logging()
     res = run(a.model, data=a.data, out=a.out, variant=a.variant, categories=a.categories, limit=a.limit,

@@ -30,15 +30,17 @@ Steps:
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignment.evals.results import bootstrap_ci
+
+if TYPE_CHECKING:
+    from reward.scorer import RewardScorer
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +97,14 @@ def summarise(outcomes: Sequence[float], *, n_boot: int = 2000, seed: int = 0) -
 # judges
 
 
-def _score(scorer: Any, prompts: Sequence[Any], responses: Sequence[str], is_safety: Sequence[bool]) -> dict[str, list[float]]:
-    """{"score": [...]} plus "helpful"/"safety" components when the scorer gives them."""
-    if hasattr(scorer, "score_detailed"):
-        d = scorer.score_detailed(prompts, responses, is_safety=list(is_safety))
-        return {"score": d["combined"].tolist(), "helpful": d["helpful"].tolist(), "safety": d["safety"].tolist()}
-    params = inspect.signature(scorer.score).parameters
-    kwargs = {"is_safety": list(is_safety)} if "is_safety" in params else {}
-    return {"score": scorer.score(prompts, responses, **kwargs).tolist()}
+def _score(scorer: RewardScorer, prompts: Sequence[Any], responses: Sequence[str],
+           is_safety: Sequence[bool]) -> dict[str, list[float]]:
+    """{"score": [...]} plus "helpful"/"safety" components when the scorer combines two models."""
+    detail = scorer.score_detailed(prompts, responses, is_safety=list(is_safety))
+    return {("score" if k == "combined" else k): v.tolist() for k, v in detail.items()}
 
 
-def judge_with_reward(scorer: Any, prompts: Sequence[Any], a: Sequence[str], b: Sequence[str], is_safety: Sequence[bool],
+def judge_with_reward(scorer: RewardScorer, prompts: Sequence[Any], a: Sequence[str], b: Sequence[str], is_safety: Sequence[bool],
                       *, tie_margin: float = 0.0) -> dict:
     """Outcomes from reward scores; per-axis outcomes when the scorer reports helpful/safety components."""
     sa, sb = _score(scorer, prompts, a, is_safety), _score(scorer, prompts, b, is_safety)
@@ -154,7 +153,7 @@ def build_reward_scorer(rm: str | None, safety_rm: str | None = None, *, rule: s
                         lam: float = 1.0, reward_fn: str | None = None) -> Any:
     """A RewardScorer: a rule-based function, one reward model, or the combined helpfulness + safety reward,
     built by ``reward.config.build_scorer`` like every stage's reward (its errors name this command's flags)."""
-    from alignment.config import ConfigError
+    from foundation.config import ConfigError
     from reward.config import RewardConfig, build_scorer
 
     if not rm and not reward_fn:
@@ -196,8 +195,8 @@ def load_responses(path: str, prompts: Sequence[Any]) -> list[str]:
 
 def _generate(model_name: str, prompts: Sequence[Any], *, max_new_tokens: int, temperature: float, batch_size: int, seed: int,
               device: str) -> list[str]:
-    from alignment.generation import generate
-    from alignment.models import load_causal_lm, load_tokenizer
+    from foundation.generation import generate
+    from foundation.models import load_causal_lm, load_tokenizer
 
     lm, tok = load_causal_lm(model_name, device=device), load_tokenizer(model_name)
     gens = generate(lm, tok, [p.messages for p in prompts], max_new_tokens=max_new_tokens, temperature=temperature,
@@ -248,12 +247,10 @@ def run(model: str, baseline: str, *, prompts: str, judge: str = "rm", out: str 
     convs = [r.messages for r in records]
     if judge == "rm":
         judged = judge_with_reward(scorer, convs, resp_a, resp_b, is_safety, tie_margin=tie_margin)
-        judge_info = {"kind": "rm", "scorer": type(scorer).__name__, "rm": rm, "safety_rm": safety_rm,
-                      "rule": rule if safety_rm else None, "reward_fn": reward_fn, "tie_margin": tie_margin}
-        if hasattr(scorer, "describe"):  # a judge that says what it is (the gold judge)
-            judge_info = {**scorer.describe(), "scorer": type(scorer).__name__, "tie_margin": tie_margin}
+        judge_info = {"rm": rm, "safety_rm": safety_rm, "rule": rule if safety_rm else None, "reward_fn": reward_fn,
+                      **scorer.describe(), "scorer": type(scorer).__name__, "tie_margin": tie_margin}
     else:
-        from alignment.models import load_causal_lm, load_tokenizer
+        from foundation.models import load_causal_lm, load_tokenizer
 
         jm, jt = load_causal_lm(judge_model, device=device), load_tokenizer(judge_model)
         judged = judge_with_llm(jm, jt, [r.messages[-1]["content"] for r in records], resp_a, resp_b, batch_size=batch_size)
@@ -327,7 +324,7 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
 
     setup_logging()
     res = run(a.model, a.baseline, prompts=a.prompts, judge=a.judge, out=a.out, rm=a.rm, safety_rm=a.safety_rm, rule=a.rule,

@@ -7,10 +7,10 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from alignment.adapters import AdapterConfig
-from alignment.config import check, option
-from alignment.models import ModelConfig
-from alignment.runs import RunConfig
+from foundation.adapters import AdapterConfig
+from foundation.config import check, option
+from foundation.models import ModelConfig
+from foundation.runs import RunConfig
 from alignment.rl.config import OnlineRewardConfig, PromptDataConfig
 
 log = logging.getLogger("alignment.ppo")
@@ -101,6 +101,10 @@ class SamplingConfig:
     temperature: float = option(1.0, "sampling temperature (> 0: PPO needs samples from the policy)")
     top_p: float = option(1.0, "nucleus sampling threshold")
     batch_size: int = option(16, "generation batch size")
+    gather_for_generation: bool = option(True, "ZeRO-3: gather the policy's whole weights on every process to generate "
+                                               "(fast; the policy must fit one accelerator; TRL's ds3_gather_for_generation); "
+                                               "false = generate from the partitions, every forward gathering one layer at a "
+                                               "time (slow; for a policy larger than one accelerator)")
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")

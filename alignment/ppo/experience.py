@@ -13,6 +13,7 @@ from alignment.ppo.config import PPOAlgoConfig, PPOConfig, PromptDataConfig, PPO
 
 if TYPE_CHECKING:
     from alignment.ppo.loop import Context
+    from reward.scorer import RewardScorer
 
 log = logging.getLogger("alignment.ppo")
 STAGE = "ppo"
@@ -24,7 +25,7 @@ STAGE = "ppo"
 
 def load_prompts(cfg: PromptDataConfig, tokenizer: Any, seed: int) -> tuple[list, list]:
     """(train, held-out) prompts; prompts longer than max_prompt_tokens are skipped."""
-    from alignment.generation import encode_prompts
+    from foundation.generation import encode_prompts
     from data.loaders import load_prompts as load
     from data.mixing import mix, split
 
@@ -79,13 +80,16 @@ def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any], *, 
 
     from peft import get_peft_model
 
-    from alignment.adapters import peft_config
-    from alignment.models import load_causal_lm, master_dtype
+    from foundation import distributed
+    from foundation.adapters import peft_config
+    from foundation.models import load_causal_lm, master_dtype
     from alignment.rl.critic import critic_from_causal_lm, critic_from_reward_model, critic_pair, tie_identical_weights
 
-    base = load_causal_lm(cfg.model.name, dtype=master_dtype(cfg.model.dtype, cfg.adapter.method, device), device=device,
-                          revision=cfg.model.revision,
-                          attn_implementation=cfg.model.attn_implementation)
+    def load(on: str) -> Any:  # in the dtype the training device calls for, also when loaded on the CPU
+        return load_causal_lm(cfg.model.name, dtype=master_dtype(cfg.model.dtype, cfg.adapter.method, device), device=on,
+                              revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation)
+
+    base = load(device)
     critic_lora = peft_config(cfg.adapter, None) if cfg.critic.lora else None
     if cfg.adapter.method == "lora":
         for p in base.parameters():
@@ -93,7 +97,8 @@ def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any], *, 
         reference = None
         critic_source = base
     else:  # full fine-tuning: the reference is a frozen copy (the critic may share its weights)
-        reference = copy.deepcopy(base).eval()
+        # under ZeRO-3 (share=False) it is loaded again on the CPU and partitioned later (distributed.partition_frozen)
+        reference = (copy.deepcopy(base) if share else load(distributed.frozen_placement(device)[0])).eval()
         for p in reference.parameters():
             p.requires_grad_(False)
         critic_source = reference
@@ -139,13 +144,11 @@ def build_optimizer(cfg: PPOConfig, policy: Any, critic: Any, total_steps: int) 
 # 1. make experience
 
 
-def score_responses(scorer: Any, prompts: Sequence, responses: Sequence[str]) -> dict[str, Any]:
-    """Raw rewards {"combined": [B], and "helpful"/"safety" when the scorer reports them}."""
-    messages = [p.messages for p in prompts]
-    if hasattr(scorer, "score_detailed"):
-        is_safety = [p.is_safety for p in prompts]
-        return {k: v.float() for k, v in scorer.score_detailed(messages, list(responses), is_safety=is_safety).items()}
-    return {"combined": scorer.score(messages, list(responses)).float()}
+def score_responses(scorer: RewardScorer, prompts: Sequence, responses: Sequence[str]) -> dict[str, Any]:
+    """Raw rewards {"combined": [B], and "helpful"/"safety" when the scorer combines two models}."""
+    is_safety = [p.is_safety for p in prompts]
+    return {k: v.float() for k, v in scorer.score_detailed([p.messages for p in prompts], list(responses),
+                                                           is_safety=is_safety).items()}
 
 
 def normalize_scores(raw: Any, finished: Any, cfg: PPORewardConfig, running: Any, reduce: Any) -> Any:
@@ -198,22 +201,28 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
     (rewards/advantages not yet filled), metrics and sample rows."""
     import torch
 
-    from alignment.generation import generate
+    from foundation.generation import generate
     from alignment.rl.rollout import Rollout, build_sequences
 
     cfg, acc, models = ctx.cfg, ctx.accelerator, ctx.models
     times = {}
     t0 = time.perf_counter()
-    with models.generating() as policy:
+    with ctx.phase("generate"), models.generating() as policy:
         gens = generate(policy, ctx.tokenizer, [p.messages for p in prompts], max_new_tokens=cfg.sampling.max_new_tokens,
-                        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, batch_size=cfg.sampling.batch_size)
+                        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, batch_size=cfg.sampling.batch_size,
+                        sync=models.generation_sync)
     times["time/generate"] = time.perf_counter() - t0
     times["time/generate_prefill"], times["time/generate_decode"] = gens.stats.seconds_prefill, gens.stats.seconds_decode
+    if models.generation_sync is not None:  # generated from ZeRO-3 partitions: forwards run to keep pace, all processes
+        from foundation.distributed import all_gather
+
+        times["perf/generate_sync_forwards"] = float(sum(all_gather(gens.stats.sync_forwards)))
 
     t0 = time.perf_counter()
     texts = [g.text for g in gens]
     finished = torch.tensor([g.finished for g in gens])
-    raw, scores, cost_scores, score_metrics = score_batch(ctx, prompts, texts, finished)
+    with ctx.phase("score"):
+        raw, scores, cost_scores, score_metrics = score_batch(ctx, prompts, texts, finished)
     times["time/score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -229,7 +238,7 @@ def make_experience(ctx: Context, prompts: Sequence) -> tuple[Any, dict[str, Any
     logprobs, ref_logprobs, values, entropy = (torch.zeros(B, R, device=acc.device) for _ in range(4))
     cost_values = torch.zeros(B, R, device=acc.device) if cost_scores is not None else None
     models.train(False)
-    with torch.no_grad():
+    with ctx.phase("ref_and_values"), torch.no_grad():
         for rows, mb in frame.by_length(cfg.ppo.micro_batch_size):
             width = mb.response_mask.shape[1]
             lp, ent = models.logprobs(mb.input_ids, mb.attention_mask, width, cfg.sampling.temperature, with_entropy=True)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignment import distributed
-from alignment.adapters import set_adapter_base
+from foundation import distributed
+from foundation.adapters import set_adapter_base
 from alignment.ppo.config import PPOConfig
 from alignment.ppo.experience import (
     build_models,
@@ -24,7 +23,7 @@ from alignment.ppo.experience import (
     prompt_batch,
 )
 from alignment.ppo.update import evaluate, ppo_update
-from alignment.runs import MetricsLogger, last_checkpoint, start_stage
+from foundation.runs import MetricsLogger, last_checkpoint, start_stage
 from reward.config import build_scorer
 
 log = logging.getLogger("alignment.ppo")
@@ -51,6 +50,13 @@ class Context:
     lagrange: Any = None  # PPO-Lagrangian's multiplier (alignment.rl.lagrangian), or None
     running_cost: Any = None  # running statistics of the cost (reward.normalize=running)
     judges: dict[str, Any] | None = None  # eval.judges: extra scorers of the validation answers
+    memory: Any = None  # foundation.memory.PhasePeaks: peak memory of each phase (memory/<phase>_gb)
+
+    def phase(self, name: str) -> Any:
+        """Measure a block's peak memory as phase ``name`` (a no-op context without a tracker)."""
+        import contextlib
+
+        return self.memory.phase(name) if self.memory is not None else contextlib.nullcontext()
 
     def reduce(self, t: Any) -> Any:
         """Sum a tensor over all processes (the identity with one process). The tensor must be on
@@ -67,9 +73,11 @@ class Context:
 
 
 def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
+    import torch
     from accelerate.utils import set_seed
 
-    from alignment.models import load_tokenizer, model_summary
+    from foundation.memory import PhasePeaks, rss_bytes
+    from foundation.models import load_tokenizer, model_summary
     from alignment.rl.actor_critic import prepare_models
     from alignment.rl.kl import AdaptiveKLController, FixedKLController
     from alignment.rl.lagrangian import LagrangeMultiplier
@@ -81,19 +89,18 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
     train, val = load_prompts(cfg.data, tokenizer, cfg.run.seed)
     val = val[: cfg.eval.max_prompts]
     # ZeRO-3 partitions every weight of the engine: the critic may not share any with the reward models
-    share = not (distributed.uses_deepspeed() and int(accelerator.state.deepspeed_plugin.zero_stage) == 3)
+    share = not distributed.zero3()
+    runtime = rss_bytes()  # Python, torch and the libraries, before any model (memory/runtime_gb)
     with distributed.whole_weights():  # the engine partitions policy and critic (ZeRO-3); the reward models stay whole
-        scorer, reward_models = build_scorer(cfg.reward, device)
+        scorer, reward_models = build_scorer(cfg.reward, *distributed.frozen_placement(device))
         policy, reference, critic = build_models(cfg, device, reward_models, share=share)
     log.info("policy: %s; critic: %s", model_summary(policy), model_summary(critic))
-    memory = weight_memory({"policy": policy, "reference": reference, **reward_models, "critic": critic})
-    log.info("weights in memory (MiB each model adds; shared tensors counted once): %s", memory)
     steps = cfg.train.max_steps * cfg.ppo.epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
     optimizer, scheduler = build_optimizer(cfg, policy, critic, steps)
     # the scheduler is not prepared: accelerate would step it once per process
     models = prepare_models(accelerator, policy, reference, critic, optimizer, micro_batch_size=cfg.ppo.micro_batch_size,
                             accumulation_steps=cfg.ppo.minibatch_size // cfg.ppo.micro_batch_size,
-                            max_grad_norm=cfg.train.max_grad_norm)
+                            max_grad_norm=cfg.train.max_grad_norm, gather_for_generation=cfg.sampling.gather_for_generation)
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.kl_target
               else FixedKLController(cfg.ppo.kl_coef))
     lag = cfg.lagrangian
@@ -102,16 +109,28 @@ def setup(cfg: PPOConfig, accelerator: Any) -> tuple[Context, list, list]:
                                    max_value=lag.lambda_max) if cfg.reward.rule == "safe_rlhf" else None)
     from reward import load_scorer
 
-    judges = {name: load_scorer(spec, device=device) for name, spec in cfg.eval.judges.items()}
+    with distributed.whole_weights():
+        on, dtype = distributed.frozen_placement(device)
+        judges = {name: load_scorer(spec, device=on, dtype=dtype) for name, spec in cfg.eval.judges.items()}
+    # ZeRO-3: the frozen models (reward models, judges, a full fine-tuning reference) are partitioned
+    # over the processes too, each by a DeepSpeed inference engine (a no-op under other launches)
+    for model in [*reward_models.values(), *(j.model for j in judges.values()), reference]:
+        if model is not None:
+            distributed.partition_frozen(model)
+    memory = weight_memory({"policy": policy, "reference": reference, **reward_models, "critic": critic})
+    log.info("weights in memory on this process (MiB each model adds; shared tensors counted once): %s", memory)
+    peaks = PhasePeaks(cuda=torch.device(accelerator.device).type == "cuda")
+    peaks.runtime, peaks.loaded = runtime, rss_bytes()
     ctx = Context(cfg, accelerator, tokenizer, models, scorer, scheduler, kl_ctl, RunningMoments(), memory,
-                  lagrange, RunningMoments(), judges)
+                  lagrange, RunningMoments(), judges, peaks)
     set_seed(cfg.run.seed + accelerator.process_index)  # each process samples its own responses
     return ctx, train, val
 
 
 def weight_memory(models: dict[str, Any]) -> dict[str, float]:
-    """MiB of parameters and buffers each model adds, in order, counting a tensor shared with an
-    earlier model (the reference = policy base, the critic's backbone = the helpfulness RM) once."""
+    """MiB of parameters and buffers each model adds on this process, in order, counting a tensor
+    shared with an earlier model (the reference = policy base, the critic's backbone = the helpfulness
+    RM) once. A ZeRO-3 parameter counts its partition (``ds_tensor``), which is what the process holds."""
     seen: set[int] = set()
     out = {}
     for name, model in models.items():
@@ -119,12 +138,15 @@ def weight_memory(models: dict[str, Any]) -> dict[str, float]:
             continue
         total = 0
         for t in [*model.parameters(), *model.buffers()]:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        out[name] = round(total / 2**20, 2)
-    out["total"] = round(sum(out.values()), 2)
+            for held in (t, getattr(t, "ds_tensor", None)):
+                if held is None or held.numel() == 0:
+                    continue
+                storage = held.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        out[name] = round(total / 2**20, 3)
+    out["total"] = round(sum(out.values()), 3)
     return out
 
 
@@ -204,8 +226,9 @@ def save_policy(ctx: Context, folder: Path) -> None:
 
 def _drop_samples_after(path: Path, iteration: int) -> None:
     if path.is_file():
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["iteration"] <= iteration]
+        from foundation.runs import jsonl_lines
+
+        rows = [line for line in jsonl_lines(path.read_text(encoding="utf-8")) if json.loads(line)["iteration"] <= iteration]
         path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
 
 
@@ -215,13 +238,16 @@ def _write_samples(path: Path, iteration: int, split: str, rows: list[dict]) -> 
             fh.write(json.dumps({"iteration": iteration, "split": split, **row}, ensure_ascii=False) + "\n")
 
 
-def peak_memory_gb() -> dict[str, float]:
-    """Peak resident memory of this process (CPU), and peak CUDA memory allocated when on a GPU."""
+def peak_memory_gb(peaks: Any) -> dict[str, float]:
+    """Peak resident memory of this process (CPU), and the run's peak CUDA memory allocated when on a GPU
+    (``peaks``: the run's :class:`foundation.memory.PhasePeaks`, which resets torch.cuda's counter per phase)."""
     import torch
 
-    out = {"perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    from foundation.memory import GIB, peak_rss_bytes
+
+    out = {"perf/peak_rss_gb": peak_rss_bytes() / GIB}
     if torch.cuda.is_available():
-        out["perf/peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        out["perf/peak_cuda_gb"] = peaks.cuda_peak_bytes() / GIB
     return out
 
 
@@ -234,8 +260,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
     from accelerate import Accelerator
 
     if distributed.uses_fsdp():  # before any work: accelerate's FSDP2 would refuse prepare(policy, critic, optimizer)
-        from alignment.config import ConfigError
-        from alignment.launch import UNSUPPORTED
+        from foundation.config import ConfigError
+        from foundation.launch import UNSUPPORTED
 
         where = os.environ.get("ALIGN_LAUNCH_CONFIG") or "this launch (ACCELERATE_USE_FSDP=true)"
         raise ConfigError("--launch", f"{where}: align ppo cannot run under FSDP: {UNSUPPORTED['ppo', 'FSDP']}", show_key=False)
@@ -269,7 +295,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         highest lower confidence bound (alignment.rl.selection); count evaluations without one."""
         from alignment.rl.selection import Gain, improves, paired_gain
 
-        metrics, rows = evaluate(ctx, val_prompts)
+        with ctx.phase("eval"):
+            metrics, rows = evaluate(ctx, val_prompts)
         rewards = [r["reward_combined"] for r in rows]
         if loop["baseline_rewards"] is None:  # the starting policy: what every checkpoint is compared with
             loop.update(baseline_rewards=rewards, best=None, best_iteration=0, best_gain=None, bad_evals=0)
@@ -314,7 +341,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         metrics["time/advantages"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        metrics.update(ppo_update(ctx, rollout))  # 3. update
+        with ctx.phase("update"):
+            metrics.update(ppo_update(ctx, rollout))  # 3. update
         metrics["time/update"] = time.perf_counter() - t0
         ctx.kl_ctl.update(metrics["kl/ref"], cfg.ppo.rollout_batch_size * acc.num_processes)
 
@@ -326,7 +354,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         metrics["tokens/generated"] *= acc.num_processes
         metrics["perf/tokens_per_s"] = metrics["tokens/generated"] / metrics["time/iteration"]
         metrics["perf/gen_tokens_per_s"] = metrics["tokens/generated"] / metrics["time/generate"]
-        metrics.update(peak_memory_gb())
+        metrics.update(peak_memory_gb(ctx.memory))
+        metrics.update(ctx.memory.metrics())  # this process's (the main one's) peaks so far, not averaged
         times.append(metrics["time/iteration"])
 
         if cfg.eval.every and iteration % cfg.eval.every == 0 or iteration == cfg.train.max_steps:
@@ -369,7 +398,8 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
             "validation_gain": loop["best_gain"], "validation_prompts": len(val_prompts), "selection_z": cfg.eval.z,
             "eval_reward_baseline": loop["baseline"], "eval_reward_best": loop["best"] if gain else loop["baseline"],
             "seconds_per_iteration": sum(times) / len(times) if times else None,
-            "resumed_from": checkpoint.name if checkpoint else None, **peak_memory_gb(),
+            "resumed_from": checkpoint.name if checkpoint else None, **peak_memory_gb(ctx.memory), **ctx.memory.metrics(),
+            **ctx.memory.first_metrics(),
             **{f"weights_mib/{k}": v for k, v in ctx.weights_mib.items()},
             "model": "best" if cfg.eval.keep_best and (out / "best").is_dir() else "last",
             "rank_fingerprints": fingerprints, "launch": launch,
@@ -377,5 +407,6 @@ def main(cfg: PPOConfig, *, resume: bool = False) -> Path:
         logger.summary(summary)
         log.info("PPO done: %s (validation reward %s at the start; %s)", out, loop["baseline"], summary["returned_note"])
     logger.close()
+    ctx.memory.close()
     acc.wait_for_everyone()
     return out

@@ -88,18 +88,18 @@ def evaluate(ctx: Context, prompts: Sequence) -> tuple[dict[str, float], list[di
     """Greedy answers to the held-out prompts (split over processes), scored; global means."""
     from accelerate.utils import gather_object
 
-    from alignment.generation import generate
+    from foundation.generation import generate
 
     cfg, acc = ctx.cfg, ctx.accelerator
     shard = list(prompts[acc.process_index::acc.num_processes])
     with ctx.models.generating() as policy:
         gens = generate(policy, ctx.tokenizer, [p.messages for p in shard],
                         max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0,
-                        batch_size=cfg.sampling.batch_size)
-    raw = score_responses(ctx.scorer, shard, [g.text for g in gens]) if shard else {}
+                        batch_size=cfg.sampling.batch_size, sync=ctx.models.generation_sync)
+    # every process scores, an empty shard too: a partitioned (ZeRO-3) reward model's forwards are collective
+    raw = score_responses(ctx.scorer, shard, [g.text for g in gens])
     for name, judge in (ctx.judges or {}).items():  # extra judges (e.g. the gold): logged, never selected on
-        if shard:
-            raw[f"judge_{name}"] = judge.score([p.messages for p in shard], [g.text for g in gens]).float()
+        raw[f"judge_{name}"] = judge.score([p.messages for p in shard], [g.text for g in gens]).float()
     rows = [{"prompt": p.messages, "category": p.category, "response": g.text, "finished": g.finished,
              "length": len(g.response_ids), **{f"reward_{k}": float(v[i]) for k, v in raw.items()}}
             for i, (p, g) in enumerate(zip(shard, gens))]
@@ -111,4 +111,8 @@ def evaluate(ctx: Context, prompts: Sequence) -> tuple[dict[str, float], list[di
         metrics[f"eval/reward_combined_{category}"] = mean([r["reward_combined"] for r in rows if r["category"] == category])
     metrics["eval/length"] = mean([r["length"] for r in rows])
     metrics["eval/eos_fraction"] = mean([float(r["finished"]) for r in rows])
+    if ctx.models.generation_sync is not None:  # ZeRO-3 partitions: forwards run to keep pace, over all processes
+        from foundation.distributed import all_gather
+
+        metrics["eval/generate_sync_forwards"] = float(sum(all_gather(gens.stats.sync_forwards)))
     return metrics, rows

@@ -99,6 +99,8 @@ def _actor_critic_class():
 class SeparateModels:
     """Policy and critic prepared as two models (DDP wrappers under a multi-process launch)."""
 
+    generation_sync = None  # the policy generates from its whole weights on every process
+
     def __init__(self, accelerator: Any, policy: Any, reference: Any, critic: Any, optimizer: Any) -> None:
         self.accelerator = accelerator
         self.policy_wrapped, self.critic_wrapped, self.optimizer = accelerator.prepare(policy, critic, optimizer)
@@ -221,7 +223,10 @@ class DeepSpeedModels:
     ENGINE_TAG = "deepspeed"
 
     def __init__(self, accelerator: Any, policy: Any, reference: Any, critic: Any, optimizer: Any, *,
-                 micro_batch_size: int, accumulation_steps: int, max_grad_norm: float) -> None:
+                 micro_batch_size: int, accumulation_steps: int, max_grad_norm: float,
+                 gather_for_generation: bool = True) -> None:
+        from foundation import distributed
+
         plugin = accelerator.state.deepspeed_plugin
         ds = plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -236,6 +241,9 @@ class DeepSpeedModels:
         module = _actor_critic_class()(policy, critic)
         one_trainable_dtype(module)
         self.engine, self.optimizer = accelerator.prepare(module, optimizer)
+        # ZeRO-3 without gathering: the policy generates from its partitions, every forward collective (sync)
+        self.gather_for_generation = gather_for_generation or self.zero_stage < 3
+        self.generation_sync = None if self.gather_for_generation else distributed.forward_sync(accelerator.device)
 
     @property
     def module(self) -> Any:
@@ -279,14 +287,17 @@ class DeepSpeedModels:
     def generating(self) -> Iterator[Any]:
         """The policy with every weight present (ZeRO-3 gathers them and lifts its hooks meanwhile,
         so processes generating different numbers of tokens do not wait on each other;
-        TRL's ``unwrap_model_for_generation`` does the same for one transformers model)."""
-        if self.zero_stage < 3:
+        TRL's ``unwrap_model_for_generation`` does the same for one transformers model). Only the
+        policy's weights are gathered: the critic stays partitioned while the policy generates.
+        Without ``gather_for_generation`` the policy keeps its partitions and hooks (a model larger than
+        one accelerator): pass ``generation_sync`` to ``generate``."""
+        if self.zero_stage < 3 or not self.gather_for_generation:
             yield self.policy
             return
         import deepspeed
         from trl.models.utils import add_hooks, remove_hooks
 
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+        with deepspeed.zero.GatheredParameters(list(self.policy.parameters())):
             remove_hooks(self.engine)
             try:
                 yield self.policy
@@ -323,10 +334,12 @@ class DeepSpeedModels:
 
 
 def prepare_models(accelerator: Any, policy: Any, reference: Any, critic: Any, optimizer: Any, *, micro_batch_size: int,
-                   accumulation_steps: int, max_grad_norm: float) -> SeparateModels | DeepSpeedModels:
-    from alignment import distributed
+                   accumulation_steps: int, max_grad_norm: float,
+                   gather_for_generation: bool = True) -> SeparateModels | DeepSpeedModels:
+    from foundation import distributed
 
     if distributed.uses_deepspeed():
         return DeepSpeedModels(accelerator, policy, reference, critic, optimizer, micro_batch_size=micro_batch_size,
-                               accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm)
+                               accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
+                               gather_for_generation=gather_for_generation)
     return SeparateModels(accelerator, policy, reference, critic, optimizer)

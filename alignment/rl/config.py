@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alignment.config import check, option
+from foundation.config import check, option
 from data.loaders import DataSource
 from reward.config import RewardConfig
 

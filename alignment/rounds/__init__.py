@@ -47,12 +47,11 @@ Training stages run as child processes (``align <stage> --config ... overrides``
 ``launch`` accelerate config when set) that die with the orchestrator.
 """
 
-from alignment.heldout import HeldOutLeak
+from data.heldout import HeldOutLeak
 from alignment.rounds.config import (
     FIRST_ROUND,
     FIRST_ROUND_SAMPLED,
     LATER_ROUND,
-    METHODS,
     WAITING,
     AnnotationConfig,
     Config,
@@ -73,7 +72,7 @@ def cli(name: str, argv: list[str]) -> int:
     return round_cli(name, argv, description=__doc__)
 
 
-__all__ = ["FIRST_ROUND", "FIRST_ROUND_SAMPLED", "LATER_ROUND", "METHODS", "WAITING", "AnnotationConfig", "Config", "HeldOutLeak",
+__all__ = ["FIRST_ROUND", "FIRST_ROUND_SAMPLED", "LATER_ROUND", "WAITING", "AnnotationConfig", "Config", "HeldOutLeak",
            "Project", "PromoteConfig", "RoundConfig", "SampleConfig", "StageFailed", "StageSpec", "Steps", "cli", "current_round",
            "draw_prompts", "format_status", "next_step", "now", "promote", "run",
            "run_stage", "run_step", "sha256", "status"]

@@ -8,8 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from alignment.config import ConfigError, load_config
-from alignment.heldout import HeldOutLeak
+from foundation.config import ConfigError, load_config
+from data.heldout import HeldOutLeak
 from alignment.rounds.config import WAITING, RoundConfig
 from alignment.rounds.driver import current_round, format_status, promote, run, run_step, status
 from alignment.rounds.project import Project
@@ -22,7 +22,7 @@ log = logging.getLogger("alignment.rounds")
 
 def cli(name: str, argv: Sequence[str], description: str | None = None) -> int:
     """``align round ...``; ``description``: the help's text (alignment.rounds' docstring)."""
-    from alignment.runs import setup_logging
+    from foundation.runs import setup_logging
 
     parser = argparse.ArgumentParser(prog="align round", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

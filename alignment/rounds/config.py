@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from alignment.config import check, option
+from foundation.config import check, option
 from alignment.evals.gold import GoldJudgeConfig
 from alignment.evals.suite import EvalSuiteConfig
 from alignment.methods import METHODS as POLICY_METHODS
 from data.loaders import DataSource
 
-METHODS = tuple(POLICY_METHODS)  # the registry's names (alignment/methods.py)
 FIRST_ROUND = ("sft", "rm_helpful", "rm_safety", "policy", "eval", "promote")
 FIRST_ROUND_SAMPLED = ("sft", "sample", "annotate", "export", "rm_helpful", "rm_safety", "policy", "eval", "promote")
 LATER_ROUND = ("sample", "annotate", "export", "rm_before", "rm_helpful", "rm_safety", "policy", "eval", "promote")
@@ -20,6 +19,20 @@ WAITING = "waiting"  # a step result: people must label before the round goes on
 
 # ---------------------------------------------------------------------------------------------
 # config
+
+
+# keys a round sets in each kind of stage: a stage's own overrides come after the round's and would win, so the round
+# would train from another model, on other data, or write elsewhere than it records (refused instead)
+ROUND_SET_KEYS = {
+    "sft": {"run.output_dir": "the round's folder", "run.seed": "the project's seed"},
+    "rm": {"run.output_dir": "the round's folder", "run.seed": "the project's seed",
+           "data.sources": "`comparisons` and the rounds' labels"},
+    "policy": {"run.output_dir": "the round's folder", "run.seed": "the project's seed",
+               "model.name": "the current policy", "reward.helpful": "the round's reward models",
+               "reward.safety": "the round's reward models", "data.sources": "the project's prompt pool or the round's labels",
+               "data.val_sources": "the project's validation prompts", "pool.round": "the round",
+               "pool.previous": "the earlier rounds' pools"},
+}
 
 
 @dataclass
@@ -36,15 +49,19 @@ class StageSpec:
 
 @dataclass
 class SampleConfig:
-    """Step `sample`: fresh prompts, two responses each, queued for annotation."""
+    """Step `sample`: fresh prompts, K responses each, paired and queued for annotation."""
 
     prompts: list[DataSource] = option(factory=lambda: [DataSource("bundled:prompts")],
                                        doc="the prompt pools (each prompt's category says helpfulness or safety)")
     per_round: int = option(64, "prompts drawn per round (none used by an earlier round)")
     safety_share: float | None = option(0.3, "share of safety prompts in a round's draw; null = as they come in the pool")
     temperatures: list[float] = option(factory=lambda: [0.7, 1.1],
-                                       doc="sampling temperatures of response A and response B (Llama 2 varied them)")
-    compare_previous: bool = option(False, "response B from the previous round's policy instead of the current one")
+                                       doc="sampling temperatures: response i at temperatures[i % len] (Llama 2 varied them)")
+    samples_per_prompt: int = option(2, "responses per prompt (K); every two distinct ones make a task, so K give up to "
+                                        "K(K-1)/2 labelled pairs for K generations (Gao et al. label several per prompt)")
+    pairs_per_prompt: int | None = option(None, "keep at most this many of a prompt's K(K-1)/2 pairs (seeded); null = all")
+    compare_previous: bool = option(False, "odd-numbered responses (B) from the previous round's policy instead of the current "
+                                           "one")
     first_round: bool = option(False, "round 1 samples too (from the SFT model), so its reward models learn from the round's own "
                                       "labels (Llama 2's first batch)")
     max_new_tokens: int = option(128, "length limit of each response")
@@ -54,8 +71,12 @@ class SampleConfig:
         check(self.per_round > 0, "per_round", f"must be > 0, got {self.per_round}")
         check(self.safety_share is None or 0 <= self.safety_share <= 1, "safety_share",
               f"must be in [0, 1] or null, got {self.safety_share}")
-        check(len(self.temperatures) == 2 and all(t >= 0 for t in self.temperatures), "temperatures",
-              f"needs two temperatures >= 0 (responses A and B), got {self.temperatures}")
+        check(self.samples_per_prompt >= 2, "samples_per_prompt",
+              f"must be >= 2 (a pair needs two), got {self.samples_per_prompt}")
+        check(1 <= len(self.temperatures) <= self.samples_per_prompt and all(t >= 0 for t in self.temperatures), "temperatures",
+              f"needs 1 to samples_per_prompt ({self.samples_per_prompt}) temperatures >= 0, got {self.temperatures}")
+        check(self.pairs_per_prompt is None or self.pairs_per_prompt >= 1, "pairs_per_prompt",
+              f"must be >= 1 or null, got {self.pairs_per_prompt}")
 
 
 @dataclass
@@ -136,6 +157,11 @@ class RoundConfig:
         "every_round",
         "every_round = retrain both reward models in every round (Llama 2); when_used = skip them in rounds after the first "
         "whose method learns from the comparisons (dpo, kto): the RM judge and the next round use the latest trained ones")
+    rm_start: Literal["base", "previous"] = option(
+        "base",
+        "where a round's reward models start: base = the reward model config's model, trained on `comparisons` and every "
+        "round's labels so far (Llama 2); previous = from round 2 on, the latest trained reward model, trained further on "
+        "the labels it has not seen (the rounds since it was trained)")
     seed: int = option(0, "seed of prompt draws, sampling and evaluation")
 
     def __post_init__(self) -> None:
@@ -143,12 +169,19 @@ class RoundConfig:
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         check(bool(self.methods), "methods", "needs at least one method")
         for m in [*self.methods, *self.policy]:
-            check(m in METHODS, "methods" if m in self.methods else f"policy.{m}",
-                  f"unknown method {m!r}; expected one of: {', '.join(METHODS)}")
+            check(m in POLICY_METHODS, "methods" if m in self.methods else f"policy.{m}",
+                  f"unknown method {m!r}; expected one of: {', '.join(POLICY_METHODS)}")
         for name, spec in [("sft", self.sft), ("rm_helpful", self.rm_helpful),
                            ("rm_safety", self.rm_safety), *self.policy.items()]:
             spec.config = spec.config or (POLICY_METHODS[name].config if name in POLICY_METHODS else f"configs/{name}.yaml")
         check(self.eval.heldout > 0 or not self.eval.judges, "eval.heldout", "win rates (eval.judges) need held-out prompts")
+        stages = [("sft", self.sft, "sft"), ("rm_helpful", self.rm_helpful, "rm"), ("rm_safety", self.rm_safety, "rm"),
+                  *((f"policy.{m}", s, "policy") for m, s in self.policy.items())]
+        for name, spec, kind in stages:
+            for item in spec.overrides:
+                key = item.split("=", 1)[0].strip()
+                check(key not in ROUND_SET_KEYS[kind], f"{name}.overrides",
+                      f"{key} is set by the round ({ROUND_SET_KEYS[kind].get(key)}); remove {item!r}")
         check(bool(self.comparisons) or self.sample.first_round, "comparisons",
               "round 1's reward models need comparisons: list some, or set sample.first_round: true so round 1 labels its own")
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignment.config import ConfigError, load_config, save_config
+from foundation.config import ConfigError, load_config, save_config
 from alignment.rounds.config import FIRST_ROUND, FIRST_ROUND_SAMPLED, LATER_ROUND, RoundConfig
 
 log = logging.getLogger("alignment.rounds")
@@ -23,7 +23,7 @@ def now() -> str:
 
 
 def sha256(path: str | Path) -> str | None:
-    from alignment.runs import file_sha256
+    from foundation.runs import file_sha256
 
     p = Path(path)
     return file_sha256(p) if p.is_file() else None
@@ -64,7 +64,7 @@ class Project:
     def split_prompts(cfg: RoundConfig) -> tuple[list, list, list]:
         """(test prompts, validation prompts, the pool every stage samples from) out of ``sample.prompts``
         (``data.splits``: the test set for reported numbers only, validation for decisions)."""
-        from alignment.heldout import split_three
+        from data.heldout import split_three
         from data.loaders import load_prompts
 
         pool = [p for src in cfg.sample.prompts for p in load_prompts(src)]
@@ -170,11 +170,16 @@ class Project:
 
     def rm_dir(self, name: str, upto: int) -> Path:
         """The latest reward model ``name`` (rm_helpful, rm_safety) trained in a round <= ``upto``."""
+        trained = self.trained_rm(name, upto)
+        return trained[1] if trained else self.round_dir(upto) / name
+
+    def trained_rm(self, name: str, upto: int) -> tuple[int, Path] | None:
+        """(round, folder) of the latest reward model ``name`` trained in a round <= ``upto``; None if none was."""
         for n in range(upto, 0, -1):
             step = self.manifest(n)["steps"].get(name, {})
             if step.get("status") == "done" and not step.get("outputs", {}).get("skipped"):
-                return self.round_dir(n) / name
-        return self.round_dir(upto) / name
+                return n, self.round_dir(n) / name
+        return None
 
     def current_policy(self, before: int | None = None) -> str:
         """The latest promoted policy of a round before ``before`` (all rounds when None), else the SFT model."""

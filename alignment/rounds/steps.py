@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignment.config import to_dict
+from foundation.config import to_dict
+from foundation.runs import read_jsonl
 from alignment.methods import METHODS as POLICY_METHODS
 from alignment.rounds.config import WAITING, StageSpec
 from alignment.rounds.project import Project, sha256
@@ -37,14 +38,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
-def run_stage(stage: str, spec: StageSpec, out: Path, overrides: Sequence[str]) -> dict:
+def run_stage(stage: str, spec: StageSpec, out: Path, overrides: Sequence[str], last: Sequence[str] = ()) -> dict:
     """``align <stage>`` into ``out`` (resumed when a killed run left it), as a child process that
-    dies with this one. Returns the stage's summary.json."""
+    dies with this one. Returns the stage's summary.json. ``spec.overrides`` win over ``overrides``;
+    ``last`` wins over both (what the round decides, e.g. the model a warm-started reward model starts from)."""
     if (out / "summary.json").is_file() and (out / "model").is_dir():
         log.info("%s: already finished in %s", stage, out)
         return json.loads((out / "summary.json").read_text())
     cmd = [sys.executable, "-m", "alignment.cli", stage, "--config", spec.config, f"run.output_dir={out}",
-           *overrides, *spec.overrides]
+           *overrides, *spec.overrides, *last]
     if (out / "config.yaml").is_file():
         cmd.append("--resume")
     if spec.launch:
@@ -87,7 +89,7 @@ class Steps:
     # -- round 1
     def sft(self) -> dict:
         out = self.dir / "sft"
-        summary = run_stage("sft", self.cfg.sft, out, [])
+        summary = run_stage("sft", self.cfg.sft, out, [f"run.seed={self.cfg.seed}"])  # the project's seed: its data order
         return {"inputs": {"config": self.cfg.sft.config}, "outputs": {"path": str(out), "metrics": _scalars(summary)}}
 
     # -- rounds 2+
@@ -102,16 +104,17 @@ class Steps:
             used = set()
             for k in range(1, self.n):
                 if (self.p.round_dir(k) / "pairs.jsonl").is_file():
-                    for line in (self.p.round_dir(k) / "pairs.jsonl").read_text().splitlines():
-                        used.add(json.dumps(json.loads(line)["prompt"], sort_keys=True))
+                    for row in read_jsonl(self.p.round_dir(k) / "pairs.jsonl"):
+                        used.add(json.dumps(row["prompt"], sort_keys=True))
             chosen = draw_prompts(self.p.pool(), used, self.cfg.sample.per_round, self.cfg.sample.safety_share,
                                   seed=self.cfg.seed + self.n)
             if not chosen:
                 raise RuntimeError(f"round {self.n}: no unused prompts left in the prompt pool "
                                    f"({self.p.pool_path}); add prompt sources")
-            rows, dropped = sample_pairs(models, chosen, temperatures=self.cfg.sample.temperatures,
-                                         max_new_tokens=self.cfg.sample.max_new_tokens,
-                                         batch_size=self.cfg.sample.batch_size, seed=self.cfg.seed + 1000 * self.n)
+            sc = self.cfg.sample
+            rows, dropped = sample_pairs(models, chosen, temperatures=sc.temperatures, max_new_tokens=sc.max_new_tokens,
+                                         batch_size=sc.batch_size, seed=self.cfg.seed + 1000 * self.n,
+                                         samples=sc.samples_per_prompt, pairs_per_prompt=sc.pairs_per_prompt)
             for r in rows:
                 r.setdefault("meta", {})["round"] = self.n
             tmp = pairs.with_name(".pairs.jsonl.tmp")
@@ -129,8 +132,9 @@ class Steps:
                 warning = store.team_warning(self.n)
                 if warning:
                     log.warning("round %d: %s", self.n, warning)
-        n_pairs = len(pairs.read_text().splitlines())
-        return {"inputs": {"policy": models[0], "policy_b": models[1], "temperatures": self.cfg.sample.temperatures},
+        n_pairs = len(read_jsonl(pairs))
+        return {"inputs": {"policy": models[0], "policy_b": models[1], "temperatures": self.cfg.sample.temperatures,
+                           "samples_per_prompt": self.cfg.sample.samples_per_prompt},
                 "outputs": {"path": str(pairs), "sha256": sha256(pairs), "pairs": n_pairs, "db": self.p.db_url()}}
 
     def annotate(self) -> dict | str:
@@ -222,11 +226,22 @@ class Steps:
                     "outputs": {"skipped": f"{self.cfg.method(self.n)} learns from the comparisons; using {latest}",
                                 "path": str(latest)}}
         files = self.p.comparison_files(self.n)
-        sources = [*self.cfg.comparisons, *(DataSource(f) for f in files)]
+        base = list(self.cfg.comparisons)
+        start_at = []
+        start = self.p.trained_rm(name, self.n - 1) if self.cfg.rm_start == "previous" and self.n > 1 else None
+        if start is not None:  # warm start: the latest trained RM learns the labels it has not seen
+            trained_in, start_dir = start
+            seen = set(self.p.comparison_files(trained_in))
+            files, base = [f for f in files if f not in seen], []
+            if not files:
+                raise RuntimeError(f"round {self.n}: rm_start=previous, but no round since round {trained_in} (whose {name} "
+                                   f"this one would start from) exported labels to train on")
+            start_at.append(f"model.name={start_dir}")
+        sources = [*base, *(DataSource(f) for f in files)]
         spec = getattr(self.cfg, name)
-        summary = run_stage("rm", spec, out, [f"data.sources={_sources(sources)}", f"run.seed={self.cfg.seed}"])
-        return {"inputs": {"config": spec.config, "comparisons": [to_dict(s) for s in self.cfg.comparisons]
-                                                                 + [{"path": f, "sha256": sha256(f)} for f in files]},
+        summary = run_stage("rm", spec, out, [f"data.sources={_sources(sources)}", f"run.seed={self.cfg.seed}"], last=start_at)
+        return {"inputs": {"config": spec.config, "start": str(start[1]) if start else "base",
+                           "comparisons": [to_dict(s) for s in base] + [{"path": f, "sha256": sha256(f)} for f in files]},
                 "outputs": {"path": str(out), "metrics": _scalars(summary)}}
 
     def rm_helpful(self) -> dict:
@@ -339,7 +354,7 @@ class Steps:
 def draw_prompts(pool: Sequence[Any], used: set[str], k: int, safety_share: float | None, *, seed: int) -> list[Any]:
     """``k`` prompts not in ``used`` (keys: the prompt's messages as sorted JSON), distinct, seeded;
     ``safety_share`` of them from safety prompts when the pool has enough."""
-    from alignment.heldout import draw
+    from data.heldout import draw
 
     return draw(pool, k, safety_share, seed=seed, used=used)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,33 @@ from data.store.values import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _wal(cur: Any, timeout: float = 60.0) -> None:
+    """Put the database in WAL mode (it stays so in the file). Switching needs the database to itself, and
+    SQLite answers "database is locked" at once, without waiting for its busy timeout, when another connection
+    opens the new file at the same moment (several processes or threads opening a new project's store), so
+    the switch is retried for up to ``timeout`` seconds; a database already in WAL is left as it is."""
+    import sqlite3
+
+    deadline, delay = time.monotonic() + timeout, 0.01
+    while True:
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            mode = str(cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+            if mode == "wal":
+                return
+            problem = f"it stayed in {mode} mode"
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            problem = str(exc)
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError(f"could not switch the annotation database to WAL mode in {timeout:.0f} s: "
+                                           f"{problem}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 class StoreBase:
@@ -74,7 +102,7 @@ class StoreBase:
         def _connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # pysqlite must not BEGIN on its own; we do it below
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _wal(cur)
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()

@@ -14,9 +14,10 @@ kind ``simulated``), so exports and statistics always tell them from people.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from data.heuristics import CAUTION, REFUSALS, repetition
@@ -47,28 +48,47 @@ def strength_from_gap(gap: float, thresholds: Sequence[float] = (0.25, 0.5, 1.0)
 
 
 def _floats(scores: Any) -> list[float]:
-    return [float(x) for x in (scores.tolist() if hasattr(scores, "tolist") else scores)]
+    """A scorer's [B] tensor as floats."""
+    return [float(x) for x in scores.tolist()]
 
 
 @dataclass
 class ScorerAnnotator:
-    """A reward model (or any ``RewardScorer``) as an annotator; scores A and B in one batch call."""
+    """A reward model (or any ``RewardScorer``) as an annotator; scores the responses of a batch in one call.
+
+    A response is scored once: K responses of a prompt make up to K(K-1)/2 tasks, and each is scored the first time it
+    appears (its score is kept for the tasks that pair it again)."""
 
     name: str
     scorer: Any  # RewardScorer: score(prompts, responses) -> [B]
     safety_scorer: Any | None = None
     thresholds: tuple[float, float, float] = (0.25, 0.5, 1.0)
     safe_threshold: float = 0.5
+    _scores: dict = field(default_factory=dict, repr=False)
+    _safe: dict = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def _scored(scorer: Any, cache: dict, keys: list[tuple[str, str]], prompts: list, responses: list[str]) -> list[float]:
+        where: dict[tuple[str, str], int] = {}
+        for i, k in enumerate(keys):
+            if k not in cache:
+                where.setdefault(k, i)
+        new = list(where)
+        if new:
+            got = _floats(scorer.score([prompts[where[k]] for k in new], [responses[where[k]] for k in new]))
+            cache.update(zip(new, got))
+        return [cache[k] for k in keys]
 
     def judge(self, tasks: Sequence[LeasedTask]) -> list[Judgement]:
         prompts = [t.prompt for t in tasks] * 2
         responses = [t.response_a for t in tasks] + [t.response_b for t in tasks]
-        scores = _floats(self.scorer.score(prompts, responses))
+        keys = [(json.dumps(p, sort_keys=True), r) for p, r in zip(prompts, responses)]
+        scores = self._scored(self.scorer, self._scores, keys, prompts, responses)
         n = len(tasks)
         safe: list[bool | None] = [None] * (2 * n)
         if self.safety_scorer is not None:
             safe = [1.0 / (1.0 + math.exp(-s)) >= self.safe_threshold
-                    for s in _floats(self.safety_scorer.score(prompts, responses))]
+                    for s in self._scored(self.safety_scorer, self._safe, keys, prompts, responses)]
         out = []
         for i in range(n):
             gap = scores[i] - scores[n + i]

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from alignment import distributed
-from alignment.config import check, option
+from foundation import distributed
+from foundation.config import check, option
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
 
-    from alignment.runs import MetricsLogger, RunConfig
+    from foundation.runs import MetricsLogger, RunConfig
 
 
 @dataclass
@@ -181,3 +181,29 @@ def mean_logged_loss(log_history: list[dict], key: str = "loss") -> float | None
             steps += width
             last = row["step"]
     return total / steps if steps else None
+
+
+def train_resumed(trainer: Any, checkpoint: Path | None) -> Any:
+    """``trainer.train``, resumed from ``checkpoint`` when one is given.
+
+    A run killed after its last checkpoint but before it finished (no model saved yet) resumes from a
+    checkpoint at ``max_steps``. transformers then trains one step more whenever ``max_steps`` ends inside an
+    epoch (it only checks the step budget after a step), so the resumed run would differ from the
+    uninterrupted one. Here a run whose budget is spent trains no further step: the checkpoint's weights are
+    loaded and the stage goes on to save and report them.
+    """
+    run_epoch = getattr(trainer, "_run_epoch", None)
+    if checkpoint is not None and run_epoch is not None:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            state = trainer.state
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                trainer.control.should_training_stop = True
+                return None
+            return run_epoch(*args, **kwargs)
+
+        trainer._run_epoch = guarded
+    try:
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        if checkpoint is not None and run_epoch is not None:
+            del trainer._run_epoch

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -95,6 +95,111 @@ def whole_weights() -> Iterator[None]:
         yield
     finally:
         AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()
+
+
+def zero3() -> bool:
+    """Launched under DeepSpeed ZeRO stage 3 (after :func:`init` and the Accelerator exist)."""
+    if not uses_deepspeed():
+        return False
+    from accelerate.state import AcceleratorState
+
+    plugin = AcceleratorState().deepspeed_plugin
+    return plugin is not None and int(plugin.zero_stage) == 3
+
+
+_FROZEN_ENGINES: list[Any] = []  # the inference engines of partitioned frozen models (kept alive with their hooks)
+
+
+def partition_frozen(model: Any) -> Any:
+    """Partition a frozen model (a reward model, a judge, a full fine-tuning reference) over the
+    processes under ZeRO-3, as OpenRLHF's DeepSpeed inference engines do: each process keeps 1/world
+    of every weight (above the launch's persistence threshold) and a forward gathers them one module
+    at a time. A forward is then a collective call: every process must run as many as the others
+    (:func:`forwards_to_match`). Outside ZeRO-3 the model is returned as it is.
+
+    The model stays the same object (its parameters become ZeRO-3 parameters), so whatever holds it
+    (a scorer, the actor-critic) keeps working. Load it on the CPU (:func:`frozen_placement`): it is
+    partitioned one parameter at a time, so the accelerator holds only partitions. The precision
+    follows the model's weights; the launch's ``offload_param`` device and persistence threshold apply."""
+    if not zero3() or partitioned(model):
+        return model
+    import deepspeed
+    import torch
+    from accelerate.state import AcceleratorState
+
+    launch = AcceleratorState().deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    threshold = launch.get("stage3_param_persistence_threshold", "auto")
+    if not isinstance(threshold, int):  # accelerate's "auto": 10 x hidden size, as for the trained models
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        threshold = 10 * hidden if hidden else 100_000
+    dtypes = {p.dtype for p in model.parameters()}
+    offload = launch.get("offload_param", {}) or {}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": world_size(),
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": threshold,
+                              "offload_param": {"device": offload.get("device", "none")}},
+        "bf16": {"enabled": torch.bfloat16 in dtypes},
+        "fp16": {"enabled": torch.float16 in dtypes and torch.bfloat16 not in dtypes},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # one parameter at a time: moved to this process's device, partitioned, the rest freed (a model
+    # loaded on the CPU never stands whole on an accelerator); the engine then adds the gathering hooks
+    deepspeed.zero.Init(module=model, config_dict_or_path=config)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    _FROZEN_ENGINES.append(engine)
+    return engine.module
+
+
+def frozen_placement(device: str, dtype: str = "auto") -> tuple[str, str]:
+    """(device, dtype) to load a frozen model with: under ZeRO-3 the CPU (:func:`partition_frozen` moves
+    its partitions to the accelerator) in the dtype ``dtype`` resolves to on ``device`` (bf16 on a GPU,
+    not the CPU's fp32); else ``(device, dtype)``."""
+    if not zero3():
+        return device, dtype
+    from foundation.models import select_device, select_dtype
+
+    return "cpu", str(select_dtype(dtype, select_device(device))).removeprefix("torch.")
+
+
+def partitioned(model: Any) -> bool:
+    """Whether the model's parameters are ZeRO-3 partitions (a forward is then collective)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def forwards_to_match(count: int, device: Any) -> int:
+    """How many extra (dummy) forwards this process must run of a partitioned model so that every
+    process runs as many as the busiest one: ``max(count over processes) - count``. Collective."""
+    if not is_distributed():
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) - count
+
+
+def forward_sync(device: Any) -> Callable[[bool], bool] | None:
+    """For generating from partitioned (ZeRO-3) weights: ``sync(running)`` tells the other processes whether this
+    one is still generating and returns whether any is (collective; called before every forward, see
+    ``foundation.generation.engine``). None for one process."""
+    if not is_distributed():
+        return None
+    import torch
+    import torch.distributed as dist
+
+    def sync(running: bool) -> bool:
+        t = torch.tensor([int(running)], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    return sync
 
 
 def all_gather(obj: Any) -> list[Any]:

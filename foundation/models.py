@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from alignment.config import check, option
+from foundation.config import check, option
 
 if TYPE_CHECKING:  # heavy imports stay out of module import time
     import torch
@@ -269,8 +269,11 @@ def adapter_base(folder: str | Path) -> str:
     return base
 
 
-def resolve(name: str) -> ResolvedModel:
-    """Map ``model.name`` to weights on disk (or a Hub id); builds built-ins on first use."""
+def resolve(name: str | ResolvedModel) -> ResolvedModel:
+    """Map ``model.name`` to weights on disk (or a Hub id); builds built-ins on first use. A name resolved
+    once is passed on as its ``ResolvedModel`` (the loaders below take either), so one load resolves it once."""
+    if isinstance(name, ResolvedModel):
+        return name
     if name in (SMOLLM2, TINY):
         return ResolvedModel(name, str(builtin_path(name)))
     p = Path(name).expanduser()
@@ -342,11 +345,12 @@ def _hub_error(name: str, exc: Exception) -> RuntimeError:
     return RuntimeError(f"could not load model {name!r}: not a local folder and the Hugging Face Hub is unreachable ({exc})")
 
 
-def load_tokenizer(name: str, *, revision: str | None = None) -> "PreTrainedTokenizerBase":
+def load_tokenizer(name: str | ResolvedModel, *, revision: str | None = None) -> "PreTrainedTokenizerBase":
     """Tokenizer of a model, left-padded (for generation), with a pad token."""
     from transformers import AutoTokenizer
 
     resolved = resolve(name)
+    name = resolved.name
     source = resolved.adapter if resolved.adapter and Path(resolved.adapter, "tokenizer_config.json").is_file() else resolved.path
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision)
@@ -359,7 +363,7 @@ def load_tokenizer(name: str, *, revision: str | None = None) -> "PreTrainedToke
 
 
 def load_causal_lm(
-    name: str,
+    name: str | ResolvedModel,
     *,
     dtype: str = "auto",
     device: str = "auto",
@@ -372,6 +376,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     resolved = resolve(name)
+    name = resolved.name
     dev = select_device(device)
     kwargs: dict[str, Any] = {"dtype": select_dtype(dtype, dev)}
     if attn_implementation:

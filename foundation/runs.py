@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from alignment.config import check, option, save_config, to_dict
+from foundation.config import check, option, save_config, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [line for line in jsonl_lines(self.path.read_text(encoding="utf-8")) if json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -164,11 +164,23 @@ class MetricsLogger:
             self._wandb = None
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The non-blank lines of JSONL text. Lines end at "\\n" only: ``str.splitlines()`` also splits at U+2028, U+0085,
+    form feeds and other separators that ``json.dumps(..., ensure_ascii=False)`` leaves inside strings, and a model
+    can generate any of them."""
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file (see :func:`jsonl_lines`)."""
+    return [json.loads(line) for line in jsonl_lines(Path(path).read_text(encoding="utf-8"))]
+
+
 def read_metrics(out: Path) -> list[dict]:
     path = Path(out) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def start_stage(cfg: Any, stage: str, *, resume: bool, folder: str | None = None) -> Path:
@@ -177,7 +189,7 @@ def start_stage(cfg: Any, stage: str, *, resume: bool, folder: str | None = None
     Under a multi-process launch every rank checks the folder before any rank writes to it, then
     only the main rank writes the config; the others wait for it.
     """
-    from alignment import distributed
+    from foundation import distributed
 
     distributed.init()
     setup_logging(cfg.run.log_level if distributed.is_main() else "warning")

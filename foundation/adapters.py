@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from alignment.config import check, option
+from foundation.config import check, option
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def set_adapter_base(adapter_dir: Path, base_name: str) -> None:
     built-ins: ``smollm2-135m`` is built from the GGUF file, not downloaded)."""
     import json
 
-    from alignment.models import ALIGN_BASE_FILE, portable_base
+    from foundation.models import ALIGN_BASE_FILE, portable_base
 
     path = Path(adapter_dir) / "adapter_config.json"
     if path.is_file():
@@ -111,7 +111,7 @@ def set_adapter_base(adapter_dir: Path, base_name: str) -> None:
 
 def merge(adapter: str, out: str | Path, *, dtype: str = "auto") -> Path:
     """Merge a LoRA adapter (folder or stage output) into its base; write a full checkpoint."""
-    from alignment.models import load_causal_lm, load_tokenizer, resolve
+    from foundation.models import load_causal_lm, load_tokenizer, resolve
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -5,7 +5,7 @@ pair sampling for annotation, the evaluations' answers and continuations, ``alig
 - :func:`generate_texts`: the same from strings, returning the texts.
 - :func:`generate_completions`: plain-text continuation (no chat template), cut at stop strings.
 
-All three run :class:`~alignment.generation.engine.Engine`, the shared decoding loop (see its module
+All three run :class:`~foundation.generation.engine.Engine`, the shared decoding loop (see its module
 for what makes it fast), and return the call's :class:`GenerationStats` on ``.stats`` of the list
 they return, so a sampler can log ``time/generate`` and tokens/s.
 """
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from alignment.generation.batching import left_pad
-from alignment.generation.engine import Engine, GenerationStats, Output, SamplingParams
+from foundation.generation.batching import left_pad
+from foundation.generation.engine import Engine, GenerationStats, Output, SamplingParams
 
 if TYPE_CHECKING:  # types only: the foundation does not import the data layer at run time
 
@@ -71,15 +71,17 @@ def generate(
     seed: int | None = None,
     no_repeat_ngram_size: int = 0,
     sampler: str = "inverse_cdf",
+    sync: Any = None,
 ) -> Generations:
     """Generate one response per prompt. ``temperature=0`` is greedy.
 
     ``seed`` fixes the draws of this call (torch's global generator is not touched); without it
-    they come from torch's global generator."""
+    they come from torch's global generator. ``sync`` (``foundation.distributed.forward_sync``): generate from
+    partitioned ZeRO-3 weights, every process taking part in every forward (see ``foundation.generation.engine``)."""
     encoded = encode_prompts(tokenizer, prompts)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             no_repeat_ngram_size=no_repeat_ngram_size, sampler=sampler)  # type: ignore[arg-type]
-    outputs, stats = Engine(model, tokenizer, batch_size=batch_size).run(encoded, params)
+    outputs, stats = Engine(model, tokenizer, batch_size=batch_size, sync=sync).run(encoded, params)
     gens = [Generation(tokenizer.decode(o.response_ids, skip_special_tokens=True).strip(), ids, o.response_ids, o.finished)
             for ids, o in zip(encoded, outputs)]
     return Generations(gens, stats)

@@ -1,5 +1,8 @@
 """The decoding loop every sampler shares: one batch at a time, with the KV cache, from token ids.
 
+Length (~470 lines): one loop read top to bottom: admission and prefill, decoding, compaction, the forwards kept in
+step with other processes, and the ``model.generate`` fallback.
+
 What it does that a plain ``model.generate`` call does not (each measured by ``python -m benchmarks
 generate``; none changes what is computed beyond float rounding):
 
@@ -17,6 +20,12 @@ generate``; none changes what is computed beyond float rounding):
 
 Models the loop cannot drive (peft prompt learning, encoder-decoders) go through ``model.generate``
 with the same outputs' shape (``Engine.fallback_reason`` says why).
+
+Under ZeRO-3 a model can generate from its partitioned weights (a forward gathers one layer at a time: for a
+policy larger than one accelerator). Every forward is then a collective call, and processes whose prompts end
+sooner must keep running forwards until the last one is done: ``sync`` (``foundation.distributed.forward_sync``)
+is asked before every forward whether any process is still generating, and a process that has finished runs
+one-token dummy forwards until none is, as ``model.generate(synced_gpus=True)`` does.
 """
 
 from __future__ import annotations
@@ -26,12 +35,12 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignment.generation.batching import BatchState, chunks, prefix_groups
-from alignment.generation.sampling import NGramBan, Sampler, next_tokens
+from foundation.generation.batching import BatchState, chunks, prefix_groups
+from foundation.generation.sampling import NGramBan, Sampler, next_tokens
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,7 @@ class GenerationStats:
     decode_rows: int = 0  # rows run over all decode steps (finished rows still in the batch included)
     compactions: int = 0
     refills: int = 0  # times waiting rows joined a running batch
+    sync_forwards: int = 0  # partitioned weights: dummy forwards run while other processes still generated
     seconds_prefill: float = 0.0
     seconds_decode: float = 0.0
     seconds: float = 0.0
@@ -100,7 +110,7 @@ class GenerationStats:
 
     def add(self, other: GenerationStats) -> None:
         for f in ("sequences", "prompt_tokens", "prefill_tokens", "new_tokens", "decode_steps", "decode_rows", "compactions",
-                  "refills", "seconds_prefill", "seconds_decode", "seconds"):
+                  "refills", "sync_forwards", "seconds_prefill", "seconds_decode", "seconds"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
@@ -145,7 +155,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, eos_token_ids: Sequence[int] | None = None,
                  pad_token_id: int | None = None, merge_adapters: bool = True, fast_linears: bool = True,
                  share_prefix: bool = True, compact_fraction: float = COMPACT_FRACTION, backend: str = "auto",
-                 stop_at_pad: bool = True) -> None:
+                 stop_at_pad: bool = True, sync: Callable[[bool], bool] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -163,6 +173,10 @@ class Engine:
         if backend not in ("auto", "model.generate"):
             raise ValueError(f"backend must be auto or model.generate, got {backend!r}")
         self.fallback_reason = "asked for" if backend == "model.generate" else fallback_reason(model)
+        if sync is not None and self.fallback_reason:
+            raise ValueError(f"generation from partitioned weights needs the engine's own loop; this model cannot use it "
+                             f"({self.fallback_reason})")
+        self.sync = sync  # (this process still generating) -> any process still generating; before every forward
 
     # -- public -------------------------------------------------------------------------------
     def run(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> tuple[list[Output], GenerationStats]:
@@ -183,16 +197,18 @@ class Engine:
             device = next(self.model.parameters()).device
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             generator = torch.Generator(device=device).manual_seed(seed)
-        if params.max_new_tokens > 0 and rows:
+        work = params.max_new_tokens > 0 and bool(rows)
+        if work or self.sync is not None:  # with sync, a process with nothing to do still keeps pace with the others
             with self._prepared() as (merged, fast):
                 stats.merged_layers, stats.linear_kernel = merged, fast
-                if self.fallback_reason:
+                if self.fallback_reason:  # never with sync (refused in __init__), so only when there is work
                     stats.backend = "model.generate"
-                if self.fallback_reason:
                     for start in range(0, len(rows), self.batch_size):
                         self._hf_batch(rows[start:start + self.batch_size], params, generator, stats)
-                else:
+                elif work:
                     self._stream(rows, params, generator, stats)
+                if self.sync is not None:
+                    stats.sync_forwards += self._until_all_done()
         outputs: list[Output | None] = [None] * len(rows)
         for r in rows:
             outputs[r.index] = Output(r.out, r.finished, r.stopped)
@@ -209,7 +225,7 @@ class Engine:
     def _prepared(self) -> Iterator[tuple[int, str | None]]:
         import torch
 
-        from alignment.generation.fast import merged_adapters, small_batch_linears
+        from foundation.generation.fast import merged_adapters, small_batch_linears
 
         model = self.model
         was_training = model.training
@@ -222,6 +238,25 @@ class Engine:
         finally:
             if was_training:
                 model.train()
+
+    def _forward(self, **kwargs: Any) -> Any:
+        if self.sync is not None:
+            self.sync(True)
+        return self.model(**kwargs)
+
+    def _until_all_done(self) -> int:
+        """Partitioned weights: forwards are collective, so this process runs one-token forwards (their output
+        unused) as long as another one is still generating. Returns how many it ran."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        assert self.sync is not None
+        n = 0
+        while self.sync(False):
+            self.model(input_ids=torch.full((1, 1), self.pad, dtype=torch.long, device=device), use_cache=False,
+                       logits_to_keep=1)
+            n += 1
+        return n
 
     def _stream(self, rows: list[_Row], params: SamplingParams, generator: Any, stats: GenerationStats) -> None:
         """Decode ``rows`` with at most ``batch_size`` of them in the cache at a time: finished rows
@@ -265,8 +300,9 @@ class Engine:
             state.grow_mask()
             state.mask[:, state.length] = 1
             state.length += 1
-            out = model(input_ids=tokens[:, None], attention_mask=state.mask[:, :state.length],
-                        position_ids=state.next_pos[:, None], past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+            out = self._forward(input_ids=tokens[:, None], attention_mask=state.mask[:, :state.length],
+                                position_ids=state.next_pos[:, None], past_key_values=state.cache, use_cache=True,
+                                logits_to_keep=1)
             state.next_pos = state.next_pos + 1
             state.logits = out.logits[:, -1, :].float()
             stats.decode_steps += 1
@@ -279,7 +315,7 @@ class Engine:
         every row right-aligned at the new width, leading columns nobody uses any more dropped)."""
         import torch
 
-        from alignment.generation.fast import buffer_cache
+        from foundation.generation.fast import buffer_cache
 
         uniq: list[tuple[int, ...]] = []
         row_to_uniq: list[int] = []
@@ -332,18 +368,17 @@ class Engine:
         prompt's last logits."""
         import torch
 
-        from alignment.generation.fast import buffer_cache
+        from foundation.generation.fast import buffer_cache
 
-        model = self.model
         cache = buffer_cache(width + max_new_tokens)
         logits = None
         for members, prefix in prefix_groups(uniq, MIN_SHARED_PREFIX if self.share_prefix else None):
             prefix_kv: list[tuple[Any, Any]] = []
             if prefix:
                 pc = buffer_cache(prefix)
-                model(input_ids=torch.tensor([uniq[members[0]][:prefix]], dtype=torch.long, device=device),
-                      position_ids=torch.arange(prefix, device=device)[None], past_key_values=pc, use_cache=True,
-                      logits_to_keep=1)
+                self._forward(input_ids=torch.tensor([uniq[members[0]][:prefix]], dtype=torch.long, device=device),
+                              position_ids=torch.arange(prefix, device=device)[None], past_key_values=pc, use_cache=True,
+                              logits_to_keep=1)
                 prefix_kv = [(layer.keys, layer.values) for layer in pc.layers]
                 stats.prefill_tokens += prefix
             members = sorted(members, key=lambda i: len(uniq[i]))
@@ -361,8 +396,8 @@ class Engine:
                     ids[j, w - n:] = torch.tensor(uniq[i][prefix:], dtype=torch.long)
                     mask[j, prefix + w - n:] = 1
                 pos = (mask.cumsum(1) - 1).clamp_(min=0)[:, prefix:]
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                            past_key_values=tmp, use_cache=True, logits_to_keep=1)
+                out = self._forward(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                                    past_key_values=tmp, use_cache=True, logits_to_keep=1)
                 stats.prefill_tokens += ids.numel()
                 last = out.logits[:, -1, :].float()
                 if logits is None:
@@ -407,7 +442,7 @@ class Engine:
     def _hf_batch(self, batch: list[_Row], params: SamplingParams, generator: Any, stats: GenerationStats) -> None:
         import torch
 
-        from alignment.generation.batching import left_pad
+        from foundation.generation.batching import left_pad
 
         t0 = time.perf_counter()
         device = next(self.model.parameters()).device

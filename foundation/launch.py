@@ -7,11 +7,11 @@ CPU offload, FSDP). The command is re-executed as
     accelerate launch --config_file CONFIG -m alignment.cli <stage> <the same arguments>
 
 and the traps measured on CPU machines (ENVIRONMENT.md) are handled here and in
-``alignment.distributed``:
+``foundation.distributed``:
 
 - ``use_cpu: true`` with several processes silently runs ONE process in accelerate: such a config
   is rewritten (temporary copy) to the multi-process path, and the stage's process group uses gloo;
-- DeepSpeed on CPU needs the process state created before the trainer: ``alignment.distributed.init``
+- DeepSpeed on CPU needs the process state created before the trainer: ``foundation.distributed.init``
   does that in every stage, and trainers reuse it.
 """
 
@@ -93,7 +93,7 @@ def launch_command(config: str | Path, argv: Sequence[str], nproc: int | None = 
                    machines: Machines | None = None) -> tuple[list[str], dict[str, str], str | None]:
     """(command, environment, temp config to delete) for running ``align <argv>`` under ``config``.
     ``nproc``: processes on this machine; accelerate's ``num_processes`` counts every machine's."""
-    from alignment.config import find_config
+    from foundation.config import find_config
 
     path = find_config(config)
     data = _load(path)
