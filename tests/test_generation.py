@@ -235,6 +235,34 @@ def test_lora_merged_for_generation_and_weights_bit_identical_after(tiny_model):
     assert [g.response_ids for g in base] != [g.response_ids for g in merged]  # the adapter was in effect
 
 
+def test_an_adapter_on_a_tied_lm_head_generates_from_the_policy_itself(tiny_model):
+    """LoRA on an LM head tied to the input embeddings (tiny-llama and SmolLM2 tie them): folding that adapter into
+    the shared weight would change the embeddings too, and the tokens would be sampled from another model than the
+    one PPO scores them with (its KL estimate went to -7 nats). That layer stays unmerged; the others merge."""
+    from peft import get_peft_model
+
+    from foundation.adapters import AdapterConfig, peft_config
+
+    tok = models.load_tokenizer(tiny_model)
+    base_model = _lively(models.load_causal_lm(tiny_model))
+    assert base_model.get_input_embeddings().weight is base_model.get_output_embeddings().weight  # tied
+    cfg = AdapterConfig(dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"])
+    model = get_peft_model(base_model, peft_config(cfg, "CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    prompts = _prompts()
+    merged = generate(model, tok, prompts, max_new_tokens=10)
+    assert merged.stats.merged_layers == 2 * 2  # q_proj and v_proj of both layers; not the LM head
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)
+    unmerged, _ = Engine(model, tok, merge_adapters=False, fast_linears=False).run(encode_prompts(tok, prompts),
+                                                                                   SamplingParams(max_new_tokens=10))
+    assert [g.response_ids for g in merged] == [o.response_ids for o in unmerged]
+
+
 def test_shared_prefix_and_duplicates_prefilled_once(tiny):
     model, tok = tiny
     prompts = [p for p in _prompts(QUESTIONS[:5]) for _ in range(3)]  # K=3 samples of each prompt, as RS asks

@@ -65,7 +65,10 @@ def test_ppo_raises_a_known_reward_with_bounded_kl(tmp_path, tiny_model):
     assert last > first + 0.1, reward  # 0.23 -> ~0.4 in these runs
     kl = [m["kl/ref"] for m in rows]
     assert kl[0] == 0.0  # iteration 1: policy == reference (the LoRA adapter starts at zero)
-    assert max(kl) < 30.0, kl  # the KL penalty holds it (with kl_coef 0.01 it runs past 80 nats)
+    assert max(kl) < 30.0, kl  # the KL penalty holds it (19 nats here; 30 with kl_coef 0.01)
+    # sampled from the policy itself, its KL estimate is not negative beyond noise: with the LM head's adapter folded
+    # into the tied embeddings for generation, the samples came from another model and it went to -7 nats
+    assert min(kl) > -1.0, kl
     assert rows[-1]["policy/entropy"] < rows[0]["policy/entropy"]
     expected = {"reward/combined", "reward/normalized", "kl/ref", "kl/coef", "policy/entropy",
                 "policy/clipfrac", "policy/approx_kl",

@@ -65,10 +65,21 @@ def merged_adapters(model: Any) -> Iterator[int]:
             log.debug("generation: LoRA adapters left unmerged (quantised, partitioned or a variant such as DoRA)")
         yield 0
         return
+    # A base weight that another module also uses (an LM head tied to the input embeddings) stays unmerged: folding
+    # the adapter into it would change the other module too (the embeddings), and the sampled tokens would come from
+    # another distribution than the policy's.
+    users: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                users[id(param)] = users.get(id(param), 0) + 1
+    shared = [layer for layer in layers if users.get(id(layer.get_base_layer().weight), 0) > 1]
+    if shared:
+        log.debug("generation: %d LoRA layer(s) over tied weights left unmerged", len(shared))
     saved: list[tuple[Any, Any, Any]] = []
     try:
         with torch.no_grad():
-            for layer in layers:
+            for layer in (x for x in layers if all(x is not y for y in shared)):
                 base = layer.get_base_layer()
                 delta = None
                 for a in layer.active_adapters:
