@@ -31,7 +31,10 @@ is optimised against the proxies and the gold scores the result:
    (``alignment.evals.lcwr``) and mean lengths.
 
 Every stage writes into ``--out`` and is skipped when its output is there (``--redo STAGE`` runs it
-again); each run appends a line to ``benchmarks/results/rlhf_core_history.jsonl``. Writes
+again). ``--state`` (tracked, ``benchmarks/state/rlhf_core``) keeps each finished stage's outputs and, packed in
+fp16, the models later stages need, and the gold: a run on a reset machine continues where the last one stopped
+instead of spending hours rebuilding them (``State``). Each run appends a line to
+``benchmarks/results/rlhf_core_history.jsonl``. Writes
 ``benchmarks/results/rlhf_core.json`` and the plots ``rlhf_core_bon.png``, ``rlhf_core_ppo.png``.
 
 Targets (issue 26): the largest proxy agrees with the gold >= 70% on fresh pairs (CI low >= 65%);
@@ -135,6 +138,59 @@ def _write(path: Path, rows: Sequence[dict]) -> None:
 
 def _log(msg: str) -> None:
     print(f"[rlhf_core {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class State:
+    """A tracked folder (``--state``) that keeps what each finished stage made, so that a machine reset, which takes
+    ``--out`` and the model cache with it, costs at most the stage in progress: the stage's small files as they are,
+    the trained models the later stages need (the gold, the largest proxy, the PPO policies) packed by
+    ``foundation.adapters.pack_folder`` (LoRA weights in fp16, no tokenizer). ``restore`` copies back whatever ``--out``
+    lacks; the fp16 rounding of a restored model is the only difference from the one trained."""
+
+    def __init__(self, root: Path | None, out: Path) -> None:
+        self.root, self.out = root, out
+
+    def restore(self) -> list[str]:
+        from foundation.adapters import unpack_folder
+
+        got: list[str] = []
+        if self.root is None:
+            return got
+        files, packed = self.root / "files", self.root / "packed"
+        for f in sorted(files.rglob("*")) if files.is_dir() else []:
+            dst = self.out / f.relative_to(files)
+            if f.is_file() and not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(f.read_bytes())
+                got.append(str(f.relative_to(files)))
+        for manifest in sorted(packed.rglob("PACKED.json")) if packed.is_dir() else []:
+            rel = manifest.parent.relative_to(packed)
+            if not (self.out / rel).exists():
+                unpack_folder(manifest.parent, self.out / rel)
+                got.append(f"{rel} (packed)")
+        return got
+
+    def keep(self, files: Sequence[str], models: Sequence[str] = ()) -> None:
+        import shutil
+
+        from foundation.adapters import pack_folder
+
+        if self.root is None:
+            return
+        for rel in files:
+            src = self.out / rel
+            if src.is_file():
+                dst = self.root / "files" / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(src.read_bytes())
+        for rel in models:
+            dst = self.root / "packed" / rel
+            if (self.out / rel / "adapter_config.json").is_file():
+                tmp = dst.with_name(dst.name + ".packing")
+                shutil.rmtree(tmp, ignore_errors=True)
+                pack_folder(self.out / rel, tmp)
+                shutil.rmtree(dst, ignore_errors=True)
+                tmp.rename(dst)
 
 
 class Bench:
@@ -287,9 +343,13 @@ class Bench:
         pairs = self.labelled_pairs()
         check_pair_sizes(self.a.pairs, len(pairs))  # before any proxy trains
         _write(self.out / "pairs.jsonl", pairs)
+        needed = not all((self.out / f).is_file() for f in ("agreement.jsonl", "bon.jsonl"))
         for n, name in zip(self.a.pairs, self.proxies()):
             if (self.out / name / "rm_helpful" / "model").is_dir() and name not in self.a.redo:
                 continue
+            if (name != self.proxies()[-1] and not needed and name not in self.a.redo
+                    and (self.out / name / "rm_helpful" / "summary.json").is_file()):
+                continue  # kept by --state: its agreement and best-of-n are measured, nothing left reads its model
             data = self.out / f"{name}.jsonl"
             _write(data, pairs[:n])
             cmd = [sys.executable, "-m", "alignment.cli", "rm", "--config", str(REPO / "configs" / "rm_helpful.yaml"),
@@ -474,6 +534,23 @@ class Bench:
                          "identical_answers": sum(p["response"] == s["response"] for p, s in zip(pol, sft))}
         return out
 
+    # -- what --state keeps of each finished stage -------------------------------------------
+    def kept(self, stage: str) -> tuple[list[str], list[str]]:
+        """(files, models) of ``stage`` that later stages or the results read, relative to ``--out``."""
+        top = self.proxies()[-1]
+        if stage == "prompts":
+            return [f"prompts/{p.name}" for p in sorted((self.out / "prompts").iterdir())], []
+        if stage == "samples":
+            return ["samples.jsonl"], []
+        if stage == "proxies":
+            return ["pairs.jsonl", *[f"{p}/rm_helpful/summary.json" for p in self.proxies()]], [f"{top}/rm_helpful/model"]
+        if stage in ("agreement", "bon"):
+            return [f"{stage}.jsonl"], []
+        if stage == "ppo":
+            runs = [n for n in ("ppo_proxy", "ppo_oracle") if (self.out / n / "summary.json").is_file()]
+            return [f"{n}/{f}" for n in runs for f in ("summary.json", "metrics.jsonl")], [f"{n}/model" for n in runs]
+        return [p.name for p in sorted(self.out.glob("test_*.jsonl"))], []
+
     # -- results -------------------------------------------------------------------------------
     def results(self) -> dict:
         res: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.a).items()},
@@ -568,8 +645,12 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "runs" / "bench-rlhf-core"))
     p.add_argument("--data", type=Path, default=SHARED, help="folder with hh-rlhf/ and instruct/ (../shared/data)")
-    p.add_argument("--gold", default="gold:hh-smollm2", help="the gold reward model (built by `align gold build` if absent)")
-    p.add_argument("--gold-pairs", type=int, default=3000)
+    p.add_argument("--gold", default="gold:hh-helpful-smollm2",
+                   help="the gold reward model: from the cache, else unpacked from --state, else built (`align gold build`)")
+    p.add_argument("--gold-data", default="helpful-base", help="HH-RLHF subsets the gold is built on, when it has to be")
+    p.add_argument("--gold-pairs", type=int, default=2000)
+    p.add_argument("--state", default=str(REPO / "benchmarks" / "state" / "rlhf_core"),
+                   help="a tracked folder keeping each finished stage's outputs and packed models (State); '' for none")
     p.add_argument("--policy", default=SFT, help="the SFT policy (and the base of the proxies)")
     p.add_argument("--gold-model", default=SFT, help="base model of the gold, when it has to be built")
     p.add_argument("--stages", default=",".join(STAGES))
@@ -614,12 +695,23 @@ def main(argv: list[str] | None = None) -> dict:
     from reward import gold as gold_mod
 
     t_all = time.time()
+    state_root = Path(a.state) if a.state else None
+    packed_gold = state_root / "gold" / gold_name if state_root and gold_name else None
     if gold_name and not (gold_mod.gold_dir(gold_name) / "card.json").is_file():
-        _log(f"building the gold {gold_name} on {a.gold_pairs} HH-RLHF pairs")
-        gold_mod.build([str(a.data / "hh-rlhf" / s / "test.jsonl.gz") for s in ("helpful-base", "harmless-base")],
-                       name=gold_name, pairs=a.gold_pairs, model=a.gold_model, max_length=a.gold_max_length,
-                       layers=a.gold_layers or None)
+        if packed_gold and (packed_gold / "card.json").is_file():
+            _log(f"unpacking the gold {gold_name} from {packed_gold}")
+            gold_mod.unpack(packed_gold, name=gold_name)
+        else:
+            _log(f"building the gold {gold_name} on {a.gold_pairs} HH-RLHF pairs")
+            gold_mod.build([str(a.data / "hh-rlhf" / s / "test.jsonl.gz") for s in a.gold_data.split(",")],
+                           name=gold_name, pairs=a.gold_pairs, model=a.gold_model, max_length=a.gold_max_length,
+                           layers=a.gold_layers or None)
+    if packed_gold and not (packed_gold / "card.json").is_file():
+        gold_mod.pack(gold_name, packed_gold)
     bench = Bench(a)
+    state = State(state_root, bench.out)
+    for rel in state.restore():
+        _log(f"restored from {state_root}: {rel}")
     done = {"prompts": "prompts/manifest.json", "samples": "samples.jsonl", "agreement": "agreement.jsonl", "bon": "bon.jsonl"}
     for stage in a.stages.split(","):
         if stage not in STAGES:
@@ -630,6 +722,7 @@ def main(argv: list[str] | None = None) -> dict:
         _log(f"{stage}: start")
         t = time.time()
         getattr(bench, f"stage_{stage}")()
+        state.keep(*bench.kept(stage))
         bench.times[stage] = round(time.time() - t, 1)
         _log(f"{stage}: {bench.times[stage] / 60:.1f} min")
     res = bench.results()

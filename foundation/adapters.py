@@ -126,3 +126,92 @@ def merge(adapter: str, out: str | Path, *, dtype: str = "auto") -> Path:
     tok.save_pretrained(out)
     log.info("merged %s into %s", resolved.adapter, out)
     return out
+
+
+# -- compact copies of trained adapters ------------------------------------------------------------
+
+PACK_FORMAT = 1
+PACK_MANIFEST = "PACKED.json"
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                             "added_tokens.json", "tokenizer.model", "chat_template.jinja"})
+
+
+def pack_folder(src: Path, out: Path) -> dict:
+    """A compact copy of a trained adapter folder (a LoRA policy or reward model) in the new folder ``out``: every
+    floating-point tensor of its ``*.safetensors`` in fp16 (half the bytes of fp32), no tokenizer files (they are the
+    base model's, restored by :func:`unpack_folder`), every other file as it is, and ``PACKED.json`` with each file's
+    SHA-256 and each tensor's trained dtype. For keeping a trained model in a repository or carrying it elsewhere;
+    a full model (no ``adapter_config.json``) is refused: it is the size of the model."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from foundation.runs import file_sha256
+
+    src, out = Path(src), Path(out)
+    if not (src / "adapter_config.json").is_file():
+        raise ValueError(f"{src} holds no adapter (adapter_config.json); only an adapter folder packs")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; refusing to overwrite it")
+    out.mkdir(parents=True)
+    dtypes: dict[str, dict[str, str]] = {}
+    for f in sorted(p for p in src.iterdir() if p.is_file() and p.name not in TOKENIZER_FILES):
+        if f.suffix == ".safetensors":
+            tensors = load_file(f)
+            dtypes[f.name] = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+            half = {}
+            for k, v in tensors.items():
+                if v.is_floating_point() and v.dtype != torch.float16:
+                    if v.numel() and v.abs().max().item() > torch.finfo(torch.float16).max:
+                        raise ValueError(f"{f}: {k} does not fit fp16; it cannot be packed")
+                    v = v.to(torch.float16)
+                half[k] = v.contiguous()
+            save_file(half, str(out / f.name))
+        else:
+            shutil.copy2(f, out / f.name)
+    manifest = {"format": PACK_FORMAT, "weights": "float16", "dtypes": dtypes,
+                "sha256": {p.name: file_sha256(p) for p in sorted(out.iterdir())}}
+    (out / PACK_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def unpack_folder(packed: Path, out: Path) -> None:
+    """Restore a folder written by :func:`pack_folder` into the new folder ``out``: every file checked against its
+    SHA-256 first (a damaged pack is refused naming the file), tensors back in their trained dtype (the fp16 rounding
+    stays), the tokenizer saved from the adapter's base model (``align_base.json``, else ``adapter_config.json``)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from foundation.models import ALIGN_BASE_FILE, load_tokenizer
+    from foundation.runs import file_sha256
+
+    packed, out = Path(packed), Path(out)
+    if not (packed / PACK_MANIFEST).is_file():
+        raise FileNotFoundError(f"{packed} is not a packed adapter (no {PACK_MANIFEST})")
+    manifest = json.loads((packed / PACK_MANIFEST).read_text())
+    if manifest.get("format") != PACK_FORMAT:
+        raise ValueError(f"{packed / PACK_MANIFEST}: format {manifest.get('format')!r}; this version reads {PACK_FORMAT}")
+    for name, digest in manifest["sha256"].items():
+        if not (packed / name).is_file():
+            raise FileNotFoundError(f"{packed / name} is missing from the pack")
+        if file_sha256(packed / name) != digest:
+            raise ValueError(f"{packed / name} does not match its SHA-256 in {PACK_MANIFEST}: the pack is damaged")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; refusing to overwrite it")
+    out.mkdir(parents=True)
+    for name in manifest["sha256"]:
+        if name in manifest["dtypes"]:
+            dtypes = manifest["dtypes"][name]
+            save_file({k: v.to(getattr(torch, dtypes[k])).contiguous() for k, v in load_file(packed / name).items()},
+                      str(out / name))
+        else:
+            shutil.copy2(packed / name, out / name)
+    base_file = out / ALIGN_BASE_FILE
+    base = (json.loads(base_file.read_text())["name"] if base_file.is_file()
+            else json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"])
+    load_tokenizer(base).save_pretrained(out)

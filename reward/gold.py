@@ -2,6 +2,8 @@
 
     align gold build [--data FILE_OR_HUB ...] [--pairs 3000] [--name hh-smollm2]
     align gold show [--name hh-smollm2]
+    align gold pack --name hh-smollm2 --out DIR     # fp16 LoRA weights + card, to keep or carry elsewhere
+    align gold unpack DIR [--name NAME]             # back into the cache
 
 Gao, Schulman & Hilton (2022) study reward-model over-optimisation with a *gold* reward model
 trained on human labels: it labels comparisons in place of people, *proxy* reward models learn
@@ -228,6 +230,59 @@ def _pct(block: dict) -> str:
     return "-" if block["accuracy"] is None else f"{100 * block['accuracy']:.1f}% (n={block['n']})"
 
 
+def pack(name: str, out: Path) -> Path:
+    """A compact copy of the built gold ``name`` in the new folder ``out``, to keep in a repository or carry to another
+    machine: ``card.json`` and ``model/`` packed by ``foundation.adapters.pack_folder`` (LoRA weights in fp16, no
+    tokenizer). :func:`unpack` restores it into the cache. Only a LoRA gold packs."""
+    from foundation.adapters import pack_folder
+
+    card = load_card(name)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it")
+    tmp = out.with_name(f".{out.name}.packing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pack_folder(gold_dir(name) / "model", tmp / "model")
+        (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def unpack(folder: Path, *, name: str | None = None, force: bool = False) -> Path:
+    """Restore a gold packed by :func:`pack` into the cache as ``gold:<name>`` (default: the name it was built under);
+    returns its folder. Every file is checked against the pack's SHA-256 before anything is written."""
+    from foundation.adapters import unpack_folder
+
+    folder = Path(folder)
+    if not (folder / "card.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a packed gold (no card.json; `align gold pack` writes one)")
+    card = json.loads((folder / "card.json").read_text())
+    name = name or card["name"]
+    final = gold_dir(name)
+    if final.exists() and not force:
+        raise FileExistsError(f"{final} exists: `align gold show --name {name}`, or unpack over it with --force")
+    tmp = final.parent / f".{name}-unpack"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        unpack_folder(folder / "model", tmp / "model")
+        card["name"] = name
+        card["unpacked_from"] = {"folder": str(folder.resolve()), "weights": "float16"}
+        (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def cli(name: str, argv: Sequence[str]) -> int:
     from foundation.runs import setup_logging
 
@@ -250,6 +305,13 @@ def cli(name: str, argv: Sequence[str]) -> int:
                         "49.3%% held out, benchmarks/results/gold_hh-smollm2_attempt1.json)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild over an existing gold of this name")
+    k = sub.add_parser("pack", help="a compact copy of a built gold (LoRA weights in fp16) to keep or carry elsewhere")
+    k.add_argument("--name", default=DEFAULT_NAME)
+    k.add_argument("--out", required=True, type=Path, help="a new folder")
+    u = sub.add_parser("unpack", help="restore a packed gold into the cache")
+    u.add_argument("folder", type=Path)
+    u.add_argument("--name", default=None, help="cache it under this name (default: the name it was packed from)")
+    u.add_argument("--force", action="store_true", help="replace a gold of that name already in the cache")
     s = sub.add_parser("show", help="print a built gold model's card")
     s.add_argument("--name", default=DEFAULT_NAME)
     s.add_argument("--json", action="store_true")
@@ -263,6 +325,22 @@ def cli(name: str, argv: Sequence[str]) -> int:
             print(f"align gold build: {exc}", file=sys.stderr)
             return 2
         print(describe(load_card(a.name)))
+        print(folder)
+        return 0
+    if a.cmd == "pack":
+        try:
+            print(pack(a.name, a.out))
+        except (FileExistsError, FileNotFoundError, ValueError) as exc:
+            print(f"align gold pack: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if a.cmd == "unpack":
+        try:
+            folder = unpack(a.folder, name=a.name, force=a.force)
+        except (FileExistsError, FileNotFoundError, ValueError) as exc:
+            print(f"align gold unpack: {exc}", file=sys.stderr)
+            return 2
+        print(describe(load_card(folder.name)))
         print(folder)
         return 0
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -83,8 +84,9 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
               "--sample-chunk", "5", "--pairs-per-prompt", "4",
               "--pairs", "10,20,40", "--bon", "4", "--new-tokens", "8", "--gen-batch", "16", "--ppo-iterations", "2",
               "--ppo-rollout", "4", "--ppo-minibatch", "4", "--eval-every", "1", "--rm-max-length", "64",
-              "--results", str(tmp_path / "results")]
-    res = rlhf_core.main([*common, "--gold-pairs", "200", "--gold-model", "tiny-llama"])
+              "--results", str(tmp_path / "results"), "--state", str(tmp_path / "state")]
+    res = rlhf_core.main([*common, "--gold-data", "helpful-base,harmless-base", "--gold-pairs", "200",
+                          "--gold-model", "tiny-llama"])
     assert len(json.loads((out / "samples.jsonl").read_text().splitlines()[0])["samples"]) == 4
     assert not (out / "samples.partial.jsonl").exists()  # 12 prompts in chunks of 5: whole, and the partial file gone
     manifest = json.loads((out / "prompts" / "manifest.json").read_text())
@@ -105,6 +107,23 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     assert (tmp_path / "results" / "rlhf_core_history.jsonl").is_file()
     again = rlhf_core.main(common)
     assert again["stage_seconds"].keys() <= {"proxies", "ppo", "final"}  # done stages are not run again
+
+    # a machine reset takes --out and the cache; --state brings back what the finished stages made, the gold included
+    state = tmp_path / "state"
+    assert (state / "gold" / "tiny" / "model" / "PACKED.json").is_file()
+    assert {p.parent.relative_to(state / "packed").as_posix() for p in (state / "packed").rglob("PACKED.json")} == {
+        "proxy_40/rm_helpful/model", "ppo_proxy/model", "ppo_oracle/model"}
+    shutil.rmtree(out)
+    shutil.rmtree(tmp_path / "cache" / "gold")
+    third = rlhf_core.main(common)
+    assert third["stage_seconds"].keys() <= {"proxies", "ppo", "final"}
+    assert (out / "proxy_40" / "rm_helpful" / "model" / "tokenizer_config.json").is_file()  # unpacked with its tokenizer
+    assert not (out / "proxy_10" / "rm_helpful" / "model").exists()  # measured; nothing left reads it: not retrained
+    assert not (out / "ppo_proxy" / "checkpoints").exists()  # not trained again
+    for key in ("agreement", "bon", "final", "proxy_training"):
+        assert third[key] == res[key], key
+    assert [p["gold"] for p in third["ppo"]["ppo_proxy"]["curve"]] == [p["gold"] for p in res["ppo"]["ppo_proxy"]["curve"]]
+    assert third["gold"]["unpacked_from"]["weights"] == "float16"
 
 
 def test_ppo_memory_table_is_the_hand_computation():

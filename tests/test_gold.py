@@ -117,3 +117,44 @@ def test_a_killed_build_continues_from_its_last_checkpoint(tmp_path, monkeypatch
     assert sorted(p.name for p in (work / "rm" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-25"]
     folder = gold.build([str(helpful)], **args)
     assert calls == [False, True] and (folder / "card.json").is_file() and not work.exists()
+
+
+def test_a_packed_gold_unpacks_to_the_same_judge(tmp_path, monkeypatch, tiny_model):
+    """pack halves the LoRA weights to fp16 and drops the tokenizer; unpack checks every file's hash and restores a
+    gold that scores as the original does (to fp16 rounding), under its own name or another."""
+    from conftest import run_align
+    from safetensors.torch import load_file
+
+    from reward import load_scorer
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    helpful = write_jsonl(tmp_path / "helpful-base.jsonl", [_hh(i) for i in range(400)])
+    gold.build([str(helpful)], name="tiny", pairs=150, model="tiny-llama", max_length=64, lr=1e-3, batch_size=16)
+    packed = gold.pack("tiny", tmp_path / "packed")
+    assert sorted(p.name for p in packed.iterdir()) == ["card.json", "model"]
+    assert not {p.name for p in (packed / "model").iterdir()} & {"tokenizer.json", "tokenizer_config.json"}
+    original = load_file(gold.gold_dir("tiny") / "model" / "adapter_model.safetensors")
+    half = load_file(packed / "model" / "adapter_model.safetensors")
+    assert half.keys() == original.keys() and all(v.dtype.itemsize == 2 for v in half.values())
+    with pytest.raises(FileExistsError, match="not empty"):
+        gold.pack("tiny", tmp_path / "packed")
+
+    folder = gold.unpack(packed, name="copy")
+    assert folder == gold.gold_dir("copy") and gold.load_card("copy")["unpacked_from"]["weights"] == "float16"
+    assert gold.gold_prompt_keys("copy") == gold.gold_prompt_keys("tiny")
+    restored = load_file(folder / "model" / "adapter_model.safetensors")
+    assert all(restored[k].dtype == original[k].dtype for k in original)
+    prompts = [[{"role": "user", "content": f"How do I bake thing number {i}?"}] for i in range(6)]
+    answers = ["Mix flour and water, then bake it.", "No.", "I can't help with that.", "Sure.", "Bake it for an hour.", "?"]
+    a = load_scorer("gold:tiny").score(prompts, answers)
+    b = load_scorer("gold:copy").score(prompts, answers)
+    assert (a - b).abs().max().item() < 1e-2 * max(1.0, a.abs().max().item())
+    assert (a.argsort() == b.argsort()).all()
+    with pytest.raises(FileExistsError, match="--force"):
+        gold.unpack(packed, name="copy")
+
+    # a damaged pack is refused before anything is written; the command line says so in one line
+    (packed / "model" / "reward_stats.json").write_text("{}")
+    res = run_align("gold", "unpack", str(packed), "--name", "other", env={"ALIGN_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 2 and "reward_stats.json does not match its SHA-256" in res.stderr
+    assert not gold.gold_dir("other").exists() and not list((tmp_path / "cache" / "gold").glob(".other-*"))
