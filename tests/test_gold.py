@@ -128,7 +128,7 @@ def test_a_packed_gold_unpacks_to_the_same_judge(tmp_path, monkeypatch, tiny_mod
     from reward import load_scorer
 
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
-    helpful = write_jsonl(tmp_path / "helpful-base.jsonl", [_hh(i) for i in range(400)])
+    helpful = write_jsonl(tmp_path / "helpful-base.jsonl", [_hh(i) for i in range(600)])
     gold.build([str(helpful)], name="tiny", pairs=150, model="tiny-llama", max_length=64, lr=1e-3, batch_size=16)
     packed = gold.pack("tiny", tmp_path / "packed")
     assert sorted(p.name for p in packed.iterdir()) == ["card.json", "model"]
