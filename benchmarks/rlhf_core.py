@@ -201,6 +201,7 @@ class Bench:
         self.times: dict[str, float] = {}
         self._tok = self._model = None
         self._scorers: dict[str, Any] = {}
+        self.state = State(None, self.out)  # main() sets the --state folder
 
     # models, loaded once per process
     def policy(self) -> tuple[Any, Any]:
@@ -343,13 +344,9 @@ class Bench:
         pairs = self.labelled_pairs()
         check_pair_sizes(self.a.pairs, len(pairs))  # before any proxy trains
         _write(self.out / "pairs.jsonl", pairs)
-        needed = not all((self.out / f).is_file() for f in ("agreement.jsonl", "bon.jsonl"))
         for n, name in zip(self.a.pairs, self.proxies()):
             if (self.out / name / "rm_helpful" / "model").is_dir() and name not in self.a.redo:
                 continue
-            if (name != self.proxies()[-1] and not needed and name not in self.a.redo
-                    and (self.out / name / "rm_helpful" / "summary.json").is_file()):
-                continue  # kept by --state: its agreement and best-of-n are measured, nothing left reads its model
             data = self.out / f"{name}.jsonl"
             _write(data, pairs[:n])
             cmd = [sys.executable, "-m", "alignment.cli", "rm", "--config", str(REPO / "configs" / "rm_helpful.yaml"),
@@ -364,6 +361,7 @@ class Bench:
 
                 shutil.rmtree(self.out / name)
             subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+            self.state.keep(["pairs.jsonl", f"{name}/rm_helpful/summary.json"], [f"{name}/rm_helpful/model"])
 
     # -- 4. agreement ------------------------------------------------------------------------
     def stage_agreement(self) -> None:
@@ -468,6 +466,7 @@ class Bench:
             _log(f"{name}: align ppo against {reward}")
             subprocess.run([*self.ppo_cmd(name, reward, judges), *(["--resume"] if resume else [])], check=True, cwd=REPO,
                            env={**os.environ, "WANDB_MODE": "disabled"})
+            self.state.keep([f"{name}/summary.json", f"{name}/metrics.jsonl"], [f"{name}/model"])
 
     def ppo(self) -> dict:
         out = {}
@@ -537,13 +536,13 @@ class Bench:
     # -- what --state keeps of each finished stage -------------------------------------------
     def kept(self, stage: str) -> tuple[list[str], list[str]]:
         """(files, models) of ``stage`` that later stages or the results read, relative to ``--out``."""
-        top = self.proxies()[-1]
         if stage == "prompts":
             return [f"prompts/{p.name}" for p in sorted((self.out / "prompts").iterdir())], []
         if stage == "samples":
             return ["samples.jsonl"], []
-        if stage == "proxies":
-            return ["pairs.jsonl", *[f"{p}/rm_helpful/summary.json" for p in self.proxies()]], [f"{top}/rm_helpful/model"]
+        if stage == "proxies":  # each proxy is also kept as soon as it is trained
+            return ["pairs.jsonl", *[f"{p}/rm_helpful/summary.json" for p in self.proxies()]], [
+                f"{p}/rm_helpful/model" for p in self.proxies()]
         if stage in ("agreement", "bon"):
             return [f"{stage}.jsonl"], []
         if stage == "ppo":
@@ -709,7 +708,7 @@ def main(argv: list[str] | None = None) -> dict:
     if packed_gold and not (packed_gold / "card.json").is_file():
         gold_mod.pack(gold_name, packed_gold)
     bench = Bench(a)
-    state = State(state_root, bench.out)
+    state = bench.state = State(state_root, bench.out)
     for rel in state.restore():
         _log(f"restored from {state_root}: {rel}")
     done = {"prompts": "prompts/manifest.json", "samples": "samples.jsonl", "agreement": "agreement.jsonl", "bon": "bon.jsonl"}

@@ -112,13 +112,14 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     state = tmp_path / "state"
     assert (state / "gold" / "tiny" / "model" / "PACKED.json").is_file()
     assert {p.parent.relative_to(state / "packed").as_posix() for p in (state / "packed").rglob("PACKED.json")} == {
-        "proxy_40/rm_helpful/model", "ppo_proxy/model", "ppo_oracle/model"}
+        "proxy_10/rm_helpful/model", "proxy_20/rm_helpful/model", "proxy_40/rm_helpful/model", "ppo_proxy/model",
+        "ppo_oracle/model"}  # each proxy packed as soon as it is trained (a reset mid-stage keeps the ones done)
     shutil.rmtree(out)
     shutil.rmtree(tmp_path / "cache" / "gold")
     third = rlhf_core.main(common)
     assert third["stage_seconds"].keys() <= {"proxies", "ppo", "final"}
     assert (out / "proxy_40" / "rm_helpful" / "model" / "tokenizer_config.json").is_file()  # unpacked with its tokenizer
-    assert not (out / "proxy_10" / "rm_helpful" / "model").exists()  # measured; nothing left reads it: not retrained
+    assert (out / "proxy_10" / "rm_helpful" / "model" / "adapter_config.json").is_file()  # unpacked, not retrained
     assert not (out / "ppo_proxy" / "checkpoints").exists()  # not trained again
     for key in ("agreement", "bon", "final", "proxy_training"):
         assert third[key] == res[key], key
