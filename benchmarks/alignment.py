@@ -23,7 +23,10 @@ continued) and then checks the issue's targets on the final round:
 
 ``--seeds N`` runs seeds 0..N-1 as projects ``<project>-s<seed>`` and adds the targets over seeds (issue 26): the
 final win rate against SFT >= 65% in the mean with each seed's CI above 50%, the PPO round beating its starting
-policy in at least 2 of 3 seeds, the decoding control beaten in every seed.
+policy in at least 2 of 3 seeds, the decoding control beaten in every seed. Each finished seed's summary is kept in
+``--keep`` (tracked, ``benchmarks/results/alignment_seeds``) and read back instead of run again, so the seeds (about
+two hours each on 2 cores) can be run one per session on machines that are reset in between. A gold the config
+names (``gold:<name>``) is unpacked from ``benchmarks/state/gold`` when the model cache lacks it.
 
 Every run adds one line to ``benchmarks/results/alignment_history.jsonl`` (the attempts, targets met or not).
 Writes ``benchmarks/results/alignment.json`` (per round: gold reward with CI, gold and RM-judged win rates with
@@ -40,6 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"winrate_vs_sft": 0.65, "minutes": 90.0, "truthfulqa_mc2_points": 2.0}
@@ -154,7 +158,7 @@ def print_tables(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks.common import RESULTS
+    from benchmarks.common import RESULTS, ensure_gold, golds_named
 
     p = argparse.ArgumentParser(prog="python -m benchmarks alignment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,16 +175,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rs-control", action="store_true",
                    help="also run round 1 as <project>-rs-random with rejection sampling keeping a random sample "
                         "(sampling.pick=random) and judge round 1 of both on the test prompts: what the reward's ranking adds")
+    p.add_argument("--keep", default=str(RESULTS / "alignment_seeds"),
+                   help="with --seeds: a tracked folder with each finished seed's summary; a seed found there is read back, "
+                        "not run again (a machine reset loses the projects, not the seeds done); '' for none")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="round config overrides (align round init)")
     a = p.parse_args(argv)
+    for name in golds_named(Path(a.config).read_text(), *a.overrides):
+        print(f"gold:{name}: {ensure_gold(name)}")  # a packed gold is unpacked; a missing one stops the round init
     if a.seeds > 1:
-        runs = []
-        for seed in range(a.seeds):
-            one = [f"--project={a.project}-s{seed}", f"--root={a.root}", f"--config={a.config}", f"--note={a.note}",
-                   *(["--fresh"] if a.fresh else []), *(["--summarise"] if a.summarise else []),
-                   *(["--rs-control"] if a.rs_control else []),
-                   *(["--record"] if a.record else []), *a.overrides, f"seed={seed}"]
-            runs.append(main(one))
+        def one(seed: int) -> dict:
+            return main([f"--project={a.project}-s{seed}", f"--root={a.root}", f"--config={a.config}", f"--note={a.note}",
+                         *(["--fresh"] if a.fresh else []), *(["--summarise"] if a.summarise else []),
+                         *(["--rs-control"] if a.rs_control else []),
+                         *(["--record"] if a.record else []), *a.overrides, f"seed={seed}"])
+
+        keep = Path(a.keep) if a.keep and not a.summarise else None
+        runs = run_seeds(a.seeds, one, keep=keep, project=a.project, fresh=a.fresh)
         out = {"seeds": runs, "across_seeds": across_seeds(runs)}
         for name, c in out["across_seeds"].items():
             print(f"{'MET    ' if c['met'] else 'NOT MET'} {name}: {json.dumps({k: v for k, v in c.items() if k != 'met'})}")
@@ -215,6 +225,27 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.summarise or a.record:
         record_attempt(RESULTS / "alignment_history.jsonl", s, note=a.note)
     return s
+
+
+def run_seeds(n: int, run_one: Callable[[int], dict], *, keep: Path | None, project: str, fresh: bool = False) -> list[dict]:
+    """Seeds 0..n-1 in turn: a seed whose summary ``keep`` holds (``<project>-s<seed>.json``) is read back, any other
+    is run by ``run_one`` and its summary written there at once, so each seed is run once across sessions and resets
+    (``fresh``: run them all again)."""
+    runs = []
+    for seed in range(n):
+        saved = keep / f"{project}-s{seed}.json" if keep is not None else None
+        if saved is not None and saved.is_file() and not fresh:
+            print(f"seed {seed}: finished before, read back from {saved}")
+            runs.append(json.loads(saved.read_text()))
+            continue
+        s = run_one(seed)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            tmp = saved.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(s, indent=1, default=str) + "\n")
+            tmp.replace(saved)
+        runs.append(s)
+    return runs
 
 
 def rs_random_overrides(config: str, overrides: list[str]) -> list[str]:

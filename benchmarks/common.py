@@ -14,6 +14,33 @@ from pathlib import Path
 from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# packed gold reward models (``align gold pack``), tracked: a reset machine unpacks them instead of rebuilding for an hour
+GOLD_PACKS = Path(__file__).resolve().parent / "state" / "gold"
+
+
+def golds_named(*texts: str) -> list[str]:
+    """The gold models (``gold:<name>``) a config's text or overrides name, in order, once each."""
+    import re
+
+    names: list[str] = []
+    for text in texts:
+        for name in re.findall(r"gold:([A-Za-z0-9_.-]+)", text):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def ensure_gold(name: str, packs: Path | None = GOLD_PACKS) -> str:
+    """Make ``gold:<name>`` usable: 'cached' when it is in the model cache, 'unpacked' from ``packs/<name>`` when a
+    packed copy is there, else 'missing' (the caller builds it or stops)."""
+    from reward import gold
+
+    if (gold.gold_dir(name) / "card.json").is_file():
+        return "cached"
+    if packs is not None and (packs / name / "card.json").is_file():
+        gold.unpack(packs / name, name=name)
+        return "unpacked"
+    return "missing"
 
 
 def machine() -> dict[str, Any]:

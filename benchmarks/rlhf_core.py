@@ -32,9 +32,9 @@ is optimised against the proxies and the gold scores the result:
 
 Every stage writes into ``--out`` and is skipped when its output is there (``--redo STAGE`` runs it
 again). ``--state`` (tracked, ``benchmarks/state/rlhf_core``) keeps each finished stage's outputs and, packed in
-fp16, the models later stages need, and the gold: a run on a reset machine continues where the last one stopped
-instead of spending hours rebuilding them (``State``). Each run appends a line to
-``benchmarks/results/rlhf_core_history.jsonl``. Writes
+fp16, the models later stages need; the gold is packed in ``--gold-packs`` (``benchmarks/state/gold``). A run on a
+reset machine continues where the last one stopped instead of spending hours rebuilding them (``State``). Each run
+appends a line to ``benchmarks/results/rlhf_core_history.jsonl``. Writes
 ``benchmarks/results/rlhf_core.json`` and the plots ``rlhf_core_bon.png``, ``rlhf_core_ppo.png``.
 
 Targets (issue 26): the largest proxy agrees with the gold >= 70% on fresh pairs (CI low >= 65%);
@@ -638,7 +638,7 @@ def plot(res: dict, results_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks.common import RESULTS
+    from benchmarks.common import GOLD_PACKS, RESULTS, ensure_gold
 
     p = argparse.ArgumentParser(prog="python -m benchmarks rlhf_core", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -648,6 +648,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the gold reward model: from the cache, else unpacked from --state, else built (`align gold build`)")
     p.add_argument("--gold-data", default="helpful-base", help="HH-RLHF subsets the gold is built on, when it has to be")
     p.add_argument("--gold-pairs", type=int, default=2000)
+    p.add_argument("--gold-packs", default=str(GOLD_PACKS),
+                   help="a tracked folder of packed golds (`align gold pack`): the gold is unpacked from it when the cache "
+                        "lacks it, and packed into it once built; '' for none")
     p.add_argument("--state", default=str(REPO / "benchmarks" / "state" / "rlhf_core"),
                    help="a tracked folder keeping each finished stage's outputs and packed models (State); '' for none")
     p.add_argument("--policy", default=SFT, help="the SFT policy (and the base of the proxies)")
@@ -695,12 +698,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_all = time.time()
     state_root = Path(a.state) if a.state else None
-    packed_gold = state_root / "gold" / gold_name if state_root and gold_name else None
-    if gold_name and not (gold_mod.gold_dir(gold_name) / "card.json").is_file():
-        if packed_gold and (packed_gold / "card.json").is_file():
-            _log(f"unpacking the gold {gold_name} from {packed_gold}")
-            gold_mod.unpack(packed_gold, name=gold_name)
-        else:
+    packs = Path(a.gold_packs) if a.gold_packs else None
+    packed_gold = packs / gold_name if packs and gold_name else None
+    if gold_name:
+        got = ensure_gold(gold_name, packs)
+        _log(f"the gold {gold_name}: {got}")
+        if got == "missing":
             _log(f"building the gold {gold_name} on {a.gold_pairs} HH-RLHF pairs")
             gold_mod.build([str(a.data / "hh-rlhf" / s / "test.jsonl.gz") for s in a.gold_data.split(",")],
                            name=gold_name, pairs=a.gold_pairs, model=a.gold_model, max_length=a.gold_max_length,

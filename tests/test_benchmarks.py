@@ -84,7 +84,8 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
               "--sample-chunk", "5", "--pairs-per-prompt", "4",
               "--pairs", "10,20,40", "--bon", "4", "--new-tokens", "8", "--gen-batch", "16", "--ppo-iterations", "2",
               "--ppo-rollout", "4", "--ppo-minibatch", "4", "--eval-every", "1", "--rm-max-length", "64",
-              "--results", str(tmp_path / "results"), "--state", str(tmp_path / "state")]
+              "--results", str(tmp_path / "results"), "--state", str(tmp_path / "state"),
+              "--gold-packs", str(tmp_path / "golds")]
     res = rlhf_core.main([*common, "--gold-data", "helpful-base,harmless-base", "--gold-pairs", "200",
                           "--gold-model", "tiny-llama"])
     assert len(json.loads((out / "samples.jsonl").read_text().splitlines()[0])["samples"]) == 4
@@ -110,7 +111,7 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
 
     # a machine reset takes --out and the cache; --state brings back what the finished stages made, the gold included
     state = tmp_path / "state"
-    assert (state / "gold" / "tiny" / "model" / "PACKED.json").is_file()
+    assert (tmp_path / "golds" / "tiny" / "model" / "PACKED.json").is_file()
     assert {p.parent.relative_to(state / "packed").as_posix() for p in (state / "packed").rglob("PACKED.json")} == {
         "proxy_10/rm_helpful/model", "proxy_20/rm_helpful/model", "proxy_40/rm_helpful/model", "ppo_proxy/model",
         "ppo_oracle/model"}  # each proxy packed as soon as it is trained (a reset mid-stage keeps the ones done)
@@ -125,6 +126,36 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
         assert third[key] == res[key], key
     assert [p["gold"] for p in third["ppo"]["ppo_proxy"]["curve"]] == [p["gold"] for p in res["ppo"]["ppo_proxy"]["curve"]]
     assert third["gold"]["unpacked_from"]["weights"] == "float16"
+
+
+def test_alignment_seeds_are_kept_and_each_run_once(tmp_path):
+    """`benchmarks alignment --seeds 3` on machines reset between sessions: a finished seed's summary is kept and read
+    back, not run again; a later call runs only the seeds not done; --fresh runs them all; the golds a config names
+    are found in its text and overrides."""
+    from benchmarks.alignment import run_seeds
+    from benchmarks.common import golds_named
+
+    calls: list[int] = []
+
+    def one(seed: int) -> dict:
+        calls.append(seed)
+        return {"seed": seed, "final": {"winrate": 0.5 + seed / 10}}
+
+    keep = tmp_path / "seeds"
+    first = run_seeds(2, one, keep=keep, project="p")
+    assert calls == [0, 1] and sorted(f.name for f in keep.iterdir()) == ["p-s0.json", "p-s1.json"]
+    later = run_seeds(3, one, keep=keep, project="p")  # a new session: seeds 0 and 1 are done
+    assert calls == [0, 1, 2] and later[:2] == first and later[2] == {"seed": 2, "final": {"winrate": 0.7}}
+    assert run_seeds(3, one, keep=keep, project="other") and calls[3:] == [0, 1, 2]  # another project's seeds
+    run_seeds(1, one, keep=keep, project="p", fresh=True)
+    assert calls[6:] == [0]
+    run_seeds(2, one, keep=None, project="p")
+    assert calls[7:] == [0, 1]
+    assert not list(keep.glob("*.tmp"))
+
+    text = (REPO / "configs" / "round_gold_rm.yaml").read_text()
+    assert golds_named(text) == ["hh-helpful-smollm2"]
+    assert golds_named("judges: [gold, rm]", "eval.gold_model=gold:a", "x=gold:b", "y=gold:a") == ["a", "b"]
 
 
 def test_ppo_memory_table_is_the_hand_computation():
