@@ -157,7 +157,8 @@ def pack_folder(src: Path, out: Path) -> dict:
         raise FileExistsError(f"{out} exists; refusing to overwrite it")
     out.mkdir(parents=True)
     dtypes: dict[str, dict[str, str]] = {}
-    for f in sorted(p for p in src.iterdir() if p.is_file() and p.name not in TOKENIZER_FILES):
+    skip = TOKENIZER_FILES | {"training_args.bin"}  # the trainer's pickled arguments: not needed to load, never unpickled
+    for f in sorted(p for p in src.iterdir() if p.is_file() and p.name not in skip):
         if f.suffix == ".safetensors":
             tensors = load_file(f)
             dtypes[f.name] = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}

@@ -132,7 +132,7 @@ def test_a_packed_gold_unpacks_to_the_same_judge(tmp_path, monkeypatch, tiny_mod
     gold.build([str(helpful)], name="tiny", pairs=150, model="tiny-llama", max_length=64, lr=1e-3, batch_size=16)
     packed = gold.pack("tiny", tmp_path / "packed")
     assert sorted(p.name for p in packed.iterdir()) == ["card.json", "model"]
-    assert not {p.name for p in (packed / "model").iterdir()} & {"tokenizer.json", "tokenizer_config.json"}
+    assert not {p.name for p in (packed / "model").iterdir()} & {"tokenizer.json", "tokenizer_config.json", "training_args.bin"}
     original = load_file(gold.gold_dir("tiny") / "model" / "adapter_model.safetensors")
     half = load_file(packed / "model" / "adapter_model.safetensors")
     assert half.keys() == original.keys() and all(v.dtype.itemsize == 2 for v in half.values())
