@@ -179,7 +179,8 @@ def pack_folder(src: Path, out: Path) -> dict:
 
 
 def unpack_folder(packed: Path, out: Path) -> None:
-    """Restore a folder written by :func:`pack_folder` into the new folder ``out``: every file checked against its
+    """Restore a folder written by :func:`pack_folder` into the new folder ``out`` (written aside and renamed, so a
+    killed restore leaves no half folder that looks whole): every file checked against its
     SHA-256 first (a damaged pack is refused naming the file), tensors back in their trained dtype (the fp16 rounding
     stays), the tokenizer saved from the adapter's base model (``align_base.json``, else ``adapter_config.json``)."""
     import json
@@ -204,6 +205,8 @@ def unpack_folder(packed: Path, out: Path) -> None:
             raise ValueError(f"{packed / name} does not match its SHA-256 in {PACK_MANIFEST}: the pack is damaged")
     if out.exists():
         raise FileExistsError(f"{out} exists; refusing to overwrite it")
+    final, out = out, out.with_name(f".{out.name}.unpacking")  # written aside, renamed when whole
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for name in manifest["sha256"]:
         if name in manifest["dtypes"]:
@@ -216,3 +219,4 @@ def unpack_folder(packed: Path, out: Path) -> None:
     base = (json.loads(base_file.read_text())["name"] if base_file.is_file()
             else json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"])
     load_tokenizer(base).save_pretrained(out)
+    out.rename(final)
