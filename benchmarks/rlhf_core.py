@@ -430,9 +430,18 @@ class Bench:
                             "gold_gain_ci": bootstrap_mean_ci(gain, self.a.seed), "proxy": sum(own) / len(own),
                             "tokens": sum(length) / len(length)})
             curves[picker] = pts
+        # the sceptic's control: best-of-n by brevity alone (the shortest answer; ties, such as answers cut at the
+        # token limit, by position, which is random order for independent samples). The gold prefers the shorter answer
+        # of most pairs, so a picker (or a policy) can gain gold score by shortening; this is how much.
+        shortest = []
+        for n in ns:
+            gold = [bon_expected([-t for t in r["tokens"]], r["gold"], n) - sum(r["gold"]) / len(r["gold"]) for r in rows]
+            length = [bon_expected([-t for t in r["tokens"]], r["tokens"], n) for r in rows]
+            shortest.append({"n": n, "kl": kl_bon(n), "gold_gain": sum(gold) / len(gold),
+                             "gold_gain_ci": bootstrap_mean_ci(gold, self.a.seed), "tokens": sum(length) / len(length)})
         top = self.proxies()[-1]
         g_gold, g_proxy = curves["gold"][-1]["gold_gain"], curves[top][-1]["gold_gain"]
-        return {"prompts": len(rows), "samples": self.a.bon, "curves": curves,
+        return {"prompts": len(rows), "samples": self.a.bon, "curves": curves, "controls": {"shortest": shortest},
                 "ratio_best_proxy_to_gold": g_proxy / g_gold if g_gold else None, "best_proxy": top}
 
     # -- 6. PPO ------------------------------------------------------------------------------
@@ -610,6 +619,9 @@ def plot(res: dict, results_dir: Path) -> None:
             axes[0].plot(x, [p["gold_gain"] for p in pts], "o-", label=f"picked by {picker}")
             if picker != "gold":
                 axes[1].plot(x, [p["proxy"] - pts[0]["proxy"] for p in pts], "o-", label=picker)
+        for name, pts in (res["bon"].get("controls") or {}).items():
+            axes[0].plot([math.sqrt(p["kl"]) for p in pts], [p["gold_gain"] for p in pts], "x:", color="grey",
+                         label=f"control: the {name} answer")
         axes[0].set(xlabel="sqrt(KL_bon)", ylabel="gold score gain over n=1", title="Best-of-n: gold score of the pick")
         axes[1].set(xlabel="sqrt(KL_bon)", ylabel="proxy score gain over n=1", title="Best-of-n: the proxy's own score")
         for ax in axes:

@@ -98,6 +98,10 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     assert set(curves) == {"gold", "proxy_10", "proxy_20", "proxy_40"} and [p["n"] for p in curves["gold"]] == [1, 2, 4]
     gains = [p["gold_gain"] for p in curves["gold"]]
     assert gains[0] == pytest.approx(0.0, abs=1e-6) and gains == sorted(gains)  # picking by the gold itself never hurts
+    short = res["bon"]["controls"]["shortest"]  # the brevity control: the shortest of n is never longer for larger n
+    assert [p["n"] for p in short] == [1, 2, 4] and short[0]["gold_gain"] == pytest.approx(0.0, abs=1e-6)
+    assert all(a["tokens"] >= b["tokens"] - 1e-9 for a, b in zip(short, short[1:]))
+    assert short[0]["tokens"] == pytest.approx(curves["gold"][0]["tokens"])
     assert set(res["ppo"]) == {"ppo_proxy", "ppo_oracle"}
     assert all(p["gold"] is not None and p["proxy"] is not None for p in res["ppo"]["ppo_proxy"]["curve"])
     assert set(res["final"]) == {"sft", "ppo_proxy", "ppo_oracle"}
