@@ -115,6 +115,25 @@ def bootstrap_mean_ci(values: Sequence[float], seed: int = 0, n_boot: int = 2000
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def length_strata(wins: Sequence[float], pol: Sequence[dict], base: Sequence[dict], *, near: int = 10,
+                  seed: int = 0) -> dict:
+    """The win rate within length strata, a control that assumes no model of length (the length-controlled rate
+    extrapolates a fitted curve to equal lengths): pairs whose answers differ by fewer than ``near`` tokens, and pairs
+    where both answers were cut at the token limit (neither finished). Each stratum: {n, win_rate, CI} or None; and
+    how many of the policy's answers are shorter / as long / longer than the baseline's."""
+    from alignment.evals.winrate import summarise
+
+    diffs = [p["tokens"] - b["tokens"] for p, b in zip(pol, base)]
+
+    def stratum(keep: Sequence[bool]) -> dict | None:
+        w = [x for x, k in zip(wins, keep) if k]
+        return summarise(w, seed=seed) if w else None
+
+    return {"near_tokens": near, "similar_length": stratum([abs(d) < near for d in diffs]),
+            "both_cut": stratum([not p["finished"] and not b["finished"] for p, b in zip(pol, base)]),
+            "shorter": sum(d < 0 for d in diffs), "same": sum(d == 0 for d in diffs), "longer": sum(d > 0 for d in diffs)}
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 
@@ -539,7 +558,8 @@ class Bench:
                          "winrate_vs_sft": summarise(wins, seed=self.a.seed),
                          "lc_winrate_vs_sft": lcwr.summarise(wins, [p["tokens"] for p in pol], [s["tokens"] for s in sft],
                                                             seed=self.a.seed),
-                         "identical_answers": sum(p["response"] == s["response"] for p, s in zip(pol, sft))}
+                         "identical_answers": sum(p["response"] == s["response"] for p, s in zip(pol, sft)),
+                         "length_strata": length_strata(wins, pol, sft, seed=self.a.seed)}
         return out
 
     # -- what --state keeps of each finished stage -------------------------------------------

@@ -107,6 +107,8 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     assert set(res["final"]) == {"sft", "ppo_proxy", "ppo_oracle"}
     final = res["final"]["ppo_proxy"]
     assert final["winrate_vs_sft"]["n"] == 6 and "lc_win_rate" in final["lc_winrate_vs_sft"]
+    strata = final["length_strata"]
+    assert strata["shorter"] + strata["same"] + strata["longer"] == 6
     assert set(res["targets"]) == {"agreement", "bon", "ppo_proxy", "ppo_oracle"}
     assert (tmp_path / "results" / "rlhf_core_bon.png").is_file()
     assert (tmp_path / "results" / "rlhf_core_history.jsonl").is_file()
@@ -237,6 +239,21 @@ def test_the_rs_random_control_keeps_the_projects_rs_settings_and_changes_only_t
     assert control.seed == 2 and control.rounds == 1
     assert control.spec("rs").overrides == [*main.spec("rs").overrides, "sampling.pick=random"]
     assert "sampling.num_samples=4" in control.spec("rs").overrides  # the project's, not configs/rs.yaml's defaults
+
+
+def test_rlhf_core_length_strata_by_hand():
+    """Win rates within length strata, counted by hand: pairs within 10 tokens, and pairs both cut at the limit."""
+    from benchmarks.rlhf_core import length_strata
+
+    pol = [{"tokens": 20, "finished": True}, {"tokens": 64, "finished": False}, {"tokens": 60, "finished": True},
+           {"tokens": 64, "finished": False}]
+    base = [{"tokens": 64, "finished": False}, {"tokens": 64, "finished": False}, {"tokens": 64, "finished": False},
+            {"tokens": 70, "finished": False}]
+    s = length_strata([1.0, 0.0, 1.0, 0.5], pol, base)
+    assert (s["shorter"], s["same"], s["longer"]) == (3, 1, 0)
+    assert s["similar_length"]["n"] == 3 and s["similar_length"]["win_rate"] == pytest.approx(1.5 / 3)  # pairs 2, 3, 4
+    assert s["both_cut"]["n"] == 2 and s["both_cut"]["win_rate"] == pytest.approx(0.25)  # pairs 2 and 4
+    assert length_strata([1.0], pol[:1], base[:1])["similar_length"] is None
 
 
 def test_rlhf_core_checks_the_proxy_sizes_before_training_any():
