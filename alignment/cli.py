@@ -142,9 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from foundation.distributed import shutdown
 
-    shutdown()  # under a multi-process launch: end the process group before exit (no SIGABRT at teardown)
+    global _ENDED_GROUP
+    _ENDED_GROUP = shutdown()  # under a multi-process launch: end the process group before exit
     return code
 
 
+_ENDED_GROUP = False  # main() ended a process group: this process is a rank of a launch
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if _ENDED_GROUP:  # a rank exits without interpreter finalisation, where gloo can abort it (exit_rank)
+        from foundation.distributed import exit_rank
+
+        exit_rank(code)
+    sys.exit(code)

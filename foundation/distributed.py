@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 
 def world_size() -> int:
@@ -264,19 +264,42 @@ def check_shared_folder(folder: Any) -> None:
                            "datasets the ranks share on disk and the final model")
 
 
-def shutdown() -> None:
+def shutdown() -> bool:
     """End the process group before the interpreter exits.
 
     Left to interpreter shutdown, a gloo (or NCCL) process group is torn down while its worker
     threads may still be joinable, and a rank can abort with "terminate called without an active
     exception" (SIGABRT) after its work is done, failing the whole launch. Each rank destroys its
-    group explicitly (no barrier: a rank that failed must not leave the others waiting)."""
+    group explicitly (no barrier: a rank that failed must not leave the others waiting). True when there was one."""
     import sys
 
     torch = sys.modules.get("torch")
     if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return
+        return False
     torch.distributed.destroy_process_group()
+    return True
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a rank of a multi-process launch, its work done and its process group ended (:func:`shutdown`), without
+    the interpreter's finalisation.
+
+    ``destroy_process_group`` drops the group, not the collective handles other objects still hold (DeepSpeed ZeRO-3
+    keeps its prefetch all-gathers): gloo's worker threads can then release tensors while the interpreter is torn
+    down and the rank aborts with "terminate called without an active exception" (SIGABRT) after its work is done,
+    failing the launch (seen once in ``test_ppo_resumes_under_zero3``; the mechanism is pytorch/pytorch#179291's).
+    Logs and the standard streams are flushed first; nothing this project registers with ``atexit`` is skipped
+    (there is none; wandb is finished by ``foundation.runs``)."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def trainer_state_kwargs() -> dict[str, Any]:

@@ -66,7 +66,11 @@ def _run(stage: str, args: list[str], *extra: str, layout: str | None = None,
     """``align <stage>``, under ``configs/accelerate/<layout>.yaml`` when given; it must succeed."""
     launch = ["--launch", str(REPO / f"configs/accelerate/{layout}.yaml")] if layout else []
     res = run_align(stage, *args, *extra, *launch, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    if res.returncode != 0:  # did the ranks die in the work or after it (at teardown)? what they finished tells
+        root = next((a.split("=", 1)[1] for a in (*args, *extra) if a.startswith("run.root=")), None)
+        done = sorted(str(p.relative_to(root)) for p in Path(root).rglob("summary.json")) if root else []
+        raise AssertionError(f"align {stage} exited {res.returncode}; summary.json written: {done or 'none'}\n"
+                             + res.stderr[-3000:])
     return res
 
 
@@ -563,3 +567,24 @@ def test_frozen_models_load_on_the_cpu_in_the_dtype_of_their_accelerator_under_z
     assert distributed.frozen_placement("cuda:1") == ("cpu", "bfloat16")
     assert distributed.frozen_placement("cuda:1", "float16") == ("cpu", "float16")
     assert distributed.frozen_placement("cpu") == ("cpu", "float32")
+
+
+def test_a_rank_exits_without_finalisation_but_with_its_logs_and_output(tmp_path):
+    """``exit_rank`` skips the interpreter's finalisation (where gloo can abort a finished rank) but not what the rank
+    wrote: a buffered log handler and a block-buffered stdout reach their files, and the exit code is kept."""
+    import os
+    import sys
+
+    code = ("import logging, logging.handlers, sys\n"
+            f"target = logging.FileHandler({str(tmp_path / 'rank.log')!r})\n"
+            "logging.getLogger().addHandler(logging.handlers.MemoryHandler(capacity=100, target=target))\n"
+            "logging.getLogger('x').warning('the rank logged this')\n"
+            "print('and printed this', end='')\n"
+            "from foundation.distributed import exit_rank\n"
+            "exit_rank(3)\n"
+            "print('never')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe is block-buffered
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert res.stdout == "and printed this"
+    assert (tmp_path / "rank.log").read_text() == "the rank logged this\n"
