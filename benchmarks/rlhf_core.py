@@ -436,28 +436,28 @@ class Bench:
     def bon(self) -> dict:
         rows = read_jsonl(self.out / "bon.jsonl")
         ns = [n for n in (1, 2, 4, 8, 16) if n <= self.a.bon]
-        curves: dict[str, Any] = {}
-        for picker in ["gold", *self.proxies()]:
+
+        def curve(pick: Any, proxy: str | None) -> list[dict]:
+            """Best-of-n by ``pick(row)`` (scores of the 16 answers): the pick's expected gold score and gain over
+            n = 1 (CI), its length, and with ``proxy`` the picker's own score of it."""
             pts = []
             for n in ns:
-                gold = [bon_expected(r[picker], r["gold"], n) for r in rows]
-                own = [bon_expected(r[picker], r[picker], n) for r in rows]
-                length = [bon_expected(r[picker], r["tokens"], n) for r in rows]
-                base = [sum(r["gold"]) / len(r["gold"]) for r in rows]
-                gain = [g - b for g, b in zip(gold, base)]
-                pts.append({"n": n, "kl": kl_bon(n), "gold": sum(gold) / len(gold), "gold_gain": sum(gain) / len(gain),
-                            "gold_gain_ci": bootstrap_mean_ci(gain, self.a.seed), "proxy": sum(own) / len(own),
-                            "tokens": sum(length) / len(length)})
-            curves[picker] = pts
+                gold = [bon_expected(pick(r), r["gold"], n) for r in rows]
+                gain = [g - sum(r["gold"]) / len(r["gold"]) for g, r in zip(gold, rows)]
+                length = [bon_expected(pick(r), r["tokens"], n) for r in rows]
+                pt = {"n": n, "kl": kl_bon(n), "gold": sum(gold) / len(gold), "gold_gain": sum(gain) / len(gain),
+                      "gold_gain_ci": bootstrap_mean_ci(gain, self.a.seed), "tokens": sum(length) / len(length)}
+                if proxy is not None:
+                    own = [bon_expected(pick(r), r[proxy], n) for r in rows]
+                    pt["proxy"] = sum(own) / len(own)
+                pts.append(pt)
+            return pts
+
+        curves = {name: curve(lambda r, name=name: r[name], name) for name in ["gold", *self.proxies()]}
         # the sceptic's control: best-of-n by brevity alone (the shortest answer; ties, such as answers cut at the
         # token limit, by position, which is random order for independent samples). The gold prefers the shorter answer
         # of most pairs, so a picker (or a policy) can gain gold score by shortening; this is how much.
-        shortest = []
-        for n in ns:
-            gold = [bon_expected([-t for t in r["tokens"]], r["gold"], n) - sum(r["gold"]) / len(r["gold"]) for r in rows]
-            length = [bon_expected([-t for t in r["tokens"]], r["tokens"], n) for r in rows]
-            shortest.append({"n": n, "kl": kl_bon(n), "gold_gain": sum(gold) / len(gold),
-                             "gold_gain_ci": bootstrap_mean_ci(gold, self.a.seed), "tokens": sum(length) / len(length)})
+        shortest = curve(lambda r: [-t for t in r["tokens"]], None)
         top = self.proxies()[-1]
         g_gold, g_proxy = curves["gold"][-1]["gold_gain"], curves[top][-1]["gold_gain"]
         return {"prompts": len(rows), "samples": self.a.bon, "curves": curves, "controls": {"shortest": shortest},
