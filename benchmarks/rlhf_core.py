@@ -29,6 +29,11 @@ is optimised against the proxies and the gold scores the result:
 7. ``final``: greedy answers of each returned policy and of the SFT model to the test prompts,
    scored by the gold: win rate (ties half, bootstrap CI), length-controlled win rate
    (``alignment.evals.lcwr``) and mean lengths.
+8. ``replication``: the same comparison on the usable prompts that none of the four sets took (the
+   rest of the same seeded list: 357 prompts in the run of record), alone and pooled with the test
+   set. Added after the first test read (2026-12-06, declared in ``rlhf_core_history.jsonl`` before
+   it ran) because the oracle's length-controlled CI at n = 128 was too wide to decide; the targets
+   on the test set stand as read, the replication is reported beside them whatever it shows.
 
 Every stage writes into ``--out`` and is skipped when its output is there (``--redo STAGE`` runs it
 again). ``--state`` (tracked, ``benchmarks/state/rlhf_core``) keeps each finished stage's outputs and, packed in
@@ -62,7 +67,7 @@ from foundation.runs import read_jsonl
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 SFT = "smollm2-135m"  # the default --policy
-STAGES = ("prompts", "samples", "proxies", "agreement", "bon", "ppo", "final")
+STAGES = ("prompts", "samples", "proxies", "agreement", "bon", "ppo", "final", "replication")
 TARGETS = {"agreement": 0.70, "agreement_ci_low": 0.65, "bon_ratio": 0.5, "ppo_winrate": 0.60, "oracle_winrate": 0.65}
 
 
@@ -257,7 +262,9 @@ class Bench:
         return [f"proxy_{n}" for n in self.a.pairs]
 
     # -- 1. prompts --------------------------------------------------------------------------
-    def stage_prompts(self) -> None:
+    def usable_prompts(self) -> tuple[list, list[str], int]:
+        """Every usable prompt in the seeded order the sets are cut from (the ``prompts`` stage and the
+        ``replication`` stage draw the same list), the sources read, and how many gold prompts were excluded."""
         from foundation.generation import encode_prompts
         from data.loaders import DataSource, load_prompts
         from reward.gold import gold_prompt_keys, partition_of, prompt_key
@@ -284,8 +291,13 @@ class Bench:
                 continue
             seen.add(key)
             kept.append(r)
-        rng = random.Random(self.a.seed)
-        rng.shuffle(kept)
+        random.Random(self.a.seed).shuffle(kept)
+        return kept, sources, len(excluded)
+
+    def stage_prompts(self) -> None:
+        from reward.gold import prompt_key
+
+        kept, sources, excluded = self.usable_prompts()
         sizes = {"test": self.a.test_prompts, "validation": self.a.val_prompts, "fresh": self.a.fresh_prompts,
                  "train": self.a.train_prompts}
         if sum(sizes.values()) > len(kept):
@@ -303,7 +315,7 @@ class Bench:
                 if a_name < b_name and keys[a_name] & keys[b_name]:
                     raise AssertionError(f"prompt sets {a_name} and {b_name} overlap")
         (self.out / "prompts" / "manifest.json").write_text(json.dumps(
-            {"sources": sources, "usable": len(kept), "sets": counts, "excluded_gold_prompts": len(excluded),
+            {"sources": sources, "usable": len(kept), "sets": counts, "excluded_gold_prompts": excluded,
              "max_prompt_tokens": self.a.max_prompt_tokens, "seed": self.a.seed, "disjoint": True}, indent=1))
 
     def prompts(self, name: str) -> list[dict]:
@@ -519,15 +531,22 @@ class Bench:
         return out
 
     # -- 7. final comparison on test prompts -------------------------------------------------
+    POLICIES = ("sft", "ppo_proxy", "ppo_oracle")
+
     def stage_final(self) -> None:
+        self.answer("test")
+
+    def answer(self, prompt_set: str) -> None:
+        """Greedy answers of the SFT model and of each returned policy to ``prompt_set``, scored by the gold and the
+        largest proxy, into ``<prompt_set>_<policy>.jsonl``."""
         from foundation.generation import generate
         from foundation.models import load_causal_lm, load_tokenizer
 
-        rows = self.prompts("test")
+        rows = self.prompts(prompt_set)
         convs = [r["messages"] for r in rows]
         for name, model in (("sft", self.a.policy), ("ppo_proxy", str(self.out / "ppo_proxy")),
                             ("ppo_oracle", str(self.out / "ppo_oracle"))):
-            path = self.out / f"test_{name}.jsonl"
+            path = self.out / f"{prompt_set}_{name}.jsonl"
             if path.is_file() and name not in self.a.redo:
                 continue
             if name != "sft" and not (self.out / name / "summary.json").is_file():
@@ -539,20 +558,24 @@ class Bench:
             _write(path, [{"prompt": c, "response": t, "tokens": len(g.response_ids), "finished": g.finished,
                            **{k: v[i] for k, v in scores.items()}} for i, (c, t, g) in enumerate(zip(convs, texts, gens))])
 
-    def final(self) -> dict:
+    def final(self, prompt_sets: Sequence[str] = ("test",)) -> dict:
+        """Each returned policy against the SFT model on ``prompt_sets`` (pooled when several): gold win rate, its
+        length-controlled companion, the length strata, mean gold scores and lengths."""
         from alignment.evals import lcwr
         from alignment.evals.winrate import outcome, summarise
 
-        base = self.out / "test_sft.jsonl"
-        if not base.is_file():
+        if not all((self.out / f"{s}_sft.jsonl").is_file() for s in prompt_sets):
             return {}
-        sft = read_jsonl(base)
-        out = {"sft": {"gold_mean": sum(r["gold"] for r in sft) / len(sft), "tokens": sum(r["tokens"] for r in sft) / len(sft)}}
+        sft = [r for s in prompt_sets for r in read_jsonl(self.out / f"{s}_sft.jsonl")]
+        out = {"sft": {"gold_mean": sum(r["gold"] for r in sft) / len(sft), "tokens": sum(r["tokens"] for r in sft) / len(sft),
+                       "n": len(sft)}}
         for name in ("ppo_proxy", "ppo_oracle"):
-            path = self.out / f"test_{name}.jsonl"
-            if not path.is_file():
+            paths = [self.out / f"{s}_{name}.jsonl" for s in prompt_sets]
+            if not all(p.is_file() for p in paths):
                 continue
-            pol = read_jsonl(path)
+            pol = [r for p in paths for r in read_jsonl(p)]
+            if [r["prompt"] for r in pol] != [r["prompt"] for r in sft]:
+                raise AssertionError(f"{name}'s answers and the SFT model's are not to the same prompts ({prompt_sets})")
             wins = [outcome(p["gold"], s["gold"]) for p, s in zip(pol, sft)]
             out[name] = {"gold_mean": sum(r["gold"] for r in pol) / len(pol), "tokens": sum(r["tokens"] for r in pol) / len(pol),
                          "winrate_vs_sft": summarise(wins, seed=self.a.seed),
@@ -561,6 +584,28 @@ class Bench:
                          "identical_answers": sum(p["response"] == s["response"] for p, s in zip(pol, sft)),
                          "length_strata": length_strata(wins, pol, sft, seed=self.a.seed)}
         return out
+
+    # -- 8. replication on the prompts no stage read ----------------------------------------
+    def stage_replication(self) -> None:
+        """The final comparison again on the usable prompts that no stage drew (the rest of the seeded list the four
+        sets were cut from): a second test set, larger than the first, read by no decision. Checks that the list
+        re-drawn now reproduces the stored sets in order, so the rest is exactly what no stage read."""
+        from reward.gold import prompt_key
+
+        path = self.out / "prompts" / "replication.jsonl"
+        if not path.is_file():
+            kept, _, _ = self.usable_prompts()
+            used = [prompt_key(r["messages"]) for s in ("test", "validation", "fresh", "train") for r in self.prompts(s)]
+            if [prompt_key(r.messages) for r in kept[:len(used)]] != used:
+                raise AssertionError("the usable prompts re-drawn now do not reproduce the stored prompt sets; the rest "
+                                     "would not be the prompts no stage read (other data or settings than the prompts stage's)")
+            rest = kept[len(used):]
+            if self.a.replication_prompts is not None:
+                rest = rest[:self.a.replication_prompts]
+            if not rest:
+                raise ValueError(f"no usable prompts left beyond the {len(used)} the four sets took")
+            _write(path, [r.to_dict() for r in rest])
+        self.answer("replication")
 
     # -- what --state keeps of each finished stage -------------------------------------------
     def kept(self, stage: str) -> tuple[list[str], list[str]]:
@@ -577,6 +622,8 @@ class Bench:
         if stage == "ppo":
             runs = [n for n in ("ppo_proxy", "ppo_oracle") if (self.out / n / "summary.json").is_file()]
             return [f"{n}/{f}" for n in runs for f in ("summary.json", "metrics.jsonl")], [f"{n}/model" for n in runs]
+        if stage == "replication":
+            return ["prompts/replication.jsonl", *[p.name for p in sorted(self.out.glob("replication_*.jsonl"))]], []
         return [p.name for p in sorted(self.out.glob("test_*.jsonl"))], []
 
     # -- results -------------------------------------------------------------------------------
@@ -593,6 +640,10 @@ class Bench:
             res["bon"] = self.bon()
         res["ppo"] = self.ppo()
         res["final"] = self.final()
+        if (self.out / "replication_sft.jsonl").is_file():
+            res["replication"] = {"prompts": {"n": len(self.prompts("replication")),
+                                              "safety": sum(r.get("category") == "safety" for r in self.prompts("replication"))},
+                                  "alone": self.final(("replication",)), "pooled_with_test": self.final(("test", "replication"))}
         res["proxy_training"] = {}
         for name in self.proxies():
             s = self.out / name / "rm_helpful" / "summary.json"
@@ -615,14 +666,19 @@ class Bench:
             r = res["bon"]["ratio_best_proxy_to_gold"]
             t["bon"] = {"value": r, "met": r is not None and r >= TARGETS["bon_ratio"],
                         "target": "best-of-16 by the largest proxy gains >= 50% of best-of-16 by the gold"}
+        rep = res.get("replication") or {}
         for name, key in (("ppo_proxy", "ppo_winrate"), ("ppo_oracle", "oracle_winrate")):
-            f = (res.get("final") or {}).get(name)
-            if f:
-                w, lc = f["winrate_vs_sft"], f["lc_winrate_vs_sft"]
-                t[name] = {"winrate": w["win_rate"], "ci": [w["ci_low"], w["ci_high"]], "n": w["n"],
-                           "lc_winrate": lc["lc_win_rate"], "lc_ci": [lc["ci_low"], lc["ci_high"]],
-                           "met": w["win_rate"] >= TARGETS[key] and w["ci_low"] > 0.5 and lc["ci_low"] > 0.5,
-                           "target": f">= {100 * TARGETS[key]:.0f}% on test prompts, CI low > 50%, length-controlled too"}
+            for suffix, final, where in (("", res.get("final"), "test prompts"),
+                                         ("_replication", rep.get("alone"), "the replication prompts (read after the test)"),
+                                         ("_pooled", rep.get("pooled_with_test"), "test + replication prompts")):
+                f = (final or {}).get(name)
+                if f:
+                    w, lc = f["winrate_vs_sft"], f["lc_winrate_vs_sft"]
+                    t[name + suffix] = {
+                        "winrate": w["win_rate"], "ci": [w["ci_low"], w["ci_high"]], "n": w["n"],
+                        "lc_winrate": lc["lc_win_rate"], "lc_ci": [lc["ci_low"], lc["ci_high"]],
+                        "met": w["win_rate"] >= TARGETS[key] and w["ci_low"] > 0.5 and lc["ci_low"] > 0.5,
+                        "target": f">= {100 * TARGETS[key]:.0f}% on {where}, CI low > 50%, length-controlled too"}
         return t
 
 
@@ -694,6 +750,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fresh-prompts", type=int, default=300)
     p.add_argument("--val-prompts", type=int, default=64)
     p.add_argument("--test-prompts", type=int, default=128)
+    p.add_argument("--replication-prompts", type=int, default=None,
+                   help="the replication stage's prompts: the first N of the usable prompts no other set took (default all)")
     p.add_argument("--max-prompt-tokens", type=int, default=96)
     p.add_argument("--k", type=int, default=8, help="answers per train prompt")
     p.add_argument("--pairs-per-prompt", type=int, default=8)

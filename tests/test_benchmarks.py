@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 from benchmarks.rm_real import by_length, curve, length_baseline
+from foundation.runs import read_jsonl
 
 
 def _pair(chosen: str, rejected: str) -> SimpleNamespace:
@@ -85,7 +86,7 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
               "--pairs", "10,20,40", "--bon", "4", "--new-tokens", "8", "--gen-batch", "16", "--ppo-iterations", "2",
               "--ppo-rollout", "4", "--ppo-minibatch", "4", "--eval-every", "1", "--rm-max-length", "64",
               "--results", str(tmp_path / "results"), "--state", str(tmp_path / "state"),
-              "--gold-packs", str(tmp_path / "golds")]
+              "--gold-packs", str(tmp_path / "golds"), "--replication-prompts", "5"]
     res = rlhf_core.main([*common, "--gold-data", "helpful-base,harmless-base", "--gold-pairs", "200",
                           "--gold-model", "tiny-llama"])
     assert len(json.loads((out / "samples.jsonl").read_text().splitlines()[0])["samples"]) == 4
@@ -109,11 +110,21 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     assert final["winrate_vs_sft"]["n"] == 6 and "lc_win_rate" in final["lc_winrate_vs_sft"]
     strata = final["length_strata"]
     assert strata["shorter"] + strata["same"] + strata["longer"] == 6
-    assert set(res["targets"]) == {"agreement", "bon", "ppo_proxy", "ppo_oracle"}
+    assert set(res["targets"]) == {"agreement", "bon", *(f"{run}{s}" for run in ("ppo_proxy", "ppo_oracle")
+                                                          for s in ("", "_replication", "_pooled"))}
+    # the replication: the usable prompts no set took (--replication-prompts caps them), disjoint from every set
+    rep_keys = {json.dumps(r["messages"]) for r in read_jsonl(out / "prompts" / "replication.jsonl")}
+    assert res["replication"]["prompts"]["n"] == len(rep_keys) == 5
+    for name in ("test", "validation", "fresh", "train"):
+        assert not rep_keys & {json.dumps(r["messages"]) for r in read_jsonl(out / "prompts" / f"{name}.jsonl")}, name
+    pooled = res["replication"]["pooled_with_test"]["ppo_oracle"]["winrate_vs_sft"]
+    assert res["replication"]["alone"]["ppo_oracle"]["winrate_vs_sft"]["n"] == 5 and pooled["n"] == 11
+    w_test, w_rep = (r["ppo_oracle"]["winrate_vs_sft"]["win_rate"] for r in (res["final"], res["replication"]["alone"]))
+    assert pooled["win_rate"] == pytest.approx((6 * w_test + 5 * w_rep) / 11)
     assert (tmp_path / "results" / "rlhf_core_bon.png").is_file()
     assert (tmp_path / "results" / "rlhf_core_history.jsonl").is_file()
     again = rlhf_core.main(common)
-    assert again["stage_seconds"].keys() <= {"proxies", "ppo", "final"}  # done stages are not run again
+    assert again["stage_seconds"].keys() <= {"proxies", "ppo", "final", "replication"}  # done stages are not run again
 
     # a machine reset takes --out and the cache; --state brings back what the finished stages made, the gold included
     state = tmp_path / "state"
@@ -124,11 +135,11 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     shutil.rmtree(out)
     shutil.rmtree(tmp_path / "cache" / "gold")
     third = rlhf_core.main(common)
-    assert third["stage_seconds"].keys() <= {"proxies", "ppo", "final"}
+    assert third["stage_seconds"].keys() <= {"proxies", "ppo", "final", "replication"}
     assert (out / "proxy_40" / "rm_helpful" / "model" / "tokenizer_config.json").is_file()  # unpacked with its tokenizer
     assert (out / "proxy_10" / "rm_helpful" / "model" / "adapter_config.json").is_file()  # unpacked, not retrained
     assert not (out / "ppo_proxy" / "checkpoints").exists()  # not trained again
-    for key in ("agreement", "bon", "final", "proxy_training"):
+    for key in ("agreement", "bon", "final", "replication", "proxy_training"):
         assert third[key] == res[key], key
     assert [p["gold"] for p in third["ppo"]["ppo_proxy"]["curve"]] == [p["gold"] for p in res["ppo"]["ppo_proxy"]["curve"]]
     assert third["gold"]["unpacked_from"]["weights"] == "float16"
