@@ -147,7 +147,7 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
         t = r["across_seeds"]["mean_winrate_vs_sft"]
         rows = [["alignment", f"final round vs SFT over {len(r['seeds'])} seeds, mean +- sd",
                  "-" if t["mean"] is None else f"{100 * t['mean']:.1f}% +- {100 * (t['sd'] or 0):.1f}", ">= 65%, each CI > 50%"]]
-        return rows + [["alignment", key, "met" if c["met"] else "not met", c["target"]]
+        return rows + [["alignment", key, "reported" if c["met"] is None else "met" if c["met"] else "not met", c["target"]]
                        for key, c in r["across_seeds"].items() if key != "mean_winrate_vs_sft"]
     if name == "alignment":
         t = r["targets"]

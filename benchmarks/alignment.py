@@ -25,7 +25,9 @@ continued) and then checks the issue's targets on the final round:
 final win rate against SFT >= 65% in the mean with each seed's CI above 50%, the PPO round beating its starting
 policy in at least 2 of 3 seeds, the decoding control beaten in every seed. Each finished seed's summary is kept in
 ``--keep`` (tracked, ``benchmarks/results/alignment_seeds``) and read back instead of run again, so the seeds (about
-two hours each on 2 cores) can be run one per session on machines that are reset in between. A gold the config
+two hours each on 2 cores) can be run one per session on machines that are reset in between. With ``--rs-control``
+a seed is kept as soon as its rounds finish, its control marked pending (``PENDING``); the next call runs only the
+control while the project is still there, and reads the seed back as it is once it is gone. A gold the config
 names (``gold:<name>``) is unpacked from ``benchmarks/state/gold`` when the model cache lacks it.
 
 Every run adds one line to ``benchmarks/results/alignment_history.jsonl`` (the attempts, targets met or not).
@@ -178,22 +180,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--keep", default=str(RESULTS / "alignment_seeds"),
                    help="with --seeds: a tracked folder with each finished seed's summary; a seed found there is read back, "
                         "not run again (a machine reset loses the projects, not the seeds done); '' for none")
+    p.add_argument("--keep-file", default="", help=argparse.SUPPRESS)  # --seeds: where this seed's summary is kept
     p.add_argument("overrides", nargs="*", metavar="key=value", help="round config overrides (align round init)")
     a = p.parse_args(argv)
     for name in golds_named(Path(a.config).read_text(), *a.overrides):
         print(f"gold:{name}: {ensure_gold(name)}")  # a packed gold is unpacked; a missing one stops the round init
     if a.seeds > 1:
-        def one(seed: int) -> dict:
+        def one(seed: int, saved: Path | None) -> dict:
             return main([f"--project={a.project}-s{seed}", f"--root={a.root}", f"--config={a.config}", f"--note={a.note}",
                          *(["--fresh"] if a.fresh else []), *(["--summarise"] if a.summarise else []),
-                         *(["--rs-control"] if a.rs_control else []),
+                         *(["--rs-control"] if a.rs_control else []), *([f"--keep-file={saved}"] if saved else []),
                          *(["--record"] if a.record else []), *a.overrides, f"seed={seed}"])
 
+        def can_finish(seed: int) -> bool:  # a seed kept before its control ran: its project is still here
+            return bool(a.rs_control) and (Path(a.root) / f"{a.project}-s{seed}" / "round.yaml").is_file()
+
         keep = Path(a.keep) if a.keep and not a.summarise else None
-        runs = run_seeds(a.seeds, one, keep=keep, project=a.project, fresh=a.fresh)
+        runs = run_seeds(a.seeds, one, keep=keep, project=a.project, fresh=a.fresh, can_finish=can_finish)
         out = {"seeds": runs, "across_seeds": across_seeds(runs)}
         for name, c in out["across_seeds"].items():
-            print(f"{'MET    ' if c['met'] else 'NOT MET'} {name}: {json.dumps({k: v for k, v in c.items() if k != 'met'})}")
+            print(f"{'REPORT ' if c['met'] is None else 'MET    ' if c['met'] else 'NOT MET'} {name}: "
+                  f"{json.dumps({k: v for k, v in c.items() if k != 'met'})}")
         return out
     project = Path(a.root) / a.project
     t0 = time.time()
@@ -205,6 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
             subprocess.run([*align, "init", "--project", a.project, "--root", a.root, "--config", a.config, *a.overrides],
                            check=True, cwd=REPO)
         subprocess.run([*align, "run", "--project", a.project, "--root", a.root], check=True, cwd=REPO)
+        if a.rs_control and a.keep_file:  # keep the seed now: the control takes another half hour or more
+            _write_json(Path(a.keep_file), {**summarise_project(project), "rs_random_control": PENDING,
+                                             "project": str(project), "config": a.config, "overrides": a.overrides,
+                                             "wall_minutes_this_call": round((time.time() - t0) / 60, 1)})
         if a.rs_control:
             control = f"{a.project}-rs-random"
             if a.fresh and (Path(a.root) / control).exists():
@@ -227,23 +238,37 @@ def main(argv: list[str] | None = None) -> dict:
     return s
 
 
-def run_seeds(n: int, run_one: Callable[[int], dict], *, keep: Path | None, project: str, fresh: bool = False) -> list[dict]:
+PENDING = "pending: the seed's rounds finished, its rejection-sampling control did not run yet"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def run_seeds(n: int, run_one: Callable[[int, Path | None], dict], *, keep: Path | None, project: str, fresh: bool = False,
+              can_finish: Callable[[int], bool] | None = None) -> list[dict]:
     """Seeds 0..n-1 in turn: a seed whose summary ``keep`` holds (``<project>-s<seed>.json``) is read back, any other
-    is run by ``run_one`` and its summary written there at once, so each seed is run once across sessions and resets
-    (``fresh``: run them all again)."""
+    is run by ``run_one(seed, path)`` and its summary written there at once, so each seed is run once across sessions
+    and resets (``fresh``: run them all again). ``run_one`` may keep the seed itself before its control runs
+    (``rs_random_control`` = ``PENDING``); such a seed is run again (its rounds are done, so only the control runs)
+    when ``can_finish(seed)`` says its project is still there, and read back as it is otherwise."""
     runs = []
     for seed in range(n):
         saved = keep / f"{project}-s{seed}.json" if keep is not None else None
         if saved is not None and saved.is_file() and not fresh:
-            print(f"seed {seed}: finished before, read back from {saved}")
-            runs.append(json.loads(saved.read_text()))
-            continue
-        s = run_one(seed)
+            got = json.loads(saved.read_text())
+            if got.get("rs_random_control") != PENDING or can_finish is None or not can_finish(seed):
+                print(f"seed {seed}: finished before, read back from {saved}"
+                      + (" (its control never ran: the project is gone)" if got.get("rs_random_control") == PENDING else ""))
+                runs.append(got)
+                continue
+            print(f"seed {seed}: its rounds finished before; running its control")
+        s = run_one(seed, saved)
         if saved is not None:
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            tmp = saved.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(s, indent=1, default=str) + "\n")
-            tmp.replace(saved)
+            _write_json(saved, s)
         runs.append(s)
     return runs
 
@@ -311,7 +336,18 @@ def across_seeds(runs: list[dict]) -> dict:
         "beats_decoding_control": {"seeds": control, "met": bool(control) and all(c is True for c in control),
                                    "target": "the final round beats the SFT model with no_repeat_ngram_size decoding in "
                                              "every seed (CI above 50%)"},
+        "rs_beats_random_pick": {"seeds": [_rs_control(r) for r in runs], "met": None,
+                                 "target": "reported, no target: round 1's rejection sampling against the same round keeping a "
+                                           "random one of its K samples (what the reward model's ranking adds)"},
     }
+
+
+def _rs_control(run: dict) -> dict | str | None:
+    """A seed's rejection-sampling control in brief: its win rate with CI (and length-controlled), or why there is none."""
+    c = run.get("rs_random_control")
+    if not isinstance(c, dict):
+        return c
+    return {k: c.get(k) for k in ("win_rate", "ci_low", "ci_high", "n", "lc_win_rate", "lc_ci_low", "lc_ci_high")}
 
 
 def attempt_row(s: dict, note: str = "") -> dict:

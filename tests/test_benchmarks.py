@@ -154,7 +154,7 @@ def test_alignment_seeds_are_kept_and_each_run_once(tmp_path):
 
     calls: list[int] = []
 
-    def one(seed: int) -> dict:
+    def one(seed: int, saved) -> dict:
         calls.append(seed)
         return {"seed": seed, "final": {"winrate": 0.5 + seed / 10}}
 
@@ -169,6 +169,26 @@ def test_alignment_seeds_are_kept_and_each_run_once(tmp_path):
     run_seeds(2, one, keep=None, project="p")
     assert calls[7:] == [0, 1]
     assert not list(keep.glob("*.tmp"))
+
+    # a seed kept before its control ran (the session ended during it): run again only while its project is here
+    from benchmarks.alignment import PENDING
+
+    def pending(seed: int, saved) -> dict:
+        calls.append(seed)
+        if saved.is_file():  # the second call: the rounds are done, the control runs
+            return {**json.loads(saved.read_text()), "rs_random_control": {"win_rate": 0.6}}
+        saved.write_text(json.dumps({"seed": seed, "rs_random_control": PENDING}))
+        raise KeyboardInterrupt  # the session ends during the control
+    with pytest.raises(KeyboardInterrupt):
+        run_seeds(1, pending, keep=keep, project="q")
+    assert json.loads((keep / "q-s0.json").read_text())["rs_random_control"] == PENDING
+    n_calls = len(calls)
+    gone = run_seeds(1, pending, keep=keep, project="q", can_finish=lambda seed: False)  # the project was lost
+    assert len(calls) == n_calls and gone[0]["rs_random_control"] == PENDING
+    here = run_seeds(1, pending, keep=keep, project="q", can_finish=lambda seed: True)
+    assert calls[n_calls:] == [0] and here[0] == {"seed": 0, "rs_random_control": {"win_rate": 0.6}}
+    assert json.loads((keep / "q-s0.json").read_text()) == here[0]
+    assert run_seeds(1, pending, keep=keep, project="q", can_finish=lambda seed: True) == here and len(calls) == n_calls + 1
 
     text = (REPO / "configs" / "round_gold_rm.yaml").read_text()
     assert golds_named(text) == ["hh-helpful-smollm2"]
@@ -236,6 +256,16 @@ def test_alignment_targets_over_seeds_are_computed_from_each_seeds_summary():
     worse = across_seeds([run(0.70, 0.60, 0.45, True), run(0.66, 0.49, 0.45, False), run(0.62, 0.52, 0.51, True)])
     assert not worse["mean_winrate_vs_sft"]["met"]  # one seed's CI reaches 50%
     assert not worse["ppo_beats_its_start"]["met"] and not worse["beats_decoding_control"]["met"]
+    # the rejection-sampling control per seed: its win rate in brief, or why there is none
+    from benchmarks.alignment import PENDING
+
+    runs = [run(0.70, 0.60, 0.55, True), run(0.66, 0.55, 0.45, True)]
+    runs[0]["rs_random_control"] = {"win_rate": 0.6, "ci_low": 0.5, "ci_high": 0.7, "n": 96, "wins": 50, "baseline": "x"}
+    runs[1]["rs_random_control"] = PENDING
+    rs = across_seeds(runs)["rs_beats_random_pick"]
+    assert rs["met"] is None and rs["seeds"][1] == PENDING
+    assert rs["seeds"][0] == {"win_rate": 0.6, "ci_low": 0.5, "ci_high": 0.7, "n": 96, "lc_win_rate": None, "lc_ci_low": None,
+                              "lc_ci_high": None}
 
 
 def test_the_rs_random_control_keeps_the_projects_rs_settings_and_changes_only_the_pick():
