@@ -145,9 +145,13 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
         return [["scaling", "SFT tokens/s, 2 processes / 1", r["speedup"], "2 cores"]]
     if name == "alignment" and "across_seeds" in r:
         t = r["across_seeds"]["mean_winrate_vs_sft"]
-        rows = [["alignment", f"final round vs SFT over {len(r['seeds'])} seeds, mean +- sd",
+        rows = [["alignment", f"final round vs SFT over {len(r['seeds'])} seeds"
+                 + (f" ({len(r['seeds_missing'])} not run yet)" if r.get("seeds_missing") else "") + ", mean +- sd",
                  "-" if t["mean"] is None else f"{100 * t['mean']:.1f}% +- {100 * (t['sd'] or 0):.1f}", ">= 65%, each CI > 50%"]]
-        return rows + [["alignment", key, "reported" if c["met"] is None else "met" if c["met"] else "not met", c["target"]]
+        def verdict(c: dict) -> str:
+            return c.get("partial") or ("reported" if c["met"] is None else "met" if c["met"] else "not met")
+
+        return rows + [["alignment", key, verdict(c), c["target"]]
                        for key, c in r["across_seeds"].items() if key != "mean_winrate_vs_sft"]
     if name == "alignment":
         t = r["targets"]

@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--keep", default=str(RESULTS / "alignment_seeds"),
                    help="with --seeds: a tracked folder with each finished seed's summary; a seed found there is read back, "
                         "not run again (a machine reset loses the projects, not the seeds done); '' for none")
+    p.add_argument("--kept-only", action="store_true",
+                   help="with --seeds: run nothing; summarise the seeds --keep holds (the targets over seeds stay undecided "
+                        "while some are missing)")
     p.add_argument("--keep-file", default="", help=argparse.SUPPRESS)  # --seeds: where this seed's summary is kept
     p.add_argument("overrides", nargs="*", metavar="key=value", help="round config overrides (align round init)")
     a = p.parse_args(argv)
@@ -196,6 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
             return bool(a.rs_control) and (Path(a.root) / f"{a.project}-s{seed}" / "round.yaml").is_file()
 
         keep = Path(a.keep) if a.keep and not a.summarise else None
+        if a.kept_only:
+            if keep is None:
+                raise SystemExit("--kept-only reads the seeds --keep holds: give --keep, without --summarise")
+            return kept_seeds(keep, a.project, a.seeds)
         runs = run_seeds(a.seeds, one, keep=keep, project=a.project, fresh=a.fresh, can_finish=can_finish)
         out = {"seeds": runs, "across_seeds": across_seeds(runs)}
         for name, c in out["across_seeds"].items():
@@ -340,6 +347,25 @@ def across_seeds(runs: list[dict]) -> dict:
                                  "target": "reported, no target: round 1's rejection sampling against the same round keeping a "
                                            "random one of its K samples (what the reward model's ranking adds)"},
     }
+
+
+def kept_seeds(keep: Path, project: str, n: int) -> dict:
+    """The seeds 0..n-1 that ``keep`` holds, summarised over seeds without running any: while some are missing, every
+    target over seeds is undecided (``met`` None, ``partial`` says how many seeds it read)."""
+    runs, missing = [], []
+    for seed in range(n):
+        path = keep / f"{project}-s{seed}.json"
+        if path.is_file():
+            runs.append(json.loads(path.read_text()))
+        else:
+            missing.append(seed)
+    if not runs:
+        raise SystemExit(f"{keep} holds none of {project}-s0..{n - 1}.json")
+    across = across_seeds(runs)
+    if missing:
+        for c in across.values():
+            c.update(met=None, partial=f"{len(runs)} of {n} seeds (missing: {', '.join(map(str, missing))})")
+    return {"seeds": runs, "seeds_missing": missing, "across_seeds": across}
 
 
 def _rs_control(run: dict) -> dict | str | None:

@@ -268,6 +268,29 @@ def test_alignment_targets_over_seeds_are_computed_from_each_seeds_summary():
                               "lc_ci_high": None}
 
 
+def test_alignment_kept_only_summarises_the_seeds_done_and_decides_nothing(tmp_path):
+    """`--seeds 3 --kept-only` between sessions: the seeds kept so far, the others named as missing, no target decided."""
+    from benchmarks.__main__ import summary_rows
+    from benchmarks.alignment import kept_seeds
+
+    seed0 = {"targets": {"winrate_vs_sft": {"value": 0.7, "ci": [0.6, 0.8], "n": 96}, "beats_decoding_control": {"met": True}},
+             "rounds": [{"method": "ppo", "winrate_vs_previous": {"ci_low": 0.55}}]}
+    (tmp_path / "p-s0.json").write_text(json.dumps(seed0))
+    got = kept_seeds(tmp_path, "p", 3)
+    assert got["seeds"] == [seed0] and got["seeds_missing"] == [1, 2]
+    assert got["across_seeds"]["mean_winrate_vs_sft"]["mean"] == pytest.approx(0.7)
+    assert all(c["met"] is None and c["partial"] == "1 of 3 seeds (missing: 1, 2)" for c in got["across_seeds"].values())
+    rows = summary_rows("alignment", got)
+    assert rows[0][1] == "final round vs SFT over 1 seeds (2 not run yet), mean +- sd" and rows[0][2] == "70.0% +- 0.0"
+    assert {r[2] for r in rows[1:]} == {"1 of 3 seeds (missing: 1, 2)"}
+    (tmp_path / "p-s1.json").write_text(json.dumps(seed0))
+    (tmp_path / "p-s2.json").write_text(json.dumps(seed0))
+    full = kept_seeds(tmp_path, "p", 3)
+    assert full["seeds_missing"] == [] and full["across_seeds"]["mean_winrate_vs_sft"]["met"] is True
+    with pytest.raises(SystemExit, match="holds none"):
+        kept_seeds(tmp_path, "q", 3)
+
+
 def test_the_rs_random_control_keeps_the_projects_rs_settings_and_changes_only_the_pick():
     from foundation.config import load_config
     from alignment.rounds import RoundConfig
