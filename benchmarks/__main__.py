@@ -147,7 +147,9 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
         t = r["across_seeds"]["mean_winrate_vs_sft"]
         rows = [["alignment", f"final round vs SFT over {len(r['seeds'])} seeds"
                  + (f" ({len(r['seeds_missing'])} not run yet)" if r.get("seeds_missing") else "") + ", mean +- sd",
-                 "-" if t["mean"] is None else f"{100 * t['mean']:.1f}% +- {100 * (t['sd'] or 0):.1f}", ">= 65%, each CI > 50%"]]
+                 "-" if t["mean"] is None else f"{100 * t['mean']:.1f}%" + (" (one seed: no sd)" if t["sd"] is None
+                                                                             else f" +- {100 * t['sd']:.1f}"),
+                 ">= 65%, each CI > 50%"]]
         def verdict(c: dict) -> str:
             return c.get("partial") or ("reported" if c["met"] is None else "met" if c["met"] else "not met")
 

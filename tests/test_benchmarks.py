@@ -281,12 +281,13 @@ def test_alignment_kept_only_summarises_the_seeds_done_and_decides_nothing(tmp_p
     assert got["across_seeds"]["mean_winrate_vs_sft"]["mean"] == pytest.approx(0.7)
     assert all(c["met"] is None and c["partial"] == "1 of 3 seeds (missing: 1, 2)" for c in got["across_seeds"].values())
     rows = summary_rows("alignment", got)
-    assert rows[0][1] == "final round vs SFT over 1 seeds (2 not run yet), mean +- sd" and rows[0][2] == "70.0% +- 0.0"
+    assert rows[0][1] == "final round vs SFT over 1 seeds (2 not run yet), mean +- sd" and rows[0][2] == "70.0% (one seed: no sd)"
     assert {r[2] for r in rows[1:]} == {"1 of 3 seeds (missing: 1, 2)"}
     (tmp_path / "p-s1.json").write_text(json.dumps(seed0))
     (tmp_path / "p-s2.json").write_text(json.dumps(seed0))
     full = kept_seeds(tmp_path, "p", 3)
     assert full["seeds_missing"] == [] and full["across_seeds"]["mean_winrate_vs_sft"]["met"] is True
+    assert summary_rows("alignment", full)[0][2] == "70.0% +- 0.0"
     with pytest.raises(SystemExit, match="holds none"):
         kept_seeds(tmp_path, "q", 3)
 
