@@ -544,8 +544,8 @@ class Bench:
 
         rows = self.prompts(prompt_set)
         convs = [r["messages"] for r in rows]
-        for name, model in (("sft", self.a.policy), ("ppo_proxy", str(self.out / "ppo_proxy")),
-                            ("ppo_oracle", str(self.out / "ppo_oracle"))):
+        for name in self.POLICIES:
+            model = self.a.policy if name == "sft" else str(self.out / name)
             path = self.out / f"{prompt_set}_{name}.jsonl"
             if path.is_file() and name not in self.a.redo:
                 continue
@@ -569,7 +569,7 @@ class Bench:
         sft = [r for s in prompt_sets for r in read_jsonl(self.out / f"{s}_sft.jsonl")]
         out = {"sft": {"gold_mean": sum(r["gold"] for r in sft) / len(sft), "tokens": sum(r["tokens"] for r in sft) / len(sft),
                        "n": len(sft)}}
-        for name in ("ppo_proxy", "ppo_oracle"):
+        for name in self.POLICIES[1:]:
             paths = [self.out / f"{s}_{name}.jsonl" for s in prompt_sets]
             if not all(p.is_file() for p in paths):
                 continue
@@ -641,8 +641,8 @@ class Bench:
         res["ppo"] = self.ppo()
         res["final"] = self.final()
         if (self.out / "replication_sft.jsonl").is_file():
-            res["replication"] = {"prompts": {"n": len(self.prompts("replication")),
-                                              "safety": sum(r.get("category") == "safety" for r in self.prompts("replication"))},
+            rep = self.prompts("replication")
+            res["replication"] = {"prompts": {"n": len(rep), "safety": sum(r.get("category") == "safety" for r in rep)},
                                   "alone": self.final(("replication",)), "pooled_with_test": self.final(("test", "replication"))}
         res["proxy_training"] = {}
         for name in self.proxies():
@@ -781,6 +781,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     a.pairs = [int(x) for x in a.pairs.split(",")]
     a.redo = [x for x in a.redo.split(",") if x]
+    if a.replication_prompts is not None and a.replication_prompts < 1:
+        p.error(f"--replication-prompts must be >= 1 (got {a.replication_prompts}); leave it out for all the rest")
     if not (a.data / "hh-rlhf").is_dir():
         return {"skipped": f"{a.data}/hh-rlhf not found (../shared/data)"}
     gold_name = a.gold.split(":", 1)[1] if a.gold.startswith("gold:") else None

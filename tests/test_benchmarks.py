@@ -321,6 +321,14 @@ def test_rlhf_core_length_strata_by_hand():
     assert length_strata([1.0], pol[:1], base[:1])["similar_length"] is None
 
 
+def test_rlhf_core_refuses_an_empty_replication_set(capsys):
+    from benchmarks import rlhf_core
+
+    with pytest.raises(SystemExit) as e:
+        rlhf_core.main(["--replication-prompts", "0"])
+    assert e.value.code == 2 and "--replication-prompts must be >= 1 (got 0)" in capsys.readouterr().err
+
+
 def test_rlhf_core_checks_the_proxy_sizes_before_training_any():
     """300 prompts x 8 pairs is 2,400 at most, less the pairs the gold scores equal: asking for 2,400 of 2,399 is refused
     before the first proxy trains (it was found after two proxies, 25 minutes in)."""
