@@ -89,6 +89,7 @@ def summarise_project(project: Path) -> dict:
         })
     if not rounds:
         raise FileNotFoundError(f"{project}: no rounds")
+    truthfulqa_changes(project, rounds)
     first, last = rounds[0], rounds[-1]
     wr = last["winrate_vs_sft"] or {}
     tox, tox_sft = (last["toxigen"] or {}).get("pct_toxic"), (first["toxigen_sft"] or {}).get("pct_toxic")
@@ -107,6 +108,7 @@ def summarise_project(project: Path) -> dict:
                            "met": mc2 is not None and mc2_sft is not None
                                   and abs(mc2 - mc2_sft) * 100 <= TARGETS["truthfulqa_mc2_points"]
                            and not str((last["truthfulqa"] or {}).get("data", "")).startswith("bundled:"),
+                           "paired": (last.get("truthfulqa_vs_sft") or {}).get("paired"),
                            "target": "within 2 points of the SFT model's, on real TruthfulQA"},
         "time": {"minutes": round(seconds / 60, 1), "met": seconds / 60 <= TARGETS["minutes"],
                  "target": "<= 90 min on 2 CPU cores"},
@@ -121,6 +123,30 @@ def summarise_project(project: Path) -> dict:
                                                       "decoding, 95% CI above 50%"}
     return {"rounds": rounds, "targets": checks, "all_met": all(c["met"] for c in checks.values()),
             "step_minutes": round(seconds / 60, 1)}
+
+
+def truthfulqa_changes(project: Path, rounds: list[dict]) -> None:
+    """Each round's TruthfulQA rows against the SFT model's and the previous round's, question by question
+    (``alignment.evals.truthfulqa_compare``): the paired MC2 difference with its CI, and how the answers' log-likelihoods
+    moved (the truth penalty, and how much of it the sharpening towards the first model's likely answers explains).
+    Added as ``truthfulqa_vs_sft`` / ``truthfulqa_vs_previous`` (the last promoted round's, or the SFT model's) where
+    both rows files are there."""
+    from alignment.evals.truthfulqa_compare import paired, shift
+
+    def rows(path: Path) -> list[dict] | None:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else None
+
+    sft = rows(project / "round-1" / "eval" / "sft" / "truthfulqa_rows.jsonl")
+    previous = sft
+    for r in rounds:
+        now = rows(project / f"round-{r['round']}" / "eval" / "truthfulqa_rows.jsonl")
+        for key, base in (("truthfulqa_vs_sft", sft), ("truthfulqa_vs_previous", previous)):
+            try:
+                r[key] = {"paired": paired(base, now), "shift": shift(base, now)} if base and now else None
+            except ValueError as e:  # rows that cannot be matched (another dataset): said, not fatal to the summary
+                r[key] = {"error": str(e)}
+        if r.get("promoted") is not False:  # an unpromoted round's policy is not where the next round starts
+            previous = now
 
 
 def _pct(x: float | None) -> str:
@@ -183,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kept-only", action="store_true",
                    help="with --seeds: run nothing; summarise the seeds --keep holds (the targets over seeds stay undecided "
                         "while some are missing)")
+    p.add_argument("--refresh", action="store_true",
+                   help="with --kept-only: summarise again each kept seed whose project is still on disk, and rewrite its file")
     p.add_argument("--keep-file", default="", help=argparse.SUPPRESS)  # --seeds: where this seed's summary is kept
     p.add_argument("overrides", nargs="*", metavar="key=value", help="round config overrides (align round init)")
     a = p.parse_args(argv)
@@ -202,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         if a.kept_only:
             if keep is None:
                 raise SystemExit("--kept-only reads the seeds --keep holds: give --keep, without --summarise")
-            return kept_seeds(keep, a.project, a.seeds)
+            return kept_seeds(keep, a.project, a.seeds, refresh=a.refresh)
         runs = run_seeds(a.seeds, one, keep=keep, project=a.project, fresh=a.fresh, can_finish=can_finish)
         out = {"seeds": runs, "across_seeds": across_seeds(runs)}
         for name, c in out["across_seeds"].items():
@@ -349,14 +377,24 @@ def across_seeds(runs: list[dict]) -> dict:
     }
 
 
-def kept_seeds(keep: Path, project: str, n: int) -> dict:
+def kept_seeds(keep: Path, project: str, n: int, *, refresh: bool = False) -> dict:
     """The seeds 0..n-1 that ``keep`` holds, summarised over seeds without running any: while some are missing, every
-    target over seeds is undecided (``met`` None, ``partial`` says how many seeds it read)."""
+    target over seeds is undecided (``met`` None, ``partial`` says how many seeds it read). ``refresh``: a kept seed
+    whose project is still on disk is summarised again from it (what this code's ``summarise_project`` adds, e.g.
+    the TruthfulQA comparisons) and its file rewritten; what the project cannot give (its control, config, the call's
+    wall time) is kept."""
     runs, missing = [], []
     for seed in range(n):
         path = keep / f"{project}-s{seed}.json"
         if path.is_file():
-            runs.append(json.loads(path.read_text()))
+            run = json.loads(path.read_text())
+            if refresh and run.get("project") and (Path(run["project"]) / "round.yaml").is_file():
+                run = {**run, **summarise_project(Path(run["project"]))}
+                _write_json(path, run)
+                print(f"seed {seed}: summarised again from {run['project']}")
+            elif refresh:
+                print(f"seed {seed}: its project {run.get('project')} is gone; kept as it was")
+            runs.append(run)
         else:
             missing.append(seed)
     if not runs:

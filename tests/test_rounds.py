@@ -402,6 +402,28 @@ def test_the_alignment_summary_reads_the_projects_first_judge(whole, tmp_path):
     assert s["targets"]["winrate_vs_sft"]["value"] == ev["winrate_rm_vs_sft"]["win_rate"]
     assert s["rounds"][1]["winrate_vs_previous"] == ev["winrate_rm_vs_previous"]
     assert s["targets"]["beats_decoding_control"]["value"] == ev["winrate_rm_vs_decoding"]["win_rate"]
+    # TruthfulQA question by question against the SFT model's rows: the paired MC2 difference, by hand
+    def rows(path):
+        return {r["question"]: r for r in map(json.loads, path.read_text().splitlines())}
+    sft = rows(copy / "round-1" / "eval" / "sft" / "truthfulqa_rows.jsonl")
+    last = rows(copy / "round-2" / "eval" / "truthfulqa_rows.jsonl")
+    tq = s["rounds"][1]["truthfulqa_vs_sft"]
+    assert tq["paired"]["n"] == 3 and tq["paired"]["diff"] == pytest.approx(
+        sum(last[q]["mc2"] - sft[q]["mc2"] for q in sft) / 3)
+    assert s["targets"]["truthfulqa_mc2"]["paired"] == tq["paired"] and tq["shift"]["n_questions"] == 3
+    assert s["rounds"][0]["truthfulqa_vs_previous"] == s["rounds"][0]["truthfulqa_vs_sft"]  # round 1 starts from SFT
+    # a seed kept by older code is summarised again from its project with --kept-only --refresh; what the project
+    # cannot give (its control) is kept
+    from benchmarks.alignment import kept_seeds
+
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "p-s0.json").write_text(json.dumps({"project": str(copy), "rs_random_control": "pending", "targets": {}}))
+    (keep / "p-s1.json").write_text(json.dumps({**s, "project": str(tmp_path / "gone")}))
+    got = kept_seeds(keep, "p", 2, refresh=True)
+    again = json.loads((keep / "p-s0.json").read_text())
+    assert again["rs_random_control"] == "pending" and again["targets"]["truthfulqa_mc2"]["paired"] == tq["paired"]
+    assert got["seeds"][0] == again and got["seeds"][1]["project"] == str(tmp_path / "gone")
 
 
 def test_heldout_prompts_are_disjoint_from_everything_a_stage_saw(whole, tmp_path):
