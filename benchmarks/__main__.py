@@ -12,7 +12,8 @@ defaults (fp32 vs bf16 autocast, activation checkpointing), scaling (SFT on 1 vs
 (SFT and PPO in bf16 on a CUDA GPU: throughput, memory, MFU; skipped without one). Two long parts run
 only when named: alignment (three RLHF rounds judged by the gold judge, ~90 min), rm_real (a
 helpfulness RM on HH-RLHF, ~1 h) and rlhf_core (Gao et al.'s proxy/gold protocol: best-of-n and PPO
-curves, hours).
+curves, hours) and truthfulqa_tax (a round's policy step trained again with other settings, each read on
+TruthfulQA questions no seed reports and on validation prompts, ~25 min per setting).
 Each part writes benchmarks/results/<part>.json with the machine, library versions, the command and
 the numbers; the summary table at the end is what README's "Scale and speed" section shows.
 """
@@ -98,6 +99,12 @@ def _rlhf_core(argv: list[str]) -> dict:
     return rlhf_core.main(argv)
 
 
+def _truthfulqa_tax(argv: list[str]) -> dict:
+    from benchmarks import truthfulqa_tax
+
+    return truthfulqa_tax.main(argv)
+
+
 def _rm_real(argv: list[str]) -> dict:
     from benchmarks import rm_real
 
@@ -107,8 +114,9 @@ def _rm_real(argv: list[str]) -> dict:
 PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo, "generate": _generate,
                                                  "defaults": _defaults, "scaling": _scaling,
                                                    "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real,
-                                                   "rlhf_core": _rlhf_core, "memory": _memory}
-LONG = ("alignment", "rm_real", "rlhf_core")  # an hour or more each: run by name only, never in the all-parts run
+                                                   "rlhf_core": _rlhf_core, "memory": _memory,
+                                                   "truthfulqa_tax": _truthfulqa_tax}
+LONG = ("alignment", "rm_real", "rlhf_core", "truthfulqa_tax")  # an hour or more each: run by name only, never in the all-parts run
 
 
 def summary_rows(name: str, r: dict) -> list[list[Any]]:

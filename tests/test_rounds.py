@@ -706,3 +706,64 @@ def test_demo_prints_what_changed_with_cis(whole):
     assert data_note(proj.cfg) == ("evaluation data: the bundled truthfulness probe (50 items, not TruthfulQA: no "
                                    "TruthfulQA data found); toxigen off; 6 test prompts (reported numbers) and 6 validation "
                                    "prompts (decisions), judged by gold, rm")
+
+
+def test_truthfulqa_tax_trains_a_setting_again_and_reads_only_tuning_questions_and_validation_prompts(whole, tmp_path):
+    """`benchmarks truthfulqa_tax`: round 2's policy step trained again with another setting from the same start; every
+    model read on TruthfulQA questions that no seed reports and on the validation prompts (the round's own answers
+    reused where it has them); a second call trains nothing and gives the same numbers."""
+    import yaml
+
+    from alignment.evals.truthfulqa import load_items, seeded_sample
+    from benchmarks import truthfulqa_tax
+
+    copy = tmp_path / "whole"
+    shutil.copytree(whole, copy)
+    history = tmp_path / "history.jsonl"
+    args = ["--project", str(copy), "--round", "2", "--variant", "lr_small=train.lr=1e-5", "--questions", "5",
+            "--history", str(history)]
+    out = truthfulqa_tax.main(args)
+    models = out["models"]
+    assert list(models) == ["sft", "start", "as_run", "lr_small"] and out["stage"] == "ppo"
+    trained = copy / "truthfulqa_tax" / "lr_small"
+    assert models["lr_small"]["overrides"] == ["train.lr=1e-5"] and (trained / "model").is_dir()
+    assert "lr: 1.0e-05" in (trained / "config.yaml").read_text()
+    assert out["start"] == yaml.safe_load((copy / "round-2" / "policy" / "config.yaml").read_text())["model"]["name"]
+    # the tuning questions: none is in seeds 0-2's reported samples (3 each, as the round's eval draws them)
+    items = load_items("bundled:truthfulness")
+    reported = {it.question for s in (0, 1, 2) for it in seeded_sample(items, 3, s)}
+    rows = {name: [json.loads(x) for x in Path(m["truthfulqa"]["rows"]).read_text().splitlines()] for name, m in models.items()}
+    asked = [r["question"] for r in rows["sft"]]
+    assert len(asked) == 5 and not set(asked) & reported and out["tuning_questions"]["free"] == len(items) - len(reported)
+    assert all([r["question"] for r in rs] == asked for rs in rows.values())
+    for name in ("as_run", "lr_small"):
+        m = models[name]
+        assert m["truthfulqa"]["mc2"] == pytest.approx(sum(r["mc2"] for r in rows[name]) / 5)
+        assert m["truthfulqa"]["vs_start"]["diff"] == pytest.approx(
+            sum(a["mc2"] - b["mc2"] for a, b in zip(rows[name], rows["start"])) / 5)
+        assert m["validation_vs_start"]["n"] == 6 and "lc_win_rate" in m["validation_vs_start"]
+        assert m["validation_vs_start"]["judge"] == "gold"
+    assert "validation_vs_start" not in models["start"] and "vs_sft" not in models["sft"]["truthfulqa"]
+    assert out["chosen"] == truthfulqa_tax.choose(models)
+    # the round's own validation answers are read, not generated again: only the variant's (and the start's when the
+    # round's files do not hold it) are in the work folder
+    made = {p.name for p in (copy / "truthfulqa_tax" / "answers").iterdir()}
+    assert "as_run_validation.jsonl" not in made and "sft_validation.jsonl" not in made and "lr_small_validation.jsonl" in made
+    stamp = (trained / "model").stat().st_mtime_ns
+    again = truthfulqa_tax.main(args)
+    assert (trained / "model").stat().st_mtime_ns == stamp
+    assert {n: m["truthfulqa"]["mc2"] for n, m in again["models"].items()} == {n: m["truthfulqa"]["mc2"] for n, m in models.items()}
+    assert len(history.read_text().splitlines()) == 2
+
+
+def test_truthfulqa_tax_choice_and_variant_parsing():
+    from benchmarks.truthfulqa_tax import _split_overrides, choose
+
+    def m(mc2, low):
+        return {"truthfulqa": {"mc2": mc2}, **({"validation_vs_start": {"ci_low": low}} if low is not None else {})}
+
+    assert choose({"start": m(0.40, None), "as_run": m(0.35, 0.6), "a": m(0.38, 0.55), "b": m(0.39, 0.45)}) == "a"
+    assert choose({"start": m(0.40, None), "b": m(0.39, 0.45)}) is None
+    assert _split_overrides("dpo.beta=0.3, dpo.loss_weights=[1.0, 0.2]") == ["dpo.beta=0.3", "dpo.loss_weights=[1.0, 0.2]"]
+    with pytest.raises(SystemExit, match="'x' is not key=value"):
+        _split_overrides("a=1,x")

@@ -1,0 +1,235 @@
+"""What a round's policy step costs on TruthfulQA, and which setting of it costs less, decided on validation data only.
+
+    python -m benchmarks truthfulqa_tax --project runs/bench-alignment-s0 --round 3 \\
+        [--variant beta_0.3=dpo.beta=0.3 --variant nll_0.2='dpo.loss_weights=[1.0, 0.2]' ...]
+
+The loop benchmark's DPO round lowers TruthfulQA MC2 by more than the 2 points allowed (seed 0: -2.4 [-4.5, -0.7]
+in that round alone), and ``alignment.evals.truthfulqa_compare.shift`` says most of it is the policy sharpening
+towards the answers it already found likely. This trains round ``--round``'s policy step again from the same start
+on the same data (``round-N/policy/config.yaml``, the stage's resolved config) once per ``--variant`` (extra
+``key=value`` overrides), and reads, for the round's start, the round's own policy ("as_run"), the SFT model and
+every variant:
+
+- **TruthfulQA MC2 on tuning questions**: ``--questions`` drawn (seed ``--question-seed``) from the questions that
+  none of the seeds ``--exclude-seeds`` draws for its reported numbers (the round eval's seeded sample of
+  ``eval.truthfulqa.sample``): the reported questions never decide anything. Paired against the start and the
+  SFT model, with the sharpening diagnostic against the start.
+- **the win rate against the round's start on the project's validation prompts** by the project's first judge
+  (what promotion reads), with its length-controlled companion.
+
+``chosen``: among the models whose validation win rate against the start has its 95% CI above 50% (the round
+still improves the policy), the one with the highest tuning MC2. Variants are trained into
+``<project>/truthfulqa_tax/<variant>`` (resumed if killed) and their answers and rows cached there, so a second
+call only reads. ``python -m benchmarks truthfulqa_tax`` writes ``benchmarks/results/truthfulqa_tax.json``; every
+call adds a line to ``truthfulqa_tax_history.jsonl`` beside it (``--history``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_VARIANTS = {"beta_0.3": ["dpo.beta=0.3"], "nll_0.2": ["dpo.loss_weights=[1.0, 0.2]"], "lr_1e-4": ["train.lr=1.0e-4"]}
+
+
+def tuning_questions(data: str, *, reported: int | None, exclude_seeds: list[int], n: int | None, seed: int) -> tuple[list, dict]:
+    """TruthfulQA items that no seed in ``exclude_seeds`` reports (each reports ``seeded_sample(all, reported, seed)``,
+    as a round's eval does), then a seeded sample of ``n`` of them."""
+    from alignment.evals.truthfulqa import load_items, seeded_sample
+
+    items = load_items(data)
+    taken = {it.question for s in exclude_seeds for it in seeded_sample(items, reported, s)}
+    free = [it for it in items if it.question not in taken]
+    if not free:
+        raise SystemExit(f"{data}: every question is in a reported sample of seeds {exclude_seeds}: no tuning questions left")
+    picked = seeded_sample(free, n, seed)
+    return picked, {"data": data, "all": len(items), "reported_by_excluded_seeds": len(taken), "free": len(free),
+                    "n": len(picked), "seed": seed, "exclude_seeds": exclude_seeds, "reported_sample": reported}
+
+
+def truthfulqa_rows(model: str, items: list, path: Path) -> list[dict]:
+    """MC rows of ``model`` on ``items``, computed once and read back from ``path`` after."""
+    from alignment.evals.truthfulqa import evaluate_mc
+    from data.loaders import write_jsonl
+    from foundation.models import load_causal_lm, load_tokenizer
+
+    if path.is_file():
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        if [r["question"] for r in rows] == [it.question for it in items]:
+            return rows
+    lm, tok = load_causal_lm(model), load_tokenizer(model)
+    rows = evaluate_mc(lm, tok, items)["rows"]
+    del lm
+    write_jsonl(path, rows, overwrite=True)
+    return rows
+
+
+def choose(models: dict[str, dict]) -> str | None:
+    """The model with the highest tuning MC2 among those whose validation win rate against the start has its CI
+    above 50% (None when none has)."""
+    ok = [(m["truthfulqa"]["mc2"], name) for name, m in models.items()
+          if (m.get("validation_vs_start") or {}).get("ci_low", 0) > 0.5]
+    return max(ok)[1] if ok else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from alignment.evals.results import first_existing
+    from alignment.evals.suite import RoundEval, _winrate_summary, respond
+    from alignment.evals.truthfulqa_compare import paired, shift
+    from alignment.rounds import Project
+    from alignment.rounds.config import StageSpec
+    from alignment.rounds.steps import run_stage
+    from benchmarks.common import RESULTS
+    from data.splits import selecting
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks truthfulqa_tax", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project", required=True, help="a project folder (<root>/<name>) whose round --round has run")
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=key=value[,key=value]",
+                   help=f"a setting to train (repeatable; default {DEFAULT_VARIANTS})")
+    p.add_argument("--questions", type=int, default=200, help="tuning questions (0 = all that are free)")
+    p.add_argument("--question-seed", type=int, default=1000)
+    p.add_argument("--exclude-seeds", type=int, nargs="*", default=[0, 1, 2],
+                   help="the seeds whose reported TruthfulQA samples are never read here")
+    p.add_argument("--history", default=str(RESULTS / "truthfulqa_tax_history.jsonl"), help="a line per call is added here")
+    p.add_argument("--note", default="")
+    a = p.parse_args(argv)
+    variants = dict(DEFAULT_VARIANTS)
+    if a.variant:
+        variants = {}
+        for v in a.variant:
+            name, _, rest = v.partition("=")
+            if not name or not rest:
+                raise SystemExit(f"--variant {v!r}: expected NAME=key=value[,key=value]")
+            variants[name] = _split_overrides(rest)
+    project = Path(a.project).resolve()
+    proj = Project(project.parent, project.name)
+    stage_dir = proj.round_dir(a.round) / "policy"
+    config = stage_dir / "config.yaml"
+    if not (stage_dir / "model").is_dir() or not config.is_file():
+        raise SystemExit(f"{stage_dir}: round {a.round}'s policy step has not finished")
+    import yaml
+
+    stage_cfg = yaml.safe_load(config.read_text())
+    stage, start = stage_cfg["stage"], stage_cfg["model"]["name"]
+    settings = proj.cfg.eval.truthfulqa
+    data = first_existing(settings.data) if settings else None
+    if not data:
+        raise SystemExit(f"{project}: no TruthfulQA data ({settings.data if settings else 'eval.truthfulqa is off'})")
+    items, questions = tuning_questions(data, reported=settings.sample, exclude_seeds=a.exclude_seeds,
+                                        n=a.questions or None, seed=a.question_seed)
+    work = project / "truthfulqa_tax"
+    models: dict[str, dict[str, Any]] = {"sft": {"model": proj.sft_model()}, "start": {"model": start},
+                                         "as_run": {"model": str(stage_dir), "overrides": []}}
+    t0 = time.time()
+    for name, overrides in variants.items():
+        if name in models:
+            raise SystemExit(f"--variant {name}: the name is taken (sft, start, as_run)")
+        t = time.time()
+        summary = run_stage(stage, StageSpec(config=str(config), overrides=overrides), work / name, [])
+        models[name] = {"model": str(work / name), "overrides": overrides, "train_seconds": summary.get("train_seconds"),
+                        "wall_seconds_this_call": round(time.time() - t, 1)}
+    validation = proj.validation()
+    if not validation:
+        raise SystemExit(f"{project}: no validation prompts")
+    ev = RoundEval(proj, a.round)
+    judge = proj.cfg.eval.judges[0]
+    base_rows = {}
+    with selecting("truthfulqa_tax: which policy-step setting to keep"):
+        scorer = ev.judge_scorer(judge, validation)
+        answers = {}
+        for name, m in models.items():
+            cached = _cached_validation_answers(proj, m["model"], validation)
+            path = cached or work / "answers" / f"{name}_validation.jsonl"
+            respond(m["model"], validation, path, max_new_tokens=ev.e.max_new_tokens, batch_size=ev.e.batch_size,
+                    seed=proj.cfg.seed)
+            answers[name] = path
+            m["truthfulqa"] = {"rows": str(work / "truthfulqa" / f"{name}_rows.jsonl")}
+            rows = truthfulqa_rows(m["model"], items, Path(m["truthfulqa"]["rows"]))
+            base_rows[name] = rows
+            m["truthfulqa"]["mc2"] = sum(r["mc2"] for r in rows) / len(rows)
+        from alignment.evals import winrate
+
+        for name, m in models.items():
+            if name != "sft":
+                m["truthfulqa"]["vs_sft"] = paired(base_rows["sft"], base_rows[name])
+            if name in ("sft", "start"):
+                continue
+            m["truthfulqa"]["vs_start"] = paired(base_rows["start"], base_rows[name])
+            m["truthfulqa"]["shift_vs_start"] = shift(base_rows["start"], base_rows[name])
+            res = winrate.run(m["model"], start, prompts=str(proj.validation_path), judge="rm", out=work / "winrate",
+                              scorer=scorer, responses=str(answers[name]), baseline_responses=str(answers["start"]),
+                              tie_margin=proj.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=ev.e.bootstrap,
+                              seed=proj.cfg.seed, name=f"validation-{judge}-{name}-vs-start", overwrite=True)
+            m["validation_vs_start"] = {**_winrate_summary(res), "judge": judge}
+    out = {"project": str(project), "round": a.round, "stage": stage, "start": start, "tuning_questions": questions,
+           "validation_prompts": len(validation), "judge": judge, "models": models, "chosen": choose(models),
+           "rule": "highest tuning MC2 among the models whose validation win rate vs the start has its 95% CI above 50%",
+           "minutes_this_call": round((time.time() - t0) / 60, 1), "note": a.note}
+    history = Path(a.history)
+    history.parent.mkdir(parents=True, exist_ok=True)
+    with history.open("a") as f:
+        f.write(json.dumps({k: out[k] for k in ("project", "round", "chosen", "minutes_this_call", "note")}
+                           | {"models": {n: {"mc2": m["truthfulqa"]["mc2"],
+                                             "winrate_vs_start": (m.get("validation_vs_start") or {}).get("win_rate")}
+                                         for n, m in models.items()}}) + "\n")
+    _print(out)
+    return out
+
+
+def _split_overrides(text: str) -> list[str]:
+    """``a=1,b=[1.0, 0.2]`` -> ``["a=1", "b=[1.0, 0.2]"]``: commas inside brackets stay."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += 1 if ch in "[{" else -1 if ch in "]}" else 0
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    bad = [x for x in parts if "=" not in x]
+    if bad:
+        raise SystemExit(f"--variant: {bad[0]!r} is not key=value")
+    return parts
+
+
+def _cached_validation_answers(proj: Any, model: str, records: list) -> Path | None:
+    """Where the round's own eval step keeps ``model``'s validation answers (the SFT model, a round's policy), if it
+    answered these prompts (never regenerated there: a file of the round is not rewritten)."""
+    path = None
+    if model == proj.sft_model():
+        path = proj.round_dir(1) / "eval" / "sft" / "validation_responses.jsonl"
+    for k in proj.rounds():
+        if model == proj.policy_of(k):
+            path = proj.round_dir(k) / "eval" / "validation_responses.jsonl"
+    if path is None or not path.is_file():
+        return None
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return path if [r.get("prompt") for r in rows] == [r.messages for r in records] else None
+
+
+def _print(out: dict) -> None:
+    from benchmarks.common import table
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    rows = []
+    for name, m in out["models"].items():
+        t, w = m["truthfulqa"], m.get("validation_vs_start") or {}
+        rows.append([name, " ".join(m.get("overrides") or []), pct(t["mc2"]),
+                     "" if "vs_start" not in t else f"{pct(t['vs_start']['diff'])} [{pct(t['vs_start']['ci'][0])}, "
+                                                     f"{pct(t['vs_start']['ci'][1])}]",
+                     "" if not w else f"{pct(w['win_rate'])} [{pct(w['ci_low'])}, {pct(w['ci_high'])}], LC {pct(w.get('lc_win_rate'))}"])
+    print(table(rows, ["model", "overrides", f"MC2 ({out['tuning_questions']['n']} tuning q)", "vs start, points",
+                       f"validation win rate vs start ({out['judge']}, n={out['validation_prompts']})"]))
+    print(f"chosen: {out['chosen']} ({out['rule']})")
+
+
+if __name__ == "__main__":
+    main()
