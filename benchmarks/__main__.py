@@ -116,7 +116,8 @@ PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _
                                                    "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real,
                                                    "rlhf_core": _rlhf_core, "memory": _memory,
                                                    "truthfulqa_tax": _truthfulqa_tax}
-LONG = ("alignment", "rm_real", "rlhf_core", "truthfulqa_tax")  # an hour or more each: run by name only, never in the all-parts run
+# an hour or more each: run by name only, never in the all-parts run
+LONG = ("alignment", "rm_real", "rlhf_core", "truthfulqa_tax")
 
 
 def summary_rows(name: str, r: dict) -> list[list[Any]]:

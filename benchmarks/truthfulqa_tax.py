@@ -225,7 +225,8 @@ def _print(out: dict) -> None:
         rows.append([name, " ".join(m.get("overrides") or []), pct(t["mc2"]),
                      "" if "vs_start" not in t else f"{pct(t['vs_start']['diff'])} [{pct(t['vs_start']['ci'][0])}, "
                                                      f"{pct(t['vs_start']['ci'][1])}]",
-                     "" if not w else f"{pct(w['win_rate'])} [{pct(w['ci_low'])}, {pct(w['ci_high'])}], LC {pct(w.get('lc_win_rate'))}"])
+                     "" if not w else (f"{pct(w['win_rate'])} [{pct(w['ci_low'])}, {pct(w['ci_high'])}], "
+                                       f"LC {pct(w.get('lc_win_rate'))}")])
     print(table(rows, ["model", "overrides", f"MC2 ({out['tuning_questions']['n']} tuning q)", "vs start, points",
                        f"validation win rate vs start ({out['judge']}, n={out['validation_prompts']})"]))
     print(f"chosen: {out['chosen']} ({out['rule']})")

@@ -752,7 +752,8 @@ def test_truthfulqa_tax_trains_a_setting_again_and_reads_only_tuning_questions_a
     stamp = (trained / "model").stat().st_mtime_ns
     again = truthfulqa_tax.main(args)
     assert (trained / "model").stat().st_mtime_ns == stamp
-    assert {n: m["truthfulqa"]["mc2"] for n, m in again["models"].items()} == {n: m["truthfulqa"]["mc2"] for n, m in models.items()}
+    mc2 = {n: m["truthfulqa"]["mc2"] for n, m in models.items()}
+    assert {n: m["truthfulqa"]["mc2"] for n, m in again["models"].items()} == mc2
     assert len(history.read_text().splitlines()) == 2
 
 
