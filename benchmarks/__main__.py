@@ -13,7 +13,8 @@ defaults (fp32 vs bf16 autocast, activation checkpointing), scaling (SFT on 1 vs
 only when named: alignment (three RLHF rounds judged by the gold judge, ~90 min), rm_real (a
 helpfulness RM on HH-RLHF, ~1 h) and rlhf_core (Gao et al.'s proxy/gold protocol: best-of-n and PPO
 curves, hours) and truthfulqa_tax (a round's policy step trained again with other settings, each read on
-TruthfulQA questions no seed reports and on validation prompts, ~25 min per setting).
+TruthfulQA questions no seed reports and on validation prompts, ~25 min per setting) and length_control (each
+round's policy against the SFT model made as short by an EOS bias chosen on validation prompts, ~10 min a round).
 Each part writes benchmarks/results/<part>.json with the machine, library versions, the command and
 the numbers; the summary table at the end is what README's "Scale and speed" section shows.
 """
@@ -99,6 +100,12 @@ def _rlhf_core(argv: list[str]) -> dict:
     return rlhf_core.main(argv)
 
 
+def _length_control(argv: list[str]) -> dict:
+    from benchmarks import length_control
+
+    return length_control.main(argv)
+
+
 def _truthfulqa_tax(argv: list[str]) -> dict:
     from benchmarks import truthfulqa_tax
 
@@ -115,9 +122,9 @@ PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _
                                                  "defaults": _defaults, "scaling": _scaling,
                                                    "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real,
                                                    "rlhf_core": _rlhf_core, "memory": _memory,
-                                                   "truthfulqa_tax": _truthfulqa_tax}
+                                                   "truthfulqa_tax": _truthfulqa_tax, "length_control": _length_control}
 # an hour or more each: run by name only, never in the all-parts run
-LONG = ("alignment", "rm_real", "rlhf_core", "truthfulqa_tax")
+LONG = ("alignment", "rm_real", "rlhf_core", "truthfulqa_tax", "length_control")
 
 
 def summary_rows(name: str, r: dict) -> list[list[Any]]:

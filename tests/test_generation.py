@@ -380,7 +380,36 @@ def test_buffer_cache_grows_and_selects():
     assert torch.equal(cache.layers[0].keys, k2[1:]) and torch.equal(cache.layers[0].values, -k2[1:])
 
 
+def test_eos_bias_ends_greedy_answers_sooner_and_matches_model_generate(tiny):
+    """``eos_bias`` (the length control's knob): greedy answers agree with the unbiased ones up to where they end,
+    their lengths never grow with the bias, a huge bias ends every answer at once, and the tokens are
+    model.generate's with the same ``sequence_bias`` on the EOS token."""
+    model, tok = tiny
+    encoded = encode_prompts(tok, _prompts())
+    probe, _ = Engine(model, tok, batch_size=len(encoded)).run(encoded, SamplingParams(max_new_tokens=16))
+    counts: dict[int, int] = {}
+    for o in probe:
+        for t in o.response_ids[1:8]:
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=counts.get)  # a token the tiny model emits mid-answer, made the end of sequence
+    engine = Engine(model, tok, batch_size=4, eos_token_ids=[stop])
+    runs = {b: [o.response_ids for o in engine.run(encoded, SamplingParams(max_new_tokens=16, eos_bias=b))[0]]
+            for b in (0.0, 0.5, 2.0, 1e4)}
+    assert runs[0.0] == [o.response_ids for o in engine.run(encoded, SamplingParams(max_new_tokens=16))[0]]
+    for b in (0.5, 2.0, 1e4):
+        for biased, plain in zip(runs[b], runs[0.0]):
+            assert biased[:-1] == plain[:len(biased) - 1] and (biased[-1] == stop or biased == plain[:len(biased)])
+    lengths = {b: [len(r) for r in rs] for b, rs in runs.items()}
+    assert all(x >= y >= z for x, y, z in zip(lengths[0.0], lengths[0.5], lengths[2.0]))
+    assert sum(lengths[2.0]) < sum(lengths[0.0]) and runs[1e4] == [[stop]] * len(encoded)
+    ref = _reference(model, tok, encoded, max_new_tokens=16, batch_size=1, eos={stop}, do_sample=False,
+                     sequence_bias={(stop,): 2.0})
+    assert runs[2.0] == ref
+
+
 def test_bad_params_rejected():
+    with pytest.raises(ValueError, match="eos_bias"):
+        SamplingParams(eos_bias=float("nan"))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
@@ -399,6 +428,8 @@ def test_prompt_tuning_falls_back_to_model_generate(tiny_model):
                            peft_config(AdapterConfig(method="prompt_tuning", num_virtual_tokens=4, prompt_init_text=None)))
     gens = generate(model, tok, _prompts(QUESTIONS[:3]), max_new_tokens=5)
     assert gens.stats.backend == "model.generate" and len(gens) == 3
+    ended = generate(model, tok, _prompts(QUESTIONS[:3]), max_new_tokens=5, eos_bias=1e4)  # sequence_bias there
+    assert [g.response_ids for g in ended] == [[model.generation_config.eos_token_id]] * 3 and all(g.finished for g in ended)
 
 
 @pytest.mark.slow

@@ -768,3 +768,46 @@ def test_truthfulqa_tax_choice_and_variant_parsing():
     assert _split_overrides("dpo.beta=0.3, dpo.loss_weights=[1.0, 0.2]") == ["dpo.beta=0.3", "dpo.loss_weights=[1.0, 0.2]"]
     with pytest.raises(SystemExit, match="'x' is not key=value"):
         _split_overrides("a=1,x")
+
+
+def test_length_control_bisection_by_hand():
+    """The EOS bias whose mean length is closest to the target: bracketed by doubling, then bisected; a longer
+    policy gets a negative bias; a length out of reach is said to be."""
+    from benchmarks.length_control import match_bias
+
+    def f(b):
+        return min(450.0, max(10.0, 400.0 - 50.0 * b))
+
+    got = match_bias(f, 200.0)
+    assert got["reached"] and abs(got["bias"] - 4.0) <= 0.12 and got["mean_chars"] == f(got["bias"])
+    assert [x for x, _ in got["trace"]][:1] == [0.0] and {1.0, 2.0, 4.0} & {x for x, _ in got["trace"]}
+    longer = match_bias(f, 430.0)
+    assert longer["reached"] and longer["bias"] < 0 and abs(longer["mean_chars"] - 430.0) <= 0.03 * 430.0
+    out_of_reach = match_bias(f, 1000.0)  # the longest reachable, at the smallest bias that reaches it
+    assert not out_of_reach["reached"] and out_of_reach["mean_chars"] == 450.0 and out_of_reach["bias"] == -1.0
+    assert min(x for x, _ in out_of_reach["trace"]) == -64.0
+    assert match_bias(f, 401.0)["bias"] == 0.0  # within 3% already
+
+
+def test_length_control_judges_a_round_against_the_sft_model_made_as_short(whole, tmp_path):
+    from benchmarks import length_control
+
+    copy = tmp_path / "whole"
+    shutil.copytree(whole, copy)
+    out = length_control.main(["--project", str(copy), "--round", "2"])
+    r = out["projects"][0]["rounds"][0]
+    m = r["match"]
+    assert m["target_chars"] == pytest.approx(length_control.mean_chars(copy / "round-2" / "eval" / "validation_responses.jsonl"))
+    lengths = [length for _, length in m["trace"]]  # biases in increasing order: lengths never grow
+    assert all(x >= y for x, y in zip(lengths, lengths[1:])) and m["trace"][0][0] <= 0.0 <= m["trace"][-1][0]
+    work = copy / "length_control" / "sft"
+    test = work / f"heldout_eos_bias_{m['bias']:+.4f}.jsonl"
+    assert test.is_file() and r["test_mean_chars"]["baseline"] == pytest.approx(length_control.mean_chars(test))
+    for judge in ("gold", "rm"):
+        w = r[f"winrate_{judge}_vs_length_matched"]
+        assert w["n"] == 6 and "lc_win_rate" in w and w["baseline"].endswith(f"(eos_bias={m['bias']:+.4f})")
+    made = sorted(p.name for p in work.iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in work.iterdir()}
+    again = length_control.main(["--project", str(copy), "--round", "2"])["projects"][0]["rounds"][0]
+    assert again["match"] == m and sorted(p.name for p in work.iterdir()) == made
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the answers were read back, not made again

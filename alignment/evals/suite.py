@@ -137,9 +137,9 @@ class EvalSuiteConfig:
 
 
 def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: int, batch_size: int, seed: int,
-            no_repeat_ngram_size: int = 0) -> list[str]:
-    """Greedy answers of ``model`` to ``records`` (with ``no_repeat_ngram_size`` decoding when > 0), written to
-    ``path`` once and read back after."""
+            no_repeat_ngram_size: int = 0, eos_bias: float = 0.0) -> list[str]:
+    """Greedy answers of ``model`` to ``records`` (with ``no_repeat_ngram_size`` decoding when > 0, ``eos_bias`` added
+    to the EOS logits when not 0), written to ``path`` once and read back after."""
     from foundation.generation import generate
     from foundation.models import load_causal_lm, load_tokenizer
     from data.loaders import read_rows, write_jsonl
@@ -151,7 +151,7 @@ def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: i
         log.warning("%s: answers to other prompts; generating again", path)
     lm, tok = load_causal_lm(model), load_tokenizer(model)
     gens = generate(lm, tok, [r.messages for r in records], max_new_tokens=max_new_tokens, temperature=0.0,
-                    batch_size=batch_size, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size)
+                    batch_size=batch_size, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, eos_bias=eos_bias)
     del lm
     write_jsonl(path, [{"prompt": r.messages, "category": r.category, "response": g.text, "finished": g.finished, "model": model}
                        for r, g in zip(records, gens)], overwrite=True)

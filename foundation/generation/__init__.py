@@ -70,17 +70,20 @@ def generate(
     batch_size: int = 8,
     seed: int | None = None,
     no_repeat_ngram_size: int = 0,
+    eos_bias: float = 0.0,
     sampler: str = "inverse_cdf",
     sync: Any = None,
 ) -> Generations:
     """Generate one response per prompt. ``temperature=0`` is greedy.
 
     ``seed`` fixes the draws of this call (torch's global generator is not touched); without it
-    they come from torch's global generator. ``sync`` (``foundation.distributed.forward_sync``): generate from
+    they come from torch's global generator. ``eos_bias`` is added to the EOS logits at every step: greedy answers
+    then end sooner or at the same token, and agree with the unbiased ones up to where they end (a length control). ``sync`` (``foundation.distributed.forward_sync``): generate from
     partitioned ZeRO-3 weights, every process taking part in every forward (see ``foundation.generation.engine``)."""
     encoded = encode_prompts(tokenizer, prompts)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            no_repeat_ngram_size=no_repeat_ngram_size, sampler=sampler)  # type: ignore[arg-type]
+                            no_repeat_ngram_size=no_repeat_ngram_size, eos_bias=eos_bias,
+                            sampler=sampler)  # type: ignore[arg-type]
     outputs, stats = Engine(model, tokenizer, batch_size=batch_size, sync=sync).run(encoded, params)
     gens = [Generation(tokenizer.decode(o.response_ids, skip_special_tokens=True).strip(), ids, o.response_ids, o.finished)
             for ids, o in zip(encoded, outputs)]

@@ -60,6 +60,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     no_repeat_ngram_size: int = 0
+    eos_bias: float = 0.0  # added to the EOS logits before sampling: > 0 answers stop sooner (a length control)
     stop: tuple[str, ...] = ()  # cut the continuation at the first of these (completion mode)
     seed: int | None = None  # None: drawn from torch's global generator (torch.manual_seed controls it)
     sampler: Sampler = "inverse_cdf"
@@ -73,6 +74,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.no_repeat_ngram_size < 0:
             raise ValueError("top_k and no_repeat_ngram_size must be >= 0")
+        if not math.isfinite(self.eos_bias):
+            raise ValueError(f"eos_bias must be finite, got {self.eos_bias}")
         if self.sampler not in ("inverse_cdf", "multinomial"):
             raise ValueError(f"sampler must be inverse_cdf or multinomial, got {self.sampler!r}")
 
@@ -280,7 +283,11 @@ class Engine:
                 stats.seconds_prefill += time.perf_counter() - t0
             assert state is not None
             t0 = time.perf_counter()
-            tokens = next_tokens(state.logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+            logits = state.logits
+            if params.eos_bias:
+                logits = logits.clone()
+                logits[:, sorted(self.eos)] += params.eos_bias
+            tokens = next_tokens(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                  sampler=params.sampler, generator=generator,
                                  bans=[r.ban for r in live] if params.no_repeat_ngram_size else None)
             for r, t in zip(live, tokens.tolist()):
@@ -451,6 +458,8 @@ class Engine:
                                       use_cache=True, synced_gpus=False)
         if params.no_repeat_ngram_size:
             kwargs["no_repeat_ngram_size"] = params.no_repeat_ngram_size
+        if params.eos_bias:
+            kwargs["sequence_bias"] = {(e,): params.eos_bias for e in sorted(self.eos)}
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         rng = None
