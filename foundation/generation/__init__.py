@@ -79,7 +79,8 @@ def generate(
     ``seed`` fixes the draws of this call (torch's global generator is not touched); without it
     they come from torch's global generator. ``eos_bias`` is added to the EOS logits at every step: greedy answers
     then end sooner or at the same token, and agree with the unbiased ones up to where they end (a length control).
-    ``sync`` (``foundation.distributed.forward_sync``): generate from partitioned ZeRO-3 weights, every process taking part in every forward (see ``foundation.generation.engine``)."""
+    ``sync`` (``foundation.distributed.forward_sync``): generate from partitioned ZeRO-3 weights, every process
+    taking part in every forward (see ``foundation.generation.engine``)."""
     encoded = encode_prompts(tokenizer, prompts)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             no_repeat_ngram_size=no_repeat_ngram_size, eos_bias=eos_bias,
