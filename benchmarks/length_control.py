@@ -46,7 +46,7 @@ def match_bias(length_at: Any, target: float, *, steps: int = 7, tolerance: floa
 
     def done() -> dict:
         best = min(trace, key=lambda x: (abs(trace[x] - target), abs(x)))
-        return {"bias": best, "mean_chars": trace[best], "target_chars": target,
+        return {"bias": best, "length": trace[best], "target_length": target,
                 "reached": abs(trace[best] - target) <= tolerance * target, "trace": [[x, trace[x]] for x in sorted(trace)]}
 
     if abs(f(0.0) - target) <= tolerance * target:
@@ -142,7 +142,7 @@ def _print(project: Path, rounds: list[dict]) -> None:
         for key in (k for k in r if k.startswith("winrate_")):
             w = r[key]
             rows.append([f"V{r['round']} ({r['method']})", key.split("_vs_")[0].removeprefix("winrate_"),
-                         f"{m['bias']:+.3f} ({m['mean_chars']:.0f} / {m['target_chars']:.0f} chars)",
+                         f"{m['bias']:+.3f} ({m['length']:.0f} / {m['target_length']:.0f} chars)",
                          f"{c['policy']:.0f} / {c['baseline']:.0f} / {c['sft_unbiased']:.0f}",
                          f"{pct(w['win_rate'])} [{pct(w['ci_low'])}, {pct(w['ci_high'])}] n={w['n']}",
                          f"{pct(w.get('lc_win_rate'))} [{pct(w.get('lc_ci_low'))}, {pct(w.get('lc_ci_high'))}]"])

@@ -67,7 +67,7 @@ from foundation.runs import read_jsonl
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 SFT = "smollm2-135m"  # the default --policy
-STAGES = ("prompts", "samples", "proxies", "agreement", "bon", "ppo", "final", "replication")
+STAGES = ("prompts", "samples", "proxies", "agreement", "bon", "ppo", "final", "replication", "length_control")
 TARGETS = {"agreement": 0.70, "agreement_ci_low": 0.65, "bon_ratio": 0.5, "ppo_winrate": 0.60, "oracle_winrate": 0.65}
 
 
@@ -561,9 +561,6 @@ class Bench:
     def final(self, prompt_sets: Sequence[str] = ("test",)) -> dict:
         """Each returned policy against the SFT model on ``prompt_sets`` (pooled when several): gold win rate, its
         length-controlled companion, the length strata, mean gold scores and lengths."""
-        from alignment.evals import lcwr
-        from alignment.evals.winrate import outcome, summarise
-
         if not all((self.out / f"{s}_sft.jsonl").is_file() for s in prompt_sets):
             return {}
         sft = [r for s in prompt_sets for r in read_jsonl(self.out / f"{s}_sft.jsonl")]
@@ -576,13 +573,83 @@ class Bench:
             pol = [r for p in paths for r in read_jsonl(p)]
             if [r["prompt"] for r in pol] != [r["prompt"] for r in sft]:
                 raise AssertionError(f"{name}'s answers and the SFT model's are not to the same prompts ({prompt_sets})")
-            wins = [outcome(p["gold"], s["gold"]) for p, s in zip(pol, sft)]
-            out[name] = {"gold_mean": sum(r["gold"] for r in pol) / len(pol), "tokens": sum(r["tokens"] for r in pol) / len(pol),
-                         "winrate_vs_sft": summarise(wins, seed=self.a.seed),
-                         "lc_winrate_vs_sft": lcwr.summarise(wins, [p["tokens"] for p in pol], [s["tokens"] for s in sft],
-                                                            seed=self.a.seed),
-                         "identical_answers": sum(p["response"] == s["response"] for p, s in zip(pol, sft)),
-                         "length_strata": length_strata(wins, pol, sft, seed=self.a.seed)}
+            out[name] = self.compare(pol, sft)
+        return out
+
+    def compare(self, pol: list[dict], base: list[dict]) -> dict:
+        """Answers ``pol`` against ``base`` (the same prompts, in order) by the gold: win rate, its length-controlled
+        companion, the length strata, mean gold scores and lengths."""
+        from alignment.evals import lcwr
+        from alignment.evals.winrate import outcome, summarise
+
+        wins = [outcome(p["gold"], s["gold"]) for p, s in zip(pol, base)]
+        return {"gold_mean": sum(r["gold"] for r in pol) / len(pol), "tokens": sum(r["tokens"] for r in pol) / len(pol),
+                "winrate_vs_sft": summarise(wins, seed=self.a.seed),
+                "lc_winrate_vs_sft": lcwr.summarise(wins, [p["tokens"] for p in pol], [s["tokens"] for s in base],
+                                                   seed=self.a.seed),
+                "identical_answers": sum(p["response"] == s["response"] for p, s in zip(pol, base)),
+                "length_strata": length_strata(wins, pol, base, seed=self.a.seed)}
+
+    # -- 9. the length control: the SFT model made as short as each PPO policy -------------------
+    def stage_length_control(self) -> None:
+        """For each returned PPO policy, the EOS bias (``SamplingParams.eos_bias``) that makes the SFT model's greedy
+        answers to the validation prompts as long, in tokens, as the policy's there (bisected, ``match_bias``: a
+        decision, so validation prompts only), then the SFT model with that bias on the test and replication prompts,
+        scored like every answer (``<set>_sft_eos_<policy>.jsonl``); the biases in ``length_control.json``."""
+        from benchmarks.length_control import match_bias
+        from foundation.generation import generate
+
+        self.answer("validation")
+        val = [r["messages"] for r in self.prompts("validation")]
+        model, tok = self.policy()
+        work = self.out / "length_control"
+        work.mkdir(exist_ok=True)
+
+        def answers(convs: list, b: float) -> list:
+            return generate(model, tok, convs, max_new_tokens=self.a.new_tokens, temperature=0.0, batch_size=self.a.gen_batch,
+                            eos_bias=b)
+
+        def length_at(b: float) -> float:
+            path = work / f"validation_eos_{b:+.4f}.json"
+            if not path.is_file():
+                gens = answers(val, b)
+                path.write_text(json.dumps({"bias": b, "tokens": [len(g.response_ids) for g in gens]}))
+            tokens = json.loads(path.read_text())["tokens"]
+            return sum(tokens) / len(tokens)
+
+        matched = {}
+        for name in self.POLICIES[1:]:
+            if not (self.out / f"validation_{name}.jsonl").is_file():
+                continue
+            target = read_jsonl(self.out / f"validation_{name}.jsonl")
+            matched[name] = match_bias(length_at, sum(r["tokens"] for r in target) / len(target))
+            for prompt_set in ("test", "replication"):
+                path = self.out / f"{prompt_set}_sft_eos_{name}.jsonl"
+                if path.is_file() or not (self.out / "prompts" / f"{prompt_set}.jsonl").is_file():
+                    continue
+                convs = [r["messages"] for r in self.prompts(prompt_set)]
+                gens = answers(convs, matched[name]["bias"])
+                texts = [g.text for g in gens]
+                scores = {k: self.score(k, convs, texts) for k in ("gold", self.proxies()[-1])}
+                _write(path, [{"prompt": c, "response": t, "tokens": len(g.response_ids), "finished": g.finished,
+                               **{k: v[i] for k, v in scores.items()}} for i, (c, t, g) in enumerate(zip(convs, texts, gens))])
+        (self.out / "length_control.json").write_text(json.dumps(matched, indent=1) + "\n")
+
+    def length_control(self) -> dict:
+        """Each PPO policy against the SFT model made as short (``stage_length_control``), on the test prompts, the
+        replication prompts and both pooled."""
+        matched = json.loads((self.out / "length_control.json").read_text())
+        out = {}
+        for name, m in matched.items():
+            got: dict[str, Any] = {"match": m}
+            sets = [s for s in ("test", "replication") if (self.out / f"{s}_sft_eos_{name}.jsonl").is_file()]
+            for label, chosen in [*((s, (s,)) for s in sets), *((("pooled", tuple(sets)),) if len(sets) > 1 else ())]:
+                pol = [r for s in chosen for r in read_jsonl(self.out / f"{s}_{name}.jsonl")]
+                base = [r for s in chosen for r in read_jsonl(self.out / f"{s}_sft_eos_{name}.jsonl")]
+                if [r["prompt"] for r in pol] != [r["prompt"] for r in base]:
+                    raise AssertionError(f"{name} and its length-matched SFT answers are not to the same prompts ({chosen})")
+                got[label] = {**self.compare(pol, base), "baseline_tokens": sum(r["tokens"] for r in base) / len(base)}
+            out[name] = got
         return out
 
     # -- 8. replication on the prompts no stage read ----------------------------------------
@@ -624,6 +691,9 @@ class Bench:
             return [f"{n}/{f}" for n in runs for f in ("summary.json", "metrics.jsonl")], [f"{n}/model" for n in runs]
         if stage == "replication":
             return ["prompts/replication.jsonl", *[p.name for p in sorted(self.out.glob("replication_*.jsonl"))]], []
+        if stage == "length_control":
+            return ["length_control.json", *[p.name for p in sorted(self.out.glob("validation_*.jsonl"))],
+                    *[p.name for p in sorted(self.out.glob("*_sft_eos_*.jsonl"))]], []
         return [p.name for p in sorted(self.out.glob("test_*.jsonl"))], []
 
     # -- results -------------------------------------------------------------------------------
@@ -644,6 +714,8 @@ class Bench:
             rep = self.prompts("replication")
             res["replication"] = {"prompts": {"n": len(rep), "safety": sum(r.get("category") == "safety" for r in rep)},
                                   "alone": self.final(("replication",)), "pooled_with_test": self.final(("test", "replication"))}
+        if (self.out / "length_control.json").is_file():
+            res["length_control"] = self.length_control()
         res["proxy_training"] = {}
         for name in self.proxies():
             s = self.out / name / "rm_helpful" / "summary.json"
@@ -806,7 +878,8 @@ def main(argv: list[str] | None = None) -> dict:
     state = bench.state = State(state_root, bench.out)
     for rel in state.restore():
         _log(f"restored from {state_root}: {rel}")
-    done = {"prompts": "prompts/manifest.json", "samples": "samples.jsonl", "agreement": "agreement.jsonl", "bon": "bon.jsonl"}
+    done = {"prompts": "prompts/manifest.json", "samples": "samples.jsonl", "agreement": "agreement.jsonl", "bon": "bon.jsonl",
+            "length_control": "length_control.json"}
     for stage in a.stages.split(","):
         if stage not in STAGES:
             raise SystemExit(f"unknown stage {stage!r}; expected {', '.join(STAGES)}")

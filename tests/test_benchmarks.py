@@ -121,6 +121,19 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     assert res["replication"]["alone"]["ppo_oracle"]["winrate_vs_sft"]["n"] == 5 and pooled["n"] == 11
     w_test, w_rep = (r["ppo_oracle"]["winrate_vs_sft"]["win_rate"] for r in (res["final"], res["replication"]["alone"]))
     assert pooled["win_rate"] == pytest.approx((6 * w_test + 5 * w_rep) / 11)
+    # the length control: the SFT model made as long as each PPO policy on the validation prompts by an EOS bias
+    lc = res["length_control"]
+    assert set(lc) == {"ppo_proxy", "ppo_oracle"}
+    for name, got in lc.items():
+        trace = [length for _, length in got["match"]["trace"]]  # biases in increasing order: lengths never grow
+        assert all(x >= y for x, y in zip(trace, trace[1:]))
+        val = read_jsonl(out / f"validation_{name}.jsonl")
+        assert got["match"]["target_length"] == pytest.approx(sum(r["tokens"] for r in val) / len(val))
+        assert got["test"]["winrate_vs_sft"]["n"] == 6 and got["replication"]["winrate_vs_sft"]["n"] == 5
+        assert got["pooled"]["winrate_vs_sft"]["n"] == 11 and "lc_win_rate" in got["pooled"]["lc_winrate_vs_sft"]
+        base = read_jsonl(out / f"test_sft_eos_{name}.jsonl")
+        assert got["test"]["baseline_tokens"] == pytest.approx(sum(r["tokens"] for r in base) / 6)
+        assert [r["prompt"] for r in base] == [r["messages"] for r in read_jsonl(out / "prompts" / "test.jsonl")]
     assert (tmp_path / "results" / "rlhf_core_bon.png").is_file()
     assert (tmp_path / "results" / "rlhf_core_history.jsonl").is_file()
     again = rlhf_core.main(common)
@@ -139,7 +152,7 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     assert (out / "proxy_40" / "rm_helpful" / "model" / "tokenizer_config.json").is_file()  # unpacked with its tokenizer
     assert (out / "proxy_10" / "rm_helpful" / "model" / "adapter_config.json").is_file()  # unpacked, not retrained
     assert not (out / "ppo_proxy" / "checkpoints").exists()  # not trained again
-    for key in ("agreement", "bon", "final", "replication", "proxy_training"):
+    for key in ("agreement", "bon", "final", "replication", "proxy_training", "length_control"):
         assert third[key] == res[key], key
     assert [p["gold"] for p in third["ppo"]["ppo_proxy"]["curve"]] == [p["gold"] for p in res["ppo"]["ppo_proxy"]["curve"]]
     assert third["gold"]["unpacked_from"]["weights"] == "float16"

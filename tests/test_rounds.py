@@ -779,12 +779,12 @@ def test_length_control_bisection_by_hand():
         return min(450.0, max(10.0, 400.0 - 50.0 * b))
 
     got = match_bias(f, 200.0)
-    assert got["reached"] and abs(got["bias"] - 4.0) <= 0.12 and got["mean_chars"] == f(got["bias"])
+    assert got["reached"] and abs(got["bias"] - 4.0) <= 0.12 and got["length"] == f(got["bias"])
     assert [x for x, _ in got["trace"]][:1] == [0.0] and {1.0, 2.0, 4.0} & {x for x, _ in got["trace"]}
     longer = match_bias(f, 430.0)
-    assert longer["reached"] and longer["bias"] < 0 and abs(longer["mean_chars"] - 430.0) <= 0.03 * 430.0
+    assert longer["reached"] and longer["bias"] < 0 and abs(longer["length"] - 430.0) <= 0.03 * 430.0
     out_of_reach = match_bias(f, 1000.0)  # the longest reachable, at the smallest bias that reaches it
-    assert not out_of_reach["reached"] and out_of_reach["mean_chars"] == 450.0 and out_of_reach["bias"] == -1.0
+    assert not out_of_reach["reached"] and out_of_reach["length"] == 450.0 and out_of_reach["bias"] == -1.0
     assert min(x for x, _ in out_of_reach["trace"]) == -64.0
     assert match_bias(f, 401.0)["bias"] == 0.0  # within 3% already
 
@@ -797,7 +797,8 @@ def test_length_control_judges_a_round_against_the_sft_model_made_as_short(whole
     out = length_control.main(["--project", str(copy), "--round", "2"])
     r = out["projects"][0]["rounds"][0]
     m = r["match"]
-    assert m["target_chars"] == pytest.approx(length_control.mean_chars(copy / "round-2" / "eval" / "validation_responses.jsonl"))
+    target = length_control.mean_chars(copy / "round-2" / "eval" / "validation_responses.jsonl")
+    assert m["target_length"] == pytest.approx(target)
     lengths = [length for _, length in m["trace"]]  # biases in increasing order: lengths never grow
     assert all(x >= y for x, y in zip(lengths, lengths[1:])) and m["trace"][0][0] <= 0.0 <= m["trace"][-1][0]
     work = copy / "length_control" / "sft"
