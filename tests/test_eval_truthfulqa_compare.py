@@ -61,3 +61,28 @@ def test_a_penalty_on_truth_itself_is_not_explained_by_sharpening():
 def test_shift_refuses_rows_with_one_label():
     with pytest.raises(ValueError, match="same label"):
         shift([row("a", [0.0, -1.0], [1, 1])], [row("a", [0.0, -2.0], [1, 1])])
+
+
+def test_cli_compares_two_rows_files_and_names_bad_input(tmp_path, capsys):
+    import json
+
+    from alignment.evals.truthfulqa_compare import cli
+
+    before = [row(str(i), s, lab) for i, (s, lab) in enumerate(BEFORE)]
+    after = [row(str(i), [x + 0.5 * (x - max(s)) for x in s], lab) for i, (s, lab) in enumerate(BEFORE)]
+    (tmp_path / "sft").mkdir()
+    gen = json.dumps({"variant": "gen", "question": "0"}) + "\n"  # a generation row: the comparison skips it
+    (tmp_path / "sft" / "truthfulqa_rows.jsonl").write_text("".join(json.dumps({"variant": "mc", **r}) + "\n" for r in before) + gen)
+    (tmp_path / "after_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after))
+    assert cli([str(tmp_path / "sft"), str(tmp_path / "after_rows.jsonl"), "--out", str(tmp_path / "cmp.json")]) == 0
+    got = json.loads((tmp_path / "cmp.json").read_text())
+    assert got["paired"] == paired(before, after) and got["shift"]["rel"] == pytest.approx(0.5)
+    assert "on 4 questions both scored" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text(json.dumps(before[0]) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not JSON"):
+        cli([str(tmp_path / "bad.jsonl"), str(tmp_path / "after_rows.jsonl")])
+    (tmp_path / "gen.jsonl").write_text(json.dumps({"variant": "gen", "question": "0"}) + "\n")
+    with pytest.raises(ValueError, match="no multiple-choice rows"):
+        cli([str(tmp_path / "gen.jsonl"), str(tmp_path / "after_rows.jsonl")])
+    with pytest.raises(FileNotFoundError, match="no TruthfulQA rows"):
+        cli([str(tmp_path / "missing"), str(tmp_path / "after_rows.jsonl")])

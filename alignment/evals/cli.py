@@ -11,6 +11,8 @@ from alignment.evals.suite import BENCHMARKS
 # subcommand -> (module exposing cli(argv), one line): the rounds' benchmarks, then the other evaluations
 EVALS: dict[str, tuple[str, str]] = {
     **{b.name: (b.module, b.help) for b in BENCHMARKS},
+    "truthfulqa-compare": ("alignment.evals.truthfulqa_compare",
+                           "two models' TruthfulQA rows question by question: paired MC2 difference with CI, and why"),
     "winrate": ("alignment.evals.winrate", "policy A vs baseline B judged by reward models or an LLM judge, bootstrap CI"),
     "metrics": ("alignment.evals.metrics",
                 "ROUGE, BLEU, perplexity, P/R/F1, embedding cosine, tag-set metrics of a predictions file"),

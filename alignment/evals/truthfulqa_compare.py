@@ -16,11 +16,15 @@ question ``q``: ``delta = logp_after - logp_before`` (the same choice, the same 
 TruthfulQA's false choices are the imitative falsehoods a pretrained model finds likely, so a policy step that
 sharpens the distribution (as DPO and PPO tend to) lowers MC2 without learning anything false: this separates the two.
 CIs resample questions (all choices of a question together). Rows are matched on the question text.
+
+    align eval truthfulqa-compare runs/<p>/round-1/eval/sft runs/<p>/round-3/eval [--out cmp.json]
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -93,3 +97,56 @@ def shift(before: Sequence[dict], after: Sequence[dict], *, n_boot: int = 1000, 
             "truth": truth, "truth_ci": _ci(b[:, 0]), "truth_given_rel": truth_rel, "truth_given_rel_ci": _ci(b[:, 1]),
             "rel": b_rel, "rel_ci": _ci(b[:, 2]),
             "explained_by_sharpening": 1.0 - truth_rel / truth if truth < 0 else None}
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The MC rows of ``align eval truthfulqa``'s output: a ``*_rows.jsonl`` file, or a folder holding
+    ``truthfulqa_rows.jsonl`` (a round's ``eval/``, ``eval/sft/``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "truthfulqa_rows.jsonl"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no TruthfulQA rows (give a *_rows.jsonl file or a folder with truthfulqa_rows.jsonl)")
+    rows = []
+    for lineno, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}:{lineno}: not JSON ({exc.msg})") from None
+        if "mc2_scores" in row:  # the MC rows (a run of variant both also has generation rows)
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{p}: no multiple-choice rows (mc2_scores); was it run with --variant gen?")
+    return rows
+
+
+def cli(argv: Sequence[str]) -> int:
+    """``align eval truthfulqa-compare BEFORE AFTER``: e.g. a round's policy against the SFT model."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="align eval truthfulqa-compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("before", help="rows of the first model (e.g. runs/<p>/round-1/eval/sft)")
+    ap.add_argument("after", help="rows of the second model (e.g. runs/<p>/round-3/eval)")
+    ap.add_argument("--out", help="also write the comparison here (JSON)")
+    ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(list(argv))
+    before, after = read_rows(a.before), read_rows(a.after)
+    res = {"before": a.before, "after": a.after, "paired": paired(before, after, n_boot=a.bootstrap, seed=a.seed),
+           "shift": shift(before, after, n_boot=max(1, a.bootstrap // 2), seed=a.seed)}
+    p, s = res["paired"], res["shift"]
+    print(f"TruthfulQA MC2 on {p['n']} questions both scored: {100 * p['mc2_before']:.1f} -> {100 * p['mc2_after']:.1f}, "
+          f"paired difference {100 * p['diff']:+.1f} points [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}] "
+          f"({p['questions_down']} questions down, {p['questions_up']} up)")
+    share = s["explained_by_sharpening"]
+    print(f"log-likelihood shift: true answers {s['truth']:+.2f} nats vs false [{s['truth_ci'][0]:+.2f}, "
+          f"{s['truth_ci'][1]:+.2f}]; {s['rel']:+.3f} nats per nat below the question's top answer; truth penalty left "
+          f"{s['truth_given_rel']:+.2f} [{s['truth_given_rel_ci'][0]:+.2f}, {s['truth_given_rel_ci'][1]:+.2f}]"
+          + (f" ({100 * share:.0f}% of it is sharpening towards the first model's likely answers)" if share is not None else ""))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
