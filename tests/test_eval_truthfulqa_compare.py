@@ -72,7 +72,8 @@ def test_cli_compares_two_rows_files_and_names_bad_input(tmp_path, capsys):
     after = [row(str(i), [x + 0.5 * (x - max(s)) for x in s], lab) for i, (s, lab) in enumerate(BEFORE)]
     (tmp_path / "sft").mkdir()
     gen = json.dumps({"variant": "gen", "question": "0"}) + "\n"  # a generation row: the comparison skips it
-    (tmp_path / "sft" / "truthfulqa_rows.jsonl").write_text("".join(json.dumps({"variant": "mc", **r}) + "\n" for r in before) + gen)
+    mc = "".join(json.dumps({"variant": "mc", **r}) + "\n" for r in before)
+    (tmp_path / "sft" / "truthfulqa_rows.jsonl").write_text(mc + gen)
     (tmp_path / "after_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after))
     assert cli([str(tmp_path / "sft"), str(tmp_path / "after_rows.jsonl"), "--out", str(tmp_path / "cmp.json")]) == 0
     got = json.loads((tmp_path / "cmp.json").read_text())
