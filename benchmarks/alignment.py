@@ -351,7 +351,8 @@ def compare_projects(main: Path, control: Path, n: int = 1) -> dict:
 def across_seeds(runs: list[dict]) -> dict:
     """The issue's targets over seeds: the final round's win rate against SFT in the mean (and each seed's CI above
     50%), the PPO round beating its starting policy in at least 2 of 3 seeds, the final round beating the decoding
-    control in every seed."""
+    control in every seed; each seed's TruthfulQA (within 2 points) and time (<= 90 min) targets over the seeds; the
+    rejection-sampling control reported."""
     import statistics
 
     finals = [r["targets"]["winrate_vs_sft"] for r in runs]
@@ -371,6 +372,13 @@ def across_seeds(runs: list[dict]) -> dict:
         "beats_decoding_control": {"seeds": control, "met": bool(control) and all(c is True for c in control),
                                    "target": "the final round beats the SFT model with no_repeat_ngram_size decoding in "
                                              "every seed (CI above 50%)"},
+        "truthfulqa_mc2": {"seeds": [{"mc2": t.get("value"), "sft": t.get("sft"), "paired": t.get("paired")}
+                                     for t in (r["targets"].get("truthfulqa_mc2", {}) for r in runs)],
+                           "met": all(r["targets"].get("truthfulqa_mc2", {}).get("met") is True for r in runs),
+                           "target": "the final round's TruthfulQA MC2 within 2 points of the SFT model's in every seed"},
+        "time": {"seeds": [r["targets"].get("time", {}).get("minutes") for r in runs],
+                 "met": all(r["targets"].get("time", {}).get("met") is True for r in runs),
+                 "target": "<= 90 min on 2 CPU cores in every seed"},
         "rs_beats_random_pick": {"seeds": [_rs_control(r) for r in runs], "met": None,
                                  "target": "reported, no target: round 1's rejection sampling against the same round keeping a "
                                            "random one of its K samples (what the reward model's ranking adds)"},

@@ -266,6 +266,14 @@ def test_alignment_targets_over_seeds_are_computed_from_each_seeds_summary():
     assert got["mean_winrate_vs_sft"]["met"] is True
     assert got["ppo_beats_its_start"] == {**got["ppo_beats_its_start"], "seeds": [True, False, True], "met": True}
     assert got["beats_decoding_control"]["met"] is True
+    assert not got["truthfulqa_mc2"]["met"] and not got["time"]["met"]  # no seed says it met them
+    timed = [run(0.70, 0.60, 0.55, True), run(0.66, 0.55, 0.45, True)]
+    timed[0]["targets"].update(time={"minutes": 80.0, "met": True}, truthfulqa_mc2={"value": 0.37, "sft": 0.38, "met": True})
+    timed[1]["targets"].update(time={"minutes": 95.5, "met": False}, truthfulqa_mc2={"value": 0.37, "sft": 0.38, "met": True,
+                                                                                  "paired": {"diff": -0.01}})
+    t = across_seeds(timed)
+    assert t["time"]["seeds"] == [80.0, 95.5] and not t["time"]["met"] and t["truthfulqa_mc2"]["met"]
+    assert t["truthfulqa_mc2"]["seeds"][1] == {"mc2": 0.37, "sft": 0.38, "paired": {"diff": -0.01}}
     worse = across_seeds([run(0.70, 0.60, 0.45, True), run(0.66, 0.49, 0.45, False), run(0.62, 0.52, 0.51, True)])
     assert not worse["mean_winrate_vs_sft"]["met"]  # one seed's CI reaches 50%
     assert not worse["ppo_beats_its_start"]["met"] and not worse["beats_decoding_control"]["met"]
