@@ -131,10 +131,10 @@ def truthfulqa_changes(project: Path, rounds: list[dict]) -> None:
     moved (the truth penalty, and how much of it the sharpening towards the first model's likely answers explains).
     Added as ``truthfulqa_vs_sft`` / ``truthfulqa_vs_previous`` (the last promoted round's, or the SFT model's) where
     both rows files are there."""
-    from alignment.evals.truthfulqa_compare import paired, shift
+    from alignment.evals.truthfulqa_compare import paired, read_rows, shift
 
-    def rows(path: Path) -> list[dict] | None:
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else None
+    def rows(path: Path) -> list[dict] | None:  # the MC rows only (a run of variant both also wrote generation rows)
+        return read_rows(path) if path.is_file() else None
 
     sft = rows(project / "round-1" / "eval" / "sft" / "truthfulqa_rows.jsonl")
     previous = sft

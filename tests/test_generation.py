@@ -55,6 +55,17 @@ def _lively(model):
     return model
 
 
+def _frequent_token(model, tok, encoded, upto: int) -> int:
+    """A token the tiny model often emits mid-answer (positions 1..upto-1): made the end of sequence, rows end at
+    different steps."""
+    probe, _ = Engine(model, tok, batch_size=len(encoded)).run(encoded, SamplingParams(max_new_tokens=16))
+    counts: dict[int, int] = {}
+    for o in probe:
+        for t in o.response_ids[1:upto]:
+            counts[t] = counts.get(t, 0) + 1
+    return max(counts, key=counts.get)
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
     tok, model = models.load_tokenizer(tiny_model), _lively(models.load_causal_lm(tiny_model))
@@ -120,13 +131,7 @@ def test_finished_rows_leave_the_batch(tiny):
     """Rows that end early are dropped from the cache (fewer rows decoded) and nothing else changes."""
     model, tok = tiny
     encoded = encode_prompts(tok, _prompts())
-    probe, _ = Engine(model, tok, batch_size=len(encoded)).run(encoded, SamplingParams(max_new_tokens=16))
-    # make a token the tiny model often emits mid-answer the end of sequence, so rows end at different steps
-    counts: dict[int, int] = {}
-    for o in probe:
-        for t in o.response_ids[1:6]:
-            counts[t] = counts.get(t, 0) + 1
-    stop_token = max(counts, key=counts.get)
+    stop_token = _frequent_token(model, tok, encoded, 6)
     params = SamplingParams(max_new_tokens=16)
     kept, stats = Engine(model, tok, batch_size=len(encoded), eos_token_ids=[stop_token]).run(encoded, params)
     full, full_stats = Engine(model, tok, batch_size=len(encoded), eos_token_ids=[stop_token],
@@ -386,12 +391,7 @@ def test_eos_bias_ends_greedy_answers_sooner_and_matches_model_generate(tiny):
     model.generate's with the same ``sequence_bias`` on the EOS token."""
     model, tok = tiny
     encoded = encode_prompts(tok, _prompts())
-    probe, _ = Engine(model, tok, batch_size=len(encoded)).run(encoded, SamplingParams(max_new_tokens=16))
-    counts: dict[int, int] = {}
-    for o in probe:
-        for t in o.response_ids[1:8]:
-            counts[t] = counts.get(t, 0) + 1
-    stop = max(counts, key=counts.get)  # a token the tiny model emits mid-answer, made the end of sequence
+    stop = _frequent_token(model, tok, encoded, 8)
     engine = Engine(model, tok, batch_size=4, eos_token_ids=[stop])
     runs = {b: [o.response_ids for o in engine.run(encoded, SamplingParams(max_new_tokens=16, eos_bias=b))[0]]
             for b in (0.0, 0.5, 2.0, 1e4)}
