@@ -186,6 +186,19 @@ def pick_of(rewards: Sequence[float], eligible: Sequence[bool], how: str, seed: 
     return random.Random(seed).choice(idx) if idx else None
 
 
+def eligible_of(samples: Sequence[dict], require_eos: bool) -> list[bool]:
+    """Which of a prompt's samples may be kept: not empty, and (``require_eos``) finished with the end-of-turn token."""
+    return [bool(s["response"].strip()) and (s["finished"] or not require_eos) for s in samples]
+
+
+def repick(records: Sequence[dict], how: str, seed: int, require_eos: bool) -> list[dict]:
+    """``samples.jsonl`` records with each prompt's kept sample picked again by ``how`` (the draw a run with
+    ``sampling.pick=how`` and ``run.seed=seed`` makes for the same samples): the rejection-sampling control keeps the
+    K samples and changes only the pick."""
+    return [{**r, "best": pick_of([s["reward"] for s in r["samples"]], eligible_of(r["samples"], require_eos), how,
+                                  int(r["key"], 16) ^ seed)} for r in records]
+
+
 def expected_best_of(rewards: Sequence[float], k: int) -> float:
     """E[max of k samples drawn without replacement] from K >= k observed rewards (unbiased).
 
@@ -372,10 +385,10 @@ def _sample_chunk(model: Any, tokenizer: Any, scorer: Any, chunk: Sequence[Promp
         rows = range(j * k, (j + 1) * k)
         sampled = [{"response": gens[i].text, "finished": gens[i].finished, "tokens": len(gens[i].response_ids),
                     **{name: vals[i] for name, vals in scores.items()}} for i in rows]
-        eligible = [bool(s["response"].strip()) and (s["finished"] or not cfg.require_eos) for s in sampled]
         key = prompt_key(p.messages)
         records.append({"key": key, "id": p.id, "prompt": p.messages, "category": p.category, "samples": sampled,
-                        "best": pick_of([s["reward"] for s in sampled], eligible, cfg.pick, int(key, 16) ^ seed)})
+                        "best": pick_of([s["reward"] for s in sampled], eligible_of(sampled, cfg.require_eos), cfg.pick,
+                                        int(key, 16) ^ seed)})
     return records, sum(len(g.response_ids) for g in gens), gens.stats.seconds_prefill, gens.stats.seconds_decode
 
 

@@ -17,9 +17,11 @@ continued) and then checks the issue's targets on the final round:
 - with ``eval.decoding_control`` (on in ``configs/round_gold.yaml``): the final round beats the SFT model decoding
   with ``no_repeat_ngram_size`` (95% CI above 50%).
 
-``--rs-control`` also runs round 1 with rejection sampling keeping a random one of its K samples
-(``sampling.pick=random``, project ``<project>-rs-random``) and judges round 1 of both on the same test prompts
-(``rs_random_control``): what the reward model's ranking adds.
+``--rs-control`` also runs round 1's rejection sampling again from its own K samples per prompt, keeping a seeded
+random eligible one instead of the reward models' best (``sampling.pick=random``; ``<project>/controls/``), and judges
+it against round 1's policy and the SFT model on the same test prompts (``rs_random_control``): what the reward
+model's ranking adds. (Until 2026-12-06 the control was a second project that sampled its own K answers: about 35
+minutes against about 5, and it compared two draws of samples as well as the pick; none finished.)
 
 ``--seeds N`` runs seeds 0..N-1 as projects ``<project>-s<seed>`` and adds the targets over seeds (issue 26): the
 final win rate against SFT >= 65% in the mean with each seed's CI above 50%, the PPO round beating its starting
@@ -201,8 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="run seeds 0..N-1, each its own project <project>-s<seed> (the round's seed: the SFT data order, "
                         "sampling and the prompt-set draws); the summary has each seed and the mean +- sd")
     p.add_argument("--rs-control", action="store_true",
-                   help="also run round 1 as <project>-rs-random with rejection sampling keeping a random sample "
-                        "(sampling.pick=random) and judge round 1 of both on the test prompts: what the reward's ranking adds")
+                   help="also run round 1's rejection sampling again from its own samples keeping a random one "
+                        "(sampling.pick=random) and judge it against round 1 on the test prompts: what the reward's ranking adds")
     p.add_argument("--keep", default=str(RESULTS / "alignment_seeds"),
                    help="with --seeds: a tracked folder with each finished seed's summary; a seed found there is read back, "
                         "not run again (a machine reset loses the projects, not the seeds done); '' for none")
@@ -247,21 +249,13 @@ def main(argv: list[str] | None = None) -> dict:
             subprocess.run([*align, "init", "--project", a.project, "--root", a.root, "--config", a.config, *a.overrides],
                            check=True, cwd=REPO)
         subprocess.run([*align, "run", "--project", a.project, "--root", a.root], check=True, cwd=REPO)
-        if a.rs_control and a.keep_file:  # keep the seed now: the control takes another half hour or more
+        if a.rs_control and a.keep_file:  # keep the seed now, before its control runs
             _write_json(Path(a.keep_file), {**summarise_project(project), "rs_random_control": PENDING,
                                              "project": str(project), "config": a.config, "overrides": a.overrides,
                                              "wall_minutes_this_call": round((time.time() - t0) / 60, 1)})
-        if a.rs_control:
-            control = f"{a.project}-rs-random"
-            if a.fresh and (Path(a.root) / control).exists():
-                shutil.rmtree(Path(a.root) / control)
-            if not (Path(a.root) / control / "round.yaml").is_file():
-                subprocess.run([*align, "init", "--project", control, "--root", a.root, "--config", a.config,
-                                *rs_random_overrides(a.config, a.overrides)], check=True, cwd=REPO)
-            subprocess.run([*align, "run", "--project", control, "--root", a.root], check=True, cwd=REPO)
     s = summarise_project(project)
     if a.rs_control:
-        s["rs_random_control"] = compare_projects(project, Path(a.root) / f"{a.project}-rs-random", 1)
+        s["rs_random_control"] = rs_random_control(project, 1)
     s.update({"project": str(project), "config": a.config, "overrides": a.overrides,
               "wall_minutes_this_call": round((time.time() - t0) / 60, 1)})
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -308,44 +302,62 @@ def run_seeds(n: int, run_one: Callable[[int, Path | None], dict], *, keep: Path
     return runs
 
 
-def rs_random_overrides(config: str, overrides: list[str]) -> list[str]:
-    """The control project's overrides: the main one's, one round, and rejection sampling that keeps a random sample. The
-    pick is appended to the config's own ``policy.rs.overrides`` (an override of the list replaces it: the control would
-    otherwise sample and train with other settings than the project it is compared with)."""
-    from foundation.config import load_config
-    from alignment.rounds import RoundConfig
+def rs_random_control(project: Path, n: int = 1) -> dict:
+    """Round ``n``'s rejection sampling again from its own samples, each prompt keeping a seeded random eligible one of
+    its K samples instead of the reward models' best (``sampling.pick=random``, drawn as :func:`alignment.rs.repick`
+    draws): the same start, samples, eligibility and fine-tuning, only the ranking gone. Its greedy answers to the test
+    prompts (as the eval step answers) are judged by each of the project's judges against round ``n``'s policy (what the
+    ranking adds: ``winrate_<judge>_rs_vs_random``) and against the SFT model (``winrate_<judge>_random_vs_sft``); the
+    first judge's comparison is also the top level. Written to ``<project>/controls/rs-random-round-<n>/``; a killed run
+    resumes, a finished one is read back (its answers and verdicts are recomputed from files, cheaply)."""
+    import yaml
 
-    cfg = load_config(RoundConfig, config, list(overrides), stage="round")
-    rs = [o for o in cfg.spec("rs").overrides if not o.split("=", 1)[0].strip() == "sampling.pick"]
-    return [*overrides, "rounds=1", f"policy.rs.overrides={json.dumps([*rs, 'sampling.pick=random'])}"]
-
-
-def compare_projects(main: Path, control: Path, n: int = 1) -> dict:
-    """Round ``n``'s policy of ``main`` against round ``n``'s policy of ``control`` (e.g. the same project with
-    ``policy.rs.overrides: [sampling.pick=random]``: what the reward's ranking adds), on the test prompts both
-    projects drew (they must be the same file: same seed and prompts), by ``main``'s first judge, built as its eval
-    step builds it; each policy's answers are the ones its own eval step wrote."""
     from alignment.evals import winrate
-    from alignment.evals.suite import RoundEval, _winrate_summary
+    from alignment.evals.suite import RoundEval, _winrate_summary, respond
     from alignment.rounds import Project
-    from foundation.runs import file_sha256
+    from alignment.rounds.steps import Steps
+    from alignment.rs import repick
+    from data.loaders import read_rows, write_jsonl
 
-    a, b = Project(main.parent, main.name), Project(control.parent, control.name)
-    if file_sha256(a.heldout_path) != file_sha256(b.heldout_path):
-        raise ValueError(f"{a.heldout_path} and {b.heldout_path} differ: compare projects that drew the same test prompts "
-                         "(the same seed and prompt pool)")
-    records = a.heldout()
-    answers = [p.round_dir(n) / "eval" / "heldout_responses.jsonl" for p in (a, b)]
-    for path in answers:
+    p = Project(project.parent, project.name)
+    if p.cfg.method(n) != "rs":
+        raise ValueError(f"{project}: round {n}'s policy stage is {p.cfg.method(n)}, not rejection sampling (rs)")
+    src, ev = p.round_dir(n) / "policy", RoundEval(p, n)
+    for path, what in ((src / "summary.json", "rejection sampling"), (ev.out / "heldout_responses.jsonl", "eval step")):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: round {n}'s eval step has not run in that project")
-    judge = primary_judge(main)
-    scorer = RoundEval(a, n).judge_scorer(judge, records)
-    res = winrate.run(a.policy_of(n), b.policy_of(n), prompts=str(a.heldout_path), judge="rm", out=main / "compare",
-                      scorer=scorer, responses=str(answers[0]), baseline_responses=str(answers[1]),
-                      tie_margin=a.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=a.cfg.eval.bootstrap,
-                      seed=a.cfg.seed, name=f"winrate-{judge}-round-{n}-vs-{control.name}", overwrite=True)
-    return {**_winrate_summary(res), "round": n, "main": str(main), "control": str(control), "judge": judge}
+            raise FileNotFoundError(f"{path}: round {n}'s {what} has not finished in {project}")
+    home = project / "controls" / f"rs-random-round-{n}"
+    out = home / "policy"
+    if not (out / "config.yaml").is_file():  # not started (or stopped before the stage began): the samples, picked again
+        cfg = yaml.safe_load((src / "config.yaml").read_text())
+        records = [row for _, row in read_rows(src / "samples.jsonl")]
+        out.mkdir(parents=True, exist_ok=True)
+        picked = repick(records, "random", int(cfg["run"]["seed"]), bool(cfg["sampling"]["require_eos"]))
+        write_jsonl(out / "samples.jsonl", picked, overwrite=True)
+        (out / "eval_before.json").write_bytes((src / "eval_before.json").read_bytes())  # the same start, evaluated once
+    step = Steps(p, n).policy(out=out, last=["sampling.pick=random"])
+    records = p.heldout()
+    answers = home / "eval" / "heldout_responses.jsonl"
+    answers.parent.mkdir(parents=True, exist_ok=True)
+    respond(str(out), records, answers, max_new_tokens=ev.e.max_new_tokens, batch_size=ev.e.batch_size, seed=p.cfg.seed)
+    got: dict = {"round": n, "project": str(project), "control": str(out), "judges": list(ev.e.judges),
+                 "pool_new": {"rs": json.loads((src / "summary.json").read_text()).get("pool_new"),
+                              "random": step["outputs"]["metrics"].get("pool_new")},
+                 "mean_kept_reward": {"rs": json.loads((src / "summary.json").read_text()).get("mean_best_reward"),
+                                      "random": step["outputs"]["metrics"].get("mean_best_reward")}}
+    sides = {"rs_vs_random": (p.policy_of(n), ev.out / "heldout_responses.jsonl", f"{out} (random pick)", answers),
+             "random_vs_sft": (f"{out} (random pick)", answers, p.sft_model(), ev.sft_out / "heldout_responses.jsonl")}
+    for judge in ev.e.judges:
+        scorer = ev.judge_scorer(judge, records)
+        for name, (a, a_path, b, b_path) in sides.items():
+            res = winrate.run(a, b, prompts=str(p.heldout_path), judge="rm", out=home / "eval", scorer=scorer,
+                              responses=str(a_path), baseline_responses=str(b_path),
+                              tie_margin=p.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=ev.e.bootstrap,
+                              seed=p.cfg.seed, name=f"winrate-{judge}-{name.replace('_', '-')}", overwrite=True)
+            got[f"winrate_{judge}_{name}"] = _winrate_summary(res)
+    if ev.e.judges:
+        got.update({**got[f"winrate_{ev.e.judges[0]}_rs_vs_random"], "judge": ev.e.judges[0]})
+    return got
 
 
 def across_seeds(runs: list[dict]) -> dict:

@@ -313,20 +313,6 @@ def test_alignment_kept_only_summarises_the_seeds_done_and_decides_nothing(tmp_p
         kept_seeds(tmp_path, "q", 3)
 
 
-def test_the_rs_random_control_keeps_the_projects_rs_settings_and_changes_only_the_pick():
-    from foundation.config import load_config
-    from alignment.rounds import RoundConfig
-    from benchmarks.alignment import rs_random_overrides
-
-    config = str(REPO / "configs" / "round_gold_rm.yaml")
-    main = load_config(RoundConfig, config, ["seed=2"], stage="round")
-    got = rs_random_overrides(config, ["seed=2"])
-    control = load_config(RoundConfig, config, got, stage="round")
-    assert control.seed == 2 and control.rounds == 1
-    assert control.spec("rs").overrides == [*main.spec("rs").overrides, "sampling.pick=random"]
-    assert "sampling.num_samples=4" in control.spec("rs").overrides  # the project's, not configs/rs.yaml's defaults
-
-
 def test_rlhf_core_length_strata_by_hand():
     """Win rates within length strata, counted by hand: pairs within 10 tokens, and pairs both cut at the limit."""
     from benchmarks.rlhf_core import length_strata

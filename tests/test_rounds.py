@@ -361,24 +361,49 @@ def test_two_rounds_unattended(whole):
     assert ev["validation"]["path"].endswith("validation.jsonl") and ev["validation"]["judge"] == "gold"
 
 
-def test_two_projects_rounds_are_judged_against_each_other_on_the_same_test_prompts(whole, tmp_path):
-    """`benchmarks alignment --rs-control`'s comparison: round 1 of one project against round 1 of another on the test
-    prompts both drew, by the gold judge (here the project against a copy of itself: every pair ties); projects that
-    drew other test prompts are refused."""
+def test_the_rs_random_control_fine_tunes_on_a_random_pick_of_the_rounds_own_samples(whole, tmp_path):
+    """`benchmarks alignment --rs-control` (issue 26): round 1's rejection sampling again from its own samples, each
+    prompt keeping a seeded random eligible one: the same samples, start and settings; the pool holds the random picks;
+    its test answers are judged against round 1's policy and the SFT model by every judge. A finished control is read
+    back; a round that is not rejection sampling is refused."""
     import shutil
 
-    from benchmarks.alignment import compare_projects
+    import yaml
 
-    twin = tmp_path / "twin"
-    (twin / "round-1" / "eval").mkdir(parents=True)
-    for rel in ("round.yaml", "heldout.jsonl", "round-1/eval/heldout_responses.jsonl"):
-        shutil.copy(whole / rel, twin / rel)
-    got = compare_projects(whole, twin, 1)
-    assert got["n"] == 6 and got["ties"] == 1.0 and got["win_rate"] == 0.5 and got["control"] == str(twin)
-    assert (whole / "compare" / "winrate-gold-round-1-vs-twin.json").is_file()
-    (twin / "heldout.jsonl").write_text("".join((whole / "heldout.jsonl").read_text().splitlines(keepends=True)[1:]))
-    with pytest.raises(ValueError, match="differ: compare projects that drew the same test prompts"):
-        compare_projects(whole, twin, 1)
+    from alignment.rs import repick
+    from benchmarks.alignment import rs_random_control
+
+    copy = tmp_path / "whole"
+    shutil.copytree(whole, copy, ignore=shutil.ignore_patterns("*.db", "checkpoints"))
+    for path in copy.rglob("*"):  # the copy's files name the original project's folders
+        if path.suffix in (".json", ".yaml", ".jsonl") and path.is_file():
+            path.write_text(path.read_text().replace(str(whole), str(copy)))
+    got = rs_random_control(copy, 1)
+    src, out = copy / "round-1" / "policy", copy / "controls" / "rs-random-round-1" / "policy"
+    samples = [json.loads(line) for line in (src / "samples.jsonl").read_text().splitlines()]
+    picked = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    cfg = yaml.safe_load((src / "config.yaml").read_text())
+    assert picked == repick(samples, "random", cfg["run"]["seed"], cfg["sampling"]["require_eos"])  # no new samples
+    control_cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert control_cfg["sampling"] == {**cfg["sampling"], "pick": "random"}
+    assert control_cfg["model"]["name"] == cfg["model"]["name"] == str(copy / "round-1" / "sft")
+    assert (control_cfg["train"], control_cfg["run"]["seed"]) == (cfg["train"], cfg["run"]["seed"])
+    pool = [json.loads(line) for line in (out / "pool.jsonl").read_text().splitlines()]
+    kept = {json.dumps(r["prompt"]): r["samples"][r["best"]]["response"] for r in picked if r["best"] is not None}
+    assert len(pool) == len(kept) and all(kept[json.dumps(r["messages"][:-1])] == r["messages"][-1]["content"] for r in pool)
+    answers = (copy / "controls" / "rs-random-round-1" / "eval" / "heldout_responses.jsonl").read_text().splitlines()
+    assert len(answers) == 6 and got["judges"] == ["gold", "rm"] and got["judge"] == "gold"
+    for judge in ("gold", "rm"):
+        for name in ("rs_vs_random", "random_vs_sft"):
+            w = got[f"winrate_{judge}_{name}"]
+            assert w["n"] == 6 and w["ci_low"] <= w["win_rate"] <= w["ci_high"] and "lc_win_rate" in w
+    assert got["win_rate"] == got["winrate_gold_rs_vs_random"]["win_rate"]
+    assert got["pool_new"]["random"] == len(kept)
+    before = (out / "summary.json").stat().st_mtime_ns
+    assert rs_random_control(copy, 1)["winrate_gold_rs_vs_random"] == got["winrate_gold_rs_vs_random"]
+    assert (out / "summary.json").stat().st_mtime_ns == before  # read back, not trained again
+    with pytest.raises(ValueError, match="round 2's policy stage is ppo, not rejection sampling"):
+        rs_random_control(copy, 2)
 
 
 def test_the_alignment_summary_reads_the_projects_first_judge(whole, tmp_path):

@@ -93,6 +93,29 @@ def test_the_random_pick_control_keeps_a_seeded_eligible_sample_whatever_its_rew
     assert pick_of(rewards, [False] * 4, "random", 3) is None
 
 
+def test_repick_keeps_the_samples_and_draws_what_a_random_pick_run_draws():
+    """alignment.rs.repick (the control run from a finished round's samples): each record keeps its samples, its kept
+    index is the one pick_of draws for that prompt's key and the run's seed (what a run with sampling.pick=random would
+    have written), never an empty or unfinished sample under require_eos, None when none is eligible."""
+    from alignment.rs import eligible_of, pick_of, repick
+
+    def rec(key, finished, texts=None):
+        texts = texts or ["a"] * len(finished)
+        samples = [{"response": t, "finished": f, "reward": float(i)} for i, (t, f) in enumerate(zip(texts, finished))]
+        return {"key": key, "samples": samples, "best": len(samples) - 1}
+
+    records = [rec("00000000000000ff", [True, False, True, True]), rec("0000000000000abc", [False, False]),
+               rec("0000000000001234", [True, True, True], texts=["a", " ", "b"])]
+    assert eligible_of(records[2]["samples"], True) == [True, False, True]  # an empty answer is never kept
+    assert eligible_of(records[0]["samples"], False) == [True, True, True, True]
+    got = repick(records, "random", 5, True)
+    assert [g["samples"] for g in got] == [r["samples"] for r in records] and records[0]["best"] == 3  # inputs untouched
+    assert got[0]["best"] == pick_of([0.0, 1.0, 2.0, 3.0], [True, False, True, True], "random", 0xff ^ 5)
+    assert got[1]["best"] is None and got[2]["best"] in (0, 2)
+    assert {repick(records, "random", seed, True)[0]["best"] for seed in range(100)} == {0, 2, 3}
+    assert [g["best"] for g in repick(records, "best", 5, False)] == [3, 1, 2]  # pick=best: the highest reward
+
+
 def test_prompt_key_is_content_based():
     a = [{"role": "user", "content": "hi"}]
     assert prompt_key(a) == prompt_key([{"content": "hi", "role": "user"}]) and len(prompt_key(a)) == 16

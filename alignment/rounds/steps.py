@@ -250,10 +250,12 @@ class Steps:
     def rm_safety(self) -> dict:
         return self._rm("rm_safety")
 
-    def policy(self) -> dict:
+    def policy(self, out: Path | None = None, last: Sequence[str] = ()) -> dict:
+        """The round's policy stage into ``round-<n>/policy`` (``out``: elsewhere, e.g. a control; ``last``: overrides that
+        win over the config's, e.g. the control's ``sampling.pick=random``)."""
         method = POLICY_METHODS[self.cfg.method(self.n)]
         start = self.p.current_policy(before=self.n) if self.n > 1 else self.p.sft_model()
-        out = self.dir / "policy"
+        out = out or self.dir / "policy"
         spec = self.cfg.spec(method.name)
         overrides = [f"model.name={start}", f"run.seed={self.cfg.seed}"]
         inputs: dict[str, Any] = {"method": method.name, "config": spec.config, "start": start}
@@ -276,8 +278,9 @@ class Steps:
                      if (self.p.round_dir(k) / "policy" / "pool.jsonl").is_file()][-1:]
             overrides += [f"pool.round={self.n}", f"pool.previous={json.dumps(pools)}"]
             inputs["previous_pools"] = pools
-        summary = run_stage(method.name, spec, out, overrides)
-        return {"inputs": inputs, "outputs": {"path": str(out), "metrics": _scalars(summary)}}
+        summary = run_stage(method.name, spec, out, overrides, last)
+        return {"inputs": {**inputs, **({"last": list(last)} if last else {})},
+                "outputs": {"path": str(out), "metrics": _scalars(summary)}}
 
     def eval(self) -> dict:
         from alignment.evals import report
