@@ -406,6 +406,28 @@ def test_the_rs_random_control_fine_tunes_on_a_random_pick_of_the_rounds_own_sam
         rs_random_control(copy, 2)
 
 
+def test_an_eval_step_builds_each_reward_model_judge_once_and_scores_as_a_fresh_one(whole):
+    """RoundEval.judge_scorer: the round's reward-model judge is built once per eval step and memoised (the policy's
+    answers, read by three comparisons, are scored once), and scores what a freshly built scorer scores."""
+    from alignment.evals.suite import MemoScorer, RoundEval
+    from alignment.rounds import Project
+    from reward.config import build_scorer
+
+    ev = RoundEval(Project(whole.parent, whole.name), 2)
+    records = ev.p.heldout()
+    rm = ev.judge_scorer("rm", records)
+    assert ev.judge_scorer("rm", records) is rm and isinstance(rm.helpful, MemoScorer) and isinstance(rm.safety, MemoScorer)
+    rows = (whole / "round-2" / "eval" / "heldout_responses.jsonl").read_text().splitlines()
+    answers = [json.loads(line)["response"] for line in rows]
+    convs = [r.messages for r in records]
+    fresh, _ = build_scorer(ev.reward_config())
+    want = fresh.score(convs, answers).tolist()
+    assert rm.score(convs, answers).tolist() == pytest.approx(want, abs=1e-5)
+    assert len(rm.helpful.cache) == len(set(zip(map(json.dumps, convs), answers)))
+    assert rm.score(convs, answers).tolist() == pytest.approx(want, abs=1e-5)  # read from the cache the second time
+    assert ev.gold_judge() is ev.gold_judge() and ev.judge_scorer("gold", records).gold is ev.gold_judge()
+
+
 def test_the_alignment_summary_reads_the_projects_first_judge(whole, tmp_path):
     """benchmarks alignment checks its targets by eval.judges[0] (the gold reward model in round_gold_rm.yaml), not by
     the reference judge whatever the config says."""

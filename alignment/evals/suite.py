@@ -176,6 +176,7 @@ class RoundEval:
         self.e: EvalSuiteConfig = project.cfg.eval
         self.out = project.round_dir(n) / "eval"
         self.sft_out = project.round_dir(1) / "eval" / "sft"
+        self._scorers: dict[str, Any] = {}  # one per judge for the whole step (see judge_scorer)
 
     # -- responses of each model, cached where the model's own round keeps them
     def responses_path(self, model: str, split: str = "heldout") -> Path:
@@ -226,11 +227,11 @@ class RoundEval:
     # -- judges
     def gold(self, records: Sequence[Any], answers: dict, policy: str, previous: str, sft: str) -> dict:
         from alignment.evals import winrate
-        from alignment.evals.gold import GoldJudge, GoldScorer, mean_ci
+        from alignment.evals.gold import GoldScorer, mean_ci
         from alignment.evals.results import header, write_json
         from data.loaders import write_jsonl
 
-        judge = GoldJudge(self.cfg.gold)
+        judge = self.gold_judge()
         out: dict[str, Any] = {}
         scores = {m: judge.score(records, answers[m][0]) for m in answers}
         out["gold_reward"] = {name: {**mean_ci(scores[m].score, n_boot=self.e.bootstrap, seed=self.cfg.seed), "model": m,
@@ -276,19 +277,36 @@ class RoundEval:
         return out
 
     def judge_scorer(self, judge: str, records: Sequence[Any]) -> Any:
-        """A reward-like scorer for ``judge`` (gold: the reference judge on ``records``' references)."""
+        """A reward-like scorer for ``judge`` (gold: the reference judge on ``records``' references). The reward-model
+        judges are built once per eval step and score each (prompt, answer) once (``MemoScorer``): the policy's
+        answers, read by the comparisons with the previous round, the SFT model and the decoding control, are scored
+        once, and each model is loaded once."""
         if judge == "gold":
-            from alignment.evals.gold import GoldJudge, GoldScorer
+            from alignment.evals.gold import GoldScorer
 
-            return GoldScorer(GoldJudge(self.cfg.gold), records)
-        if judge == "gold_rm":
-            from reward import load_scorer
+            return GoldScorer(self.gold_judge(), records)
+        if judge not in self._scorers:
+            if judge == "gold_rm":
+                from reward import load_scorer
 
-            return MemoScorer(load_scorer(self.e.gold_model))
-        from reward.config import build_scorer
+                self._scorers[judge] = MemoScorer(load_scorer(self.e.gold_model))
+            else:
+                from reward.config import build_scorer
 
-        scorer, _ = build_scorer(self.reward_config())
-        return scorer
+                scorer, _ = build_scorer(self.reward_config())
+                for part in ("helpful", "safety"):
+                    if getattr(scorer, part, None) is not None:
+                        setattr(scorer, part, MemoScorer(getattr(scorer, part)))
+                self._scorers[judge] = scorer
+        return self._scorers[judge]
+
+    def gold_judge(self) -> Any:
+        """The reference judge (its embedding and toxicity models load once per eval step)."""
+        if "gold" not in self._scorers:
+            from alignment.evals.gold import GoldJudge
+
+            self._scorers["gold"] = GoldJudge(self.cfg.gold)
+        return self._scorers["gold"]
 
     def validation(self, records: Sequence[Any], policy: str, previous: str) -> dict:
         """The decision set: this round's policy against the previous one on the validation prompts, by
@@ -331,13 +349,10 @@ class RoundEval:
 
     def rm_winrates(self, answers: dict, policy: str, previous: str, sft: str) -> dict:
         from alignment.evals import winrate
-        from reward.config import build_scorer
 
         reward = self.reward_config()
         rm, safety, rule = reward.helpful, reward.safety, reward.rule
-        scorer, _ = build_scorer(reward)
-        # the policy's answers are judged twice
-        scorer.helpful, scorer.safety = MemoScorer(scorer.helpful), MemoScorer(scorer.safety)
+        scorer = self.judge_scorer("rm", self.p.heldout())
         out: dict[str, Any] = {}
         for label, base in (("previous", previous), ("sft", sft)):
             if label == "sft" and base == previous:
