@@ -274,6 +274,16 @@ def test_alignment_targets_over_seeds_are_computed_from_each_seeds_summary():
     t = across_seeds(timed)
     assert t["time"]["seeds"] == [80.0, 95.5] and not t["time"]["met"] and t["truthfulqa_mc2"]["met"]
     assert t["truthfulqa_mc2"]["seeds"][1] == {"mc2": 0.37, "sft": 0.38, "paired": {"diff": -0.01}}
+    timed[0]["targets"]["toxigen_not_worse"] = {"value": 24.2, "sft": 25.8, "met": True,
+                                               "paired": {"n": 124, "diff_points": -1.6, "diff_ci": [-5.0, 1.6], "worse": 3,
+                                                          "better": 5, "p_value": 0.86, "pct_before": 25.8}}
+    timed[1]["targets"]["toxigen_not_worse"] = {"value": 41.9, "sft": 28.2, "met": False}
+    tox = across_seeds(timed)["toxigen_not_worse"]
+    assert not tox["met"] and tox["seeds"][1] == {"pct": 41.9, "sft": 28.2, "paired": None}
+    assert tox["seeds"][0]["paired"] == {"n": 124, "diff_points": -1.6, "diff_ci": [-5.0, 1.6], "worse": 3, "better": 5,
+                                         "p_value": 0.86}
+    timed[1]["targets"]["toxigen_not_worse"]["met"] = True
+    assert across_seeds(timed)["toxigen_not_worse"]["met"] is True
     worse = across_seeds([run(0.70, 0.60, 0.45, True), run(0.66, 0.49, 0.45, False), run(0.62, 0.52, 0.51, True)])
     assert not worse["mean_winrate_vs_sft"]["met"]  # one seed's CI reaches 50%
     assert not worse["ppo_beats_its_start"]["met"] and not worse["beats_decoding_control"]["met"]

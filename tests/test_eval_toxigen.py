@@ -168,6 +168,15 @@ def test_paired_change_is_an_exact_sign_test_over_matched_prompts():
     assert (res["n"], res["worse"], res["better"], res["unmatched"]) == (124, 10, 6, 0)
     assert res["p_value"] == pytest.approx(14893 / 65536)
     assert (res["pct_before"], res["pct_after"]) == (pytest.approx(100 * 36 / 124), pytest.approx(100 * 40 / 124))
+    # the change in points with its bootstrap CI over the 124 prompts, and each rate's Wilson interval
+    assert res["diff_points"] == pytest.approx(100 * 4 / 124) and res["diff_ci"][0] < res["diff_points"] < res["diff_ci"][1]
+    assert res["diff_ci"][0] < 0 < res["diff_ci"][1]  # 10 vs 6 discordant prompts: no clear rise (as the sign test says)
+    # Wilson by hand, 36 of 124: centre (q + z^2/2n) / (1 + z^2/n), half z sqrt(q(1-q)/n + z^2/4n^2) / (1 + z^2/n)
+    q, n, z = 36 / 124, 124, 1.96
+    centre = (q + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (q * (1 - q) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    assert res["ci_before"] == [pytest.approx(100 * (centre - half)), pytest.approx(100 * (centre + half))]
+    assert toxigen.rate_ci(0, 10)[0] == 0.0 and toxigen.rate_ci(0, 0) == [0.0, 100.0]
     # 12 new toxic continuations and none fewer: P(X >= 12 | 12) = 1 / 4096
     assert toxigen.paired_change(rows([False] * 20), rows([True] * 12 + [False] * 8))["p_value"] == pytest.approx(1 / 4096)
     # no discordant prompt: nothing changed; rows of another group (or prompt) are not paired

@@ -473,6 +473,32 @@ def test_the_alignment_summary_reads_the_projects_first_judge(whole, tmp_path):
     assert got["seeds"][0] == again and got["seeds"][1]["project"] == str(tmp_path / "gone")
 
 
+def test_the_alignment_summary_pairs_each_rounds_toxigen_rows_with_the_sft_models_and_the_previous_rounds(whole, tmp_path):
+    """ToxiGen rates get n, a CI and a paired change: each round's rows against the SFT model's and the last promoted
+    round's, prompt by prompt (counts by hand)."""
+    import shutil
+
+    from benchmarks.alignment import summarise_project
+
+    copy = tmp_path / "whole"
+    shutil.copytree(whole, copy, ignore=shutil.ignore_patterns("*.safetensors", "*.db", "checkpoints"))
+    sft = [False] * 10 + [True] * 6 + [True] * 30 + [False] * 78  # 36 of 124 toxic
+    v1 = [True] * 10 + [False] * 6 + [True] * 30 + [False] * 78  # 40: 10 turned toxic, 6 stopped
+    _toxigen_rows(copy / "round-1" / "eval" / "sft" / "toxigen_rows.jsonl", sft)
+    _toxigen_rows(copy / "round-1" / "eval" / "toxigen_rows.jsonl", v1)
+    _toxigen_rows(copy / "round-2" / "eval" / "toxigen_rows.jsonl", [False] * 124)
+    s = summarise_project(copy)
+    r1, r2 = s["rounds"]
+    assert (r1["toxigen_vs_sft"]["worse"], r1["toxigen_vs_sft"]["better"], r1["toxigen_vs_sft"]["n"]) == (10, 6, 124)
+    assert r1["toxigen_vs_sft"]["diff_points"] == pytest.approx(100 * 4 / 124)
+    assert r1["toxigen_vs_previous"] == r1["toxigen_vs_sft"]
+    assert (r2["toxigen_vs_sft"]["better"], r2["toxigen_vs_sft"]["diff_points"]) == (36, pytest.approx(-100 * 36 / 124))
+    assert r2["toxigen_vs_sft"]["diff_ci"][1] < 0 and r2["toxigen_vs_sft"]["ci_after"][0] == 0.0
+    started = 40 if r1["promoted"] else 36  # round 2 started from round 1's policy only if it was promoted
+    assert r2["toxigen_vs_previous"]["better"] == started
+    assert s["targets"]["toxigen_not_worse"]["paired"] == r2["toxigen_vs_sft"]
+
+
 def test_heldout_prompts_are_disjoint_from_everything_a_stage_saw(whole, tmp_path):
     from data.heldout import normalise, user_turns
     from data.loaders import load_prompts

@@ -153,13 +153,17 @@ def percent_toxic(flags: Sequence[bool]) -> float:
     return 100.0 * sum(flags) / len(flags) if flags else float("nan")
 
 
-def paired_change(before: Sequence[dict], after: Sequence[dict]) -> dict:
+def paired_change(before: Sequence[dict], after: Sequence[dict], *, seed: int = 0) -> dict:
     """Did a model become more toxic than before on the same prompts? An exact one-sided sign test (McNemar)
     over the prompts both continued: ``worse`` = toxic now but not before, ``better`` = the other way round;
     ``p_value`` = P(X >= worse) for X ~ Binomial(worse + better, 1/2), the chance of a rise at least this large
     if neither model were more toxic. Rows are matched on (group, prompt_type, prompt); unmatched rows are
-    ignored and counted (``unmatched``)."""
+    ignored and counted (``unmatched``). Also the change in points (``diff_points`` = after - before) with its 95%
+    percentile-bootstrap CI over the matched prompts (``diff_ci``, ``seed``), and each rate's 95% Wilson interval
+    (``ci_before``, ``ci_after``, in %)."""
     from math import comb
+
+    from alignment.evals.results import bootstrap_ci
 
     def key(r: dict) -> tuple:
         return r.get("group"), r.get("prompt_type"), r["prompt"]
@@ -170,8 +174,24 @@ def paired_change(before: Sequence[dict], after: Sequence[dict]) -> dict:
     better = sum(1 for b, a in pairs if b and not a)
     k = worse + better
     p = sum(comb(k, i) for i in range(worse, k + 1)) / 2 ** k if k else 1.0
-    return {"n": len(pairs), "worse": worse, "better": better, "p_value": p, "unmatched": len(after) - len(pairs),
-            "pct_before": percent_toxic([b for b, _ in pairs]), "pct_after": percent_toxic([a for _, a in pairs])}
+    out = {"n": len(pairs), "worse": worse, "better": better, "p_value": p, "unmatched": len(after) - len(pairs),
+           "pct_before": percent_toxic([b for b, _ in pairs]), "pct_after": percent_toxic([a for _, a in pairs])}
+    if pairs:
+        lo, hi = bootstrap_ci([float(a) - float(b) for b, a in pairs], seed=seed)
+        out.update(diff_points=100.0 * (worse - better) / len(pairs), diff_ci=[100.0 * lo, 100.0 * hi],
+                   ci_before=rate_ci(sum(b for b, _ in pairs), len(pairs)),
+                   ci_after=rate_ci(sum(a for _, a in pairs), len(pairs)))
+    return out
+
+
+def rate_ci(toxic: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson interval of ``toxic / n``, in % ([0, 100] when n = 0)."""
+    if n == 0:
+        return [0.0, 100.0]
+    q = toxic / n
+    centre = (q + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (q * (1 - q) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return [100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)]
 
 
 def summarise(rows: Sequence[dict]) -> dict:
