@@ -86,7 +86,7 @@ def summarise_project(project: Path) -> dict:
             "rm_before": {k: v.get("accuracy") for k, v in steps.get("rm_before", {}).get("outputs", {}).items()},
             "policy": {k: v for k, v in steps.get("policy", {}).get("outputs", {}).get("metrics", {}).items()
                        if k in ("reward_before", "reward_after", "eval_reward_baseline", "eval_reward_best",
-                                "global_step", "train_seconds")},
+                                "global_step", "train_seconds", "returned")},
             "step_seconds": {k: v.get("seconds") for k, v in steps.items()},
         })
     if not rounds:
@@ -181,6 +181,94 @@ def _wr(w: dict | None) -> str:
             else f"{_pct(w['win_rate'])} [{_pct(w['ci_low'])}, {_pct(w['ci_high'])}] n={w['n']} ties {_pct(w['ties'])}")
 
 
+def _md_wr(w: dict | None, lc: bool = True, ci: bool = True) -> str:
+    """A win rate for the README: ``77.1% [68.8, 84.4], LC 81.4% [65.2, 92.6]``."""
+    if not w:
+        return ""
+    text = f"{100 * w['win_rate']:.1f}%" + (f" [{100 * w['ci_low']:.1f}, {100 * w['ci_high']:.1f}]" if ci else "")
+    if lc and w.get("lc_win_rate") is not None:
+        text += f", LC {100 * w['lc_win_rate']:.1f}%"
+        if ci and w.get("lc_ci_low") is not None:
+            text += f" [{100 * w['lc_ci_low']:.1f}, {100 * w['lc_ci_high']:.1f}]"
+    return text
+
+
+def _md_diff(d: dict | None, scale: float = 1.0, key: str = "diff", ci: str = "ci") -> str:
+    """A paired change in points with its CI: ``-3.6 [-6.5, -1.0]``."""
+    if not d or d.get(key) is None:
+        return ""
+    return f"{scale * d[key]:+.1f} [{scale * d[ci][0]:+.1f}, {scale * d[ci][1]:+.1f}]"
+
+
+def markdown_tables(summary: dict) -> str:
+    """README tables from ``kept_seeds``' (or ``--seeds``') result: one per seed (each round on the test prompts by the
+    first judge, with n, 95% CIs and length-controlled companions; TruthfulQA and ToxiGen with their paired change
+    against the SFT model), then one row per seed over seeds with the mean and sd. Written from the results files, so
+    the README cannot drift from them."""
+    import statistics
+
+    out = []
+    for run in summary["seeds"]:
+        rounds = run["rounds"]
+        judge = rounds[0].get("judge", "gold")
+        reward = "gold_rm_reward" if judge == "gold_rm" else "gold_reward"
+        first = rounds[0]
+        n = (first.get("winrate_vs_sft") or {}).get("n")
+        out.append(f"{run.get('project', '?')} (test prompts, n = {n}; judge {judge})\n")
+        out.append(f"| policy | {judge} score [95% CI] | vs SFT [CI], LC | vs its start [CI], LC | vs SFT, reference judge, LC "
+                   "| vs the decoding control [CI], LC | TruthfulQA MC2 (vs SFT, paired) | ToxiGen % toxic [CI] (vs SFT, paired) "
+                   "| minutes |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        sg = (first.get(reward) or {}).get("sft") or {}
+        tox_sft = first.get("toxigen_vs_sft") or {}
+        sft_tox = (first.get("toxigen_sft") or {}).get("pct_toxic")
+        out.append(f"| SFT | {sg.get('mean', float('nan')):.3f} [{sg.get('ci_low', 0):.3f}, {sg.get('ci_high', 0):.3f}] "
+                   f"| | | | | {100 * ((first.get('truthfulqa_sft') or {}).get('mc2') or float('nan')):.1f} "
+                   f"| {sft_tox if sft_tox is None else f'{sft_tox:.1f}'}"
+                   + (f" [{tox_sft['ci_before'][0]:.1f}, {tox_sft['ci_before'][1]:.1f}]" if tox_sft.get("ci_before") else "")
+                   + " | |")
+        for r in rounds:
+            g = (r.get(reward) or {}).get("policy") or {}
+            returned = (r.get("policy") or {}).get("returned")
+            label = f"V{r['round']} {r['method']}" + ("" if r.get("promoted") is not False else " (not promoted)")
+            tq, tx = r.get("truthfulqa_vs_sft") or {}, r.get("toxigen_vs_sft") or {}
+            tox = (r.get("toxigen") or {}).get("pct_toxic")
+            out.append(
+                f"| {label}{f' (returned {returned})' if returned else ''} "
+                f"| {g.get('mean', float('nan')):.3f} [{g.get('ci_low', 0):.3f}, {g.get('ci_high', 0):.3f}] "
+                f"| {_md_wr(r.get('winrate_vs_sft'))} | {_md_wr(r.get('winrate_vs_previous'))} "
+                f"| {_md_wr(r.get('winrate_gold_vs_sft')) if judge != 'gold' else ''} "
+                f"| {_md_wr(r['decoding_control'].get(f'winrate_{judge}_vs_decoding'))} "
+                f"| {100 * ((r.get('truthfulqa') or {}).get('mc2') or float('nan')):.1f} ({_md_diff(tq.get('paired'), 100)}) "
+                f"| {tox if tox is None else f'{tox:.1f}'}"
+                + (f" [{tx['ci_after'][0]:.1f}, {tx['ci_after'][1]:.1f}] ({_md_diff(tx, 1, 'diff_points', 'diff_ci')})"
+                   if tx.get("ci_after") else "")
+                + f" | {sum(v or 0 for v in r['step_seconds'].values()) / 60:.1f} |")
+        out.append("")
+    finals = [r["targets"]["winrate_vs_sft"] for r in summary["seeds"]]
+    out.append("| seed | final vs SFT [CI], LC | PPO round vs its start [CI], LC | final vs the decoding control [CI] "
+               "| RS vs a random pick of its samples [CI], LC | TruthfulQA, final vs SFT (paired) "
+               "| ToxiGen, final vs SFT (paired) | minutes |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for run, f in zip(summary["seeds"], finals):
+        last = run["rounds"][-1]
+        ppo = next((r for r in run["rounds"] if r["method"] == "ppo"), None)
+        t = run["targets"]
+        rs = run.get("rs_random_control")
+        rs_cell = _md_wr(rs) if isinstance(rs, dict) else "pending" if rs == PENDING else ""
+        control = last["decoding_control"].get(f"winrate_{last.get('judge', 'gold')}_vs_decoding")
+        out.append(f"| {run.get('project', '?').rsplit('-s', 1)[-1]} "
+                   f"| {_md_wr(last.get('winrate_vs_sft'))} | {_md_wr((ppo or {}).get('winrate_vs_previous'))} "
+                   f"| {_md_wr(control, lc=False)} | {rs_cell} "
+                   f"| {_md_diff((t.get('truthfulqa_mc2') or {}).get('paired'), 100)} "
+                   f"| {_md_diff((t.get('toxigen_not_worse') or {}).get('paired'), 1, 'diff_points', 'diff_ci')} "
+                   f"| {t['time']['minutes']} |")
+    values = [f["value"] for f in finals if f.get("value") is not None]
+    if len(values) > 1:
+        out.append(f"| mean ± sd | {100 * statistics.fmean(values):.1f}% ± {100 * statistics.stdev(values):.1f} | | | | | | |")
+    return "\n".join(out) + "\n"
+
+
 def print_tables(s: dict) -> None:
     from benchmarks.common import table
 
@@ -234,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "while some are missing)")
     p.add_argument("--refresh", action="store_true",
                    help="with --kept-only: summarise again each kept seed whose project is still on disk, and rewrite its file")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --seeds: also print the README's tables (per seed, and over seeds) from the results")
     p.add_argument("--keep-file", default="", help=argparse.SUPPRESS)  # --seeds: where this seed's summary is kept
     p.add_argument("overrides", nargs="*", metavar="key=value", help="round config overrides (align round init)")
     a = p.parse_args(argv)
@@ -253,9 +343,14 @@ def main(argv: list[str] | None = None) -> dict:
         if a.kept_only:
             if keep is None:
                 raise SystemExit("--kept-only reads the seeds --keep holds: give --keep, without --summarise")
-            return kept_seeds(keep, a.project, a.seeds, refresh=a.refresh)
+            got = kept_seeds(keep, a.project, a.seeds, refresh=a.refresh)
+            if a.markdown:
+                print(markdown_tables(got))
+            return got
         runs = run_seeds(a.seeds, one, keep=keep, project=a.project, fresh=a.fresh, can_finish=can_finish)
         out = {"seeds": runs, "across_seeds": across_seeds(runs)}
+        if a.markdown:
+            print(markdown_tables(out))
         for name, c in out["across_seeds"].items():
             print(f"{'REPORT ' if c['met'] is None else 'MET    ' if c['met'] else 'NOT MET'} {name}: "
                   f"{json.dumps({k: v for k, v in c.items() if k != 'met'})}")

@@ -299,6 +299,37 @@ def test_alignment_targets_over_seeds_are_computed_from_each_seeds_summary():
                               "lc_ci_high": None}
 
 
+def test_alignment_markdown_tables_are_written_from_the_seeds_results():
+    """`--markdown`: the README's tables come from the results (n, CIs, LC, paired TruthfulQA and ToxiGen changes)."""
+    from benchmarks.alignment import PENDING, markdown_tables
+
+    w = {"win_rate": 0.771, "ci_low": 0.688, "ci_high": 0.844, "n": 96, "lc_win_rate": 0.814, "lc_ci_low": 0.652,
+         "lc_ci_high": 0.926}
+    tox = {"n": 124, "diff_points": -1.6, "diff_ci": [-5.6, 2.4], "ci_before": [18.9, 34.1], "ci_after": [17.5, 32.3]}
+    rnd = {"round": 1, "method": "ppo", "promoted": False, "judge": "gold_rm", "winrate_vs_sft": w, "winrate_vs_previous": w,
+           "winrate_gold_vs_sft": None, "gold_rm_reward": {"policy": {"mean": 2.1622, "ci_low": 2.011, "ci_high": 2.3077},
+                                                           "sft": {"mean": 1.57, "ci_low": 1.389, "ci_high": 1.754}},
+           "decoding_control": {"winrate_gold_rm_vs_decoding": {**w, "win_rate": 0.594}},
+           "truthfulqa": {"mc2": 0.344}, "truthfulqa_sft": {"mc2": 0.380}, "toxigen": {"pct_toxic": 24.19},
+           "toxigen_sft": {"pct_toxic": 25.81}, "truthfulqa_vs_sft": {"paired": {"diff": -0.036, "ci": [-0.065, -0.010]}},
+           "toxigen_vs_sft": tox, "policy": {"returned": "iteration 30"}, "step_seconds": {"policy": 1800.0, "eval": 600.0}}
+    run = {"project": "/r/bench-alignment-s0", "rounds": [rnd], "rs_random_control": PENDING,
+           "targets": {"winrate_vs_sft": {"value": 0.771}, "time": {"minutes": 40.0}, "beats_decoding_control": {"met": True},
+                       "truthfulqa_mc2": {"paired": {"diff": -0.036, "ci": [-0.065, -0.010]}},
+                       "toxigen_not_worse": {"paired": tox}}}
+    other = {**run, "project": "/r/bench-alignment-s1", "rs_random_control": {**w, "win_rate": 0.5},
+             "targets": {**run["targets"], "winrate_vs_sft": {"value": 0.671}}}
+    md = markdown_tables({"seeds": [run, other]}).splitlines()
+    assert ("| V1 ppo (not promoted) (returned iteration 30) | 2.162 [2.011, 2.308] | 77.1% [68.8, 84.4], LC 81.4% [65.2, 92.6] "
+            "| 77.1% [68.8, 84.4], LC 81.4% [65.2, 92.6] |  | 59.4% [68.8, 84.4], LC 81.4% [65.2, 92.6] "
+            "| 34.4 (-3.6 [-6.5, -1.0]) | 24.2 [17.5, 32.3] (-1.6 [-5.6, +2.4]) | 40.0 |") in md
+    assert "| SFT | 1.570 [1.389, 1.754] | | | | | 38.0 | 25.8 [18.9, 34.1] | |" in md
+    assert ("| 0 | 77.1% [68.8, 84.4], LC 81.4% [65.2, 92.6] | 77.1% [68.8, 84.4], LC 81.4% [65.2, 92.6] | 59.4% [68.8, 84.4] "
+            "| pending | -3.6 [-6.5, -1.0] | -1.6 [-5.6, +2.4] | 40.0 |") in md
+    assert any(line.startswith("| 1 | ") and "| 50.0% [68.8, 84.4], LC 81.4%" in line for line in md)
+    assert md[-1] == "| mean ± sd | 72.1% ± 7.1 | | | | | | |"  # 77.1 and 67.1: sd = 10 / sqrt(2)
+
+
 def test_alignment_kept_only_summarises_the_seeds_done_and_decides_nothing(tmp_path):
     """`--seeds 3 --kept-only` between sessions: the seeds kept so far, the others named as missing, no target decided."""
     from benchmarks.__main__ import summary_rows
