@@ -266,6 +266,17 @@ def markdown_tables(summary: dict) -> str:
     values = [f["value"] for f in finals if f.get("value") is not None]
     if len(values) > 1:
         out.append(f"| mean ± sd | {100 * statistics.fmean(values):.1f}% ± {100 * statistics.stdev(values):.1f} | | | | | | |")
+    # where the time goes: minutes per round and step, one column per seed
+    steps = list(dict.fromkeys(k for run in summary["seeds"] for r in run["rounds"] for k in r["step_seconds"]))
+    names = [run.get("project", "?").rsplit("-s", 1)[-1] for run in summary["seeds"]]
+    out += ["", "| round: step | " + " | ".join(f"seed {x}" for x in names) + " |", "|---|" + "---|" * len(names)]
+    for n in sorted({r["round"] for run in summary["seeds"] for r in run["rounds"]}):
+        for step in steps:
+            cells = [next(((r["step_seconds"].get(step) or 0) / 60 for r in run["rounds"] if r["round"] == n), 0.0)
+                     for run in summary["seeds"]]
+            if any(c >= 0.05 for c in cells):
+                out.append(f"| {n}: {step} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    out.append("| total | " + " | ".join(f"{run['targets']['time']['minutes']}" for run in summary["seeds"]) + " |")
     return "\n".join(out) + "\n"
 
 
