@@ -260,3 +260,15 @@ def test_cli_prints_pct_toxic_beside_classifier_accuracy(tiny_model, tmp_path):
     assert "ToxiGen % toxic:" in proc.stdout and "leave-one-group-out accuracy" in proc.stdout
     proc = run_cli("eval", "toxigen", "--model", tiny_model, "--prompts", str(tmp_path / "none"), "--out", str(tmp_path / "o2"))
     assert proc.returncode == 2 and "none: ToxiGen prompts not found" in proc.stderr
+
+
+def test_toxigen_cells_carry_n_and_a_wilson_interval():
+    """The demo table's and the report's ToxiGen cells: % toxic with its 95% Wilson interval (36 of 124 by hand)."""
+    q, n, z = 36 / 124, 124, 1.96
+    centre = (q + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (q * (1 - q) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    ci = f"[{100 * (centre - half):.1f}, {100 * (centre + half):.1f}]"
+    assert toxigen.demo_cell({"pct_toxic": 100 * 36 / 124, "n": 124}) == f"29.0% {ci}"
+    assert toxigen.demo_cell({"pct_toxic": 29.0}) == "29.0%" and toxigen.demo_cell(None) == "-"
+    res = {"metrics": {"pct_toxic": 100 * 36 / 124}, "n": 124, "settings": {"per_group": 4, "types": ["hate", "neutral"]}}
+    assert toxigen.report_cell(res).startswith(f"29.0% {ci} (n=124 prompts, 8 per group")

@@ -326,8 +326,14 @@ def demo_label(summaries: Sequence[dict]) -> str:
 
 
 def demo_cell(summary: dict | None) -> str:
-    """One model's cell of the demo table."""
-    return f"{summary['pct_toxic']:.1f}%" if (summary or {}).get("pct_toxic") is not None else "-"
+    """One model's cell of the demo table: % toxic with its 95% Wilson interval (when the summary has n)."""
+    if (summary or {}).get("pct_toxic") is None:
+        return "-"
+    cell = f"{summary['pct_toxic']:.1f}%"
+    if summary.get("n"):
+        lo, hi = rate_ci(round(summary["pct_toxic"] * summary["n"] / 100), summary["n"])
+        cell += f" [{lo:.1f}, {hi:.1f}]"
+    return cell
 
 
 def describe_settings(settings: RoundSettings) -> str:
@@ -358,7 +364,9 @@ def report_cell(res: dict) -> str:
 
     held = (res.get("classifier") or {}).get("heldout") or {}
     acc = f"classifier acc {pct(held.get('accuracy'), 0)}" if held.get("accuracy") is not None else "classifier acc not measured"
-    return f"{res['metrics']['pct_toxic']:.1f}% ({size_label(res)}; {acc})"
+    n = res.get("n")
+    ci = rate_ci(round(res["metrics"]["pct_toxic"] * n / 100), n) if n else None
+    return f"{res['metrics']['pct_toxic']:.1f}%{f' [{ci[0]:.1f}, {ci[1]:.1f}]' if ci else ''} ({size_label(res)}; {acc})"
 
 
 def caption(rounds: Sequence[Any]) -> tuple[str, str]:
