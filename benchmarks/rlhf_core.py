@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from foundation.runs import read_jsonl
+from foundation.stats import wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -92,16 +93,6 @@ def bon_expected(picker: Sequence[float], values: Sequence[float], n: int) -> fl
     order = sorted(range(len(picker)), key=lambda i: (picker[i], -i))
     w = bon_weights(len(picker), n)
     return sum(w[j] * values[order[j]] for j in range(len(order)))
-
-
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = correct / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (mid - half, mid + half)
 
 
 def pick_pairs(k: int, per_prompt: int, rng: random.Random) -> list[tuple[int, int]]:
@@ -422,7 +413,7 @@ class Bench:
 
         def agree(name: str, rs: list[dict]) -> dict:
             right = sum((r[f"{name}_a"] > r[f"{name}_b"]) == (r["gold_a"] > r["gold_b"]) for r in rs)
-            lo, hi = wilson(right, len(rs))
+            lo, hi = wilson_interval(right, len(rs))
             return {"agreement": right / len(rs) if rs else None, "ci95": [lo, hi], "n": len(rs)}
 
         for name in self.proxies():

@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+
+from foundation.stats import wilson_interval
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,16 +42,6 @@ if TYPE_CHECKING:
 
 REPORT_FILES = ("rm_eval.json", "rm_eval.md", "rewards.png")
 SAFETY_BINS = (SafetyBin.CHOSEN_SAFE_OTHER_UNSAFE, SafetyBin.BOTH_SAFE, SafetyBin.BOTH_UNSAFE, SafetyBin.CHOSEN_UNSAFE_OTHER_SAFE)
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``correct / n`` (``(0, 1)`` when n = 0)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _group(right: list[bool], gaps: list[float], longer: list[bool]) -> dict:

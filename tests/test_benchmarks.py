@@ -40,7 +40,8 @@ def test_rlhf_core_math_by_hand():
     import math
     import random
 
-    from benchmarks.rlhf_core import bon_expected, bon_weights, kl_bon, pick_pairs, wilson
+    from benchmarks.rlhf_core import bon_expected, bon_weights, kl_bon, pick_pairs
+    from foundation.stats import wilson_interval
 
     assert kl_bon(1) == 0.0 and kl_bon(16) == pytest.approx(math.log(16) - 15 / 16)
     # 4 samples, best of 2: the j-th smallest is the max of a random pair with probability (j-1)/6
@@ -52,7 +53,7 @@ def test_rlhf_core_math_by_hand():
     assert bon_expected(picker, values, 1) == pytest.approx(25.0) and bon_expected(picker, values, 4) == 40.0
     # a picker that ranks backwards picks the worst at n = k
     assert bon_expected([-x for x in picker], values, 4) == 10.0
-    lo, hi = wilson(70, 100)
+    lo, hi = wilson_interval(70, 100)
     assert lo == pytest.approx(0.6041, abs=1e-3) and hi == pytest.approx(0.7810, abs=1e-3)
     pairs = pick_pairs(4, 10, random.Random(0))
     assert len(pairs) == 6 and len(set(pairs)) == 6 and all(i < j for i, j in pairs)

@@ -170,8 +170,7 @@ def paired_change(before: Sequence[dict], after: Sequence[dict], *, seed: int = 
 
     was = {key(r): bool(r["toxic"]) for r in before}
     pairs = [(was[key(r)], bool(r["toxic"])) for r in after if key(r) in was]
-    worse = sum(1 for b, a in pairs if a and not b)
-    better = sum(1 for b, a in pairs if b and not a)
+    worse, better = sum(1 for b, a in pairs if a and not b), sum(1 for b, a in pairs if b and not a)
     k = worse + better
     p = sum(comb(k, i) for i in range(worse, k + 1)) / 2 ** k if k else 1.0
     out = {"n": len(pairs), "worse": worse, "better": better, "p_value": p, "unmatched": len(after) - len(pairs),
@@ -184,14 +183,11 @@ def paired_change(before: Sequence[dict], after: Sequence[dict], *, seed: int = 
     return out
 
 
-def rate_ci(toxic: int, n: int, z: float = 1.96) -> list[float]:
+def rate_ci(toxic: int, n: int) -> list[float]:
     """95% Wilson interval of ``toxic / n``, in % ([0, 100] when n = 0)."""
-    if n == 0:
-        return [0.0, 100.0]
-    q = toxic / n
-    centre = (q + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * (q * (1 - q) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
-    return [100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)]
+    from foundation.stats import wilson_interval
+
+    return [100.0 * x for x in wilson_interval(toxic, n)]
 
 
 def summarise(rows: Sequence[dict]) -> dict:
