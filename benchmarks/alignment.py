@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("benchmarks.alignment")
 TARGETS = {"winrate_vs_sft": 0.65, "minutes": 90.0, "truthfulqa_mc2_points": 2.0}
 
 
@@ -463,11 +465,15 @@ def rs_random_control(project: Path, n: int = 1) -> dict:
         write_jsonl(out / "samples.jsonl", picked, overwrite=True)
         (out / "eval_before.json").write_bytes((src / "eval_before.json").read_bytes())  # the same start, evaluated once
     step = Steps(p, n).policy(out=out, last=["sampling.pick=random"])
+    resampled = step["outputs"]["metrics"].get("prompts_sampled") or 0
+    if resampled:  # the project's prompts changed since round 1: not the same samples any more
+        log.warning("%s: %d prompts were sampled anew (not in round %d's samples): the control is not paired for them",
+                    out, resampled, n)
     records = p.heldout()
     answers = home / "eval" / "heldout_responses.jsonl"
     answers.parent.mkdir(parents=True, exist_ok=True)
     respond(str(out), records, answers, max_new_tokens=ev.e.max_new_tokens, batch_size=ev.e.batch_size, seed=p.cfg.seed)
-    got: dict = {"round": n, "project": str(project), "control": str(out), "judges": list(ev.e.judges),
+    got: dict = {"round": n, "project": str(project), "control": str(out), "judges": list(ev.e.judges), "new_samples": resampled,
                  "pool_new": {"rs": json.loads((src / "summary.json").read_text()).get("pool_new"),
                               "random": step["outputs"]["metrics"].get("pool_new")},
                  "mean_kept_reward": {"rs": json.loads((src / "summary.json").read_text()).get("mean_best_reward"),

@@ -398,7 +398,7 @@ def test_the_rs_random_control_fine_tunes_on_a_random_pick_of_the_rounds_own_sam
             w = got[f"winrate_{judge}_{name}"]
             assert w["n"] == 6 and w["ci_low"] <= w["win_rate"] <= w["ci_high"] and "lc_win_rate" in w
     assert got["win_rate"] == got["winrate_gold_rs_vs_random"]["win_rate"]
-    assert got["pool_new"]["random"] == len(kept)
+    assert got["pool_new"]["random"] == len(kept) and got["new_samples"] == 0  # every prompt's samples were round 1's
     before = (out / "summary.json").stat().st_mtime_ns
     assert rs_random_control(copy, 1)["winrate_gold_rs_vs_random"] == got["winrate_gold_rs_vs_random"]
     assert (out / "summary.json").stat().st_mtime_ns == before  # read back, not trained again
