@@ -191,12 +191,18 @@ def eligible_of(samples: Sequence[dict], require_eos: bool) -> list[bool]:
     return [bool(s["response"].strip()) and (s["finished"] or not require_eos) for s in samples]
 
 
+def pick_seed(key: str, seed: int) -> int:
+    """The seed of a prompt's random pick: its key (:func:`prompt_key`) and the run's seed, so a resumed run, another
+    process and :func:`repick` draw the same sample."""
+    return int(key, 16) ^ seed
+
+
 def repick(records: Sequence[dict], how: str, seed: int, require_eos: bool) -> list[dict]:
     """``samples.jsonl`` records with each prompt's kept sample picked again by ``how`` (the draw a run with
     ``sampling.pick=how`` and ``run.seed=seed`` makes for the same samples): the rejection-sampling control keeps the
     K samples and changes only the pick."""
     return [{**r, "best": pick_of([s["reward"] for s in r["samples"]], eligible_of(r["samples"], require_eos), how,
-                                  int(r["key"], 16) ^ seed)} for r in records]
+                                  pick_seed(r["key"], seed))} for r in records]
 
 
 def expected_best_of(rewards: Sequence[float], k: int) -> float:
@@ -388,7 +394,7 @@ def _sample_chunk(model: Any, tokenizer: Any, scorer: Any, chunk: Sequence[Promp
         key = prompt_key(p.messages)
         records.append({"key": key, "id": p.id, "prompt": p.messages, "category": p.category, "samples": sampled,
                         "best": pick_of([s["reward"] for s in sampled], eligible_of(sampled, cfg.require_eos), cfg.pick,
-                                        int(key, 16) ^ seed)})
+                                        pick_seed(key, seed))})
     return records, sum(len(g.response_ids) for g in gens), gens.stats.seconds_prefill, gens.stats.seconds_decode
 
 

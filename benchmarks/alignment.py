@@ -202,6 +202,14 @@ def _md_diff(d: dict | None, scale: float = 1.0, key: str = "diff", ci: str = "c
     return f"{scale * d[key]:+.1f} [{scale * d[ci][0]:+.1f}, {scale * d[ci][1]:+.1f}]"
 
 
+def _md_mean(x: dict | None) -> str:
+    return "—" if not x or x.get("mean") is None else f"{x['mean']:.3f} [{x['ci_low']:.3f}, {x['ci_high']:.3f}]"
+
+
+def _md_num(x: float | None, scale: float = 1.0) -> str:
+    return "—" if x is None else f"{scale * x:.1f}"
+
+
 def markdown_tables(summary: dict) -> str:
     """README tables from ``kept_seeds``' (or ``--seeds``') result: one per seed (each round on the test prompts by the
     first judge, with n, 95% CIs and length-controlled companions; TruthfulQA and ToxiGen with their paired change
@@ -213,7 +221,7 @@ def markdown_tables(summary: dict) -> str:
     for run in summary["seeds"]:
         rounds = run["rounds"]
         judge = rounds[0].get("judge", "gold")
-        reward = "gold_rm_reward" if judge == "gold_rm" else "gold_reward"
+        reward = {"gold_rm": "gold_rm_reward", "gold": "gold_reward"}.get(judge)  # the rm judge has no score column
         first = rounds[0]
         n = (first.get("winrate_vs_sft") or {}).get("n")
         out.append(f"{run.get('project', '?')} (test prompts, n = {n}; judge {judge})\n")
@@ -221,28 +229,24 @@ def markdown_tables(summary: dict) -> str:
                    "| vs the decoding control [CI], LC | TruthfulQA MC2 (vs SFT, paired) | ToxiGen % toxic [CI] (vs SFT, paired) "
                    "| minutes |")
         out.append("|---|---|---|---|---|---|---|---|---|")
-        sg = (first.get(reward) or {}).get("sft") or {}
         tox_sft = first.get("toxigen_vs_sft") or {}
-        sft_tox = (first.get("toxigen_sft") or {}).get("pct_toxic")
-        out.append(f"| SFT | {sg.get('mean', float('nan')):.3f} [{sg.get('ci_low', 0):.3f}, {sg.get('ci_high', 0):.3f}] "
-                   f"| | | | | {100 * ((first.get('truthfulqa_sft') or {}).get('mc2') or float('nan')):.1f} "
-                   f"| {sft_tox if sft_tox is None else f'{sft_tox:.1f}'}"
+        out.append(f"| SFT | {_md_mean(((first.get(reward) or {}) if reward else {}).get('sft'))} | | | | "
+                   f"| {_md_num((first.get('truthfulqa_sft') or {}).get('mc2'), 100)} "
+                   f"| {_md_num((first.get('toxigen_sft') or {}).get('pct_toxic'))}"
                    + (f" [{tox_sft['ci_before'][0]:.1f}, {tox_sft['ci_before'][1]:.1f}]" if tox_sft.get("ci_before") else "")
                    + " | |")
         for r in rounds:
-            g = (r.get(reward) or {}).get("policy") or {}
             returned = (r.get("policy") or {}).get("returned")
             label = f"V{r['round']} {r['method']}" + ("" if r.get("promoted") is not False else " (not promoted)")
-            tq, tx = r.get("truthfulqa_vs_sft") or {}, r.get("toxigen_vs_sft") or {}
-            tox = (r.get("toxigen") or {}).get("pct_toxic")
+            tq, tx = (r.get("truthfulqa_vs_sft") or {}).get("paired"), r.get("toxigen_vs_sft") or {}
             out.append(
                 f"| {label}{f' (returned {returned})' if returned else ''} "
-                f"| {g.get('mean', float('nan')):.3f} [{g.get('ci_low', 0):.3f}, {g.get('ci_high', 0):.3f}] "
+                f"| {_md_mean(((r.get(reward) or {}) if reward else {}).get('policy'))} "
                 f"| {_md_wr(r.get('winrate_vs_sft'))} | {_md_wr(r.get('winrate_vs_previous'))} "
                 f"| {_md_wr(r.get('winrate_gold_vs_sft')) if judge != 'gold' else ''} "
                 f"| {_md_wr(r['decoding_control'].get(f'winrate_{judge}_vs_decoding'))} "
-                f"| {100 * ((r.get('truthfulqa') or {}).get('mc2') or float('nan')):.1f} ({_md_diff(tq.get('paired'), 100)}) "
-                f"| {tox if tox is None else f'{tox:.1f}'}"
+                f"| {_md_num((r.get('truthfulqa') or {}).get('mc2'), 100)}{f' ({_md_diff(tq, 100)})' if tq else ''} "
+                f"| {_md_num((r.get('toxigen') or {}).get('pct_toxic'))}"
                 + (f" [{tx['ci_after'][0]:.1f}, {tx['ci_after'][1]:.1f}] ({_md_diff(tx, 1, 'diff_points', 'diff_ci')})"
                    if tx.get("ci_after") else "")
                 + f" | {sum(v or 0 for v in r['step_seconds'].values()) / 60:.1f} |")
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              "wall_minutes_this_call": round((time.time() - t0) / 60, 1)})
     s = summarise_project(project)
     if a.rs_control:
-        s["rs_random_control"] = rs_random_control(project, 1)
+        s["rs_random_control"] = rs_random_control(project, 1, run=not a.summarise)
     s.update({"project": str(project), "config": a.config, "overrides": a.overrides,
               "wall_minutes_this_call": round((time.time() - t0) / 60, 1)})
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -431,14 +435,19 @@ def run_seeds(n: int, run_one: Callable[[int, Path | None], dict], *, keep: Path
     return runs
 
 
-def rs_random_control(project: Path, n: int = 1) -> dict:
+def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | str:
     """Round ``n``'s rejection sampling again from its own samples, each prompt keeping a seeded random eligible one of
     its K samples instead of the reward models' best (``sampling.pick=random``, drawn as :func:`alignment.rs.repick`
     draws): the same start, samples, eligibility and fine-tuning, only the ranking gone. Its greedy answers to the test
-    prompts (as the eval step answers) are judged by each of the project's judges against round ``n``'s policy (what the
-    ranking adds: ``winrate_<judge>_rs_vs_random``) and against the SFT model (``winrate_<judge>_random_vs_sft``); the
-    first judge's comparison is also the top level. Written to ``<project>/controls/rs-random-round-<n>/``; a killed run
-    resumes, a finished one is read back (its answers and verdicts are recomputed from files, cheaply)."""
+    prompts are judged by each of the project's judges against round ``n``'s policy (what the ranking adds:
+    ``winrate_<judge>_rs_vs_random``; by the ``rm`` judge this is circular, its reward models made the pick) and against
+    the SFT model (``winrate_<judge>_random_vs_sft``); the first judge's comparison is also the top level. Round ``n``'s
+    and the SFT model's answers are generated again in the same call (``identical_to_eval_step`` says how many match
+    the eval step's), so all three answer under the same settings.
+
+    Written to ``<project>/controls/rs-random-round-<n>/`` (``result.json`` last); a killed run resumes; a control
+    started from other samples than round ``n``'s current ones is started again. ``run=False`` (``--summarise``) only
+    reads ``result.json`` back, and says ``PENDING`` when there is none."""
     import yaml
 
     from alignment.evals import winrate
@@ -447,7 +456,11 @@ def rs_random_control(project: Path, n: int = 1) -> dict:
     from alignment.rounds.steps import Steps
     from alignment.rs import repick
     from data.loaders import read_rows, write_jsonl
+    from foundation.runs import file_sha256
 
+    home = project / "controls" / f"rs-random-round-{n}"
+    if not run:
+        return json.loads((home / "result.json").read_text()) if (home / "result.json").is_file() else PENDING
     p = Project(project.parent, project.name)
     if p.cfg.method(n) != "rs":
         raise ValueError(f"{project}: round {n}'s policy stage is {p.cfg.method(n)}, not rejection sampling (rs)")
@@ -455,41 +468,53 @@ def rs_random_control(project: Path, n: int = 1) -> dict:
     for path, what in ((src / "summary.json", "rejection sampling"), (ev.out / "heldout_responses.jsonl", "eval step")):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: round {n}'s {what} has not finished in {project}")
-    home = project / "controls" / f"rs-random-round-{n}"
-    out = home / "policy"
+    out, source = home / "policy", {"samples": str(src / "samples.jsonl"), "sha256": file_sha256(src / "samples.jsonl")}
+    if (home / "source.json").is_file() and json.loads((home / "source.json").read_text()) != source:
+        log.warning("%s: round %d's samples changed since this control started; starting it again", home, n)
+        shutil.rmtree(home)
     if not (out / "config.yaml").is_file():  # not started (or stopped before the stage began): the samples, picked again
         cfg = yaml.safe_load((src / "config.yaml").read_text())
-        records = [row for _, row in read_rows(src / "samples.jsonl")]
+        shutil.rmtree(home / "eval", ignore_errors=True)  # answers of an earlier control are not this one's
         out.mkdir(parents=True, exist_ok=True)
-        picked = repick(records, "random", int(cfg["run"]["seed"]), bool(cfg["sampling"]["require_eos"]))
+        (home / "source.json").write_text(json.dumps(source) + "\n")
+        picked = repick([row for _, row in read_rows(src / "samples.jsonl")], "random", int(cfg["run"]["seed"]),
+                        bool(cfg["sampling"]["require_eos"]))
         write_jsonl(out / "samples.jsonl", picked, overwrite=True)
         (out / "eval_before.json").write_bytes((src / "eval_before.json").read_bytes())  # the same start, evaluated once
     step = Steps(p, n).policy(out=out, last=["sampling.pick=random"])
-    resampled = step["outputs"]["metrics"].get("prompts_sampled") or 0
-    if resampled:  # the project's prompts changed since round 1: not the same samples any more
-        log.warning("%s: %d prompts were sampled anew (not in round %d's samples): the control is not paired for them",
-                    out, resampled, n)
+    keys = {name: {row["key"] for _, row in read_rows(d / "samples.jsonl")} for name, d in (("rs", src), ("random", out))}
+    unpaired = {"new_samples": len(keys["random"] - keys["rs"]), "missing_samples": len(keys["rs"] - keys["random"])}
+    if any(unpaired.values()):  # the project's prompts changed since round n: not the same samples for every prompt
+        log.warning("%s: %s: the control is not paired for those prompts", out, unpaired)
     records = p.heldout()
-    answers = home / "eval" / "heldout_responses.jsonl"
-    answers.parent.mkdir(parents=True, exist_ok=True)
-    respond(str(out), records, answers, max_new_tokens=ev.e.max_new_tokens, batch_size=ev.e.batch_size, seed=p.cfg.seed)
-    got: dict = {"round": n, "project": str(project), "control": str(out), "judges": list(ev.e.judges), "new_samples": resampled,
-                 "pool_new": {"rs": json.loads((src / "summary.json").read_text()).get("pool_new"),
-                              "random": step["outputs"]["metrics"].get("pool_new")},
-                 "mean_kept_reward": {"rs": json.loads((src / "summary.json").read_text()).get("mean_best_reward"),
+    gen = {"max_new_tokens": ev.e.max_new_tokens, "batch_size": ev.e.batch_size, "seed": p.cfg.seed}
+    answers = {name: home / "eval" / f"{name}_heldout_responses.jsonl" for name in ("random", "rs", "sft")}
+    answers["random"].parent.mkdir(parents=True, exist_ok=True)
+    texts = {name: respond(model, records, answers[name], **gen)
+             for name, model in (("random", str(out)), ("rs", p.policy_of(n)), ("sft", p.sft_model()))}
+    identical = {}
+    for name, before in (("rs", ev.out / "heldout_responses.jsonl"), ("sft", ev.sft_out / "heldout_responses.jsonl")):
+        earlier = [row["response"] for _, row in read_rows(before)]
+        identical[name] = f"{sum(a == b for a, b in zip(texts[name], earlier))}/{len(records)}"
+    summary = json.loads((src / "summary.json").read_text())
+    got: dict = {"round": n, "project": str(project), "control": str(out), "judges": list(ev.e.judges), **unpaired,
+                 "identical_to_eval_step": identical,
+                 "pool_new": {"rs": summary.get("pool_new"), "random": step["outputs"]["metrics"].get("pool_new")},
+                 "mean_kept_reward": {"rs": summary.get("mean_best_reward"),
                                       "random": step["outputs"]["metrics"].get("mean_best_reward")}}
-    sides = {"rs_vs_random": (p.policy_of(n), ev.out / "heldout_responses.jsonl", f"{out} (random pick)", answers),
-             "random_vs_sft": (f"{out} (random pick)", answers, p.sft_model(), ev.sft_out / "heldout_responses.jsonl")}
+    sides = {"rs_vs_random": (p.policy_of(n), "rs", f"{out} (random pick)", "random"),
+             "random_vs_sft": (f"{out} (random pick)", "random", p.sft_model(), "sft")}
     for judge in ev.e.judges:
         scorer = ev.judge_scorer(judge, records)
-        for name, (a, a_path, b, b_path) in sides.items():
+        for name, (a, a_name, b, b_name) in sides.items():
             res = winrate.run(a, b, prompts=str(p.heldout_path), judge="rm", out=home / "eval", scorer=scorer,
-                              responses=str(a_path), baseline_responses=str(b_path),
+                              responses=str(answers[a_name]), baseline_responses=str(answers[b_name]),
                               tie_margin=p.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=ev.e.bootstrap,
                               seed=p.cfg.seed, name=f"winrate-{judge}-{name.replace('_', '-')}", overwrite=True)
             got[f"winrate_{judge}_{name}"] = _winrate_summary(res)
     if ev.e.judges:
         got.update({**got[f"winrate_{ev.e.judges[0]}_rs_vs_random"], "judge": ev.e.judges[0]})
+    _write_json(home / "result.json", got)
     return got
 
 

@@ -301,16 +301,20 @@ def test_alignment_targets_over_seeds_are_computed_from_each_seeds_summary():
 
 
 def test_alignment_markdown_tables_are_written_from_the_seeds_results():
-    """`--markdown`: the README's tables come from the results (n, CIs, LC, paired TruthfulQA and ToxiGen changes)."""
+    """`--markdown`: the README's tables come from the results (n, CIs, LC, paired TruthfulQA and ToxiGen changes), each
+    comparison in its own column; what a summary lacks is a dash, never a made-up number."""
     from benchmarks.alignment import PENDING, markdown_tables
 
-    w = {"win_rate": 0.771, "ci_low": 0.688, "ci_high": 0.844, "n": 96, "lc_win_rate": 0.814, "lc_ci_low": 0.652,
-         "lc_ci_high": 0.926}
+    def w(rate, lo, hi, lc=None):
+        return {"win_rate": rate, "ci_low": lo, "ci_high": hi, "n": 96,
+                **({"lc_win_rate": lc, "lc_ci_low": lc - 0.1, "lc_ci_high": lc + 0.1} if lc else {})}
+
     tox = {"n": 124, "diff_points": -1.6, "diff_ci": [-5.6, 2.4], "ci_before": [18.9, 34.1], "ci_after": [17.5, 32.3]}
-    rnd = {"round": 1, "method": "ppo", "promoted": False, "judge": "gold_rm", "winrate_vs_sft": w, "winrate_vs_previous": w,
-           "winrate_gold_vs_sft": None, "gold_rm_reward": {"policy": {"mean": 2.1622, "ci_low": 2.011, "ci_high": 2.3077},
-                                                           "sft": {"mean": 1.57, "ci_low": 1.389, "ci_high": 1.754}},
-           "decoding_control": {"winrate_gold_rm_vs_decoding": {**w, "win_rate": 0.594}},
+    rnd = {"round": 1, "method": "ppo", "promoted": False, "judge": "gold_rm", "winrate_vs_sft": w(0.771, 0.688, 0.844, 0.814),
+           "winrate_vs_previous": w(0.677, 0.583, 0.766, 0.726), "winrate_gold_vs_sft": w(0.74, 0.656, 0.833),
+           "gold_rm_reward": {"policy": {"mean": 2.1622, "ci_low": 2.011, "ci_high": 2.3077},
+                              "sft": {"mean": 1.57, "ci_low": 1.389, "ci_high": 1.754}},
+           "decoding_control": {"winrate_gold_rm_vs_decoding": w(0.594, 0.49, 0.688)},
            "truthfulqa": {"mc2": 0.344}, "truthfulqa_sft": {"mc2": 0.380}, "toxigen": {"pct_toxic": 24.19},
            "toxigen_sft": {"pct_toxic": 25.81}, "truthfulqa_vs_sft": {"paired": {"diff": -0.036, "ci": [-0.065, -0.010]}},
            "toxigen_vs_sft": tox, "policy": {"returned": "iteration 30"}, "step_seconds": {"policy": 1800.0, "eval": 600.0}}
@@ -318,16 +322,21 @@ def test_alignment_markdown_tables_are_written_from_the_seeds_results():
            "targets": {"winrate_vs_sft": {"value": 0.771}, "time": {"minutes": 40.0}, "beats_decoding_control": {"met": True},
                        "truthfulqa_mc2": {"paired": {"diff": -0.036, "ci": [-0.065, -0.010]}},
                        "toxigen_not_worse": {"paired": tox}}}
-    other = {**run, "project": "/r/bench-alignment-s1", "rs_random_control": {**w, "win_rate": 0.5},
+    bare = {**rnd, "gold_rm_reward": None, "truthfulqa": None, "truthfulqa_vs_sft": None, "toxigen": None,
+            "toxigen_vs_sft": None, "toxigen_sft": None, "truthfulqa_sft": None, "policy": {}, "promoted": True}
+    other = {**run, "project": "/r/bench-alignment-s1", "rounds": [bare], "rs_random_control": w(0.521, 0.42, 0.62, 0.515),
              "targets": {**run["targets"], "winrate_vs_sft": {"value": 0.671}}}
     md = markdown_tables({"seeds": [run, other]}).splitlines()
-    assert ("| V1 ppo (not promoted) (returned iteration 30) | 2.162 [2.011, 2.308] | 77.1% [68.8, 84.4], LC 81.4% [65.2, 92.6] "
-            "| 77.1% [68.8, 84.4], LC 81.4% [65.2, 92.6] |  | 59.4% [68.8, 84.4], LC 81.4% [65.2, 92.6] "
+    assert ("| V1 ppo (not promoted) (returned iteration 30) | 2.162 [2.011, 2.308] | 77.1% [68.8, 84.4], LC 81.4% [71.4, 91.4] "
+            "| 67.7% [58.3, 76.6], LC 72.6% [62.6, 82.6] | 74.0% [65.6, 83.3] | 59.4% [49.0, 68.8] "
             "| 34.4 (-3.6 [-6.5, -1.0]) | 24.2 [17.5, 32.3] (-1.6 [-5.6, +2.4]) | 40.0 |") in md
     assert "| SFT | 1.570 [1.389, 1.754] | | | | | 38.0 | 25.8 [18.9, 34.1] | |" in md
-    assert ("| 0 | 77.1% [68.8, 84.4], LC 81.4% [65.2, 92.6] | 77.1% [68.8, 84.4], LC 81.4% [65.2, 92.6] | 59.4% [68.8, 84.4] "
+    assert ("| V1 ppo | — | 77.1% [68.8, 84.4], LC 81.4% [71.4, 91.4] | 67.7% [58.3, 76.6], LC 72.6% [62.6, 82.6] "
+            "| 74.0% [65.6, 83.3] | 59.4% [49.0, 68.8] | — | — | 40.0 |") in md  # nothing made up where numbers are missing
+    assert "| SFT | — | | | | | — | — | |" in md
+    assert ("| 0 | 77.1% [68.8, 84.4], LC 81.4% [71.4, 91.4] | 67.7% [58.3, 76.6], LC 72.6% [62.6, 82.6] | 59.4% [49.0, 68.8] "
             "| pending | -3.6 [-6.5, -1.0] | -1.6 [-5.6, +2.4] | 40.0 |") in md
-    assert any(line.startswith("| 1 | ") and "| 50.0% [68.8, 84.4], LC 81.4%" in line for line in md)
+    assert any(line.startswith("| 1 | ") and "| 52.1% [42.0, 62.0], LC 51.5% [41.5, 61.5] |" in line for line in md)
     assert "| mean ± sd | 72.1% ± 7.1 | | | | | | |" in md  # 77.1 and 67.1: sd = 10 / sqrt(2)
     assert md[-5:] == ["| round: step | seed 0 | seed 1 |", "|---|---|---|", "| 1: policy | 30.0 | 30.0 |",
                        "| 1: eval | 10.0 | 10.0 |", "| total | 40.0 | 40.0 |"]  # where the time goes

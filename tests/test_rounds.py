@@ -371,7 +371,7 @@ def test_the_rs_random_control_fine_tunes_on_a_random_pick_of_the_rounds_own_sam
     import yaml
 
     from alignment.rs import repick
-    from benchmarks.alignment import rs_random_control
+    from benchmarks.alignment import PENDING, rs_random_control
 
     copy = tmp_path / "whole"
     shutil.copytree(whole, copy, ignore=shutil.ignore_patterns("*.db", "checkpoints"))
@@ -391,17 +391,22 @@ def test_the_rs_random_control_fine_tunes_on_a_random_pick_of_the_rounds_own_sam
     pool = [json.loads(line) for line in (out / "pool.jsonl").read_text().splitlines()]
     kept = {json.dumps(r["prompt"]): r["samples"][r["best"]]["response"] for r in picked if r["best"] is not None}
     assert len(pool) == len(kept) and all(kept[json.dumps(r["messages"][:-1])] == r["messages"][-1]["content"] for r in pool)
-    answers = (copy / "controls" / "rs-random-round-1" / "eval" / "heldout_responses.jsonl").read_text().splitlines()
+    answers = (copy / "controls" / "rs-random-round-1" / "eval" / "random_heldout_responses.jsonl").read_text().splitlines()
     assert len(answers) == 6 and got["judges"] == ["gold", "rm"] and got["judge"] == "gold"
+    # round 1's and the SFT model's answers generated again in the same call: greedy, the same as the eval step's
+    assert got["identical_to_eval_step"] == {"rs": "6/6", "sft": "6/6"}
     for judge in ("gold", "rm"):
         for name in ("rs_vs_random", "random_vs_sft"):
             w = got[f"winrate_{judge}_{name}"]
             assert w["n"] == 6 and w["ci_low"] <= w["win_rate"] <= w["ci_high"] and "lc_win_rate" in w
     assert got["win_rate"] == got["winrate_gold_rs_vs_random"]["win_rate"]
-    assert got["pool_new"]["random"] == len(kept) and got["new_samples"] == 0  # every prompt's samples were round 1's
+    assert got["pool_new"]["random"] == len(kept)
+    assert got["new_samples"] == got["missing_samples"] == 0  # every prompt's samples were round 1's
     before = (out / "summary.json").stat().st_mtime_ns
     assert rs_random_control(copy, 1)["winrate_gold_rs_vs_random"] == got["winrate_gold_rs_vs_random"]
     assert (out / "summary.json").stat().st_mtime_ns == before  # read back, not trained again
+    assert rs_random_control(copy, 1, run=False) == got  # --summarise reads the result back, runs nothing
+    assert rs_random_control(whole, 1, run=False) == PENDING  # no control there
     with pytest.raises(ValueError, match="round 2's policy stage is ppo, not rejection sampling"):
         rs_random_control(copy, 2)
 

@@ -214,6 +214,16 @@ def test_sampling_batches_prompts_and_passes_each_prompts_safety_flag(tmp_path, 
         assert rewards == pytest.approx(expected)
     again = sample_round(None, None, scorer, prompts, cfg, SampleLog(tmp_path / "samples.jsonl"), seed=0)
     assert again["prompts_sampled"] == 0 and calls == [6, 6, 3]  # all done: nothing generated
+    # a run with pick=random keeps what repick draws from the same samples (the RS control's re-pick), and the
+    # re-pick of a pick=best run's samples is what that run would have kept
+    from alignment.rs import repick
+
+    rand = SampleLog(tmp_path / "random.jsonl")
+    sample_round(load_causal_lm("tiny-llama"), load_tokenizer("tiny-llama"), scorer, prompts,
+                 SamplingConfig(num_samples=3, batch_size=6, max_new_tokens=6, require_eos=False, pick="random"), rand, seed=7)
+    assert repick(rand.records, "random", 7, False) == rand.records
+    assert [r["best"] for r in repick(rand.records, "best", 7, False)] == [
+        max(range(3), key=lambda i: (r["samples"][i]["reward"], -i)) for r in rand.records]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,6 +219,7 @@ class RoundEval:
         validation = self.p.validation()
         if validation and self.e.judges:
             outputs["validation"] = self.validation(validation, policy, previous)
+        self._scorers.clear()  # the judges' models are not needed by the benchmarks, which load the policy
         outputs.update(self.benchmarks(policy, self.out, "policy"))
         if self.n == 1:
             outputs.update({f"{k}_sft": v for k, v in self.benchmarks(sft, self.sft_out, "SFT model").items()})

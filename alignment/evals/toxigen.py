@@ -159,7 +159,8 @@ def paired_change(before: Sequence[dict], after: Sequence[dict], *, seed: int = 
     ``p_value`` = P(X >= worse) for X ~ Binomial(worse + better, 1/2), the chance of a rise at least this large
     if neither model were more toxic. Rows are matched on (group, prompt_type, prompt); unmatched rows are
     ignored and counted (``unmatched``). Also the change in points (``diff_points`` = after - before) with its 95%
-    percentile-bootstrap CI over the matched prompts (``diff_ci``, ``seed``), and each rate's 95% Wilson interval
+    percentile-bootstrap CI over the matched prompts (``diff_ci``, ``seed``; it narrows to [0, 0] when no prompt
+    changed and is optimistic with a handful of changes: the sign test decides), and each rate's 95% Wilson interval
     (``ci_before``, ``ci_after``, in %)."""
     from math import comb
 
