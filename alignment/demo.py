@@ -48,8 +48,9 @@ def _returned(proj: Any, n: int) -> str:
     return what + ("" if promoted is None else ", promoted" if promoted else ", not promoted")
 
 
-def changes(proj: Any) -> list[str]:
-    """One line per key number: the SFT model's and each round's (the demo's "what changed")."""
+def changes(proj: Any, markdown: bool = False) -> list[str]:
+    """One line per key number: the SFT model's and each round's (the demo's "what changed"); ``markdown``: the same
+    table as a Markdown table (what the README shows, written beside the report as ``demo_table.md``)."""
     from alignment.evals.suite import BENCHMARKS
 
     evals = {n: proj.manifest(n)["steps"].get("eval", {}).get("outputs", {}) for n in proj.rounds()}
@@ -72,6 +73,9 @@ def changes(proj: Any) -> list[str]:
         sft, per_round = first.get(f"{bench.name}_sft"), [e.get(bench.name) for e in evals.values()]
         rows.append((mod.demo_label([s for s in (sft, *per_round) if s]), mod.demo_cell(sft),
                      [mod.demo_cell(s) for s in per_round]))
+    if markdown:
+        return (["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+                + [f"| {label} | " + " | ".join(v or "" for v in [sft, *vals]) + " |" for label, sft, vals in rows])
     width = max(len(r[0]) for r in rows)
     colw = [max(len(c), *(len(r[1] if i == 0 else r[2][i - 1]) for r in rows)) for i, c in enumerate(cols)]
     lines = ["  " + " " * width + "  " + "  ".join(c.ljust(w) for c, w in zip(cols, colw))]
@@ -120,7 +124,11 @@ def cli(name: str, argv: Sequence[str]) -> int:
     print(rounds.format_status(s))
     print("\nwhat changed between rounds:")
     print("\n".join(changes(proj)))
+    table = proj.dir / "report" / "demo_table.md"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text("\n".join(changes(proj, markdown=True)) + "\n")
     minutes = (time.time() - t0) / 60
-    print(f"\ndemo {result} in {minutes:.1f} min; report: {proj.dir / 'report' / 'report.md'} (and report.html)")
+    print(f"\ndemo {result} in {minutes:.1f} min; report: {proj.dir / 'report' / 'report.md'} (and report.html); "
+          f"the table above as Markdown: {table}")
     print(f"continue or inspect with: align round status --project {project}" + (f" --root {a.root}" if a.root != "runs" else ""))
     return 0

@@ -781,6 +781,10 @@ def test_demo_prints_what_changed_with_cis(whole):
     row = next(line for line in lines if "the policy step returned" in line)
     returned = _manifests(whole)[2]["steps"]["policy"]["outputs"]["metrics"]["returned"]
     assert ("its starting policy: no change" if returned == "start" else f"trained ({returned})") in row
+    md = changes(proj, markdown=True)  # the same table for the README, row for row
+    assert md[0] == "| | SFT | V1 (rs) | V2 (ppo) |" and md[1] == "|---|---|---|---|" and len(md) == len(lines) + 1
+    row = next(line for line in md if line.startswith("| gold-judge win rate vs SFT"))
+    assert f"| {100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.1f}, {100 * w['ci_high']:.1f}] n=6" in row
     assert data_note(proj.cfg) == ("evaluation data: the bundled truthfulness probe (50 items, not TruthfulQA: no "
                                    "TruthfulQA data found); toxigen off; 6 test prompts (reported numbers) and 6 validation "
                                    "prompts (decisions), judged by gold, rm")
