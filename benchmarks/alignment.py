@@ -482,8 +482,9 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
         write_jsonl(out / "samples.jsonl", picked, overwrite=True)
         (out / "eval_before.json").write_bytes((src / "eval_before.json").read_bytes())  # the same start, evaluated once
     step = Steps(p, n).policy(out=out, last=["sampling.pick=random"])
-    keys = {name: {row["key"] for _, row in read_rows(d / "samples.jsonl")} for name, d in (("rs", src), ("random", out))}
-    unpaired = {"new_samples": len(keys["random"] - keys["rs"]), "missing_samples": len(keys["rs"] - keys["random"])}
+    kept = {name: {row["key"]: row for _, row in read_rows(d / "samples.jsonl")} for name, d in (("rs", src), ("random", out))}
+    unpaired = {"new_samples": len(kept["random"].keys() - kept["rs"].keys()),
+                "missing_samples": len(kept["rs"].keys() - kept["random"].keys())}
     if any(unpaired.values()):  # the project's prompts changed since round n: not the same samples for every prompt
         log.warning("%s: %s: the control is not paired for those prompts", out, unpaired)
     records = p.heldout()
@@ -498,7 +499,7 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
         identical[name] = f"{sum(a == b for a, b in zip(texts[name], earlier))}/{len(records)}"
     summary = json.loads((src / "summary.json").read_text())
     got: dict = {"round": n, "project": str(project), "control": str(out), "judges": list(ev.e.judges), **unpaired,
-                 "identical_to_eval_step": identical,
+                 "identical_to_eval_step": identical, "picks": pick_overlap(kept["rs"], kept["random"], cfg_of(src)),
                  "pool_new": {"rs": summary.get("pool_new"), "random": step["outputs"]["metrics"].get("pool_new")},
                  "mean_kept_reward": {"rs": summary.get("mean_best_reward"),
                                       "random": step["outputs"]["metrics"].get("mean_best_reward")}}
@@ -516,6 +517,28 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
         got.update({**got[f"winrate_{ev.e.judges[0]}_rs_vs_random"], "judge": ev.e.judges[0]})
     _write_json(home / "result.json", got)
     return got
+
+
+def cfg_of(stage_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((stage_dir / "config.yaml").read_text())
+
+
+def pick_overlap(rs: dict[str, dict], random: dict[str, dict], cfg: dict) -> dict:
+    """How much room the reward models' ranking had in a rejection-sampling round: per prompt, how many of its K
+    samples were eligible (``sampling.require_eos``: finished, not empty), and on how many prompts the random pick
+    kept the very sample the ranking kept (``same``; always so where one sample is eligible). ``rs`` / ``random``:
+    samples.jsonl records by prompt key."""
+    from collections import Counter
+
+    from alignment.rs import eligible_of
+
+    eligible = Counter(sum(eligible_of(r["samples"], bool(cfg["sampling"]["require_eos"]))) for r in rs.values())
+    both = [k for k in rs if k in random and rs[k]["best"] is not None]
+    return {"prompts": len(rs), "eligible_per_prompt": {str(k): eligible[k] for k in sorted(eligible)},
+            "kept": len(both), "same": sum(rs[k]["best"] == random[k]["best"] for k in both),
+            "with_a_choice": sum(sum(eligible_of(rs[k]["samples"], bool(cfg["sampling"]["require_eos"]))) > 1 for k in both)}
 
 
 def across_seeds(runs: list[dict]) -> dict:

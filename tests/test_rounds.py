@@ -401,6 +401,11 @@ def test_the_rs_random_control_fine_tunes_on_a_random_pick_of_the_rounds_own_sam
             assert w["n"] == 6 and w["ci_low"] <= w["win_rate"] <= w["ci_high"] and "lc_win_rate" in w
     assert got["win_rate"] == got["winrate_gold_rs_vs_random"]["win_rate"]
     assert got["pool_new"]["random"] == len(kept)
+    # how much room the ranking had: eligible samples per prompt, and prompts where both picks kept the same sample
+    picks = got["picks"]
+    assert picks["prompts"] == len(samples) == sum(picks["eligible_per_prompt"].values()) and picks["kept"] == len(kept)
+    assert picks["same"] == sum(a["best"] == b["best"] for a, b in zip(samples, picked) if a["best"] is not None)
+    assert picks["same"] >= picks["kept"] - picks["with_a_choice"]  # a prompt with one eligible sample keeps it either way
     assert got["new_samples"] == got["missing_samples"] == 0  # every prompt's samples were round 1's
     before = (out / "summary.json").stat().st_mtime_ns
     assert rs_random_control(copy, 1)["winrate_gold_rs_vs_random"] == got["winrate_gold_rs_vs_random"]
