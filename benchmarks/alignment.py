@@ -639,16 +639,19 @@ def attempt_row(s: dict, note: str = "") -> dict:
                    for r in s["rounds"]],
         "toxigen": {k: s["targets"]["toxigen_not_worse"][k] for k in ("value", "sft")},
         "truthfulqa_mc2": {k: s["targets"]["truthfulqa_mc2"][k] for k in ("value", "sft")},
+        **({"rs_random_control": _rs_control(s)} if "rs_random_control" in s else {}),
     }
 
 
 def record_attempt(path: Path, s: dict, note: str = "") -> None:
-    """Append this run to the history (every attempt stays on record, also those that missed a target)."""
+    """Append this run to the history (every attempt stays on record, also those that missed a target). The same
+    attempt summarised again (same project and note) replaces its row; another call on the same project (e.g. its
+    control, or a resumed seed with its own note) is a row of its own."""
     row = attempt_row(s, note)
     from foundation.runs import read_jsonl
 
     rows = read_jsonl(path) if path.is_file() else []
-    rows = [r for r in rows if r.get("project") != row["project"]] + [row]  # a re-summarised project replaces its row
+    rows = [r for r in rows if (r.get("project"), r.get("note")) != (row["project"], row["note"])] + [row]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

@@ -342,6 +342,26 @@ def test_alignment_markdown_tables_are_written_from_the_seeds_results():
                        "| 1: eval | 10.0 | 10.0 |", "| total | 40.0 | 40.0 |"]  # where the time goes
 
 
+def test_alignment_history_keeps_every_attempt_and_replaces_only_the_same_one(tmp_path):
+    """alignment_history.jsonl: a project's second call with another note (its control, a resumed seed) is a row of its
+    own; the same attempt summarised again replaces its row; the row carries the RS control's win rate."""
+    from benchmarks.alignment import record_attempt
+
+    def summary(value, control=None):
+        return {"project": "/r/p-s0", "config": "c.yaml", "overrides": ["seed=0"], "all_met": False, "rounds": [],
+                "targets": {"time": {"minutes": 100.0}, "winrate_vs_sft": {"value": value},
+                            "toxigen_not_worse": {"value": 25.0, "sft": 26.0}, "truthfulqa_mc2": {"value": 0.34, "sft": 0.38}},
+                **({"rs_random_control": control} if control else {})}
+
+    path = tmp_path / "history.jsonl"
+    record_attempt(path, summary(0.7), note="seed 0")
+    record_attempt(path, summary(0.7, {"win_rate": 0.505, "ci_low": 0.427, "ci_high": 0.578, "n": 96}), note="control")
+    record_attempt(path, summary(0.8), note="seed 0")  # the same attempt summarised again
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["note"], r["final_winrate_vs_sft"]["value"]) for r in rows] == [("control", 0.7), ("seed 0", 0.8)]
+    assert rows[0]["rs_random_control"]["win_rate"] == 0.505 and "rs_random_control" not in rows[1]
+
+
 def test_alignment_kept_only_summarises_the_seeds_done_and_decides_nothing(tmp_path):
     """`--seeds 3 --kept-only` between sessions: the seeds kept so far, the others named as missing, no target decided."""
     from benchmarks.__main__ import summary_rows
