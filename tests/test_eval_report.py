@@ -37,6 +37,29 @@ def test_two_round_run_gives_markdown_html_and_plots(tmp_path):
     report.build(run, overwrite=True)
 
 
+def test_round_1s_win_rate_vs_sft_is_its_test_vs_previous_never_the_validation_one(tmp_path):
+    """A rounds project's round 1 starts from the SFT model, so its eval step writes the test win rate only as
+    winrate-gold-vs-previous; the report's "vs SFT" cell and the win-rate plot read that one, not the validation win
+    rate beside it (found in a real `make demo` report, where round 1's "vs SFT" showed the 48 validation prompts)."""
+    from alignment.evals.results import pct, write_json
+
+    run = make_two_round_run(tmp_path)
+    ev = run / "round-1" / "eval"
+    test = json.loads((ev / "winrate.json").read_text())
+    (ev / "winrate.json").unlink()
+    val = json.loads(json.dumps(test))
+    val["metrics"].update(win_rate=0.625, ci_low=0.5, ci_high=0.75, n=48)
+    write_json(ev / "validation-winrate-gold-vs-previous.json", val)
+    write_json(ev / "winrate-gold-vs-previous.json", test)
+    md = run / "report" / "report.md"
+    report.build(run)
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| round 1 |"))
+    m = test["metrics"]
+    assert f"| {pct(m['win_rate'])} [{pct(m['ci_low'])}, {pct(m['ci_high'])}] (n={m['n']}," in row and "(n=48," not in row
+    assert report._main_winrate(report.collect(run)[0]) is not None  # round 1 (the fixture has no SFT results)
+    assert report._main_winrate(report.collect(run)[0])["metrics"]["n"] == m["n"]
+
+
 def test_rounds_are_ordered_numerically_and_rm_eval_is_recognised(tmp_path):
     run = make_two_round_run(tmp_path)
     (run / "round-10" / "eval").mkdir(parents=True)

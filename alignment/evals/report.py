@@ -200,8 +200,13 @@ def _short(model: Any) -> str:
 
 
 def _main_winrate(r: Round) -> dict | None:
-    """The win rate a round is judged by: the gold judge's against the SFT model, else the first one."""
-    return r.winrate("gold", "sft") or r.first("winrate")
+    """The win rate a round is judged by: the gold judge's against the SFT model on the test prompts (round 1, which
+    starts from the SFT model, keeps it as its vs-previous one), else the first other win rate it holds (a standalone
+    run's), never a validation one: the decision set's numbers are not reported as results."""
+    if r.number == 0:
+        return None
+    got = r.winrate("gold", "sft") or (r.winrate("gold", "previous") if r.number == 1 else None)
+    return got or next((res for label, res in r.results.get("winrate", []) if not label.startswith("validation-")), None)
 
 
 def plot_winrate(rounds: Sequence[Round], path: Path) -> Path | None:
@@ -293,7 +298,7 @@ def summary_table(rounds: Sequence[Round]) -> tuple[list[str], list[list[str]]]:
     for r in rounds:
         g = gold_of(rounds, r)
         gold = f"{g['mean']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}]" if g else "—"
-        vs_sft = r.winrate("gold", "sft") or (None if r.number == 0 else r.first("winrate"))
+        vs_sft = _main_winrate(r)
         cells = [m.report_cell(res) if (res := r.first(b.name)) else "—" for b, m in zip(BENCHMARKS, benches)]
         rms = ", ".join(f"{label} {pct(res.get('accuracy'))}" for label, res in r.results.get("rm_eval", [])) or "—"
         rows.append([r.label, gold, _wr(vs_sft), _wr(r.winrate("gold", "previous")),
