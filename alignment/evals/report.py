@@ -290,6 +290,17 @@ def _wr(res: dict | None) -> str:
     return f"{pct(m['win_rate'])} [{pct(m['ci_low'])}, {pct(m['ci_high'])}] (n={m['n']}, ties {pct(m['ties'], 0)})"
 
 
+def _acc(res: dict) -> str:
+    """A reward model's accuracy with its 95% Wilson interval and n (when the result has n)."""
+    from foundation.stats import wilson_interval
+
+    acc, n = res.get("accuracy"), res.get("n")
+    if acc is None or not n:
+        return pct(acc)
+    lo, hi = wilson_interval(round(acc * n), n)
+    return f"{pct(acc)} [{pct(lo)}, {pct(hi)}] (n={n})"
+
+
 def summary_table(rounds: Sequence[Round]) -> tuple[list[str], list[list[str]]]:
     benches = [b.load() for b in BENCHMARKS]
     head = ["round", "gold reward [95% CI]", "vs SFT, gold judge [95% CI]", "vs previous, gold judge",
@@ -300,7 +311,7 @@ def summary_table(rounds: Sequence[Round]) -> tuple[list[str], list[list[str]]]:
         gold = f"{g['mean']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}]" if g else "—"
         vs_sft = _main_winrate(r)
         cells = [m.report_cell(res) if (res := r.first(b.name)) else "—" for b, m in zip(BENCHMARKS, benches)]
-        rms = ", ".join(f"{label} {pct(res.get('accuracy'))}" for label, res in r.results.get("rm_eval", [])) or "—"
+        rms = ", ".join(f"{label} {_acc(res)}" for label, res in r.results.get("rm_eval", [])) or "—"
         rows.append([r.label, gold, _wr(vs_sft), _wr(r.winrate("gold", "previous")),
                      _wr(r.winrate("rm", "previous")), *cells, rms])
     return head, rows
