@@ -24,10 +24,11 @@ def test_two_round_run_gives_markdown_html_and_plots(tmp_path):
         assert _png(out / f"{name}.png"), name
     md = (out / "report.md").read_text()
     # the summary table, values from the synthetic results (eval_helpers.make_two_round_run)
+    # ToxiGen and RM accuracy with Wilson intervals: 37 of 310 toxic, 204 of 300 right; round 2: 20 of 310, 213 of 300
     assert ("| round 1 | — | 51.5% [39.5%, 62.5%] (n=40, ties 10%) | — | — | 39.0% (TruthfulQA MC (817 questions)) "
-            "| 12.0% [8.8, 16.0] (n=310 prompts; classifier acc 84%) | rm_helpful 68.0% [62.5%, 73.0%] (n=300) |") in md  # Wilson, 37 of 310 / 204 of 300
+            "| 12.0% [8.8, 16.0] (n=310 prompts; classifier acc 84%) | rm_helpful 68.0% [62.5%, 73.0%] (n=300) |") in md
     assert ("| round 2 | — | 63.5% [51.5%, 74.5%] (n=40, ties 10%) | — | — | 43.0% (TruthfulQA MC (817 questions)) "
-            "| 6.5% [4.2, 9.8] (n=310 prompts; classifier acc 84%) | rm_helpful 71.0% [65.6%, 75.8%] (n=300) |") in md  # 20 of 310 / 213 of 300
+            "| 6.5% [4.2, 9.8] (n=310 prompts; classifier acc 84%) | rm_helpful 71.0% [65.6%, 75.8%] (n=300) |") in md
     assert "![winrate](winrate.png)" in md and "leave-one-group-out accuracy 84.4%" in md
     assert "| Misconceptions | 100 | 29.0% | 44.0% |" in md  # per category, latest round
     html = (out / "report.html").read_text()
