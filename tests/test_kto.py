@@ -73,7 +73,8 @@ def test_a_round_hands_kto_its_comparisons(tmp_path, monkeypatch):
     p.save_manifest(1, m)
     calls = []
     monkeypatch.setattr(steps, "run_stage",
-                        lambda name, spec, out, overrides: calls.append((name, spec.config, overrides)) or {"global_step": 1})
+                        lambda name, spec, out, overrides, last=(): calls.append((name, spec.config, overrides))
+                        or {"global_step": 1})
     res = Steps(p, 1).policy()
     (name, config, overrides), = calls
     assert (name, config) == ("kto", "configs/kto.yaml")
