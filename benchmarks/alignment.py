@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--keep-file", default="", help=argparse.SUPPRESS)  # --seeds: where this seed's summary is kept
     p.add_argument("overrides", nargs="*", metavar="key=value", help="round config overrides (align round init)")
     a = p.parse_args(argv)
+    if a.markdown and a.seeds < 2:
+        p.error("--markdown prints the tables over seeds: give --seeds N (with --kept-only to run nothing)")
     for name in golds_named(Path(a.config).read_text(), *a.overrides):
         print(f"gold:{name}: {ensure_gold(name)}")  # a packed gold is unpacked; a missing one stops the round init
     if a.seeds > 1:
@@ -448,8 +450,6 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
     Written to ``<project>/controls/rs-random-round-<n>/`` (``result.json`` last); a killed run resumes; a control
     started from other samples than round ``n``'s current ones is started again. ``run=False`` (``--summarise``) only
     reads ``result.json`` back, and says ``PENDING`` when there is none."""
-    import yaml
-
     from alignment.evals import winrate
     from alignment.evals.suite import RoundEval, _winrate_summary, respond
     from alignment.rounds import Project
@@ -473,7 +473,7 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
         log.warning("%s: round %d's samples changed since this control started; starting it again", home, n)
         shutil.rmtree(home)
     if not (out / "config.yaml").is_file():  # not started (or stopped before the stage began): the samples, picked again
-        cfg = yaml.safe_load((src / "config.yaml").read_text())
+        cfg = cfg_of(src)
         shutil.rmtree(home / "eval", ignore_errors=True)  # answers of an earlier control are not this one's
         out.mkdir(parents=True, exist_ok=True)
         (home / "source.json").write_text(json.dumps(source) + "\n")
