@@ -1,6 +1,6 @@
 """Rejection-sampling fine-tuning (Llama 2, section 3.2.3): best-of-K by reward, then SFT on the best.
 
-Length (~520 lines): one stage read top to bottom: sample, score, select, fine-tune, evaluate, resume.
+Length (~560 lines): one stage read top to bottom: sample, score, select, fine-tune, evaluate, resume.
 
     align rs --config configs/rs.yaml [key=value ...] [--resume]
 
