@@ -444,3 +444,13 @@ def test_rlhf_core_agreement_has_the_cooler_answer_baseline_and_the_proxy_where_
     assert got["proxy_5"]["agreement"] == 0.75 and got["proxy_5"]["n"] == 4
     assert got["proxy_5"]["gold_prefers_cooler"]["agreement"] == 2 / 3 and got["proxy_5"]["gold_prefers_cooler"]["n"] == 3
     assert got["proxy_5"]["gold_prefers_hotter"] == {**got["proxy_5"]["gold_prefers_hotter"], "agreement": 1.0, "n": 1}
+
+
+def test_alignment_markdown_without_seeds_is_refused_with_a_message(capsys):
+    """`--markdown` prints tables over seeds: alone it is an error that says what to add, before anything runs."""
+    from benchmarks.alignment import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--markdown", "--kept-only"])
+    assert e.value.code == 2
+    assert "give --seeds N" in capsys.readouterr().err
