@@ -439,7 +439,7 @@ def run_seeds(n: int, run_one: Callable[[int, Path | None], dict], *, keep: Path
 
 def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | str:
     """Round ``n``'s rejection sampling again from its own samples, each prompt keeping a seeded random eligible one of
-    its K samples instead of the reward models' best (``sampling.pick=random``, drawn as :func:`alignment.rs.repick`
+    its K samples instead of the reward models' best (``sampling.pick=random``, drawn as :func:`alignment.rs_pool.repick`
     draws): the same start, samples, eligibility and fine-tuning, only the ranking gone. Its greedy answers to the test
     prompts are judged by each of the project's judges against round ``n``'s policy (what the ranking adds:
     ``winrate_<judge>_rs_vs_random``; by the ``rm`` judge this is circular, its reward models made the pick) and against
@@ -454,7 +454,7 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
     from alignment.evals.suite import RoundEval, _winrate_summary, respond
     from alignment.rounds import Project
     from alignment.rounds.steps import Steps
-    from alignment.rs import repick
+    from alignment.rs_pool import repick
     from data.loaders import read_rows, write_jsonl
     from foundation.runs import file_sha256
 
@@ -532,7 +532,7 @@ def pick_overlap(rs: dict[str, dict], random: dict[str, dict], cfg: dict) -> dic
     samples.jsonl records by prompt key."""
     from collections import Counter
 
-    from alignment.rs import eligible_of
+    from alignment.rs_pool import eligible_of
 
     eligible = Counter(sum(eligible_of(r["samples"], bool(cfg["sampling"]["require_eos"]))) for r in rs.values())
     both = [k for k in rs if k in random and rs[k]["best"] is not None]

@@ -8,7 +8,7 @@ Llama 2 (Figure 8) found T = 1.2-1.3 best for K of 10-100 on 70B models; a 135M 
 fall apart sooner as T grows. For each temperature this samples K responses for each of the same
 held-out prompts (bundled:prompts, the RS stage's split), scores them with the combined reward and
 reports: the mean reward of one sample, the expected reward of the best of k samples for
-k = 1, 2, 4, ... K (``alignment.rs.expected_best_of``), the share that end with EOS (only those
+k = 1, 2, 4, ... K (``alignment.rs_pool.expected_best_of``), the share that end with EOS (only those
 can be kept), the mean length and sampling throughput. Results: benchmarks/results/rs_temperature.json.
 """
 
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from foundation.generation import generate
     from foundation.models import load_causal_lm, load_tokenizer
-    from alignment.rs import RewardConfig, RSPromptsConfig, build_scorer, expected_best_of, load_prompts, score
+    from alignment.rs import RewardConfig, RSPromptsConfig, build_scorer, load_prompts, score
+    from alignment.rs_pool import expected_best_of
     from benchmarks.common import machine, save, table
 
     reward = (RewardConfig(helpful=None, safety=None, function=a.function) if a.function

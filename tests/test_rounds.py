@@ -370,7 +370,7 @@ def test_the_rs_random_control_fine_tunes_on_a_random_pick_of_the_rounds_own_sam
 
     import yaml
 
-    from alignment.rs import repick
+    from alignment.rs_pool import repick
     from benchmarks.alignment import PENDING, rs_random_control
 
     copy = tmp_path / "whole"

@@ -16,18 +16,8 @@ import torch
 from conftest import REPO, write_jsonl
 
 from foundation.config import ConfigError, load_config
-from alignment.rs import (
-    RSConfig,
-    SampleLog,
-    SamplingConfig,
-    best_of,
-    main,
-    merge_pools,
-    pool_record,
-    prompt_key,
-    read_pool,
-    sample_round,
-)
+from alignment.rs import RSConfig, SampleLog, SamplingConfig, main, sample_round
+from alignment.rs_pool import best_of, merge_pools, pool_record, prompt_key, read_pool
 from data.errors import DataError
 from data.loaders import load_sft
 from data.schemas import PromptRecord
@@ -83,7 +73,7 @@ def test_best_of_picks_the_highest_eligible_reward():
 def test_the_random_pick_control_keeps_a_seeded_eligible_sample_whatever_its_reward():
     """sampling.pick=random (issue 26's control: the same samples, no ranking): only eligible samples, the same one
     for the same seed (a resumed run), every eligible one over seeds; pick=best is best_of."""
-    from alignment.rs import pick_of
+    from alignment.rs_pool import pick_of
 
     rewards, eligible = [0.1, 0.9, 0.5, 0.3], [True, False, True, True]
     assert pick_of(rewards, eligible, "best", 7) == best_of(rewards, eligible) == 2
@@ -94,10 +84,10 @@ def test_the_random_pick_control_keeps_a_seeded_eligible_sample_whatever_its_rew
 
 
 def test_repick_keeps_the_samples_and_draws_what_a_random_pick_run_draws():
-    """alignment.rs.repick (the control run from a finished round's samples): each record keeps its samples, its kept
+    """alignment.rs_pool.repick (the control run from a finished round's samples): each record keeps its samples, its kept
     index is the one pick_of draws for that prompt's key and the run's seed (what a run with sampling.pick=random would
     have written), never an empty or unfinished sample under require_eos, None when none is eligible."""
-    from alignment.rs import eligible_of, pick_of, repick
+    from alignment.rs_pool import eligible_of, pick_of, repick
 
     def rec(key, finished, texts=None):
         texts = texts or ["a"] * len(finished)
@@ -216,7 +206,7 @@ def test_sampling_batches_prompts_and_passes_each_prompts_safety_flag(tmp_path, 
     assert again["prompts_sampled"] == 0 and calls == [6, 6, 3]  # all done: nothing generated
     # a run with pick=random keeps what repick draws from the same samples (the RS control's re-pick), and the
     # re-pick of a pick=best run's samples is what that run would have kept
-    from alignment.rs import repick
+    from alignment.rs_pool import repick
 
     rand = SampleLog(tmp_path / "random.jsonl")
     sample_round(load_causal_lm("tiny-llama"), load_tokenizer("tiny-llama"), scorer, prompts,
@@ -296,7 +286,7 @@ def test_cli_lists_and_documents_rs():
 
 
 def test_expected_best_of_by_hand():
-    from alignment.rs import expected_best_of
+    from alignment.rs_pool import expected_best_of
 
     r = [3.0, 1.0, 2.0]  # sorted 1, 2, 3
     assert expected_best_of(r, 1) == pytest.approx(2.0)  # the mean
