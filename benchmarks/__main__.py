@@ -14,7 +14,8 @@ only when named: alignment (three RLHF rounds judged by the gold judge, ~90 min)
 helpfulness RM on HH-RLHF, ~1 h) and rlhf_core (Gao et al.'s proxy/gold protocol: best-of-n and PPO
 curves, hours) and truthfulqa_tax (a round's policy step trained again with other settings, each read on
 TruthfulQA questions no seed reports and on validation prompts, ~25 min per setting) and length_control (each
-round's policy against the SFT model made as short by an EOS bias chosen on validation prompts, ~10 min a round).
+round's policy against the SFT model made as short by an EOS bias chosen on validation prompts, ~10 min a round)
+and rs_room (a rejection-sampling round again with K answers of up to T tokens, ranked and at random, ~30 min).
 Each part writes benchmarks/results/<part>.json with the machine, library versions, the command and
 the numbers; the summary table at the end is what README's "Scale and speed" section shows.
 """
@@ -106,6 +107,12 @@ def _length_control(argv: list[str]) -> dict:
     return length_control.main(argv)
 
 
+def _rs_room(argv: list[str]) -> dict:
+    from benchmarks import rs_room
+
+    return rs_room.main(argv)
+
+
 def _truthfulqa_tax(argv: list[str]) -> dict:
     from benchmarks import truthfulqa_tax
 
@@ -122,9 +129,10 @@ PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _
                                                  "defaults": _defaults, "scaling": _scaling,
                                                    "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real,
                                                    "rlhf_core": _rlhf_core, "memory": _memory,
-                                                   "truthfulqa_tax": _truthfulqa_tax, "length_control": _length_control}
+                                                   "truthfulqa_tax": _truthfulqa_tax, "length_control": _length_control,
+                                                   "rs_room": _rs_room}
 # an hour or more each: run by name only, never in the all-parts run
-LONG = ("alignment", "rm_real", "rlhf_core", "truthfulqa_tax", "length_control")
+LONG = ("alignment", "rm_real", "rlhf_core", "truthfulqa_tax", "length_control", "rs_room")
 
 
 def summary_rows(name: str, r: dict) -> list[list[Any]]:

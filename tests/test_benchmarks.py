@@ -454,3 +454,43 @@ def test_alignment_markdown_without_seeds_is_refused_with_a_message(capsys):
         main(["--markdown", "--kept-only"])
     assert e.value.code == 2
     assert "give --seeds N" in capsys.readouterr().err
+
+
+def test_rs_room_pick_gains_by_the_gold_computed_by_hand():
+    """benchmarks.rs_room.pick_gains: only prompts with two or more eligible samples count; the gold scores of the
+    ranked pick, the random pick, the gold's own best eligible sample and the eligible mean; the share of the oracle's
+    gain over the eligible mean that the ranked pick gets."""
+    from benchmarks.rs_room import gold_scores, pick_gains
+
+    def rec(best, finished, texts=("a", "b", "c")):
+        return {"prompt": [{"role": "user", "content": "q"}], "best": best,
+                "samples": [{"response": t, "finished": f, "reward": 0.0} for t, f in zip(texts, finished)]}
+
+    ranked = {"p1": rec(0, [True, True, True]), "p2": rec(2, [True, False, True]), "p3": rec(1, [False, True, False]),
+              "p4": rec(None, [False, False, False])}
+    random = {"p1": rec(1, [True, True, True]), "p2": rec(2, [True, False, True]), "p3": rec(1, [False, True, False]),
+              "p4": rec(None, [False, False, False])}
+    gold = {"p1": [3.0, 1.0, 2.0], "p2": [0.0, 9.0, 1.0], "p3": [5.0, 5.0, 5.0]}
+    g = pick_gains(ranked, random, gold, require_eos=True, n_boot=200)
+    # p1: ranked 3, random 1, best 3, mean 2; p2 (sample 1 unfinished): ranked 1, random 1, best 1, mean 0.5; p3: one
+    # eligible sample, no choice; p4: nothing kept
+    assert g["prompts"] == 2
+    assert g["gold_ranked"] == pytest.approx(2.0) and g["gold_random"] == pytest.approx(1.0)
+    assert g["gold_best"] == pytest.approx(2.0) and g["gold_mean_eligible"] == pytest.approx(1.25)
+    assert g["ranked_minus_random"]["diff"] == pytest.approx(1.0)
+    assert g["ranked_above_random"] == 1 and g["ranked_below_random"] == 0
+    assert g["share_of_oracle_gain"] == pytest.approx((2.0 - 1.25) / (2.0 - 1.25))
+    assert pick_gains(ranked, random, gold, require_eos=False, n_boot=200)["prompts"] == 3  # p3 now has a choice
+    assert pick_gains({"p3": ranked["p3"]}, random, gold, require_eos=True) == {"prompts": 0}
+    with pytest.raises(ValueError, match="p1: 2 gold scores for 3 samples"):
+        pick_gains(ranked, random, {"p1": [1.0, 2.0]}, require_eos=True)
+
+    class Scorer:  # the gold: the answer's length
+        def score(self, prompts, responses):
+            import torch
+
+            return torch.tensor([float(len(r)) for r in responses])
+
+    scored = gold_scores(Scorer(), {"p1": rec(0, [True, True, True], ("x", "yy", "zzz")), "p3": ranked["p3"]},
+                         require_eos=True, batch=2)
+    assert scored == {"p1": [1.0, 2.0, 3.0]}  # p3 has no choice: not scored
