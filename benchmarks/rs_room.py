@@ -1,12 +1,14 @@
 """Rejection sampling with room to rank: does the reward models' pick beat a random one when K answers can differ?
 
     python -m benchmarks rs_room --project runs/bench-alignment-s0 [--round 1] [--samples 8] [--max-new-tokens 256]
+                                 [--prompts 192]
 
 The loop benchmark's RS control (``benchmarks alignment --rs-control``) found the ranking adds nothing measurable
 (50.5 / 53.6 / 54.2% against a random pick of the same samples over three seeds), and why: with K = 4 answers of at
 most 128 tokens, and only finished answers eligible, 10-14 of 42 prompts had a choice to make. This runs round
 ``--round``'s rejection sampling again from the same start with the same reward models, prompts and fine-tuning,
-but ``--samples`` answers per prompt of at most ``--max-new-tokens`` tokens (``ranked``), and again from those very
+but ``--samples`` answers per prompt of at most ``--max-new-tokens`` tokens (and ``--prompts`` prompts of the
+project's training pool, when given) (``ranked``), and again from those very
 samples with a seeded random eligible pick (``random``, :func:`alignment.rs_pool.repick`). It reports:
 
 - **what the pick keeps, by the gold** (no fine-tuning in between): on the training prompts with a choice (two or
@@ -19,7 +21,7 @@ samples with a seeded random eligible pick (``random``, :func:`alignment.rs_pool
   and ranked vs the round's own policy (K = the round's), each with n, a 95% CI and the length-controlled companion.
 - the room each run had (``picks``: eligible samples per prompt, prompts with a choice, picks that coincide).
 
-Everything lands in ``<project>/controls/rs-room-round-<n>-k<K>-t<T>/`` (the stages resume when killed; answers
+Everything lands in ``<project>/controls/rs-room-round-<n>-k<K>-t<T>[-p<P>]/`` (the stages resume when killed; answers
 are cached); ``benchmarks/results/rs_room.json`` keeps one entry per project and setting (``--results``: where earlier entries
 are read), and every call adds a line to ``rs_room_history.jsonl`` beside it.
 """
@@ -90,11 +92,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--round", type=int, default=1)
     p.add_argument("--samples", type=int, default=8, help="answers per prompt (K)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--prompts", type=int, default=0,
+                   help="prompts from the project's training pool (0: the round's own number, policy.rs.prompts)")
     p.add_argument("--results", default=str(RESULTS / "rs_room.json"))
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
-    if a.samples < 2 or a.max_new_tokens < 1:
-        raise SystemExit("--samples must be >= 2 and --max-new-tokens >= 1")
+    if a.samples < 2 or a.max_new_tokens < 1 or a.prompts < 0:
+        raise SystemExit("--samples must be >= 2, --max-new-tokens >= 1 and --prompts >= 0")
     project = Path(a.project).resolve()
     proj, n = Project(project.parent, project.name), a.round
     if proj.cfg.method(n) != "rs":
@@ -104,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{src}: round {n}'s rejection sampling has not finished")
     t0 = time.time()
     setting = [f"sampling.num_samples={a.samples}", f"sampling.max_new_tokens={a.max_new_tokens}"]
-    home = project / "controls" / f"rs-room-round-{n}-k{a.samples}-t{a.max_new_tokens}"
+    home = project / "controls" / f"rs-room-round-{n}-k{a.samples}-t{a.max_new_tokens}{f'-p{a.prompts}' if a.prompts else ''}"
+    if a.prompts:  # more (or fewer) prompts of the same pool, the round's held-out share of them kept out
+        setting.append(f"data.sources=[{json.dumps({'path': str(proj.pool_path), 'limit': a.prompts})}]")
     ranked_dir, random_dir = home / "ranked", home / "random"
     for d in (ranked_dir, random_dir):  # the same start, evaluated once (the eval decoding does not change)
         d.mkdir(parents=True, exist_ok=True)
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     sides = {"ranked_vs_random": ("ranked", "random"), "ranked_vs_sft": ("ranked", "sft"),
              "random_vs_sft": ("random", "sft"), "ranked_vs_round": ("ranked", "round")}
     result: dict[str, Any] = {"project": str(project), "round": n, "samples": a.samples, "max_new_tokens": a.max_new_tokens,
+                              "prompts": a.prompts or proj.cfg.spec("rs").prompts, "overrides": setting,
                               "round_samples": cfg["sampling"]["num_samples"],
                               "round_max_new_tokens": cfg["sampling"]["max_new_tokens"], "judges": judges,
                               "models": models, "picks": picks,
@@ -184,7 +191,8 @@ def _reuse(path: Path, fallback: Path) -> Path:
 
 
 def key_of(result: dict) -> str:
-    return f"{Path(result['project']).name}:round-{result['round']}:k{result['samples']}:t{result['max_new_tokens']}"
+    return (f"{Path(result['project']).name}:round-{result['round']}:k{result['samples']}:t{result['max_new_tokens']}"
+            f":p{result['prompts']}")
 
 
 def merged(path: Path, result: dict) -> dict:
