@@ -112,10 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     if a.prompts:  # more (or fewer) prompts of the same pool, the round's held-out share of them kept out
         setting.append(f"data.sources=[{json.dumps({'path': str(proj.pool_path), 'limit': a.prompts})}]")
     ranked_dir, random_dir = home / "ranked", home / "random"
-    for d in (ranked_dir, random_dir):  # the same start, evaluated once (the eval decoding does not change)
+    for d in (ranked_dir, random_dir):
         d.mkdir(parents=True, exist_ok=True)
-        if not (d / "eval_before.json").is_file():
-            shutil.copyfile(src / "eval_before.json", d / "eval_before.json")
+    if not a.prompts:  # the same start on the same held-out prompts: evaluated once (the eval decoding does not change)
+        for d in (ranked_dir, random_dir):
+            if not (d / "eval_before.json").is_file():
+                shutil.copyfile(src / "eval_before.json", d / "eval_before.json")
     cfg = cfg_of(src)
     seed, require_eos = int(cfg["run"]["seed"]), bool(cfg["sampling"]["require_eos"])
     steps = Steps(proj, n)
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     ranked_rows = [row for _, row in read_rows(ranked_dir / "samples.jsonl")]
     if not (random_dir / "config.yaml").is_file():  # not started: the ranked run's samples, picked at random
         write_jsonl(random_dir / "samples.jsonl", repick(ranked_rows, "random", seed, require_eos), overwrite=True)
+        if not (random_dir / "eval_before.json").is_file():  # and the start as the ranked run evaluated it
+            shutil.copyfile(ranked_dir / "eval_before.json", random_dir / "eval_before.json")
     steps.policy(out=random_dir, last=[*setting, "sampling.pick=random"])
     kept = {name: {row["key"]: row for _, row in read_rows(d / "samples.jsonl")}
             for name, d in (("ranked", ranked_dir), ("random", random_dir))}
