@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from data.schemas import Message, PromptRecord
 
 
-
 def prompt_key(messages: Sequence[Message]) -> str:
     """Stable identity of a prompt conversation (its content, not its id: ids collide across sources)."""
     return hashlib.sha1(json.dumps(list(messages), sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]

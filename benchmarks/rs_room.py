@@ -7,9 +7,9 @@ The loop benchmark's RS control (``benchmarks alignment --rs-control``) found th
 (50.5 / 53.6 / 54.2% against a random pick of the same samples over three seeds), and why: with K = 4 answers of at
 most 128 tokens, and only finished answers eligible, 10-14 of 42 prompts had a choice to make. This runs round
 ``--round``'s rejection sampling again from the same start with the same reward models, prompts and fine-tuning,
-but ``--samples`` answers per prompt of at most ``--max-new-tokens`` tokens (and ``--prompts`` prompts of the
-project's training pool, when given) (``ranked``), and again from those very
-samples with a seeded random eligible pick (``random``, :func:`alignment.rs_pool.repick`). It reports:
+but ``--samples`` answers per prompt of at most ``--max-new-tokens`` tokens, on ``--prompts`` prompts of the
+project's training pool when given (``ranked``), and again from those very samples with a seeded random eligible
+pick (``random``, :func:`alignment.rs_pool.repick`). It reports:
 
 - **what the pick keeps, by the gold** (no fine-tuning in between): on the training prompts with a choice (two or
   more eligible samples), the gold reward model's mean score of the ranked pick, of the random pick, of the gold's
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.samples < 2 or a.max_new_tokens < 1 or a.prompts < 0:
         raise SystemExit("--samples must be >= 2, --max-new-tokens >= 1 and --prompts >= 0")
     project = Path(a.project).resolve()
+    if not (project / "round.yaml").is_file():
+        raise SystemExit(f"{project}: no project here (no round.yaml); --project names a folder <root>/<name> of `align round`")
     proj, n = Project(project.parent, project.name), a.round
     if proj.cfg.method(n) != "rs":
         raise SystemExit(f"{project}: round {n}'s policy stage is {proj.cfg.method(n)}, not rejection sampling (rs)")
