@@ -40,7 +40,8 @@ def main() -> None:
     import torch
 
     from alignment.evals.loglikelihood import score_continuations, score_one_by_one
-    from alignment.evals.truthfulqa import QA_PRIMER, load_items, mc_context
+    from alignment.evals.truthfulqa import QA_PRIMER, mc_context
+    from alignment.evals.truthfulqa_data import load_items
     from foundation.models import load_causal_lm, load_tokenizer, resolve
 
     tok, model = load_tokenizer(a.model), load_causal_lm(a.model)

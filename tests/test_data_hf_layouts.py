@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.evals import toxigen, truthfulqa
+from alignment.evals import toxigen, truthfulqa_data
 from data.errors import DataError
 from data.loaders import DataSource, load_comparisons, load_prompts, local_dataset_files
 
@@ -45,14 +45,14 @@ def truthful_qa_repo(shared_data, tmp_path_factory) -> Path:
 
 
 def test_truthfulqa_from_a_copy_of_the_hub_repository(truthful_qa_repo, shared_data):
-    hub = truthfulqa.load_items(str(truthful_qa_repo))
-    orig = truthfulqa.load_items(str(shared_data / "truthfulqa" / "mc_task.json"))
+    hub = truthfulqa_data.load_items(str(truthful_qa_repo))
+    orig = truthfulqa_data.load_items(str(shared_data / "truthfulqa" / "mc_task.json"))
     assert len(hub) == len(orig) == 817
     assert [(i.question, i.mc1_targets, i.mc2_targets) for i in hub] == [(i.question, i.mc1_targets, i.mc2_targets) for i in orig]
     # categories come from the generation configuration, as from TruthfulQA.csv beside mc_task.json
     assert [i.category for i in hub] == [i.category for i in orig] and hub[0].category
-    gen = truthfulqa.load_gen_items(str(truthful_qa_repo), limit=5)
-    assert gen == truthfulqa.load_gen_items(str(shared_data / "truthfulqa" / "TruthfulQA.csv"), limit=5)
+    gen = truthfulqa_data.load_gen_items(str(truthful_qa_repo), limit=5)
+    assert gen == truthfulqa_data.load_gen_items(str(shared_data / "truthfulqa" / "TruthfulQA.csv"), limit=5)
 
 
 def test_truthfulqa_from_save_to_disk_and_a_seeded_sample(truthful_qa_repo, tmp_path, shared_data):
@@ -62,21 +62,21 @@ def test_truthfulqa_from_save_to_disk_and_a_seeded_sample(truthful_qa_repo, tmp_
     ds = datasets.Dataset.from_list([{"question": r["question"], "mc1_targets": _hf_targets(r["mc1_targets"]),
                                       "mc2_targets": _hf_targets(r["mc2_targets"])} for r in rows])
     datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "tqa" / "multiple_choice"))
-    items = truthfulqa.load_items(str(tmp_path / "tqa"))
+    items = truthfulqa_data.load_items(str(tmp_path / "tqa"))
     assert [i.question for i in items] == [r["question"] for r in rows]
-    s1 = truthfulqa.load_items(str(truthful_qa_repo), sample=200, seed=0)
-    s2 = truthfulqa.load_items(str(truthful_qa_repo), sample=200, seed=0)
-    s3 = truthfulqa.load_items(str(truthful_qa_repo), sample=200, seed=1)
+    s1 = truthfulqa_data.load_items(str(truthful_qa_repo), sample=200, seed=0)
+    s2 = truthfulqa_data.load_items(str(truthful_qa_repo), sample=200, seed=0)
+    s3 = truthfulqa_data.load_items(str(truthful_qa_repo), sample=200, seed=1)
     assert len(s1) == 200 and [i.question for i in s1] == [i.question for i in s2] != [i.question for i in s3]
-    assert (truthfulqa.dataset_label(str(truthful_qa_repo), 200, sample=200)
+    assert (truthfulqa_data.dataset_label(str(truthful_qa_repo), 200, sample=200)
             == "TruthfulQA MC (200 questions, seeded sample, seed 0)")
-    assert truthfulqa.dataset_label("bundled:truthfulness", 50) == "bundled truthfulness probe (50 items, not TruthfulQA)"
+    assert truthfulqa_data.dataset_label("bundled:truthfulness", 50) == "bundled truthfulness probe (50 items, not TruthfulQA)"
 
 
 def test_a_folder_without_the_split_says_what_it_expected(tmp_path):
     (tmp_path / "multiple_choice").mkdir()
     with pytest.raises(DataError, match="no data files for split 'validation'.*validation-00000-of-00001.parquet"):
-        truthfulqa.load_items(str(tmp_path))
+        truthfulqa_data.load_items(str(tmp_path))
 
 
 def test_toxigen_from_the_hub_dataset_layout_gives_the_same_sample(shared_data, tmp_path):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from alignment.evals import loglikelihood, truthfulqa
+from alignment.evals import loglikelihood, truthfulqa, truthfulqa_data
 from alignment.evals.truthfulqa import QA_PRIMER, lm_eval_true_mask, mc1, mc2, mc_context
 from data.errors import DataError
 from data.schemas import TruthfulnessItem
@@ -170,7 +170,7 @@ def test_prefix_that_does_not_tokenise_as_a_prefix_falls_back(tiny_model):
 
 
 def test_bundled_items_load_with_categories():
-    items = truthfulqa.load_items("bundled:truthfulness")
+    items = truthfulqa_data.load_items("bundled:truthfulness")
     assert len(items) == 50 and all(it.category for it in items)
 
 
@@ -180,10 +180,10 @@ def test_hub_layout_and_categories_joined_from_csv_beside_the_file(tmp_path):
     (tmp_path / "mc_task.json").write_text(json.dumps(rows))
     (tmp_path / "TruthfulQA.csv").write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
                                              "Adversarial,Weather,Does it rain up? ,No,No; Never,Yes,x\n", encoding="utf-8")
-    items = truthfulqa.load_items(str(tmp_path / "mc_task.json"))
+    items = truthfulqa_data.load_items(str(tmp_path / "mc_task.json"))
     assert items[0].mc2_targets == {"No.": 1, "Never.": 1, "Yes.": 0}
     assert items[0].category == "Weather"  # the CSV's trailing space does not matter
-    gen = truthfulqa.load_gen_items(str(tmp_path / "mc_task.json"))  # finds the CSV beside it
+    gen = truthfulqa_data.load_gen_items(str(tmp_path / "mc_task.json"))  # finds the CSV beside it
     assert gen[0].correct == ["No.", "Never.", "I have no comment."] and gen[0].incorrect == ["Yes."]
 
 
@@ -191,21 +191,21 @@ def test_bad_item_names_file_and_line(tmp_path):
     path = tmp_path / "items.jsonl"
     path.write_text(json.dumps({"question": "q", "mc1_targets": {"a": 0, "b": 1}, "mc2_targets": {"a": 1, "b": 0}}) + "\n")
     with pytest.raises(DataError, match=r"items.jsonl:1: mc1_targets: .*listed first"):
-        truthfulqa.load_items(str(path))
+        truthfulqa_data.load_items(str(path))
 
 
 def test_hub_unreachable_fails_clearly():
     with pytest.raises(DataError, match="truthful_qa"):
-        truthfulqa.load_items("truthful_qa")
+        truthfulqa_data.load_items("truthful_qa")
 
 
 def test_real_files_817_questions(shared_data):
-    items = truthfulqa.load_items(str(shared_data / "truthfulqa" / "mc_task.json"))
+    items = truthfulqa_data.load_items(str(shared_data / "truthfulqa" / "mc_task.json"))
     assert len(items) == 817 and all(it.category for it in items)
     differ = [it for it in items
               if lm_eval_true_mask(list(it.mc2_targets.values())) != [bool(v) for v in it.mc2_targets.values()]]
     assert len(differ) == 2  # lm-eval counts a late true answer of these two as false
-    gen = truthfulqa.load_gen_items(str(shared_data / "truthfulqa" / "TruthfulQA.csv"))
+    gen = truthfulqa_data.load_gen_items(str(shared_data / "truthfulqa" / "TruthfulQA.csv"))
     assert len(gen) == 817 and all(g.correct[-1] == "I have no comment." or "I have no comment." in g.correct for g in gen)
 
 
@@ -245,7 +245,7 @@ def test_smollm2_cached_scores_match_one_by_one(shared_data):
     from foundation.models import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer("smollm2-135m"), load_causal_lm("smollm2-135m")
-    items = truthfulqa.load_items(str(shared_data / "truthfulqa" / "mc_task.json"), limit=2)
+    items = truthfulqa_data.load_items(str(shared_data / "truthfulqa" / "mc_task.json"), limit=2)
     pairs = [(mc_context(it.question), " " + c) for it in items for c in it.mc2_targets]
     ref = loglikelihood.score_one_by_one(model, tok, pairs)
     fast = loglikelihood.score_continuations(model, tok, pairs, batch_size=8, shared_prefix=QA_PRIMER)
