@@ -20,8 +20,17 @@ every variant:
 ``chosen``: among the models whose validation win rate against the start has its 95% CI above 50% (the round
 still improves the policy), the one with the highest tuning MC2. Variants are trained into
 ``<project>/truthfulqa_tax/<variant>`` (resumed if killed) and their answers and rows cached there, so a second
-call only reads. ``python -m benchmarks truthfulqa_tax`` writes ``benchmarks/results/truthfulqa_tax.json``; every
-call adds a line to ``truthfulqa_tax_history.jsonl`` beside it (``--history``).
+call only reads.
+
+One seed's validation set (64 prompts in the loop benchmark) cannot tell a 60% win rate from 50%, so the results
+file keeps one entry per project and round (``--results``: earlier entries are read from it and kept) and
+``pooled`` reads every setting over all the projects that trained it: their validation outcomes as one sample of
+prompts (each seed's own validation prompts; CI and length-controlled companion), and the tuning MC2 against each
+project's start and SFT model averaged over projects question by question (the tuning questions are the same in
+every project), with a CI over questions. ``pooled.chosen`` applies the rule above to the pooled numbers, among the
+settings that every project trained. ``python -m benchmarks truthfulqa_tax`` writes
+``benchmarks/results/truthfulqa_tax.json``; every call adds a line to ``truthfulqa_tax_history.jsonl`` beside it
+(``--history``).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ DEFAULT_VARIANTS = {"beta_0.3": ["dpo.beta=0.3"], "nll_0.2": ["dpo.loss_weights=
 def tuning_questions(data: str, *, reported: int | None, exclude_seeds: list[int], n: int | None, seed: int) -> tuple[list, dict]:
     """TruthfulQA items that no seed in ``exclude_seeds`` reports (each reports ``seeded_sample(all, reported, seed)``,
     as a round's eval does), then a seeded sample of ``n`` of them."""
-    from alignment.evals.truthfulqa import load_items, seeded_sample
+    from alignment.evals.truthfulqa_data import load_items, seeded_sample
 
     items = load_items(data)
     taken = {it.question for s in exclude_seeds for it in seeded_sample(items, reported, s)}
@@ -75,6 +84,81 @@ def choose(models: dict[str, dict]) -> str | None:
     return max(ok)[1] if ok else None
 
 
+def key_of(result: dict) -> str:
+    return f"{Path(result['project']).name}:round-{result['round']}"
+
+
+def earlier_runs(path: Path) -> dict[str, dict]:
+    """The entries of a results file: ``runs`` by key, or the one run a file written before the keyed layout held."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if "runs" in data:
+        return dict(data["runs"])
+    return {key_of(data): {k: v for k, v in data.items() if k not in ("part", "command", "seconds")}} if "project" in data else {}
+
+
+def validation_rows(result: dict, name: str) -> Path:
+    """The per-prompt rows of model ``name``'s validation win rate against the start in one run."""
+    given = (result["models"][name].get("validation_vs_start") or {}).get("rows")
+    return Path(given) if given else (Path(result["project"]) / "truthfulqa_tax" / "winrate"
+                                      / f"validation-{result['judge']}-{name}-vs-start_rows.jsonl")
+
+
+def pooled(runs: dict[str, dict], *, n_boot: int = 2000) -> dict:
+    """Every trained setting (and ``as_run``) over the runs that have it: validation outcomes pooled as one sample of
+    prompts, with the win rate's CI and its length-controlled companion; tuning MC2 minus the start's and minus the
+    SFT model's, averaged over runs question by question, with a bootstrap CI over questions. ``chosen``: the rule of
+    ``choose`` on these numbers, among the settings every run has."""
+    import numpy as np
+
+    from alignment.evals import lcwr, winrate
+
+    names = list(dict.fromkeys(n for r in runs.values() for n in r["models"] if n not in ("sft", "start")))
+    settings: dict[str, dict] = {}
+    for name in names:
+        keys = [k for k, r in runs.items() if name in r["models"]]
+        outcomes: list[float] = []
+        len_a: list[int] = []
+        len_b: list[int] = []
+        for k in keys:
+            for line in validation_rows(runs[k], name).read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    outcomes.append(float(row["outcome"]))
+                    len_a.append(len(row["response"]))
+                    len_b.append(len(row["baseline_response"]))
+        w = winrate.summarise(outcomes, n_boot=n_boot, seed=0)
+        lc = lcwr.summarise(outcomes, len_a, len_b, n_boot=n_boot // 2, seed=0)
+        entry: dict[str, Any] = {"runs": keys, "validation_vs_start": {**w, "lc_win_rate": lc["lc_win_rate"],
+                                                                      "lc_ci_low": lc["ci_low"], "lc_ci_high": lc["ci_high"]}}
+        for ref in ("start", "sft"):
+            diffs = []
+            for k in keys:
+                rows = {m: _rows(runs[k]["models"][m]["truthfulqa"]["rows"]) for m in (name, ref)}
+                if [r["question"] for r in rows[name]] != [r["question"] for r in rows[ref]]:
+                    raise ValueError(f"{k}: {name} and {ref} were read on other TruthfulQA questions")
+                diffs.append(([r["question"] for r in rows[name]], [a["mc2"] - b["mc2"] for a, b in zip(rows[name], rows[ref])]))
+            if any(q != diffs[0][0] for q, _ in diffs):
+                raise ValueError(f"{name}: the runs {keys} read other tuning questions; pooling needs the same ones")
+            d = np.mean([v for _, v in diffs], axis=0)
+            idx = np.random.default_rng(0).integers(0, d.size, size=(n_boot, d.size))
+            means = d[idx].mean(axis=1)
+            entry[f"mc2_vs_{ref}"] = {"diff": float(d.mean()), "ci": [float(np.quantile(means, 0.025)),
+                                                                        float(np.quantile(means, 0.975))],
+                                      "per_run": [float(np.mean(v)) for _, v in diffs], "questions": int(d.size)}
+        settings[name] = entry
+    every = {n: s for n, s in settings.items() if len(s["runs"]) == len(runs)}
+    ok = [(s["mc2_vs_start"]["diff"], n) for n, s in every.items() if s["validation_vs_start"]["ci_low"] > 0.5]
+    return {"runs": list(runs), "settings": settings, "chosen": max(ok)[1] if ok else None,
+            "rule": "among the settings every run trained: the highest mean tuning MC2 vs the start among those whose pooled "
+                    "validation win rate vs the start has its 95% CI above 50%"}
+
+
+def _rows(path: str) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> dict:
     from alignment.evals.results import first_existing
     from alignment.evals.suite import RoundEval, _winrate_summary, respond
@@ -95,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--question-seed", type=int, default=1000)
     p.add_argument("--exclude-seeds", type=int, nargs="*", default=[0, 1, 2],
                    help="the seeds whose reported TruthfulQA samples are never read here")
+    p.add_argument("--results", default=str(RESULTS / "truthfulqa_tax.json"),
+                   help="the results file whose entries for other projects are kept (and pooled)")
     p.add_argument("--history", default=str(RESULTS / "truthfulqa_tax_history.jsonl"), help="a line per call is added here")
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
@@ -165,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
                               scorer=scorer, responses=str(answers[name]), baseline_responses=str(answers["start"]),
                               tie_margin=proj.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=ev.e.bootstrap,
                               seed=proj.cfg.seed, name=f"validation-{judge}-{name}-vs-start", overwrite=True)
-            m["validation_vs_start"] = {**_winrate_summary(res), "judge": judge}
+            m["validation_vs_start"] = {**_winrate_summary(res), "judge": judge,
+                                        "rows": str(work / "winrate" / f"validation-{judge}-{name}-vs-start_rows.jsonl")}
     out = {"project": str(project), "round": a.round, "stage": stage, "start": start, "tuning_questions": questions,
            "validation_prompts": len(validation), "judge": judge, "models": models, "chosen": choose(models),
            "rule": "highest tuning MC2 among the models whose validation win rate vs the start has its 95% CI above 50%",
@@ -177,8 +264,11 @@ def main(argv: list[str] | None = None) -> dict:
                            | {"models": {n: {"mc2": m["truthfulqa"]["mc2"],
                                              "winrate_vs_start": (m.get("validation_vs_start") or {}).get("win_rate")}
                                          for n, m in models.items()}}) + "\n")
-    _print(out)
-    return out
+    runs = earlier_runs(Path(a.results))
+    runs[key_of(out)] = out
+    result = {"runs": runs, "latest": key_of(out), "pooled": pooled(runs)}
+    _print(out, result["pooled"])
+    return result
 
 
 def _split_overrides(text: str) -> list[str]:
@@ -213,7 +303,7 @@ def _cached_validation_answers(proj: Any, model: str, records: list) -> Path | N
     return path if [r.get("prompt") for r in rows] == [r.messages for r in records] else None
 
 
-def _print(out: dict) -> None:
+def _print(out: dict, pool: dict) -> None:
     from benchmarks.common import table
 
     def pct(x: float | None) -> str:
@@ -230,6 +320,14 @@ def _print(out: dict) -> None:
     print(table(rows, ["model", "overrides", f"MC2 ({out['tuning_questions']['n']} tuning q)", "vs start, points",
                        f"validation win rate vs start ({out['judge']}, n={out['validation_prompts']})"]))
     print(f"chosen: {out['chosen']} ({out['rule']})")
+    rows = []
+    for name, s in pool["settings"].items():
+        w, t = s["validation_vs_start"], s["mc2_vs_start"]
+        rows.append([name, len(s["runs"]), f"{pct(t['diff'])} [{pct(t['ci'][0])}, {pct(t['ci'][1])}]",
+                     f"{pct(s['mc2_vs_sft']['diff'])}", f"{pct(w['win_rate'])} [{pct(w['ci_low'])}, {pct(w['ci_high'])}], "
+                     f"LC {pct(w['lc_win_rate'])}, n={w['n']}"])
+    print(table(rows, ["setting", "runs", "MC2 vs start, points (mean over runs)", "vs SFT", "pooled validation win rate"]))
+    print(f"pooled chosen: {pool['chosen']} ({pool['rule']})")
 
 
 if __name__ == "__main__":

@@ -801,15 +801,19 @@ def test_truthfulqa_tax_trains_a_setting_again_and_reads_only_tuning_questions_a
     reused where it has them); a second call trains nothing and gives the same numbers."""
     import yaml
 
-    from alignment.evals.truthfulqa import load_items, seeded_sample
+    from alignment.evals.truthfulqa_data import load_items, seeded_sample
     from benchmarks import truthfulqa_tax
 
     copy = tmp_path / "whole"
     shutil.copytree(whole, copy)
     history = tmp_path / "history.jsonl"
+    results = tmp_path / "truthfulqa_tax.json"  # an earlier file with another project's entry, kept and pooled with
+    results.write_text(json.dumps({"runs": {"other:round-2": {"project": "other", "models": {}}}}))
     args = ["--project", str(copy), "--round", "2", "--variant", "lr_small=train.lr=1e-5", "--questions", "5",
-            "--history", str(history)]
-    out = truthfulqa_tax.main(args)
+            "--history", str(history), "--results", str(results)]
+    res = truthfulqa_tax.main(args)
+    assert list(res["runs"]) == ["other:round-2", "whole:round-2"] and res["latest"] == "whole:round-2"
+    out = res["runs"]["whole:round-2"]
     models = out["models"]
     assert list(models) == ["sft", "start", "as_run", "lr_small"] and out["stage"] == "ppo"
     trained = copy / "truthfulqa_tax" / "lr_small"
@@ -830,6 +834,8 @@ def test_truthfulqa_tax_trains_a_setting_again_and_reads_only_tuning_questions_a
             sum(a["mc2"] - b["mc2"] for a, b in zip(rows[name], rows["start"])) / 5)
         assert m["validation_vs_start"]["n"] == 6 and "lc_win_rate" in m["validation_vs_start"]
         assert m["validation_vs_start"]["judge"] == "gold"
+        assert len(Path(m["validation_vs_start"]["rows"]).read_text().splitlines()) == 6
+        assert res["pooled"]["settings"][name]["validation_vs_start"]["win_rate"] == m["validation_vs_start"]["win_rate"]
     assert "validation_vs_start" not in models["start"] and "vs_sft" not in models["sft"]["truthfulqa"]
     assert out["chosen"] == truthfulqa_tax.choose(models)
     # the round's own validation answers are read, not generated again: only the variant's (and the start's when the
@@ -837,7 +843,7 @@ def test_truthfulqa_tax_trains_a_setting_again_and_reads_only_tuning_questions_a
     made = {p.name for p in (copy / "truthfulqa_tax" / "answers").iterdir()}
     assert "as_run_validation.jsonl" not in made and "sft_validation.jsonl" not in made and "lr_small_validation.jsonl" in made
     stamp = (trained / "model").stat().st_mtime_ns
-    again = truthfulqa_tax.main(args)
+    again = truthfulqa_tax.main(args)["runs"]["whole:round-2"]
     assert (trained / "model").stat().st_mtime_ns == stamp
     mc2 = {n: m["truthfulqa"]["mc2"] for n, m in models.items()}
     assert {n: m["truthfulqa"]["mc2"] for n, m in again["models"].items()} == mc2
@@ -855,6 +861,49 @@ def test_truthfulqa_tax_choice_and_variant_parsing():
     assert _split_overrides("dpo.beta=0.3, dpo.loss_weights=[1.0, 0.2]") == ["dpo.beta=0.3", "dpo.loss_weights=[1.0, 0.2]"]
     with pytest.raises(SystemExit, match="'x' is not key=value"):
         _split_overrides("a=1,x")
+
+
+def test_truthfulqa_tax_pools_settings_over_projects_by_hand(tmp_path):
+    """`pooled`: a setting's validation outcomes over every project that trained it as one sample (win 1, tie 0.5,
+    loss 0), its tuning MC2 minus the start's averaged over projects question by question; the pooled choice is made
+    among the settings every project has; a results file of the one-run layout is read as one entry."""
+    from benchmarks.truthfulqa_tax import earlier_runs, pooled
+
+    def run(name: str, outcomes: dict[str, list[float]], mc2: dict[str, list[float]]) -> dict:
+        home = tmp_path / name
+        home.mkdir()
+        models = {}
+        for m, values in mc2.items():
+            rows = home / f"{m}_rows.jsonl"
+            rows.write_text("".join(json.dumps({"question": f"q{i}", "mc2": v}) + "\n" for i, v in enumerate(values)))
+            models[m] = {"truthfulqa": {"rows": str(rows)}}
+            if m in outcomes:
+                wr = home / f"{m}_wr.jsonl"
+                wr.write_text("".join(json.dumps({"outcome": o, "response": "x" * 10, "baseline_response": "y" * 10}) + "\n"
+                                      for o in outcomes[m]))
+                models[m]["validation_vs_start"] = {"rows": str(wr)}
+        return {"project": str(home), "round": 3, "judge": "gold", "models": models}
+
+    a = run("s0", {"as_run": [1, 1, 0, 0.5], "lr": [1, 1, 1, 1]},
+            {"sft": [0.5, 0.5], "start": [0.4, 0.6], "as_run": [0.3, 0.5], "lr": [0.4, 0.6]})
+    b = run("s1", {"as_run": [0, 0, 1, 1], "lr": [1, 1, 1, 0.5], "only": [1, 1, 1, 1]},
+            {"sft": [0.5, 0.5], "start": [0.5, 0.5], "as_run": [0.5, 0.3], "lr": [0.5, 0.4], "only": [0.9, 0.9]})
+    pool = pooled({"s0:round-3": a, "s1:round-3": b}, n_boot=200)
+    s = pool["settings"]
+    assert s["as_run"]["validation_vs_start"]["win_rate"] == pytest.approx(4.5 / 8)
+    assert s["as_run"]["validation_vs_start"]["n"] == 8
+    assert s["lr"]["validation_vs_start"]["win_rate"] == pytest.approx(7.5 / 8)
+    # as_run: run 0 diffs (-0.1, -0.1), run 1 (0, -0.2): per question (-0.05, -0.15), mean -0.1
+    assert s["as_run"]["mc2_vs_start"]["diff"] == pytest.approx(-0.1)
+    assert s["as_run"]["mc2_vs_start"]["per_run"] == pytest.approx([-0.1, -0.1])
+    assert s["lr"]["mc2_vs_start"]["diff"] == pytest.approx(-0.025) and s["lr"]["mc2_vs_sft"]["diff"] == pytest.approx(-0.025)
+    assert s["only"]["runs"] == ["s1:round-3"] and s["only"]["validation_vs_start"]["n"] == 4
+    # "only" wins everything and is best on MC2, but one project has it: the choice is among lr and as_run
+    assert s["lr"]["validation_vs_start"]["ci_low"] > 0.5 and pool["chosen"] == "lr"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"part": "truthfulqa_tax", "seconds": 1.0, **a}))
+    assert list(earlier_runs(old)) == ["s0:round-3"] and "part" not in earlier_runs(old)["s0:round-3"]
+    assert earlier_runs(tmp_path / "none.json") == {}
 
 
 def test_length_control_bisection_by_hand():
