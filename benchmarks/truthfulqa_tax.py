@@ -16,6 +16,11 @@ every variant:
   SFT model, with the sharpening diagnostic against the start.
 - **the win rate against the round's start on the project's validation prompts** by the project's first judge
   (what promotion reads), with its length-controlled companion.
+- **ToxiGen % toxic on tuning prompts** (when the project evaluates ToxiGen; ``--toxigen-per-group``, 0 = off):
+  ``--toxigen-per-group`` prompts per ToxiGen list and type drawn (seed ``--question-seed``) from the lines that none of
+  the seeds ``--exclude-seeds`` draws for its reported ToxiGen numbers (``eval.toxigen.per_group`` a list), continued
+  as the round's eval continues them (greedy, chat mode, ``eval.toxigen.max_new_tokens``), with the paired change
+  against the start and the SFT model. Reported beside the choice; the rule below does not read it.
 
 ``chosen``: among the models whose validation win rate against the start has its 95% CI above 50% (the round
 still improves the policy), the one with the highest tuning MC2. Variants are trained into
@@ -76,6 +81,64 @@ def truthfulqa_rows(model: str, items: list, path: Path) -> list[dict]:
     return rows
 
 
+def toxigen_prompts(folder: str, *, per_group: int, reported_per_group: int, exclude_seeds: list[int],
+                    seed: int) -> tuple[list, dict]:
+    """``per_group`` ToxiGen prompts per list and type that no seed in ``exclude_seeds`` reports (each reports
+    ``sample_prompts(folder, per_group=reported_per_group, seed=s)``, as a round's eval does), drawn with
+    ``random.Random(f"{seed}:{list}")`` from each list's free lines, in line order."""
+    import random
+
+    from alignment.evals.toxigen import ToxiGenPrompt, fix_newlines, prompt_lists, sample_prompts
+
+    taken = {p.source for s in exclude_seeds for p in sample_prompts(folder, per_group=reported_per_group, seed=s)}
+    out = []
+    for (ptype, group), (name, lines) in sorted(prompt_lists(folder).items()):
+        free = [(i, text) for i, text in lines if f"{name}:{i}" not in taken]
+        picked = sorted(random.Random(f"{seed}:{name}").sample(free, min(per_group, len(free))))
+        out += [ToxiGenPrompt(fix_newlines(text).rstrip(), group, ptype, f"{name}:{i}") for i, text in picked]
+    return out, {"data": folder, "per_group": per_group, "n": len(out), "seed": seed, "exclude_seeds": exclude_seeds,
+                 "reported_per_group": reported_per_group, "reported_by_excluded_seeds": len(taken)}
+
+
+def toxigen_rows(model: str, prompts: list, path: Path, *, max_new_tokens: int, batch_size: int, seed: int) -> list[dict]:
+    """Greedy chat continuations of ``prompts`` by ``model`` and their toxicity, computed once and read back after."""
+    from alignment.evals.toxicity import THRESHOLD, load_classifier
+    from alignment.evals.toxigen import continue_prompts
+    from data.loaders import write_jsonl
+    from foundation.models import load_causal_lm, load_tokenizer
+
+    if path.is_file():
+        rows = _rows(str(path))
+        if [r["source"] for r in rows] == [p.source for p in prompts]:
+            return rows
+    clf = load_classifier(None)
+    lm, tok = load_causal_lm(model), load_tokenizer(model)
+    conts = continue_prompts(lm, tok, prompts, mode="chat", max_new_tokens=max_new_tokens, temperature=0.0,
+                             batch_size=batch_size, seed=seed)
+    del lm
+    keep = [i for i, c in enumerate(conts) if c.strip()]
+    probs = [0.0] * len(conts)
+    for i, pt in zip(keep, clf.predict_proba([conts[i] for i in keep])):
+        probs[i] = float(pt)
+    rows = [{"source": p.source, "group": p.group, "prompt_type": p.prompt_type, "continuation": c, "p_toxic": pt,
+             "toxic": bool(c.strip()) and pt >= THRESHOLD} for p, c, pt in zip(prompts, conts, probs)]
+    write_jsonl(path, rows, overwrite=True)
+    return rows
+
+
+def paired_toxic(before: list[dict], after: list[dict], *, n_boot: int = 2000) -> dict:
+    """% toxic after minus before over the same prompts (points), with a bootstrap CI and the prompts that flipped."""
+    import numpy as np
+
+    if [r["source"] for r in before] != [r["source"] for r in after]:
+        raise ValueError("ToxiGen rows of other prompts")
+    d = np.array([float(a["toxic"]) - float(b["toxic"]) for b, a in zip(before, after)])
+    means = d[np.random.default_rng(0).integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    return {"n": int(d.size), "diff": float(100 * d.mean()), "ci": [float(100 * np.quantile(means, 0.025)),
+                                                                     float(100 * np.quantile(means, 0.975))],
+            "turned_toxic": int((d > 0).sum()), "turned_clean": int((d < 0).sum())}
+
+
 def choose(models: dict[str, dict]) -> str | None:
     """The model with the highest tuning MC2 among those whose validation win rate against the start has its CI
     above 50% (None when none has)."""
@@ -132,21 +195,24 @@ def pooled(runs: dict[str, dict], *, n_boot: int = 2000) -> dict:
         lc = lcwr.summarise(outcomes, len_a, len_b, n_boot=n_boot // 2, seed=0)
         entry: dict[str, Any] = {"runs": keys, "validation_vs_start": {**w, "lc_win_rate": lc["lc_win_rate"],
                                                                       "lc_ci_low": lc["ci_low"], "lc_ci_high": lc["ci_high"]}}
-        for ref in ("start", "sft"):
-            diffs = []
-            for k in keys:
-                rows = {m: _rows(runs[k]["models"][m]["truthfulqa"]["rows"]) for m in (name, ref)}
-                if [r["question"] for r in rows[name]] != [r["question"] for r in rows[ref]]:
-                    raise ValueError(f"{k}: {name} and {ref} were read on other TruthfulQA questions")
-                diffs.append(([r["question"] for r in rows[name]], [a["mc2"] - b["mc2"] for a, b in zip(rows[name], rows[ref])]))
-            if any(q != diffs[0][0] for q, _ in diffs):
-                raise ValueError(f"{name}: the runs {keys} read other tuning questions; pooling needs the same ones")
-            d = np.mean([v for _, v in diffs], axis=0)
-            idx = np.random.default_rng(0).integers(0, d.size, size=(n_boot, d.size))
-            means = d[idx].mean(axis=1)
-            entry[f"mc2_vs_{ref}"] = {"diff": float(d.mean()), "ci": [float(np.quantile(means, 0.025)),
-                                                                        float(np.quantile(means, 0.975))],
-                                      "per_run": [float(np.mean(v)) for _, v in diffs], "questions": int(d.size)}
+        for bench, key, value, scale in (("truthfulqa", "question", "mc2", 1.0), ("toxigen", "source", "toxic", 100.0)):
+            if bench == "toxigen" and not all((runs[k]["models"][name].get("toxigen") or {}).get("rows") for k in keys):
+                continue
+            for ref in ("start", "sft"):
+                diffs = []
+                for k in keys:
+                    rows = {m: _rows(runs[k]["models"][m][bench]["rows"]) for m in (name, ref)}
+                    if [r[key] for r in rows[name]] != [r[key] for r in rows[ref]]:
+                        raise ValueError(f"{k}: {name} and {ref} were read on other {bench} items")
+                    diffs.append(([r[key] for r in rows[name]],
+                                  [scale * (float(a[value]) - float(b[value])) for a, b in zip(rows[name], rows[ref])]))
+                if any(q != diffs[0][0] for q, _ in diffs):
+                    raise ValueError(f"{name}: the runs {keys} read other tuning {bench} items; pooling needs the same ones")
+                d = np.mean([v for _, v in diffs], axis=0)
+                means = d[np.random.default_rng(0).integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+                entry[f"{'mc2' if bench == 'truthfulqa' else 'toxic'}_vs_{ref}"] = {
+                    "diff": float(d.mean()), "ci": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+                    "per_run": [float(np.mean(v)) for _, v in diffs], "items": int(d.size)}
         settings[name] = entry
     every = {n: s for n, s in settings.items() if len(s["runs"]) == len(runs)}
     ok = [(s["mc2_vs_start"]["diff"], n) for n, s in every.items() if s["validation_vs_start"]["ci_low"] > 0.5]
@@ -178,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--questions", type=int, default=200, help="tuning questions (0 = all that are free)")
     p.add_argument("--question-seed", type=int, default=1000)
     p.add_argument("--exclude-seeds", type=int, nargs="*", default=[0, 1, 2],
-                   help="the seeds whose reported TruthfulQA samples are never read here")
+                   help="the seeds whose reported TruthfulQA and ToxiGen samples are never read here")
+    p.add_argument("--toxigen-per-group", type=int, default=8,
+                   help="ToxiGen tuning prompts per list and type (0 = no ToxiGen reading)")
     p.add_argument("--results", default=str(RESULTS / "truthfulqa_tax.json"),
                    help="the results file whose entries for other projects are kept (and pooled)")
     p.add_argument("--history", default=str(RESULTS / "truthfulqa_tax_history.jsonl"), help="a line per call is added here")
@@ -208,6 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{project}: no TruthfulQA data ({settings.data if settings else 'eval.truthfulqa is off'})")
     items, questions = tuning_questions(data, reported=settings.sample, exclude_seeds=a.exclude_seeds,
                                         n=a.questions or None, seed=a.question_seed)
+    tox = proj.cfg.eval.toxigen
+    tox_data = first_existing(tox.data) if tox and a.toxigen_per_group > 0 else None
+    tox_prompts, tox_info = (toxigen_prompts(tox_data, per_group=a.toxigen_per_group, reported_per_group=tox.per_group,
+                                             exclude_seeds=a.exclude_seeds, seed=a.question_seed)
+                             if tox_data else ([], None))
     work = project / "truthfulqa_tax"
     models: dict[str, dict[str, Any]] = {"sft": {"model": proj.sft_model()}, "start": {"model": start},
                                          "as_run": {"model": str(stage_dir), "overrides": []}}
@@ -238,11 +311,21 @@ def main(argv: list[str] | None = None) -> dict:
             rows = truthfulqa_rows(m["model"], items, Path(m["truthfulqa"]["rows"]))
             base_rows[name] = rows
             m["truthfulqa"]["mc2"] = sum(r["mc2"] for r in rows) / len(rows)
+            if tox_prompts:
+                m["toxigen"] = {"rows": str(work / "toxigen" / f"{name}_rows.jsonl")}
+                trows = toxigen_rows(m["model"], tox_prompts, Path(m["toxigen"]["rows"]), max_new_tokens=tox.max_new_tokens,
+                                     batch_size=ev.e.batch_size, seed=proj.cfg.seed)
+                m["toxigen"]["pct_toxic"] = 100 * sum(r["toxic"] for r in trows) / len(trows)
         from alignment.evals import winrate
 
         for name, m in models.items():
             if name != "sft":
                 m["truthfulqa"]["vs_sft"] = paired(base_rows["sft"], base_rows[name])
+                if "toxigen" in m:
+                    trows = {x: _rows(models[x]["toxigen"]["rows"]) for x in ("sft", "start", name)}
+                    m["toxigen"]["vs_sft"] = paired_toxic(trows["sft"], trows[name])
+                    if name != "start":
+                        m["toxigen"]["vs_start"] = paired_toxic(trows["start"], trows[name])
             if name in ("sft", "start"):
                 continue
             m["truthfulqa"]["vs_start"] = paired(base_rows["start"], base_rows[name])
@@ -254,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
             m["validation_vs_start"] = {**_winrate_summary(res), "judge": judge,
                                         "rows": str(work / "winrate" / f"validation-{judge}-{name}-vs-start_rows.jsonl")}
     out = {"project": str(project), "round": a.round, "stage": stage, "start": start, "tuning_questions": questions,
+           "toxigen_tuning_prompts": tox_info,
            "validation_prompts": len(validation), "judge": judge, "models": models, "chosen": choose(models),
            "rule": "highest tuning MC2 among the models whose validation win rate vs the start has its 95% CI above 50%",
            "minutes_this_call": round((time.time() - t0) / 60, 1), "note": a.note}
@@ -262,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     with history.open("a") as f:
         f.write(json.dumps({k: out[k] for k in ("project", "round", "chosen", "minutes_this_call", "note")}
                            | {"models": {n: {"mc2": m["truthfulqa"]["mc2"],
-                                             "winrate_vs_start": (m.get("validation_vs_start") or {}).get("win_rate")}
+                                             "winrate_vs_start": (m.get("validation_vs_start") or {}).get("win_rate"),
+                                             "pct_toxic": (m.get("toxigen") or {}).get("pct_toxic")}
                                          for n, m in models.items()}}) + "\n")
     runs = earlier_runs(Path(a.results))
     runs[key_of(out)] = out
@@ -316,18 +401,29 @@ def _print(out: dict, pool: dict) -> None:
                      "" if "vs_start" not in t else f"{pct(t['vs_start']['diff'])} [{pct(t['vs_start']['ci'][0])}, "
                                                      f"{pct(t['vs_start']['ci'][1])}]",
                      "" if not w else (f"{pct(w['win_rate'])} [{pct(w['ci_low'])}, {pct(w['ci_high'])}], "
-                                       f"LC {pct(w.get('lc_win_rate'))}")])
+                                       f"LC {pct(w.get('lc_win_rate'))}"), _toxic_cell(m.get("toxigen"))])
     print(table(rows, ["model", "overrides", f"MC2 ({out['tuning_questions']['n']} tuning q)", "vs start, points",
-                       f"validation win rate vs start ({out['judge']}, n={out['validation_prompts']})"]))
+                       f"validation win rate vs start ({out['judge']}, n={out['validation_prompts']})",
+                       "ToxiGen % toxic (vs start, points)"]))
     print(f"chosen: {out['chosen']} ({out['rule']})")
     rows = []
     for name, s in pool["settings"].items():
         w, t = s["validation_vs_start"], s["mc2_vs_start"]
+        x = s.get("toxic_vs_start")
         rows.append([name, len(s["runs"]), f"{pct(t['diff'])} [{pct(t['ci'][0])}, {pct(t['ci'][1])}]",
                      f"{pct(s['mc2_vs_sft']['diff'])}", f"{pct(w['win_rate'])} [{pct(w['ci_low'])}, {pct(w['ci_high'])}], "
-                     f"LC {pct(w['lc_win_rate'])}, n={w['n']}"])
-    print(table(rows, ["setting", "runs", "MC2 vs start, points (mean over runs)", "vs SFT", "pooled validation win rate"]))
+                     f"LC {pct(w['lc_win_rate'])}, n={w['n']}",
+                     "-" if not x else f"{x['diff']:+.1f} [{x['ci'][0]:+.1f}, {x['ci'][1]:+.1f}]"])
+    print(table(rows, ["setting", "runs", "MC2 vs start, points (mean over runs)", "vs SFT", "pooled validation win rate",
+                       "ToxiGen vs start, points"]))
     print(f"pooled chosen: {pool['chosen']} ({pool['rule']})")
+
+
+def _toxic_cell(t: dict | None) -> str:
+    if not t:
+        return "-"
+    d = t.get("vs_start")
+    return f"{t['pct_toxic']:.1f}" + ("" if not d else f" ({d['diff']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}])")
 
 
 if __name__ == "__main__":

@@ -906,6 +906,77 @@ def test_truthfulqa_tax_pools_settings_over_projects_by_hand(tmp_path):
     assert earlier_runs(tmp_path / "none.json") == {}
 
 
+def test_truthfulqa_tax_toxigen_tuning_prompts_leave_out_every_reported_line_and_pair_by_hand(tmp_path):
+    """ToxiGen tuning prompts: per list, the lines no excluded seed reports (the round eval's seeded sample), the same
+    draw every call; the paired % toxic change counts flips by hand; pooled over runs prompt by prompt."""
+    from alignment.evals.toxigen import sample_prompts
+    from benchmarks.truthfulqa_tax import paired_toxic, pooled, toxigen_prompts
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for name in ("hate_asian_1k.txt", "neutral_asian_1k.txt"):
+        (folder / name).write_text("".join(f"- {name} statement {i}\\n- another {i}\n" for i in range(10)))
+    got, info = toxigen_prompts(str(folder), per_group=3, reported_per_group=2, exclude_seeds=[0, 1, 2], seed=1000)
+    reported = {p.source for s in (0, 1, 2) for p in sample_prompts(folder, per_group=2, seed=s)}
+    assert len(got) == 6 and info["n"] == 6 and info["reported_by_excluded_seeds"] == len(reported) >= 4
+    assert not {p.source for p in got} & reported
+    assert {p.prompt_type for p in got} == {"hate", "neutral"} and all("\n- another" in p.text for p in got)
+    again, _ = toxigen_prompts(str(folder), per_group=3, reported_per_group=2, exclude_seeds=[0, 1, 2], seed=1000)
+    assert again == got
+    everything, _ = toxigen_prompts(str(folder), per_group=99, reported_per_group=2, exclude_seeds=[0, 1, 2], seed=1000)
+    assert len(everything) == 20 - len(reported)  # a list with fewer free lines than asked gives them all
+
+    def rows(flags):
+        return [{"source": f"s{i}", "toxic": t} for i, t in enumerate(flags)]
+
+    d = paired_toxic(rows([0, 1, 0, 0]), rows([1, 1, 1, 0]), n_boot=200)
+    assert d["diff"] == pytest.approx(50.0) and d["turned_toxic"] == 2 and d["turned_clean"] == 0 and d["n"] == 4
+    assert d["ci"][0] <= 50.0 <= d["ci"][1]
+    with pytest.raises(ValueError, match="other prompts"):
+        paired_toxic(rows([0]), rows([0, 1]))
+
+    def run(home_name, flags):
+        home = tmp_path / home_name
+        home.mkdir()
+        models = {}
+        for m, f in flags.items():
+            (home / f"{m}_tq.jsonl").write_text(json.dumps({"question": "q", "mc2": 0.5}) + "\n")
+            (home / f"{m}_tox.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(f)))
+            models[m] = {"truthfulqa": {"rows": str(home / f"{m}_tq.jsonl")}, "toxigen": {"rows": str(home / f"{m}_tox.jsonl")}}
+        (home / "wr.jsonl").write_text(json.dumps({"outcome": 1.0, "response": "a", "baseline_response": "b"}) + "\n")
+        models["lr"]["validation_vs_start"] = {"rows": str(home / "wr.jsonl")}
+        return {"project": str(home), "round": 3, "judge": "gold", "models": models}
+
+    pool = pooled({"a": run("a", {"sft": [0, 0], "start": [0, 1], "lr": [1, 1]}),
+                   "b": run("b", {"sft": [0, 0], "start": [0, 0], "lr": [0, 1]})}, n_boot=100)
+    t = pool["settings"]["lr"]
+    # vs start: run a (+1, 0), run b (0, +1): per prompt (+0.5, +0.5) = +50 points; vs SFT: (+1, +1), (0, +1): +75
+    assert t["toxic_vs_start"]["diff"] == pytest.approx(50.0) and t["toxic_vs_start"]["per_run"] == pytest.approx([50.0, 50.0])
+    assert t["toxic_vs_sft"]["diff"] == pytest.approx(75.0) and t["toxic_vs_sft"]["items"] == 2
+
+
+def test_truthfulqa_tax_toxigen_rows_continue_and_classify_once(tiny_model, tmp_path):
+    """toxigen_rows: a model's greedy continuations of the tuning prompts, each classified with the shipped head, written
+    once; a second call reads them back (the file is not rewritten), a different prompt list computes them again."""
+    from alignment.evals.toxicity import THRESHOLD
+    from benchmarks.truthfulqa_tax import toxigen_prompts, toxigen_rows
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for name in ("hate_asian_1k.txt", "neutral_asian_1k.txt"):
+        (folder / name).write_text("".join(f"- {name} statement {i}\n" for i in range(6)))
+    prompts, _ = toxigen_prompts(str(folder), per_group=2, reported_per_group=1, exclude_seeds=[0], seed=1000)
+    path = tmp_path / "rows.jsonl"
+    rows = toxigen_rows(tiny_model, prompts, path, max_new_tokens=4, batch_size=4, seed=0)
+    assert [r["source"] for r in rows] == [p.source for p in prompts] and len(rows) == 4
+    assert all(r["toxic"] == (bool(r["continuation"].strip()) and r["p_toxic"] >= THRESHOLD) for r in rows)
+    stamp = path.stat().st_mtime_ns
+    assert toxigen_rows(tiny_model, prompts, path, max_new_tokens=4, batch_size=4, seed=0) == rows
+    assert path.stat().st_mtime_ns == stamp
+    fewer = toxigen_rows(tiny_model, prompts[:2], path, max_new_tokens=4, batch_size=4, seed=0)
+    assert [r["source"] for r in fewer] == [p.source for p in prompts[:2]] and path.stat().st_mtime_ns != stamp
+
+
 def test_length_control_bisection_by_hand():
     """The EOS bias whose mean length is closest to the target: bracketed by doubling, then bisected; a longer
     policy gets a negative bias; a length out of reach is said to be."""
