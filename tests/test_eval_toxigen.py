@@ -42,6 +42,23 @@ def write_prompt_files(folder, lines_per_file: int = 5):
 # math
 
 
+def test_validation_draw_holds_none_of_the_test_draw_and_is_seeded(tmp_path):
+    """The validation draw: per list as many prompts as the test draw, none of them in it, the same every call; a list
+    with fewer free lines gives them all; a draw with nothing left is an error naming the folder."""
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "hate_asian_1k.txt").write_text("".join(f"- hate {i}\n" for i in range(10)))
+    (folder / "neutral_asian_1k.txt").write_text("".join(f"- neutral {i}\n" for i in range(5)))
+    test = toxigen.sample_prompts(folder, per_group=3, seed=7)
+    val = toxigen.validation_prompts(folder, per_group=3, seed=7)
+    assert not {p.source for p in test} & {p.source for p in val}
+    assert sorted((p.prompt_type, p.group) for p in val) == [("hate", "asian")] * 3 + [("neutral", "asian")] * 2
+    assert toxigen.validation_prompts(folder, per_group=3, seed=7) == val
+    assert {p.source for p in toxigen.validation_prompts(folder, per_group=3, seed=8)} != {p.source for p in val}
+    with pytest.raises(DataError, match="no validation prompts"):
+        toxigen.validation_prompts(folder, per_group=10, seed=7, types=("neutral",))
+
+
 def test_roc_auc_hand_computed():
     # positives 0.35, 0.8; negatives 0.1, 0.4: pairs won 0.35>0.1, 0.8>0.1, 0.8>0.4, lost 0.35<0.4 -> 3/4
     assert toxicity.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
@@ -248,6 +265,28 @@ def test_run_writes_result_with_classifier_accuracy(tiny_model, tmp_path, mode):
     assert set(saved["by_group"]) == {"alpha", "beta"} and set(saved["by_type"]) == {"hate", "neutral"}
     assert all("\n" not in r["continuation"] for r in rows) or mode == "chat"
     assert res["settings"]["mode"] == mode
+
+
+def test_a_rounds_toxigen_continues_the_reported_draw_and_a_validation_draw_apart(tiny_model, tmp_path):
+    """run_round: toxigen.json from the test draw (what reports read) and toxigen_validation.json from the validation
+    draw (what promotion reads), none of whose prompts is a reported one; ``validation: false`` continues the test draw only."""
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for name in ("hate_alpha_1k.txt", "neutral_alpha_1k.txt", "hate_beta_1k.txt", "neutral_beta_1k.txt"):
+        (folder / name).write_text("".join(f"- {name} says thing {i}\\n-\n" for i in range(6)))
+    settings = toxigen.RoundSettings(data=[str(folder)], per_group=2, max_new_tokens=4)
+    summary = toxigen.run_round(tiny_model, tmp_path / "eval", settings, seed=1, batch_size=4)
+    rows = {name: [json.loads(x) for x in (tmp_path / "eval" / f"{name}_rows.jsonl").read_text().splitlines()]
+            for name in ("toxigen", "toxigen_validation")}
+    assert len(rows["toxigen"]) == len(rows["toxigen_validation"]) == 8 == summary["n"] == summary["validation"]["n"]
+    assert not {r["source"] for r in rows["toxigen"]} & {r["source"] for r in rows["toxigen_validation"]}
+    assert summary["validation"]["pct_toxic"] == pytest.approx(100 * sum(r["toxic"] for r in rows["toxigen_validation"]) / 8)
+    assert summary["validation"]["rows"] == str(tmp_path / "eval" / "toxigen_validation_rows.jsonl")
+    assert json.loads((tmp_path / "eval" / "toxigen_validation.json").read_text())["settings"]["split"] == "validation"
+    off = toxigen.run_round(tiny_model, tmp_path / "off", toxigen.RoundSettings(data=[str(folder)], per_group=2,
+                                                                                 max_new_tokens=4, validation=False),
+                            seed=1, batch_size=4)
+    assert "validation" not in off and not (tmp_path / "off" / "toxigen_validation.json").exists()
 
 
 def test_cli_prints_pct_toxic_beside_classifier_accuracy(tiny_model, tmp_path):

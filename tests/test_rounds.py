@@ -161,7 +161,7 @@ def test_promotion_blocks_a_toxigen_rise_only_when_it_is_significant(tmp_path, t
     if test == "paired":
         assert "10 prompts more toxic, 6 less of 124, sign test p=0.227 (not significant at 0.05) (ok)" in out["reason"]
     else:
-        assert "ToxiGen 32.3% vs 29.0% before (worse)" in out["reason"]
+        assert "ToxiGen 32.3% vs 29.0% before on the reported prompts (no ToxiGen validation draw) (worse)" in out["reason"]
     # a significant rise blocks it under both: 12 new toxic continuations, none fewer (p = 1/4096)
     _toxigen_rows(p.round_dir(1) / "eval" / "sft" / "toxigen_rows.jsonl", [False] * 12 + [True] * 30 + [False] * 82)
     _toxigen_rows(p.round_dir(1) / "eval" / "toxigen_rows.jsonl", [True] * 12 + [True] * 30 + [False] * 82)
@@ -171,6 +171,34 @@ def test_promotion_blocks_a_toxigen_rise_only_when_it_is_significant(tmp_path, t
     assert out["promoted"] is False
     if test == "paired":
         assert "12 prompts more toxic, 0 less of 124, sign test p=0.000 (significant at 0.05) (worse)" in out["reason"]
+
+
+def test_promotion_reads_the_toxigen_validation_draw_not_the_reported_prompts(tmp_path):
+    """With a validation draw in this round's eval and in the one it compares with, promotion tests ToxiGen there: a
+    significant rise on the reported prompts does not block it, one on the validation draw does; the reason says which."""
+    from alignment.rounds import Steps
+
+    p = _project(tmp_path)
+    ev = p.round_dir(1) / "eval"
+    rise, flat = ([False] * 12 + [True] * 30 + [False] * 82, [True] * 12 + [True] * 30 + [False] * 82), ([False] * 124,) * 2
+    for name, (before, after) in (("toxigen_rows.jsonl", rise), ("toxigen_validation_rows.jsonl", flat)):
+        _toxigen_rows(ev / "sft" / name, before)
+        _toxigen_rows(ev / name, after)
+    _done(p, 1, eval={"outputs": {"winrate_vs_previous": {"win_rate": 0.6},
+                                  "toxigen": {"pct_toxic": 100 * 42 / 124, "validation": {"pct_toxic": 0.0}},
+                                  "toxigen_sft": {"pct_toxic": 100 * 30 / 124, "validation": {"pct_toxic": 0.0}}}})
+    out = Steps(p, 1).promote()["outputs"]
+    assert out["promoted"] is True and "ToxiGen 0.0% vs 0.0% before on the validation draw (ok)" in out["reason"]
+    # the same rise on the validation draw blocks it
+    _toxigen_rows(ev / "sft" / "toxigen_validation_rows.jsonl", rise[0])
+    _toxigen_rows(ev / "toxigen_validation_rows.jsonl", rise[1])
+    _done(p, 1, eval={"outputs": {"winrate_vs_previous": {"win_rate": 0.6},
+                                  "toxigen": {"pct_toxic": 0.0, "validation": {"pct_toxic": 100 * 42 / 124}},
+                                  "toxigen_sft": {"pct_toxic": 0.0, "validation": {"pct_toxic": 100 * 30 / 124}}}})
+    out = Steps(p, 1).promote()["outputs"]
+    assert out["promoted"] is False
+    assert ("ToxiGen 33.9% vs 24.2% before on the validation draw: 12 prompts more toxic, 0 less of 124, sign test "
+            "p=0.000 (significant at 0.05) (worse)") in out["reason"]
 
 
 def test_train_rms_when_used_skips_them_in_dpo_rounds_and_later_rounds_use_the_latest(tmp_path):

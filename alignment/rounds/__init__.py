@@ -35,8 +35,8 @@ A round's steps (``runs/<project>/round-<N>/``):
 - **eval**: TruthfulQA MC, ToxiGen, win rate against the previous round's policy and the SFT
   model (judged by this round's reward models); then ``runs/<project>/report/``.
 - **promote**: automatically (``promote.mode: auto``) when the validation win rate against the previous
-  policy reaches ``promote.min_winrate`` and ToxiGen does not rise significantly
-  (``promote.max_toxigen_increase``), or by hand (``align round promote``).
+  policy reaches ``promote.min_winrate`` and ToxiGen does not rise significantly on its validation draw
+  (``promote.max_toxigen_increase``; never the prompts the reports use), or by hand (``align round promote``).
 
 The registry is one ``manifest.json`` per round: every finished step with its inputs (config,
 parent checkpoints, data files with SHA-256) and outputs (paths, metrics), written atomically

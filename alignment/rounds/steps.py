@@ -321,13 +321,19 @@ class Steps:
             ok = wr >= cfg.min_winrate
             promoted &= ok
             reasons.append(f"win rate vs previous {100 * wr:.1f}% {'>=' if ok else '<'} {100 * cfg.min_winrate:.0f}% {where}")
-        tox = (evals.get("toxigen") or {}).get("pct_toxic")
-        prev, prev_rows = self._previous_toxigen()
+        # ToxiGen: the validation draw when this round's eval and the one it compares with both continued it; a project
+        # made before the draw existed has only the reported prompts
+        now, before = evals.get("toxigen") or {}, self._previous_toxigen()
+        split = "validation" if now.get("validation") and before.get("validation") else "test"
+        tox = (now.get("validation") if split == "validation" else now).get("pct_toxic")
+        prev = (before.get(split) or {}).get("pct_toxic")
         if tox is not None and prev is not None:
             ok = tox <= prev + cfg.max_toxigen_increase
-            reason = f"ToxiGen {tox:.1f}% vs {prev:.1f}% before"
-            rows = self.dir / "eval" / "toxigen_rows.jsonl"
-            if not ok and cfg.toxigen_test == "paired" and rows.is_file() and prev_rows is not None and prev_rows.is_file():
+            reason = f"ToxiGen {tox:.1f}% vs {prev:.1f}% before " + (
+                "on the validation draw" if split == "validation" else "on the reported prompts (no ToxiGen validation draw)")
+            rows = self.dir / "eval" / ("toxigen_validation_rows.jsonl" if split == "validation" else "toxigen_rows.jsonl")
+            prev_rows = before[split]["rows"]
+            if not ok and cfg.toxigen_test == "paired" and rows.is_file() and prev_rows.is_file():
                 from alignment.evals.toxigen import paired_change
                 from data.loaders import read_rows
 
@@ -342,16 +348,23 @@ class Steps:
         return {"inputs": {"mode": "auto", "rule": to_dict(cfg)},
                 "outputs": {"promoted": promoted, "reason": "; ".join(reasons) or "no evaluations to check"}}
 
-    def _previous_toxigen(self) -> tuple[float | None, Path | None]:
-        """ToxiGen % toxic of the current policy before this round and its per-prompt rows: the last promoted
-        round's, else the SFT model's."""
+    def _previous_toxigen(self) -> dict[str, dict]:
+        """ToxiGen of the current policy before this round, the last promoted round's, else the SFT model's:
+        ``{"test": {"pct_toxic", "rows"}, "validation": {...}}`` (no ``validation`` when that eval did not continue the
+        validation draw)."""
         for k in range(self.n - 1, 0, -1):
             m = self.p.manifest(k)["steps"]
             if m.get("promote", {}).get("outputs", {}).get("promoted"):
-                return ((m.get("eval", {}).get("outputs", {}).get("toxigen") or {}).get("pct_toxic"),
-                        self.p.round_dir(k) / "eval" / "toxigen_rows.jsonl")
-        first = self.p.manifest(1)["steps"].get("eval", {}).get("outputs", {})
-        return (first.get("toxigen_sft") or {}).get("pct_toxic"), self.p.round_dir(1) / "eval" / "sft" / "toxigen_rows.jsonl"
+                summary, folder = (m.get("eval", {}).get("outputs", {}).get("toxigen") or {}), self.p.round_dir(k) / "eval"
+                break
+        else:
+            first = self.p.manifest(1)["steps"].get("eval", {}).get("outputs", {})
+            summary, folder = (first.get("toxigen_sft") or {}), self.p.round_dir(1) / "eval" / "sft"
+        out = {"test": {"pct_toxic": summary.get("pct_toxic"), "rows": folder / "toxigen_rows.jsonl"}}
+        if (summary.get("validation") or {}).get("pct_toxic") is not None:
+            out["validation"] = {"pct_toxic": summary["validation"]["pct_toxic"],
+                                 "rows": folder / "toxigen_validation_rows.jsonl"}
+        return out
 
 
 def draw_prompts(pool: Sequence[Any], used: set[str], k: int, safety_share: float | None, *, seed: int) -> list[Any]:
