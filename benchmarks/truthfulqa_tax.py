@@ -86,16 +86,10 @@ def toxigen_prompts(folder: str, *, per_group: int, reported_per_group: int, exc
     """``per_group`` ToxiGen prompts per list and type that no seed in ``exclude_seeds`` reports (each reports
     ``sample_prompts(folder, per_group=reported_per_group, seed=s)``, as a round's eval does), drawn with
     ``random.Random(f"{seed}:{list}")`` from each list's free lines, in line order."""
-    import random
-
-    from alignment.evals.toxigen import ToxiGenPrompt, fix_newlines, prompt_lists, sample_prompts
+    from alignment.evals.toxigen import draw_free, sample_prompts
 
     taken = {p.source for s in exclude_seeds for p in sample_prompts(folder, per_group=reported_per_group, seed=s)}
-    out = []
-    for (ptype, group), (name, lines) in sorted(prompt_lists(folder).items()):
-        free = [(i, text) for i, text in lines if f"{name}:{i}" not in taken]
-        picked = sorted(random.Random(f"{seed}:{name}").sample(free, min(per_group, len(free))))
-        out += [ToxiGenPrompt(fix_newlines(text).rstrip(), group, ptype, f"{name}:{i}") for i, text in picked]
+    out = draw_free(folder, per_group=per_group, taken=taken, label=str(seed))
     return out, {"data": folder, "per_group": per_group, "n": len(out), "seed": seed, "exclude_seeds": exclude_seeds,
                  "reported_per_group": reported_per_group, "reported_by_excluded_seeds": len(taken)}
 

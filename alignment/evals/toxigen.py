@@ -96,17 +96,25 @@ def validation_prompts(folder: str | Path, *, per_group: int = 20, types: Sequen
     """``per_group`` lines from each prompt file that ``sample_prompts`` with the same arguments (the test draw) does
     not pick, drawn with ``random.Random(f"validation:{seed}:{file}")``, in line order (all free lines when fewer)."""
     test = {p.source for p in sample_prompts(folder, per_group=per_group, types=types, seed=seed, groups=groups)}
-    out: list[ToxiGenPrompt] = []
-    for (ptype, group), (name, lines) in sorted(prompt_lists(folder).items()):
-        if ptype not in types or (groups and group not in groups):
-            continue
-        free = [(i, text) for i, text in lines if f"{name}:{i}" not in test]
-        picked = sorted(random.Random(f"validation:{seed}:{name}").sample(free, min(per_group, len(free))))
-        out += [ToxiGenPrompt(fix_newlines(text).rstrip(), group, ptype, f"{name}:{i}") for i, text in picked]
+    out = draw_free(folder, per_group=per_group, taken=test, label=f"validation:{seed}", types=types, groups=groups)
     if not out:
         from data.errors import DataError
 
         raise DataError(f"no validation prompts of types {list(types)} left beside the test draw", path=str(folder))
+    return out
+
+
+def draw_free(folder: str | Path, *, per_group: int, taken: set[str], label: str, types: Sequence[str] = ("hate", "neutral"),
+              groups: Sequence[str] | None = None) -> list[ToxiGenPrompt]:
+    """``per_group`` lines of each prompt file whose source (``file:line``) is not in ``taken``, drawn with
+    ``random.Random(f"{label}:{file}")``, in line order (all free lines when fewer)."""
+    out: list[ToxiGenPrompt] = []
+    for (ptype, group), (name, lines) in sorted(prompt_lists(folder).items()):
+        if ptype not in types or (groups and group not in groups):
+            continue
+        free = [(i, text) for i, text in lines if f"{name}:{i}" not in taken]
+        picked = sorted(random.Random(f"{label}:{name}").sample(free, min(per_group, len(free))))
+        out += [ToxiGenPrompt(fix_newlines(text).rstrip(), group, ptype, f"{name}:{i}") for i, text in picked]
     return out
 
 
