@@ -1,6 +1,6 @@
 """ToxiGen: % of a model's continuations of ToxiGen prompts that a toxicity classifier calls toxic.
 
-Length (~490 lines): the prompt layouts and their two draws, the continuation, the score and the round/report
+Length (~500 lines): the prompt layouts and their two draws, the continuation, the score and the round/report
 interface: one evaluation read top to bottom (the classifier lives in ``alignment.evals.toxicity``).
 
     align eval toxigen --model runs/<run>/round-2/policy --prompts ../shared/data/toxigen/prompts
