@@ -95,42 +95,24 @@ def toxigen_prompts(folder: str, *, per_group: int, reported_per_group: int, exc
 
 
 def toxigen_rows(model: str, prompts: list, path: Path, *, max_new_tokens: int, batch_size: int, seed: int) -> list[dict]:
-    """Greedy chat continuations of ``prompts`` by ``model`` and their toxicity, computed once and read back after."""
-    from alignment.evals.toxicity import THRESHOLD, load_classifier
-    from alignment.evals.toxigen import continue_prompts
+    """Greedy chat continuations of ``prompts`` by ``model`` and their toxicity (``toxigen.continue_and_classify``, as a
+    round's eval makes them), computed once and read back after."""
+    from alignment.evals.toxicity import load_classifier
+    from alignment.evals.toxigen import continue_and_classify
     from data.loaders import write_jsonl
     from foundation.models import load_causal_lm, load_tokenizer
 
     if path.is_file():
         rows = _rows(str(path))
         if [r["source"] for r in rows] == [p.source for p in prompts]:
-            return rows
+            return [{**r, "prompt": p.text} for r, p in zip(rows, prompts)]  # rows cached before they kept the prompt
     clf = load_classifier(None)
     lm, tok = load_causal_lm(model), load_tokenizer(model)
-    conts = continue_prompts(lm, tok, prompts, mode="chat", max_new_tokens=max_new_tokens, temperature=0.0,
-                             batch_size=batch_size, seed=seed)
+    rows, _ = continue_and_classify(lm, tok, clf, prompts, mode="chat", max_new_tokens=max_new_tokens, temperature=0.0,
+                                    batch_size=batch_size, seed=seed)
     del lm
-    keep = [i for i, c in enumerate(conts) if c.strip()]
-    probs = [0.0] * len(conts)
-    for i, pt in zip(keep, clf.predict_proba([conts[i] for i in keep])):
-        probs[i] = float(pt)
-    rows = [{"source": p.source, "group": p.group, "prompt_type": p.prompt_type, "continuation": c, "p_toxic": pt,
-             "toxic": bool(c.strip()) and pt >= THRESHOLD} for p, c, pt in zip(prompts, conts, probs)]
     write_jsonl(path, rows, overwrite=True)
     return rows
-
-
-def paired_toxic(before: list[dict], after: list[dict], *, n_boot: int = 2000) -> dict:
-    """% toxic after minus before over the same prompts (points), with a bootstrap CI and the prompts that flipped."""
-    import numpy as np
-
-    if [r["source"] for r in before] != [r["source"] for r in after]:
-        raise ValueError("ToxiGen rows of other prompts")
-    d = np.array([float(a["toxic"]) - float(b["toxic"]) for b, a in zip(before, after)])
-    means = d[np.random.default_rng(0).integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
-    return {"n": int(d.size), "diff": float(100 * d.mean()), "ci": [float(100 * np.quantile(means, 0.025)),
-                                                                     float(100 * np.quantile(means, 0.975))],
-            "turned_toxic": int((d > 0).sum()), "turned_clean": int((d < 0).sum())}
 
 
 def choose(models: dict[str, dict]) -> str | None:
@@ -222,6 +204,7 @@ def _rows(path: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     from alignment.evals.results import first_existing
     from alignment.evals.suite import RoundEval, _winrate_summary, respond
+    from alignment.evals.toxigen import paired_change
     from alignment.evals.truthfulqa_compare import paired, shift
     from alignment.rounds import Project
     from alignment.rounds.config import StageSpec
@@ -291,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{project}: no validation prompts")
     ev = RoundEval(proj, a.round)
     judge = proj.cfg.eval.judges[0]
-    base_rows = {}
+    base_rows, tox_rows = {}, {}
     with selecting("truthfulqa_tax: which policy-step setting to keep"):
         scorer = ev.judge_scorer(judge, validation)
         answers = {}
@@ -307,19 +290,18 @@ def main(argv: list[str] | None = None) -> dict:
             m["truthfulqa"]["mc2"] = sum(r["mc2"] for r in rows) / len(rows)
             if tox_prompts:
                 m["toxigen"] = {"rows": str(work / "toxigen" / f"{name}_rows.jsonl")}
-                trows = toxigen_rows(m["model"], tox_prompts, Path(m["toxigen"]["rows"]), max_new_tokens=tox.max_new_tokens,
-                                     batch_size=ev.e.batch_size, seed=proj.cfg.seed)
-                m["toxigen"]["pct_toxic"] = 100 * sum(r["toxic"] for r in trows) / len(trows)
+                tox_rows[name] = toxigen_rows(m["model"], tox_prompts, Path(m["toxigen"]["rows"]),
+                                              max_new_tokens=tox.max_new_tokens, batch_size=ev.e.batch_size, seed=proj.cfg.seed)
+                m["toxigen"]["pct_toxic"] = 100 * sum(r["toxic"] for r in tox_rows[name]) / len(tox_rows[name])
         from alignment.evals import winrate
 
         for name, m in models.items():
             if name != "sft":
                 m["truthfulqa"]["vs_sft"] = paired(base_rows["sft"], base_rows[name])
                 if "toxigen" in m:
-                    trows = {x: _rows(models[x]["toxigen"]["rows"]) for x in ("sft", "start", name)}
-                    m["toxigen"]["vs_sft"] = paired_toxic(trows["sft"], trows[name])
+                    m["toxigen"]["vs_sft"] = paired_change(tox_rows["sft"], tox_rows[name])
                     if name != "start":
-                        m["toxigen"]["vs_start"] = paired_toxic(trows["start"], trows[name])
+                        m["toxigen"]["vs_start"] = paired_change(tox_rows["start"], tox_rows[name])
             if name in ("sft", "start"):
                 continue
             m["truthfulqa"]["vs_start"] = paired(base_rows["start"], base_rows[name])
@@ -417,7 +399,8 @@ def _toxic_cell(t: dict | None) -> str:
     if not t:
         return "-"
     d = t.get("vs_start")
-    return f"{t['pct_toxic']:.1f}" + ("" if not d else f" ({d['diff']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}])")
+    return f"{t['pct_toxic']:.1f}" + ("" if not d else f" ({d['diff_points']:+.1f} [{d['diff_ci'][0]:+.1f}, "
+                                                         f"{d['diff_ci'][1]:+.1f}], p={d['p_value']:.3f})")
 
 
 if __name__ == "__main__":

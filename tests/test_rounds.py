@@ -936,9 +936,9 @@ def test_truthfulqa_tax_pools_settings_over_projects_by_hand(tmp_path):
 
 def test_truthfulqa_tax_toxigen_tuning_prompts_leave_out_every_reported_line_and_pair_by_hand(tmp_path):
     """ToxiGen tuning prompts: per list, the lines no excluded seed reports (the round eval's seeded sample), the same
-    draw every call; the paired % toxic change counts flips by hand; pooled over runs prompt by prompt."""
+    draw every call; pooled over runs prompt by prompt."""
     from alignment.evals.toxigen import sample_prompts
-    from benchmarks.truthfulqa_tax import paired_toxic, pooled, toxigen_prompts
+    from benchmarks.truthfulqa_tax import pooled, toxigen_prompts
 
     folder = tmp_path / "prompts"
     folder.mkdir()
@@ -956,12 +956,6 @@ def test_truthfulqa_tax_toxigen_tuning_prompts_leave_out_every_reported_line_and
 
     def rows(flags):
         return [{"source": f"s{i}", "toxic": t} for i, t in enumerate(flags)]
-
-    d = paired_toxic(rows([0, 1, 0, 0]), rows([1, 1, 1, 0]), n_boot=200)
-    assert d["diff"] == pytest.approx(50.0) and d["turned_toxic"] == 2 and d["turned_clean"] == 0 and d["n"] == 4
-    assert d["ci"][0] <= 50.0 <= d["ci"][1]
-    with pytest.raises(ValueError, match="other prompts"):
-        paired_toxic(rows([0]), rows([0, 1]))
 
     def run(home_name, flags):
         home = tmp_path / home_name

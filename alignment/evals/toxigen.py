@@ -287,15 +287,8 @@ def run(model: str, *, prompts: str, out: str | Path | None = None, classifier: 
     clf = load_classifier(classifier)  # fail on a bad classifier before generating
     lm, tok = load_causal_lm(model, device=device), load_tokenizer(model)
     t0 = time.time()
-    conts = continue_prompts(lm, tok, sample, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
-                             batch_size=batch_size, seed=seed)
-    t_gen = time.time() - t0
-    nonempty = [i for i, c in enumerate(conts) if c.strip()]
-    probs = [0.0] * len(conts)
-    for i, p in zip(nonempty, clf.predict_proba([conts[i] for i in nonempty])):
-        probs[i] = p
-    rows = [{"group": p.group, "prompt_type": p.prompt_type, "source": p.source, "prompt": p.text, "continuation": c,
-             "p_toxic": pt, "toxic": bool(c.strip()) and pt >= THRESHOLD} for p, c, pt in zip(sample, conts, probs)]
+    rows, t_gen = continue_and_classify(lm, tok, clf, sample, mode=mode, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, batch_size=batch_size, seed=seed)
     summary = summarise(rows)
     result = header("toxigen", model, prompts=str(prompts),
                     settings={"split": split, "per_group": per_group, "types": list(types),
@@ -310,6 +303,24 @@ def run(model: str, *, prompts: str, out: str | Path | None = None, classifier: 
     write_json(json_path, result, overwrite=overwrite)
     write_jsonl(rows_path, rows, overwrite=overwrite)
     return result
+
+
+def continue_and_classify(model: Any, tokenizer: Any, clf: Any, sample: Sequence[ToxiGenPrompt], *, mode: str,
+                          max_new_tokens: int, temperature: float, batch_size: int, seed: int) -> tuple[list[dict], float]:
+    """One row per prompt (group, type, source, prompt, continuation, P(toxic), toxic; an empty continuation is not
+    toxic) and the generation's seconds."""
+    from alignment.evals.toxicity import THRESHOLD
+
+    t0 = time.time()
+    conts = continue_prompts(model, tokenizer, sample, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
+                             batch_size=batch_size, seed=seed)
+    t_gen = time.time() - t0
+    nonempty = [i for i, c in enumerate(conts) if c.strip()]
+    probs = [0.0] * len(conts)
+    for i, p in zip(nonempty, clf.predict_proba([conts[i] for i in nonempty])):
+        probs[i] = float(p)
+    return [{"group": p.group, "prompt_type": p.prompt_type, "source": p.source, "prompt": p.text, "continuation": c,
+             "p_toxic": pt, "toxic": bool(c.strip()) and pt >= THRESHOLD} for p, c, pt in zip(sample, conts, probs)], t_gen
 
 
 # ---------------------------------------------------------------------------------------------
