@@ -34,6 +34,12 @@ is optimised against the proxies and the gold scores the result:
    set. Added after the first test read (2026-12-06, declared in ``rlhf_core_history.jsonl`` before
    it ran) because the oracle's length-controlled CI at n = 128 was too wide to decide; the targets
    on the test set stand as read, the replication is reported beside them whatever it shows.
+9. ``length_control``: the SFT model made as short as each PPO policy (an EOS-logit bias bisected on the
+   validation prompts), each PPO policy against it on the test and replication prompts.
+10. ``ppo_seeds`` (only when named, with ``--ppo-seeds 1,2``): PPO against the largest proxy again with
+   other seeds (``run.seed``: rollout sampling, prompt order, the adapters' initialisation; the same proxy,
+   prompts and settings), each returned policy answering the test and replication prompts: the spread of
+   the headline over PPO seeds (``ppo_seeds`` in the results, one target over every seed).
 
 Every stage writes into ``--out`` and is skipped when its output is there (``--redo STAGE`` runs it
 again). ``--state`` (tracked, ``benchmarks/state/rlhf_core``) keeps each finished stage's outputs and, packed in
@@ -69,6 +75,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 SFT = "smollm2-135m"  # the default --policy
 STAGES = ("prompts", "samples", "proxies", "agreement", "bon", "ppo", "final", "replication", "length_control")
+EXTRA_STAGES = ("ppo_seeds",)  # run only when named in --stages (with --ppo-seeds)
 TARGETS = {"agreement": 0.70, "agreement_ci_low": 0.65, "bon_ratio": 0.5, "ppo_winrate": 0.60, "oracle_winrate": 0.65}
 
 
@@ -467,11 +474,12 @@ class Bench:
                 "ratio_best_proxy_to_gold": g_proxy / g_gold if g_gold else None, "best_proxy": top}
 
     # -- 6. PPO ------------------------------------------------------------------------------
-    def ppo_cmd(self, name: str, reward: str, judges: dict[str, str]) -> list[str]:
+    def ppo_cmd(self, name: str, reward: str, judges: dict[str, str], seed: int | None = None) -> list[str]:
         judge = "{" + ", ".join(f"{k}: '{v}'" for k, v in judges.items()) + "}"
         a = self.a
         return [sys.executable, "-m", "alignment.cli", "ppo", "--config", str(REPO / "configs" / "ppo.yaml"),
-                f"model.name={a.policy}", f"run.output_dir={self.out / name}", "run.wandb=disabled", f"run.seed={a.seed}",
+                f"model.name={a.policy}", f"run.output_dir={self.out / name}", "run.wandb=disabled",
+                f"run.seed={a.seed if seed is None else seed}",
                 f"reward.helpful={reward}", "reward.safety=null", "critic.init=reward_model",
                 f"data.sources=[{{path: '{self.out / 'prompts' / 'train.jsonl'}'}}]",
                 f"data.val_sources=[{{path: '{self.out / 'prompts' / 'validation.jsonl'}'}}]",
@@ -487,17 +495,71 @@ class Bench:
         runs = {"ppo_proxy": (str(self.out / top / "rm_helpful" / "model"), {"gold": self.a.gold}),
                 "ppo_oracle": (self.a.gold, {"proxy": str(self.out / top / "rm_helpful" / "model")})}
         for name, (reward, judges) in runs.items():
-            if (self.out / name / "summary.json").is_file() and name not in self.a.redo:
-                continue
-            resume = (self.out / name / "checkpoints").is_dir() and name not in self.a.redo
-            if (self.out / name).exists() and not resume:
-                import shutil
+            self.run_ppo(name, reward, judges)
 
-                shutil.rmtree(self.out / name)
-            _log(f"{name}: align ppo against {reward}")
-            subprocess.run([*self.ppo_cmd(name, reward, judges), *(["--resume"] if resume else [])], check=True, cwd=REPO,
-                           env={**os.environ, "WANDB_MODE": "disabled"})
-            self.state.keep([f"{name}/summary.json", f"{name}/metrics.jsonl"], [f"{name}/model"])
+    def run_ppo(self, name: str, reward: str, judges: dict[str, str], seed: int | None = None) -> None:
+        """``align ppo`` into ``--out/name`` unless it finished before (resumed from its checkpoints when it was
+        stopped), then its summary, metrics and packed model kept in ``--state``."""
+        if (self.out / name / "summary.json").is_file() and name not in self.a.redo:
+            return
+        resume = (self.out / name / "checkpoints").is_dir() and name not in self.a.redo
+        if (self.out / name).exists() and not resume:
+            import shutil
+
+            shutil.rmtree(self.out / name)
+        _log(f"{name}: align ppo against {reward}" + ("" if seed is None else f", seed {seed}"))
+        subprocess.run([*self.ppo_cmd(name, reward, judges, seed), *(["--resume"] if resume else [])], check=True, cwd=REPO,
+                       env={**os.environ, "WANDB_MODE": "disabled"})
+        self.state.keep([f"{name}/summary.json", f"{name}/metrics.jsonl"], [f"{name}/model"])
+
+    # -- 10. PPO against the proxy with other seeds ---------------------------------------------
+    def seed_runs(self) -> dict[int, str]:
+        """{PPO seed: run name} of the proxy PPO runs: ``--seed``'s is ``ppo_proxy``, the others ``ppo_proxy_seed<s>``."""
+        return {self.a.seed: "ppo_proxy", **{s: f"ppo_proxy_seed{s}" for s in self.a.ppo_seeds}}
+
+    def stage_ppo_seeds(self) -> None:
+        if not self.a.ppo_seeds:
+            raise SystemExit("the ppo_seeds stage needs --ppo-seeds (e.g. --ppo-seeds 1,2)")
+        top = str(self.out / self.proxies()[-1] / "rm_helpful" / "model")
+        for seed, name in self.seed_runs().items():
+            if seed == self.a.seed:
+                continue
+            self.run_ppo(name, top, {"gold": self.a.gold}, seed)
+            for prompt_set in ("test", "replication"):
+                if (self.out / "prompts" / f"{prompt_set}.jsonl").is_file():
+                    self.answer(prompt_set, ("sft", name))
+            self.state.keep(*self.kept("ppo_seeds"))
+
+    def ppo_seeds(self) -> dict:
+        """Each seed's proxy PPO policy against the SFT model on the test prompts, the replication prompts and both
+        pooled, and the spread of those win rates over the seeds (only seeds whose answers are all there)."""
+        seeds: dict[str, Any] = {}
+        sets = [s for s in ("test", "replication") if (self.out / f"{s}_sft.jsonl").is_file()]
+        for seed, name in self.seed_runs().items():
+            if not sets or not all((self.out / f"{s}_{name}.jsonl").is_file() for s in sets):
+                continue
+            summary = json.loads((self.out / name / "summary.json").read_text())
+            got = {"run": name, "returned": summary.get("returned"), "best_iteration": summary.get("best_iteration"),
+                   "returned_note": summary.get("returned_note")}
+            for label, chosen in ({s: (s,) for s in sets} | ({"pooled": tuple(sets)} if len(sets) > 1 else {})).items():
+                sft = [r for s in chosen for r in read_jsonl(self.out / f"{s}_sft.jsonl")]
+                pol = [r for s in chosen for r in read_jsonl(self.out / f"{s}_{name}.jsonl")]
+                if [r["prompt"] for r in pol] != [r["prompt"] for r in sft]:
+                    raise AssertionError(f"{name}'s answers and the SFT model's are not to the same prompts ({chosen})")
+                got[label] = self.compare(pol, sft)
+            seeds[str(seed)] = got
+        if len(seeds) < 2:
+            return {}
+        key = "pooled" if len(sets) > 1 else sets[0]
+        spread = {}
+        for metric, pick in (("win_rate", lambda g: g[key]["winrate_vs_sft"]["win_rate"]),
+                             ("lc_win_rate", lambda g: g[key]["lc_winrate_vs_sft"]["lc_win_rate"]),
+                             ("gold_mean", lambda g: g[key]["gold_mean"])):
+            values = [pick(g) for g in seeds.values()]
+            mean = sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            spread[metric] = {"values": values, "mean": mean, "sd": sd}
+        return {"prompt_sets": key, "seeds": seeds, "spread": spread}
 
     def ppo(self) -> dict:
         out = {}
@@ -527,15 +589,15 @@ class Bench:
     def stage_final(self) -> None:
         self.answer("test")
 
-    def answer(self, prompt_set: str) -> None:
-        """Greedy answers of the SFT model and of each returned policy to ``prompt_set``, scored by the gold and the
-        largest proxy, into ``<prompt_set>_<policy>.jsonl``."""
+    def answer(self, prompt_set: str, policies: Sequence[str] = POLICIES) -> None:
+        """Greedy answers of the SFT model and of each returned policy (``policies``: run names, ``sft``) to
+        ``prompt_set``, scored by the gold and the largest proxy, into ``<prompt_set>_<policy>.jsonl``."""
         from foundation.generation import generate
         from foundation.models import load_causal_lm, load_tokenizer
 
         rows = self.prompts(prompt_set)
         convs = [r["messages"] for r in rows]
-        for name in self.POLICIES:
+        for name in policies:
             model = self.a.policy if name == "sft" else str(self.out / name)
             path = self.out / f"{prompt_set}_{name}.jsonl"
             if path.is_file() and name not in self.a.redo:
@@ -682,6 +744,12 @@ class Bench:
             return [f"{n}/{f}" for n in runs for f in ("summary.json", "metrics.jsonl")], [f"{n}/model" for n in runs]
         if stage == "replication":
             return ["prompts/replication.jsonl", *[p.name for p in sorted(self.out.glob("replication_*.jsonl"))]], []
+        if stage == "ppo_seeds":
+            runs = [n for s, n in self.seed_runs().items() if s != self.a.seed and (self.out / n / "summary.json").is_file()]
+            answers = [p.name for n in runs for s in ("test", "replication") for p in [self.out / f"{s}_{n}.jsonl"]
+                       if p.is_file()]
+            files = [f"{n}/{f}" for n in runs for f in ("summary.json", "metrics.jsonl")]
+            return [*files, *answers], [f"{n}/model" for n in runs]
         if stage == "length_control":
             return ["length_control.json", *[p.name for p in sorted(self.out.glob("validation_*.jsonl"))],
                     *[p.name for p in sorted(self.out.glob("*_sft_eos_*.jsonl"))]], []
@@ -707,6 +775,8 @@ class Bench:
                                   "alone": self.final(("replication",)), "pooled_with_test": self.final(("test", "replication"))}
         if (self.out / "length_control.json").is_file():
             res["length_control"] = self.length_control()
+        if self.a.ppo_seeds:
+            res["ppo_seeds"] = self.ppo_seeds()
         res["proxy_training"] = {}
         for name in self.proxies():
             s = self.out / name / "rm_helpful" / "summary.json"
@@ -742,6 +812,23 @@ class Bench:
                         "lc_winrate": lc["lc_win_rate"], "lc_ci": [lc["ci_low"], lc["ci_high"]],
                         "met": w["win_rate"] >= TARGETS[key] and w["ci_low"] > 0.5 and lc["ci_low"] > 0.5,
                         "target": f">= {100 * TARGETS[key]:.0f}% on {where}, CI low > 50%, length-controlled too"}
+        seeds = (res.get("ppo_seeds") or {}).get("seeds")
+        if seeds:
+            key = res["ppo_seeds"]["prompt_sets"]
+
+            def met(g: dict) -> bool:
+                w, lc = g[key]["winrate_vs_sft"], g[key]["lc_winrate_vs_sft"]
+                return w["win_rate"] >= TARGETS["ppo_winrate"] and w["ci_low"] > 0.5 and lc["ci_low"] > 0.5
+
+            t["ppo_proxy_seeds"] = {
+                "seeds": {s: {"winrate": g[key]["winrate_vs_sft"]["win_rate"], "n": g[key]["winrate_vs_sft"]["n"],
+                              "ci": [g[key]["winrate_vs_sft"]["ci_low"], g[key]["winrate_vs_sft"]["ci_high"]],
+                              "lc_winrate": g[key]["lc_winrate_vs_sft"]["lc_win_rate"],
+                              "lc_ci": [g[key]["lc_winrate_vs_sft"]["ci_low"], g[key]["lc_winrate_vs_sft"]["ci_high"]],
+                              "met": met(g)} for s, g in seeds.items()},
+                "met": all(met(g) for g in seeds.values()),
+                "target": f">= {100 * TARGETS['ppo_winrate']:.0f}% on the {key} prompts in every PPO seed, CI low > 50%, "
+                          "length-controlled too"}
         return t
 
 
@@ -806,7 +893,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="a tracked folder keeping each finished stage's outputs and packed models (State); '' for none")
     p.add_argument("--policy", default=SFT, help="the SFT policy (and the base of the proxies)")
     p.add_argument("--gold-model", default=SFT, help="base model of the gold, when it has to be built")
-    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES + EXTRA_STAGES)} "
+                   "(the last only when named)")
+    p.add_argument("--ppo-seeds", default="", help="the ppo_seeds stage: PPO against the largest proxy again with these "
+                   "seeds (comma-separated, other than --seed)")
     p.add_argument("--redo", default="", help="comma-separated stages or runs (proxy_250, ppo_proxy, ...) to run again")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-prompts", type=int, default=300)
@@ -844,6 +934,12 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     a.pairs = [int(x) for x in a.pairs.split(",")]
     a.redo = [x for x in a.redo.split(",") if x]
+    try:
+        a.ppo_seeds = [int(x) for x in a.ppo_seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--ppo-seeds takes comma-separated integers (got {a.ppo_seeds!r})")
+    if a.seed in a.ppo_seeds or len(set(a.ppo_seeds)) != len(a.ppo_seeds):
+        p.error(f"--ppo-seeds {a.ppo_seeds}: each once, and not --seed ({a.seed}), whose run is ppo_proxy")
     if a.replication_prompts is not None and a.replication_prompts < 1:
         p.error(f"--replication-prompts must be >= 1 (got {a.replication_prompts}); leave it out for all the rest")
     if not (a.data / "hh-rlhf").is_dir():
@@ -872,8 +968,8 @@ def main(argv: list[str] | None = None) -> dict:
     done = {"prompts": "prompts/manifest.json", "samples": "samples.jsonl", "agreement": "agreement.jsonl", "bon": "bon.jsonl",
             "length_control": "length_control.json"}
     for stage in a.stages.split(","):
-        if stage not in STAGES:
-            raise SystemExit(f"unknown stage {stage!r}; expected {', '.join(STAGES)}")
+        if stage not in STAGES + EXTRA_STAGES:
+            raise SystemExit(f"unknown stage {stage!r}; expected {', '.join(STAGES + EXTRA_STAGES)}")
         if stage in done and (bench.out / done[stage]).is_file() and stage not in a.redo:
             _log(f"{stage}: done before, skipped")
             continue

@@ -158,6 +158,45 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     assert [p["gold"] for p in third["ppo"]["ppo_proxy"]["curve"]] == [p["gold"] for p in res["ppo"]["ppo_proxy"]["curve"]]
     assert third["gold"]["unpacked_from"]["weights"] == "float16"
 
+    # PPO against the proxy again with another seed: the same proxy and prompts, its answers to the test and
+    # replication prompts, each seed's comparison with the SFT model and the spread over the seeds
+    seeded = rlhf_core.main([*common, "--stages", "ppo_seeds", "--ppo-seeds", "1"])
+    assert (out / "ppo_proxy_seed1" / "summary.json").is_file()
+    import yaml
+
+    assert yaml.safe_load((out / "ppo_proxy_seed1" / "config.yaml").read_text())["run"]["seed"] == 1
+    got = seeded["ppo_seeds"]
+    assert got["prompt_sets"] == "pooled" and set(got["seeds"]) == {"0", "1"}
+    assert got["seeds"]["0"]["run"] == "ppo_proxy" and got["seeds"]["1"]["run"] == "ppo_proxy_seed1"
+    # seed 0 is the run of record: its pooled comparison is the replication's pooled one
+    assert got["seeds"]["0"]["pooled"] == seeded["replication"]["pooled_with_test"]["ppo_proxy"]
+    assert got["seeds"]["1"]["test"]["winrate_vs_sft"]["n"] == 6 and got["seeds"]["1"]["pooled"]["winrate_vs_sft"]["n"] == 11
+    rates = [got["seeds"][s]["pooled"]["winrate_vs_sft"]["win_rate"] for s in ("0", "1")]
+    assert got["spread"]["win_rate"]["values"] == rates
+    assert got["spread"]["win_rate"]["mean"] == pytest.approx(sum(rates) / 2)
+    assert got["spread"]["win_rate"]["sd"] == pytest.approx(abs(rates[0] - rates[1]) / 2 ** 0.5)
+    seed_target = seeded["targets"]["ppo_proxy_seeds"]
+    assert set(seed_target["seeds"]) == {"0", "1"}
+    assert seed_target["met"] == all(v["met"] for v in seed_target["seeds"].values())
+    assert seed_target["seeds"]["0"]["met"] == seeded["targets"]["ppo_proxy_pooled"]["met"]
+    assert (state / "packed" / "ppo_proxy_seed1" / "model" / "PACKED.json").is_file()
+    assert (state / "files" / "test_ppo_proxy_seed1.jsonl").is_file()
+    assert (state / "files" / "replication_ppo_proxy_seed1.jsonl").is_file()
+    for key in ("final", "replication", "length_control"):  # nothing the run of record reported changed
+        assert seeded[key] == res[key], key
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "ppo_proxy_seed1" / "summary.json", out / "test_ppo_proxy_seed1.jsonl")}
+    again = rlhf_core.main([*common, "--stages", "ppo_seeds", "--ppo-seeds", "1"])  # done: nothing trained or answered again
+    assert again["ppo_seeds"] == got and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_rlhf_core_ppo_seeds_are_checked_before_anything_runs(capsys):
+    from benchmarks import rlhf_core
+
+    for bad in (["--ppo-seeds", "0"], ["--ppo-seeds", "1,1"], ["--ppo-seeds", "one"]):
+        with pytest.raises(SystemExit):
+            rlhf_core.main(bad)
+        assert "--ppo-seeds" in capsys.readouterr().err
+
 
 def test_alignment_seeds_are_kept_and_each_run_once(tmp_path):
     """`benchmarks alignment --seeds 3` on machines reset between sessions: a finished seed's summary is kept and read
