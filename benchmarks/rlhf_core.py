@@ -563,14 +563,16 @@ class Bench:
 
     def ppo(self) -> dict:
         out = {}
-        for name in ("ppo_proxy", "ppo_oracle"):
+        seeds = [n for n in self.seed_runs().values() if n != "ppo_proxy"]
+        for name in ("ppo_proxy", "ppo_oracle", *seeds):
             folder = self.out / name
             if not (folder / "summary.json").is_file():
                 continue
             rows = read_jsonl(folder / "metrics.jsonl")
             kl = {r["step"]: r["kl/ref"] for r in rows if "kl/ref" in r}
             evals = [r for r in rows if "eval/reward_combined" in r]
-            other = "gold" if name == "ppo_proxy" else "proxy"
+            against_proxy = name != "ppo_oracle"
+            other = "gold" if against_proxy else "proxy"
             curve = []
             for r in evals:
                 near = [kl[s] for s in range(max(1, r["step"] - 4), r["step"] + 1) if s in kl]  # the rollouts around it
@@ -578,8 +580,8 @@ class Bench:
                 reward = r["eval/reward_combined"]
                 judged = r.get(f"eval/reward_judge_{other}")
                 curve.append({"iteration": r["step"], "kl": k, "sqrt_kl": math.sqrt(k),
-                              "gold": judged if name == "ppo_proxy" else reward,
-                              "proxy": reward if name == "ppo_proxy" else judged, "length": r.get("eval/length")})
+                              "gold": judged if against_proxy else reward,
+                              "proxy": reward if against_proxy else judged, "length": r.get("eval/length")})
             out[name] = {"curve": curve, "summary": json.loads((folder / "summary.json").read_text())}
         return out
 

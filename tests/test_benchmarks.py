@@ -168,6 +168,8 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     got = seeded["ppo_seeds"]
     assert got["prompt_sets"] == "pooled" and set(got["seeds"]) == {"0", "1"}
     assert got["seeds"]["0"]["run"] == "ppo_proxy" and got["seeds"]["1"]["run"] == "ppo_proxy_seed1"
+    assert set(seeded["ppo"]) == {"ppo_proxy", "ppo_oracle", "ppo_proxy_seed1"}  # its gold-vs-KL curve beside seed 0's
+    assert all(p["gold"] is not None and p["proxy"] is not None for p in seeded["ppo"]["ppo_proxy_seed1"]["curve"])
     # seed 0 is the run of record: its pooled comparison is the replication's pooled one
     assert got["seeds"]["0"]["pooled"] == seeded["replication"]["pooled_with_test"]["ppo_proxy"]
     assert got["seeds"]["1"]["test"]["winrate_vs_sft"]["n"] == 6 and got["seeds"]["1"]["pooled"]["winrate_vs_sft"]["n"] == 11
