@@ -51,7 +51,8 @@ appends a line to ``benchmarks/results/rlhf_core_history.jsonl``. Writes
 Targets (issue 26): the largest proxy agrees with the gold >= 70% on fresh pairs (CI low >= 65%);
 best-of-16 by it gains >= 50% of what best-of-16 by the gold gains; PPO against it, at the
 checkpoint chosen on validation prompts, beats its start by the gold on test prompts >= 60% with
-the CI low > 50%, length-controlled too; oracle PPO >= 65%.
+the CI low > 50%, length-controlled too; oracle PPO >= 65%. With ``--ppo-seeds``: the proxy's PPO target on the
+test + replication prompts in every seed (``ppo_proxy_seeds``).
 """
 
 from __future__ import annotations
