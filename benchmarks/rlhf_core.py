@@ -515,15 +515,20 @@ class Bench:
 
     # -- 10. PPO against the proxy with other seeds ---------------------------------------------
     def seed_runs(self) -> dict[int, str]:
-        """{PPO seed: run name} of the proxy PPO runs: ``--seed``'s is ``ppo_proxy``, the others ``ppo_proxy_seed<s>``."""
-        return {self.a.seed: "ppo_proxy", **{s: f"ppo_proxy_seed{s}" for s in self.a.ppo_seeds}}
+        """{PPO seed: run name} of the proxy PPO runs: ``--seed``'s is ``ppo_proxy``, the others ``ppo_proxy_seed<s>``:
+        those ``--ppo-seeds`` names and those already finished in ``--out`` (restored from ``--state``), so a run
+        that does not name them still reports them."""
+        done = [int(d.name.removeprefix("ppo_proxy_seed")) for d in sorted(self.out.glob("ppo_proxy_seed*"))
+                if d.name.removeprefix("ppo_proxy_seed").isdigit() and (d / "summary.json").is_file()]
+        seeds = [s for s in dict.fromkeys([*self.a.ppo_seeds, *sorted(done)]) if s != self.a.seed]
+        return {self.a.seed: "ppo_proxy", **{s: f"ppo_proxy_seed{s}" for s in seeds}}
 
     def stage_ppo_seeds(self) -> None:
         if not self.a.ppo_seeds:
             raise SystemExit("the ppo_seeds stage needs --ppo-seeds (e.g. --ppo-seeds 1,2)")
         top = str(self.out / self.proxies()[-1] / "rm_helpful" / "model")
         for seed, name in self.seed_runs().items():
-            if seed == self.a.seed:
+            if seed == self.a.seed or seed not in self.a.ppo_seeds:
                 continue
             self.run_ppo(name, top, {"gold": self.a.gold}, seed)
             for prompt_set in ("test", "replication"):
@@ -778,7 +783,7 @@ class Bench:
                                   "alone": self.final(("replication",)), "pooled_with_test": self.final(("test", "replication"))}
         if (self.out / "length_control.json").is_file():
             res["length_control"] = self.length_control()
-        if self.a.ppo_seeds:
+        if len(self.seed_runs()) > 1:
             res["ppo_seeds"] = self.ppo_seeds()
         res["proxy_training"] = {}
         for name in self.proxies():

@@ -189,6 +189,11 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     stamps = {p: p.stat().st_mtime_ns for p in (out / "ppo_proxy_seed1" / "summary.json", out / "test_ppo_proxy_seed1.jsonl")}
     again = rlhf_core.main([*common, "--stages", "ppo_seeds", "--ppo-seeds", "1"])  # done: nothing trained or answered again
     assert again["ppo_seeds"] == got and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # a run that does not name the seed (the default stages) still reports it, also after a reset (--state)
+    shutil.rmtree(out)
+    plain = rlhf_core.main(common)
+    assert plain["ppo_seeds"] == got and plain["targets"]["ppo_proxy_seeds"] == seed_target
+    assert not (out / "ppo_proxy_seed1" / "checkpoints").exists()  # restored, not trained again
 
 
 def test_rlhf_core_ppo_seeds_are_checked_before_anything_runs(capsys):
