@@ -36,10 +36,11 @@ is optimised against the proxies and the gold scores the result:
    on the test set stand as read, the replication is reported beside them whatever it shows.
 9. ``length_control``: the SFT model made as short as each PPO policy (an EOS-logit bias bisected on the
    validation prompts), each PPO policy against it on the test and replication prompts.
-10. ``ppo_seeds`` (only when named, with ``--ppo-seeds 1,2``): PPO against the largest proxy again with
-   other seeds (``run.seed``: rollout sampling, prompt order, the adapters' initialisation; the same proxy,
-   prompts and settings), each returned policy answering the test and replication prompts: the spread of
-   the headline over PPO seeds (``ppo_seeds`` in the results, one target over every seed).
+10. ``ppo_seeds`` (only when named, with ``--ppo-seeds 1,2`` and/or ``--oracle-seeds 1,2``): PPO against the
+   largest proxy (oracle PPO against the gold) again with other seeds (``run.seed``: rollout sampling, prompt
+   order, the adapters' initialisation; the same proxy, prompts and settings), each returned policy answering the
+   test and replication prompts: the spread of the headline over PPO seeds (``ppo_seeds`` / ``ppo_oracle_seeds``
+   in the results, one target each over every seed).
 
 Every stage writes into ``--out`` and is skipped when its output is there (``--redo STAGE`` runs it
 again). ``--state`` (tracked, ``benchmarks/state/rlhf_core``) keeps each finished stage's outputs and, packed in
@@ -52,7 +53,7 @@ Targets (issue 26): the largest proxy agrees with the gold >= 70% on fresh pairs
 best-of-16 by it gains >= 50% of what best-of-16 by the gold gains; PPO against it, at the
 checkpoint chosen on validation prompts, beats its start by the gold on test prompts >= 60% with
 the CI low > 50%, length-controlled too; oracle PPO >= 65%. With ``--ppo-seeds``: the proxy's PPO target on the
-test + replication prompts in every seed (``ppo_proxy_seeds``).
+test + replication prompts in every seed (``ppo_proxy_seeds``); with ``--oracle-seeds``, the oracle's (``ppo_oracle_seeds``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 SFT = "smollm2-135m"  # the default --policy
 STAGES = ("prompts", "samples", "proxies", "agreement", "bon", "ppo", "final", "replication", "length_control")
-EXTRA_STAGES = ("ppo_seeds",)  # run only when named in --stages (with --ppo-seeds)
+EXTRA_STAGES = ("ppo_seeds",)  # run only when named in --stages (with --ppo-seeds / --oracle-seeds)
+KINDS = {"proxy": "ppo_winrate", "oracle": "oracle_winrate"}  # PPO run kinds: ppo_<kind>[_seed<s>], and their target
 TARGETS = {"agreement": 0.70, "agreement_ci_low": 0.65, "bon_ratio": 0.5, "ppo_winrate": 0.60, "oracle_winrate": 0.65}
 
 
@@ -514,34 +516,40 @@ class Bench:
         self.state.keep([f"{name}/summary.json", f"{name}/metrics.jsonl"], [f"{name}/model"])
 
     # -- 10. PPO against the proxy with other seeds ---------------------------------------------
-    def seed_runs(self) -> dict[int, str]:
-        """{PPO seed: run name} of the proxy PPO runs: ``--seed``'s is ``ppo_proxy``, the others ``ppo_proxy_seed<s>``:
-        those ``--ppo-seeds`` names and those already finished in ``--out`` (restored from ``--state``), so a run
+    def seed_runs(self, kind: str = "proxy") -> dict[int, str]:
+        """{PPO seed: run name} of the PPO runs of ``kind`` (``proxy``: against the largest proxy; ``oracle``:
+        against the gold): ``--seed``'s is ``ppo_<kind>``, the others ``ppo_<kind>_seed<s>``: those ``--ppo-seeds``
+        (``--oracle-seeds``) names and those already finished in ``--out`` (restored from ``--state``), so a run
         that does not name them still reports them."""
-        done = [int(d.name.removeprefix("ppo_proxy_seed")) for d in sorted(self.out.glob("ppo_proxy_seed*"))
-                if d.name.removeprefix("ppo_proxy_seed").isdigit() and (d / "summary.json").is_file()]
-        seeds = [s for s in dict.fromkeys([*self.a.ppo_seeds, *sorted(done)]) if s != self.a.seed]
-        return {self.a.seed: "ppo_proxy", **{s: f"ppo_proxy_seed{s}" for s in seeds}}
+        prefix = f"ppo_{kind}_seed"
+        done = [int(d.name.removeprefix(prefix)) for d in sorted(self.out.glob(prefix + "*"))
+                if d.name.removeprefix(prefix).isdigit() and (d / "summary.json").is_file()]
+        named = self.a.ppo_seeds if kind == "proxy" else self.a.oracle_seeds
+        seeds = [s for s in dict.fromkeys([*named, *sorted(done)]) if s != self.a.seed]
+        return {self.a.seed: f"ppo_{kind}", **{s: f"{prefix}{s}" for s in seeds}}
 
     def stage_ppo_seeds(self) -> None:
-        if not self.a.ppo_seeds:
-            raise SystemExit("the ppo_seeds stage needs --ppo-seeds (e.g. --ppo-seeds 1,2)")
+        if not self.a.ppo_seeds and not self.a.oracle_seeds:
+            raise SystemExit("the ppo_seeds stage needs --ppo-seeds and/or --oracle-seeds (e.g. --ppo-seeds 1,2)")
         top = str(self.out / self.proxies()[-1] / "rm_helpful" / "model")
-        for seed, name in self.seed_runs().items():
-            if seed == self.a.seed or seed not in self.a.ppo_seeds:
-                continue
-            self.run_ppo(name, top, {"gold": self.a.gold}, seed)
-            for prompt_set in ("test", "replication"):
-                if (self.out / "prompts" / f"{prompt_set}.jsonl").is_file():
-                    self.answer(prompt_set, ("sft", name))
-            self.state.keep(*self.kept("ppo_seeds"))
+        runs = {"proxy": (self.a.ppo_seeds, top, {"gold": self.a.gold}),
+                "oracle": (self.a.oracle_seeds, self.a.gold, {"proxy": top})}
+        for kind, (named, reward, judges) in runs.items():
+            for seed, name in self.seed_runs(kind).items():
+                if seed == self.a.seed or seed not in named:
+                    continue
+                self.run_ppo(name, reward, judges, seed)
+                for prompt_set in ("test", "replication"):
+                    if (self.out / "prompts" / f"{prompt_set}.jsonl").is_file():
+                        self.answer(prompt_set, ("sft", name))
+                self.state.keep(*self.kept("ppo_seeds"))
 
-    def ppo_seeds(self) -> dict:
-        """Each seed's proxy PPO policy against the SFT model on the test prompts, the replication prompts and both
-        pooled, and the spread of those win rates over the seeds (only seeds whose answers are all there)."""
+    def ppo_seeds(self, kind: str = "proxy") -> dict:
+        """Each seed's PPO policy of ``kind`` against the SFT model on the test prompts, the replication prompts and
+        both pooled, and the spread of those win rates over the seeds (only seeds whose answers are all there)."""
         seeds: dict[str, Any] = {}
         sets = [s for s in ("test", "replication") if (self.out / f"{s}_sft.jsonl").is_file()]
-        for seed, name in self.seed_runs().items():
+        for seed, name in self.seed_runs(kind).items():
             if not sets or not all((self.out / f"{s}_{name}.jsonl").is_file() for s in sets):
                 continue
             summary = json.loads((self.out / name / "summary.json").read_text())
@@ -569,7 +577,7 @@ class Bench:
 
     def ppo(self) -> dict:
         out = {}
-        seeds = [n for n in self.seed_runs().values() if n != "ppo_proxy"]
+        seeds = [n for kind in KINDS for n in self.seed_runs(kind).values() if n != f"ppo_{kind}"]
         for name in ("ppo_proxy", "ppo_oracle", *seeds):
             folder = self.out / name
             if not (folder / "summary.json").is_file():
@@ -577,7 +585,7 @@ class Bench:
             rows = read_jsonl(folder / "metrics.jsonl")
             kl = {r["step"]: r["kl/ref"] for r in rows if "kl/ref" in r}
             evals = [r for r in rows if "eval/reward_combined" in r]
-            against_proxy = name != "ppo_oracle"
+            against_proxy = not name.startswith("ppo_oracle")
             other = "gold" if against_proxy else "proxy"
             curve = []
             for r in evals:
@@ -753,7 +761,8 @@ class Bench:
         if stage == "replication":
             return ["prompts/replication.jsonl", *[p.name for p in sorted(self.out.glob("replication_*.jsonl"))]], []
         if stage == "ppo_seeds":
-            runs = [n for s, n in self.seed_runs().items() if s != self.a.seed and (self.out / n / "summary.json").is_file()]
+            runs = [n for kind in KINDS for s, n in self.seed_runs(kind).items()
+                    if s != self.a.seed and (self.out / n / "summary.json").is_file()]
             answers = [p.name for n in runs for s in ("test", "replication") for p in [self.out / f"{s}_{n}.jsonl"]
                        if p.is_file()]
             files = [f"{n}/{f}" for n in runs for f in ("summary.json", "metrics.jsonl")]
@@ -785,6 +794,8 @@ class Bench:
             res["length_control"] = self.length_control()
         if len(self.seed_runs()) > 1:
             res["ppo_seeds"] = self.ppo_seeds()
+        if len(self.seed_runs("oracle")) > 1:
+            res["ppo_oracle_seeds"] = self.ppo_seeds("oracle")
         res["proxy_training"] = {}
         for name in self.proxies():
             s = self.out / name / "rm_helpful" / "summary.json"
@@ -820,24 +831,31 @@ class Bench:
                         "lc_winrate": lc["lc_win_rate"], "lc_ci": [lc["ci_low"], lc["ci_high"]],
                         "met": w["win_rate"] >= TARGETS[key] and w["ci_low"] > 0.5 and lc["ci_low"] > 0.5,
                         "target": f">= {100 * TARGETS[key]:.0f}% on {where}, CI low > 50%, length-controlled too"}
-        seeds = (res.get("ppo_seeds") or {}).get("seeds")
-        if seeds:
-            key = res["ppo_seeds"]["prompt_sets"]
-
-            def met(g: dict) -> bool:
-                w, lc = g[key]["winrate_vs_sft"], g[key]["lc_winrate_vs_sft"]
-                return w["win_rate"] >= TARGETS["ppo_winrate"] and w["ci_low"] > 0.5 and lc["ci_low"] > 0.5
-
-            t["ppo_proxy_seeds"] = {
-                "seeds": {s: {"winrate": g[key]["winrate_vs_sft"]["win_rate"], "n": g[key]["winrate_vs_sft"]["n"],
-                              "ci": [g[key]["winrate_vs_sft"]["ci_low"], g[key]["winrate_vs_sft"]["ci_high"]],
-                              "lc_winrate": g[key]["lc_winrate_vs_sft"]["lc_win_rate"],
-                              "lc_ci": [g[key]["lc_winrate_vs_sft"]["ci_low"], g[key]["lc_winrate_vs_sft"]["ci_high"]],
-                              "met": met(g)} for s, g in seeds.items()},
-                "met": all(met(g) for g in seeds.values()),
-                "target": f">= {100 * TARGETS['ppo_winrate']:.0f}% on the {key} prompts in every PPO seed, CI low > 50%, "
-                          "length-controlled too"}
+        for kind, target in KINDS.items():
+            got = res.get("ppo_seeds" if kind == "proxy" else f"ppo_{kind}_seeds") or {}
+            if got.get("seeds"):
+                t[f"ppo_{kind}_seeds"] = self.seed_target(got, TARGETS[target])
         return t
+
+    @staticmethod
+    def seed_target(got: dict, bar: float) -> dict:
+        """The PPO target (win rate >= ``bar``, CI low > 50%, length-controlled too) in each seed of ``got``
+        (``ppo_seeds()``), on its pooled prompt sets."""
+        seeds, key = got["seeds"], got["prompt_sets"]
+
+        def met(g: dict) -> bool:
+            w, lc = g[key]["winrate_vs_sft"], g[key]["lc_winrate_vs_sft"]
+            return w["win_rate"] >= bar and w["ci_low"] > 0.5 and lc["ci_low"] > 0.5
+
+        return {
+            "seeds": {s: {"winrate": g[key]["winrate_vs_sft"]["win_rate"], "n": g[key]["winrate_vs_sft"]["n"],
+                          "ci": [g[key]["winrate_vs_sft"]["ci_low"], g[key]["winrate_vs_sft"]["ci_high"]],
+                          "lc_winrate": g[key]["lc_winrate_vs_sft"]["lc_win_rate"],
+                          "lc_ci": [g[key]["lc_winrate_vs_sft"]["ci_low"], g[key]["lc_winrate_vs_sft"]["ci_high"]],
+                          "met": met(g)} for s, g in seeds.items()},
+            "met": all(met(g) for g in seeds.values()),
+            "target": f">= {100 * bar:.0f}% on the {key} prompts in every PPO seed, CI low > 50%, "
+                      "length-controlled too"}
 
 
 def plot(res: dict, results_dir: Path) -> None:
@@ -905,6 +923,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "(the last only when named)")
     p.add_argument("--ppo-seeds", default="", help="the ppo_seeds stage: PPO against the largest proxy again with these "
                    "seeds (comma-separated, other than --seed)")
+    p.add_argument("--oracle-seeds", default="", help="the ppo_seeds stage: oracle PPO (against the gold) again with these "
+                   "seeds (comma-separated, other than --seed)")
     p.add_argument("--redo", default="", help="comma-separated stages or runs (proxy_250, ppo_proxy, ...) to run again")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-prompts", type=int, default=300)
@@ -942,12 +962,15 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     a.pairs = [int(x) for x in a.pairs.split(",")]
     a.redo = [x for x in a.redo.split(",") if x]
-    try:
-        a.ppo_seeds = [int(x) for x in a.ppo_seeds.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--ppo-seeds takes comma-separated integers (got {a.ppo_seeds!r})")
-    if a.seed in a.ppo_seeds or len(set(a.ppo_seeds)) != len(a.ppo_seeds):
-        p.error(f"--ppo-seeds {a.ppo_seeds}: each once, and not --seed ({a.seed}), whose run is ppo_proxy")
+    for flag, kind in (("ppo_seeds", "proxy"), ("oracle_seeds", "oracle")):
+        opt = "--" + flag.replace("_", "-")
+        try:
+            seeds = [int(x) for x in getattr(a, flag).split(",") if x.strip()]
+        except ValueError:
+            p.error(f"{opt} takes comma-separated integers (got {getattr(a, flag)!r})")
+        if a.seed in seeds or len(set(seeds)) != len(seeds):
+            p.error(f"{opt} {seeds}: each once, and not --seed ({a.seed}), whose run is ppo_{kind}")
+        setattr(a, flag, seeds)
     if a.replication_prompts is not None and a.replication_prompts < 1:
         p.error(f"--replication-prompts must be >= 1 (got {a.replication_prompts}); leave it out for all the rest")
     if not (a.data / "hh-rlhf").is_dir():

@@ -160,7 +160,7 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
 
     # PPO against the proxy again with another seed: the same proxy and prompts, its answers to the test and
     # replication prompts, each seed's comparison with the SFT model and the spread over the seeds
-    seeded = rlhf_core.main([*common, "--stages", "ppo_seeds", "--ppo-seeds", "1"])
+    seeded = rlhf_core.main([*common, "--stages", "ppo_seeds", "--ppo-seeds", "1", "--oracle-seeds", "1"])
     assert (out / "ppo_proxy_seed1" / "summary.json").is_file()
     import yaml
 
@@ -168,7 +168,8 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     got = seeded["ppo_seeds"]
     assert got["prompt_sets"] == "pooled" and set(got["seeds"]) == {"0", "1"}
     assert got["seeds"]["0"]["run"] == "ppo_proxy" and got["seeds"]["1"]["run"] == "ppo_proxy_seed1"
-    assert set(seeded["ppo"]) == {"ppo_proxy", "ppo_oracle", "ppo_proxy_seed1"}  # its gold-vs-KL curve beside seed 0's
+    # each seed's gold-vs-KL curve beside seed 0's
+    assert set(seeded["ppo"]) == {"ppo_proxy", "ppo_oracle", "ppo_proxy_seed1", "ppo_oracle_seed1"}
     assert all(p["gold"] is not None and p["proxy"] is not None for p in seeded["ppo"]["ppo_proxy_seed1"]["curve"])
     # seed 0 is the run of record: its pooled comparison is the replication's pooled one
     assert got["seeds"]["0"]["pooled"] == seeded["replication"]["pooled_with_test"]["ppo_proxy"]
@@ -181,6 +182,19 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     assert set(seed_target["seeds"]) == {"0", "1"}
     assert seed_target["met"] == all(v["met"] for v in seed_target["seeds"].values())
     assert seed_target["seeds"]["0"]["met"] == seeded["targets"]["ppo_proxy_pooled"]["met"]
+    # oracle PPO with another seed: against the gold, judged by the proxy; its own comparison, spread and target
+    oracle_cfg = yaml.safe_load((out / "ppo_oracle_seed1" / "config.yaml").read_text())
+    assert oracle_cfg["run"]["seed"] == 1 and oracle_cfg["reward"]["helpful"] == "gold:tiny"
+    ogot = seeded["ppo_oracle_seeds"]
+    assert ogot["prompt_sets"] == "pooled" and set(ogot["seeds"]) == {"0", "1"}
+    assert ogot["seeds"]["0"]["run"] == "ppo_oracle" and ogot["seeds"]["1"]["run"] == "ppo_oracle_seed1"
+    assert ogot["seeds"]["0"]["pooled"] == seeded["replication"]["pooled_with_test"]["ppo_oracle"]
+    assert (out / "test_ppo_oracle_seed1.jsonl").is_file() and (out / "replication_ppo_oracle_seed1.jsonl").is_file()
+    oracle_target = seeded["targets"]["ppo_oracle_seeds"]
+    assert "65%" in oracle_target["target"] and "60%" in seed_target["target"]
+    assert oracle_target["seeds"]["0"]["met"] == seeded["targets"]["ppo_oracle_pooled"]["met"]
+    assert (state / "packed" / "ppo_oracle_seed1" / "model" / "PACKED.json").is_file()
+    assert (state / "files" / "replication_ppo_oracle_seed1.jsonl").is_file()
     assert (state / "packed" / "ppo_proxy_seed1" / "model" / "PACKED.json").is_file()
     assert (state / "files" / "test_ppo_proxy_seed1.jsonl").is_file()
     assert (state / "files" / "replication_ppo_proxy_seed1.jsonl").is_file()
@@ -193,16 +207,18 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     shutil.rmtree(out)
     plain = rlhf_core.main(common)
     assert plain["ppo_seeds"] == got and plain["targets"]["ppo_proxy_seeds"] == seed_target
+    assert plain["ppo_oracle_seeds"] == ogot and plain["targets"]["ppo_oracle_seeds"] == oracle_target
     assert not (out / "ppo_proxy_seed1" / "checkpoints").exists()  # restored, not trained again
 
 
 def test_rlhf_core_ppo_seeds_are_checked_before_anything_runs(capsys):
     from benchmarks import rlhf_core
 
-    for bad in (["--ppo-seeds", "0"], ["--ppo-seeds", "1,1"], ["--ppo-seeds", "one"]):
+    for bad in (["--ppo-seeds", "0"], ["--ppo-seeds", "1,1"], ["--ppo-seeds", "one"], ["--oracle-seeds", "0"],
+                ["--oracle-seeds", "2,x"]):
         with pytest.raises(SystemExit):
             rlhf_core.main(bad)
-        assert "--ppo-seeds" in capsys.readouterr().err
+        assert bad[0] in capsys.readouterr().err
 
 
 def test_alignment_seeds_are_kept_and_each_run_once(tmp_path):
