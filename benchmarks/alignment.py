@@ -29,7 +29,10 @@ policy in at least 2 of 3 seeds, the decoding control beaten in every seed. Each
 ``--keep`` (tracked, ``benchmarks/results/alignment_seeds``) and read back instead of run again, so the seeds (about
 two hours each on 2 cores) can be run one per session on machines that are reset in between. With ``--rs-control``
 a seed is kept as soon as its rounds finish, its control marked pending (``PENDING``); the next call runs only the
-control while the project is still there, and reads the seed back as it is once it is gone. A gold the config
+control while the project is still there, and reads the seed back as it is once it is gone. Each kept seed carries
+the fingerprint of the settings it ran with (``settings_fingerprint``: the round config's text, the stage configs it
+names, the overrides); a call whose settings differ refuses to read it back (another ``--project`` keeps both), and
+``--kept-only`` refuses to pool seeds run with different settings. A gold the config
 names (``gold:<name>``) is unpacked from ``benchmarks/state/gold`` when the model cache lacks it.
 
 Every run adds one line to ``benchmarks/results/alignment_history.jsonl`` (the attempts, targets met or not).
@@ -366,7 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
             if a.markdown:
                 print(markdown_tables(got))
             return got
-        runs = run_seeds(a.seeds, one, keep=keep, project=a.project, fresh=a.fresh, can_finish=can_finish)
+        runs = run_seeds(a.seeds, one, keep=keep, project=a.project, fresh=a.fresh, can_finish=can_finish,
+                         fingerprint=settings_fingerprint(a.config, a.overrides))
         out = {"seeds": runs, "across_seeds": across_seeds(runs)}
         if a.markdown:
             print(markdown_tables(out))
@@ -387,11 +391,13 @@ def main(argv: list[str] | None = None) -> dict:
         if a.rs_control and a.keep_file:  # keep the seed now, before its control runs
             _write_json(Path(a.keep_file), {**summarise_project(project), "rs_random_control": PENDING,
                                              "project": str(project), "config": a.config, "overrides": a.overrides,
+                                             "settings_fingerprint": settings_fingerprint(a.config, a.overrides),
                                              "wall_minutes_this_call": round((time.time() - t0) / 60, 1)})
     s = summarise_project(project)
     if a.rs_control:
         s["rs_random_control"] = rs_random_control(project, 1, run=not a.summarise)
     s.update({"project": str(project), "config": a.config, "overrides": a.overrides,
+              "settings_fingerprint": settings_fingerprint(a.config, a.overrides),
               "wall_minutes_this_call": round((time.time() - t0) / 60, 1)})
     RESULTS.mkdir(parents=True, exist_ok=True)
     for png in (project / "report").glob("*.png"):
@@ -412,14 +418,40 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+def settings_fingerprint(config: str | Path, overrides: list[str]) -> str:
+    """sha256 (16 hex digits) of what a seed's rounds ran with, bar the seed: the round config's text, the text of each
+    stage config it names (``config: configs/<x>.yaml``, found from the repository root) and the overrides other than
+    ``seed=``. Two seeds with the same fingerprint ran the same recipe."""
+    import hashlib
+    import re
+
+    text = Path(config).read_text()
+    h = hashlib.sha256(text.encode())
+    for name in sorted(set(re.findall(r"^\s*config:\s*['\"]?([^\s'\"#]+\.ya?ml)", text, flags=re.M))):
+        path = next((c for c in (Path(name), REPO / name) if c.is_file()), None)
+        h.update(f"\n--- {name}\n".encode() + (path.read_bytes() if path else b"<missing>"))
+    h.update("\n--- overrides\n".join(o for o in overrides if not o.startswith("seed=")).encode())
+    return h.hexdigest()[:16]
+
+
 def run_seeds(n: int, run_one: Callable[[int, Path | None], dict], *, keep: Path | None, project: str, fresh: bool = False,
-              can_finish: Callable[[int], bool] | None = None) -> list[dict]:
+              can_finish: Callable[[int], bool] | None = None, fingerprint: str | None = None) -> list[dict]:
     """Seeds 0..n-1 in turn: a seed whose summary ``keep`` holds (``<project>-s<seed>.json``) is read back, any other
     is run by ``run_one(seed, path)`` and its summary written there at once, so each seed is run once across sessions
     and resets (``fresh``: run them all again). ``run_one`` may keep the seed itself before its control runs
     (``rs_random_control`` = ``PENDING``); such a seed is run again (its rounds are done, so only the control runs)
-    when ``can_finish(seed)`` says its project is still there, and read back as it is otherwise."""
+    when ``can_finish(seed)`` says its project is still there, and read back as it is otherwise. With ``fingerprint``
+    (``settings_fingerprint`` of this call), a kept seed that ran with other settings (or says nothing of them) is
+    refused before anything runs: pooling it with seeds of this recipe would mix two recipes."""
     runs = []
+    if keep is not None and fingerprint is not None and not fresh:
+        for seed in range(n):
+            saved = keep / f"{project}-s{seed}.json"
+            if saved.is_file() and (had := json.loads(saved.read_text()).get("settings_fingerprint")) != fingerprint:
+                raise SystemExit(
+                    f"{saved}: seed {seed} of project {project!r} ran with other settings (fingerprint {had or 'not recorded'}"
+                    f"; this call's {fingerprint}: the round config, the stage configs it names or the overrides changed). "
+                    "Run the new settings as another --project (both kept), or --fresh to run every seed again")
     for seed in range(n):
         saved = keep / f"{project}-s{seed}.json" if keep is not None else None
         if saved is not None and saved.is_file() and not fresh:
@@ -607,6 +639,12 @@ def kept_seeds(keep: Path, project: str, n: int, *, refresh: bool = False) -> di
             missing.append(seed)
     if not runs:
         raise SystemExit(f"{keep} holds none of {project}-s0..{n - 1}.json")
+    prints = {r.get("settings_fingerprint") for r in runs}
+    if len(prints) > 1:
+        which = ", ".join(f"{project}-s{s}: {r.get('settings_fingerprint') or 'not recorded'}"
+                          for s, r in zip((s for s in range(n) if s not in missing), runs))
+        raise SystemExit(f"{keep}: the kept seeds of {project!r} ran with different settings ({which}); "
+                         "the targets over seeds pool one recipe")
     across = across_seeds(runs)
     if missing:
         for c in across.values():

@@ -266,6 +266,30 @@ def test_alignment_seeds_are_kept_and_each_run_once(tmp_path):
     assert json.loads((keep / "q-s0.json").read_text()) == here[0]
     assert run_seeds(1, pending, keep=keep, project="q", can_finish=lambda seed: True) == here and len(calls) == n_calls + 1
 
+    # a kept seed of other settings is refused before anything runs; the same settings are read back
+    from benchmarks.alignment import settings_fingerprint
+
+    (tmp_path / "configs").mkdir()
+    stage = tmp_path / "configs" / "dpo_x.yaml"
+    stage.write_text("train: {lr: 3.0e-4}\n")
+    cfg = tmp_path / "round.yaml"
+    cfg.write_text(f"policy:\n  dpo:\n    config: {stage}   # the DPO stage\nrounds: 3\n")
+    fp = settings_fingerprint(cfg, ["rounds=3"])
+    assert fp == settings_fingerprint(cfg, ["rounds=3", "seed=2"]) and len(fp) == 16  # the seed is not a setting
+    assert fp != settings_fingerprint(cfg, ["rounds=2"])
+    kept = run_seeds(2, lambda seed, saved: {"seed": seed, "settings_fingerprint": fp}, keep=keep, project="r", fingerprint=fp)
+    n_calls = len(calls)
+    assert run_seeds(2, one, keep=keep, project="r", fingerprint=fp) == kept and len(calls) == n_calls  # read back
+    stage.write_text("train: {lr: 5.0e-5}\n")  # a stage config the round names changed: another recipe
+    new_fp = settings_fingerprint(cfg, ["rounds=3"])
+    assert new_fp != fp
+    with pytest.raises(SystemExit, match=r"r-s0.json: seed 0 of project 'r' ran with other settings .*another --project"):
+        run_seeds(3, one, keep=keep, project="r", fingerprint=new_fp)
+    assert len(calls) == n_calls  # refused before seed 2 ran
+    with pytest.raises(SystemExit, match="fingerprint not recorded"):  # seeds kept before fingerprints existed
+        run_seeds(1, one, keep=keep, project="p", fingerprint=new_fp)
+    assert run_seeds(3, one, keep=keep, project="r2", fingerprint=new_fp) and calls[n_calls:] == [0, 1, 2]
+
     text = (REPO / "configs" / "round_gold_rm.yaml").read_text()
     assert golds_named(text) == ["hh-helpful-smollm2"]
     assert golds_named("judges: [gold, rm]", "eval.gold_model=gold:a", "x=gold:b", "y=gold:a") == ["a", "b"]
@@ -446,6 +470,10 @@ def test_alignment_kept_only_summarises_the_seeds_done_and_decides_nothing(tmp_p
     assert summary_rows("alignment", full)[0][2] == "70.0% +- 0.0"
     with pytest.raises(SystemExit, match="holds none"):
         kept_seeds(tmp_path, "q", 3)
+    # seeds of two recipes are not pooled: one kept seed ran with other settings
+    (tmp_path / "p-s2.json").write_text(json.dumps({**seed0, "settings_fingerprint": "abc"}))
+    with pytest.raises(SystemExit, match=r"p-s0: not recorded, p-s1: not recorded, p-s2: abc"):
+        kept_seeds(tmp_path, "p", 3)
 
 
 def test_rlhf_core_length_strata_by_hand():
