@@ -515,7 +515,7 @@ class Bench:
                        env={**os.environ, "WANDB_MODE": "disabled"})
         self.state.keep([f"{name}/summary.json", f"{name}/metrics.jsonl"], [f"{name}/model"])
 
-    # -- 10. PPO against the proxy with other seeds ---------------------------------------------
+    # -- 10. PPO against the proxy (and oracle PPO) with other seeds -----------------------------------------
     def seed_runs(self, kind: str = "proxy") -> dict[int, str]:
         """{PPO seed: run name} of the PPO runs of ``kind`` (``proxy``: against the largest proxy; ``oracle``:
         against the gold): ``--seed``'s is ``ppo_<kind>``, the others ``ppo_<kind>_seed<s>``: those ``--ppo-seeds``

@@ -185,6 +185,8 @@ def test_rlhf_core_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch, tiny_mo
     # oracle PPO with another seed: against the gold, judged by the proxy; its own comparison, spread and target
     oracle_cfg = yaml.safe_load((out / "ppo_oracle_seed1" / "config.yaml").read_text())
     assert oracle_cfg["run"]["seed"] == 1 and oracle_cfg["reward"]["helpful"] == "gold:tiny"
+    # its curve reads its reward as the gold and the proxy judge beside it (the oracle's, not the proxy run's, layout)
+    assert all(p["gold"] is not None and p["proxy"] is not None for p in seeded["ppo"]["ppo_oracle_seed1"]["curve"])
     ogot = seeded["ppo_oracle_seeds"]
     assert ogot["prompt_sets"] == "pooled" and set(ogot["seeds"]) == {"0", "1"}
     assert ogot["seeds"]["0"]["run"] == "ppo_oracle" and ogot["seeds"]["1"]["run"] == "ppo_oracle_seed1"
