@@ -92,7 +92,11 @@ def summarise_project(project: Path) -> dict:
             "policy": {k: v for k, v in steps.get("policy", {}).get("outputs", {}).get("metrics", {}).items()
                        if k in ("reward_before", "reward_after", "eval_reward_baseline", "eval_reward_best",
                                 "global_step", "train_seconds", "returned")},
-            "step_seconds": {k: v.get("seconds") for k, v in steps.items()},
+            # a step's time over every attempt: one killed by a session's end or failed and run again costs its
+            # earlier attempts too (a resumed stage would otherwise look as cheap as its last leg)
+            "step_seconds": {k: v.get("seconds_all_attempts", v.get("seconds")) for k, v in steps.items()},
+            "interrupted_seconds": {k: round(sum(a["seconds"] for a in v["interrupted"]), 1)
+                                    for k, v in steps.items() if v.get("interrupted")},
         })
     if not rounds:
         raise FileNotFoundError(f"{project}: no rounds")
@@ -119,7 +123,8 @@ def summarise_project(project: Path) -> dict:
                            "paired": (last.get("truthfulqa_vs_sft") or {}).get("paired"),
                            "target": "within 2 points of the SFT model's, on real TruthfulQA"},
         "time": {"minutes": round(seconds / 60, 1), "met": seconds / 60 <= TARGETS["minutes"],
-                 "target": "<= 90 min on 2 CPU cores"},
+                 "interrupted_minutes": round(sum(v for r in rounds for v in r["interrupted_seconds"].values()) / 60, 1),
+                 "target": "<= 90 min on 2 CPU cores (steps' time over all their attempts)"},
     }
     control = last["decoding_control"].get(f"winrate_{judge}_vs_decoding")  # the first judge's
     if control is not None:
@@ -286,6 +291,10 @@ def markdown_tables(summary: dict) -> str:
             if any(c >= 0.05 for c in cells):
                 out.append(f"| {n}: {step} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     out.append("| total | " + " | ".join(f"{run['targets']['time']['minutes']}" for run in summary["seeds"]) + " |")
+    cut = [(name, run["targets"]["time"].get("interrupted_minutes") or 0) for name, run in zip(names, summary["seeds"])]
+    if any(m for _, m in cut):
+        out += ["", "Steps' minutes include attempts that were killed or failed and run again ("
+                + ", ".join(f"seed {name}: {m:.1f} min" for name, m in cut if m) + ")."]
     return "\n".join(out) + "\n"
 
 

@@ -3,6 +3,7 @@ killed in the middle of a step and resumed, against an uninterrupted run; people
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -136,6 +137,88 @@ def _done(p: Project, n: int, **steps: dict) -> None:
     m = p.manifest(n)
     m["steps"].update({k: {"status": "done", **v} for k, v in steps.items()})
     p.save_manifest(n, m)
+
+
+def test_a_failed_step_says_so_and_its_time_counts_when_it_runs_again(tmp_path, monkeypatch):
+    from alignment.rounds import StageFailed, Steps, format_status, run_step
+
+    p = _project(tmp_path)
+    calls = []
+
+    def sft(self):
+        calls.append(self.n)
+        if len(calls) == 1:
+            time.sleep(0.3)
+            raise StageFailed("align sft: exit code 1 (see the log)")
+        return {"inputs": {}, "outputs": {"path": "sft"}}
+
+    monkeypatch.setattr(Steps, "sft", sft)
+    with pytest.raises(StageFailed):
+        run_step(p, 1, "sft")
+    rec = p.manifest(1)["steps"]["sft"]
+    assert rec["status"] == "failed" and rec["error"] == "StageFailed: align sft: exit code 1 (see the log)"
+    assert rec["pid"] == os.getpid() and 0.3 <= rec["seconds"] < 30
+    assert not (p.round_dir(1) / ".sft.alive").exists()  # the heartbeat goes with the attempt
+    assert p.pending(1)[0] == "sft"  # failed is not done
+    text_ = format_status(status(p))
+    assert "step sft: failed at" in text_ and "exit code 1" in text_
+
+    assert run_step(p, 1, "sft") == "done"
+    rec = p.manifest(1)["steps"]["sft"]
+    assert rec["status"] == "done" and rec["outputs"] == {"path": "sft"}
+    [earlier] = rec["interrupted"]
+    assert earlier["error"].startswith("StageFailed") and earlier["seconds"] >= 0.3
+    assert rec["seconds_all_attempts"] == pytest.approx(rec["seconds"] + earlier["seconds"], abs=0.1)
+    assert status(p)["rounds"][0]["interrupted"] == {"sft": {"attempts": 1, "seconds": earlier["seconds"]}}
+
+
+def test_a_step_killed_without_a_word_is_timed_by_its_heartbeat(tmp_path, monkeypatch):
+    """A "running" record nobody holds the lock for is an attempt that died (a session's end, an OOM kill): the next
+    attempt keeps it with the seconds from its start to its heartbeat file's last touch."""
+    from alignment.rounds import Steps, format_status, run_step
+
+    p = _project(tmp_path)
+    started = time.time() - 100
+    m = p.manifest(1)
+    m["steps"]["sft"] = {"status": "running", "started_at": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(), "pid": 4242}
+    p.save_manifest(1, m)
+    beat = p.round_dir(1) / ".sft.alive"
+    beat.touch()
+    os.utime(beat, (started + 60, started + 60))  # last alive 60 s after it started
+    assert "step sft: stopped without finishing (pid 4242" in format_status(status(p))
+
+    monkeypatch.setattr(Steps, "sft", lambda self: {"inputs": {}, "outputs": {}})
+    assert run_step(p, 1, "sft") == "done"
+    rec = p.manifest(1)["steps"]["sft"]
+    [earlier] = rec["interrupted"]
+    assert earlier["pid"] == 4242 and earlier["seconds"] == pytest.approx(60, abs=1.5)
+    assert rec["seconds_all_attempts"] == pytest.approx(60 + rec["seconds"], abs=1.5)
+    assert not beat.exists()
+
+
+def test_one_process_runs_a_projects_steps(tmp_path):
+    """Two `align round run` on one project would sample, label and train over each other: the second is refused,
+    naming the holder; the lock is re-entrant in its process and released after."""
+    from alignment.rounds import project_lock
+    from alignment.rounds.project import lock_holder
+
+    p = _project(tmp_path)
+    assert lock_holder(p) is None
+    other = [sys.executable, "-c", "import sys; from alignment.rounds import Project, project_lock, ProjectBusy\n"
+             f"p = Project({str(tmp_path)!r}, 'hand')\n"
+             "try:\n    with project_lock(p): print('got it')\nexcept ProjectBusy as e:\n    print(e); sys.exit(3)"]
+    with project_lock(p):
+        with project_lock(p):  # re-entrant: a step inside a run
+            assert lock_holder(p).endswith("(this process)")
+        res = subprocess.run(other, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 3, res.stderr[-2000:]
+        assert f"pid {os.getpid()} since" in res.stdout and "is running this project's steps" in res.stdout
+        res = run_align("round", "run", "--project", "hand", "--root", str(tmp_path), timeout=300)
+        assert res.returncode == 1 and "is running this project's steps" in res.stderr
+        assert p.manifest(1)["steps"] == {}  # refused before anything ran
+    assert lock_holder(p) is None
+    res = subprocess.run(other, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "got it" in res.stdout
 
 
 def _toxigen_rows(path: Path, flags: list[bool]) -> None:
@@ -497,6 +580,17 @@ def test_the_alignment_summary_reads_the_projects_first_judge(whole, tmp_path):
         sum(last[q]["mc2"] - sft[q]["mc2"] for q in sft) / 3)
     assert s["targets"]["truthfulqa_mc2"]["paired"] == tq["paired"] and tq["shift"]["n_questions"] == 3
     assert s["rounds"][0]["truthfulqa_vs_previous"] == s["rounds"][0]["truthfulqa_vs_sft"]  # round 1 starts from SFT
+    # time over all attempts: a step killed once and run again costs both attempts
+    m2 = json.loads((copy / "round-2" / "manifest.json").read_text())
+    pol = m2["steps"]["policy"]
+    pol.update(interrupted=[{"started_at": "2026-12-07T12:00:00+00:00", "seconds": 600.0, "pid": 1}],
+               seconds_all_attempts=pol["seconds"] + 600.0)
+    (copy / "round-2" / "manifest.json").write_text(json.dumps(m2))
+    t = summarise_project(copy)
+    assert t["rounds"][1]["step_seconds"]["policy"] == pol["seconds"] + 600.0
+    assert t["rounds"][1]["interrupted_seconds"] == {"policy": 600.0} and t["rounds"][0]["interrupted_seconds"] == {}
+    assert t["targets"]["time"]["interrupted_minutes"] == 10.0
+    assert t["targets"]["time"]["minutes"] == pytest.approx(s["targets"]["time"]["minutes"] + 10.0, abs=0.1)
     # a seed kept by older code is summarised again from its project with --kept-only --refresh; what the project
     # cannot give (its control) is kept
     from benchmarks.alignment import kept_seeds
@@ -612,10 +706,15 @@ def test_killed_in_a_step_resumes_to_the_same_result(whole, tmp_path):
     _wait_for(ckpt, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    killed_at = time.time()
     time.sleep(3)  # the stage's child process dies with the orchestrator: nothing more is written
     assert not (project / "round-2" / "rm_helpful" / "summary.json").exists()
     m = json.loads((project / "round-2" / "manifest.json").read_text())
-    assert list(m["steps"]) == ["sample", "annotate", "export", "rm_before"]
+    assert list(m["steps"]) == ["sample", "annotate", "export", "rm_before", "rm_helpful"]
+    cut_step = m["steps"]["rm_helpful"]
+    assert cut_step["status"] == "running" and cut_step["pid"] == proc.pid  # what the killed process left
+    res = run_align("round", "status", "--project", "cut", "--root", str(tmp_path))
+    assert f"step rm_helpful: stopped without finishing (pid {proc.pid}" in res.stdout, res.stdout
 
     res = run_align("round", "run", "--project", "cut", "--root", str(tmp_path), timeout=900)
     assert res.returncode == 0, res.stderr[-5000:]
@@ -649,6 +748,14 @@ def test_killed_in_a_step_resumes_to_the_same_result(whole, tmp_path):
     wa = load_file(project / "round-2" / "rm_helpful" / "model" / "model.safetensors")
     wb = load_file(whole / "round-2" / "rm_helpful" / "model" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # the killed attempt's time is kept: from its start to its heartbeat's last touch (every 5 s), before the kill
+    rec = cut[2]["steps"]["rm_helpful"]
+    [killed] = rec["interrupted"]
+    started = dt.datetime.fromisoformat(killed["started_at"]).timestamp()
+    assert killed["pid"] == proc.pid and 0 <= killed["seconds"] <= killed_at - started + 1
+    assert killed_at - started - killed["seconds"] <= 5 + 2  # at most one heartbeat period lost
+    assert rec["seconds_all_attempts"] == pytest.approx(rec["seconds"] + killed["seconds"], abs=0.1)
+    assert [k for k, v in cut[2]["steps"].items() if v.get("interrupted")] == ["rm_helpful"]
 
 
 def test_people_in_the_loop(whole, tmp_path):

@@ -42,7 +42,9 @@ The registry is one ``manifest.json`` per round: every finished step with its in
 parent checkpoints, data files with SHA-256) and outputs (paths, metrics), written atomically
 after the step. A step is done only when the manifest says so; a killed step is resumed (the
 training stages continue from their last checkpoint, sampling and evaluation redo what they had
-not finished), so killing ``align round run`` at any point and running it again loses nothing.
+not finished), so killing ``align round run`` at any point and running it again loses nothing; the
+manifest keeps each killed or failed attempt's time under the step's ``interrupted``. One process
+runs a project's steps at a time (``<project>/.lock``); a second ``align round run`` is refused.
 Training stages run as child processes (``align <stage> --config ... overrides``; with a
 ``launch`` accelerate config when set) that die with the orchestrator.
 """
@@ -61,7 +63,7 @@ from alignment.rounds.config import (
     StageSpec,
 )
 from alignment.rounds.driver import current_round, format_status, next_step, promote, run, run_step, status
-from alignment.rounds.project import Project, now, sha256
+from alignment.rounds.project import Project, ProjectBusy, now, project_lock, sha256
 from alignment.rounds.steps import StageFailed, Steps, draw_prompts, run_stage
 
 
@@ -73,6 +75,6 @@ def cli(name: str, argv: list[str]) -> int:
 
 
 __all__ = ["FIRST_ROUND", "FIRST_ROUND_SAMPLED", "LATER_ROUND", "WAITING", "AnnotationConfig", "Config", "HeldOutLeak",
-           "Project", "PromoteConfig", "RoundConfig", "SampleConfig", "StageFailed", "StageSpec", "Steps", "cli", "current_round",
-           "draw_prompts", "format_status", "next_step", "now", "promote", "run",
-           "run_stage", "run_step", "sha256", "status"]
+           "Project", "ProjectBusy", "PromoteConfig", "RoundConfig", "SampleConfig", "StageFailed", "StageSpec", "Steps", "cli",
+           "current_round", "draw_prompts", "format_status", "next_step", "now", "project_lock", "promote", "run", "run_stage",
+           "run_step", "sha256", "status"]

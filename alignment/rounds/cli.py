@@ -12,6 +12,7 @@ from foundation.config import ConfigError, load_config
 from data.heldout import HeldOutLeak
 from alignment.rounds.config import WAITING, RoundConfig
 from alignment.rounds.driver import current_round, format_status, promote, run, run_step, status
+from alignment.rounds.project import ProjectBusy
 from alignment.rounds.project import Project
 from alignment.rounds.steps import StageFailed
 
@@ -65,7 +66,7 @@ def cli(name: str, argv: Sequence[str], description: str | None = None) -> int:
     if a.cmd == "promote":
         try:
             promote(p, a.round)
-        except ValueError as exc:
+        except (ValueError, ProjectBusy) as exc:
             print(f"align round promote: {exc}", file=sys.stderr)
             return 2
         print(f"round {a.round}'s policy is now the current policy: {p.policy_of(a.round)}")
@@ -79,7 +80,7 @@ def cli(name: str, argv: Sequence[str], description: str | None = None) -> int:
         if a.rounds:
             p.cfg.rounds = a.rounds
         result = run(p)
-    except (StageFailed, HeldOutLeak) as exc:
+    except (StageFailed, HeldOutLeak, ProjectBusy) as exc:
         print(f"align round {a.cmd}: {exc}", file=sys.stderr)
         return 1
     print(format_status(status(p)))

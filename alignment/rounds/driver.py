@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from alignment.evals.suite import BENCHMARKS
 from alignment.rounds.config import WAITING
-from alignment.rounds.project import Project, now
+from alignment.rounds.project import Project, lock_holder, now, project_lock
 from alignment.rounds.steps import Steps
 
 log = logging.getLogger("alignment.rounds")
@@ -34,30 +37,112 @@ def next_step(p: Project, *, start_new: bool = True) -> tuple[int, str] | None:
     return n, p.pending(n)[0]
 
 
+HEARTBEAT_S = 5.0  # how often a running step touches its heartbeat file (the end of an attempt that was killed)
+
+
+def heartbeat_path(p: Project, n: int, step: str) -> Path:
+    return p.round_dir(n) / f".{step}.alive"
+
+
+class _Heartbeat:
+    """Touches ``path`` every ``every`` seconds while a step runs, so that an attempt killed without a word (a session's
+    end, an OOM kill, ^C twice) still leaves when it was last alive: the next attempt records how long it ran."""
+
+    def __init__(self, path: Path, every: float = HEARTBEAT_S) -> None:
+        self.path, self.every, self._stop = path, every, threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat {path.name}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.path.touch()
+            except OSError:  # the round folder went away under us: nothing to record
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self.path.touch()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+def _interrupted(p: Project, n: int, step: str, record: dict) -> list[dict]:
+    """Earlier attempts of ``step`` that did not finish: the ones carried in ``record``, plus ``record`` itself when it
+    failed or still says "running" (with the project lock held nobody else runs it: it was killed)."""
+    attempts = list(record.get("interrupted", []))
+    if record.get("status") == "running":
+        started = dt.datetime.fromisoformat(record["started_at"]).timestamp()
+        beat = heartbeat_path(p, n, step)
+        alive = max(beat.stat().st_mtime, started) if beat.is_file() else started
+        attempts.append({"started_at": record["started_at"], "last_alive_at": _iso(alive), "pid": record.get("pid"),
+                         "seconds": round(alive - started, 1)})
+        log.warning("round %d: step %s: an earlier attempt (pid %s, started %s) stopped without finishing after ~%.0f s; "
+                    "running it again (its time is kept in the manifest)", n, step, record.get("pid"),
+                    record["started_at"], alive - started)
+        beat.unlink(missing_ok=True)
+    elif record.get("status") == "failed":
+        attempts.append({"started_at": record["started_at"], "failed_at": record.get("failed_at"), "pid": record.get("pid"),
+                         "seconds": record["seconds"], "error": record.get("error")})
+    return attempts
+
+
 def run_step(p: Project, n: int, step: str) -> str:
-    """Run one step and record it. Returns "done" or WAITING."""
-    m = p.manifest(n)
-    p.save_manifest(n, m)  # the round exists from its first step on
-    started = time.time()
-    log.info("round %d: step %s", n, step)
-    result = getattr(Steps(p, n), step)()
-    if result == WAITING:
+    """Run one step and record it. Returns "done" or WAITING.
+
+    The manifest says "running" from the step's start on; an attempt that dies leaves that record (and its heartbeat
+    file), and the next attempt keeps it under ``interrupted`` with the seconds it ran, so a step's cost over a kill and
+    a resume is ``seconds`` + the interrupted attempts' (``seconds_all_attempts``), never silently the last attempt's."""
+    with project_lock(p):
         m = p.manifest(n)
-        m["steps"][step] = {"status": WAITING, "checked_at": now()}
+        interrupted = _interrupted(p, n, step, m["steps"].get(step, {}))
+        started = time.time()
+        m["steps"][step] = {"status": "running", "started_at": _iso(started), "pid": os.getpid(),
+                            **({"interrupted": interrupted} if interrupted else {})}
+        p.save_manifest(n, m)  # the round exists from its first step on
+        log.info("round %d: step %s", n, step)
+        try:
+            with _Heartbeat(heartbeat_path(p, n, step)):
+                result = getattr(Steps(p, n), step)()
+        except BaseException as exc:  # a failed stage, ^C: recorded, so that status does not say "running"
+            m = p.manifest(n)
+            m["steps"][step] = {"status": "failed", "started_at": _iso(started), "failed_at": now(),
+                                "seconds": round(time.time() - started, 1), "pid": os.getpid(),
+                                "error": f"{type(exc).__name__}: {exc}"[:500],
+                                **({"interrupted": interrupted} if interrupted else {})}
+            p.save_manifest(n, m)
+            raise
+        extra = ({"interrupted": interrupted,
+                  "seconds_all_attempts": round(time.time() - started + sum(a["seconds"] for a in interrupted), 1)}
+                 if interrupted else {})
+        m = p.manifest(n)
+        if result == WAITING:
+            m["steps"][step] = {"status": WAITING, "checked_at": now(), **extra}
+            p.save_manifest(n, m)
+            return WAITING
+        m["steps"][step] = {"status": "done", "started_at": _iso(started), "finished_at": now(),
+                            "seconds": round(time.time() - started, 1), **extra, **result}
+        if step == "promote":
+            m["promoted"] = result["outputs"]["promoted"]
+            m["policy"] = p.policy_of(n)
         p.save_manifest(n, m)
-        return WAITING
-    m = p.manifest(n)
-    m["steps"][step] = {"status": "done", "started_at": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"),
-                        "finished_at": now(), "seconds": round(time.time() - started, 1), **result}
-    if step == "promote":
-        m["promoted"] = result["outputs"]["promoted"]
-        m["policy"] = p.policy_of(n)
-    p.save_manifest(n, m)
-    return "done"
+        return "done"
 
 
 def run(p: Project, *, max_steps: int | None = None, stop: Callable[[int, str], bool] | None = None) -> str:
     """Run steps until one waits for people, ``rounds`` rounds are done, or ``max_steps`` ran."""
+    with project_lock(p):
+        return _run(p, max_steps=max_steps, stop=stop)
+
+
+def _run(p: Project, *, max_steps: int | None, stop: Callable[[int, str], bool] | None) -> str:
     steps = 0
     while max_steps is None or steps < max_steps:
         n = current_round(p)
@@ -74,6 +159,11 @@ def run(p: Project, *, max_steps: int | None = None, stop: Callable[[int, str], 
 
 def promote(p: Project, n: int) -> dict:
     """Promote round ``n``'s policy by hand (the next round samples from it)."""
+    with project_lock(p):
+        return _promote(p, n)
+
+
+def _promote(p: Project, n: int) -> dict:
     m = p.manifest(n)
     if m["steps"].get("policy", {}).get("status") != "done":
         raise ValueError(f"round {n} has no finished policy to promote (steps pending: {', '.join(p.pending(n)) or 'none'})")
@@ -133,6 +223,19 @@ def status(p: Project) -> dict:
         if val:
             metrics["validation_winrate_vs_previous"] = f"{show(val)} by {val['judge']}: what promotion reads"
         row["metrics"] = metrics
+        holder = None
+        for name, rec in steps.items():
+            if rec.get("status") == "running":
+                holder = holder or lock_holder(p) or ""
+                row.setdefault("unfinished", {})[name] = (
+                    f"running since {rec['started_at']} ({holder})" if holder else
+                    f"stopped without finishing (pid {rec.get('pid')}, started {rec['started_at']}): the next run "
+                    f"runs it again")
+            elif rec.get("status") == "failed":
+                row.setdefault("unfinished", {})[name] = f"failed at {rec.get('failed_at')}: {rec.get('error')}"
+            if rec.get("interrupted"):
+                row.setdefault("interrupted", {})[name] = {
+                    "attempts": len(rec["interrupted"]), "seconds": round(sum(a["seconds"] for a in rec["interrupted"]), 1)}
         if "annotate" in row["pending"] and steps.get("sample", {}).get("status") == "done":
             from data.store import AnnotationStore
 
@@ -172,6 +275,11 @@ def format_status(s: dict) -> str:
             for w in r["settled_short"]:
                 lines.append(f"    task {w['task']}: {w['why']}")
             lines += [f"  {c}" for c in r["commands"]]
+        for step, why in r.get("unfinished", {}).items():
+            lines.append(f"  step {step}: {why}")
+        for step, att in r.get("interrupted", {}).items():
+            lines.append(f"  step {step}: {att['attempts']} earlier attempt(s) stopped or failed after "
+                         f"{att['seconds']:.0f} s in all (kept in the manifest under `interrupted`)")
         for k, v in r["metrics"].items():
             lines.append(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
     lines.append(f"next: round {s['next']['round']} step {s['next']['step']}" if s["next"] else "all configured rounds are done")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,70 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+_HELD: dict[Path, tuple[Any, int]] = {}  # project folder -> (open lock file, depth) held by this process
+
+
+class ProjectBusy(RuntimeError):
+    """Another process is running steps of this project."""
+
+
+@contextlib.contextmanager
+def project_lock(p: Project) -> Iterator[None]:
+    """Hold ``<project>/.lock`` (an exclusive ``flock``) while steps run: two ``align round run`` on one project would
+    sample, label and train over each other. Re-entrant within a process; the lock goes with the process that holds it,
+    so a killed run leaves nothing to clean up."""
+    key = p.dir.resolve()
+    if key in _HELD:
+        fh, depth = _HELD[key]
+        _HELD[key] = (fh, depth + 1)
+        try:
+            yield
+        finally:
+            fh, depth = _HELD[key]
+            _HELD[key] = (fh, depth - 1)
+        return
+    import fcntl
+
+    p.dir.mkdir(parents=True, exist_ok=True)
+    fh = open(p.dir / ".lock", "a+")  # noqa: SIM115 - held across the yield
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise ProjectBusy(f"{p.dir}: {holder} is running this project's steps (lock {p.dir / '.lock'}); wait for it "
+                          f"to finish, or stop it, then run again") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} since {now()}\n")
+    fh.flush()
+    _HELD[key] = (fh, 1)
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        fh.close()  # closing releases the flock
+
+
+def lock_holder(p: Project) -> str | None:
+    """Who holds ``p``'s lock ("pid N since T"), or None when no process runs its steps."""
+    if p.dir.resolve() in _HELD:
+        return f"pid {os.getpid()} (this process)"
+    path = p.dir / ".lock"
+    if not path.is_file():
+        return None
+    import fcntl
+
+    with open(path) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fh.read().strip() or "another process"
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
 
 
 class Project:
