@@ -8,7 +8,8 @@ Parts: overhead (our SFT/RM/DPO step vs a hand-written PyTorch loop), mfu (token
 matmul FLOP/s), ppo (PPO iteration split, rollout generation vs model.generate, memory vs SFT-LoRA),
 generate (the generation engine vs model.generate and the compute bound, batch 8-128), memory (per-GPU
 memory of PPO at 7B/13B/70B under ZeRO-2/3 and offload, computed from the model configs),
-defaults (fp32 vs bf16 autocast, activation checkpointing), scaling (SFT on 1 vs 2 processes), gpu
+defaults (fp32 vs bf16 autocast, activation checkpointing), precision (bf16 vs fp32 on this CPU: generation,
+scoring fidelity, training steps), scaling (SFT on 1 vs 2 processes), gpu
 (SFT and PPO in bf16 on a CUDA GPU: throughput, memory, MFU; skipped without one). Two long parts run
 only when named: alignment (three RLHF rounds judged by the gold judge, ~90 min), rm_real (a
 helpfulness RM on HH-RLHF, ~1 h) and rlhf_core (Gao et al.'s proxy/gold protocol: best-of-n and PPO
@@ -77,6 +78,12 @@ def _defaults(argv: list[str]) -> dict:
     return defaults.main(argv)
 
 
+def _precision(argv: list[str]) -> dict:
+    from benchmarks import precision
+
+    return precision.main(argv)
+
+
 def _scaling(argv: list[str]) -> dict:
     from benchmarks import scaling
 
@@ -126,7 +133,7 @@ def _rm_real(argv: list[str]) -> dict:
 
 
 PARTS: dict[str, Callable[[list[str]], dict]] = {"overhead": _overhead, "mfu": _mfu, "ppo": _ppo, "generate": _generate,
-                                                 "defaults": _defaults, "scaling": _scaling,
+                                                 "defaults": _defaults, "precision": _precision, "scaling": _scaling,
                                                    "gpu": _gpu, "alignment": _alignment, "rm_real": _rm_real,
                                                    "rlhf_core": _rlhf_core, "memory": _memory,
                                                    "truthfulqa_tax": _truthfulqa_tax, "length_control": _length_control,
@@ -162,6 +169,12 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
                  + (f"{r['speedup']:.2f}x" if "speedup" in r else "no baseline"), ">= 40% at batch >= 32"] for r in r["rows"]]
     if name == "defaults":
         return [["defaults", f"SFT-LoRA step, {x['setting']} / default", x["vs_default"], ""] for x in r["rows"][1:]]
+    if name == "precision":
+        g, s = r["generation"]["best_tokens_per_s"], r["scoring"]["truthfulqa"]
+        rows = [["precision", "generation tokens/s, bf16 / fp32", g["bfloat16"] / g["float32"], "speed"],
+                ["precision", f"TruthfulQA MC2, bf16 - fp32 (points, n={s['n']})", s["mc2_diff_points"], "fidelity"]]
+        return rows + [["precision", f"SFT-LoRA step, {x['setting']} / fp32", x.get("vs_fp32", x.get("error")), ""]
+                       for x in r.get("training", [])[1:]]
     if name == "memory":
         return [["memory", f"PPO {x['method']} {x['model']}, {x['layout']}: GiB per GPU of {r['args']['gpus']}",
                  x["total"], f"<= {r['args']['gpu_gib']:.0f} (estimate)"] for x in r["rows"] if x["layout"] == "zero3"]

@@ -586,3 +586,35 @@ def test_rs_room_pick_gains_by_the_gold_computed_by_hand():
     scored = gold_scores(Scorer(), {"p1": rec(0, [True, True, True], ("x", "yy", "zzz")), "p3": ranked["p3"]},
                          require_eos=True, batch=2)
     assert scored == {"p1": [1.0, 2.0, 3.0]}  # p3 has no choice: not scored
+
+
+def test_precision_fidelity_is_zero_for_one_model_twice_and_not_for_bf16(tiny_model):
+    """The bf16-vs-fp32 comparison of ``benchmarks precision`` on a tiny model: the same model in both slots gives
+    identical greedy answers, equal MC2 and log-probabilities; the model in bf16 gives different log-probabilities."""
+    import torch
+
+    from benchmarks import precision
+    from benchmarks.__main__ import summary_rows
+    from foundation import models
+
+    tok = models.load_tokenizer(tiny_model)
+    fp32 = models.load_causal_lm(tiny_model, dtype="float32").eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("Hi", "Why is the sky blue?", "Name three colours.")]
+    with torch.inference_mode():
+        same, answers = precision.greedy({"float32": fp32, "bfloat16": fp32}, tok, prompts, 6)
+        assert same == {"prompts": 3, "new_tokens": 6, "identical": 3, "mean_shared_prefix_share": 1.0}
+        scored = precision.scoring({"float32": fp32, "bfloat16": fp32}, tok, prompts, answers, 3, 0)
+        assert scored["truthfulqa"]["n"] == 3 and scored["truthfulqa"]["mc2_max_abs_diff"] == 0.0
+        assert scored["answer_logprobs"]["mean_abs_diff_per_token"] == 0.0
+        assert scored["answer_logprobs"]["tokens"] == sum(len(a.response_ids) for a in answers) > 0
+        bf16 = models.load_causal_lm(tiny_model, dtype="bfloat16").eval()
+        assert next(bf16.parameters()).dtype == torch.bfloat16
+        mixed = precision.scoring({"float32": fp32, "bfloat16": bf16}, tok, prompts, answers, 3, 0)
+    assert mixed["answer_logprobs"]["mean_abs_diff_per_token"] > 0
+    result = {"generation": {"best_tokens_per_s": {"float32": 50.0, "bfloat16": 125.0}}, "scoring": mixed,
+              "training": [{"setting": "fp32", "median_s": 2.0, "vs_fp32": 1.0},
+                           {"setting": "bf16 autocast, fp32 weights", "median_s": 1.0, "vs_fp32": 0.5},
+                           {"setting": "bf16 autocast, bf16 base weights", "error": "RuntimeError: no"}]}
+    rows = summary_rows("precision", result)
+    assert rows[0][2] == 2.5 and rows[1][2] == pytest.approx(mixed["truthfulqa"]["mc2_diff_points"])
+    assert [r[2] for r in rows[2:]] == [0.5, "RuntimeError: no"]
