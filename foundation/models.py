@@ -19,6 +19,7 @@ leaves a half-written checkpoint behind: one process wins the rename, the others
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -27,6 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from foundation.config import check, option
@@ -310,8 +312,58 @@ def select_device(device: str = "auto") -> "torch.device":
     return torch.device("cpu")
 
 
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
+_cpu_inference_dtype: list[str] = []  # the innermost inference_precision() block's CPU dtype (empty: fp32)
+
+
+def cpu_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in ``/proc/cpuinfo``, or the ``cpuinfo`` text
+    given). Without it torch emulates bf16 and is much slower than fp32 (``benchmarks defaults``: 19x on an SFT step);
+    with it, measure (``benchmarks precision``)."""
+    text = cpuinfo
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def resolve_inference_dtype(dtype: str) -> str:
+    """The CPU dtype of no-grad work (evaluation answers, judges, benchmarks) for a setting ``auto`` / ``float32`` /
+    ``bfloat16``: ``auto`` is fp32 (bf16 evaluation on a CPU is opt-in until ``benchmarks precision`` shows its
+    speed and fidelity); ``bfloat16`` on a CPU without native bf16 is refused (emulated, many times slower)."""
+    check(dtype in INFERENCE_DTYPES, "dtype", f"must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    if dtype == "bfloat16" and not cpu_native_bf16():
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("dtype: bfloat16 needs a CPU with native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo) or a "
+                             "GPU; this machine has neither (torch would emulate it, many times slower than fp32)")
+    return "float32" if dtype == "auto" else dtype
+
+
+@contextlib.contextmanager
+def inference_precision(dtype: str) -> Iterator[str]:
+    """Within the block, a model loaded with ``dtype="auto"`` on the CPU loads in ``dtype`` (``resolve_inference_dtype``);
+    GPUs keep their own ``auto`` (bf16 where supported). For no-grad work only: nothing may train in the block.
+    Reward models keep their score head and its input in fp32 (``load_reward_model``), so that bf16 rounding makes
+    no ties between rewards. Yields the resolved dtype."""
+    resolved = resolve_inference_dtype(dtype)
+    _cpu_inference_dtype.append(resolved)
+    try:
+        yield resolved
+    finally:
+        _cpu_inference_dtype.pop()
+
+
 def select_dtype(dtype: str = "auto", device: "torch.device | str | None" = None) -> "torch.dtype":
-    """fp32 on CPU (bf16 has no native support on our CPUs and is much slower), bf16 on GPUs that have it."""
+    """bf16 on GPUs that have it; fp32 on CPU (torch emulates bf16 on most CPUs, much slower), or the dtype of the
+    enclosing ``inference_precision`` block."""
     import torch
 
     if dtype != "auto":
@@ -319,6 +371,8 @@ def select_dtype(dtype: str = "auto", device: "torch.device | str | None" = None
     dev = torch.device(device) if device is not None else select_device()
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
+    if dev.type == "cpu" and _cpu_inference_dtype:
+        return getattr(torch, _cpu_inference_dtype[-1])
     return torch.float32
 
 

@@ -207,6 +207,20 @@ class RewardModelScorer(Scorer):
         return out
 
 
+def fp32_score_head(model: PreTrainedModel) -> PreTrainedModel:
+    """A reward model whose backbone is bf16/fp16 scores with its head in fp32: the head's weights are cast and its input
+    (the last hidden state) is cast up before it, so the reward is a fp32 dot product, not a value rounded to bf16's 8
+    significant bits (which would tie rewards 0.01 apart). A fp32 model is returned as it is."""
+    import torch
+
+    head = getattr(model, "score", None)
+    if head is None or not isinstance(head, torch.nn.Linear) or head.weight.dtype == torch.float32:
+        return model
+    head.float()
+    head.register_forward_pre_hook(lambda _module, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
+    return model
+
+
 def load_scorer(name_or_path: str, *, device: str = "auto", batch_size: int = 16, normalize: bool = False,
                 max_length: int | None = None, dtype: str = "auto") -> RewardModelScorer:
     """A batched scorer for a trained reward model (stage output, checkpoint or adapter folder).
@@ -226,6 +240,6 @@ def load_scorer(name_or_path: str, *, device: str = "auto", batch_size: int = 16
     stats = read_stats(resolved)
     if max_length is None:
         max_length = int(stats.get("max_length", DEFAULT_MAX_LENGTH)) if stats else DEFAULT_MAX_LENGTH
-    model = load_reward_model(resolved, dtype=dtype, device=device)
+    model = fp32_score_head(load_reward_model(resolved, dtype=dtype, device=device))
     tokenizer = load_tokenizer(resolved)
     return RewardModelScorer(model, tokenizer, batch_size=batch_size, max_length=max_length, stats=stats, normalize=normalize)

@@ -238,6 +238,18 @@ def test_cli_reports_mc1_mc2(tiny_model, tmp_path):
     proc = run_cli("eval", "truthfulqa", "--model", tiny_model, "--data", str(tmp_path / "missing.json"),
                    "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "missing.json: file not found" in proc.stderr
+    from foundation.models import cpu_native_bf16
+
+    proc = run_cli("eval", "truthfulqa", "--model", tiny_model, "--data", "bundled:truthfulness", "--limit", "2",
+                   "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16")
+    if cpu_native_bf16():  # the model ran in bf16 and the result says so
+        assert proc.returncode == 0, proc.stderr
+        saved = json.loads((tmp_path / "bf16" / "truthfulqa.json").read_text())
+        assert saved["settings"]["dtype"] == "torch.bfloat16"
+        assert json.loads((tmp_path / "truthfulqa.json").read_text())["settings"]["dtype"] == "torch.float32"
+    else:  # refused, not emulated many times slower
+        assert proc.returncode != 0 and "needs a CPU with native bf16" in proc.stderr
+        assert not (tmp_path / "bf16" / "truthfulqa.json").exists()
 
 
 @pytest.mark.slow

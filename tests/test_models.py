@@ -149,3 +149,32 @@ def test_full_sft_with_bf16_autocast_keeps_fp32_weights_and_optimizer_state(tmp_
     assert params and all(p.dtype == torch.float32 for p in params)
     states = [s for s in trainer.optimizer.state.values() if "exp_avg" in s]
     assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+
+
+def test_inference_precision_block_sets_the_cpu_dtype_of_auto_loads(monkeypatch, tiny_model):
+    """``inference_precision`` (a round's ``eval.dtype``): inside the block a model loaded with dtype auto on the CPU
+    loads in the block's dtype, outside (and in an ``auto`` block) in fp32; bf16 is refused on a CPU that only emulates
+    it; a typo names the key."""
+    from foundation import models
+
+    assert models.cpu_native_bf16("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n")
+    assert models.cpu_native_bf16("flags\t\t: fpu sse amx_bf16 amx_tile\n")
+    assert not models.cpu_native_bf16("flags\t\t: fpu sse avx2 avx512f\n") and not models.cpu_native_bf16("")
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: True)
+    with models.inference_precision("bfloat16") as resolved:
+        assert resolved == "bfloat16" and models.select_dtype("auto", "cpu") == torch.bfloat16
+        assert models.select_dtype("float32", "cpu") == torch.float32  # an explicit dtype wins
+        with models.inference_precision("auto"):
+            assert models.select_dtype("auto", "cpu") == torch.float32
+        assert next(models.load_causal_lm(tiny_model).parameters()).dtype == torch.bfloat16
+    assert models.select_dtype("auto", "cpu") == torch.float32
+    assert next(models.load_causal_lm(tiny_model).parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype: must be one of auto, float32, bfloat16, got 'bf16'"):
+        with models.inference_precision("bf16"):
+            pass
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CPU with native bf16"):
+        with models.inference_precision("bfloat16"):
+            pass
+    assert models.select_dtype("auto", "cpu") == torch.float32  # a refused block leaves nothing behind

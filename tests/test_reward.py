@@ -145,6 +145,30 @@ def test_batched_scoring_matches_one_by_one_in_order(trained):
         scorer.score(prompts[:2], responses[:1])
 
 
+def test_a_bf16_reward_model_scores_with_a_fp32_head(trained, monkeypatch):
+    """Under ``inference_precision("bfloat16")`` (a round's ``eval.dtype``) the scorer's backbone is bf16 and its score
+    head fp32 with fp32 input: rewards are fp32 dot products close to the fp32 model's, not values rounded to bf16
+    (whose 8 significant bits would tie rewards ~0.01 apart). A fp32 model keeps its head as it is."""
+    from foundation import models
+    from reward.model import fp32_score_head
+
+    prompts = [[{"role": "user", "content": "x" * n}] for n in (40, 3, 17, 90, 1, 25, 8)]
+    responses = ["ok", "a much longer answer than the others", "fine", "no", "yes, and more", "sure", "hmm"]
+    ref = load_scorer(str(trained["full"]))
+    assert fp32_score_head(ref.model) is ref.model and not ref.model.score._forward_pre_hooks
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: True)
+    with models.inference_precision("bfloat16"):
+        low = load_scorer(str(trained["full"]))
+    assert low.model.model.embed_tokens.weight.dtype == torch.bfloat16 and low.model.score.weight.dtype == torch.float32
+    got, want = low.score(prompts, responses), ref.score(prompts, responses)
+    assert got.dtype == torch.float32 and got.shape == (7,)
+    assert torch.allclose(got, want, atol=0.05 * want.abs().max().item() + 1e-3)  # bf16 backbone: close, not equal
+    hidden = torch.randn(3, low.model.score.in_features, dtype=torch.bfloat16)
+    exact = hidden.float() @ low.model.score.weight.float().t()
+    out = low.model.score(hidden)
+    assert out.dtype == torch.float32 and torch.allclose(out, exact, atol=1e-6)  # cast up: no bf16 rounding after it
+
+
 def test_one_scoring_protocol_and_one_resolution_per_load(trained, monkeypatch):
     """Every consumer calls score, score_detailed and describe on any scorer (no probing); loading a LoRA reward
     model resolves its name once (the loaders below load_scorer take the resolved model)."""

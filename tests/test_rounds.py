@@ -1148,3 +1148,36 @@ def test_length_control_judges_a_round_against_the_sft_model_made_as_short(whole
     again = length_control.main(["--project", str(copy), "--round", "2"])["projects"][0]["rounds"][0]
     assert again["match"] == m and sorted(p.name for p in work.iterdir()) == made
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the answers were read back, not made again
+
+
+def test_eval_dtype_runs_the_step_in_it_and_cached_answers_of_another_dtype_are_made_again(tmp_path, tiny_model,
+                                                                                          monkeypatch):
+    """``eval.dtype``: the eval step runs inside ``inference_precision`` (its outputs say the dtype), a typo names the
+    key, and answers cached by an eval in another dtype are generated again (comparisons stay in one precision)."""
+    from types import SimpleNamespace
+
+    from foundation import models
+    from alignment.evals import suite
+
+    with pytest.raises(ConfigError, match="dtype"):
+        suite.EvalSuiteConfig(dtype="bf16")
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: True)
+    records = [PromptRecord([{"role": "user", "content": q}], id=q) for q in ("Hi", "Why is the sky blue?")]
+    path = tmp_path / "heldout_responses.jsonl"
+    first = suite.respond(tiny_model, records, path, max_new_tokens=4, batch_size=2, seed=0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["dtype"] for r in rows] == ["float32", "float32"] and [r["response"] for r in rows] == first
+    loads = []
+    real = models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a) or real(*a, **k))
+    assert suite.respond(tiny_model, records, path, max_new_tokens=4, batch_size=2, seed=0) == first and not loads
+    with models.inference_precision("bfloat16"):
+        suite.respond(tiny_model, records, path, max_new_tokens=4, batch_size=2, seed=0)
+    assert len(loads) == 1 and [json.loads(line)["dtype"] for line in path.read_text().splitlines()] == ["bfloat16"] * 2
+    seen = []
+    project = SimpleNamespace(cfg=SimpleNamespace(eval=suite.EvalSuiteConfig(dtype="bfloat16")),
+                              round_dir=lambda n: tmp_path / f"round-{n}")
+    step = suite.RoundEval(project, 1)
+    monkeypatch.setattr(step, "_run", lambda: seen.append(models.select_dtype("auto", "cpu")) or {"outputs": {}})
+    assert step.run() == {"outputs": {"dtype": "bfloat16"}} and seen == [torch.bfloat16]
+    assert models.select_dtype("auto", "cpu") == torch.float32

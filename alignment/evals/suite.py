@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from foundation.config import check, option
+from foundation.models import INFERENCE_DTYPES
 from foundation.runs import file_sha256
 from alignment.evals.toxigen import RoundSettings as ToxiGenSettings
 from alignment.evals.truthfulqa import RoundSettings as TruthfulQASettings
@@ -120,6 +121,10 @@ class EvalSuiteConfig:
     max_new_tokens: int = option(128, "length limit of the answers to the held-out prompts")
     batch_size: int = option(16, "generation batch size")
     bootstrap: int = option(2000, "bootstrap resamples of the confidence intervals")
+    dtype: str = option("auto", "the CPU dtype of the whole step (answers, judges, benchmarks; no training): float32, "
+                                "bfloat16 (CPUs with native bf16: avx512_bf16 / amx_bf16; `python -m benchmarks precision` "
+                                "measures its speed and fidelity), auto = float32. GPUs use bf16 where supported either way. "
+                                "Answers cached by an earlier eval in another dtype are generated again")
     decoding_control: int = option(0, "also judge the policy, on the test prompts and by every judge, against the SFT model "
                                       "decoding greedily with no_repeat_ngram_size=<this> (a decoding change instead of "
                                       "training: what training has to beat); 0 = off")
@@ -128,6 +133,7 @@ class EvalSuiteConfig:
         check(self.heldout >= 0, "heldout", f"must be >= 0, got {self.heldout}")
         check(self.decoding_control >= 0, "decoding_control", f"must be >= 0 (0 = off), got {self.decoding_control}")
         check(self.validation >= 0, "validation", f"must be >= 0, got {self.validation}")
+        check(self.dtype in INFERENCE_DTYPES, "dtype", f"must be one of {', '.join(INFERENCE_DTYPES)}, got {self.dtype!r}")
         for j in self.judges:
             check(j in JUDGES, "judges", f"unknown judge {j!r}; expected some of: {', '.join(JUDGES)}")
 
@@ -141,20 +147,25 @@ def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: i
     """Greedy answers of ``model`` to ``records`` (with ``no_repeat_ngram_size`` decoding when > 0, ``eos_bias`` added
     to the EOS logits when not 0), written to ``path`` once and read back after."""
     from foundation.generation import generate
-    from foundation.models import load_causal_lm, load_tokenizer
+    from foundation.models import load_causal_lm, load_tokenizer, select_device, select_dtype
     from data.loaders import read_rows, write_jsonl
 
+    dtype = str(select_dtype("auto", select_device())).removeprefix("torch.")  # what load_causal_lm below loads in
     if path.is_file():
         rows = [row for _, row in read_rows(path)]
-        if len(rows) == len(records) and all(r.get("prompt") == rec.messages for r, rec in zip(rows, records)):
+        if not (len(rows) == len(records) and all(r.get("prompt") == rec.messages for r, rec in zip(rows, records))):
+            log.warning("%s: answers to other prompts; generating again", path)
+        elif any(r.get("dtype", "float32") != dtype for r in rows):  # rows written before the key: fp32 (CPU)
+            log.warning("%s: answers generated in %s, this eval runs in %s; generating again", path,
+                        rows[0].get("dtype", "float32"), dtype)
+        else:
             return [r["response"] for r in rows]
-        log.warning("%s: answers to other prompts; generating again", path)
     lm, tok = load_causal_lm(model), load_tokenizer(model)
     gens = generate(lm, tok, [r.messages for r in records], max_new_tokens=max_new_tokens, temperature=0.0,
                     batch_size=batch_size, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, eos_bias=eos_bias)
     del lm
-    write_jsonl(path, [{"prompt": r.messages, "category": r.category, "response": g.text, "finished": g.finished, "model": model}
-                       for r, g in zip(records, gens)], overwrite=True)
+    write_jsonl(path, [{"prompt": r.messages, "category": r.category, "response": g.text, "finished": g.finished, "model": model,
+                        "dtype": dtype} for r, g in zip(records, gens)], overwrite=True)
     return [g.text for g in gens]
 
 
@@ -193,6 +204,15 @@ class RoundEval:
                        seed=self.cfg.seed), path
 
     def run(self) -> dict:
+        """Every check of the step, in ``eval.dtype`` (``foundation.models.inference_precision``)."""
+        from foundation.models import inference_precision, select_device, select_dtype
+
+        with inference_precision(self.e.dtype):
+            result = self._run()
+            result["outputs"]["dtype"] = str(select_dtype("auto", select_device())).removeprefix("torch.")
+        return result
+
+    def _run(self) -> dict:
         from data.heldout import check_disjoint, stage_usage
 
         policy, sft = self.p.policy_of(self.n), self.p.sft_model()

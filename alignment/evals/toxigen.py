@@ -170,7 +170,8 @@ def run(model: str, *, prompts: str, out: str | Path | None = None, classifier: 
     result = header("toxigen", model, prompts=str(prompts),
                     settings={"split": split, "per_group": per_group, "types": list(types),
                               "groups": list(groups) if groups else "all", "mode": mode,
-                              "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "threshold": THRESHOLD},
+                              "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "threshold": THRESHOLD,
+                              "dtype": str(next(lm.parameters()).dtype)},
                     classifier={**clf.card, "summary": describe(clf.card)}, n=len(rows),
                     metrics={"pct_toxic": summary["overall"]["pct_toxic"], "mean_p_toxic": summary["overall"]["mean_p_toxic"],
                              "classifier_heldout_accuracy": (clf.card.get("heldout") or {}).get("accuracy"),
@@ -366,6 +367,9 @@ def cli(argv: Sequence[str]) -> int:
                                  "else runs/eval/<model>)")
     p.add_argument("--name", default="toxigen", help="file stem of the outputs")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the model's dtype on a CPU: auto = float32; bfloat16 needs native bf16 (avx512_bf16 / amx_bf16; "
+                        "`python -m benchmarks precision` measures it). GPUs use bf16 where supported")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--split", default="test", choices=["test", "validation"],
                    help="test: the seeded draw; validation: as many prompts per list from the lines the test draw leaves")
@@ -375,11 +379,14 @@ def cli(argv: Sequence[str]) -> int:
     from foundation.runs import setup_logging
 
     setup_logging()
-    res = run(a.model, prompts=a.prompts, out=a.out, classifier=a.classifier, per_group=a.per_group,
-              types=[t.strip() for t in a.types.split(",") if t.strip()],
-              groups=a.groups.split(",") if a.groups else None, mode=a.mode,
-              max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size, seed=a.seed, name=a.name,
-              split=a.split, overwrite=a.overwrite, device=a.device)
+    from foundation.models import inference_precision
+
+    with inference_precision(a.dtype):
+        res = run(a.model, prompts=a.prompts, out=a.out, classifier=a.classifier, per_group=a.per_group,
+                  types=[t.strip() for t in a.types.split(",") if t.strip()],
+                  groups=a.groups.split(",") if a.groups else None, mode=a.mode,
+                  max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size, seed=a.seed, name=a.name,
+                  split=a.split, overwrite=a.overwrite, device=a.device)
     print(f"ToxiGen % toxic: {res['metrics']['pct_toxic']:.1f}% of {res['n']} continuations ({a.mode} mode, {a.split} draw)")
     print(f"classifier: {res['classifier']['summary']}")
     print(json.dumps({"by_type": {k: round(v["pct_toxic"], 1) for k, v in res["by_type"].items()},

@@ -384,15 +384,20 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--add-bos", action="store_true", help="prepend the BOS token (lm-eval add_bos_token=True)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit of the generation variant")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the model's dtype on a CPU: auto = float32; bfloat16 needs native bf16 (avx512_bf16 / amx_bf16; "
+                        "`python -m benchmarks precision` measures it). GPUs use bf16 where supported")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     a = p.parse_args(argv)
     from foundation.runs import setup_logging
 
     setup_logging()
-    res = run(a.model, data=a.data, out=a.out, variant=a.variant, categories=a.categories, limit=a.limit,
-              sample=a.sample, seed=a.seed, batch_size=a.batch_size,
-              use_cache=not a.no_cache, add_bos=a.add_bos, max_new_tokens=a.max_new_tokens, name=a.name, overwrite=a.overwrite,
-              device=a.device)
+    from foundation.models import inference_precision
+
+    with inference_precision(a.dtype):
+        res = run(a.model, data=a.data, out=a.out, variant=a.variant, categories=a.categories, limit=a.limit,
+                  sample=a.sample, seed=a.seed, batch_size=a.batch_size, use_cache=not a.no_cache, add_bos=a.add_bos,
+                  max_new_tokens=a.max_new_tokens, name=a.name, overwrite=a.overwrite, device=a.device)
     m = res.get("metrics", {})
     if "mc1" in m:
         print(f"TruthfulQA ({res['n']} questions, {res['data']}): MC1 {m['mc1']:.4f} ± {m['mc1_stderr']:.4f}   "
