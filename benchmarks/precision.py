@@ -10,13 +10,16 @@ the machine that runs, part by part:
 
 - **matmul**: GFLOP/s of a 1024² matmul and of a decode-shaped linear layer (B × 576 → 1536), fp32 and bf16.
 - **generation**: the engine (``foundation.generation``) on ``--prompts`` prompts of the demo's pool at batch
-  ``--batch``, ``--new-tokens`` tokens at temperature 0.8, model weights fp32 vs bf16; runs alternate
-  (fp32, bf16, fp32, bf16) so that drift in the machine's speed hits both; tokens/s of each run.
+  ``--batch``, ``--new-tokens`` tokens at temperature 0.8, model weights fp32 vs bf16 (its linears on oneDNN's
+  prepacked bf16 kernels, and on plain ``F.linear``); runs alternate (fp32, bf16, bf16 F.linear, twice) so that drift
+  in the machine's speed hits all; tokens/s of each run.
 - **greedy fidelity**: greedy answers (48 tokens) of both on 32 prompts: how many are identical, and the mean share
   of tokens before the first difference.
 - **scoring fidelity**: TruthfulQA MC2 (the round eval's loglikelihood path) on ``--questions`` questions in
   both precisions: mean MC2 of each, the mean and max absolute per-question difference, seconds of each; and the
   summed log-probability of the fp32 greedy answers under both models (mean absolute difference per token).
+- **judging**: the gold reward model (``--gold``) in both precisions on both models' greedy answers: the mean score
+  gap, and on how many prompts the two precisions pick the same of the two answers (a win rate's unit).
 - **training**: our SFT-LoRA trainer's step (``benchmarks/overhead.py``'s ``time_ours``, as ``defaults`` times it)
   in fp32, with bf16 autocast over fp32 weights, and with bf16 base weights under autocast (LoRA adapters fp32).
 
@@ -69,14 +72,17 @@ def matmuls() -> dict:
 def generation(models: dict, tok: Any, prompts: list, *, batch: int, new_tokens: int, seed: int) -> dict:
     from benchmarks.generate import engine_run
 
-    runs: dict[str, list[dict]] = {k: [] for k in models}
+    variants = [("float32", models["float32"], {}), ("bfloat16", models["bfloat16"], {}),
+                ("bfloat16, F.linear", models["bfloat16"], {"fast_linears": False})]
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
     for _ in range(2):
-        for name, model in models.items():
-            r = engine_run(model, tok, prompts, batch=batch, new_tokens=new_tokens, temperature=0.8, seed=seed)
+        for name, model, extra in variants:
+            r = engine_run(model, tok, prompts, batch=batch, new_tokens=new_tokens, temperature=0.8, seed=seed, **extra)
             runs[name].append({k: r[k] for k in ("tokens", "seconds", "tokens_per_s", "linear_kernel", "eos_fraction")})
             print(f"generation {name}: {r['tokens_per_s']:.1f} tokens/s ({r['linear_kernel']})", flush=True)
     best = {k: max(r["tokens_per_s"] for r in v) for k, v in runs.items()}
-    return {"runs": runs, "best_tokens_per_s": best, "bf16_vs_fp32": best["bfloat16"] / best["float32"]}
+    return {"runs": runs, "best_tokens_per_s": best, "bf16_vs_fp32": best["bfloat16"] / best["float32"],
+            "bf16_prepacked_vs_f_linear": best["bfloat16"] / best["bfloat16, F.linear"]}
 
 
 def greedy(models: dict, tok: Any, prompts: list, new_tokens: int) -> tuple[dict, list]:
@@ -93,7 +99,7 @@ def greedy(models: dict, tok: Any, prompts: list, new_tokens: int) -> tuple[dict
         shares.append(same / n)
     return ({"prompts": len(prompts), "new_tokens": new_tokens,
              "identical": sum(x.response_ids == y.response_ids for x, y in zip(a, b)),
-             "mean_shared_prefix_share": sum(shares) / len(shares)}, a)
+             "mean_shared_prefix_share": sum(shares) / len(shares)}, outs)
 
 
 def scoring(models: dict, tok: Any, prompts: list, answers: list, questions: int, seed: int) -> dict:
@@ -123,6 +129,34 @@ def scoring(models: dict, tok: Any, prompts: list, answers: list, questions: int
     gap = sum(abs(x - y) for x, y in zip(sums["float32"], sums["bfloat16"]))
     out["answer_logprobs"] = {"answers": len(requests), "tokens": tokens, "mean_abs_diff_per_token": gap / tokens}
     return out
+
+
+def judging(gold: str, prompts: list, texts: dict[str, list[str]]) -> dict:
+    """The gold reward model (a judge) in fp32 and in bf16 (fp32 head) on the fp32 and bf16 models' greedy answers:
+    score gaps, and how often the two precisions pick the same answer of each pair (what a win rate reads)."""
+    import torch
+
+    from foundation import models
+    from reward import load_scorer
+
+    scores: dict[str, dict[str, list[float]]] = {}
+    for dt in ("float32", "bfloat16"):
+        with models.inference_precision(dt):
+            scorer = load_scorer(gold)
+            t = time.perf_counter()
+            scores[dt] = {k: scorer.score(prompts, v).tolist() for k, v in texts.items()}
+            seconds = time.perf_counter() - t
+            del scorer
+        scores[dt]["seconds"] = seconds  # type: ignore[assignment]
+        print(f"judging {dt}: {seconds:.1f} s", flush=True)
+    a, b = scores["float32"], scores["bfloat16"]
+    gaps = [abs(x - y) for k in texts for x, y in zip(a[k], b[k])]
+    picks = [(x1 > y1) == (x2 > y2) for x1, y1, x2, y2 in zip(a["float32"], a["bfloat16"], b["float32"], b["bfloat16"])
+             if x1 != y1]
+    spread = torch.tensor(a["float32"] + a["bfloat16"]).std().item()
+    return {"gold": gold, "answers": len(gaps), "mean_abs_score_diff": sum(gaps) / len(gaps), "score_sd": spread,
+            "pairs_with_different_answers": len(picks), "same_pick": sum(picks),
+            "seconds": {"float32": a["seconds"], "bfloat16": b["seconds"]}}
 
 
 def training(steps: int, batch: int, seq_len: int) -> list[dict]:
@@ -161,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--gold", default="gold:hh-helpful-smollm2",
+                   help="a reward model judged in both precisions (empty: skip); built by `align gold build`")
     a = p.parse_args(argv)
 
     out: dict[str, Any] = {"args": vars(a), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "matmul": matmuls()}
@@ -172,7 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         out["generation"] = generation(models, tok, pool[:a.prompts], batch=a.batch, new_tokens=a.new_tokens, seed=a.seed)
         out["greedy"], answers = greedy(models, tok, pool[:32], 48)
-        out["scoring"] = scoring(models, tok, pool[:32], answers, a.questions, a.seed)
+        out["scoring"] = scoring(models, tok, pool[:32], answers["float32"], a.questions, a.seed)
+        if a.gold:
+            out["judging"] = judging(a.gold, pool[:32], {k: [tok.decode(o.response_ids, skip_special_tokens=True) for o in v]
+                                                        for k, v in answers.items()})
     del models
     if not a.skip_training:
         out["training"] = training(a.train_steps, 4, 128)

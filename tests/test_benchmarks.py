@@ -588,7 +588,7 @@ def test_rs_room_pick_gains_by_the_gold_computed_by_hand():
     assert scored == {"p1": [1.0, 2.0, 3.0]}  # p3 has no choice: not scored
 
 
-def test_precision_fidelity_is_zero_for_one_model_twice_and_not_for_bf16(tiny_model):
+def test_precision_fidelity_is_zero_for_one_model_twice_and_not_for_bf16(tiny_model, tiny_reward_models, monkeypatch):
     """The bf16-vs-fp32 comparison of ``benchmarks precision`` on a tiny model: the same model in both slots gives
     identical greedy answers, equal MC2 and log-probabilities; the model in bf16 gives different log-probabilities."""
     import torch
@@ -603,14 +603,22 @@ def test_precision_fidelity_is_zero_for_one_model_twice_and_not_for_bf16(tiny_mo
     with torch.inference_mode():
         same, answers = precision.greedy({"float32": fp32, "bfloat16": fp32}, tok, prompts, 6)
         assert same == {"prompts": 3, "new_tokens": 6, "identical": 3, "mean_shared_prefix_share": 1.0}
-        scored = precision.scoring({"float32": fp32, "bfloat16": fp32}, tok, prompts, answers, 3, 0)
+        scored = precision.scoring({"float32": fp32, "bfloat16": fp32}, tok, prompts, answers["float32"], 3, 0)
         assert scored["truthfulqa"]["n"] == 3 and scored["truthfulqa"]["mc2_max_abs_diff"] == 0.0
         assert scored["answer_logprobs"]["mean_abs_diff_per_token"] == 0.0
-        assert scored["answer_logprobs"]["tokens"] == sum(len(a.response_ids) for a in answers) > 0
+        assert scored["answer_logprobs"]["tokens"] == sum(len(a.response_ids) for a in answers["float32"]) > 0
         bf16 = models.load_causal_lm(tiny_model, dtype="bfloat16").eval()
         assert next(bf16.parameters()).dtype == torch.bfloat16
-        mixed = precision.scoring({"float32": fp32, "bfloat16": bf16}, tok, prompts, answers, 3, 0)
+        mixed = precision.scoring({"float32": fp32, "bfloat16": bf16}, tok, prompts, answers["float32"], 3, 0)
+        _, both = precision.greedy({"float32": fp32, "bfloat16": bf16}, tok, prompts, 6)
     assert mixed["answer_logprobs"]["mean_abs_diff_per_token"] > 0
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: True)
+    texts = {k: [tok.decode(o.response_ids, skip_special_tokens=True) + " (a)" for o in v] for k, v in both.items()}
+    texts["bfloat16"][0] = texts["float32"][0]  # one pair with the same answer twice: not a pair to pick from
+    judged = precision.judging(str(tiny_reward_models["helpful"]), prompts, texts)
+    differ = sum(x != y for x, y in zip(texts["float32"], texts["bfloat16"]))
+    assert judged["answers"] == 6 and judged["pairs_with_different_answers"] == differ
+    assert 0 <= judged["same_pick"] <= differ and judged["mean_abs_score_diff"] > 0
     result = {"generation": {"best_tokens_per_s": {"float32": 50.0, "bfloat16": 125.0}}, "scoring": mixed,
               "training": [{"setting": "fp32", "median_s": 2.0, "vs_fp32": 1.0},
                            {"setting": "bf16 autocast, fp32 weights", "median_s": 1.0, "vs_fp32": 0.5},

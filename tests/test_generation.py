@@ -457,3 +457,35 @@ def test_greedy_matches_model_generate_smollm2():
             logits = model(torch.tensor([e + r[:t]])).logits[0, -1]
         assert abs(float(logits[r[t]] - logits[g.response_ids[t]])) < 1e-3, f"diverged at {t} without a tie"
     assert same >= len(prompts) // 2
+
+
+def test_a_bf16_model_decodes_on_prepacked_bf16_kernels_and_gets_its_own_forwards_back(tiny):
+    """A bf16 model (``eval.dtype: bfloat16``) runs its linear layers on oneDNN's prepacked bf16 kernels where this
+    torch has them: each layer's output matches ``F.linear`` to bf16 precision, the engine says which kernel ran, and
+    the layers get their own ``forward`` back afterwards."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from foundation.generation.fast import _onednn_usable, small_batch_linears
+
+    model, tok = tiny
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    linears = [m for m in low.modules() if type(m) is torch.nn.Linear]
+    x = torch.randn(5, linears[0].in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with small_batch_linears(low) as kernel:
+        assert kernel == ("onednn-bf16" if _onednn_usable(torch.bfloat16) else None)
+        if kernel:
+            assert all("forward" in m.__dict__ for m in linears)
+            got, want = linears[0](x), F.linear(x, linears[0].weight, linears[0].bias)
+            assert got.dtype == torch.bfloat16
+            assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert not any("forward" in m.__dict__ for m in linears)
+    outs, stats = Engine(low, tok, batch_size=4).run(encode_prompts(tok, _prompts()[:4]), SamplingParams(max_new_tokens=6))
+    assert stats.linear_kernel == kernel and all(0 < len(o.response_ids) <= 6 for o in outs)
+    mixed = copy.deepcopy(model)
+    layers = [m for m in mixed.modules() if type(m) is torch.nn.Linear]
+    layers[0].to(torch.bfloat16)  # one bf16 layer in a fp32 model: only the fp32 layers switch
+    with small_batch_linears(mixed) as kernel:
+        assert kernel in ("onednn", "transposed") and "forward" not in layers[0].__dict__
+        assert all("forward" in m.__dict__ for m in layers[1:])

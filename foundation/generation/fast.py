@@ -127,15 +127,19 @@ def _transposed_linear(module: Any, max_rows: int) -> Any:
     return forward
 
 
-def _onednn_usable() -> bool:
+def _onednn_usable(dtype: Any = None) -> bool:
     import torch
 
+    dtype = dtype or torch.float32
     try:
-        w = torch.arange(32, dtype=torch.float32).view(8, 4) / 7  # no random draw: the caller's RNG stays put
-        x = torch.arange(12, dtype=torch.float32).view(3, 4) / 5
+        w = (torch.arange(32, dtype=torch.float32).view(8, 4) / 7).to(dtype)  # no random draw: the caller's RNG stays put
+        x = (torch.arange(12, dtype=torch.float32).view(3, 4) / 5).to(dtype)
         y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
-        return torch.allclose(y, x @ w.t(), atol=1e-5)
-    except Exception:  # an op that moved or a build without oneDNN: the MKL path instead
+        ref = x.float() @ w.float().t()
+        if dtype == torch.float32:
+            return bool(torch.allclose(y, ref, atol=1e-5))
+        return y.dtype == dtype and bool(torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2))  # bf16: 8 significant bits
+    except Exception:  # an op that moved or a build without oneDNN (or its bf16): the MKL path instead
         return False
 
 
@@ -144,22 +148,30 @@ def small_batch_linears(model: Any, enabled: bool = True, max_rows: int = SMALL_
                         pack_limit_bytes: int = PACK_LIMIT_BYTES) -> Iterator[str | None]:
     """On CPU, every fp32 ``nn.Linear`` of ``model`` runs on oneDNN with its weight prepacked for the
     duration (one extra copy of the linear weights, when they total under ``pack_limit_bytes``), or,
-    without oneDNN, computes ``W @ x.T`` when it sees at most ``max_rows`` rows. Yields the kernel
-    used ("onednn", "transposed") or None (other devices, disabled, nothing to switch)."""
+    without oneDNN, computes ``W @ x.T`` when it sees at most ``max_rows`` rows. A bf16 model (every linear
+    bf16: ``eval.dtype: bfloat16`` on a CPU with native bf16) gets oneDNN's bf16 kernels prepacked the same way where
+    this torch has them, else keeps ``F.linear``. Yields the kernel used ("onednn", "onednn-bf16", "transposed") or
+    None (other devices, disabled, nothing to switch)."""
     import torch
 
     mods = []
     if enabled:
         mods = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-                and m.weight.dtype == torch.float32 and not hasattr(m.weight, "ds_id")]
+                and m.weight.dtype in (torch.float32, torch.bfloat16) and not hasattr(m.weight, "ds_id")]
+        if len({m.weight.dtype for m in mods}) > 1:  # mixed: only the fp32 layers switch
+            mods = [m for m in mods if m.weight.dtype == torch.float32]
     kernel = None
     if mods:
         size = sum(m.weight.numel() * m.weight.element_size() for m in mods)
-        kernel = "onednn" if size <= pack_limit_bytes and _onednn_usable() else "transposed"
+        if mods[0].weight.dtype == torch.bfloat16:
+            kernel = "onednn-bf16" if size <= pack_limit_bytes and _onednn_usable(torch.bfloat16) else None
+            mods = mods if kernel else []
+        else:
+            kernel = "onednn" if size <= pack_limit_bytes and _onednn_usable() else "transposed"
     try:
         with torch.no_grad():
             for m in mods:
-                if kernel == "onednn":
+                if kernel in ("onednn", "onednn-bf16"):
                     m.forward = _packed_linear(m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach()))
                 else:
                     m.forward = _transposed_linear(m, max_rows)
