@@ -162,9 +162,9 @@ def frozen_placement(device: str, dtype: str = "auto") -> tuple[str, str]:
     not the CPU's fp32); else ``(device, dtype)``."""
     if not zero3():
         return device, dtype
-    from foundation.models import select_device, select_dtype
+    from foundation.models import dtype_name
 
-    return "cpu", str(select_dtype(dtype, select_device(device))).removeprefix("torch.")
+    return "cpu", dtype_name(dtype, device)
 
 
 def partitioned(model: Any) -> bool:

@@ -351,14 +351,24 @@ def resolve_inference_dtype(dtype: str) -> str:
 def inference_precision(dtype: str) -> Iterator[str]:
     """Within the block, a model loaded with ``dtype="auto"`` on the CPU loads in ``dtype`` (``resolve_inference_dtype``);
     GPUs keep their own ``auto`` (bf16 where supported). For no-grad work only: nothing may train in the block.
-    Reward models keep their score head and its input in fp32 (``load_reward_model``), so that bf16 rounding makes
-    no ties between rewards. Yields the resolved dtype."""
+    Reward-model scorers loaded in a bf16 block keep their score head and its input in fp32 (``reward.load_scorer``),
+    so that bf16 rounding makes no ties between rewards. Yields the resolved dtype."""
     resolved = resolve_inference_dtype(dtype)
     _cpu_inference_dtype.append(resolved)
     try:
         yield resolved
     finally:
         _cpu_inference_dtype.pop()
+
+
+def inference_dtype() -> str | None:
+    """The CPU dtype of the enclosing ``inference_precision`` block, None outside one."""
+    return _cpu_inference_dtype[-1] if _cpu_inference_dtype else None
+
+
+def dtype_name(dtype: str = "auto", device: str = "auto") -> str:
+    """What ``select_dtype`` resolves to on ``device``, by name (``float32``, ``bfloat16``)."""
+    return str(select_dtype(dtype, select_device(device))).removeprefix("torch.")
 
 
 def select_dtype(dtype: str = "auto", device: "torch.device | str | None" = None) -> "torch.dtype":

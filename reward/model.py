@@ -208,13 +208,17 @@ class RewardModelScorer(Scorer):
 
 
 def fp32_score_head(model: PreTrainedModel) -> PreTrainedModel:
-    """A reward model whose backbone is bf16/fp16 scores with its head in fp32: the head's weights are cast and its input
-    (the last hidden state) is cast up before it, so the reward is a fp32 dot product, not a value rounded to bf16's 8
-    significant bits (which would tie rewards 0.01 apart). A fp32 model is returned as it is."""
+    """A reward model loaded in a bf16 ``inference_precision`` block (CPU evaluation) scores with its head in fp32: the
+    head's weights are cast and its input (the last hidden state) is cast up before it, so the reward is a fp32 dot
+    product, not a value rounded to bf16's 8 significant bits (which would tie rewards 0.01 apart). Any other model
+    (fp32; bf16 on a GPU or under ZeRO-3, as PPO loads it) is returned as it is."""
     import torch
 
+    from foundation.models import inference_dtype
+
     head = getattr(model, "score", None)
-    if head is None or not isinstance(head, torch.nn.Linear) or head.weight.dtype == torch.float32:
+    if (inference_dtype() != "bfloat16" or head is None or not isinstance(head, torch.nn.Linear)
+            or head.weight.dtype != torch.bfloat16 or head.weight.device.type != "cpu"):
         return model
     head.float()
     head.register_forward_pre_hook(lambda _module, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))

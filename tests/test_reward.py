@@ -148,7 +148,8 @@ def test_batched_scoring_matches_one_by_one_in_order(trained):
 def test_a_bf16_reward_model_scores_with_a_fp32_head(trained, monkeypatch):
     """Under ``inference_precision("bfloat16")`` (a round's ``eval.dtype``) the scorer's backbone is bf16 and its score
     head fp32 with fp32 input: rewards are fp32 dot products close to the fp32 model's, not values rounded to bf16
-    (whose 8 significant bits would tie rewards ~0.01 apart). A fp32 model keeps its head as it is."""
+    (whose 8 significant bits would tie rewards ~0.01 apart). A fp32 model, or a bf16 one loaded outside such a block,
+    keeps its head as it is."""
     from foundation import models
     from reward.model import fp32_score_head
 
@@ -156,6 +157,8 @@ def test_a_bf16_reward_model_scores_with_a_fp32_head(trained, monkeypatch):
     responses = ["ok", "a much longer answer than the others", "fine", "no", "yes, and more", "sure", "hmm"]
     ref = load_scorer(str(trained["full"]))
     assert fp32_score_head(ref.model) is ref.model and not ref.model.score._forward_pre_hooks
+    plain = load_scorer(str(trained["full"]), dtype="bfloat16")  # bf16 outside a block (as PPO on a GPU): untouched
+    assert plain.model.score.weight.dtype == torch.bfloat16 and not plain.model.score._forward_pre_hooks
     monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: True)
     with models.inference_precision("bfloat16"):
         low = load_scorer(str(trained["full"]))

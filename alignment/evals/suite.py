@@ -147,10 +147,10 @@ def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: i
     """Greedy answers of ``model`` to ``records`` (with ``no_repeat_ngram_size`` decoding when > 0, ``eos_bias`` added
     to the EOS logits when not 0), written to ``path`` once and read back after."""
     from foundation.generation import generate
-    from foundation.models import load_causal_lm, load_tokenizer, select_device, select_dtype
+    from foundation.models import dtype_name, load_causal_lm, load_tokenizer
     from data.loaders import read_rows, write_jsonl
 
-    dtype = str(select_dtype("auto", select_device())).removeprefix("torch.")  # what load_causal_lm below loads in
+    dtype = dtype_name()  # what load_causal_lm below loads in
     if path.is_file():
         rows = [row for _, row in read_rows(path)]
         if not (len(rows) == len(records) and all(r.get("prompt") == rec.messages for r, rec in zip(rows, records))):
@@ -205,11 +205,11 @@ class RoundEval:
 
     def run(self) -> dict:
         """Every check of the step, in ``eval.dtype`` (``foundation.models.inference_precision``)."""
-        from foundation.models import inference_precision, select_device, select_dtype
+        from foundation.models import dtype_name, inference_precision
 
         with inference_precision(self.e.dtype):
             result = self._run()
-            result["outputs"]["dtype"] = str(select_dtype("auto", select_device())).removeprefix("torch.")
+            result["outputs"]["dtype"] = dtype_name()
         return result
 
     def _run(self) -> dict:

@@ -348,6 +348,8 @@ def report_blocks(rounds: Sequence[Any]) -> list[tuple[str, Any]]:
 
 
 def cli(argv: Sequence[str]) -> int:
+    from foundation.models import INFERENCE_DTYPES, inference_precision
+
     p = argparse.ArgumentParser(prog="align eval toxigen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model name, folder, stage output or Hub id")
@@ -367,7 +369,7 @@ def cli(argv: Sequence[str]) -> int:
                                  "else runs/eval/<model>)")
     p.add_argument("--name", default="toxigen", help="file stem of the outputs")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    p.add_argument("--dtype", default="auto", choices=INFERENCE_DTYPES,
                    help="the model's dtype on a CPU: auto = float32; bfloat16 needs native bf16 (avx512_bf16 / amx_bf16; "
                         "`python -m benchmarks precision` measures it). GPUs use bf16 where supported")
     p.add_argument("--overwrite", action="store_true")
@@ -379,8 +381,6 @@ def cli(argv: Sequence[str]) -> int:
     from foundation.runs import setup_logging
 
     setup_logging()
-    from foundation.models import inference_precision
-
     with inference_precision(a.dtype):
         res = run(a.model, prompts=a.prompts, out=a.out, classifier=a.classifier, per_group=a.per_group,
                   types=[t.strip() for t in a.types.split(",") if t.strip()],

@@ -366,6 +366,8 @@ def report_blocks(rounds: Sequence[Any]) -> list[tuple[str, Any]]:
 
 
 def cli(argv: Sequence[str]) -> int:
+    from foundation.models import INFERENCE_DTYPES, inference_precision
+
     p = argparse.ArgumentParser(prog="align eval truthfulqa", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model name, folder, stage output (runs/<run>/round-N/policy) or Hub id")
@@ -384,7 +386,7 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--add-bos", action="store_true", help="prepend the BOS token (lm-eval add_bos_token=True)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit of the generation variant")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    p.add_argument("--dtype", default="auto", choices=INFERENCE_DTYPES,
                    help="the model's dtype on a CPU: auto = float32; bfloat16 needs native bf16 (avx512_bf16 / amx_bf16; "
                         "`python -m benchmarks precision` measures it). GPUs use bf16 where supported")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -392,8 +394,6 @@ def cli(argv: Sequence[str]) -> int:
     from foundation.runs import setup_logging
 
     setup_logging()
-    from foundation.models import inference_precision
-
     with inference_precision(a.dtype):
         res = run(a.model, data=a.data, out=a.out, variant=a.variant, categories=a.categories, limit=a.limit,
                   sample=a.sample, seed=a.seed, batch_size=a.batch_size, use_cache=not a.no_cache, add_bos=a.add_bos,
