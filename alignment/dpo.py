@@ -172,7 +172,8 @@ def build_trainer(cfg: DPOConfig, out: Path, train: list, val: list, logger: Met
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from foundation.models import load_causal_lm, load_tokenizer, master_dtype, resolve
+    from foundation.models import load_causal_lm, load_tokenizer, resolve
+    from foundation.precision import master_dtype
 
     def load_model(trained: bool = True):
         return load_causal_lm(

@@ -173,7 +173,8 @@ def engine_trainer(base: type) -> type:
 def build_trainer(cfg: GroupRLConfig, out: Path, logger: MetricsLogger | None = None) -> Any:
     import datasets
 
-    from foundation.models import load_causal_lm, load_tokenizer, master_dtype, select_device
+    from foundation.models import load_causal_lm, load_tokenizer
+    from foundation.precision import master_dtype, select_device
 
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     train, val = load_prompts(cfg.data, tokenizer, cfg.run.seed)

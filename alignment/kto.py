@@ -92,7 +92,8 @@ def build_trainer(cfg: KTOConfig, out: Path, train: list, val: list, logger: Met
     from trl import KTOConfig as TRLKTOConfig
     from trl import KTOTrainer
 
-    from foundation.models import load_causal_lm, load_tokenizer, master_dtype, resolve
+    from foundation.models import load_causal_lm, load_tokenizer, resolve
+    from foundation.precision import master_dtype
 
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
     model = load_causal_lm(cfg.model.name, dtype=master_dtype(cfg.model.dtype, cfg.adapter.method, cfg.model.device),

@@ -100,7 +100,8 @@ def build_trainer(cfg: SFTConfig, out: Path, train: list, val: list, logger: Met
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from foundation.models import load_causal_lm, load_tokenizer, master_dtype, resolve
+    from foundation.models import load_causal_lm, load_tokenizer, resolve
+    from foundation.precision import master_dtype
 
     train_ds = datasets.Dataset.from_list([{"messages": ex.messages} for ex in train])
     val_ds = datasets.Dataset.from_list([{"messages": ex.messages} for ex in val]) if val else None

@@ -13,7 +13,7 @@ of the policy's size, as Llama 2 used):
   critic's own copy of its backbone, since ZeRO-3 partitions what it holds and cannot share it with the reward
   models): whole on every GPU under ZeRO-2, 1/N of them under ZeRO-3, none on the GPU with parameter offload;
 - **the frozen models outside the engine**: both reward models in bf16, and with full fine-tuning the reference,
-  a copy of the policy loaded in fp32 (``foundation.models.master_dtype``: full fine-tuning loads fp32 master
+  a copy of the policy loaded in fp32 (``foundation.precision.master_dtype``: full fine-tuning loads fp32 master
   weights): whole on every GPU under ZeRO-2; under ZeRO-3 partitioned over the GPUs by DeepSpeed inference
   engines (``foundation.distributed.partition_frozen``); with parameter offload, in CPU memory;
 - **the rollout KV cache**: K and V of every layer for ``--rollout-per-gpu`` sequences of ``--seq`` tokens, bf16;

@@ -3,7 +3,7 @@ for what the recipe spends its time on (generation, scoring, SFT-LoRA training s
 
     flock /tmp/align-heavy.lock .venv/bin/python -m benchmarks precision [--prompts 64 --batch 32 --new-tokens 64]
 
-``foundation.models.select_dtype`` picks fp32 on CPU because ``benchmarks/defaults.py`` measured bf16 autocast
+``foundation.precision.select_dtype`` picks fp32 on CPU because ``benchmarks/defaults.py`` measured bf16 autocast
 training 19x slower on an earlier machine (no native bf16). Some machines now have it (``avx512_bf16`` /
 ``amx_bf16`` in /proc/cpuinfo; bf16 matmul ~4x fp32 on the one this was written on), so the choice is measured on
 the machine that runs, part by part:
@@ -136,12 +136,12 @@ def judging(gold: str, prompts: list, texts: dict[str, list[str]]) -> dict:
     score gaps, and how often the two precisions pick the same answer of each pair (what a win rate reads)."""
     import torch
 
-    from foundation import models
+    from foundation.precision import inference_precision
     from reward import load_scorer
 
     scores: dict[str, dict[str, list[float]]] = {}
     for dt in ("float32", "bfloat16"):
-        with models.inference_precision(dt):
+        with inference_precision(dt):
             scorer = load_scorer(gold)
             t = time.perf_counter()
             scores[dt] = {k: scorer.score(prompts, v).tolist() for k, v in texts.items()}

@@ -162,7 +162,7 @@ def frozen_placement(device: str, dtype: str = "auto") -> tuple[str, str]:
     not the CPU's fp32); else ``(device, dtype)``."""
     if not zero3():
         return device, dtype
-    from foundation.models import dtype_name
+    from foundation.precision import dtype_name
 
     return "cpu", dtype_name(dtype, device)
 

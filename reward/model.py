@@ -84,7 +84,8 @@ def load_reward_model(
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    from foundation.models import ResolvedModel, load_causal_lm, resolve, select_device, select_dtype
+    from foundation.models import ResolvedModel, load_causal_lm, resolve
+    from foundation.precision import select_device, select_dtype
 
     resolved = resolve(name)
     name = resolved.name
@@ -214,7 +215,7 @@ def fp32_score_head(model: PreTrainedModel) -> PreTrainedModel:
     (fp32; bf16 on a GPU or under ZeRO-3, as PPO loads it) is returned as it is."""
     import torch
 
-    from foundation.models import inference_dtype
+    from foundation.precision import inference_dtype
 
     head = getattr(model, "score", None)
     if (inference_dtype() != "bfloat16" or head is None or not isinstance(head, torch.nn.Linear)

@@ -199,7 +199,8 @@ def build_trainer(cfg: RMConfig, out: Path, train: list[Comparison], val: list[C
     """The reward model (new scalar head on the chat model) and the trainer that trains it."""
     from trl import RewardConfig
 
-    from foundation.models import load_tokenizer, master_dtype, resolve
+    from foundation.models import load_tokenizer, resolve
+    from foundation.precision import master_dtype
     from reward.model import load_reward_model
     from reward.trainer import LlamaRewardTrainer, PairCollator
 

@@ -594,6 +594,7 @@ def test_precision_fidelity_is_zero_for_one_model_twice_and_not_for_bf16(tiny_mo
     import torch
 
     from benchmarks import precision
+    from foundation import precision as foundation_precision
     from benchmarks.__main__ import summary_rows
     from foundation import models
 
@@ -612,7 +613,7 @@ def test_precision_fidelity_is_zero_for_one_model_twice_and_not_for_bf16(tiny_mo
         mixed = precision.scoring({"float32": fp32, "bfloat16": bf16}, tok, prompts, answers["float32"], 3, 0)
         _, both = precision.greedy({"float32": fp32, "bfloat16": bf16}, tok, prompts, 6)
     assert mixed["answer_logprobs"]["mean_abs_diff_per_token"] > 0
-    monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(foundation_precision, "cpu_native_bf16", lambda cpuinfo=None: True)
     texts = {k: [tok.decode(o.response_ids, skip_special_tokens=True) + " (a)" for o in v] for k, v in both.items()}
     texts["bfloat16"][0] = texts["float32"][0]  # one pair with the same answer twice: not a pair to pick from
     judged = precision.judging(str(tiny_reward_models["helpful"]), prompts, texts)

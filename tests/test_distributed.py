@@ -554,11 +554,10 @@ def test_rejection_sampling_on_two_processes_gives_the_pool_of_one(tmp_path, tin
 def test_frozen_models_load_on_the_cpu_in_the_dtype_of_their_accelerator_under_zero3(monkeypatch):
     """Under ZeRO-3 a frozen model loads on the CPU and is partitioned onto the GPUs: in bf16 when its GPU would
     load it in bf16 (not in the CPU's fp32, which would double what every GPU holds); elsewhere it loads as asked."""
-    import foundation.models as models
-    from foundation import distributed
+    from foundation import distributed, precision
 
-    monkeypatch.setattr(models, "select_device", lambda d="auto": torch.device(d))
-    monkeypatch.setattr(models, "select_dtype",
+    monkeypatch.setattr(precision, "select_device", lambda d="auto": torch.device(d))
+    monkeypatch.setattr(precision, "select_dtype",
                         lambda d="auto", dev=None: getattr(torch, d) if d != "auto" else
                         (torch.bfloat16 if torch.device(dev).type == "cuda" else torch.float32))
     monkeypatch.setattr(distributed, "zero3", lambda: False)

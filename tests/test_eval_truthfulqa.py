@@ -238,7 +238,7 @@ def test_cli_reports_mc1_mc2(tiny_model, tmp_path):
     proc = run_cli("eval", "truthfulqa", "--model", tiny_model, "--data", str(tmp_path / "missing.json"),
                    "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "missing.json: file not found" in proc.stderr
-    from foundation.models import cpu_native_bf16
+    from foundation.precision import cpu_native_bf16
 
     proc = run_cli("eval", "truthfulqa", "--model", tiny_model, "--data", "bundled:truthfulness", "--limit", "2",
                    "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16")

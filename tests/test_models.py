@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from foundation import models
+from foundation import models, precision
 from foundation.generation import generate, left_pad
 
 
@@ -97,8 +97,8 @@ def test_hub_id_fails_clearly_offline():
 
 
 def test_dtype_selection():
-    assert models.select_dtype("auto", "cpu") == torch.float32
-    assert models.select_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert precision.select_dtype("auto", "cpu") == torch.float32
+    assert precision.select_dtype("bfloat16", "cpu") == torch.bfloat16
 
 
 def test_left_pad():
@@ -122,16 +122,14 @@ def test_weights_trained_in_full_load_in_fp32_where_auto_would_be_bf16(monkeypat
     autocast. LoRA (a frozen bf16 base), frozen models and explicit dtypes are unchanged."""
     import torch
 
-    from foundation import models
-
-    monkeypatch.setattr(models, "select_dtype", lambda dtype="auto", device=None: torch.bfloat16 if dtype == "auto"
+    monkeypatch.setattr(precision, "select_dtype", lambda dtype="auto", device=None: torch.bfloat16 if dtype == "auto"
                         else getattr(torch, dtype))  # as on a GPU with bf16
-    assert models.master_dtype("auto", "full", "cuda") == "float32"
-    assert models.master_dtype("auto", "lora", "cuda") == "auto"
-    assert models.master_dtype("auto", "frozen", "cuda") == "auto"
-    assert models.master_dtype("bfloat16", "full", "cuda") == "bfloat16"  # asked for explicitly
+    assert precision.master_dtype("auto", "full", "cuda") == "float32"
+    assert precision.master_dtype("auto", "lora", "cuda") == "auto"
+    assert precision.master_dtype("auto", "frozen", "cuda") == "auto"
+    assert precision.master_dtype("bfloat16", "full", "cuda") == "bfloat16"  # asked for explicitly
     monkeypatch.undo()
-    assert models.master_dtype("auto", "full", "cpu") == "auto"  # fp32 on a CPU anyway
+    assert precision.master_dtype("auto", "full", "cpu") == "auto"  # fp32 on a CPU anyway
 
 
 def test_full_sft_with_bf16_autocast_keeps_fp32_weights_and_optimizer_state(tmp_path, tiny_model):
@@ -155,26 +153,24 @@ def test_inference_precision_block_sets_the_cpu_dtype_of_auto_loads(monkeypatch,
     """``inference_precision`` (a round's ``eval.dtype``): inside the block a model loaded with dtype auto on the CPU
     loads in the block's dtype, outside (and in an ``auto`` block) in fp32; bf16 is refused on a CPU that only emulates
     it; a typo names the key."""
-    from foundation import models
-
-    assert models.cpu_native_bf16("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n")
-    assert models.cpu_native_bf16("flags\t\t: fpu sse amx_bf16 amx_tile\n")
-    assert not models.cpu_native_bf16("flags\t\t: fpu sse avx2 avx512f\n") and not models.cpu_native_bf16("")
-    monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: True)
-    with models.inference_precision("bfloat16") as resolved:
-        assert resolved == "bfloat16" and models.select_dtype("auto", "cpu") == torch.bfloat16
-        assert models.select_dtype("float32", "cpu") == torch.float32  # an explicit dtype wins
-        with models.inference_precision("auto"):
-            assert models.select_dtype("auto", "cpu") == torch.float32
+    assert precision.cpu_native_bf16("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n")
+    assert precision.cpu_native_bf16("flags\t\t: fpu sse amx_bf16 amx_tile\n")
+    assert not precision.cpu_native_bf16("flags\t\t: fpu sse avx2 avx512f\n") and not precision.cpu_native_bf16("")
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: True)
+    with precision.inference_precision("bfloat16") as resolved:
+        assert resolved == "bfloat16" and precision.select_dtype("auto", "cpu") == torch.bfloat16
+        assert precision.select_dtype("float32", "cpu") == torch.float32  # an explicit dtype wins
+        with precision.inference_precision("auto"):
+            assert precision.select_dtype("auto", "cpu") == torch.float32
         assert next(models.load_causal_lm(tiny_model).parameters()).dtype == torch.bfloat16
-    assert models.select_dtype("auto", "cpu") == torch.float32
+    assert precision.select_dtype("auto", "cpu") == torch.float32
     assert next(models.load_causal_lm(tiny_model).parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="dtype: must be one of auto, float32, bfloat16, got 'bf16'"):
-        with models.inference_precision("bf16"):
+        with precision.inference_precision("bf16"):
             pass
-    monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: False)
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="needs a CPU with native bf16"):
-        with models.inference_precision("bfloat16"):
+        with precision.inference_precision("bfloat16"):
             pass
-    assert models.select_dtype("auto", "cpu") == torch.float32  # a refused block leaves nothing behind
+    assert precision.select_dtype("auto", "cpu") == torch.float32  # a refused block leaves nothing behind

@@ -150,7 +150,7 @@ def test_a_bf16_reward_model_scores_with_a_fp32_head(trained, monkeypatch):
     head fp32 with fp32 input: rewards are fp32 dot products close to the fp32 model's, not values rounded to bf16
     (whose 8 significant bits would tie rewards ~0.01 apart). A fp32 model, or a bf16 one loaded outside such a block,
     keeps its head as it is."""
-    from foundation import models
+    from foundation import precision
     from reward.model import fp32_score_head
 
     prompts = [[{"role": "user", "content": "x" * n}] for n in (40, 3, 17, 90, 1, 25, 8)]
@@ -159,8 +159,8 @@ def test_a_bf16_reward_model_scores_with_a_fp32_head(trained, monkeypatch):
     assert fp32_score_head(ref.model) is ref.model and not ref.model.score._forward_pre_hooks
     plain = load_scorer(str(trained["full"]), dtype="bfloat16")  # bf16 outside a block (as PPO on a GPU): untouched
     assert plain.model.score.weight.dtype == torch.bfloat16 and not plain.model.score._forward_pre_hooks
-    monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: True)
-    with models.inference_precision("bfloat16"):
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: True)
+    with precision.inference_precision("bfloat16"):
         low = load_scorer(str(trained["full"]))
     assert low.model.model.embed_tokens.weight.dtype == torch.bfloat16 and low.model.score.weight.dtype == torch.float32
     got, want = low.score(prompts, responses), ref.score(prompts, responses)

@@ -1156,12 +1156,12 @@ def test_eval_dtype_runs_the_step_in_it_and_cached_answers_of_another_dtype_are_
     key, and answers cached by an eval in another dtype are generated again (comparisons stay in one precision)."""
     from types import SimpleNamespace
 
-    from foundation import models
+    from foundation import models, precision
     from alignment.evals import suite
 
     with pytest.raises(ConfigError, match="dtype"):
         suite.EvalSuiteConfig(dtype="bf16")
-    monkeypatch.setattr(models, "cpu_native_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: True)
     records = [PromptRecord([{"role": "user", "content": q}], id=q) for q in ("Hi", "Why is the sky blue?")]
     path = tmp_path / "heldout_responses.jsonl"
     first = suite.respond(tiny_model, records, path, max_new_tokens=4, batch_size=2, seed=0)
@@ -1171,13 +1171,13 @@ def test_eval_dtype_runs_the_step_in_it_and_cached_answers_of_another_dtype_are_
     real = models.load_causal_lm
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a) or real(*a, **k))
     assert suite.respond(tiny_model, records, path, max_new_tokens=4, batch_size=2, seed=0) == first and not loads
-    with models.inference_precision("bfloat16"):
+    with precision.inference_precision("bfloat16"):
         suite.respond(tiny_model, records, path, max_new_tokens=4, batch_size=2, seed=0)
     assert len(loads) == 1 and [json.loads(line)["dtype"] for line in path.read_text().splitlines()] == ["bfloat16"] * 2
     seen = []
     project = SimpleNamespace(cfg=SimpleNamespace(eval=suite.EvalSuiteConfig(dtype="bfloat16")),
                               round_dir=lambda n: tmp_path / f"round-{n}")
     step = suite.RoundEval(project, 1)
-    monkeypatch.setattr(step, "_run", lambda: seen.append(models.select_dtype("auto", "cpu")) or {"outputs": {}})
+    monkeypatch.setattr(step, "_run", lambda: seen.append(precision.select_dtype("auto", "cpu")) or {"outputs": {}})
     assert step.run() == {"outputs": {"dtype": "bfloat16"}} and seen == [torch.bfloat16]
-    assert models.select_dtype("auto", "cpu") == torch.float32
+    assert precision.select_dtype("auto", "cpu") == torch.float32

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from foundation.config import check, option
-from foundation.models import INFERENCE_DTYPES
+from foundation.precision import INFERENCE_DTYPES
 from foundation.runs import file_sha256
 from alignment.evals.toxigen import RoundSettings as ToxiGenSettings
 from alignment.evals.truthfulqa import RoundSettings as TruthfulQASettings
@@ -147,7 +147,8 @@ def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: i
     """Greedy answers of ``model`` to ``records`` (with ``no_repeat_ngram_size`` decoding when > 0, ``eos_bias`` added
     to the EOS logits when not 0), written to ``path`` once and read back after."""
     from foundation.generation import generate
-    from foundation.models import dtype_name, load_causal_lm, load_tokenizer
+    from foundation.models import load_causal_lm, load_tokenizer
+    from foundation.precision import dtype_name
     from data.loaders import read_rows, write_jsonl
 
     dtype = dtype_name()  # what load_causal_lm below loads in
@@ -204,8 +205,8 @@ class RoundEval:
                        seed=self.cfg.seed), path
 
     def run(self) -> dict:
-        """Every check of the step, in ``eval.dtype`` (``foundation.models.inference_precision``)."""
-        from foundation.models import dtype_name, inference_precision
+        """Every check of the step, in ``eval.dtype`` (``foundation.precision.inference_precision``)."""
+        from foundation.precision import dtype_name, inference_precision
 
         with inference_precision(self.e.dtype):
             result = self._run()

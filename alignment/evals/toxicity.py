@@ -378,7 +378,7 @@ class HFToxicityClassifier:
     def __init__(self, name: str, *, device: str = "auto", batch_size: int = 32, toxic_label: int | None = None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from foundation.models import select_device
+        from foundation.precision import select_device
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)

@@ -348,7 +348,7 @@ def report_blocks(rounds: Sequence[Any]) -> list[tuple[str, Any]]:
 
 
 def cli(argv: Sequence[str]) -> int:
-    from foundation.models import INFERENCE_DTYPES, inference_precision
+    from foundation.precision import INFERENCE_DTYPES, inference_precision
 
     p = argparse.ArgumentParser(prog="align eval toxigen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

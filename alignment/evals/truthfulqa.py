@@ -198,7 +198,8 @@ def run(model: str, *, data: str = HUB_ID, out: str | Path | None = None, varian
         name: str = "truthfulqa", overwrite: bool = False, device: str = "auto") -> dict:
     """Evaluate ``model`` and write ``<out>/<name>.json`` (+ ``<name>_rows.jsonl``). Returns the result."""
     from alignment.evals.results import check_free, default_out, header, write_json
-    from foundation.models import load_causal_lm, load_tokenizer, select_device
+    from foundation.models import load_causal_lm, load_tokenizer
+    from foundation.precision import select_device
     from data.loaders import write_jsonl
 
     if variant not in ("mc", "gen", "both"):
@@ -366,7 +367,7 @@ def report_blocks(rounds: Sequence[Any]) -> list[tuple[str, Any]]:
 
 
 def cli(argv: Sequence[str]) -> int:
-    from foundation.models import INFERENCE_DTYPES, inference_precision
+    from foundation.precision import INFERENCE_DTYPES, inference_precision
 
     p = argparse.ArgumentParser(prog="align eval truthfulqa", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

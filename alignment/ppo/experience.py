@@ -82,7 +82,8 @@ def build_models(cfg: PPOConfig, device: str, reward_models: dict[str, Any], *, 
 
     from foundation import distributed
     from foundation.adapters import peft_config
-    from foundation.models import load_causal_lm, master_dtype
+    from foundation.models import load_causal_lm
+    from foundation.precision import master_dtype
     from alignment.rl.critic import critic_from_causal_lm, critic_from_reward_model, critic_pair, tie_identical_weights
 
     def load(on: str) -> Any:  # in the dtype the training device calls for, also when loaded on the CPU
