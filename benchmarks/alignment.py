@@ -497,6 +497,7 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
     from alignment.rounds.steps import Steps
     from alignment.rs_pool import repick
     from data.loaders import read_rows, write_jsonl
+    from foundation.precision import inference_precision
     from foundation.runs import file_sha256
 
     home = project / "controls" / f"rs-random-round-{n}"
@@ -532,30 +533,31 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
     gen = {"max_new_tokens": ev.e.max_new_tokens, "batch_size": ev.e.batch_size, "seed": p.cfg.seed}
     answers = {name: home / "eval" / f"{name}_heldout_responses.jsonl" for name in ("random", "rs", "sft")}
     answers["random"].parent.mkdir(parents=True, exist_ok=True)
-    texts = {name: respond(model, records, answers[name], **gen)
-             for name, model in (("random", str(out)), ("rs", p.policy_of(n)), ("sft", p.sft_model()))}
-    identical = {}
-    for name, before in (("rs", ev.out / "heldout_responses.jsonl"), ("sft", ev.sft_out / "heldout_responses.jsonl")):
-        earlier = [row["response"] for _, row in read_rows(before)]
-        identical[name] = f"{sum(a == b for a, b in zip(texts[name], earlier))}/{len(records)}"
-    summary = json.loads((src / "summary.json").read_text())
-    got: dict = {"round": n, "project": str(project), "control": str(out), "judges": list(ev.e.judges), **unpaired,
-                 "identical_to_eval_step": identical, "picks": pick_overlap(kept["rs"], kept["random"], cfg_of(src)),
-                 "pool_new": {"rs": summary.get("pool_new"), "random": step["outputs"]["metrics"].get("pool_new")},
-                 "mean_kept_reward": {"rs": summary.get("mean_best_reward"),
-                                      "random": step["outputs"]["metrics"].get("mean_best_reward")}}
-    sides = {"rs_vs_random": (p.policy_of(n), "rs", f"{out} (random pick)", "random"),
-             "random_vs_sft": (f"{out} (random pick)", "random", p.sft_model(), "sft")}
-    for judge in ev.e.judges:
-        scorer = ev.judge_scorer(judge, records)
-        for name, (a, a_name, b, b_name) in sides.items():
-            res = winrate.run(a, b, prompts=str(p.heldout_path), judge="rm", out=home / "eval", scorer=scorer,
-                              responses=str(answers[a_name]), baseline_responses=str(answers[b_name]),
-                              tie_margin=p.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=ev.e.bootstrap,
-                              seed=p.cfg.seed, name=f"winrate-{judge}-{name.replace('_', '-')}", overwrite=True)
-            got[f"winrate_{judge}_{name}"] = _winrate_summary(res)
-    if ev.e.judges:
-        got.update({**got[f"winrate_{ev.e.judges[0]}_rs_vs_random"], "judge": ev.e.judges[0]})
+    with inference_precision(ev.e.dtype):  # answers and judges in the eval step's dtype, as it ran
+        texts = {name: respond(model, records, answers[name], **gen)
+                 for name, model in (("random", str(out)), ("rs", p.policy_of(n)), ("sft", p.sft_model()))}
+        identical = {}
+        for name, before in (("rs", ev.out / "heldout_responses.jsonl"), ("sft", ev.sft_out / "heldout_responses.jsonl")):
+            earlier = [row["response"] for _, row in read_rows(before)]
+            identical[name] = f"{sum(a == b for a, b in zip(texts[name], earlier))}/{len(records)}"
+        summary = json.loads((src / "summary.json").read_text())
+        got: dict = {"round": n, "project": str(project), "control": str(out), "judges": list(ev.e.judges), **unpaired,
+                     "identical_to_eval_step": identical, "picks": pick_overlap(kept["rs"], kept["random"], cfg_of(src)),
+                     "pool_new": {"rs": summary.get("pool_new"), "random": step["outputs"]["metrics"].get("pool_new")},
+                     "mean_kept_reward": {"rs": summary.get("mean_best_reward"),
+                                          "random": step["outputs"]["metrics"].get("mean_best_reward")}}
+        sides = {"rs_vs_random": (p.policy_of(n), "rs", f"{out} (random pick)", "random"),
+                 "random_vs_sft": (f"{out} (random pick)", "random", p.sft_model(), "sft")}
+        for judge in ev.e.judges:
+            scorer = ev.judge_scorer(judge, records)
+            for name, (a, a_name, b, b_name) in sides.items():
+                res = winrate.run(a, b, prompts=str(p.heldout_path), judge="rm", out=home / "eval", scorer=scorer,
+                                  responses=str(answers[a_name]), baseline_responses=str(answers[b_name]),
+                                  tie_margin=p.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=ev.e.bootstrap,
+                                  seed=p.cfg.seed, name=f"winrate-{judge}-{name.replace('_', '-')}", overwrite=True)
+                got[f"winrate_{judge}_{name}"] = _winrate_summary(res)
+        if ev.e.judges:
+            got.update({**got[f"winrate_{ev.e.judges[0]}_rs_vs_random"], "judge": ev.e.judges[0]})
     _write_json(home / "result.json", got)
     return got
 

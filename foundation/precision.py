@@ -55,8 +55,10 @@ def cpu_native_bf16(cpuinfo: str | None = None) -> bool:
 
 def resolve_inference_dtype(dtype: str) -> str:
     """The CPU dtype of no-grad work (evaluation answers, judges, benchmarks) for a setting ``auto`` / ``float32`` /
-    ``bfloat16``: ``auto`` is fp32 (bf16 evaluation on a CPU is opt-in until ``benchmarks precision`` shows its
-    speed and fidelity); ``bfloat16`` on a CPU without native bf16 is refused (emulated, many times slower)."""
+    ``bfloat16``: ``auto`` is bf16 on a CPU with native bf16 and fp32 on any other (``benchmarks precision`` on a
+    2-core EPYC with avx512_bf16: generation 1.35x, log-likelihood scoring and reward-model judging ~2x faster; the
+    gold RM picked the same answer in 19 of 20 pairs, TruthfulQA MC2 moved -0.5 points, both models of a comparison
+    always in one dtype); ``bfloat16`` on a CPU without native bf16 is refused (emulated, many times slower)."""
     check(dtype in INFERENCE_DTYPES, "dtype", f"must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
     if dtype == "bfloat16" and not cpu_native_bf16():
         import torch
@@ -64,7 +66,9 @@ def resolve_inference_dtype(dtype: str) -> str:
         if not torch.cuda.is_available():
             raise ValueError("dtype: bfloat16 needs a CPU with native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo) or a "
                              "GPU; this machine has neither (torch would emulate it, many times slower than fp32)")
-    return "float32" if dtype == "auto" else dtype
+    if dtype == "auto":
+        return "bfloat16" if cpu_native_bf16() else "float32"
+    return dtype
 
 
 @contextlib.contextmanager

@@ -151,8 +151,8 @@ def test_full_sft_with_bf16_autocast_keeps_fp32_weights_and_optimizer_state(tmp_
 
 def test_inference_precision_block_sets_the_cpu_dtype_of_auto_loads(monkeypatch, tiny_model):
     """``inference_precision`` (a round's ``eval.dtype``): inside the block a model loaded with dtype auto on the CPU
-    loads in the block's dtype, outside (and in an ``auto`` block) in fp32; bf16 is refused on a CPU that only emulates
-    it; a typo names the key."""
+    loads in the block's dtype, outside it in fp32; an ``auto`` block is bf16 on a CPU with native bf16 and fp32 on
+    any other; bf16 is refused on a CPU that only emulates it; a typo names the key."""
     assert precision.cpu_native_bf16("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n")
     assert precision.cpu_native_bf16("flags\t\t: fpu sse amx_bf16 amx_tile\n")
     assert not precision.cpu_native_bf16("flags\t\t: fpu sse avx2 avx512f\n") and not precision.cpu_native_bf16("")
@@ -160,8 +160,10 @@ def test_inference_precision_block_sets_the_cpu_dtype_of_auto_loads(monkeypatch,
     with precision.inference_precision("bfloat16") as resolved:
         assert resolved == "bfloat16" and precision.select_dtype("auto", "cpu") == torch.bfloat16
         assert precision.select_dtype("float32", "cpu") == torch.float32  # an explicit dtype wins
-        with precision.inference_precision("auto"):
-            assert precision.select_dtype("auto", "cpu") == torch.float32
+        with precision.inference_precision("float32"):
+            assert precision.select_dtype("auto", "cpu") == torch.float32  # the innermost block wins
+        with precision.inference_precision("auto") as auto:
+            assert auto == "bfloat16" and precision.select_dtype("auto", "cpu") == torch.bfloat16
         assert next(models.load_causal_lm(tiny_model).parameters()).dtype == torch.bfloat16
     assert precision.select_dtype("auto", "cpu") == torch.float32
     assert next(models.load_causal_lm(tiny_model).parameters()).dtype == torch.float32
@@ -173,4 +175,6 @@ def test_inference_precision_block_sets_the_cpu_dtype_of_auto_loads(monkeypatch,
     with pytest.raises(ValueError, match="needs a CPU with native bf16"):
         with precision.inference_precision("bfloat16"):
             pass
+    with precision.inference_precision("auto") as auto:  # emulated bf16 would be slower: auto is fp32 there
+        assert auto == "float32" and precision.select_dtype("auto", "cpu") == torch.float32
     assert precision.select_dtype("auto", "cpu") == torch.float32  # a refused block leaves nothing behind

@@ -123,8 +123,9 @@ class EvalSuiteConfig:
     bootstrap: int = option(2000, "bootstrap resamples of the confidence intervals")
     dtype: str = option("auto", "the CPU dtype of the whole step (answers, judges, benchmarks; no training): float32, "
                                 "bfloat16 (CPUs with native bf16: avx512_bf16 / amx_bf16; `python -m benchmarks precision` "
-                                "measures its speed and fidelity), auto = float32. GPUs use bf16 where supported either way. "
-                                "Answers cached by an earlier eval in another dtype are generated again")
+                                "measures its speed and fidelity), auto = bfloat16 on such CPUs, float32 on others. GPUs "
+                                "use bf16 where supported either way. Answers cached by an earlier eval in another dtype "
+                                "are generated again")
     decoding_control: int = option(0, "also judge the policy, on the test prompts and by every judge, against the SFT model "
                                       "decoding greedily with no_repeat_ngram_size=<this> (a decoding change instead of "
                                       "training: what training has to beat); 0 = off")

@@ -370,8 +370,9 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--name", default="toxigen", help="file stem of the outputs")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=INFERENCE_DTYPES,
-                   help="the model's dtype on a CPU: auto = float32; bfloat16 needs native bf16 (avx512_bf16 / amx_bf16; "
-                        "`python -m benchmarks precision` measures it). GPUs use bf16 where supported")
+                   help="the model's dtype on a CPU: auto = bfloat16 where the CPU has it natively (avx512_bf16 / amx_bf16), "
+                        "else float32; bfloat16 is refused on other CPUs (`python -m benchmarks precision` measures "
+                        "it). GPUs use bf16 where supported")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--split", default="test", choices=["test", "validation"],
                    help="test: the seeded draw; validation: as many prompts per list from the lines the test draw leaves")

@@ -388,8 +388,9 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit of the generation variant")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=INFERENCE_DTYPES,
-                   help="the model's dtype on a CPU: auto = float32; bfloat16 needs native bf16 (avx512_bf16 / amx_bf16; "
-                        "`python -m benchmarks precision` measures it). GPUs use bf16 where supported")
+                   help="the model's dtype on a CPU: auto = bfloat16 where the CPU has it natively (avx512_bf16 / amx_bf16), "
+                        "else float32; bfloat16 is refused on other CPUs (`python -m benchmarks precision` measures "
+                        "it). GPUs use bf16 where supported")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     a = p.parse_args(argv)
     from foundation.runs import setup_logging
