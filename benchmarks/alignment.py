@@ -429,17 +429,29 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def settings_fingerprint(config: str | Path, overrides: list[str]) -> str:
     """sha256 (16 hex digits) of what a seed's rounds ran with, bar the seed: the round config's text, the text of each
-    stage config it names (``config: configs/<x>.yaml``, found from the repository root) and the overrides other than
-    ``seed=``. Two seeds with the same fingerprint ran the same recipe."""
+    stage config it names (``config: configs/<x>.yaml``, found from the repository root), the overrides other than
+    ``seed=`` and ``eval.dtype=``, and the dtype the evals run in on this CPU where it is not fp32 (``eval.dtype`` as
+    ``foundation.precision.resolve_inference_dtype`` resolves it here: ``auto`` is bf16 on a CPU with native bf16). Two
+    seeds with the same fingerprint ran the same recipe: a seed evaluated in bf16 is not pooled with seeds evaluated in
+    fp32 (those before evaluation's ``auto`` became bf16 among them; ``eval.dtype=float32`` runs a seed of theirs)."""
     import hashlib
     import re
+
+    import yaml
+
+    from foundation.precision import resolve_inference_dtype
 
     text = Path(config).read_text()
     h = hashlib.sha256(text.encode())
     for name in sorted(set(re.findall(r"^\s*config:\s*['\"]?([^\s'\"#]+\.ya?ml)", text, flags=re.M))):
         path = next((c for c in (Path(name), REPO / name) if c.is_file()), None)
         h.update(f"\n--- {name}\n".encode() + (path.read_bytes() if path else b"<missing>"))
-    h.update("\n--- overrides\n".join(o for o in overrides if not o.startswith("seed=")).encode())
+    h.update("\n--- overrides\n".join(o for o in overrides if not o.startswith(("seed=", "eval.dtype="))).encode())
+    dtype = next((o.split("=", 1)[1].strip() for o in reversed(overrides) if o.startswith("eval.dtype=")), None)
+    if dtype is None:
+        dtype = str(((yaml.safe_load(text) or {}).get("eval") or {}).get("dtype", "auto"))
+    if (resolved := resolve_inference_dtype(dtype)) != "float32":
+        h.update(f"\n--- eval dtype {resolved}".encode())
     return h.hexdigest()[:16]
 
 

@@ -297,6 +297,27 @@ def test_alignment_seeds_are_kept_and_each_run_once(tmp_path):
     assert golds_named("judges: [gold, rm]", "eval.gold_model=gold:a", "x=gold:b", "y=gold:a") == ["a", "b"]
 
 
+
+def test_a_seed_evaluated_in_bf16_is_not_pooled_with_seeds_evaluated_in_fp32(tmp_path, monkeypatch):
+    """The loop's settings fingerprint says the evals' dtype where it is not fp32: on a CPU with native bf16 ``auto``
+    evaluates in bf16, another recipe than seeds evaluated in fp32; ``eval.dtype=float32`` gives those seeds'
+    fingerprint back (the override itself is not a setting), and on a CPU without native bf16 nothing changes."""
+    from benchmarks.alignment import settings_fingerprint
+    from foundation import precision
+
+    cfg = tmp_path / "round.yaml"
+    cfg.write_text("rounds: 3\neval:\n  heldout: 8\n")
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: False)
+    fp32 = settings_fingerprint(cfg, ["rounds=3"])
+    assert settings_fingerprint(cfg, ["rounds=3", "eval.dtype=float32"]) == fp32
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: True)
+    bf16 = settings_fingerprint(cfg, ["rounds=3"])
+    assert bf16 != fp32 and settings_fingerprint(cfg, ["rounds=3", "eval.dtype=bfloat16"]) == bf16
+    assert settings_fingerprint(cfg, ["rounds=3", "eval.dtype=float32"]) == fp32
+    cfg.write_text("rounds: 3\neval:\n  heldout: 8\n  dtype: float32\n")
+    assert settings_fingerprint(cfg, ["rounds=3"]) != bf16  # set in the file: fp32 (the file's text differs, too)
+    assert settings_fingerprint(cfg, ["rounds=3"]) == settings_fingerprint(cfg, ["rounds=3", "eval.dtype=float32"])
+
 def test_ppo_memory_table_is_the_hand_computation():
     """Llama-2-7B's parameter count from its config on the meta device, and PPO-LoRA under ZeRO-2 on 8 GPUs, part by
     part: DeepSpeed's ZeRO-2 formula (2 bytes + 18 / N per trainable parameter) for the LoRA adapters and the value
