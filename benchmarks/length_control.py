@@ -112,6 +112,7 @@ def control_round(proj: Any, n: int, work: Path, *, steps: int = 7) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     from alignment.rounds import Project
+    from foundation.precision import inference_precision
 
     p = argparse.ArgumentParser(prog="python -m benchmarks length_control", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         d = Path(path).resolve()
         proj = Project(d.parent, d.name)
         rounds = a.round or [k for k in proj.rounds() if (proj.round_dir(k) / "eval" / "heldout_responses.jsonl").is_file()]
-        got = [control_round(proj, k, d / "length_control", steps=a.steps) for k in rounds]
+        with inference_precision(proj.cfg.eval.dtype):  # in the dtype its eval step answered in: one per comparison
+            got = [control_round(proj, k, d / "length_control", steps=a.steps) for k in rounds]
         projects.append({"project": str(d), "rounds": got})
         _print(d, got)
     return {"projects": projects}

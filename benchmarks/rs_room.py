@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks.alignment import cfg_of, pick_overlap
     from benchmarks.common import RESULTS
     from data.loaders import read_rows, write_jsonl
+    from foundation.precision import inference_precision
 
     p = argparse.ArgumentParser(prog="python -m benchmarks rs_room", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,43 +135,44 @@ def main(argv: list[str] | None = None) -> dict:
             for name, d in (("ranked", ranked_dir), ("random", random_dir))}
 
     ev = RoundEval(proj, n)
-    judges = list(ev.e.judges)
-    gold_judge = next((j for j in judges if j == "gold_rm"), None)
-    picks: dict[str, Any] = {"ranked_vs_random": pick_overlap(kept["ranked"], kept["random"], cfg_of(ranked_dir))}
-    if gold_judge:
-        picks["by_the_gold"] = pick_gains(kept["ranked"], kept["random"],
-                                          gold_scores(ev.judge_scorer(gold_judge, []), kept["ranked"], require_eos),
-                                          require_eos, seed=proj.cfg.seed)
+    with inference_precision(ev.e.dtype):  # answers and judges in the eval step's dtype, the RS control's reused
+        judges = list(ev.e.judges)
+        gold_judge = next((j for j in judges if j == "gold_rm"), None)
+        picks: dict[str, Any] = {"ranked_vs_random": pick_overlap(kept["ranked"], kept["random"], cfg_of(ranked_dir))}
+        if gold_judge:
+            picks["by_the_gold"] = pick_gains(kept["ranked"], kept["random"],
+                                              gold_scores(ev.judge_scorer(gold_judge, []), kept["ranked"], require_eos),
+                                              require_eos, seed=proj.cfg.seed)
 
-    records = proj.heldout()
-    gen = {"max_new_tokens": ev.e.max_new_tokens, "batch_size": ev.e.batch_size, "seed": proj.cfg.seed}
-    earlier = project / "controls" / f"rs-random-round-{n}" / "eval"  # the RS control's answers, same settings
-    answers = {"ranked": home / "eval" / "ranked_heldout_responses.jsonl",
-               "random": home / "eval" / "random_heldout_responses.jsonl",
-               "round": _reuse(earlier / "rs_heldout_responses.jsonl", home / "eval" / "round_heldout_responses.jsonl"),
-               "sft": _reuse(earlier / "sft_heldout_responses.jsonl", home / "eval" / "sft_heldout_responses.jsonl")}
-    models = {"ranked": str(ranked_dir), "random": str(random_dir), "round": proj.policy_of(n), "sft": proj.sft_model()}
-    answers["ranked"].parent.mkdir(parents=True, exist_ok=True)
-    for name, model in models.items():
-        respond(model, records, answers[name], **gen)
-    sides = {"ranked_vs_random": ("ranked", "random"), "ranked_vs_sft": ("ranked", "sft"),
-             "random_vs_sft": ("random", "sft"), "ranked_vs_round": ("ranked", "round")}
-    result: dict[str, Any] = {"project": str(project), "round": n, "samples": a.samples, "max_new_tokens": a.max_new_tokens,
-                              "prompts": a.prompts or proj.cfg.spec("rs").prompts, "overrides": setting,
-                              "round_samples": cfg["sampling"]["num_samples"],
-                              "round_max_new_tokens": cfg["sampling"]["max_new_tokens"], "judges": judges,
-                              "models": models, "picks": picks,
-                              "pool_new": {name: json.loads((d / "summary.json").read_text()).get("pool_new")
-                                           for name, d in (("ranked", ranked_dir), ("random", random_dir))},
-                              "test_prompts": len(records)}
-    for judge in judges:
-        scorer = ev.judge_scorer(judge, records)
-        for name, (x, y) in sides.items():
-            res = winrate.run(models[x], models[y], prompts=str(proj.heldout_path), judge="rm", out=home / "eval",
-                              scorer=scorer, responses=str(answers[x]), baseline_responses=str(answers[y]),
-                              tie_margin=proj.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=ev.e.bootstrap,
-                              seed=proj.cfg.seed, name=f"winrate-{judge}-{name.replace('_', '-')}", overwrite=True)
-            result[f"winrate_{judge}_{name}"] = _winrate_summary(res)
+        records = proj.heldout()
+        gen = {"max_new_tokens": ev.e.max_new_tokens, "batch_size": ev.e.batch_size, "seed": proj.cfg.seed}
+        earlier = project / "controls" / f"rs-random-round-{n}" / "eval"  # the RS control's answers, same settings
+        answers = {"ranked": home / "eval" / "ranked_heldout_responses.jsonl",
+                   "random": home / "eval" / "random_heldout_responses.jsonl",
+                   "round": _reuse(earlier / "rs_heldout_responses.jsonl", home / "eval" / "round_heldout_responses.jsonl"),
+                   "sft": _reuse(earlier / "sft_heldout_responses.jsonl", home / "eval" / "sft_heldout_responses.jsonl")}
+        models = {"ranked": str(ranked_dir), "random": str(random_dir), "round": proj.policy_of(n), "sft": proj.sft_model()}
+        answers["ranked"].parent.mkdir(parents=True, exist_ok=True)
+        for name, model in models.items():
+            respond(model, records, answers[name], **gen)
+        sides = {"ranked_vs_random": ("ranked", "random"), "ranked_vs_sft": ("ranked", "sft"),
+                 "random_vs_sft": ("random", "sft"), "ranked_vs_round": ("ranked", "round")}
+        result: dict[str, Any] = {"project": str(project), "round": n, "samples": a.samples, "max_new_tokens": a.max_new_tokens,
+                                  "prompts": a.prompts or proj.cfg.spec("rs").prompts, "overrides": setting,
+                                  "round_samples": cfg["sampling"]["num_samples"],
+                                  "round_max_new_tokens": cfg["sampling"]["max_new_tokens"], "judges": judges,
+                                  "models": models, "picks": picks,
+                                  "pool_new": {name: json.loads((d / "summary.json").read_text()).get("pool_new")
+                                               for name, d in (("ranked", ranked_dir), ("random", random_dir))},
+                                  "test_prompts": len(records)}
+        for judge in judges:
+            scorer = ev.judge_scorer(judge, records)
+            for name, (x, y) in sides.items():
+                res = winrate.run(models[x], models[y], prompts=str(proj.heldout_path), judge="rm", out=home / "eval",
+                                  scorer=scorer, responses=str(answers[x]), baseline_responses=str(answers[y]),
+                                  tie_margin=proj.cfg.gold.tie_margin if judge == "gold" else 0.0, n_boot=ev.e.bootstrap,
+                                  seed=proj.cfg.seed, name=f"winrate-{judge}-{name.replace('_', '-')}", overwrite=True)
+                result[f"winrate_{judge}_{name}"] = _winrate_summary(res)
     result.update(minutes_this_call=round((time.time() - t0) / 60, 1), note=a.note)
     (home / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     _print(result)

@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     from alignment.rounds import Project
     from alignment.rounds.config import StageSpec
     from alignment.rounds.steps import run_stage
+    from foundation.precision import inference_precision
     from benchmarks.common import RESULTS
     from data.splits import selecting
 
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     ev = RoundEval(proj, a.round)
     judge = proj.cfg.eval.judges[0]
     base_rows, tox_rows = {}, {}
-    with selecting("truthfulqa_tax: which policy-step setting to keep"):
+    # answers, judges and TruthfulQA/ToxiGen rows in the eval step's dtype (its cached answers are reused as they are)
+    with selecting("truthfulqa_tax: which policy-step setting to keep"), inference_precision(proj.cfg.eval.dtype):
         scorer = ev.judge_scorer(judge, validation)
         answers = {}
         for name, m in models.items():

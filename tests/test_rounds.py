@@ -946,7 +946,10 @@ def test_truthfulqa_tax_trains_a_setting_again_and_reads_only_tuning_questions_a
     results.write_text(json.dumps({"runs": {"other:round-2": {"project": "other", "models": {}}}}))
     args = ["--project", str(copy), "--round", "2", "--variant", "lr_small=train.lr=1e-5", "--questions", "5",
             "--history", str(history), "--results", str(results)]
+    own = {p: p.read_bytes() for p in copy.glob("round-*/eval/**/validation_responses.jsonl")}
+    assert own  # the round's eval answered the validation prompts (in eval.dtype: bf16 on a CPU with native bf16)
     res = truthfulqa_tax.main(args)
+    assert {p: p.read_bytes() for p in own} == own  # reused in the dtype they were made in, never rewritten
     assert list(res["runs"]) == ["other:round-2", "whole:round-2"] and res["latest"] == "whole:round-2"
     out = res["runs"]["whole:round-2"]
     models = out["models"]
