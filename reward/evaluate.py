@@ -247,10 +247,11 @@ def write_report(report: dict, chosen: Sequence[float], rejected: Sequence[float
 
 
 def evaluate(scorer: RewardScorer, comparisons: Sequence[Comparison], *, model: str = "", data: str = "",
-             out: Path | None = None) -> dict:
-    """Score ``comparisons``, build the report and (with ``out``) write it."""
+             out: Path | None = None, extra: dict | None = None) -> dict:
+    """Score ``comparisons``, build the report (``extra``: more keys for it, e.g. the dtype it scored in) and (with
+    ``out``) write it."""
     chosen, rejected = score_pairs(scorer, comparisons)
-    report = {**pair_metrics(chosen, rejected, comparisons), "model": model, "data": data}
+    report = {**pair_metrics(chosen, rejected, comparisons), "model": model, "data": data, **(extra or {})}
     if out is not None:
         write_report(report, chosen.tolist(), rejected.tolist(), out)
     return report

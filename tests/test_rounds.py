@@ -331,6 +331,47 @@ def test_rm_start_previous_trains_the_last_reward_model_further_on_the_labels_it
         Steps(p, 3)._rm("rm_helpful")
 
 
+def test_rm_before_scores_in_the_eval_dtype_and_says_it(tmp_path, tiny_reward_models, monkeypatch):
+    """rm_before is a report (no decision reads it), so it scores in ``eval.dtype`` like the eval step: under ``auto`` on a
+    CPU with native bf16 the reward models load in bf16 (their score head in fp32) and the manifest and each report
+    say so; ``eval.dtype=float32`` scores in fp32."""
+    from alignment.rounds import Steps
+    from foundation import precision
+    from reward import model as reward_model
+
+    rows = (REPO / "data" / "bundled" / "comparisons.jsonl").read_text().splitlines()[:10]
+    export = tmp_path / "export-2.jsonl"
+    export.write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: True)
+    loaded = []
+    real = reward_model.load_scorer
+    monkeypatch.setattr(reward_model, "load_scorer", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    got = {}
+    for dtype in ("auto", "float32"):
+        p = _project(tmp_path / dtype, f"eval.dtype={dtype}")
+        for name, objective in (("rm_helpful", "helpful"), ("rm_safety", "safety")):
+            shutil.copytree(tiny_reward_models[objective], p.round_dir(1) / name)
+            _done(p, 1, **{name: {"outputs": {"path": str(p.round_dir(1) / name)}}})
+        _done(p, 2, export={"outputs": {"path": str(export)}})
+        got[dtype] = Steps(p, 2).rm_before()
+    want = {"auto": torch.bfloat16, "float32": torch.float32}
+    assert [s.model.dtype for s in loaded] == [want["auto"]] * 2 + [want["float32"]] * 2
+    assert all(s.model.score.weight.dtype == torch.float32 for s in loaded)  # the head scores in fp32 either way
+    for dtype, name in (("auto", "bfloat16"), ("float32", "float32")):
+        out = got[dtype]["outputs"]
+        assert got[dtype]["inputs"]["dtype"] == dtype
+        for rm in ("rm_helpful", "rm_safety"):
+            report = json.loads(Path(out[rm]["report"]).read_text())
+            assert out[rm]["dtype"] == report["dtype"] == name and out[rm]["n"] == report["n"] == 10
+    for rm in ("rm_helpful", "rm_safety"):  # these 2-step RMs score near-ties: bf16 may flip one of the 10 pairs, not more
+        flipped = round(10 * abs(got["auto"]["outputs"][rm]["accuracy"] - got["float32"]["outputs"][rm]["accuracy"]))
+        assert flipped <= 1
+    prompts, answers = [[{"role": "user", "content": "Name a colour."}]] * 2, ["Blue.", "I will not."]
+    for bf16, fp32 in ((loaded[0], loaded[2]), (loaded[1], loaded[3])):  # the same model scores alike in both
+        a, b = bf16.score(prompts, answers), fp32.score(prompts, answers)
+        assert a.dtype == b.dtype == torch.float32 and torch.allclose(a, b, atol=0.05 * float(b.abs().max()) + 1e-3)
+
+
 def test_a_round_samples_k_answers_per_prompt_and_queues_every_distinct_pair(tmp_path, tiny_model):
     """sample.samples_per_prompt: 3 - round 1 samples three answers per prompt and the annotator labels up to three
     pairs of each; the export holds them all (the reward models see K(K-1)/2 pairs per prompt)."""

@@ -202,21 +202,27 @@ class Steps:
                             "tasks": res.tasks, "ties_dropped": res.ties_dropped}}
 
     def rm_before(self) -> dict:
-        """Last round's reward models on this round's new comparisons, before training on them."""
+        """Last round's reward models on this round's new comparisons, before training on them: a report, read by no
+        decision, so it scores in ``eval.dtype`` as the eval step does (bf16 on a CPU with native bf16 under ``auto``;
+        the score head stays fp32, ``reward.model.fp32_score_head``)."""
         from data.loaders import load_comparisons
+        from foundation.precision import dtype_name, inference_precision
         from reward.evaluate import evaluate
         from reward.model import load_scorer
 
         data = self.p.manifest(self.n)["steps"]["export"]["outputs"]["path"]
         comparisons = load_comparisons(DataSource(data))
-        outputs = {}
-        for name in ("rm_helpful", "rm_safety"):
-            model = self.p.rm_dir(name, self.n - 1)
-            out = self.dir / "rm_before" / name
-            report = evaluate(load_scorer(str(model)), comparisons, model=str(model),
-                              data=f"round {self.n} comparisons (new)", out=out)
-            outputs[name] = {"accuracy": report["accuracy"], "n": report["n"], "report": str(out / "rm_eval.json")}
-        return {"inputs": {"comparisons": data, "sha256": sha256(data)}, "outputs": outputs}
+        outputs: dict[str, Any] = {}
+        with inference_precision(self.cfg.eval.dtype):
+            dtype = dtype_name()
+            for name in ("rm_helpful", "rm_safety"):
+                model = self.p.rm_dir(name, self.n - 1)
+                out = self.dir / "rm_before" / name
+                report = evaluate(load_scorer(str(model)), comparisons, model=str(model),
+                                  data=f"round {self.n} comparisons (new)", out=out, extra={"dtype": dtype})
+                outputs[name] = {"accuracy": report["accuracy"], "n": report["n"], "report": str(out / "rm_eval.json"),
+                                 "dtype": dtype}
+        return {"inputs": {"comparisons": data, "sha256": sha256(data), "dtype": self.cfg.eval.dtype}, "outputs": outputs}
 
     def _rm(self, name: str) -> dict:
         out = self.dir / name
