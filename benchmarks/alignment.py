@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not (project / "round.yaml").is_file():
             subprocess.run([*align, "init", "--project", a.project, "--root", a.root, "--config", a.config, *a.overrides],
                            check=True, cwd=REPO)
+        check_eval_dtype(project, a.config, a.overrides)
         subprocess.run([*align, "run", "--project", a.project, "--root", a.root], check=True, cwd=REPO)
         if a.rs_control and a.keep_file:  # keep the seed now, before its control runs
             _write_json(Path(a.keep_file), {**summarise_project(project), "rs_random_control": PENDING,
@@ -427,19 +428,45 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+def call_eval_dtype(config: str | Path, overrides: list[str]) -> str:
+    """The dtype a call's evaluations run in on this machine: the last ``eval.dtype=`` override, else the round config's
+    ``eval.dtype`` (``auto`` when it names none), as ``foundation.precision.effective_inference_dtype`` resolves it."""
+    import yaml
+
+    from foundation.precision import effective_inference_dtype
+
+    dtype = next((o.split("=", 1)[1].strip() for o in reversed(overrides) if o.startswith("eval.dtype=")), None)
+    if dtype is None:
+        dtype = str(((yaml.safe_load(Path(config).read_text()) or {}).get("eval") or {}).get("dtype", "auto"))
+    return effective_inference_dtype(dtype)
+
+
+def check_eval_dtype(project: Path, config: str | Path, overrides: list[str]) -> None:
+    """Refuse to run a seed whose project evaluates in another dtype than this call's settings (and so its fingerprint)
+    say: an existing project keeps its ``round.yaml`` (an ``eval.dtype=`` override of this call does not reach it) and
+    the dtype of its first eval (``Project.eval_dtype``)."""
+    from alignment.rounds import Project
+    from foundation.precision import effective_inference_dtype
+
+    proj = Project(project.parent, project.name)
+    have, want = effective_inference_dtype(proj.eval_dtype()), call_eval_dtype(config, overrides)
+    if have != want:
+        raise SystemExit(f"{project}: its evaluations run in {have} (round.yaml: eval.dtype {proj.cfg.eval.dtype}; evals "
+                         f"so far: {proj.recorded_eval_dtypes() or 'none'}), this call's settings say {want}: its results "
+                         f"would be kept under the wrong settings fingerprint. Give eval.dtype={have} to continue it, "
+                         f"or --fresh to run the seed again from the start")
+
+
 def settings_fingerprint(config: str | Path, overrides: list[str]) -> str:
     """sha256 (16 hex digits) of what a seed's rounds ran with, bar the seed: the round config's text, the text of each
     stage config it names (``config: configs/<x>.yaml``, found from the repository root), the overrides other than
-    ``seed=`` and ``eval.dtype=``, and the dtype the evals run in on this CPU where it is not fp32 (``eval.dtype`` as
-    ``foundation.precision.resolve_inference_dtype`` resolves it here: ``auto`` is bf16 on a CPU with native bf16). Two
+    ``seed=`` and ``eval.dtype=``, and the dtype the evals run in on this machine where it is not fp32
+    (``call_eval_dtype``: ``auto`` is bf16 on a CPU with native bf16 and on a GPU with bf16; ``check_eval_dtype`` refuses
+    a seed whose existing project evaluates in another). Two
     seeds with the same fingerprint ran the same recipe: a seed evaluated in bf16 is not pooled with seeds evaluated in
     fp32 (those before evaluation's ``auto`` became bf16 among them; ``eval.dtype=float32`` runs a seed of theirs)."""
     import hashlib
     import re
-
-    import yaml
-
-    from foundation.precision import resolve_inference_dtype
 
     text = Path(config).read_text()
     h = hashlib.sha256(text.encode())
@@ -447,10 +474,7 @@ def settings_fingerprint(config: str | Path, overrides: list[str]) -> str:
         path = next((c for c in (Path(name), REPO / name) if c.is_file()), None)
         h.update(f"\n--- {name}\n".encode() + (path.read_bytes() if path else b"<missing>"))
     h.update("\n--- overrides\n".join(o for o in overrides if not o.startswith(("seed=", "eval.dtype="))).encode())
-    dtype = next((o.split("=", 1)[1].strip() for o in reversed(overrides) if o.startswith("eval.dtype=")), None)
-    if dtype is None:
-        dtype = str(((yaml.safe_load(text) or {}).get("eval") or {}).get("dtype", "auto"))
-    if (resolved := resolve_inference_dtype(dtype)) != "float32":
+    if (resolved := call_eval_dtype(config, overrides)) != "float32":
         h.update(f"\n--- eval dtype {resolved}".encode())
     return h.hexdigest()[:16]
 
@@ -509,7 +533,7 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
     from alignment.rounds.steps import Steps
     from alignment.rs_pool import repick
     from data.loaders import read_rows, write_jsonl
-    from foundation.precision import inference_precision
+    from foundation.precision import dtype_name, inference_precision
     from foundation.runs import file_sha256
 
     home = project / "controls" / f"rs-random-round-{n}"
@@ -545,7 +569,7 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
     gen = {"max_new_tokens": ev.e.max_new_tokens, "batch_size": ev.e.batch_size, "seed": p.cfg.seed}
     answers = {name: home / "eval" / f"{name}_heldout_responses.jsonl" for name in ("random", "rs", "sft")}
     answers["random"].parent.mkdir(parents=True, exist_ok=True)
-    with inference_precision(ev.e.dtype):  # answers and judges in the eval step's dtype, as it ran
+    with inference_precision(ev.p.eval_dtype()):  # answers and judges in the eval step's dtype, as it ran
         texts = {name: respond(model, records, answers[name], **gen)
                  for name, model in (("random", str(out)), ("rs", p.policy_of(n)), ("sft", p.sft_model()))}
         identical = {}
@@ -554,6 +578,7 @@ def rs_random_control(project: Path, n: int = 1, *, run: bool = True) -> dict | 
             identical[name] = f"{sum(a == b for a, b in zip(texts[name], earlier))}/{len(records)}"
         summary = json.loads((src / "summary.json").read_text())
         got: dict = {"round": n, "project": str(project), "control": str(out), "judges": list(ev.e.judges), **unpaired,
+                     "dtype": dtype_name(),
                      "identical_to_eval_step": identical, "picks": pick_overlap(kept["rs"], kept["random"], cfg_of(src)),
                      "pool_new": {"rs": summary.get("pool_new"), "random": step["outputs"]["metrics"].get("pool_new")},
                      "mean_kept_reward": {"rs": summary.get("mean_best_reward"),

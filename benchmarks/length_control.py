@@ -72,7 +72,9 @@ def control_round(proj: Any, n: int, work: Path, *, steps: int = 7) -> dict:
     """Round ``n``'s policy against the SFT model matched to its validation length, judged on the test prompts."""
     from alignment.evals import winrate
     from alignment.evals.suite import RoundEval, _winrate_summary, respond
+    from data.loaders import read_rows
     from data.splits import selecting
+    from foundation.precision import dtype_name
 
     ev, e, seed = RoundEval(proj, n), proj.cfg.eval, proj.cfg.seed
     policy, sft = proj.policy_of(n), proj.sft_model()
@@ -83,6 +85,13 @@ def control_round(proj: Any, n: int, work: Path, *, steps: int = 7) -> dict:
     policy_val = ev.responses_path(policy, "validation")
     if not policy_val.is_file():
         raise SystemExit(f"{policy_val}: round {n}'s eval has not answered the validation prompts")
+    policy_test = ev.responses_path(policy)
+    dtype = dtype_name()  # the project's eval dtype (main's block): the policy's answers must be in it, as the SFT's will
+    for path in (policy_val, policy_test):
+        made_in = sorted({row.get("dtype", "float32") for _, row in read_rows(path)})
+        if made_in != [dtype]:
+            raise SystemExit(f"{path}: answers generated in {', '.join(made_in)}, the length-matched SFT answers would be "
+                             f"in {dtype}; a comparison stays in one dtype (run the round's eval again in {dtype})")
     target = mean_chars(policy_val)
     sft_dir = work / "sft"
 
@@ -96,8 +105,8 @@ def control_round(proj: Any, n: int, work: Path, *, steps: int = 7) -> dict:
         matched = match_bias(length_at, target, steps=steps)
     test_path = sft_dir / f"heldout_eos_bias_{matched['bias']:+.4f}.jsonl"
     respond(sft, heldout, test_path, eos_bias=matched["bias"], **kw)
-    policy_test = ev.responses_path(policy)
     out: dict[str, Any] = {"round": n, "method": proj.cfg.method(n), "policy": policy, "baseline": sft, "match": matched,
+                           "dtype": dtype,
                            "test_mean_chars": {"policy": mean_chars(policy_test), "baseline": mean_chars(test_path),
                                                "sft_unbiased": mean_chars(ev.responses_path(sft))}}
     for judge in e.judges:
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         d = Path(path).resolve()
         proj = Project(d.parent, d.name)
         rounds = a.round or [k for k in proj.rounds() if (proj.round_dir(k) / "eval" / "heldout_responses.jsonl").is_file()]
-        with inference_precision(proj.cfg.eval.dtype):  # in the dtype its eval step answered in: one per comparison
+        with inference_precision(proj.eval_dtype()):  # in the dtype its eval step answered in: one per comparison
             got = [control_round(proj, k, d / "length_control", steps=a.steps) for k in rounds]
         projects.append({"project": str(d), "rounds": got})
         _print(d, got)

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name, d in (("ranked", ranked_dir), ("random", random_dir))}
 
     ev = RoundEval(proj, n)
-    with inference_precision(ev.e.dtype):  # answers and judges in the eval step's dtype, the RS control's reused
+    with inference_precision(ev.p.eval_dtype()):  # answers and judges in the eval step's dtype, the RS control's reused
         judges = list(ev.e.judges)
         gold_judge = next((j for j in judges if j == "gold_rm"), None)
         picks: dict[str, Any] = {"ranked_vs_random": pick_overlap(kept["ranked"], kept["random"], cfg_of(ranked_dir))}

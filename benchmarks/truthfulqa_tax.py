@@ -42,9 +42,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VARIANTS = {"beta_0.3": ["dpo.beta=0.3"], "nll_0.2": ["dpo.loss_weights=[1.0, 0.2]"], "lr_1e-4": ["train.lr=1.0e-4"]}
 
@@ -65,20 +68,32 @@ def tuning_questions(data: str, *, reported: int | None, exclude_seeds: list[int
 
 
 def truthfulqa_rows(model: str, items: list, path: Path) -> list[dict]:
-    """MC rows of ``model`` on ``items``, computed once and read back from ``path`` after."""
+    """MC rows of ``model`` on ``items``, computed once in the enclosing dtype (``inference_precision``; each row says
+    it) and read back from ``path`` after; rows of other questions or another dtype are computed again."""
     from alignment.evals.truthfulqa import evaluate_mc
     from data.loaders import write_jsonl
     from foundation.models import load_causal_lm, load_tokenizer
+    from foundation.precision import dtype_name
 
+    dtype = dtype_name()
     if path.is_file():
         rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        if [r["question"] for r in rows] == [it.question for it in items]:
+        if [r["question"] for r in rows] == [it.question for it in items] and _in_dtype(rows, dtype, path):
             return rows
     lm, tok = load_causal_lm(model), load_tokenizer(model)
-    rows = evaluate_mc(lm, tok, items)["rows"]
+    rows = [{**r, "dtype": dtype} for r in evaluate_mc(lm, tok, items)["rows"]]
     del lm
     write_jsonl(path, rows, overwrite=True)
     return rows
+
+
+def _in_dtype(rows: list[dict], dtype: str, path: Path) -> bool:
+    """Whether cached ``rows`` were computed in ``dtype`` (rows from before they said: fp32, the CPU's dtype then)."""
+    made_in = {r.get("dtype", "float32") for r in rows}
+    if made_in != {dtype}:
+        log.warning("%s: computed in %s, this call runs in %s; computing again", path, ", ".join(sorted(made_in)), dtype)
+        return False
+    return True
 
 
 def toxigen_prompts(folder: str, *, per_group: int, reported_per_group: int, exclude_seeds: list[int],
@@ -101,15 +116,18 @@ def toxigen_rows(model: str, prompts: list, path: Path, *, max_new_tokens: int, 
     from alignment.evals.toxigen import continue_and_classify
     from data.loaders import write_jsonl
     from foundation.models import load_causal_lm, load_tokenizer
+    from foundation.precision import dtype_name
 
+    dtype = dtype_name()
     if path.is_file():
         rows = _rows(str(path))
-        if [r["source"] for r in rows] == [p.source for p in prompts]:
+        if [r["source"] for r in rows] == [p.source for p in prompts] and _in_dtype(rows, dtype, path):
             return [{**r, "prompt": p.text} for r, p in zip(rows, prompts)]  # rows cached before they kept the prompt
     clf = load_classifier(None)
     lm, tok = load_causal_lm(model), load_tokenizer(model)
     rows, _ = continue_and_classify(lm, tok, clf, prompts, mode="chat", max_new_tokens=max_new_tokens, temperature=0.0,
                                     batch_size=batch_size, seed=seed)
+    rows = [{**r, "dtype": dtype} for r in rows]
     del lm
     write_jsonl(path, rows, overwrite=True)
     return rows
@@ -144,6 +162,13 @@ def validation_rows(result: dict, name: str) -> Path:
                                       / f"validation-{result['judge']}-{name}-vs-start_rows.jsonl")
 
 
+def _check_one_dtype(runs: dict[str, dict]) -> None:
+    dtypes = {k: r.get("dtype", "float32") for k, r in runs.items()}  # entries from before they said: fp32 (CPU)
+    if len(set(dtypes.values())) > 1:
+        raise SystemExit(f"truthfulqa_tax: the runs to pool were evaluated in different dtypes ({dtypes}); pooling them "
+                         "would mix precisions (run the others again in one dtype, or keep them in another --results file)")
+
+
 def pooled(runs: dict[str, dict], *, n_boot: int = 2000) -> dict:
     """Every trained setting (and ``as_run``) over the runs that have it: validation outcomes pooled as one sample of
     prompts, with the win rate's CI and its length-controlled companion; tuning MC2 minus the start's and minus the
@@ -153,6 +178,7 @@ def pooled(runs: dict[str, dict], *, n_boot: int = 2000) -> dict:
 
     from alignment.evals import lcwr, winrate
 
+    _check_one_dtype(runs)
     names = list(dict.fromkeys(n for r in runs.values() for n in r["models"] if n not in ("sft", "start")))
     settings: dict[str, dict] = {}
     for name in names:
@@ -209,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     from alignment.rounds import Project
     from alignment.rounds.config import StageSpec
     from alignment.rounds.steps import run_stage
-    from foundation.precision import inference_precision
+    from foundation.precision import dtype_name, inference_precision
     from benchmarks.common import RESULTS
     from data.splits import selecting
 
@@ -240,6 +266,12 @@ def main(argv: list[str] | None = None) -> dict:
             variants[name] = _split_overrides(rest)
     project = Path(a.project).resolve()
     proj = Project(project.parent, project.name)
+    from foundation.precision import effective_inference_dtype
+
+    dtype = effective_inference_dtype(proj.eval_dtype())
+    this = key_of({"project": str(project), "round": a.round})
+    _check_one_dtype({**{k: r for k, r in earlier_runs(Path(a.results)).items() if k != this},
+                      this: {"dtype": dtype}})  # before anything trains: the entries this call would pool with
     stage_dir = proj.round_dir(a.round) / "policy"
     config = stage_dir / "config.yaml"
     if not (stage_dir / "model").is_dir() or not config.is_file():
@@ -277,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     judge = proj.cfg.eval.judges[0]
     base_rows, tox_rows = {}, {}
     # answers, judges and TruthfulQA/ToxiGen rows in the eval step's dtype (its cached answers are reused as they are)
-    with selecting("truthfulqa_tax: which policy-step setting to keep"), inference_precision(proj.cfg.eval.dtype):
+    with selecting("truthfulqa_tax: which policy-step setting to keep"), inference_precision(proj.eval_dtype()):
+        dtype = dtype_name()
         scorer = ev.judge_scorer(judge, validation)
         answers = {}
         for name, m in models.items():
@@ -316,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         "rows": str(work / "winrate" / f"validation-{judge}-{name}-vs-start_rows.jsonl")}
     out = {"project": str(project), "round": a.round, "stage": stage, "start": start, "tuning_questions": questions,
            "toxigen_tuning_prompts": tox_info,
-           "validation_prompts": len(validation), "judge": judge, "models": models, "chosen": choose(models),
+           "validation_prompts": len(validation), "judge": judge, "dtype": dtype, "models": models, "chosen": choose(models),
            "rule": "highest tuning MC2 among the models whose validation win rate vs the start has its 95% CI above 50%",
            "minutes_this_call": round((time.time() - t0) / 60, 1), "note": a.note}
     history = Path(a.history)
@@ -353,7 +386,8 @@ def _split_overrides(text: str) -> list[str]:
 
 def _cached_validation_answers(proj: Any, model: str, records: list) -> Path | None:
     """Where the round's own eval step keeps ``model``'s validation answers (the SFT model, a round's policy), if it
-    answered these prompts (never regenerated there: a file of the round is not rewritten)."""
+    answered these prompts in the enclosing dtype (never regenerated there: a file of the round is not rewritten; answers
+    in another dtype are made again in this benchmark's own folder)."""
     path = None
     if model == proj.sft_model():
         path = proj.round_dir(1) / "eval" / "sft" / "validation_responses.jsonl"
@@ -362,8 +396,11 @@ def _cached_validation_answers(proj: Any, model: str, records: list) -> Path | N
             path = proj.round_dir(k) / "eval" / "validation_responses.jsonl"
     if path is None or not path.is_file():
         return None
+    from foundation.precision import dtype_name
+
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return path if [r.get("prompt") for r in rows] == [r.messages for r in records] else None
+    same = [r.get("prompt") for r in rows] == [r.messages for r in records]
+    return path if same and {r.get("dtype", "float32") for r in rows} == {dtype_name()} else None
 
 
 def _print(out: dict, pool: dict) -> None:

@@ -90,6 +90,13 @@ def inference_dtype() -> str | None:
     return _cpu_inference_dtype[-1] if _cpu_inference_dtype else None
 
 
+def effective_inference_dtype(dtype: str) -> str:
+    """The dtype no-grad work runs in on this machine for the setting ``dtype`` (``auto`` / ``float32`` / ``bfloat16``),
+    by name: on the CPU as ``resolve_inference_dtype`` resolves it, on a GPU its own ``auto`` (bf16 where supported)."""
+    with inference_precision(dtype):
+        return dtype_name()
+
+
 def dtype_name(dtype: str = "auto", device: str = "auto") -> str:
     """What ``select_dtype`` resolves to on ``device``, by name (``float32``, ``bfloat16``)."""
     return str(select_dtype(dtype, select_device(device))).removeprefix("torch.")

@@ -318,6 +318,30 @@ def test_a_seed_evaluated_in_bf16_is_not_pooled_with_seeds_evaluated_in_fp32(tmp
     assert settings_fingerprint(cfg, ["rounds=3"]) != bf16  # set in the file: fp32 (the file's text differs, too)
     assert settings_fingerprint(cfg, ["rounds=3"]) == settings_fingerprint(cfg, ["rounds=3", "eval.dtype=float32"])
 
+
+def test_a_seed_whose_project_evaluates_in_another_dtype_than_the_call_says_is_refused(tmp_path, monkeypatch):
+    """An existing project keeps its round.yaml and the dtype of its first eval, so a call whose settings (and
+    fingerprint) say another dtype is refused, naming the override that continues it: an fp32-evaluated seed resumed
+    where ``auto`` is bf16, and a project made under ``auto`` resumed with ``eval.dtype=float32``."""
+    from alignment.rounds import Project, RoundConfig
+    from benchmarks.alignment import check_eval_dtype
+    from foundation import precision
+    from foundation.config import load_config
+
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: True)
+    tiny = REPO / "configs" / "round_tiny.yaml"
+    p = Project.init(load_config(RoundConfig, tiny, [f"root={tmp_path}", "project=s2"], stage="round"))
+    check_eval_dtype(p.dir, tiny, ["seed=2"])  # no eval yet: auto, bf16 here, as the call says
+    with pytest.raises(SystemExit, match=r"s2: its evaluations run in bfloat16 .* this call's settings say float32"):
+        check_eval_dtype(p.dir, tiny, ["seed=2", "eval.dtype=float32"])  # the override cannot reach round.yaml
+    m = p.manifest(1)
+    m["steps"]["eval"] = {"status": "done", "outputs": {}}  # round 1 evaluated before evals said their dtype: fp32
+    p.save_manifest(1, m)
+    with pytest.raises(SystemExit, match=r"run in float32 .*Give eval.dtype=float32 to continue it"):
+        check_eval_dtype(p.dir, tiny, ["seed=2"])
+    check_eval_dtype(p.dir, tiny, ["seed=2", "eval.dtype=float32"])
+
+
 def test_ppo_memory_table_is_the_hand_computation():
     """Llama-2-7B's parameter count from its config on the meta device, and PPO-LoRA under ZeRO-2 on 8 GPUs, part by
     part: DeepSpeed's ZeRO-2 formula (2 bytes + 18 / N per trainable parameter) for the LoRA adapters and the value

@@ -284,6 +284,21 @@ def test_promotion_reads_the_toxigen_validation_draw_not_the_reported_prompts(tm
             "p=0.000 (significant at 0.05) (worse)") in out["reason"]
 
 
+def test_promotion_says_when_the_toxigen_check_compared_two_dtypes(tmp_path):
+    from alignment.rounds import Steps
+
+    p = _project(tmp_path)
+    _toxigen_rows(p.round_dir(1) / "eval" / "sft" / "toxigen_rows.jsonl", [False] * 124)
+    _toxigen_rows(p.round_dir(1) / "eval" / "toxigen_rows.jsonl", [False] * 124)
+    outputs = {"winrate_vs_previous": {"win_rate": 0.6}, "toxigen": {"pct_toxic": 0.0}, "toxigen_sft": {"pct_toxic": 0.0}}
+    _done(p, 1, eval={"outputs": outputs})
+    assert "dtype" not in Steps(p, 1).promote()["outputs"]["reason"]
+    _done(p, 1, eval={"outputs": {**outputs, "dtype": "bfloat16", "dtype_differs_from": {"2": "float32"}}})
+    out = Steps(p, 1).promote()["outputs"]
+    assert out["promoted"] is True and out["reason"].endswith(
+        "note: this round evaluated in bfloat16, round(s) 2 in another dtype: the ToxiGen check compared results of two dtypes")
+
+
 def test_train_rms_when_used_skips_them_in_dpo_rounds_and_later_rounds_use_the_latest(tmp_path):
     from alignment.rounds import Steps
 
@@ -331,6 +346,27 @@ def test_rm_start_previous_trains_the_last_reward_model_further_on_the_labels_it
         Steps(p, 3)._rm("rm_helpful")
 
 
+def test_a_project_keeps_the_dtype_of_its_first_eval(tmp_path, monkeypatch):
+    """``Project.eval_dtype``: ``auto`` before any eval (resolved by the machine); once an eval step finished, the dtype it
+    recorded (fp32 for steps from before they recorded one), so a project evaluated in fp32 stays fp32 on a CPU whose
+    ``auto`` is now bf16; an explicit setting is used as given."""
+    from foundation import precision
+    from foundation.precision import effective_inference_dtype
+
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: True)
+    p = _project(tmp_path / "old")
+    assert p.eval_dtype() == "auto" and effective_inference_dtype(p.eval_dtype()) == "bfloat16"
+    _done(p, 1, eval={"outputs": {"winrate_vs_previous": {"win_rate": 0.5}}})  # an eval from before evals said their dtype
+    _done(p, 2, eval={"outputs": {"dtype": "bfloat16"}})
+    assert p.recorded_eval_dtypes() == {1: "float32", 2: "bfloat16"} and p.eval_dtype() == "float32"
+    q = _project(tmp_path / "new")
+    _done(q, 1, eval={"outputs": {"dtype": "bfloat16"}})
+    assert q.eval_dtype() == "bfloat16"
+    explicit = _project(tmp_path / "explicit", "eval.dtype=float32")
+    _done(explicit, 1, eval={"outputs": {"dtype": "bfloat16"}})
+    assert explicit.eval_dtype() == "float32"
+
+
 def test_rm_before_scores_in_the_eval_dtype_and_says_it(tmp_path, tiny_reward_models, monkeypatch):
     """rm_before is a report (no decision reads it), so it scores in ``eval.dtype`` like the eval step: under ``auto`` on a
     CPU with native bf16 the reward models load in bf16 (their score head in fp32) and the manifest and each report
@@ -347,15 +383,17 @@ def test_rm_before_scores_in_the_eval_dtype_and_says_it(tmp_path, tiny_reward_mo
     real = reward_model.load_scorer
     monkeypatch.setattr(reward_model, "load_scorer", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
     got = {}
-    for dtype in ("auto", "float32"):
-        p = _project(tmp_path / dtype, f"eval.dtype={dtype}")
+    for dtype in ("auto", "float32", "pinned"):
+        p = _project(tmp_path / dtype, f"eval.dtype={'auto' if dtype == 'pinned' else dtype}")
         for name, objective in (("rm_helpful", "helpful"), ("rm_safety", "safety")):
             shutil.copytree(tiny_reward_models[objective], p.round_dir(1) / name)
             _done(p, 1, **{name: {"outputs": {"path": str(p.round_dir(1) / name)}}})
+        if dtype == "pinned":  # auto, but round 1's eval ran in fp32: the project stays in fp32
+            _done(p, 1, eval={"outputs": {"dtype": "float32"}})
         _done(p, 2, export={"outputs": {"path": str(export)}})
         got[dtype] = Steps(p, 2).rm_before()
-    want = {"auto": torch.bfloat16, "float32": torch.float32}
-    assert [s.model.dtype for s in loaded] == [want["auto"]] * 2 + [want["float32"]] * 2
+    assert [s.model.dtype for s in loaded] == [torch.bfloat16] * 2 + [torch.float32] * 4
+    assert {got["pinned"]["outputs"][rm]["dtype"] for rm in ("rm_helpful", "rm_safety")} == {"float32"}
     assert all(s.model.score.weight.dtype == torch.float32 for s in loaded)  # the head scores in fp32 either way
     for dtype, name in (("auto", "bfloat16"), ("float32", "float32")):
         out = got[dtype]["outputs"]
@@ -984,12 +1022,18 @@ def test_truthfulqa_tax_trains_a_setting_again_and_reads_only_tuning_questions_a
     shutil.copytree(whole, copy)
     history = tmp_path / "history.jsonl"
     results = tmp_path / "truthfulqa_tax.json"  # an earlier file with another project's entry, kept and pooled with
-    results.write_text(json.dumps({"runs": {"other:round-2": {"project": "other", "models": {}}}}))
+    dtype = Project(copy.parent, copy.name).recorded_eval_dtypes()[2]  # eval.dtype: bf16 on a CPU with native bf16
+    other = "float32" if dtype == "bfloat16" else "bfloat16"
+    results.write_text(json.dumps({"runs": {"other:round-2": {"project": "other", "models": {}, "dtype": other}}}))
     args = ["--project", str(copy), "--round", "2", "--variant", "lr_small=train.lr=1e-5", "--questions", "5",
             "--history", str(history), "--results", str(results)]
     own = {p: p.read_bytes() for p in copy.glob("round-*/eval/**/validation_responses.jsonl")}
-    assert own  # the round's eval answered the validation prompts (in eval.dtype: bf16 on a CPU with native bf16)
+    assert own  # the round's eval answered the validation prompts (in the project's eval dtype)
+    with pytest.raises(SystemExit, match="different dtypes"):  # an entry of another dtype is not pooled with this one
+        truthfulqa_tax.main(args)
+    results.write_text(json.dumps({"runs": {"other:round-2": {"project": "other", "models": {}, "dtype": dtype}}}))
     res = truthfulqa_tax.main(args)
+    assert res["runs"]["whole:round-2"]["dtype"] == dtype
     assert {p: p.read_bytes() for p in own} == own  # reused in the dtype they were made in, never rewritten
     assert list(res["runs"]) == ["other:round-2", "whole:round-2"] and res["latest"] == "whole:round-2"
     out = res["runs"]["whole:round-2"]
@@ -1148,6 +1192,33 @@ def test_truthfulqa_tax_toxigen_rows_continue_and_classify_once(tiny_model, tmp_
     assert path.stat().st_mtime_ns == stamp
     fewer = toxigen_rows(tiny_model, prompts[:2], path, max_new_tokens=4, batch_size=4, seed=0)
     assert [r["source"] for r in fewer] == [p.source for p in prompts[:2]] and path.stat().st_mtime_ns != stamp
+    assert {r["dtype"] for r in fewer} == {"float32"}
+
+
+def test_truthfulqa_tax_caches_are_per_dtype_and_runs_of_two_dtypes_are_not_pooled(tiny_model, tmp_path, monkeypatch):
+    """Rows cached in fp32 are computed again inside a bf16 block (each row says its dtype; rows from before the key
+    count as fp32), read back in it after; ``pooled`` refuses runs evaluated in two dtypes before reading anything."""
+    from alignment.evals.truthfulqa_data import load_items
+    from benchmarks.truthfulqa_tax import pooled, truthfulqa_rows
+    from foundation import precision
+
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: True)
+    items = load_items("bundled:truthfulness")[:2]
+    path = tmp_path / "tq_rows.jsonl"
+    fp32 = truthfulqa_rows(tiny_model, items, path)
+    assert {r["dtype"] for r in fp32} == {"float32"}
+    legacy = [{k: v for k, v in r.items() if k != "dtype"} for r in fp32]  # rows written before they said
+    path.write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    stamp = path.stat().st_mtime_ns
+    assert truthfulqa_rows(tiny_model, items, path) == legacy and path.stat().st_mtime_ns == stamp  # fp32: read back
+    with precision.inference_precision("bfloat16"):
+        bf16 = truthfulqa_rows(tiny_model, items, path)
+        assert {r["dtype"] for r in bf16} == {"bfloat16"} and path.stat().st_mtime_ns != stamp
+        stamp = path.stat().st_mtime_ns
+        assert truthfulqa_rows(tiny_model, items, path) == bf16 and path.stat().st_mtime_ns == stamp
+    runs = {"a:round-2": {"models": {}}, "b:round-2": {"models": {}, "dtype": "bfloat16"}}
+    with pytest.raises(SystemExit, match="different dtypes"):
+        pooled(runs)
 
 
 def test_length_control_bisection_by_hand():
@@ -1192,13 +1263,44 @@ def test_length_control_judges_a_round_against_the_sft_model_made_as_short(whole
     again = length_control.main(["--project", str(copy), "--round", "2"])["projects"][0]["rounds"][0]
     assert again["match"] == m and sorted(p.name for p in work.iterdir()) == made
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the answers were read back, not made again
+    # in the project's eval dtype; policy answers of another dtype are refused, not compared with these
+    recorded = Project(copy.parent, copy.name).recorded_eval_dtypes()
+    assert r["dtype"] == recorded[2] == recorded[1]
+    answers = copy / "round-2" / "eval" / "heldout_responses.jsonl"
+    other = "bfloat16" if r["dtype"] == "float32" else "float32"
+    answers.write_text("".join(json.dumps({**json.loads(x), "dtype": other}) + "\n" for x in answers.read_text().splitlines()))
+    with pytest.raises(SystemExit, match=f"heldout_responses.jsonl: answers generated in {other}"):
+        length_control.main(["--project", str(copy), "--round", "2"])
+
+
+def test_an_eval_in_another_dtype_than_the_projects_earlier_ones_says_so(whole, tmp_path, monkeypatch):
+    """An explicit eval.dtype changed mid-project: the round's eval runs in it (its answers made again), and the step's
+    outputs say that earlier rounds were evaluated in another dtype (promotion's reason then says so: below)."""
+    from alignment.rounds import Steps
+    from foundation import precision
+
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: True)
+    copy = tmp_path / "whole"
+    shutil.copytree(whole, copy)
+    before = Project(copy.parent, copy.name).recorded_eval_dtypes()[1]
+    other = "bfloat16" if before == "float32" else "float32"
+    cfg = copy / "round.yaml"
+    cfg.write_text(cfg.read_text().replace("  dtype: auto\n", f"  dtype: {other}\n"))
+    p = Project(copy.parent, copy.name)
+    assert p.eval_dtype() == other
+    m = p.manifest(2)
+    del m["steps"]["eval"], m["steps"]["promote"]
+    p.save_manifest(2, m)
+    out = Steps(p, 2).eval()["outputs"]
+    assert out["dtype"] == other and out["dtype_differs_from"] == {1: before}
+    rows = [json.loads(x) for x in (copy / "round-2" / "eval" / "heldout_responses.jsonl").read_text().splitlines()]
+    assert {r["dtype"] for r in rows} == {other}
 
 
 def test_eval_dtype_runs_the_step_in_it_and_cached_answers_of_another_dtype_are_made_again(tmp_path, tiny_model,
                                                                                           monkeypatch):
     """``eval.dtype``: the eval step runs inside ``inference_precision`` (its outputs say the dtype), a typo names the
     key, and answers cached by an eval in another dtype are generated again (comparisons stay in one precision)."""
-    from types import SimpleNamespace
 
     from foundation import models, precision
     from alignment.evals import suite
@@ -1219,8 +1321,7 @@ def test_eval_dtype_runs_the_step_in_it_and_cached_answers_of_another_dtype_are_
         suite.respond(tiny_model, records, path, max_new_tokens=4, batch_size=2, seed=0)
     assert len(loads) == 1 and [json.loads(line)["dtype"] for line in path.read_text().splitlines()] == ["bfloat16"] * 2
     seen = []
-    project = SimpleNamespace(cfg=SimpleNamespace(eval=suite.EvalSuiteConfig(dtype="bfloat16")),
-                              round_dir=lambda n: tmp_path / f"round-{n}")
+    project = _project(tmp_path / "p", "eval.dtype=bfloat16")
     step = suite.RoundEval(project, 1)
     monkeypatch.setattr(step, "_run", lambda: seen.append(precision.select_dtype("auto", "cpu")) or {"outputs": {}})
     assert step.run() == {"outputs": {"dtype": "bfloat16"}} and seen == [torch.bfloat16]

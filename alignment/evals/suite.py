@@ -206,12 +206,21 @@ class RoundEval:
                        seed=self.cfg.seed), path
 
     def run(self) -> dict:
-        """Every check of the step, in ``eval.dtype`` (``foundation.precision.inference_precision``)."""
+        """Every check of the step, in the project's eval dtype (``Project.eval_dtype``: ``eval.dtype``, ``auto`` kept at
+        the dtype of the project's first eval; ``foundation.precision.inference_precision``)."""
         from foundation.precision import dtype_name, inference_precision
 
-        with inference_precision(self.e.dtype):
+        with inference_precision(self.p.eval_dtype()):
+            dtype = dtype_name()
+            earlier = {k: d for k, d in self.p.recorded_eval_dtypes().items() if k != self.n and d != dtype}
+            if earlier:  # an explicit eval.dtype changed mid-project, or the project moved between a CPU and a GPU
+                log.warning("round %d: this eval runs in %s, the evals of round(s) %s ran in %s: comparisons with their "
+                            "stored results (ToxiGen and TruthfulQA against the SFT model, promotion's ToxiGen check) mix "
+                            "dtypes", self.n, dtype, ", ".join(map(str, earlier)), ", ".join(sorted(set(earlier.values()))))
             result = self._run()
-            result["outputs"]["dtype"] = dtype_name()
+            result["outputs"]["dtype"] = dtype
+            if earlier:
+                result["outputs"]["dtype_differs_from"] = earlier
         return result
 
     def _run(self) -> dict:

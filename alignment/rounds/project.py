@@ -208,6 +208,28 @@ class Project:
         self.round_dir(n).mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.manifest_path(n), m)
 
+    def recorded_eval_dtypes(self) -> dict[int, str]:
+        """The dtype each finished eval step ran in, by round (``float32`` for steps from before they recorded it)."""
+        out = {}
+        for n in self.rounds():
+            step = self.manifest(n)["steps"].get("eval") or {}
+            if step.get("status") == "done":
+                out[n] = (step.get("outputs") or {}).get("dtype", "float32")
+        return out
+
+    def eval_dtype(self) -> str:
+        """The ``eval.dtype`` setting this project's evaluations run in (``foundation.precision.inference_precision``).
+        ``auto`` resolves by the machine (bf16 on a CPU with native bf16, fp32 on other CPUs), so a project whose
+        evaluations already ran keeps theirs: ``auto`` means the dtype of its first finished eval step, and every round,
+        rm_before and the benchmarks that reuse a round's answers stay in one dtype, whichever code or machine resumes
+        the project. An explicit ``float32`` / ``bfloat16`` is used as given (the eval step warns when it differs from
+        an earlier round's)."""
+        setting = self.cfg.eval.dtype
+        if setting != "auto":
+            return setting
+        recorded = self.recorded_eval_dtypes()
+        return recorded[min(recorded)] if recorded else "auto"
+
     def rounds(self) -> list[int]:
         return sorted(int(p.name.split("-")[1]) for p in self.dir.glob("round-*") if (p / "manifest.json").is_file())
 

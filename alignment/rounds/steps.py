@@ -203,8 +203,8 @@ class Steps:
 
     def rm_before(self) -> dict:
         """Last round's reward models on this round's new comparisons, before training on them: a report, read by no
-        decision, so it scores in ``eval.dtype`` as the eval step does (bf16 on a CPU with native bf16 under ``auto``;
-        the score head stays fp32, ``reward.model.fp32_score_head``)."""
+        decision, so it scores in the project's eval dtype as the eval step does (``Project.eval_dtype``; the score head
+        stays fp32, ``reward.model.fp32_score_head``)."""
         from data.loaders import load_comparisons
         from foundation.precision import dtype_name, inference_precision
         from reward.evaluate import evaluate
@@ -213,7 +213,7 @@ class Steps:
         data = self.p.manifest(self.n)["steps"]["export"]["outputs"]["path"]
         comparisons = load_comparisons(DataSource(data))
         outputs: dict[str, Any] = {}
-        with inference_precision(self.cfg.eval.dtype):
+        with inference_precision(self.p.eval_dtype()):
             dtype = dtype_name()
             for name in ("rm_helpful", "rm_safety"):
                 model = self.p.rm_dir(name, self.n - 1)
@@ -222,7 +222,7 @@ class Steps:
                                   data=f"round {self.n} comparisons (new)", out=out, extra={"dtype": dtype})
                 outputs[name] = {"accuracy": report["accuracy"], "n": report["n"], "report": str(out / "rm_eval.json"),
                                  "dtype": dtype}
-        return {"inputs": {"comparisons": data, "sha256": sha256(data), "dtype": self.cfg.eval.dtype}, "outputs": outputs}
+        return {"inputs": {"comparisons": data, "sha256": sha256(data), "dtype": self.p.eval_dtype()}, "outputs": outputs}
 
     def _rm(self, name: str) -> dict:
         out = self.dir / name
@@ -351,6 +351,10 @@ class Steps:
                 reason += ": no per-prompt rows to test, compared as points"
             promoted &= ok
             reasons.append(f"{reason} ({'ok' if ok else 'worse'})")
+        if evals.get("dtype_differs_from"):  # an explicit eval.dtype changed mid-project (RoundEval.run warned)
+            reasons.append(f"note: this round evaluated in {evals.get('dtype')}, round(s) "
+                           f"{', '.join(map(str, evals['dtype_differs_from']))} in another dtype: the ToxiGen check "
+                           "compared results of two dtypes")
         return {"inputs": {"mode": "auto", "rule": to_dict(cfg)},
                 "outputs": {"promoted": promoted, "reason": "; ".join(reasons) or "no evaluations to check"}}
 
