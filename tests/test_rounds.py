@@ -1240,6 +1240,47 @@ def test_length_control_bisection_by_hand():
     assert match_bias(f, 401.0)["bias"] == 0.0  # within 3% already
 
 
+def test_rs_room_reruns_rejection_sampling_with_more_samples_and_judges_ranked_against_random(whole, tmp_path):
+    """`benchmarks rs_room`: round 1's rejection sampling again with K = 3 answers per prompt (``ranked``) and from those
+    very samples with a random pick (``random``: the same samples, only the pick may differ); each judge compares them
+    and the SFT model on the test prompts in the project's eval dtype; a second call trains and answers nothing."""
+    from alignment.rounds import Project
+    from benchmarks import rs_room
+    from data.loaders import read_rows
+
+    copy = tmp_path / "whole"
+    shutil.copytree(whole, copy)
+    results = tmp_path / "rs_room.json"
+    args = ["--project", str(copy), "--round", "1", "--samples", "3", "--max-new-tokens", "8", "--results", str(results)]
+    got = rs_room.main(args)
+    key = got["latest"]
+    assert key == "whole:round-1:k3:t8:p" + str(Project(copy.parent, copy.name).cfg.spec("rs").prompts)
+    r = got["runs"][key]
+    home = copy / "controls" / "rs-room-round-1-k3-t8"
+    ranked = {row["key"]: row for _, row in read_rows(home / "ranked" / "samples.jsonl")}
+    random = {row["key"]: row for _, row in read_rows(home / "random" / "samples.jsonl")}
+    assert ranked and ranked.keys() == random.keys()
+    for k, row in ranked.items():  # the same K samples per prompt; only the pick may differ
+        assert len(row["samples"]) == 3 and [x["response"] for x in row["samples"]] == [
+            x["response"] for x in random[k]["samples"]]
+    assert r["picks"]["ranked_vs_random"] and r["samples"] == 3 and r["test_prompts"] == 6
+    for judge in ("gold", "rm"):
+        for side in ("ranked_vs_random", "ranked_vs_sft", "random_vs_sft", "ranked_vs_round"):
+            w = r[f"winrate_{judge}_{side}"]
+            assert w["n"] == 6 and w["ci_low"] <= w["win_rate"] <= w["ci_high"] and "lc_win_rate" in w
+    dtype = Project(copy.parent, copy.name).recorded_eval_dtypes()[1]
+    made = {path: path.stat().st_mtime_ns for path in (home / "eval").glob("*_heldout_responses.jsonl")}
+    assert len(made) == 4 and all({row["dtype"] for _, row in read_rows(path)} == {dtype} for path in made)
+    assert not results.exists()  # `python -m benchmarks` writes the results file; the call adds a history line
+    assert len((tmp_path / "rs_room_history.jsonl").read_text().splitlines()) == 1
+    stamps = {d: (d / "model").stat().st_mtime_ns for d in (home / "ranked", home / "random")}
+    again = rs_room.main(args)["runs"][key]
+    for judge in ("gold", "rm"):
+        assert again[f"winrate_{judge}_ranked_vs_random"] == r[f"winrate_{judge}_ranked_vs_random"]
+    assert all(p.stat().st_mtime_ns == t for p, t in made.items())  # answers read back
+    assert all((d / "model").stat().st_mtime_ns == t for d, t in stamps.items())  # nothing trained again
+
+
 def test_length_control_judges_a_round_against_the_sft_model_made_as_short(whole, tmp_path):
     from benchmarks import length_control
 
