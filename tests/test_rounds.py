@@ -353,12 +353,18 @@ def test_a_project_keeps_the_dtype_of_its_first_eval(tmp_path, monkeypatch):
     from foundation import precision
     from foundation.precision import effective_inference_dtype
 
+    from alignment.rounds import format_status
+
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: True)
     p = _project(tmp_path / "old")
     assert p.eval_dtype() == "auto" and effective_inference_dtype(p.eval_dtype()) == "bfloat16"
+    assert "; evaluations in auto (resolved by this machine at the first eval)" in format_status(status(p))
     _done(p, 1, eval={"outputs": {"winrate_vs_previous": {"win_rate": 0.5}}})  # an eval from before evals said their dtype
-    _done(p, 2, eval={"outputs": {"dtype": "bfloat16"}})
+    _done(p, 2, eval={"outputs": {"dtype": "bfloat16", "dtype_differs_from": {"1": "float32"}}})
     assert p.recorded_eval_dtypes() == {1: "float32", 2: "bfloat16"} and p.eval_dtype() == "float32"
+    text = format_status(status(p))  # `align round status`: the project's dtype and each round's
+    assert "; evaluations in float32\n" in text and "  eval_dtype: float32\n" in text
+    assert "  eval_dtype: bfloat16 (round(s) 1 in another)" in text
     q = _project(tmp_path / "new")
     _done(q, 1, eval={"outputs": {"dtype": "bfloat16"}})
     assert q.eval_dtype() == "bfloat16"

@@ -179,7 +179,8 @@ def _promote(p: Project, n: int) -> dict:
 
 def status(p: Project) -> dict:
     """Where each round stands (JSON-ready)."""
-    out: dict[str, Any] = {"project": str(p.dir), "current_policy": p.current_policy(), "rounds": []}
+    out: dict[str, Any] = {"project": str(p.dir), "current_policy": p.current_policy(), "eval_dtype": p.eval_dtype(),
+                           "rounds": []}
     for n in p.rounds():
         m = p.manifest(n)
         steps = m["steps"]
@@ -205,6 +206,9 @@ def status(p: Project) -> dict:
         for bench in BENCHMARKS:
             if ev.get(bench.name) and "skipped" not in ev[bench.name]:
                 metrics.update({f"{bench.name}_{k}": v for k, v in bench.load().headline(ev[bench.name]).items()})
+        if steps.get("eval", {}).get("status") == "done":  # what its numbers were computed in (fp32 before evals said)
+            metrics["eval_dtype"] = ev.get("dtype", "float32") + (
+                f" (round(s) {', '.join(map(str, ev['dtype_differs_from']))} in another)" if ev.get("dtype_differs_from") else "")
         gold = (ev.get("gold_reward") or {}).get("policy")
         if gold:
             metrics["gold_reward"] = f"{gold['mean']:.4f} [{gold['ci_low']:.4f}, {gold['ci_high']:.4f}] (n={gold['n']})"
@@ -258,7 +262,9 @@ def status(p: Project) -> dict:
 
 
 def format_status(s: dict) -> str:
-    lines = [f"project {s['project']}; current policy: {s['current_policy']}"]
+    dtype = s.get("eval_dtype", "auto")
+    lines = [f"project {s['project']}; current policy: {s['current_policy']}; evaluations in {dtype}"
+             + (" (resolved by this machine at the first eval)" if dtype == "auto" else "")]
     for r in s["rounds"]:
         state = "complete" if not r["pending"] else f"next: {r['pending'][0]}"
         promoted = {True: ", promoted", False: ", not promoted"}.get(r["promoted"], "")
