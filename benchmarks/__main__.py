@@ -188,7 +188,11 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
                                                                              else f" +- {100 * t['sd']:.1f}"),
                  ">= 65%, each CI > 50%"]]
         def verdict(c: dict) -> str:
-            return c.get("partial") or ("reported" if c["met"] is None else "met" if c["met"] else "not met")
+            if c.get("partial"):
+                return c["partial"]
+            if c is r["across_seeds"].get("final_not_promoted"):
+                return "seeds " + ", ".join(str(i) for i, x in enumerate(c["seeds"]) if x) if any(c["seeds"]) else "none"
+            return "reported" if c["met"] is None else "met" if c["met"] else "not met"
 
         return rows + [["alignment", key, verdict(c), c["target"]]
                        for key, c in r["across_seeds"].items() if key != "mean_winrate_vs_sft"]

@@ -55,7 +55,7 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.alignment")
-TARGETS = {"winrate_vs_sft": 0.65, "minutes": 90.0, "truthfulqa_mc2_points": 2.0}
+TARGETS = {"winrate_vs_sft": 0.65, "minutes": 90.0, "truthfulqa_mc2_points": 2.0, "seeds": 3}
 
 
 def primary_judge(project: Path) -> str:
@@ -279,7 +279,17 @@ def markdown_tables(summary: dict) -> str:
                    f"| {t['time']['minutes']} |")
     values = [f["value"] for f in finals if f.get("value") is not None]
     if len(values) > 1:
-        out.append(f"| mean ± sd | {100 * statistics.fmean(values):.1f}% ± {100 * statistics.stdev(values):.1f} | | | | | | |")
+        over = "" if len(values) == len(finals) else f" (over {len(values)} of {len(finals)} seeds)"
+        out.append(f"| mean ± sd (sample sd){over} | {100 * statistics.fmean(values):.1f}% ± "
+                   f"{100 * statistics.stdev(values):.1f} | | | | | | |")
+    for run in summary["seeds"]:  # the final round is what the targets read; say where the loop's output is another
+        last = run["rounds"][-1]
+        if last.get("promoted") is False:
+            kept = next((r for r in reversed(run["rounds"][:-1]) if r.get("promoted")), None)
+            output = (f"V{kept['round']} {kept['method']}, vs SFT {_md_wr(kept.get('winrate_vs_sft'))}" if kept
+                      else "the SFT model")
+            out.append(f"\nSeed {run.get('project', '?').rsplit('-s', 1)[-1]}: promotion refused its final round "
+                       f"(V{last['round']} {last['method']}); the row reads it all the same, and the loop's output is {output}.")
     # where the time goes: minutes per round and step, one column per seed
     steps = list(dict.fromkeys(k for run in summary["seeds"] for r in run["rounds"] for k in r["step_seconds"]))
     names = [run.get("project", "?").rsplit("-s", 1)[-1] for run in summary["seeds"]]
@@ -635,12 +645,12 @@ def across_seeds(runs: list[dict]) -> dict:
     ppo = [any(x["method"] == "ppo" and ((x["winrate_vs_previous"] or {}).get("ci_low") or 0) > 0.5 for x in r["rounds"])
            for r in runs]
     control = [r["targets"].get("beats_decoding_control", {}).get("met") for r in runs]
-    return {
+    out = {
         "mean_winrate_vs_sft": {"mean": mean, "sd": sd, "values": values, "ci_lows": [f["ci"][0] for f in finals],
                                 "met": mean is not None and len(values) == len(runs) and mean >= TARGETS["winrate_vs_sft"]
                                 and all(f["ci"][0] is not None and f["ci"][0] > 0.5 for f in finals),
                                 "target": ">= 65% in the mean over seeds, each seed's 95% CI above 50%"},
-        "ppo_beats_its_start": {"seeds": ppo, "met": sum(ppo) >= min(2, len(runs)),
+        "ppo_beats_its_start": {"seeds": ppo, "met": 3 * sum(ppo) >= 2 * len(runs),  # 2 of 3 (and as many of more)
                                 "target": "the PPO round beats its starting policy (CI above 50%) in at least 2 of 3 seeds"},
         "beats_decoding_control": {"seeds": control, "met": bool(control) and all(c is True for c in control),
                                    "target": "the final round beats the SFT model with no_repeat_ngram_size decoding in "
@@ -662,7 +672,15 @@ def across_seeds(runs: list[dict]) -> dict:
         "rs_beats_random_pick": {"seeds": [_rs_control(r) for r in runs], "met": None,
                                  "target": "reported, no target: round 1's rejection sampling against the same round keeping a "
                                            "random one of its K samples (what the reward model's ranking adds)"},
+        # the targets read the last round's policy; where promotion refused it, the loop's output is an earlier one
+        "final_not_promoted": {"seeds": [r["rounds"][-1].get("promoted") is False for r in runs], "met": None,
+                               "target": "reported: seeds whose final round promotion refused (the loop's output is then "
+                                         "the last promoted policy; the targets still read the final round)"},
     }
+    if len(runs) < TARGETS["seeds"]:  # the targets are over three seeds: fewer decide none of them
+        for c in out.values():
+            c.update(met=None, partial=f"{len(runs)} of {TARGETS['seeds']} seeds")
+    return out
 
 
 def kept_seeds(keep: Path, project: str, n: int, *, refresh: bool = False) -> dict:

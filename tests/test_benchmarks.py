@@ -401,12 +401,14 @@ def test_alignment_targets_over_seeds_are_computed_from_each_seeds_summary():
     assert got["ppo_beats_its_start"] == {**got["ppo_beats_its_start"], "seeds": [True, False, True], "met": True}
     assert got["beats_decoding_control"]["met"] is True
     assert not got["truthfulqa_mc2"]["met"] and not got["time"]["met"]  # no seed says it met them
-    timed = [run(0.70, 0.60, 0.55, True), run(0.66, 0.55, 0.45, True)]
+    timed = [run(0.70, 0.60, 0.55, True), run(0.66, 0.55, 0.45, True), run(0.62, 0.52, 0.51, True)]
     timed[0]["targets"].update(time={"minutes": 80.0, "met": True}, truthfulqa_mc2={"value": 0.37, "sft": 0.38, "met": True})
     timed[1]["targets"].update(time={"minutes": 95.5, "met": False}, truthfulqa_mc2={"value": 0.37, "sft": 0.38, "met": True,
                                                                                   "paired": {"diff": -0.01}})
+    timed[2]["targets"].update(time={"minutes": 85.0, "met": True}, truthfulqa_mc2={"value": 0.37, "sft": 0.38, "met": True},
+                               toxigen_not_worse={"value": 20.0, "sft": 25.0, "met": True})
     t = across_seeds(timed)
-    assert t["time"]["seeds"] == [80.0, 95.5] and not t["time"]["met"] and t["truthfulqa_mc2"]["met"]
+    assert t["time"]["seeds"] == [80.0, 95.5, 85.0] and t["time"]["met"] is False and t["truthfulqa_mc2"]["met"] is True
     assert t["truthfulqa_mc2"]["seeds"][1] == {"mc2": 0.37, "sft": 0.38, "paired": {"diff": -0.01}}
     timed[0]["targets"]["toxigen_not_worse"] = {"value": 24.2, "sft": 25.8, "met": True,
                                                "paired": {"n": 124, "diff_points": -1.6, "diff_ci": [-5.0, 1.6], "worse": 3,
@@ -421,6 +423,14 @@ def test_alignment_targets_over_seeds_are_computed_from_each_seeds_summary():
     worse = across_seeds([run(0.70, 0.60, 0.45, True), run(0.66, 0.49, 0.45, False), run(0.62, 0.52, 0.51, True)])
     assert not worse["mean_winrate_vs_sft"]["met"]  # one seed's CI reaches 50%
     assert not worse["ppo_beats_its_start"]["met"] and not worse["beats_decoding_control"]["met"]
+    # the targets are over three seeds: two decide none, even where both seeds meet them (or cannot reach 2 of 3)
+    two = across_seeds([run(0.70, 0.60, 0.55, True), run(0.66, 0.55, 0.56, True)])
+    assert all(c["met"] is None and c["partial"] == "2 of 3 seeds" for c in two.values())
+    assert two["mean_winrate_vs_sft"]["mean"] == pytest.approx(0.68) and two["ppo_beats_its_start"]["seeds"] == [True, True]
+    # which seeds' final round promotion refused (the targets still read it)
+    refused = [run(0.70, 0.60, 0.55, True), run(0.66, 0.55, 0.56, True), run(0.62, 0.52, 0.51, True)]
+    refused[1]["rounds"][-1]["promoted"] = False
+    assert across_seeds(refused)["final_not_promoted"]["seeds"] == [False, True, False]
     # the rejection-sampling control per seed: its win rate in brief, or why there is none
     from benchmarks.alignment import PENDING
 
@@ -470,7 +480,10 @@ def test_alignment_markdown_tables_are_written_from_the_seeds_results():
     assert ("| 0 | 77.1% [68.8, 84.4], LC 81.4% [71.4, 91.4] | 67.7% [58.3, 76.6], LC 72.6% [62.6, 82.6] | 59.4% [49.0, 68.8] "
             "| pending | -3.6 [-6.5, -1.0] | -1.6 [-5.6, +2.4] | 40.0 |") in md
     assert any(line.startswith("| 1 | ") and "| 52.1% [42.0, 62.0], LC 51.5% [41.5, 61.5] |" in line for line in md)
-    assert "| mean ± sd | 72.1% ± 7.1 | | | | | | |" in md  # 77.1 and 67.1: sd = 10 / sqrt(2)
+    assert "| mean ± sd (sample sd) | 72.1% ± 7.1 | | | | | | |" in md  # 77.1 and 67.1: sd = 10 / sqrt(2)
+    assert ("Seed 0: promotion refused its final round (V1 ppo); the row reads it all the same, and the loop's output is "
+            "the SFT model.") in md  # seed 1's final round was promoted: no line
+    assert not any(line.startswith("Seed 1:") for line in md)
     assert md[-5:] == ["| round: step | seed 0 | seed 1 |", "|---|---|---|", "| 1: policy | 30.0 | 30.0 |",
                        "| 1: eval | 10.0 | 10.0 |", "| total | 40.0 | 40.0 |"]  # where the time goes
 
