@@ -371,6 +371,12 @@ def test_a_project_keeps_the_dtype_of_its_first_eval(tmp_path, monkeypatch):
     explicit = _project(tmp_path / "explicit", "eval.dtype=float32")
     _done(explicit, 1, eval={"outputs": {"dtype": "bfloat16"}})
     assert explicit.eval_dtype() == "float32"
+    # evaluated in bf16, resumed on a machine without it (no native bf16, no GPU): refused, naming the way on
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda cpuinfo=None: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"new/hand: its evaluations ran in bfloat16 \(round 1's eval\).*eval: dtype: float32"):
+        q.eval_dtype()
+    assert p.eval_dtype() == "float32" and explicit.eval_dtype() == "float32"
 
 
 def test_rm_before_scores_in_the_eval_dtype_and_says_it(tmp_path, tiny_reward_models, monkeypatch):

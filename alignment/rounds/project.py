@@ -228,7 +228,20 @@ class Project:
         if setting != "auto":
             return setting
         recorded = self.recorded_eval_dtypes()
-        return recorded[min(recorded)] if recorded else "auto"
+        if not recorded:
+            return "auto"
+        first = min(recorded)
+        if recorded[first] == "bfloat16":  # e.g. evaluated on a GPU or a CPU with native bf16, resumed on one without
+            from foundation.precision import resolve_inference_dtype
+
+            try:
+                resolve_inference_dtype("bfloat16")
+            except ValueError as exc:
+                raise ValueError(f"{self.dir}: its evaluations ran in bfloat16 (round {first}'s eval) and this machine cannot "
+                                 f"continue in it ({exc}). To evaluate here in fp32, set `eval: dtype: float32` in "
+                                 f"{self.config_path} (its rounds' stored results then mix dtypes; the eval step says "
+                                 "which)") from None
+        return recorded[first]
 
     def rounds(self) -> list[int]:
         return sorted(int(p.name.split("-")[1]) for p in self.dir.glob("round-*") if (p / "manifest.json").is_file())
