@@ -74,7 +74,7 @@ def control_round(proj: Any, n: int, work: Path, *, steps: int = 7) -> dict:
     from alignment.evals.suite import RoundEval, _winrate_summary, respond
     from data.loaders import read_rows
     from data.splits import selecting
-    from foundation.precision import dtype_name
+    from foundation.precision import dtype_name, rows_dtypes
 
     ev, e, seed = RoundEval(proj, n), proj.cfg.eval, proj.cfg.seed
     policy, sft = proj.policy_of(n), proj.sft_model()
@@ -88,7 +88,7 @@ def control_round(proj: Any, n: int, work: Path, *, steps: int = 7) -> dict:
     policy_test = ev.responses_path(policy)
     dtype = dtype_name()  # the project's eval dtype (main's block): the policy's answers must be in it, as the SFT's will
     for path in (policy_val, policy_test):
-        made_in = sorted({row.get("dtype", "float32") for _, row in read_rows(path)})
+        made_in = sorted(rows_dtypes(row for _, row in read_rows(path)))
         if made_in != [dtype]:
             raise SystemExit(f"{path}: answers generated in {', '.join(made_in)}, the length-matched SFT answers would be "
                              f"in {dtype}; a comparison stays in one dtype (run the round's eval again in {dtype})")

@@ -89,7 +89,9 @@ def truthfulqa_rows(model: str, items: list, path: Path) -> list[dict]:
 
 def _in_dtype(rows: list[dict], dtype: str, path: Path) -> bool:
     """Whether cached ``rows`` were computed in ``dtype`` (rows from before they said: fp32, the CPU's dtype then)."""
-    made_in = {r.get("dtype", "float32") for r in rows}
+    from foundation.precision import rows_dtypes
+
+    made_in = rows_dtypes(rows)
     if made_in != {dtype}:
         log.warning("%s: computed in %s, this call runs in %s; computing again", path, ", ".join(sorted(made_in)), dtype)
         return False
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     from alignment.rounds import Project
     from alignment.rounds.config import StageSpec
     from alignment.rounds.steps import run_stage
-    from foundation.precision import dtype_name, inference_precision
+    from foundation.precision import effective_inference_dtype, inference_precision
     from benchmarks.common import RESULTS
     from data.splits import selecting
 
@@ -266,9 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
             variants[name] = _split_overrides(rest)
     project = Path(a.project).resolve()
     proj = Project(project.parent, project.name)
-    from foundation.precision import effective_inference_dtype
-
-    dtype = effective_inference_dtype(proj.eval_dtype())
+    dtype = effective_inference_dtype(proj.eval_dtype())  # what the block below runs in
     this = key_of({"project": str(project), "round": a.round})
     _check_one_dtype({**{k: r for k, r in earlier_runs(Path(a.results)).items() if k != this},
                       this: {"dtype": dtype}})  # before anything trains: the entries this call would pool with
@@ -310,7 +310,6 @@ def main(argv: list[str] | None = None) -> dict:
     base_rows, tox_rows = {}, {}
     # answers, judges and TruthfulQA/ToxiGen rows in the eval step's dtype (its cached answers are reused as they are)
     with selecting("truthfulqa_tax: which policy-step setting to keep"), inference_precision(proj.eval_dtype()):
-        dtype = dtype_name()
         scorer = ev.judge_scorer(judge, validation)
         answers = {}
         for name, m in models.items():
@@ -396,11 +395,11 @@ def _cached_validation_answers(proj: Any, model: str, records: list) -> Path | N
             path = proj.round_dir(k) / "eval" / "validation_responses.jsonl"
     if path is None or not path.is_file():
         return None
-    from foundation.precision import dtype_name
+    from foundation.precision import dtype_name, rows_dtypes
 
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     same = [r.get("prompt") for r in rows] == [r.messages for r in records]
-    return path if same and {r.get("dtype", "float32") for r in rows} == {dtype_name()} else None
+    return path if same and rows_dtypes(rows) == {dtype_name()} else None
 
 
 def _print(out: dict, pool: dict) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,6 +88,12 @@ def inference_precision(dtype: str) -> Iterator[str]:
 def inference_dtype() -> str | None:
     """The CPU dtype of the enclosing ``inference_precision`` block, None outside one."""
     return _cpu_inference_dtype[-1] if _cpu_inference_dtype else None
+
+
+def rows_dtypes(rows: Iterable[dict]) -> set[str]:
+    """The dtypes cached result rows (answers, TruthfulQA/ToxiGen rows) were computed in, from their ``dtype`` key; rows
+    written before rows kept it are fp32 (the CPU's only evaluation dtype then)."""
+    return {r.get("dtype", "float32") for r in rows}
 
 
 def effective_inference_dtype(dtype: str) -> str:

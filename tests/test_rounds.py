@@ -376,6 +376,7 @@ def test_a_project_keeps_the_dtype_of_its_first_eval(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"new/hand: its evaluations ran in bfloat16 \(round 1's eval\).*eval: dtype: float32"):
         q.eval_dtype()
+    assert "; evaluations in bfloat16, which this machine cannot continue in (" in format_status(status(q))  # still reports
     assert p.eval_dtype() == "float32" and explicit.eval_dtype() == "float32"
 
 

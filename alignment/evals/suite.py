@@ -149,7 +149,7 @@ def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: i
     to the EOS logits when not 0), written to ``path`` once and read back after."""
     from foundation.generation import generate
     from foundation.models import load_causal_lm, load_tokenizer
-    from foundation.precision import dtype_name
+    from foundation.precision import dtype_name, rows_dtypes
     from data.loaders import read_rows, write_jsonl
 
     dtype = dtype_name()  # what load_causal_lm below loads in
@@ -157,9 +157,9 @@ def respond(model: str, records: Sequence[Any], path: Path, *, max_new_tokens: i
         rows = [row for _, row in read_rows(path)]
         if not (len(rows) == len(records) and all(r.get("prompt") == rec.messages for r, rec in zip(rows, records))):
             log.warning("%s: answers to other prompts; generating again", path)
-        elif any(r.get("dtype", "float32") != dtype for r in rows):  # rows written before the key: fp32 (CPU)
+        elif rows_dtypes(rows) != {dtype}:
             log.warning("%s: answers generated in %s, this eval runs in %s; generating again", path,
-                        rows[0].get("dtype", "float32"), dtype)
+                        ", ".join(sorted(rows_dtypes(rows))), dtype)
         else:
             return [r["response"] for r in rows]
     lm, tok = load_causal_lm(model), load_tokenizer(model)

@@ -179,8 +179,11 @@ def _promote(p: Project, n: int) -> dict:
 
 def status(p: Project) -> dict:
     """Where each round stands (JSON-ready)."""
-    out: dict[str, Any] = {"project": str(p.dir), "current_policy": p.current_policy(), "eval_dtype": p.eval_dtype(),
-                           "rounds": []}
+    try:
+        dtype = p.eval_dtype()
+    except ValueError as exc:  # evaluated in bf16, looked at on a machine without it: status still reports
+        dtype = f"bfloat16, which this machine cannot continue in ({exc})"
+    out: dict[str, Any] = {"project": str(p.dir), "current_policy": p.current_policy(), "eval_dtype": dtype, "rounds": []}
     for n in p.rounds():
         m = p.manifest(n)
         steps = m["steps"]

@@ -213,7 +213,8 @@ class Steps:
         data = self.p.manifest(self.n)["steps"]["export"]["outputs"]["path"]
         comparisons = load_comparisons(DataSource(data))
         outputs: dict[str, Any] = {}
-        with inference_precision(self.p.eval_dtype()):
+        setting = self.p.eval_dtype()
+        with inference_precision(setting):
             dtype = dtype_name()
             for name in ("rm_helpful", "rm_safety"):
                 model = self.p.rm_dir(name, self.n - 1)
@@ -222,7 +223,7 @@ class Steps:
                                   data=f"round {self.n} comparisons (new)", out=out, extra={"dtype": dtype})
                 outputs[name] = {"accuracy": report["accuracy"], "n": report["n"], "report": str(out / "rm_eval.json"),
                                  "dtype": dtype}
-        return {"inputs": {"comparisons": data, "sha256": sha256(data), "dtype": self.p.eval_dtype()}, "outputs": outputs}
+        return {"inputs": {"comparisons": data, "sha256": sha256(data), "dtype": setting}, "outputs": outputs}
 
     def _rm(self, name: str) -> dict:
         out = self.dir / name
