@@ -1,5 +1,7 @@
 """A round's evaluation step: every round's policy on the same held-out prompts, judges and benchmarks.
 
+Length (~450 lines): one step read top to bottom: its config, the answers, every judge and benchmark, the summary.
+
 What ``eval`` (``alignment.rounds``) runs for round N, with the policy of round N:
 
 1. **Held-out prompts** (``runs/<project>/heldout.jsonl``, drawn when the project was created): checked
