@@ -187,14 +187,14 @@ def summary_rows(name: str, r: dict) -> list[list[Any]]:
                  "-" if t["mean"] is None else f"{100 * t['mean']:.1f}%" + (" (one seed: no sd)" if t["sd"] is None
                                                                              else f" +- {100 * t['sd']:.1f}"),
                  ">= 65%, each CI > 50%"]]
-        def verdict(c: dict) -> str:
+        def verdict(key: str, c: dict) -> str:
             if c.get("partial"):
                 return c["partial"]
-            if c is r["across_seeds"].get("final_not_promoted"):
+            if key == "final_not_promoted":  # a list of seeds, not a target
                 return "seeds " + ", ".join(str(i) for i, x in enumerate(c["seeds"]) if x) if any(c["seeds"]) else "none"
             return "reported" if c["met"] is None else "met" if c["met"] else "not met"
 
-        return rows + [["alignment", key, verdict(c), c["target"]]
+        return rows + [["alignment", key, verdict(key, c), c["target"]]
                        for key, c in r["across_seeds"].items() if key != "mean_winrate_vs_sft"]
     if name == "alignment":
         t = r["targets"]

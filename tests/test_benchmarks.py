@@ -528,6 +528,9 @@ def test_alignment_kept_only_summarises_the_seeds_done_and_decides_nothing(tmp_p
     full = kept_seeds(tmp_path, "p", 3)
     assert full["seeds_missing"] == [] and full["across_seeds"]["mean_winrate_vs_sft"]["met"] is True
     assert summary_rows("alignment", full)[0][2] == "70.0% +- 0.0"
+    assert ["alignment", "final_not_promoted", "none"] == summary_rows("alignment", full)[-1][:3]
+    (tmp_path / "p-s1.json").write_text(json.dumps({**seed0, "rounds": [{**seed0["rounds"][0], "promoted": False}]}))
+    assert ["alignment", "final_not_promoted", "seeds 1"] == summary_rows("alignment", kept_seeds(tmp_path, "p", 3))[-1][:3]
     with pytest.raises(SystemExit, match="holds none"):
         kept_seeds(tmp_path, "q", 3)
     # seeds of two recipes are not pooled: one kept seed ran with other settings
